@@ -1,0 +1,1 @@
+"""Side networks, one module per method, registered by name."""

@@ -1,0 +1,1 @@
+"""The Zarr feature store: manifest, shard-aligned writer, readers, verification."""
