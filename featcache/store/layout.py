@@ -1,0 +1,296 @@
+"""The on-disk layout of a featcache store and the primitives every writer and reader shares.
+
+A store is a Zarr v3 group (local path or fsspec URL such as ``memory://`` or ``s3://``):
+
+  <root>/                      attrs: the Manifest (see manifest.py)
+    _backbone/norm_weight      (C,) float32: the ViT's final LayerNorm, when the backbone has one
+    _backbone/norm_bias        (C,) float32
+    <split>/                   attrs["featcache_split"]: SplitMeta
+      <tap>                    (N, T, C) or, with views > 1, (N, V, T, C); chunks (c, [V,] T, C),
+                               shards (s, [V,] T, C); codecs: bytes -> compressor -> crc32c;
+                               dimension_names ("image", ["view",] "token", "channel")
+      labels                   (N,) int64, chunks (s,)
+      ids                      (N,) string, chunks (s,)
+      _complete                (num_shards,) uint8, one chunk per shard: 1 = the shard is written whole
+
+Each shard of images [k*s, (k+1)*s) is written by exactly one writer, all taps, labels and ids,
+and only then is ``_complete[k]`` set: readers use completed shards only, and an interrupted
+extraction redoes exactly the shards whose record is 0.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+from featcache.errors import StoreError
+
+from .manifest import Manifest, SplitMeta
+
+COMPRESSORS = ("lz4", "zstd", "none")
+DEFAULT_COMPRESSOR = "lz4"
+SPLIT_ATTR = "featcache_split"
+DTYPE_ATTR = "featcache_dtype"
+COMPLETE = "_complete"
+BACKBONE_GROUP = "_backbone"
+RESERVED = ("labels", "ids", COMPLETE)
+TARGET_CHUNK_BYTES = 1 << 20  # ~1 MiB per chunk: a few images; decodes fast, reads in big runs
+TARGET_SHARD_BYTES = 128 << 20  # ~128 MiB of all taps per shard: the unit of writing and of resume
+
+
+# ---------------------------------------------------------------------------------------------
+# dtype and codecs
+
+
+def storage_dtype(dtype: str) -> str:
+    """Zarr has no bfloat16: it is stored as uint16 with a ``featcache_dtype`` attribute."""
+    return {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}[dtype]
+
+
+def encode(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """A tap tensor -> the numpy array that is written."""
+    t = t.detach().cpu()
+    if dtype == "bfloat16":
+        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+    return t.to(getattr(torch, dtype)).contiguous().numpy()
+
+
+def decode(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """A stored numpy array -> a torch tensor of the cache dtype (no copy where possible)."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def compressor_codecs(name: str) -> list[Any]:
+    """The bytes-to-bytes chain of a chunk: compressor, then a crc32c checksum."""
+    if name == "lz4":
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+    if name == "zstd":
+        return [ZstdCodec(level=3), Crc32cCodec()]
+    if name == "none":
+        return [Crc32cCodec()]
+    raise StoreError(f"unknown compressor {name!r}; use one of {', '.join(COMPRESSORS)}")
+
+
+def compressor_record(name: str) -> dict[str, Any]:
+    """``{"name", "configuration"}`` of the compressor, as zarr writes codecs."""
+    codecs = compressor_codecs(name)[:-1]
+    if not codecs:
+        return {"name": "none", "configuration": {}}
+    d = codecs[0].to_dict()
+    return {"name": name, "configuration": {"codec": d["name"], **d.get("configuration", {})}}
+
+
+def choose_chunking(taps: list[Any], dtype: str, views: int, num_samples: int) -> tuple[int, int]:
+    """(chunk_images, shard_images): chunks of ~1 MiB for the largest tap, shards of ~128 MiB of all taps.
+
+    Both are powers of two; shard_images is a multiple of chunk_images and never much larger than the split.
+    """
+    itemsize = np.dtype(storage_dtype(dtype)).itemsize
+    per_image = [t.tokens * t.channels * itemsize * views for t in taps]
+    chunk = _pow2_floor(max(1, TARGET_CHUNK_BYTES // max(per_image)))
+    chunk = max(1, min(chunk, 64))
+    shard = _pow2_floor(max(chunk, TARGET_SHARD_BYTES // sum(per_image)))
+    shard = max(chunk, min(shard, 4096, _pow2_ceil(num_samples)))
+    chunk = min(chunk, shard)
+    return chunk, shard
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, (max(1, n) - 1).bit_length())
+
+
+# ---------------------------------------------------------------------------------------------
+# Store and split handles
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def open_group(url: str, mode: str, storage_options: dict[str, Any] | None = None) -> zarr.Group:
+    """``zarr.open_group`` with featcache's errors: missing stores and files in the way say so."""
+    path = str(url)
+    if not _is_url(path):
+        p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise StoreError(f"store path {path} is a file, not a Zarr store directory; choose another --out path")
+        if mode == "r" and not p.exists():
+            raise StoreError(f"store {path} does not exist; create it with featcache extract --out {path}")
+    kwargs: dict[str, Any] = {"mode": mode, "zarr_format": 3}
+    if storage_options and _is_url(path):
+        kwargs["storage_options"] = storage_options
+    try:
+        return zarr.open_group(store=path, **kwargs)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise StoreError(f"{path} is not a featcache store (no Zarr v3 group there); create one with "
+                         f"featcache extract --out {path}") from None
+    except (zarr.errors.ContainsArrayError, ValueError, TypeError, OSError) as err:
+        raise StoreError(f"cannot open store {path} ({type(err).__name__}: {err})") from None
+
+
+class SplitHandle:
+    """One split of a store: its arrays, metadata and completion records."""
+
+    def __init__(self, store: "FeatureStore", name: str, group: zarr.Group) -> None:
+        self.store, self.name, self.group = store, name, group
+        attrs = group.attrs.asdict()
+        if SPLIT_ATTR not in attrs:
+            raise StoreError(f"split {name!r} of {store.url} has no featcache metadata; it is damaged or was "
+                             "not written by featcache")
+        self.meta = SplitMeta.from_attrs(attrs[SPLIT_ATTR])
+
+    @property
+    def num_samples(self) -> int:
+        return self.meta.num_samples
+
+    def tap(self, name: str) -> zarr.Array:
+        self.store.manifest.tap(name)  # a clear error for unknown taps
+        return self.group[name]
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.group["labels"][:], dtype=np.int64)
+
+    def ids(self) -> list[str]:
+        return [str(v) for v in self.group["ids"][:]]
+
+    def completed_shards(self) -> np.ndarray:
+        """(num_shards,) bool: shards whose completion record is set."""
+        return np.asarray(self.group[COMPLETE][:], dtype=bool)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.completed_shards().all())
+
+    def completed_indices(self) -> np.ndarray:
+        """Indices of the images in completed shards (all of them once the split is complete)."""
+        done = self.completed_shards()
+        if done.all():
+            return np.arange(self.num_samples)
+        parts = [np.arange(*self.meta.shard_bounds(k)) for k in np.flatnonzero(done)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def decode(self, a: np.ndarray) -> torch.Tensor:
+        return decode(a, self.store.manifest.dtype)
+
+    # -- writing (one writer per shard; see featcache.store.writer)
+    def write_shard(self, shard: int, taps: dict[str, np.ndarray], labels: np.ndarray, ids: list[str]) -> None:
+        """Write all arrays of one whole shard. The completion record is set separately, last."""
+        start, stop = self.meta.shard_bounds(shard)
+        n = stop - start
+        if len(labels) != n or len(ids) != n:
+            raise StoreError(f"shard {shard} of split {self.name!r} needs {n} labels and ids, got {len(labels)}, {len(ids)}")
+        for name in self.store.manifest.tap_names:
+            a = taps[name]
+            if a.shape[0] != n:
+                raise StoreError(f"shard {shard}: tap {name} has {a.shape[0]} images, expected {n}")
+            self.group[name][start:stop] = a
+        self.group["labels"][start:stop] = np.asarray(labels, dtype=np.int64)
+        self.group["ids"][start:stop] = np.asarray(ids, dtype=str)
+
+    def set_complete(self, shard: int, done: bool = True) -> None:
+        self.group[COMPLETE][shard] = 1 if done else 0
+
+
+class FeatureStore:
+    """An open featcache store: manifest, splits and the ViT's final norm."""
+
+    def __init__(self, url: str, group: zarr.Group, manifest: Manifest,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        self.url, self.group, self.manifest, self.storage_options = url, group, manifest, storage_options
+
+    @classmethod
+    def open(cls, url: str | os.PathLike[str], mode: str = "r", storage_options: dict[str, Any] | None = None) -> "FeatureStore":
+        """Open an existing store (``mode`` "r" or "r+"); checks the format version."""
+        url = str(url)
+        group = open_group(url, mode, storage_options)
+        attrs = group.attrs.asdict()
+        if "featcache_format" not in attrs:
+            raise StoreError(f"{url} is a Zarr group but not a featcache store (no featcache_format attribute)")
+        return cls(url, group, Manifest.from_attrs(attrs, f"store {url}"), storage_options)
+
+    @classmethod
+    def exists(cls, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> bool:
+        try:
+            cls.open(url, "r", storage_options)
+            return True
+        except StoreError:
+            return False
+
+    @classmethod
+    def create(cls, url: str | os.PathLike[str], manifest: Manifest, final_norm: dict[str, torch.Tensor] | None = None,
+               storage_options: dict[str, Any] | None = None) -> "FeatureStore":
+        """Create a new store root (refuses to write into a non-empty directory that is not a featcache store)."""
+        url = str(url)
+        if not _is_url(url) and Path(url).is_dir() and any(Path(url).iterdir()):
+            if not (Path(url) / "zarr.json").exists():
+                raise StoreError(f"{url} is a non-empty directory that is not a featcache store; choose another --out")
+        group = open_group(url, "w", storage_options)
+        manifest.final_norm = final_norm is not None
+        if final_norm is not None:
+            sub = group.create_group(BACKBONE_GROUP)
+            for key in ("weight", "bias"):
+                v = final_norm[key].detach().cpu().float().numpy()
+                arr = sub.create_array(f"norm_{key}", shape=v.shape, dtype="float32", chunks=v.shape,
+                                       compressors=[Crc32cCodec()], dimension_names=("channel",))
+                arr[:] = v
+        group.attrs.update(manifest.to_attrs())
+        return cls(url, group, manifest, storage_options)
+
+    def splits(self) -> list[str]:
+        return sorted(name for name, _ in self.group.groups() if not name.startswith("_"))
+
+    def split(self, name: str) -> SplitHandle:
+        if name not in self.splits():
+            have = ", ".join(self.splits()) or "none"
+            raise StoreError(f"store {self.url} has no split {name!r} (splits: {have}); extract it with "
+                             f"featcache extract ... --out {self.url} --split {name}")
+        return SplitHandle(self, name, self.group[name])
+
+    def final_norm(self) -> dict[str, torch.Tensor] | None:
+        """The ViT's final LayerNorm {weight, bias}, or None when the backbone has none."""
+        if not self.manifest.final_norm:
+            return None
+        sub = self.group[BACKBONE_GROUP]
+        return {k: torch.from_numpy(np.asarray(sub[f"norm_{k}"][:])) for k in ("weight", "bias")}
+
+    def create_split(self, name: str, meta: SplitMeta, compressor: str = DEFAULT_COMPRESSOR,
+                     overwrite: bool = False) -> SplitHandle:
+        """Create a split's arrays (all zero, no shard complete). One process does this, then shards are filled."""
+        if name.startswith("_") or not name or "/" in name:
+            raise StoreError(f"split name {name!r} is not allowed: use letters, digits, '-' or '.' (not a leading '_')")
+        if name in self.splits() and not overwrite:
+            raise StoreError(f"split {name!r} already exists in {self.url}; pass --resume to continue it or "
+                             "--overwrite to replace it")
+        group = self.group.create_group(name, overwrite=True)
+        dtype = self.manifest.dtype
+        codecs = compressor_codecs(compressor)
+        lead = (meta.views,) if meta.views > 1 else ()
+        dims = ("image", "view", "token", "channel") if meta.views > 1 else ("image", "token", "channel")
+        for tap in self.manifest.taps:
+            if tap.name in RESERVED:
+                raise StoreError(f"tap name {tap.name!r} clashes with a reserved array name")
+            tail = (*lead, tap.tokens, tap.channels)
+            group.create_array(tap.name, shape=(meta.num_samples, *tail), dtype=storage_dtype(dtype),
+                               chunks=(meta.chunk_images, *tail), shards=(meta.shard_images, *tail),
+                               compressors=codecs, fill_value=0, dimension_names=dims,
+                               attributes={DTYPE_ATTR: dtype, "tap": tap.to_dict()})
+        group.create_array("labels", shape=(meta.num_samples,), dtype="int64", chunks=(meta.shard_images,),
+                           compressors=compressor_codecs("zstd"), fill_value=-1, dimension_names=("image",))
+        group.create_array("ids", shape=(meta.num_samples,), dtype=str, chunks=(meta.shard_images,),
+                           dimension_names=("image",))
+        group.create_array(COMPLETE, shape=(meta.num_shards,), dtype="uint8", chunks=(1,), fill_value=0,
+                           compressors=[Crc32cCodec()], dimension_names=("shard",))
+        group.attrs[SPLIT_ATTR] = meta.to_attrs()
+        return SplitHandle(self, name, group)

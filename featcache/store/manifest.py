@@ -1,0 +1,163 @@
+"""The store manifest (root attributes) and per-split metadata, format version 1.
+
+Root attributes of a store (a Zarr v3 group):
+  featcache_format   int, FORMAT_VERSION
+  featcache_version  the featcache version that created the store
+  created            ISO-8601 UTC time of creation
+  backbone           Backbone.describe(): spec (timm name, model kwargs, weights source, image size,
+                     cnn grid, seed), weights (source, path, file_sha256, state_sha256), data_config,
+                     pretrained_cfg, timm version, all taps the backbone offers
+  transform          the eval transform (repr) and its data config
+  taps               the stored taps: list of TapInfo dicts
+  dtype              "float16" | "bfloat16" | "float32" (bfloat16 is stored as uint16)
+  compressor         {"name", "configuration"} of the chunk compressor ("none" = no compression)
+  final_norm         true when the group ``_backbone`` holds the ViT's final LayerNorm
+Split group attributes: ``featcache_split`` = SplitMeta.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from featcache import __version__
+from featcache.backbone import TapInfo
+from featcache.errors import FormatVersionError, StoreError
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMATS = (1,)
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def check_format_version(found: Any, what: str) -> None:
+    """Refuse a store or checkpoint of an unknown format version, with what to do."""
+    if not isinstance(found, int):
+        raise FormatVersionError(f"{what} has no valid featcache format version ({found!r}); it was not written "
+                                 "by featcache or is damaged")
+    if found > FORMAT_VERSION:
+        raise FormatVersionError(f"{what} uses featcache format {found}, newer than this featcache "
+                                 f"({__version__}, format {FORMAT_VERSION}): upgrade featcache to read it")
+    if found not in SUPPORTED_FORMATS:
+        raise FormatVersionError(f"{what} uses featcache format {found}, which this featcache ({__version__}) "
+                                 f"no longer reads (supported: {SUPPORTED_FORMATS}); re-extract it")
+
+
+@dataclass
+class Manifest:
+    """What a store was made from: enough to reproduce it and to check compatibility."""
+
+    backbone: dict[str, Any]
+    taps: list[TapInfo]
+    dtype: str = "float16"
+    compressor: dict[str, Any] = field(default_factory=lambda: {"name": "none", "configuration": {}})
+    transform: dict[str, Any] = field(default_factory=dict)
+    final_norm: bool = False
+    featcache_format: int = FORMAT_VERSION
+    featcache_version: str = __version__
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise StoreError(f"unknown cache dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        names = [t.name for t in self.taps]
+        if not names or len(set(names)) != len(names):
+            raise StoreError(f"a store needs distinct tap names, got {names}")
+
+    def to_attrs(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["taps"] = [t.to_dict() for t in self.taps]
+        return d
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], where: str = "store") -> "Manifest":
+        check_format_version(attrs.get("featcache_format"), where)
+        try:
+            d = {k: attrs[k] for k in cls.__dataclass_fields__ if k in attrs}
+            d["taps"] = [TapInfo.from_dict(t) for t in attrs["taps"]]
+            return cls(**d)
+        except (KeyError, TypeError) as err:
+            raise StoreError(f"{where} has a damaged manifest ({type(err).__name__}: {err}); re-extract it") from None
+
+    @property
+    def tap_names(self) -> list[str]:
+        return [t.name for t in self.taps]
+
+    def tap(self, name: str) -> TapInfo:
+        for t in self.taps:
+            if t.name == name:
+                return t
+        raise StoreError(f"the store holds no tap {name!r}; it has {', '.join(self.tap_names)}")
+
+    def identity(self) -> dict[str, Any]:
+        """The fields two extractions must share to write into one store."""
+        spec = self.backbone.get("spec", {})
+        return {
+            "model": spec.get("model"),
+            "model_kwargs": spec.get("model_kwargs"),
+            "image_size": spec.get("image_size"),
+            "cnn_grid": spec.get("cnn_grid"),
+            "weights": self.backbone.get("weights", {}).get("state_sha256"),
+            "input_size": self.backbone.get("data_config", {}).get("input_size"),
+            "taps": [t.to_dict() for t in self.taps],
+            "dtype": self.dtype,
+        }
+
+    def check_compatible(self, other: "Manifest", where: str) -> None:
+        """Raise StoreError naming the first difference between this store and a new extraction."""
+        mine, theirs = self.identity(), other.identity()
+        for key in mine:
+            if mine[key] != theirs[key]:
+                a, b = _short(mine[key]), _short(theirs[key])
+                raise StoreError(f"{where} was made with {key} = {a}, but this run uses {key} = {b}; a store holds "
+                                 "one backbone, weights, taps and dtype: write to a new --out store")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    if isinstance(value, str) and len(value) == 64:  # a sha256
+        return value[:12] + "..."
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@dataclass
+class SplitMeta:
+    """Per-split attributes: sizes, chunking, classes and where the images came from."""
+
+    num_samples: int
+    chunk_images: int
+    shard_images: int
+    views: int = 1
+    classes: list[str] = field(default_factory=list)
+    data: str = ""  # the --data SPEC
+    view_transform: str = "eval"  # "eval" (1 view) or "train" (augmented views)
+    seed: int = 0  # augmentation seed when views > 1
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise StoreError("a split needs at least one image")
+        if self.chunk_images < 1 or self.shard_images < self.chunk_images or self.shard_images % self.chunk_images:
+            raise StoreError(f"shard_images ({self.shard_images}) must be a positive multiple of chunk_images "
+                             f"({self.chunk_images})")
+        if self.views < 1:
+            raise StoreError(f"views must be >= 1, got {self.views}")
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.shard_images)
+
+    def shard_bounds(self, shard: int) -> tuple[int, int]:
+        """[start, stop) image range of a shard."""
+        start = shard * self.shard_images
+        return start, min(start + self.shard_images, self.num_samples)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_attrs(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_attrs(cls, d: dict[str, Any]) -> "SplitMeta":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
