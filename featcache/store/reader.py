@@ -1,0 +1,419 @@
+"""Readers: batches of cached taps for training, at memory speed.
+
+One API, three modes (``open_reader(split, taps, mode=...)``):
+- ``gpu``: the split's selected taps loaded once onto the CUDA device (cache dtype); batches are
+  gathered by index with a per-epoch permutation and converted to the training dtype there.
+- ``ram``: the same in host memory (pinned when the batches go to CUDA).
+- ``stream``: for caches larger than memory: blocks of whole chunks are read in a random order by
+  background threads (never per-sample reads), a window of blocks is shuffled in memory (FFCV-style
+  quasi-random order), so memory stays bounded by the window and the prefetch depth.
+``auto`` picks gpu when training on CUDA and the taps fit the free GPU memory with a margin, else
+ram when they fit the available RAM with a margin, else stream; the choice and its reason are
+logged. Every mode yields every completed sample exactly once per epoch, in an order fixed by
+(seed, epoch); with several cached views one view per sample is drawn per epoch, also fixed by
+(seed, epoch, sample).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from featcache.errors import CorruptionError, StoreError, UsageError
+
+from .layout import SplitHandle, storage_dtype
+
+log = logging.getLogger("featcache.reader")
+READER_MODES = ("auto", "gpu", "ram", "stream")
+MEMORY_MARGIN = 0.6  # use at most this share of free GPU memory / available RAM for a resident cache
+
+
+@dataclass
+class Batch:
+    """One training batch: tap tensors (B, T, C) in the training dtype, labels (B,), sample indices (B,)."""
+
+    taps: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    index: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class ReaderChoice:
+    mode: str
+    reason: str
+    nbytes: int = 0
+
+
+@dataclass
+class ReaderOptions:
+    """What every mode shares; see ``open_reader``."""
+
+    batch_size: int = 32
+    shuffle: bool = True
+    seed: int = 0
+    drop_last: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        self.device = torch.device(self.device)
+
+
+def read_range(split: SplitHandle, tap: str, start: int, stop: int) -> np.ndarray:
+    """Stored rows [start, stop) of one tap; a failed checksum or a missing chunk becomes CorruptionError."""
+    try:
+        return split.tap(tap)[start:stop]
+    except (ValueError, OSError, KeyError, RuntimeError) as err:
+        shard = start // split.meta.shard_images
+        raise CorruptionError(
+            f"tap {tap!r} of split {split.name!r} in {split.store.url}: images {start}..{stop - 1} (shard {shard}) "
+            f"cannot be read ({type(err).__name__}: {str(err)[:120]}); run featcache inspect --verify, then "
+            "featcache extract --resume --repair to recompute the damaged shards") from None
+
+
+def _check_finite(t: torch.Tensor, split: SplitHandle, tap: str, start: int) -> None:
+    if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+        bad = torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)).flatten()
+        first = start + int(bad[0])
+        raise CorruptionError(f"tap {tap!r} of split {split.name!r} holds NaN/Inf values (first at image {first}, "
+                              f"{len(bad)} image(s) in this block); the backbone diverged on these inputs or the "
+                              "cache is damaged: re-extract them, or check the inputs")
+
+
+def _torch_dtype(cache_dtype: str) -> torch.dtype:
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cache_dtype]
+
+
+def _epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919 + salt) % (2**63 - 1))
+
+
+def draw_views(num_views: int, index: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+    """The view (0..V-1) each sample uses in this epoch: fixed by (seed, epoch, sample index)."""
+    if num_views <= 1:
+        return torch.zeros_like(index)
+    g = _epoch_generator(seed, epoch, salt=1)
+    table = torch.randint(0, num_views, (int(index.max()) + 1,), generator=g)
+    return table[index]
+
+
+class CacheReader:
+    """Base: a split's selected taps as batches. Subclasses provide ``_batches(epoch)``."""
+
+    mode = "base"
+
+    def __init__(self, split: SplitHandle, taps: list[str], options: ReaderOptions) -> None:
+        self.split, self.taps, self.options = split, list(taps), options
+        for name in self.taps:
+            split.store.manifest.tap(name)
+        self.indices = torch.from_numpy(split.completed_indices().astype(np.int64))  # (N,) usable samples
+        if len(self.indices) == 0:
+            raise StoreError(f"split {split.name!r} of {split.store.url} has no completed shard yet; finish the "
+                             "extraction (featcache extract --resume) first")
+        self.labels_all = torch.from_numpy(split.labels())
+        self.views = split.meta.views
+        self.cache_dtype = split.store.manifest.dtype
+
+    @property
+    def num_samples(self) -> int:
+        return int(len(self.indices))
+
+    def __len__(self) -> int:
+        n, b = self.num_samples, self.options.batch_size
+        return n // b if self.options.drop_last else math.ceil(n / b)
+
+    def nbytes(self) -> int:
+        """Stored (uncompressed) bytes of the selected taps for the usable samples, all views."""
+        item = np.dtype(storage_dtype(self.cache_dtype)).itemsize
+        per = sum(self.split.store.manifest.tap(t).tokens * self.split.store.manifest.tap(t).channels for t in self.taps)
+        return per * item * self.views * self.num_samples
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """Sample indices in this epoch's order (resident modes)."""
+        if not self.options.shuffle:
+            return self.indices
+        perm = torch.randperm(len(self.indices), generator=_epoch_generator(self.options.seed, epoch))
+        return self.indices[perm]
+
+    def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+        """All usable samples once, in batches; the order depends only on (seed, epoch)."""
+        return self._batches(epoch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.epoch(0)
+
+    def _batches(self, epoch: int) -> Iterator[Batch]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _to_batch(self, taps: dict[str, torch.Tensor], index: torch.Tensor) -> Batch:
+        dev, dt = self.options.device, self.options.dtype
+        out = {k: _decode_to(v, dev, dt) for k, v in taps.items()}
+        return Batch(out, self.labels_all[index].to(dev, non_blocking=True), index)
+
+    def as_dataset(self, epoch: int = 0) -> "BatchIterable":
+        """A ``torch.utils.data.IterableDataset`` of batches (use ``DataLoader(ds, batch_size=None)``)."""
+        return BatchIterable(self, epoch)
+
+
+def as_tensor(a: np.ndarray, cache_dtype: str) -> torch.Tensor:
+    """Stored numpy rows -> a tensor of the cache dtype (bfloat16 is stored as uint16 bits); no copy."""
+    a = np.ascontiguousarray(a)
+    if cache_dtype == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _decode_to(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Cache dtype -> training dtype on the training device."""
+    if t.device != device:
+        t = t.to(device, non_blocking=True)
+    return t.to(dtype)
+
+
+class ResidentReader(CacheReader):
+    """``ram`` and ``gpu``: the taps loaded once; batches by index gather."""
+
+    def __init__(self, split: SplitHandle, taps: list[str], options: ReaderOptions, where: str, progress: bool = False) -> None:
+        super().__init__(split, taps, options)
+        self.mode = where
+        self.host_device = options.device if where == "gpu" else torch.device("cpu")
+        pin = where == "ram" and options.device.type == "cuda"
+        self.data = {t: self._load(t, pin, progress) for t in self.taps}
+        # position of each usable sample inside the loaded tensors
+        self._slot = torch.full((split.num_samples,), -1, dtype=torch.long)
+        self._slot[self.indices] = torch.arange(len(self.indices))
+
+    def _load(self, tap: str, pin: bool, progress: bool) -> torch.Tensor:
+        """(N_usable, [V,] T, C) tensor of the cache dtype, filled shard by shard."""
+        arr = self.split.tap(tap)
+        out = torch.empty((self.num_samples, *arr.shape[1:]), dtype=_torch_dtype(self.cache_dtype), pin_memory=pin)
+        pos = 0
+        for k in np.flatnonzero(self.split.completed_shards()):
+            start, stop = self.split.meta.shard_bounds(int(k))
+            block = as_tensor(read_range(self.split, tap, start, stop), self.cache_dtype)
+            if self.options.check_finite:
+                _check_finite(block, self.split, tap, start)
+            out[pos:pos + len(block)] = block
+            pos += len(block)
+        return out.to(self.host_device) if self.host_device.type == "cuda" else out
+
+    def _batches(self, epoch: int) -> Iterator[Batch]:
+        order = self.order(epoch)
+        b = self.options.batch_size
+        stop = (len(order) // b) * b if self.options.drop_last else len(order)
+        views = draw_views(self.views, self.indices, self.options.seed, epoch) if self.views > 1 else None
+        for s in range(0, stop, b):
+            index = order[s:s + b]
+            slot = self._slot[index]
+            slot_dev = slot.to(self.host_device)
+            taps = {}
+            for name, data in self.data.items():
+                rows = data.index_select(0, slot_dev)  # (B, [V,] T, C)
+                if views is not None:
+                    v = views[slot].to(self.host_device)
+                    rows = rows[torch.arange(len(rows), device=rows.device), v]
+                taps[name] = rows
+            yield self._to_batch(taps, index)
+
+
+class StreamReader(CacheReader):
+    """``stream``: blocks of whole chunks in random order, read ahead by threads, shuffled per window."""
+
+    mode = "stream"
+
+    def __init__(self, split: SplitHandle, taps: list[str], options: ReaderOptions, buffer_mb: float = 512.0,
+                 prefetch: int = 4, threads: int = 2, block_images: int | None = None) -> None:
+        super().__init__(split, taps, options)
+        meta = split.meta
+        self.block_images = block_images or meta.chunk_images * max(1, 8 // max(1, meta.chunk_images))
+        if self.block_images % meta.chunk_images:
+            raise UsageError(f"block_images ({self.block_images}) must be a multiple of chunk_images ({meta.chunk_images})")
+        per_image = self.nbytes() / max(1, self.num_samples)
+        self.window_blocks = max(1, int(buffer_mb * 2**20 // max(1.0, per_image * self.block_images)))
+        self.prefetch = max(1, prefetch)
+        self.threads = max(1, threads)
+        self.blocks = self._make_blocks()
+        self.peak_buffered_images = 0  # for tests and benchmarks: the most images held at once
+
+    def _make_blocks(self) -> list[tuple[int, int]]:
+        """[start, stop) runs of whole chunks inside completed shards."""
+        out = []
+        for k in np.flatnonzero(self.split.completed_shards()):
+            start, stop = self.split.meta.shard_bounds(int(k))
+            out += [(s, min(s + self.block_images, stop)) for s in range(start, stop, self.block_images)]
+        return out
+
+    def _read_block(self, block: tuple[int, int]) -> dict[str, torch.Tensor]:
+        start, stop = block
+        out = {}
+        for name in self.taps:
+            t = as_tensor(read_range(self.split, name, start, stop), self.cache_dtype)
+            if self.options.check_finite:
+                _check_finite(t, self.split, name, start)
+            out[name] = t
+        return out
+
+    def block_order(self, epoch: int) -> list[tuple[int, int]]:
+        if not self.options.shuffle:
+            return list(self.blocks)
+        perm = torch.randperm(len(self.blocks), generator=_epoch_generator(self.options.seed, epoch, salt=2))
+        return [self.blocks[i] for i in perm.tolist()]
+
+    def _windows(self, blocks: list[tuple[int, int]]) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """(sample indices, taps) of consecutive windows of blocks; threads read ahead in block order."""
+        with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="featcache-read") as pool:
+            ahead = iter(blocks)
+            futures: list[Future] = []
+            for block in itertools.islice(ahead, self.prefetch + self.window_blocks):
+                futures.append(pool.submit(self._read_block, block))
+            for w in range(0, len(blocks), self.window_blocks):
+                window = blocks[w:w + self.window_blocks]
+                parts = []
+                for _ in window:
+                    parts.append(futures.pop(0).result())
+                    nxt = next(ahead, None)
+                    if nxt is not None:
+                        futures.append(pool.submit(self._read_block, nxt))
+                index = torch.cat([torch.arange(a, b) for a, b in window])
+                yield index, {n: torch.cat([p[n] for p in parts]) for n in self.taps}
+
+    def _batches(self, epoch: int) -> Iterator[Batch]:
+        gen = _epoch_generator(self.options.seed, epoch, salt=3)
+        view_of = None
+        if self.views > 1:
+            view_of = torch.zeros(self.split.num_samples, dtype=torch.long)
+            view_of[self.indices] = draw_views(self.views, self.indices, self.options.seed, epoch)
+        b = self.options.batch_size
+        carry_index, carry = torch.zeros(0, dtype=torch.long), None  # samples left over from the last window
+        windows = self._windows(self.block_order(epoch))
+        for index, taps in _with_last(windows):
+            is_last = index is None
+            if is_last:
+                if carry is None or not len(carry_index) or self.options.drop_last:
+                    return
+                index, taps = carry_index, carry
+                perm = torch.arange(len(index))
+                emit = len(index)
+            else:
+                if carry is not None:
+                    index = torch.cat([carry_index, index])
+                    taps = {n: torch.cat([carry[n], taps[n]]) for n in self.taps}
+                self.peak_buffered_images = max(self.peak_buffered_images, len(index))
+                perm = torch.randperm(len(index), generator=gen) if self.options.shuffle else torch.arange(len(index))
+                emit = (len(index) // b) * b
+            for s in range(0, emit, b):
+                sel = perm[s:s + b]
+                out = {n: t.index_select(0, sel) for n, t in taps.items()}
+                if view_of is not None:
+                    v = view_of[index[sel]]
+                    out = {n: t[torch.arange(len(sel)), v] for n, t in out.items()}
+                yield self._to_batch(out, index[sel])
+            rest = perm[emit:]
+            carry_index, carry = index[rest], {n: t.index_select(0, rest) for n, t in taps.items()}
+
+
+def _with_last(it: Iterator[Any]) -> Iterator[Any]:
+    """The items of ``it``, then one (None, None) marker."""
+    yield from it
+    yield None, None
+
+
+class BatchIterable(torch.utils.data.IterableDataset):
+    """A reader's epoch as an IterableDataset of ``Batch`` objects, for users with their own loop."""
+
+    def __init__(self, reader: CacheReader, epoch: int = 0) -> None:
+        super().__init__()
+        self.reader, self.epoch = reader, epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.reader.epoch(self.epoch)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+
+class TapDataset(torch.utils.data.Dataset):
+    """Map-style dataset: item i -> ({tap: (T, C) float32 tensor}, label), read per chunk with a small cache.
+
+    For ``DataLoader`` users who shuffle themselves; featcache's own readers are faster.
+    """
+
+    def __init__(self, split: SplitHandle, taps: list[str], view: int = 0) -> None:
+        self.split, self.taps, self.view = split, list(taps), view
+        self.indices = split.completed_indices()
+        self.labels = split.labels()
+        self._lock = threading.Lock()
+        self._cached: tuple[int, dict[str, np.ndarray]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
+        idx = int(self.indices[i])
+        c = self.split.meta.chunk_images
+        start = (idx // c) * c
+        with self._lock:
+            if self._cached is None or self._cached[0] != start:
+                stop = min(start + c, self.split.num_samples)
+                self._cached = (start, {t: read_range(self.split, t, start, stop) for t in self.taps})
+            rows = {t: a[idx - start] for t, a in self._cached[1].items()}
+        out = {}
+        for t, a in rows.items():
+            if self.split.meta.views > 1:
+                a = a[self.view]
+            out[t] = as_tensor(a, self.split.store.manifest.dtype).float()
+        return out, int(self.labels[idx])
+
+
+def choose_mode(mode: str, nbytes: int, device: torch.device) -> ReaderChoice:
+    """Resolve ``auto`` (and check explicit modes) against free GPU memory and available RAM."""
+    import psutil
+
+    if mode not in READER_MODES:
+        raise UsageError(f"--reader must be one of {', '.join(READER_MODES)}, got {mode!r}")
+    ram = psutil.virtual_memory().available
+    gb = lambda n: f"{n / 2**30:.2f} GB"  # noqa: E731
+    if mode == "gpu" and device.type != "cuda":
+        raise UsageError("--reader gpu needs --device cuda; use --reader ram or auto on CPU")
+    if mode != "auto":
+        return ReaderChoice(mode, "asked for", nbytes)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        if nbytes <= MEMORY_MARGIN * free:
+            return ReaderChoice("gpu", f"{gb(nbytes)} of taps fit in {gb(free)} of free GPU memory", nbytes)
+    if nbytes <= MEMORY_MARGIN * ram:
+        return ReaderChoice("ram", f"{gb(nbytes)} of taps fit in {gb(ram)} of available RAM", nbytes)
+    return ReaderChoice("stream", f"{gb(nbytes)} of taps exceed {int(MEMORY_MARGIN * 100)}% of available RAM ({gb(ram)})", nbytes)
+
+
+def open_reader(split: SplitHandle, taps: list[str], mode: str = "auto", batch_size: int = 32, shuffle: bool = True,
+                seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                drop_last: bool = False, check_finite: bool = True, progress: bool = False,
+                **stream_options: Any) -> CacheReader:
+    """Open a reader over ``split`` for ``taps`` (only these are read); logs the chosen mode and why."""
+    options = ReaderOptions(batch_size, shuffle, seed, drop_last, torch.device(device), dtype, check_finite)
+    probe = StreamReader.__new__(StreamReader)
+    CacheReader.__init__(probe, split, taps, options)
+    choice = choose_mode(mode, probe.nbytes(), options.device)
+    log.info(f"reader: {choice.mode} for split {split.name!r} ({choice.reason})")
+    if choice.mode == "stream":
+        reader: CacheReader = StreamReader(split, taps, options, **stream_options)
+    else:
+        reader = ResidentReader(split, taps, options, where=choice.mode, progress=progress)
+    reader.choice = choice  # type: ignore[attr-defined]
+    return reader
