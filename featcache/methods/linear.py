@@ -1,0 +1,86 @@
+"""``linear``: a linear probe on pooled tokens of one or several taps.
+
+For each chosen tap z (N, T, C): optional per-token LayerNorm (as a ViT applies its final norm before
+pooling; initialised from the backbone's final norm for the store's last tap when that is given), then
+pooling (CLS token, or mean of the patch tokens; CNN taps have no CLS token), then the pooled vectors of
+all chosen taps are concatenated and a linear layer gives the logits:
+
+    logits = W [pool(LN_1(z_1)); ...; pool(LN_k(z_k))] + b
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import (MethodConfig, MethodInput, SideNetwork, check, check_choice, init_layernorm, make_head,
+                   normalize_taps, pool_tokens, register)
+
+POOLS = ("avg", "cls")
+NORMS = ("layernorm", "none")
+
+
+@dataclass
+class LinearConfig(MethodConfig):
+    """taps: "last" (the store's last tap), "all", or tap names (pooled features are concatenated);
+    pool: "avg" (mean of patch tokens) or "cls" (first token; ViTs only); norm: per-token LayerNorm before
+    pooling ("layernorm") or none."""
+
+    taps: str | list[str] = "last"
+    pool: str = "avg"
+    norm: str = "layernorm"
+
+    def validate(self) -> None:
+        self.taps = normalize_taps(self.taps, "taps", ("last", "all"))
+        check_choice(self.pool, "pool", POOLS)
+        check_choice(self.norm, "norm", NORMS)
+
+
+def resolve_pool(pool: str, prefix_tokens: int, key: str = "pool") -> None:
+    """pool="cls" needs a prefix (CLS) token; CNN taps and ViTs without one must use pool=avg."""
+    check(pool != "cls" or prefix_tokens > 0, key,
+          "'cls' needs a CLS token, but these taps have no prefix tokens (a CNN, or a ViT without class "
+          "token); use pool=avg")
+
+
+class LinearProbe(SideNetwork):
+    """Linear head on pooled (and optionally normalised) tokens of the chosen taps."""
+
+    def __init__(self, config: LinearConfig, tap_info: MethodInput) -> None:
+        super().__init__(config, tap_info)
+        if config.taps == "last":
+            infos = [tap_info.taps[-1]]
+        elif config.taps == "all":
+            infos = list(tap_info.taps)
+        else:
+            infos = sorted((tap_info.tap(n) for n in config.taps), key=lambda t: t.position)
+        for t in infos:
+            resolve_pool(config.pool, t.prefix_tokens)
+        self.required_taps = [t.name for t in infos]
+        last = tap_info.taps[-1].name
+        self.norms = nn.ModuleDict()
+        self.norm_from_backbone: list[str] = []
+        if config.norm == "layernorm":
+            for t in infos:
+                self.norms[t.name] = nn.LayerNorm(t.channels, eps=1e-6)
+                if t.name == last and init_layernorm(self.norms[t.name], tap_info.final_norm):
+                    self.norm_from_backbone.append(t.name)
+        self.head = make_head(sum(t.channels for t in infos), tap_info.num_classes)
+
+    def features(self, taps: dict[str, Tensor]) -> Tensor:
+        pooled = []
+        for name in self.required_taps:
+            x = self.read_tap(taps, name)  # (N, T, C)
+            if name in self.norms:
+                x = self.norms[name](x)
+            pooled.append(pool_tokens(x, self.tap_infos[name].prefix_tokens, self.config.pool))  # (N, C)
+        return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)  # (N, sum C)
+
+    def describe_extra(self) -> dict[str, Any]:
+        return {"feature_width": self.head.in_features, "norm_from_backbone": self.norm_from_backbone}
+
+
+register("linear", LinearConfig, LinearProbe)
