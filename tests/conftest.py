@@ -62,3 +62,29 @@ def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "images")
+
+
+def write_tap_store(path: Path, backbone, images: np.ndarray, labels: np.ndarray, split: str = "train",
+                    dtype: str = "float16", classes: list[str] | None = None, shard_images: int = 16):
+    """A store written straight from ``Backbone.taps`` (no extract pipeline): for trainer and reader tests."""
+    from PIL import Image
+
+    from featcache.store.layout import FeatureStore, encode
+    from featcache.store.manifest import Manifest, SplitMeta
+
+    if FeatureStore.exists(str(path)):
+        store = FeatureStore.open(str(path), "r+")
+    else:
+        m = Manifest(backbone=backbone.describe(), taps=backbone.taps.infos, dtype=dtype)
+        store = FeatureStore.create(str(path), m, final_norm=backbone.final_norm_state())
+    classes = classes or [f"class_{c}" for c in range(int(labels.max()) + 1)]
+    meta = SplitMeta(num_samples=len(images), chunk_images=4, shard_images=shard_images, classes=classes)
+    sp = store.create_split(split, meta)
+    x = torch.stack([backbone.transform(Image.fromarray(im)) for im in images])
+    with torch.inference_mode():
+        taps = backbone.taps(x)
+    for k in range(meta.num_shards):
+        s, e = meta.shard_bounds(k)
+        sp.write_shard(k, {n: encode(t[s:e], dtype) for n, t in taps.items()}, labels[s:e], [f"{split}:{i}" for i in range(s, e)])
+        sp.set_complete(k)
+    return store, taps

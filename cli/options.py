@@ -1,0 +1,24 @@
+"""Options shared by several commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars or summaries on stderr (errors still print).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout and nothing else there.")
+device_option = click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
+
+
+def storage_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+                        help="fsspec storage option for remote stores (repeatable), e.g. endpoint_url=http://...")(f)
+
+
+def print_json(data: Any) -> None:
+    """The --json contract: exactly one JSON document on stdout."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,66 @@
+"""``featcache train``: side networks (and sweeps) from a cache."""
+
+from __future__ import annotations
+
+import click
+
+from featcache.backbone import resolve_device
+from featcache.keyvalue import parse_assignments, parse_grid
+from featcache.sweep import load_sweep_file
+
+from .options import device_option, json_option, print_json, quiet_option
+
+
+def _backbone_state(store_url: str):
+    """Lazy loader of the backbone's weights, for LST's optional pruned initialisation."""
+    def load() -> dict:
+        from featcache.backbone import BackboneSpec, create_model
+        from featcache.store.layout import FeatureStore
+
+        spec = BackboneSpec.from_dict(FeatureStore.open(store_url).manifest.backbone["spec"])
+        model, _ = create_model(spec)
+        return model.state_dict()
+    return load
+
+
+@click.command("train")
+@click.argument("store")
+@click.option("--method", default="last", show_default=True, help="Side network: linear, last or lst (or --grid method=...).")
+@click.option("--out", required=True, metavar="RUNDIR", help="Run directory for checkpoints, metrics, plots and summary.")
+@click.option("--epochs", type=int, default=None, help="Epochs (default 30).")
+@click.option("--batch-size", type=int, default=None, help="Batch size shared by all members (default 64).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default 1e-3).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any training or method setting (repeatable).")
+@click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,..", help="Sweep a setting: K members = product of all grids.")
+@click.option("--sweep", "sweep_file", type=click.Path(dir_okay=False), help="JSON/YAML sweep file: {set: {...}, grid: {...}}.")
+@click.option("--split", default="train", show_default=True, help="Split to train on.")
+@click.option("--eval-split", default=None, help="Split to evaluate and select the best member on (default: val or test).")
+@click.option("--reader", type=click.Choice(["auto", "gpu", "ram", "stream"]), default="auto", show_default=True,
+              help="How taps are fed: resident on GPU, in RAM, or streamed from the store.")
+@device_option
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in RUNDIR from its last finished epoch.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@json_option
+@quiet_option
+def command(store: str, method: str, out: str, epochs: int | None, batch_size: int | None, lr: float | None,
+            settings: tuple[str, ...], grid: tuple[str, ...], sweep_file: str | None, split: str, eval_split: str | None,
+            reader: str, device: str, resume: bool, overwrite: bool, as_json: bool, quiet: bool) -> None:
+    """Train side networks on the cached taps in STORE; never runs the backbone.
+
+    \b
+    featcache train cache.zarr --method last --out runs/last --epochs 20
+    featcache train cache.zarr --method last --out runs/sweep --grid lr=1e-3,3e-3 --grid rank=4,8
+    featcache train cache.zarr --out runs/both --grid method=last,linear
+    """
+    from featcache.train import train
+
+    base, sweep_grid = load_sweep_file(sweep_file) if sweep_file else ({}, {})
+    values = {**base, **parse_assignments(settings, "--set")}
+    for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):
+        if value is not None:
+            values[key] = value
+    summary = train(store, method, out, values, {**sweep_grid, **parse_grid(grid, "--grid")}, split=split,
+                    eval_split=eval_split, reader=reader, device=resolve_device(device), resume=resume,
+                    overwrite=overwrite, progress=not quiet, backbone_state=_backbone_state(store))
+    if as_json:
+        print_json(summary)

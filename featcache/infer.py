@@ -1,0 +1,124 @@
+"""Backbone + trained side network on raw images: the live path that the cache stands in for.
+
+``build_predictor`` rebuilds the frozen backbone from the checkpoint's store manifest (same timm
+name, kwargs, weights and transform), checks that its weights fingerprint matches the one the cache
+was made with, and joins it with the side network into one ``torch.nn.Module``. Taps are rounded
+through the cache dtype, so the live logits equal the cached-path logits to that dtype's precision.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from featcache.backbone import Backbone, BackboneSpec, resolve_device
+from featcache.checkpoint import Checkpoint, load_checkpoint
+from featcache.data import DataSource, Subset, TransformedDataset, open_source, stratified_subset
+from featcache.errors import CheckpointError, DataError
+from featcache.methods.base import SideNetwork
+from featcache.progress import bar, say
+from featcache.store.manifest import Manifest
+
+CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class Predictor(nn.Module):
+    """images (N, 3, H, W) -> logits (N, classes): frozen taps, rounded to the cache dtype, then the side network."""
+
+    def __init__(self, backbone: Backbone, network: SideNetwork, cache_dtype: str, classes: list[str]) -> None:
+        super().__init__()
+        self.backbone, self.taps, self.network = backbone, backbone.taps, network
+        self.cache_dtype, self.classes = CACHE_DTYPES[cache_dtype], classes
+
+    @property
+    def transform(self) -> Any:
+        return self.backbone.transform
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        on_cuda = images.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+            taps = self.taps(images)
+        taps = {k: v.to(self.cache_dtype).float() for k, v in taps.items()}  # exactly what the cache holds
+        with torch.inference_mode():
+            return self.network(taps).float()
+
+
+def build_predictor(checkpoint: str | Path | Checkpoint, device: str = "auto", weights: str | None = None) -> Predictor:
+    """Checkpoint -> Predictor; refuses a backbone whose weights differ from the ones the cache was made with."""
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    manifest = Manifest.from_attrs(ckpt.manifest, f"checkpoint {ckpt.path}")
+    spec = BackboneSpec.from_dict(manifest.backbone["spec"])
+    if weights is not None:
+        spec = replace(spec, weights=weights)
+    dev = resolve_device(device)
+    by_name = {t.name: t for t in manifest.taps}
+    needed = [by_name[n] for n in ckpt.network.required_taps]
+    backbone = Backbone(spec, dev, positions=[t.position for t in needed])
+    want = manifest.backbone.get("weights", {}).get("state_sha256")
+    got = backbone.weights["state_sha256"]
+    if want != got:
+        raise CheckpointError(f"the backbone weights found ({spec.weights}, sha256 {got[:12]}...) are not the ones the "
+                              f"cache of this checkpoint was made with (sha256 {str(want)[:12]}...); pass the right "
+                              "--weights file for the backbone")
+    if [t.to_dict() for t in backbone.taps.infos] != [t.to_dict() for t in needed]:
+        raise CheckpointError(f"backbone {spec.model} gives taps that differ from the cache's "
+                              f"({[t.name for t in needed]}); timm or model kwargs changed since extraction")
+    return Predictor(backbone, ckpt.network.to(dev), manifest.dtype, ckpt.classes).eval()
+
+
+def _check_classes(source: DataSource, classes: list[str]) -> None:
+    if source.classes and classes and list(source.classes) != list(classes):
+        raise DataError(f"the data's classes {source.classes[:5]}... differ from the checkpoint's {classes[:5]}...; "
+                        "predict needs the same class folders as training (or an unlabelled flat folder)")
+
+
+def predict(checkpoint: str | Path, data: str | DataSource, batch_size: int = 64, device: str = "auto",
+            weights: str | None = None, limit: int | None = None, csv_path: str | Path | None = None,
+            progress: bool = True, num_workers: int | None = None) -> dict[str, Any]:
+    """Predictions for every image of ``data``; accuracy when labels are known."""
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be >= 1, got {batch_size}")
+    predictor = build_predictor(checkpoint, device, weights)
+    source = open_source(data) if isinstance(data, str) else data
+    _check_classes(source, predictor.classes)
+    if limit is not None:
+        source = Subset(source, stratified_subset(source.labels(), limit))
+    dev = predictor.backbone.device
+    workers = num_workers if num_workers is not None else min(2, os.cpu_count() or 1) - 1
+    loader = torch.utils.data.DataLoader(TransformedDataset(source, predictor.transform), batch_size=batch_size,
+                                         num_workers=workers, shuffle=False)
+    ids = source.ids()
+    preds, probs, labels = [], [], []
+    with bar(len(source), "predict", progress=progress) as pbar:
+        for images, y, _ in loader:
+            logits = predictor(images.to(dev))
+            p = logits.softmax(-1)
+            preds.append(p.argmax(-1).cpu())
+            probs.append(p.max(-1).values.cpu())
+            labels.append(y)
+            pbar.update(len(y))
+    pred, prob, label = torch.cat(preds).numpy(), torch.cat(probs).numpy(), torch.cat(labels).numpy()
+    names = predictor.classes
+    rows = [{"id": ids[i], "label": int(label[i]), "pred": int(pred[i]),
+             "pred_class": names[pred[i]] if pred[i] < len(names) else str(pred[i]), "prob": float(prob[i])}
+            for i in range(len(pred))]
+    result: dict[str, Any] = {"num_images": len(rows)}
+    known = label >= 0
+    if known.any():
+        result["accuracy"] = float(np.mean(pred[known] == label[known]))
+    result["predictions"] = rows
+    if csv_path is not None:
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["id", "label", "pred", "pred_class", "prob"])
+            writer.writeheader()
+            writer.writerows(rows)
+    acc = f", accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
+    say(f"predicted {len(rows)} images{acc}", quiet=not progress)
+    return result

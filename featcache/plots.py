@@ -1,0 +1,38 @@
+"""PNG plots: training curves of every sweep member, and per-tap statistics of a store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_curves(history: dict[str, list[dict[str, Any]]], path: str | Path, select: str) -> Path:
+    """Loss (left) and accuracy (right) per epoch for every member; evaluated splits dashed."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (name, rows) in enumerate(history.items()):
+        color = plt.cm.tab10(i % 10)
+        epochs = [r["epoch"] for r in rows]
+        ax_loss.plot(epochs, [r["train_loss"] for r in rows], color=color, label=name)
+        ax_acc.plot(epochs, [r["train_acc"] for r in rows], color=color, alpha=0.45)
+        ev = [(r["epoch"], r[f"{select}_acc"]) for r in rows if f"{select}_acc" in r]
+        if ev and select != "train":
+            ax_acc.plot(*zip(*ev), color=color, linestyle="--", marker="o", markersize=3, label=name)
+            lv = [(r["epoch"], r[f"{select}_loss"]) for r in rows if f"{select}_loss" in r]
+            ax_loss.plot(*zip(*lv), color=color, linestyle="--")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss (solid: train, dashed: " + select + ")")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title=f"accuracy (faint: train, dashed: {select})")
+    ax_loss.set_yscale("log")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    handles, labels = ax_acc.get_legend_handles_labels() if select != "train" else ax_loss.get_legend_handles_labels()
+    if len(labels) <= 16:
+        ax_acc.legend(handles, labels, fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

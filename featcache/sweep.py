@@ -1,0 +1,178 @@
+"""Training configuration and sweeps: ``--set`` / ``--grid`` / sweep files -> K members.
+
+A key goes to the training config when it is a ``TrainConfig`` field and to the method's config
+otherwise; ``method`` itself may be a grid key (e.g. ``--grid method=last,linear``). Members that
+share a method and an architecture (same method config) are trained as one stacked bank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from featcache import methods
+from featcache.errors import ConfigError
+
+SWEEP_GLOBAL = ("epochs", "batch_size", "eval_every")  # all members see the same batches and evaluations
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one member (defaults documented in docs/training.md)."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05  # AdamW, on weight matrices only (not biases, norms, gates)
+    warmup_epochs: float = 1.0  # linear warmup, then cosine decay to 0
+    label_smoothing: float = 0.0
+    clip_grad: float = 1.0  # max global grad norm per member; 0 = off
+    seed: int = 0  # side-network initialisation and batch order
+    eval_every: int = 1  # epochs between evaluations
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("epochs", self.epochs >= 1, "a positive integer"),
+            ("batch_size", self.batch_size >= 1, "a positive integer"),
+            ("lr", isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0, "a positive number"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("clip_grad", self.clip_grad >= 0, ">= 0 (0 = off)"),
+            ("eval_every", self.eval_every >= 1, "a positive integer"),
+        ]
+        for key, ok, what in checks:
+            if not ok:
+                raise ConfigError(f"{key} must be {what}, got {getattr(self, key)!r}")
+        for key in ("epochs", "batch_size", "eval_every", "seed"):
+            if not isinstance(getattr(self, key), int) or isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key} must be an integer, got {getattr(self, key)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return cls(**d)
+
+
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+@dataclass
+class SweepMember:
+    """One member of a sweep: a name, a method with its config, and its training config."""
+
+    name: str
+    method: str
+    method_config: dict[str, Any]
+    train: TrainConfig
+    overrides: dict[str, Any] = field(default_factory=dict)  # what the grid set for this member
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "method": self.method, "method_config": self.method_config,
+                "train": self.train.to_dict(), "overrides": self.overrides}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SweepMember":
+        return cls(d["name"], d["method"], d["method_config"], TrainConfig.from_dict(d["train"]), d.get("overrides", {}))
+
+    def arch_key(self) -> str:
+        """Members with equal keys have identically shaped parameters and share a bank."""
+        return json.dumps([self.method, self.method_config], sort_keys=True, default=str)
+
+
+def _route(method: str, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split keys into (train keys, method keys); unknown keys are an error listing the valid ones."""
+    method_keys = [f.name for f in dataclasses.fields(methods.config_class(method))]
+    train, meth = {}, {}
+    for key, value in values.items():
+        if key in TRAIN_KEYS:
+            train[key] = value
+        elif key in method_keys:
+            meth[key] = value
+        else:
+            close = difflib.get_close_matches(key, list(TRAIN_KEYS) + method_keys, n=2)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown setting {key!r} for method {method!r}{hint}; training keys: "
+                              f"{', '.join(TRAIN_KEYS)}; {method} keys: {', '.join(method_keys)}")
+    return train, meth
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "+".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def expand(method: str, settings: dict[str, Any] | None = None, grid: dict[str, list[Any]] | None = None) -> list[SweepMember]:
+    """The members of ``settings`` x the Cartesian product of ``grid`` (K = product of the value counts)."""
+    settings, grid = dict(settings or {}), dict(grid or {})
+    for key in SWEEP_GLOBAL:
+        if key in grid and len(grid[key]) > 1:
+            raise ConfigError(f"{key} cannot vary inside one sweep (all members share batches and evaluations); "
+                              f"use --set {key}=N or run separate sweeps")
+    for key, values in grid.items():
+        if not values:
+            raise ConfigError(f"--grid {key} has no values")
+        if len(set(map(json.dumps, values))) != len(values):
+            raise ConfigError(f"--grid {key} repeats a value: {values}")
+    for key in grid:
+        if key in settings:
+            raise ConfigError(f"{key!r} is given both by --set and by --grid; give it once")
+    methods_used = [str(m) for m in grid.get("method", [settings.pop("method", method)])]
+    grid.pop("method", None)
+    for m in methods_used:
+        methods.config_class(m)  # unknown method -> clear error
+    members: list[SweepMember] = []
+    keys = list(grid)
+    for m in methods_used:
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            over = dict(zip(keys, combo))
+            train_kw, meth_kw = _route(m, {**settings, **over})
+            train_cfg = TrainConfig(**train_kw)
+            meth_cfg = methods.config_class(m).from_dict(meth_kw).to_dict()
+            shown = ([("method", m)] if len(methods_used) > 1 else []) + list(over.items())
+            name = "-".join(f"{k}={_fmt(v)}" for k, v in shown) or m
+            members.append(SweepMember(name, m, meth_cfg, train_cfg, ({"method": m} if len(methods_used) > 1 else {}) | over))
+    names = [mem.name for mem in members]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"sweep member names collide: {names}")
+    base = members[0].train
+    for key in SWEEP_GLOBAL:
+        if any(getattr(mem.train, key) != getattr(base, key) for mem in members):
+            raise ConfigError(f"{key} must be the same for all members of a sweep")
+    return members
+
+
+def load_sweep_file(path: str | Path) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """A JSON or YAML sweep file: ``{"set": {KEY: VALUE}, "grid": {KEY: [V1, V2]}}`` -> (settings, grid)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"sweep file {path} not found")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:
+        raise ConfigError(f"sweep file {path} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {err}") from None
+    if not isinstance(data, dict) or set(data) - {"set", "grid"}:
+        raise ConfigError(f"sweep file {path} must be a mapping with keys 'set' and/or 'grid', e.g. "
+                          '{"set": {"epochs": 20}, "grid": {"lr": [1e-3, 3e-3], "rank": [4, 8]}}')
+    settings = data.get("set") or {}
+    grid = data.get("grid") or {}
+    if not isinstance(settings, dict) or not isinstance(grid, dict) or not all(isinstance(v, list) for v in grid.values()):
+        raise ConfigError(f"sweep file {path}: 'set' maps keys to values and 'grid' maps keys to lists of values")
+    return settings, grid

@@ -1,0 +1,309 @@
+"""Train side networks from a cache: one pass over the store per epoch feeds every sweep member.
+
+Never loads or runs the backbone. ``train(...)`` writes into RUNDIR:
+  sweep.json          the members (method, method config, training config)
+  metrics.jsonl       one line per member and evaluated epoch
+  members/<name>/     best.safetensors, last.safetensors, config.json (checkpoint.py)
+  best.json           the best member by the selection split
+  curves.png          loss and accuracy curves of all members
+  summary.json        the DESIGN.md summary (``train --json`` prints it)
+  state/              what ``--resume`` continues from (end of the last finished epoch)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from featcache import methods
+from featcache.checkpoint import member_config, read_tensors, write_json, write_tensors
+from featcache.errors import CheckpointError, ConfigError, StoreError
+from featcache.methods.base import MethodInput
+from featcache.progress import bar, say
+from featcache.store.layout import FeatureStore, SplitHandle
+from featcache.store.reader import CacheReader, open_reader
+
+from .bank import MemberBank
+from .sweep import SweepMember, expand
+
+log = logging.getLogger("featcache.train")
+
+
+@dataclass
+class MemberRecord:
+    """Running metrics of one member."""
+
+    member: SweepMember
+    bank: int
+    slot: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+
+
+def rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _method_input(store: FeatureStore, split: SplitHandle, backbone_state: Callable[[], dict] | None) -> MethodInput:
+    labels = split.labels()
+    num_classes = max(len(split.meta.classes), int(labels.max()) + 1 if len(labels) else 0)
+    if num_classes < 2:
+        raise StoreError(f"split {split.name!r} has {num_classes} class(es); training a classifier needs at least 2")
+    if labels.min() < 0:
+        raise StoreError(f"split {split.name!r} has unlabelled images (label -1); train needs labelled data")
+    return MethodInput(taps=store.manifest.taps, num_classes=num_classes, final_norm=store.final_norm(),
+                       backbone_kind=store.manifest.backbone.get("kind", "vit"), backbone_state=backbone_state)
+
+
+def _eval_splits(store: FeatureStore, train_split: str, eval_split: str | None) -> list[str]:
+    """The splits evaluated each time: --eval-split (or test), plus val when present; selection uses the first."""
+    have = store.splits()
+    if eval_split is not None:
+        if eval_split not in have:
+            raise StoreError(f"--eval-split {eval_split!r} is not in {store.url} (splits: {', '.join(have)}); "
+                             f"extract it with featcache extract ... --split {eval_split}")
+        chosen = [eval_split]
+    else:
+        chosen = [s for s in ("val", "test") if s in have and s != train_split][:1]
+    if "val" in have and "val" not in chosen and "val" != train_split:
+        chosen.append("val")
+    return chosen
+
+
+def _prepare_rundir(out: Path, members: list[SweepMember], resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Create RUNDIR, or check that a resumed one belongs to the same sweep; returns the saved state."""
+    sweep = [m.to_dict() for m in members]
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file; choose a directory for the run")
+    if resume:
+        if not (out / "sweep.json").is_file():
+            raise CheckpointError(f"--resume: {out} holds no featcache run (no sweep.json); drop --resume to start one")
+        saved = json.loads((out / "sweep.json").read_text())
+        if saved != sweep:
+            raise CheckpointError(f"--resume: {out} was started with a different sweep (methods, settings or grid); "
+                                  "resume with the same options, or start a new --out")
+        pointer = out / "state" / "state.json"
+        return json.loads(pointer.read_text()) if pointer.is_file() else None
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise CheckpointError(f"run directory {out} already exists and is not empty; pass --resume to continue it, "
+                                  "--overwrite to replace it, or choose a new --out")
+        shutil.rmtree(out)
+    (out / "members").mkdir(parents=True, exist_ok=True)
+    write_json(out / "sweep.json", sweep)
+    return None
+
+
+def _save_state(out: Path, epoch: int, banks: list[MemberBank], records: list[MemberRecord], stats: dict[str, Any]) -> None:
+    """End-of-epoch state: a fresh directory, then an atomic pointer update, then old states removed."""
+    state_root = out / "state"
+    target = state_root / f"epoch-{epoch:04d}"
+    target.mkdir(parents=True, exist_ok=True)
+    infos = []
+    for i, bank in enumerate(banks):
+        tensors, info = bank.state()
+        write_tensors(target / f"bank{i}.safetensors", tensors)
+        infos.append(info)
+    write_json(state_root / "state.json", {"epoch": epoch, "dir": target.name, "banks": infos, "stats": stats,
+                                           "records": [{"history": r.history, "best": r.best} for r in records]})
+    for old in state_root.glob("epoch-*"):
+        if old.name != target.name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_state(out: Path, state: dict[str, Any], banks: list[MemberBank], records: list[MemberRecord]) -> None:
+    target = out / "state" / state["dir"]
+    for i, bank in enumerate(banks):
+        bank.load_state(read_tensors(target / f"bank{i}.safetensors"), state["banks"][i])
+    for rec, saved in zip(records, state["records"]):
+        rec.history, rec.best = saved["history"], saved["best"]
+
+
+def _evaluate(banks: list[MemberBank], reader: CacheReader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per bank: (summed loss (K,), correct (K,)) over the whole split."""
+    sums = [(torch.zeros(len(b), device=b.device), torch.zeros(len(b), device=b.device)) for b in banks]
+    for batch in reader.epoch(0):
+        for (loss, correct), bank in zip(sums, banks):
+            l, c, _ = bank.evaluate(batch.taps, batch.labels)
+            loss += l
+            correct += c
+    return sums
+
+
+def train(store: str | FeatureStore, method: str, out: str | os.PathLike[str], settings: dict[str, Any] | None = None,
+          grid: dict[str, list[Any]] | None = None, split: str = "train", eval_split: str | None = None,
+          reader: str = "auto", device: str | torch.device = "cpu", resume: bool = False, overwrite: bool = False,
+          progress: bool = True, backbone_state: Callable[[], dict] | None = None,
+          storage_options: dict[str, Any] | None = None, members: list[SweepMember] | None = None) -> dict[str, Any]:
+    """Train every member of the sweep from the cache; returns the summary (also RUNDIR/summary.json)."""
+    t_start = time.perf_counter()
+    rss_base = rss_mb()
+    device = torch.device(device)
+    fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store, "r", storage_options)
+    members = members or expand(method, settings, grid)
+    out = Path(out)
+    train_split = fs.split(split)
+    eval_names = _eval_splits(fs, split, eval_split)
+    mi = _method_input(fs, train_split, backbone_state)
+    state = _prepare_rundir(out, members, resume, overwrite)
+
+    groups: dict[str, list[int]] = {}
+    for i, m in enumerate(members):
+        groups.setdefault(m.arch_key(), []).append(i)
+    banks = [MemberBank([members[i] for i in idx], mi, device) for idx in groups.values()]
+    mi.backbone_state = None  # LST's pruned init is done: free the backbone weights
+    records = [MemberRecord(members[i], b, s) for b, idx in enumerate(groups.values()) for s, i in enumerate(idx)]
+    records.sort(key=lambda r: members.index(r.member))
+    needed = sorted({t for b in banks for t in b.required_taps}, key=fs.manifest.tap_names.index)
+
+    cfg = members[0].train
+    train_reader = open_reader(train_split, needed, reader, cfg.batch_size, shuffle=True, seed=cfg.seed, device=device)
+    eval_readers = {n: open_reader(fs.split(n), needed, reader, max(cfg.batch_size, 256), shuffle=False, device=device)
+                    for n in eval_names}
+    first_epoch, stats = 0, {"train_seconds": 0.0, "train_samples": 0}
+    if state is not None:
+        _load_state(out, state, banks, records)
+        first_epoch, stats = state["epoch"] + 1, state["stats"]
+        say(f"resuming {out} after epoch {state['epoch'] + 1}", quiet=not progress)
+    store_record = {"url": fs.url, "split": split, "manifest": fs.manifest.to_attrs()}
+    configs = [member_config(r.member.name, r.member.method, r.member.method_config, r.member.train.to_dict(), mi,
+                             store_record, train_split.meta.classes) for r in records]
+    select = eval_names[0] if eval_names else split
+    total = cfg.epochs * len(train_reader)
+    say(f"training {len(members)} member(s) in {len(banks)} bank(s) on {train_reader.num_samples} samples "
+        f"({', '.join(needed)}), reader {train_reader.mode}: {train_reader.choice.reason}", quiet=not progress)
+    pbar = bar(total, "train", unit="step", progress=progress, initial=first_epoch * len(train_reader))
+    for epoch in range(first_epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed * 1000 + epoch)
+        sums = [(torch.zeros(len(b), device=device), torch.zeros(len(b), device=device)) for b in banks]
+        t0, seen = time.perf_counter(), 0
+        for step, batch in enumerate(train_reader.epoch(epoch)):
+            progress_epochs = epoch + step / len(train_reader)
+            for (loss_sum, correct_sum), bank in zip(sums, banks):
+                loss, correct = bank.train_step(batch.taps, batch.labels, progress_epochs, cfg.epochs,
+                                                where=f"epoch {epoch + 1} step {step + 1}")
+                loss_sum += torch.nan_to_num(loss.detach(), nan=float("inf")) * len(batch)
+                correct_sum += correct
+            seen += len(batch)
+            pbar.update(1)
+            if step % 10 == 0:
+                pbar.set_postfix_str(_postfix(records), refresh=False)
+        stats["train_seconds"] += time.perf_counter() - t0
+        stats["train_samples"] += seen
+        row_base = {r.member.name: {"train_loss": float(sums[r.bank][0][r.slot] / seen),
+                                    "train_acc": float(sums[r.bank][1][r.slot] / seen)} for r in records}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            for name, rd in eval_readers.items():
+                res = _evaluate(banks, rd)
+                for r in records:
+                    row_base[r.member.name][f"{name}_acc"] = float(res[r.bank][1][r.slot] / rd.num_samples)
+                    row_base[r.member.name][f"{name}_loss"] = float(res[r.bank][0][r.slot] / rd.num_samples)
+        _record_epoch(out, epoch, banks, records, row_base, configs, select)
+        _save_state(out, epoch, banks, records, stats)
+        _write_metrics(out, records)
+        pbar.set_postfix_str(_postfix(records), refresh=True)
+    pbar.close()
+    summary = _summary(out, records, banks, stats, select, t_start, rss_base, train_reader, device)
+    write_json(out / "summary.json", summary)
+    try:
+        from featcache.plots import plot_curves
+
+        plot_curves(records_history(records), out / "curves.png", select)
+    except Exception as err:  # a plot must never fail a finished run
+        log.warning(f"could not draw curves.png: {err}")
+    best = summary["best"]
+    say(f"trained {len(members)} member(s) x {cfg.epochs} epochs in {summary['wall_seconds']:.1f}s "
+        f"({summary['samples_per_second']:.0f} samples/s per member-bank pass); best {best['name']} "
+        f"{select}_acc={best.get(f'{select}_acc', float('nan')):.4f} -> {out}", quiet=not progress)
+    return summary
+
+
+def _postfix(records: list[MemberRecord]) -> str:
+    scored = [(r.best or {}).get("score", float("nan")) for r in records]
+    scored = sorted((s for s in scored if not math.isnan(s)), reverse=True)[:3]
+    return "best " + ", ".join(f"{s:.3f}" for s in scored) if scored else ""
+
+
+def _record_epoch(out: Path, epoch: int, banks: list[MemberBank], records: list[MemberRecord],
+                  rows: dict[str, dict[str, float]], configs: list[dict[str, Any]], select: str) -> None:
+    """Append metrics, update best epochs and write the member checkpoints."""
+    for rec, config in zip(records, configs):
+        bank = banks[rec.bank]
+        row = {"epoch": epoch + 1, **rows[rec.member.name]}
+        alive = bool(bank.alive[rec.slot])
+        row["status"] = "ok" if alive else "diverged"
+        rec.history.append(row)
+        mdir = out / "members" / rec.member.name
+        mdir.mkdir(parents=True, exist_ok=True)
+        weights = bank.member_state(rec.slot)
+        score = row.get(f"{select}_acc")  # None when this epoch was not evaluated
+        meta = {"epoch": str(epoch + 1)}
+        if alive:
+            write_tensors(mdir / "last.safetensors", weights, meta)
+        if alive and score is not None and (rec.best is None or score > rec.best["score"]):
+            rec.best = {"epoch": epoch + 1, "score": score, **{k: v for k, v in row.items() if k not in ("epoch", "status")}}
+            write_tensors(mdir / "best.safetensors", weights, meta)
+        write_json(mdir / "config.json", {**config, "best": rec.best, "status": row["status"],
+                                          "diverged_at": bank.diverged_at[rec.slot]})
+
+
+def records_history(records: list[MemberRecord]) -> dict[str, list[dict[str, Any]]]:
+    return {r.member.name: r.history for r in records}
+
+
+def _write_metrics(out: Path, records: list[MemberRecord]) -> None:
+    lines = [json.dumps({"member": r.member.name, **row}) for r in records for row in r.history]
+    tmp = out / f".metrics.jsonl.tmp{os.getpid()}"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out / "metrics.jsonl")
+
+
+def _summary(out: Path, records: list[MemberRecord], banks: list[MemberBank], stats: dict[str, Any], select: str,
+             t_start: float, rss_base: float, reader: CacheReader, device: torch.device) -> dict[str, Any]:
+    members = []
+    for r in records:
+        last = r.history[-1] if r.history else {}
+        bank = banks[r.bank]
+        members.append({
+            "name": r.member.name, "method": r.member.method,
+            "config": {**r.member.method_config, **r.member.train.to_dict()},
+            "metrics": {k: v for k, v in last.items() if k not in ("epoch", "status")},
+            "best": r.best, "status": last.get("status", "ok"), "diverged_at": bank.diverged_at[r.slot],
+            "params": bank.param_count(), "checkpoint": str(out / "members" / r.member.name),
+        })
+    alive = [m for m in members if m["status"] == "ok" and m["best"] is not None]
+    if not alive:
+        raise ConfigError(f"every member diverged (loss became NaN/Inf); see {out}/metrics.jsonl and lower --lr")
+    top = max(alive, key=lambda m: m["best"]["score"])
+    best = {"name": top["name"], f"{select}_acc": top["best"]["score"], "epoch": top["best"]["epoch"],
+            "checkpoint": top["checkpoint"], "selected_by": f"{select}_acc"}
+    write_json(out / "best.json", best)
+    secs = max(stats["train_seconds"], 1e-9)
+    summary = {
+        "members": members, "best": best,
+        "samples_per_second": stats["train_samples"] / secs,
+        "wall_seconds": time.perf_counter() - t_start,
+        "peak_rss_mb": peak_rss_mb(), "rss_baseline_mb": rss_base,
+        "peak_rss_above_baseline_mb": peak_rss_mb() - rss_base,
+        "reader": {"mode": reader.mode, "reason": reader.choice.reason},
+        "device": str(device), "num_members": len(members), "num_banks": len(banks),
+    }
+    if device.type == "cuda":
+        summary["cuda_max_memory_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return summary

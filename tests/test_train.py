@@ -1,0 +1,244 @@
+"""Training from the cache: sweeps, selection, checkpoints, resume, divergence isolation, predict parity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from featcache.backbone import Backbone, BackboneSpec
+from featcache.checkpoint import load_checkpoint
+from featcache.cli import app
+from featcache.errors import CheckpointError, ConfigError, UsageError
+from featcache.sweep import TrainConfig, expand, load_sweep_file
+from featcache.train import train
+
+from .conftest import TINY_CNN, TINY_VIT, make_separable_images, write_tap_store
+
+
+@pytest.fixture(scope="module")
+def vit() -> Backbone:
+    return Backbone(BackboneSpec(**TINY_VIT))
+
+
+@pytest.fixture(scope="module")
+def vit_store(tmp_path_factory, vit):
+    path = tmp_path_factory.mktemp("vit") / "cache.zarr"
+    imgs, labels = make_separable_images(96, classes=3, seed=0)
+    write_tap_store(path, vit, imgs, labels, "train")
+    imgs, labels = make_separable_images(48, classes=3, seed=1)
+    _, test_taps = write_tap_store(path, vit, imgs, labels, "test")
+    return path, test_taps, imgs, labels
+
+
+# -- sweeps -----------------------------------------------------------------------------------
+
+def test_expand_grid_routes_keys_and_names_members() -> None:
+    members = expand("last", {"epochs": 3, "rank": 4}, {"lr": [1e-3, 1e-2], "heads": [1, 2]})
+    assert len(members) == 4
+    assert [m.name for m in members] == ["lr=0.001-heads=1", "lr=0.001-heads=2", "lr=0.01-heads=1", "lr=0.01-heads=2"]
+    assert all(m.train.epochs == 3 and m.method_config["rank"] == 4 for m in members)
+    assert members[1].method_config["heads"] == 2 and members[2].train.lr == 1e-2
+    assert len({m.arch_key() for m in members}) == 2  # lr does not change shapes; heads does
+
+
+def test_expand_method_grid() -> None:
+    members = expand("last", {}, {"method": ["last", "linear"]})
+    assert [m.method for m in members] == ["last", "linear"] and members[1].name == "method=linear"
+
+
+@pytest.mark.parametrize("settings,grid,msg", [
+    ({"rnak": 4}, {}, r"unknown setting 'rnak'.*did you mean rank"),
+    ({}, {"epochs": [1, 2]}, "cannot vary inside one sweep"),
+    ({"lr": 1e-3}, {"lr": [1e-3, 1e-2]}, "both by --set and by --grid"),
+    ({}, {"lr": [1e-3, 1e-3]}, "repeats a value"),
+    ({"epochs": 0}, {}, "epochs must be a positive integer"),
+    ({"batch_size": -1}, {}, "batch_size must be a positive integer"),
+    ({"lr": float("nan")}, {}, "lr must be a positive number"),
+    ({}, {"method": ["last", "lora"]}, "lora"),
+])
+def test_bad_sweeps(settings, grid, msg) -> None:
+    with pytest.raises(ConfigError, match=msg):
+        expand("last", settings, grid)
+
+
+def test_sweep_file(tmp_path) -> None:
+    (tmp_path / "s.yaml").write_text("set:\n  epochs: 2\ngrid:\n  lr: [0.001, 0.01]\n")
+    assert load_sweep_file(tmp_path / "s.yaml") == ({"epochs": 2}, {"lr": [0.001, 0.01]})
+    (tmp_path / "s.json").write_text('{"grid": {"lr": 0.1}}')
+    with pytest.raises(ConfigError, match="lists of values"):
+        load_sweep_file(tmp_path / "s.json")
+
+
+# -- training ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["linear", "last", "lst"])
+def test_training_learns_and_writes_the_run(vit_store, tmp_path, method: str) -> None:
+    path, _, _, _ = vit_store
+    out = tmp_path / "run"
+    summary = train(str(path), method, out, {"epochs": 8, "batch_size": 16, "lr": 3e-3}, progress=False)
+    m = summary["members"][0]
+    assert m["metrics"]["test_acc"] >= 0.9, summary
+    assert summary["best"]["name"] == m["name"] and summary["best"]["test_acc"] == m["best"]["score"]
+    assert summary["samples_per_second"] > 0 and summary["peak_rss_mb"] > 0
+    assert (out / "curves.png").stat().st_size > 1000 and (out / "summary.json").exists()
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == list(range(1, 9)) and all("test_acc" in l for l in lines)
+    files = {p.suffix for p in out.rglob("*") if p.is_file()}
+    assert files <= {".json", ".jsonl", ".safetensors", ".png"}  # never pickle
+
+
+def test_sweep_members_differ_and_best_is_chosen_by_eval(vit_store, tmp_path) -> None:
+    path, _, _, _ = vit_store
+    summary = train(str(path), "last", tmp_path / "sweep", {"epochs": 4, "batch_size": 16},
+                    {"lr": [1e-6, 3e-3], "rank": [4, 8]}, progress=False)
+    accs = {m["name"]: m["best"]["score"] for m in summary["members"]}
+    assert len(accs) == 4 and summary["num_banks"] == 2
+    assert max(accs, key=accs.get) == summary["best"]["name"]
+    assert accs["lr=1e-06-rank=4"] < accs["lr=0.003-rank=4"]
+    assert json.loads((tmp_path / "sweep" / "best.json").read_text())["name"] == summary["best"]["name"]
+
+
+def test_bank_member_equals_member_trained_alone(vit_store, tmp_path) -> None:
+    path, _, _, _ = vit_store
+    settings = {"epochs": 2, "batch_size": 16}
+    train(str(path), "last", tmp_path / "bank", settings, {"lr": [1e-3, 3e-3, 1e-2]}, progress=False)
+    train(str(path), "last", tmp_path / "alone", {**settings, "lr": 3e-3}, progress=False)
+    a = load_checkpoint(tmp_path / "bank" / "members" / "lr=0.003")
+    b = load_checkpoint(tmp_path / "alone")
+    for (k, va), (_, vb) in zip(sorted(a.network.state_dict().items()), sorted(b.network.state_dict().items())):
+        assert torch.allclose(va, vb, atol=1e-5, rtol=1e-4), k
+
+
+def test_diverging_member_is_stopped_and_others_go_on(vit_store, tmp_path) -> None:
+    path, _, _, _ = vit_store
+    summary = train(str(path), "linear", tmp_path / "div", {"epochs": 3, "batch_size": 16},
+                    {"lr": [3e-3, 1e30]}, progress=False)
+    by = {m["name"]: m for m in summary["members"]}
+    assert by["lr=1e+30"]["status"] == "diverged" and by["lr=1e+30"]["diverged_at"].startswith("epoch 1")
+    assert by["lr=0.003"]["status"] == "ok" and by["lr=0.003"]["metrics"]["test_acc"] > 0.8
+    assert summary["best"]["name"] == "lr=0.003"
+
+
+def test_resume_equals_uninterrupted(vit_store, tmp_path, monkeypatch) -> None:
+    path, _, _, _ = vit_store
+    settings, grid = {"epochs": 4, "batch_size": 16}, {"lr": [1e-3, 3e-3]}
+    full = train(str(path), "last", tmp_path / "full", settings, grid, progress=False)
+
+    import featcache.train as train_mod
+
+    real = train_mod._save_state
+
+    def crash_after_epoch_2(out, epoch, *a, **kw):
+        real(out, epoch, *a, **kw)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_save_state", crash_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(str(path), "last", tmp_path / "part", settings, grid, progress=False)
+    monkeypatch.setattr(train_mod, "_save_state", real)
+    resumed = train(str(path), "last", tmp_path / "part", settings, grid, resume=True, progress=False)
+    assert [m["metrics"] for m in resumed["members"]] == [m["metrics"] for m in full["members"]]
+    for name in ("lr=0.001", "lr=0.003"):
+        a = load_checkpoint(tmp_path / "full" / "members" / name).network.state_dict()
+        b = load_checkpoint(tmp_path / "part" / "members" / name).network.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 8
+
+
+def test_rundir_guards(vit_store, tmp_path) -> None:
+    path, _, _, _ = vit_store
+    train(str(path), "linear", tmp_path / "r", {"epochs": 1}, progress=False)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "r").rglob("*"))
+    with pytest.raises(CheckpointError, match="already exists"):
+        train(str(path), "linear", tmp_path / "r", {"epochs": 1}, progress=False)
+    with pytest.raises(CheckpointError, match="different sweep"):
+        train(str(path), "linear", tmp_path / "r", {"epochs": 2}, resume=True, progress=False)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "r").rglob("*")) == before
+    with pytest.raises(CheckpointError, match="no featcache run"):
+        train(str(path), "linear", tmp_path / "new", {"epochs": 1}, resume=True, progress=False)
+
+
+def test_checkpoint_round_trip_gives_cached_logits(vit_store, tmp_path) -> None:
+    path, test_taps, _, labels = vit_store
+    train(str(path), "last", tmp_path / "ck", {"epochs": 2}, progress=False)
+    ckpt = load_checkpoint(tmp_path / "ck")
+    assert ckpt.config["method"] == "last" and ckpt.config["store"]["manifest"]["featcache_format"] == 1
+    cached = {k: v.to(torch.float16).float() for k, v in test_taps.items()}
+    with torch.no_grad():
+        logits = ckpt.network(cached)
+    acc = float((logits.argmax(-1).numpy() == labels).mean())
+    assert acc == pytest.approx(ckpt.config["best"]["test_acc"])
+
+
+def test_predict_live_path_equals_cached_path(vit_store, tmp_path, vit) -> None:
+    from PIL import Image
+
+    from featcache.infer import build_predictor, predict
+
+    path, test_taps, imgs, labels = vit_store
+    train(str(path), "last", tmp_path / "p", {"epochs": 4, "batch_size": 16}, progress=False)
+    predictor = build_predictor(tmp_path / "p", device="cpu")
+    x = torch.stack([predictor.transform(Image.fromarray(im)) for im in imgs])
+    live = predictor(x)
+    with torch.no_grad():
+        cached = predictor.network({k: v.to(torch.float16).float() for k, v in test_taps.items()})
+    assert torch.allclose(live, cached, atol=1e-5)
+    folder = tmp_path / "imgs"
+    for i, (im, y) in enumerate(zip(imgs, labels)):
+        (folder / f"class_{y}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(folder / f"class_{y}" / f"{i:03d}.png")
+    result = predict(tmp_path / "p", str(folder), device="cpu", progress=False, num_workers=0)
+    best = json.loads((tmp_path / "p" / "best.json").read_text())
+    assert result["num_images"] == 48 and result["accuracy"] == pytest.approx(best["test_acc"])
+
+
+def test_predict_refuses_other_weights(vit_store, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from featcache.infer import build_predictor
+
+    path, _, _, _ = vit_store
+    train(str(path), "linear", tmp_path / "w", {"epochs": 1}, progress=False)
+    other = Backbone(BackboneSpec(**{**TINY_VIT, "seed": 3}))
+    save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="not the ones the cache"):
+        build_predictor(tmp_path / "w", device="cpu", weights=str(tmp_path / "other.safetensors"))
+
+
+def test_cnn_end_to_end(tmp_path) -> None:
+    cnn = Backbone(BackboneSpec(**TINY_CNN))
+    imgs, labels = make_separable_images(96, classes=3, seed=0)
+    write_tap_store(tmp_path / "c.zarr", cnn, imgs, labels, "train")
+    imgs, labels = make_separable_images(48, classes=3, seed=1)
+    write_tap_store(tmp_path / "c.zarr", cnn, imgs, labels, "test")
+    summary = train(str(tmp_path / "c.zarr"), "last", tmp_path / "cr", {"epochs": 6, "batch_size": 16, "lr": 3e-3},
+                    {"method": ["last", "linear"]}, progress=False)
+    assert summary["num_banks"] == 2
+    assert max(m["best"]["score"] for m in summary["members"]) >= 0.9
+
+
+def test_cli_train_json_and_errors(vit_store, tmp_path) -> None:
+    path, _, _, _ = vit_store
+    r = CliRunner().invoke(app, ["train", str(path), "--method", "linear", "--out", str(tmp_path / "c"), "--epochs", "2",
+                                 "--grid", "lr=1e-3,1e-2", "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert {"members", "best", "samples_per_second", "wall_seconds", "peak_rss_mb"} <= set(data)
+    assert {"name", "config", "metrics"} <= set(data["members"][0]) and "test_acc" in data["best"]
+    for args, code, msg in [
+        (["--grid", "lr"], 2, "expects KEY=VALUE"),
+        (["--set", "rnak=3"], 1, "unknown setting 'rnak'"),
+        (["--epochs", "0"], 1, "epochs must be a positive integer"),
+        (["--method", "lora"], 1, "lora"),
+        (["--eval-split", "nope"], 1, "no split|not in"),
+    ]:
+        r = CliRunner().invoke(app, ["train", str(path), "--out", str(tmp_path / "bad"), *args])
+        assert r.exit_code == code, (args, r.output)
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: ") and __import__("re").search(msg, r.stderr), r.stderr
