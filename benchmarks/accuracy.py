@@ -1,0 +1,119 @@
+"""Accuracy on real data: side networks from the cache vs fine-tuning on the same wall-clock budget.
+
+ImageNet-pretrained EfficientNet-Lite0 (``pypi:efficientnet-lite0``) and a fixed stratified subset of
+Fashion-MNIST (train from the train files, test from the t10k files; sklearn digits when the files are
+absent). featcache extracts both splits once, then ``featcache.train.train`` trains the linear probe,
+LAST and LST for E epochs each (test accuracy after the last epoch, no selection on test). The
+fine-tuning peers (full fine-tuning, LoRA) then get the wall-clock budget featcache spent on its most
+expensive method: the train-split extraction plus that method's training. They train in a time-bounded
+loop (shuffled epochs, images transformed on the fly, AdamW, cosine schedule over the steps the budget
+allows, estimated after the first steps) and are evaluated on the same test images.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .common import say
+from .peers import SIDE_LR, FullFinetunePeer, ImagePeer, LoraPeer, PeerContext
+from .workload import MODELS, ImageBatches, build_store, data_specs, subset
+
+
+def side_methods(store_path: Path, methods: list[str], epochs: int, batch_size: int, device: str,
+                 configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Train each side network from the cache; test accuracy after the last epoch and wall time."""
+    from featcache.train import train
+
+    rows = {}
+    for method in methods:
+        out = Path(tempfile.mkdtemp(prefix=f"featcache-acc-{method}-"))
+        try:
+            t0 = time.perf_counter()
+            summary = train(store_path, method, out, eval_split="test", reader="ram", device=device, progress=False,
+                            overwrite=True, settings={"epochs": epochs, "batch_size": batch_size,
+                                                      "lr": SIDE_LR[method], **configs.get(method, {})})
+            seconds = time.perf_counter() - t0
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        m = summary["members"][0]
+        rows[method] = {"test_acc": m["metrics"]["test_acc"], "train_acc": m["metrics"]["train_acc"],
+                        "best_test_acc": m["best"]["score"], "train_s": seconds, "epochs": epochs,
+                        "params": m["params"], "samples_per_s": summary["samples_per_second"], "lr": SIDE_LR[method]}
+        say(f"  acc {method}: test {rows[method]['test_acc']:.4f} in {seconds:.0f}s")
+    return rows
+
+
+def finetune(peer: ImagePeer, budget_s: float, test: ImageBatches, seed: int = 0) -> dict[str, Any]:
+    """Train ``peer`` for ``budget_s`` seconds of wall time (whole steps), then its test accuracy."""
+    assert peer.optimizer is not None
+    base_lrs = [g["lr"] for g in peer.optimizer.param_groups]
+    t0 = time.perf_counter()
+    samples, epoch, total_steps, losses = 0, 0, None, []
+    while time.perf_counter() - t0 < budget_s:
+        for x, y in peer.images.epoch(seed + epoch):
+            elapsed = time.perf_counter() - t0
+            if elapsed >= budget_s:
+                break
+            if total_steps is None and peer.steps >= 2:  # estimate what the budget allows, then cosine over it
+                total_steps = max(peer.steps + 1, int(budget_s / (elapsed / peer.steps)))
+            frac = min(1.0, peer.steps / total_steps) if total_steps else 0.0
+            for g, lr in zip(peer.optimizer.param_groups, base_lrs):
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * frac))
+            losses.append(float(peer.train_batch(x, y)))
+            samples += len(y)
+        epoch += 1
+    train_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    correct = total = 0
+    for x, y in test.in_order():
+        correct += int((peer.predict(x) == y).sum())
+        total += len(y)
+    return {"test_acc": correct / total, "train_s": train_s, "eval_s": time.perf_counter() - t1, "samples": samples,
+            "epochs": samples / max(1, len(peer.images.source)), "steps": peer.steps,
+            "final_loss": sum(losses[-5:]) / max(1, len(losses[-5:])), "params": peer.trainable_params(),
+            "lr": base_lrs[0]}
+
+
+def measure_accuracy(model: str, train_n: int | None, test_n: int | None, epochs: int, batch_size: int,
+                     device: str, workdir: Path, methods: tuple[str, ...] = ("linear", "last", "lst"),
+                     peers: tuple[str, ...] = ("full-ft", "lora"),
+                     configs: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The whole accuracy benchmark for one data size; see the module doc."""
+    spec_train, spec_test, note = data_specs()
+    preset = MODELS[model]
+    store = build_store(preset, {"train": (spec_train, train_n), "test": (spec_test, test_n)},
+                        workdir / f"acc-{model}-{train_n}.zarr", torch.device(device), batch_size)
+    say(f"  acc: extracted {store.splits} in {sum(store.seconds.values()):.0f}s ({store.extraction})")
+    side = side_methods(store.path, list(methods), epochs, batch_size, device, configs or {})
+    extraction_s = store.seconds["train"]
+    slowest = max(side, key=lambda m: side[m]["train_s"])
+    budget = extraction_s + side[slowest]["train_s"]
+    rows: dict[str, Any] = {f"featcache-{m}": {**r, "extraction_s": extraction_s, "total_s": extraction_s + r["train_s"]}
+                            for m, r in side.items()}
+    from featcache.store.layout import FeatureStore
+
+    num_classes = len(FeatureStore.open(store.path).split("train").meta.classes) or 10
+    for name in peers:
+        ctx = PeerContext(model=model, batch_size=batch_size, device=device, data=spec_train,
+                          images=store.splits["train"], num_classes=num_classes, preload=False)
+        peer: ImagePeer = FullFinetunePeer(ctx) if name == "full-ft" else LoraPeer(ctx)
+        peer.images = ImageBatches(subset(spec_train, train_n), peer.images.transform, batch_size, peer.device,
+                                   preload=False)
+        test = ImageBatches(subset(spec_test, test_n), peer.images.transform, batch_size * 2, peer.device,
+                            preload=False)
+        r = finetune(peer, budget, test)
+        rows[name] = {**r, "total_s": r["train_s"], "budget_s": budget}
+        say(f"  acc {name}: test {r['test_acc']:.4f} after {r['samples']} samples ({r['epochs']:.2f} epochs) in {r['train_s']:.0f}s")
+        del peer
+    shutil.rmtree(store.path, ignore_errors=True)
+    return {"model": model, "label": preset.label, "data": note, "train_images": store.splits["train"],
+            "test_images": store.splits["test"], "epochs": epochs, "batch_size": batch_size,
+            "budget_s": budget, "budget_from": f"extraction + featcache-{slowest} training", "store": store.to_dict(),
+            "rows": rows}

@@ -1,0 +1,187 @@
+"""Entry point: ``python -m benchmarks.run --preset quick|full|gpu|tiny [--device cpu|cuda]``.
+
+Runs, per backbone of the preset: one extraction of N images, the training-step comparison of every peer
+(A B A B, one process), peak memory of every peer (one subprocess each), E-epoch end-to-end times, and on
+the first (ViT) backbone the distance to the machine's limits and the K-member sweep cost; then the
+accuracy benchmark on real data. Writes ``benchmarks/results/<preset>-<device>.json``, the PNG plots and
+regenerates ``benchmarks/results/README.md`` from every result file there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .common import RESULTS, describe_device, machine, say, setup_torch, write_json
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one benchmark run; see docs/benchmarks.md for what each stage measures."""
+
+    name: str
+    models: tuple[str, ...]  # keys of workload.MODELS; the first is the ViT used for limits and sweeps
+    images: int  # N: images extracted per backbone (steps cycle over them; end-to-end trains on them)
+    batch_size: int
+    epochs: int  # E of the end-to-end comparison
+    rounds: int  # A B A B rounds of the step comparison
+    e2e_real: tuple[str, ...]  # featcache methods whose E epochs are really run (others extrapolated)
+    memory_models: tuple[str, ...]
+    memory_peers: tuple[str, ...]
+    memory_steps: int
+    sweep_k: int
+    sweep_rounds: int
+    accuracy: tuple[tuple[int | None, int | None], ...]  # (train, test) images; None = all
+    accuracy_epochs: int
+    accuracy_model: str
+    device: str = "cpu"
+    threads: int | None = 1  # CPU: torch threads (1: stable on a shared machine); None = torch's default
+    min_call_s: float = 1.0
+    targets: dict[str, float] = field(default_factory=lambda: dict(TARGETS))
+
+
+TARGETS = {"step_vs_lora": 20.0, "step_vs_in_loop": 8.0, "e2e_vs_lora": 8.0, "memory_vs_lora": 0.35,
+           "extract_vs_forward": 0.9, "sweep_k8_vs_k1": 6.0}
+STEP_PEERS = ("featcache-last", "featcache-lst", "featcache-linear", "last-in-loop", "lora", "full-ft")
+MEMORY_PEERS = ("featcache-last@ram", "featcache-last@stream", "featcache-lst@ram", "featcache-linear@ram",
+                "last-in-loop", "lora", "full-ft")
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset("tiny", ("tiny_vit", "tiny_cnn"), images=16, batch_size=8, epochs=1, rounds=1,
+                   e2e_real=("last", "lst", "linear"), memory_models=("tiny_vit",),
+                   memory_peers=("featcache-last@stream",), memory_steps=1, sweep_k=2, sweep_rounds=1,
+                   accuracy=((40, 20),), accuracy_epochs=1, accuracy_model="tiny_cnn", min_call_s=0.0),
+    "quick": Preset("quick", ("vit_s", "effnet"), images=128, batch_size=32, epochs=30, rounds=3,
+                    e2e_real=("last", "linear"), memory_models=("vit_s", "effnet"), memory_peers=MEMORY_PEERS,
+                    memory_steps=2, sweep_k=8, sweep_rounds=3, accuracy=((1000, 500),), accuracy_epochs=10,
+                    accuracy_model="effnet"),
+    "full": Preset("full", ("vit_s", "effnet"), images=1000, batch_size=32, epochs=30, rounds=5,
+                   e2e_real=("last", "lst", "linear"), memory_models=("vit_s", "effnet"), memory_peers=MEMORY_PEERS,
+                   memory_steps=3, sweep_k=8, sweep_rounds=5, accuracy=((10000, 2000), (None, None)),
+                   accuracy_epochs=10, accuracy_model="effnet"),
+    "gpu": Preset("gpu", ("vit_b", "effnet"), images=1000, batch_size=32, epochs=30, rounds=5,
+                  e2e_real=("last", "lst", "linear"), memory_models=("vit_b", "effnet"),
+                  memory_peers=("featcache-last@gpu", "featcache-last@ram", "featcache-lst@gpu", "featcache-linear@gpu",
+                                "last-in-loop", "lora", "full-ft"),
+                  memory_steps=3, sweep_k=8, sweep_rounds=5, accuracy=((10000, 2000),), accuracy_epochs=10,
+                  accuracy_model="effnet", device="cuda", threads=None, min_call_s=0.5),
+}
+
+
+def model_stage(p: Preset, model: str, device: str, workdir: Path, first: bool) -> dict[str, Any]:
+    """Extraction, step comparison, memory, end to end (and limits + sweep on the first backbone)."""
+    import torch
+
+    from . import limits, memory, speed, sweeps
+    from .peers import PeerContext
+    from .workload import MODELS, build_store, data_specs
+
+    spec_train, _, note = data_specs()
+    say(f"[{model}] extracting {p.images} images of {note}")
+    store = build_store(MODELS[model], {"train": (spec_train, p.images)}, workdir / f"{model}.zarr",
+                        torch.device(device), p.batch_size)
+    say(f"[{model}] extraction: {store.seconds['train']:.1f}s, {store.nbytes / 2**20:.0f} MB of taps ({store.extraction})")
+    reader = "gpu" if device.startswith("cuda") else "ram"
+    ctx = PeerContext(model=model, batch_size=p.batch_size, device=device, store=str(store.path), data=spec_train,
+                      images=p.images, reader=reader)
+    step_peers = list(STEP_PEERS) + (["featcache-last@ram"] if reader == "gpu" else [])
+    say(f"[{model}] training steps, A B A B x {p.rounds}")
+    steps = speed.measure_steps(step_peers, ctx, p.rounds, p.min_call_s)
+    out: dict[str, Any] = {"model": model, "label": MODELS[model].label, "data": note, "store": store.to_dict(),
+                           "context": ctx.to_dict(), "steps": steps,
+                           "featcache_last_read_share": speed.reader_share(ctx, "last")}
+    if model in p.memory_models:
+        say(f"[{model}] memory, one subprocess per peer")
+        mem_ctx = replace(ctx, preload=False, reader_options={})
+        out["memory"] = {}
+        for name in p.memory_peers:
+            c = mem_ctx.to_dict()
+            if name.endswith("@stream"):
+                c["reader_options"] = {"buffer_mb": 64}
+            out["memory"][name] = memory.measure(name, c, p.memory_steps, p.threads)
+    say(f"[{model}] end to end: {p.epochs} epochs on {p.images} images")
+    out["end_to_end"] = speed.end_to_end(store, ctx, ["last", "lst", "linear"], p.epochs, steps, list(p.e2e_real))
+    if first:
+        say(f"[{model}] limits and sweep")
+        out["limits"] = {"matmul": limits.matmul_rate(torch.device(device)),
+                         "compute": {m: limits.compute_limit(ctx, m, p.rounds) for m in ("last", "lst")},
+                         "reader": {r: limits.reader_limit(replace(ctx, reader=r, reader_options=opts), "last")
+                                    for r, opts in ((reader, {}), ("stream", {"buffer_mb": 64}))}}
+        if device.startswith("cuda"):
+            out["limits"]["matmul_bf16"] = limits.matmul_rate(torch.device(device), torch.bfloat16)
+        out["sweep"] = sweeps.measure_sweep(ctx, p.sweep_k, p.sweep_rounds, p.targets["sweep_k8_vs_k1"])
+    shutil.rmtree(store.path, ignore_errors=True)
+    return out
+
+
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` plus the backbones (and, when ``new`` has none, the accuracy rows) that only ``old`` holds."""
+    out = dict(new)
+    out["models"] = {**old.get("models", {}), **new.get("models", {})}
+    if "accuracy" not in new and "accuracy" in old:
+        out["accuracy"] = old["accuracy"]
+    out["wall_s"] = old.get("wall_s", 0.0) + new["wall_s"]
+    out["merged_from"] = old.get("merged_from", [old.get("started")]) + [new.get("started")]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the preset's)")
+    ap.add_argument("--models", default=None, help="comma-separated model keys (default: the preset's)")
+    ap.add_argument("--skip", default="", help="comma-separated stages to skip: models, accuracy")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    ap.add_argument("--name", default=None, help="result name (default: <preset>-<device>)")
+    ap.add_argument("--workdir", type=Path, default=None, help="where stores are written (default: a temp dir)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the backbones and accuracy rows of an existing result file of the same name that this "
+                         "run does not redo (to split a long run into several commands)")
+    args = ap.parse_args(argv)
+    p = PRESETS[args.preset]
+    p = replace(p, device=args.device or p.device, threads=args.threads if args.threads is not None else p.threads,
+                models=tuple(args.models.split(",")) if args.models else p.models)
+    os.environ.setdefault("FEATCACHE_PROGRESS", "0")
+    device = setup_torch(p.device, p.threads if p.device == "cpu" else None)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="featcache-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {"preset": asdict(p), "device": describe_device(device), "machine": machine(device),
+                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "models": {}}
+    name = args.name or f"{p.name}-{device.type}"
+    try:
+        if "models" not in skip:
+            for i, model in enumerate(p.models):
+                result["models"][model] = model_stage(p, model, str(device), workdir, first=i == 0)
+        if "accuracy" not in skip:
+            from .accuracy import measure_accuracy
+
+            result["accuracy"] = [measure_accuracy(p.accuracy_model, tr, te, p.accuracy_epochs, p.batch_size,
+                                                   str(device), workdir) for tr, te in p.accuracy]
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    result["machine_after"] = machine(device)
+    result["wall_s"] = time.perf_counter() - t0
+    from .report import write_reports
+
+    path = args.out / f"{name}.json"
+    if args.merge and path.is_file():
+        result = merge(json.loads(path.read_text()), result)
+    write_json(path, result)
+    write_reports(args.out)
+    say(f"done in {result['wall_s'] / 60:.1f} min: {args.out / (name + '.json')}, {args.out / 'README.md'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
