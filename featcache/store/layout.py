@@ -12,15 +12,20 @@ A store is a Zarr v3 group (local path or fsspec URL such as ``memory://`` or ``
       labels                   (N,) int64, chunks (s,)
       ids                      (N,) string, chunks (s,)
       _complete                (num_shards,) uint8, one chunk per shard: 1 = the shard is written whole
+    _locks/<split>.lock        only while an extraction runs (or after a crash): the split's write lock,
+                               JSON {pid, host, ...}; not a Zarr node (see featcache.store.lock)
 
 Each shard of images [k*s, (k+1)*s) is written by exactly one writer, all taps, labels and ids,
 and only then is ``_complete[k]`` set: readers use completed shards only, and an interrupted
-extraction redoes exactly the shards whose record is 0.
+extraction redoes exactly the shards whose record is 0. On local paths the shard's files are
+fsync'ed before its completion record is written, so a record survives power loss only together
+with its data. Tap, labels, ids and ``_complete`` chunks all end in a crc32c checksum.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,7 @@ SPLIT_ATTR = "featcache_split"
 DTYPE_ATTR = "featcache_dtype"
 COMPLETE = "_complete"
 BACKBONE_GROUP = "_backbone"
+LOCKS_DIR = "_locks"  # lock files of running extractions; not part of the Zarr hierarchy
 RESERVED = ("labels", "ids", COMPLETE)
 TARGET_CHUNK_BYTES = 1 << 20  # ~1 MiB per chunk: a few images; decodes fast, reads in big runs
 TARGET_SHARD_BYTES = 128 << 20  # ~128 MiB of all taps per shard: the unit of writing and of resume
@@ -195,12 +201,30 @@ class SplitHandle:
             a = taps[name]
             if a.shape[0] != n:
                 raise StoreError(f"shard {shard}: tap {name} has {a.shape[0]} images, expected {n}")
-            self.group[name][start:stop] = a
-        self.group["labels"][start:stop] = np.asarray(labels, dtype=np.int64)
-        self.group["ids"][start:stop] = np.asarray(ids, dtype=str)
+            self._writable(name)[start:stop] = a
+        self._writable("labels")[start:stop] = np.asarray(labels, dtype=np.int64)
+        self._writable("ids")[start:stop] = np.asarray(ids, dtype=str)
+
+    def _writable(self, name: str) -> zarr.Array:
+        # every chunk is stored, even one equal to the fill value (e.g. labels -1 of unlabelled images):
+        # a completed shard always has its objects, so a missing one means lost data
+        return self.group[name].with_config({"write_empty_chunks": True})
 
     def set_complete(self, shard: int, done: bool = True) -> None:
         self.group[COMPLETE][shard] = 1 if done else 0
+
+    def array_names(self) -> list[str]:
+        """All arrays of the split: taps, then labels, ids and the completion records."""
+        return [*self.store.manifest.tap_names, "labels", "ids", COMPLETE]
+
+    def shard_keys(self, shard: int) -> dict[str, str]:
+        """{array name: store key (relative to the store root)} of every object that holds ``shard``."""
+        keys = {}
+        for name in self.array_names():
+            arr = self.group[name]
+            coords = (shard,) + (0,) * (arr.ndim - 1)
+            keys[name] = f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
+        return keys
 
 
 class FeatureStore:
@@ -233,11 +257,21 @@ class FeatureStore:
                storage_options: dict[str, Any] | None = None) -> "FeatureStore":
         """Create a new store root (refuses to write into a non-empty directory that is not a featcache store)."""
         url = str(url)
-        if not _is_url(url) and Path(url).is_dir() and any(Path(url).iterdir()):
-            if not (Path(url) / "zarr.json").exists():
+        if not _is_url(url) and Path(url).is_dir():
+            if (Path(url) / "zarr.json").exists():
+                raise StoreError(f"{url} already holds a Zarr store; open it instead of creating it")
+            if any(p.name != LOCKS_DIR for p in Path(url).iterdir()):
                 raise StoreError(f"{url} is a non-empty directory that is not a featcache store; choose another --out")
-        group = open_group(url, "w", storage_options)
+        elif not _is_url(url) and Path(url).exists():
+            raise StoreError(f"store path {url} is a file, not a Zarr store directory; choose another --out path")
         manifest.final_norm = final_norm is not None
+        try:  # never mode "w": that would delete the lock files of the extraction creating the store
+            group = zarr.create_group(url, zarr_format=3, overwrite=False, attributes=manifest.to_attrs(),
+                                      storage_options=storage_options if _is_url(url) else None)
+        except zarr.errors.ContainsGroupError:
+            raise StoreError(f"{url} already holds a Zarr store; open it instead of creating it") from None
+        except (zarr.errors.ContainsArrayError, ValueError, TypeError, OSError) as err:
+            raise StoreError(f"cannot create store {url} ({type(err).__name__}: {err})") from None
         if final_norm is not None:
             sub = group.create_group(BACKBONE_GROUP)
             for key in ("weight", "bias"):
@@ -245,11 +279,12 @@ class FeatureStore:
                 arr = sub.create_array(f"norm_{key}", shape=v.shape, dtype="float32", chunks=v.shape,
                                        compressors=[Crc32cCodec()], dimension_names=("channel",))
                 arr[:] = v
-        group.attrs.update(manifest.to_attrs())
         return cls(url, group, manifest, storage_options)
 
     def splits(self) -> list[str]:
-        return sorted(name for name, _ in self.group.groups() if not name.startswith("_"))
+        with warnings.catch_warnings():  # the _locks directory of a running extraction is not a Zarr node
+            warnings.filterwarnings("ignore", message=f"Object at {LOCKS_DIR} is not recognized")
+            return sorted(name for name, _ in self.group.groups() if not name.startswith("_"))
 
     def split(self, name: str) -> SplitHandle:
         if name not in self.splits():
@@ -289,8 +324,9 @@ class FeatureStore:
         group.create_array("labels", shape=(meta.num_samples,), dtype="int64", chunks=(meta.shard_images,),
                            compressors=compressor_codecs("zstd"), fill_value=-1, dimension_names=("image",))
         group.create_array("ids", shape=(meta.num_samples,), dtype=str, chunks=(meta.shard_images,),
-                           dimension_names=("image",))
+                           compressors=compressor_codecs("zstd"), dimension_names=("image",))
         group.create_array(COMPLETE, shape=(meta.num_shards,), dtype="uint8", chunks=(1,), fill_value=0,
                            compressors=[Crc32cCodec()], dimension_names=("shard",))
+        meta.compressor = compressor
         group.attrs[SPLIT_ATTR] = meta.to_attrs()
         return SplitHandle(self, name, group)
