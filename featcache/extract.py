@@ -46,8 +46,7 @@ from featcache.store.writer import ShardData, ShardWriter, SplitTotals, finalize
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 32
-# Measured on 2 CPU cores (docs/store.md, benchmarks/bench_extract.py): see runtime_settings()
-ZARR_WRITE_THREADS = 1
+# Measured on 2 CPU cores (docs/store.md, benchmarks/bench_extract.py settings): see runtime_settings()
 ZARR_CONCURRENCY = 4
 
 
@@ -167,14 +166,14 @@ def default_loader_workers() -> int:
 
 @contextlib.contextmanager
 def runtime_settings() -> Iterator[None]:
-    """zarr's thread pool and codec concurrency for writing next to torch (see docs/store.md).
+    """zarr's codec concurrency while extracting (see docs/store.md).
 
-    zarr compresses on its own thread pool (default: one thread per core plus four). On a few cores
-    those threads preempt torch's intra-op threads, and a torch parallel region waits for its
-    slowest thread; one compression thread keeps the writer's work serial and off torch's back.
-    The pool is created on zarr's first use in a process: set here before any zarr I/O it applies.
+    zarr encodes up to ``async.concurrency`` chunks at once on its thread pool; next to torch's
+    intra-op threads on a few cores more parallel compression only preempts the forward pass.
+    Scoped to the call (zarr reads the setting per operation); zarr's pool size itself is fixed at
+    its first use in a process and left alone.
     """
-    with zarr.config.set({"threading.max_workers": ZARR_WRITE_THREADS, "async.concurrency": ZARR_CONCURRENCY}):
+    with zarr.config.set({"async.concurrency": ZARR_CONCURRENCY}):
         yield
 
 
@@ -416,7 +415,7 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
                           f"{split.store.url} are complete, the shard in progress was discarded; run the same "
                           "featcache extract command with --resume to continue") from None
     except BaseException:
-        writer.abort()
+        writer.close(raise_error=False)  # shards computed before the error are whole: keep them
         pbar.close()
         raise
     writer.close()

@@ -8,7 +8,8 @@ A store is a Zarr v3 group (local path or fsspec URL such as ``memory://`` or ``
     <split>/                   attrs["featcache_split"]: SplitMeta
       <tap>                    (N, T, C) or, with views > 1, (N, V, T, C); chunks (c, [V,] T, C),
                                shards (s, [V,] T, C); codecs: bytes -> compressor -> crc32c;
-                               dimension_names ("image", ["view",] "token", "channel")
+                               dimension_names ("image", ["view",] "token", "channel"), where a
+                               size that differs between taps gets the tap's name ("stage2_token")
       labels                   (N,) int64, chunks (s,)
       ids                      (N,) string, chunks (s,)
       _complete                (num_shards,) uint8, one chunk per shard: 1 = the shard is written whole
@@ -36,6 +37,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from featcache.errors import StoreError
 
+from .lock import LOCKS_DIR
 from .manifest import Manifest, SplitMeta
 
 COMPRESSORS = ("lz4", "zstd", "none")
@@ -44,7 +46,6 @@ SPLIT_ATTR = "featcache_split"
 DTYPE_ATTR = "featcache_dtype"
 COMPLETE = "_complete"
 BACKBONE_GROUP = "_backbone"
-LOCKS_DIR = "_locks"  # lock files of running extractions; not part of the Zarr hierarchy
 RESERVED = ("labels", "ids", COMPLETE)
 TARGET_CHUNK_BYTES = 1 << 20  # ~1 MiB per chunk: a few images; decodes fast, reads in big runs
 TARGET_SHARD_BYTES = 128 << 20  # ~128 MiB of all taps per shard: the unit of writing and of resume
@@ -107,6 +108,14 @@ def choose_chunking(taps: list[Any], dtype: str, views: int, num_samples: int) -
     shard = max(chunk, min(shard, 4096, _pow2_ceil(num_samples)))
     chunk = min(chunk, shard)
     return chunk, shard
+
+
+def tap_dimension_names(taps: list[Any], tap: Any, views: int) -> tuple[str, ...]:
+    """``("image", ["view",] "token", "channel")``; a dimension whose size differs between taps (CNN stages)
+    is named per tap (``"stage2_token"``), so that xarray can open a split whose taps disagree in size."""
+    token = "token" if len({t.tokens for t in taps}) == 1 else f"{tap.name}_token"
+    channel = "channel" if len({t.channels for t in taps}) == 1 else f"{tap.name}_channel"
+    return ("image", *(("view",) if views > 1 else ()), token, channel)
 
 
 def _pow2_floor(n: int) -> int:
@@ -312,11 +321,11 @@ class FeatureStore:
         dtype = self.manifest.dtype
         codecs = compressor_codecs(compressor)
         lead = (meta.views,) if meta.views > 1 else ()
-        dims = ("image", "view", "token", "channel") if meta.views > 1 else ("image", "token", "channel")
         for tap in self.manifest.taps:
             if tap.name in RESERVED:
                 raise StoreError(f"tap name {tap.name!r} clashes with a reserved array name")
             tail = (*lead, tap.tokens, tap.channels)
+            dims = tap_dimension_names(self.manifest.taps, tap, meta.views)
             group.create_array(tap.name, shape=(meta.num_samples, *tail), dtype=storage_dtype(dtype),
                                chunks=(meta.chunk_images, *tail), shards=(meta.shard_images, *tail),
                                compressors=codecs, fill_value=0, dimension_names=dims,

@@ -31,9 +31,9 @@ from typing import Any
 from featcache import __version__
 from featcache.errors import StoreError, StoreLockedError
 
-from .layout import LOCKS_DIR
-
 log = logging.getLogger(__name__)
+
+LOCKS_DIR = "_locks"  # lock files of running extractions, inside the store; not a Zarr node
 
 
 @dataclass(frozen=True)

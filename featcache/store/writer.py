@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 
 EXTRACTION_ATTR = "featcache_extraction"
 # SplitMeta fields that define a split's content: a resumed extraction must plan exactly these
-RESUME_FIELDS = ("num_samples", "chunk_images", "shard_images", "views", "data", "view_transform", "seed", "limit",
-                 "batch_size", "compressor")
+# (the options a user sets come first, so that the message names the option to fix)
+RESUME_FIELDS = ("data", "limit", "views", "seed", "view_transform", "compressor", "batch_size", "chunk_images",
+                 "shard_images", "num_samples")
 
 
 # ---------------------------------------------------------------------------------------------
