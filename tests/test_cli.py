@@ -34,3 +34,12 @@ def test_console_script_runs() -> None:
     out = subprocess.run([sys.executable, "-c", "from featcache.cli import main; main()", "--version"],
                          capture_output=True, text=True, check=True)
     assert "featcache" in out.stdout
+
+
+def test_cli_reference_doc_is_current() -> None:
+    from pathlib import Path
+
+    from featcache.cli.reference import render_reference
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+    assert doc.read_text() == render_reference(), "docs/cli.md is stale: python -m featcache.cli.reference > docs/cli.md"
