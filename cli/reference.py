@@ -12,8 +12,9 @@ from .app import app
 WIDTH = 100
 
 
-def _help(command: click.Command, path: str) -> str:
-    ctx = click.Context(command, info_name=path, terminal_width=WIDTH, max_content_width=WIDTH)
+def _help(command: click.Command, name: str, parent: click.Context | None = None) -> str:
+    settings = {**app.context_settings, "terminal_width": WIDTH, "max_content_width": WIDTH}
+    ctx = click.Context(command, info_name=name, parent=parent, **settings)
     return command.get_help(ctx)
 
 
@@ -26,8 +27,9 @@ def render_reference() -> str:
              "errors, no traceback unless `FEATCACHE_DEBUG=1`); `--json` prints one JSON object on stdout and "
              "nothing else there; progress and logs go to stderr (`--quiet` silences them).", "",
              "```", _help(app, "featcache"), "```", ""]
+    root = click.Context(app, info_name="featcache")
     for name in sorted(app.commands):
-        parts += [f"## featcache {name}", "", "```", _help(app.commands[name], f"featcache {name}"), "```", ""]
+        parts += [f"## featcache {name}", "", "```", _help(app.commands[name], name, root), "```", ""]
     return "\n".join(parts)
 
 

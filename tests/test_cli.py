@@ -42,4 +42,7 @@ def test_cli_reference_doc_is_current() -> None:
     from featcache.cli.reference import render_reference
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
-    assert doc.read_text() == render_reference(), "docs/cli.md is stale: python -m featcache.cli.reference > docs/cli.md"
+    import difflib
+
+    diff = "\n".join(difflib.unified_diff(doc.read_text().splitlines(), render_reference().splitlines(), lineterm=""))
+    assert not diff, "docs/cli.md is stale: python -m featcache.cli.reference > docs/cli.md\n" + diff[:3000]
