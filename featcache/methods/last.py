@@ -65,7 +65,8 @@ class LASTConfig(MethodConfig):
               f"change rank or heads")
         check(self.gap >= 1, "gap", f"must be >= 1 (blocks between tapped outputs), got {self.gap}")
         check(self.depth >= 1, "depth", f"must be >= 1 (attention layers per side block), got {self.depth}")
-        check(self.width is None or self.width >= 1, "width", f"must be >= 1 or null (= the last tap's width), got {self.width}")
+        check(self.width is None or self.width >= 1, "width",
+              f"must be >= 1 or null (= the last tap's width), got {self.width}")
         check_choice(self.pool, "pool", POOLS)
         self.taps = normalize_taps(self.taps, "taps", ("auto",))
 
