@@ -6,7 +6,7 @@ installed). Every candidate setting is then trained from those taps with AdamW (
 64, same seed and batch order for all) and scored on a held-out stratified test subset. One factor is
 varied at a time around a base setting. Prints a markdown table and writes it (and JSON) to --out.
 
-    .venv/bin/python benchmarks/method_defaults.py --fresh          # the full sweep (~15 min on 2 cores)
+    .venv/bin/python benchmarks/method_defaults.py --fresh          # the full sweep (~12 min CPU time)
     .venv/bin/python benchmarks/method_defaults.py --only last      # one method
     .venv/bin/python benchmarks/method_defaults.py --extra --out benchmarks/results/method_defaults_extra
                                                                     # seed spread and learning-rate checks

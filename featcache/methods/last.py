@@ -49,10 +49,10 @@ class LASTConfig(MethodConfig):
     side block; pool "avg"|"cls"; width of the side network (None = the last tap's width); taps "auto"
     (every g-th block, see the module doc) or explicit tap names."""
 
-    rank: int = 32
+    rank: int = 32  # defaults: measured, see docs/methods.md
     heads: int = 4
     gap: int = 2
-    depth: int = 1
+    depth: int = 2
     pool: str = "avg"
     width: int | None = None
     taps: str | list[str] = "auto"
