@@ -143,6 +143,18 @@ def test_half_precision_taps_are_cast_when_not_autocasting(method: str, vit: Fix
     torch.testing.assert_close(out, net({k: v.half().float() for k, v in vit.taps.items()}))
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_bfloat16_taps_under_autocast(method: str, vit: Fixture) -> None:
+    """The trainer feeds bf16 batches under autocast (CUDA); CPU autocast exercises the same path."""
+    net = create(method, None, vit.info)
+    ref = net(vit.taps)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net({k: v.bfloat16() for k, v in vit.taps.items()})
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and net.head.weight.grad is not None
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=5e-2)
+
+
 def test_flops_are_counted_analytically_right(vit: Fixture) -> None:
     lin = create("linear", None, vit.info)
     assert lin.flops_per_sample() == 2 * 64 * 5  # one (64 -> 5) matmul
