@@ -146,15 +146,60 @@ def _evaluate(banks: list[MemberBank], reader: CacheReader) -> list[tuple[torch.
     return sums
 
 
+def _build_banks(members: list[SweepMember], mi: MethodInput, device: torch.device) -> tuple[list[MemberBank], list[MemberRecord]]:
+    """One bank per (method, architecture); records in member order point to their bank and slot."""
+    groups: dict[str, list[int]] = {}
+    for i, m in enumerate(members):
+        groups.setdefault(m.arch_key(), []).append(i)
+    banks = [MemberBank([members[i] for i in idx], mi, device) for idx in groups.values()]
+    records = [MemberRecord(members[i], b, s) for b, idx in enumerate(groups.values()) for s, i in enumerate(idx)]
+    records.sort(key=lambda r: members.index(r.member))
+    return banks, records
+
+
+def _train_epoch(epoch: int, banks: list[MemberBank], records: list[MemberRecord], reader: CacheReader,
+                 epochs: int, stats: dict[str, Any], pbar: Any) -> dict[str, dict[str, float]]:
+    """One pass over the cache feeding every bank the same batches; per-member train loss and accuracy."""
+    device = banks[0].device
+    sums = [(torch.zeros(len(b), device=device), torch.zeros(len(b), device=device)) for b in banks]
+    t0, seen = time.perf_counter(), 0
+    for step, batch in enumerate(reader.epoch(epoch)):
+        at = epoch + step / len(reader)
+        for i, ((loss_sum, correct_sum), bank) in enumerate(zip(sums, banks)):
+            tb = time.perf_counter()
+            loss, correct = bank.train_step(batch.taps, batch.labels, at, epochs, where=f"epoch {epoch + 1} step {step + 1}")
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            stats["bank_seconds"][i] += time.perf_counter() - tb
+            loss_sum += torch.nan_to_num(loss.detach(), nan=float("inf")) * len(batch)
+            correct_sum += correct
+        seen += len(batch)
+        pbar.update(1)
+        if step % 10 == 0:
+            pbar.set_postfix_str(_postfix(records), refresh=False)
+    stats["train_seconds"] += time.perf_counter() - t0
+    stats["train_samples"] += seen
+    return {r.member.name: {"train_loss": float(sums[r.bank][0][r.slot] / seen),
+                            "train_acc": float(sums[r.bank][1][r.slot] / seen)} for r in records}
+
+
+def _eval_epoch(banks: list[MemberBank], records: list[MemberRecord], readers: dict[str, CacheReader],
+                rows: dict[str, dict[str, float]]) -> None:
+    """Add ``<split>_acc`` and ``<split>_loss`` of every member to ``rows``."""
+    for name, rd in readers.items():
+        res = _evaluate(banks, rd)
+        for r in records:
+            rows[r.member.name][f"{name}_acc"] = float(res[r.bank][1][r.slot] / rd.num_samples)
+            rows[r.member.name][f"{name}_loss"] = float(res[r.bank][0][r.slot] / rd.num_samples)
+
+
 def train(store: str | FeatureStore, method: str, out: str | os.PathLike[str], settings: dict[str, Any] | None = None,
           grid: dict[str, list[Any]] | None = None, split: str = "train", eval_split: str | None = None,
           reader: str = "auto", device: str | torch.device = "cpu", resume: bool = False, overwrite: bool = False,
           progress: bool = True, backbone_state: Callable[[], dict] | None = None,
           storage_options: dict[str, Any] | None = None, members: list[SweepMember] | None = None) -> dict[str, Any]:
     """Train every member of the sweep from the cache; returns the summary (also RUNDIR/summary.json)."""
-    t_start = time.perf_counter()
-    rss_base = rss_mb()
-    device = torch.device(device)
+    t_start, rss_base, device = time.perf_counter(), rss_mb(), torch.device(device)
     fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store, "r", storage_options)
     members = members or expand(method, settings, grid)
     out = Path(out)
@@ -162,64 +207,43 @@ def train(store: str | FeatureStore, method: str, out: str | os.PathLike[str], s
     eval_names = _eval_splits(fs, split, eval_split)
     mi = _method_input(fs, train_split, backbone_state)
     state = _prepare_rundir(out, members, resume, overwrite)
-
-    groups: dict[str, list[int]] = {}
-    for i, m in enumerate(members):
-        groups.setdefault(m.arch_key(), []).append(i)
-    banks = [MemberBank([members[i] for i in idx], mi, device) for idx in groups.values()]
+    banks, records = _build_banks(members, mi, device)
     mi.backbone_state = None  # LST's pruned init is done: free the backbone weights
-    records = [MemberRecord(members[i], b, s) for b, idx in enumerate(groups.values()) for s, i in enumerate(idx)]
-    records.sort(key=lambda r: members.index(r.member))
     needed = sorted({t for b in banks for t in b.required_taps}, key=fs.manifest.tap_names.index)
-
     cfg = members[0].train
     train_reader = open_reader(train_split, needed, reader, cfg.batch_size, shuffle=True, seed=cfg.seed, device=device)
     eval_readers = {n: open_reader(fs.split(n), needed, reader, max(cfg.batch_size, 256), shuffle=False, device=device)
                     for n in eval_names}
-    first_epoch, stats = 0, {"train_seconds": 0.0, "train_samples": 0}
+    first_epoch, stats = 0, {"train_seconds": 0.0, "train_samples": 0, "bank_seconds": [0.0] * len(banks)}
     if state is not None:
         _load_state(out, state, banks, records)
         first_epoch, stats = state["epoch"] + 1, state["stats"]
         say(f"resuming {out} after epoch {state['epoch'] + 1}", quiet=not progress)
     store_record = {"url": fs.url, "split": split, "manifest": fs.manifest.to_attrs()}
-    configs = [member_config(r.member.name, r.member.method, r.member.method_config, r.member.train.to_dict(), mi,
-                             store_record, train_split.meta.classes) for r in records]
+    # the bank's resolved config ("auto" widths, heads, ... filled in), so that checkpoints rebuild exactly
+    configs = [member_config(r.member.name, r.member.method, banks[r.bank].template.config.to_dict(),
+                             r.member.train.to_dict(), mi, store_record, train_split.meta.classes) for r in records]
     select = eval_names[0] if eval_names else split
-    total = cfg.epochs * len(train_reader)
     say(f"training {len(members)} member(s) in {len(banks)} bank(s) on {train_reader.num_samples} samples "
         f"({', '.join(needed)}), reader {train_reader.mode}: {train_reader.choice.reason}", quiet=not progress)
-    pbar = bar(total, "train", unit="step", progress=progress, initial=first_epoch * len(train_reader))
-    for epoch in range(first_epoch, cfg.epochs):
-        torch.manual_seed(cfg.seed * 1000 + epoch)
-        sums = [(torch.zeros(len(b), device=device), torch.zeros(len(b), device=device)) for b in banks]
-        t0, seen = time.perf_counter(), 0
-        for step, batch in enumerate(train_reader.epoch(epoch)):
-            progress_epochs = epoch + step / len(train_reader)
-            for (loss_sum, correct_sum), bank in zip(sums, banks):
-                loss, correct = bank.train_step(batch.taps, batch.labels, progress_epochs, cfg.epochs,
-                                                where=f"epoch {epoch + 1} step {step + 1}")
-                loss_sum += torch.nan_to_num(loss.detach(), nan=float("inf")) * len(batch)
-                correct_sum += correct
-            seen += len(batch)
-            pbar.update(1)
-            if step % 10 == 0:
-                pbar.set_postfix_str(_postfix(records), refresh=False)
-        stats["train_seconds"] += time.perf_counter() - t0
-        stats["train_samples"] += seen
-        row_base = {r.member.name: {"train_loss": float(sums[r.bank][0][r.slot] / seen),
-                                    "train_acc": float(sums[r.bank][1][r.slot] / seen)} for r in records}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            for name, rd in eval_readers.items():
-                res = _evaluate(banks, rd)
-                for r in records:
-                    row_base[r.member.name][f"{name}_acc"] = float(res[r.bank][1][r.slot] / rd.num_samples)
-                    row_base[r.member.name][f"{name}_loss"] = float(res[r.bank][0][r.slot] / rd.num_samples)
-        _record_epoch(out, epoch, banks, records, row_base, configs, select)
-        _save_state(out, epoch, banks, records, stats)
-        _write_metrics(out, records)
-        pbar.set_postfix_str(_postfix(records), refresh=True)
-    pbar.close()
+    with bar(cfg.epochs * len(train_reader), "train", unit="step", progress=progress,
+             initial=first_epoch * len(train_reader)) as pbar:
+        for epoch in range(first_epoch, cfg.epochs):
+            torch.manual_seed(cfg.seed * 1000 + epoch)  # any randomness inside side networks: fixed per epoch
+            rows = _train_epoch(epoch, banks, records, train_reader, cfg.epochs, stats, pbar)
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                _eval_epoch(banks, records, eval_readers, rows)
+            _record_epoch(out, epoch, banks, records, rows, configs, select)
+            _save_state(out, epoch, banks, records, stats)
+            _write_metrics(out, records)
+            pbar.set_postfix_str(_postfix(records), refresh=True)
     summary = _summary(out, records, banks, stats, select, t_start, rss_base, train_reader, device)
+    _finish(out, summary, records, select, progress)
+    return summary
+
+
+def _finish(out: Path, summary: dict[str, Any], records: list[MemberRecord], select: str, progress: bool) -> None:
+    """summary.json, curves.png and the closing line."""
     write_json(out / "summary.json", summary)
     try:
         from featcache.plots import plot_curves
@@ -228,10 +252,9 @@ def train(store: str | FeatureStore, method: str, out: str | os.PathLike[str], s
     except Exception as err:  # a plot must never fail a finished run
         log.warning(f"could not draw curves.png: {err}")
     best = summary["best"]
-    say(f"trained {len(members)} member(s) x {cfg.epochs} epochs in {summary['wall_seconds']:.1f}s "
-        f"({summary['samples_per_second']:.0f} samples/s per member-bank pass); best {best['name']} "
+    say(f"trained {summary['num_members']} member(s) in {summary['wall_seconds']:.1f}s "
+        f"({summary['samples_per_second']:.0f} samples/s); best {best['name']} "
         f"{select}_acc={best.get(f'{select}_acc', float('nan')):.4f} -> {out}", quiet=not progress)
-    return summary
 
 
 def _postfix(records: list[MemberRecord]) -> str:
@@ -286,6 +309,7 @@ def _summary(out: Path, records: list[MemberRecord], banks: list[MemberBank], st
             "metrics": {k: v for k, v in last.items() if k not in ("epoch", "status")},
             "best": r.best, "status": last.get("status", "ok"), "diverged_at": bank.diverged_at[r.slot],
             "params": bank.param_count(), "checkpoint": str(out / "members" / r.member.name),
+            "train_seconds": stats["bank_seconds"][r.bank], "bank_size": len(bank),
         })
     alive = [m for m in members if m["status"] == "ok" and m["best"] is not None]
     if not alive:

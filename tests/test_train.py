@@ -242,3 +242,14 @@ def test_cli_train_json_and_errors(vit_store, tmp_path) -> None:
         r = CliRunner().invoke(app, ["train", str(path), "--out", str(tmp_path / "bad"), *args])
         assert r.exit_code == code, (args, r.output)
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: ") and __import__("re").search(msg, r.stderr), r.stderr
+
+
+def test_lst_pruned_init_checkpoint_rebuilds(vit_store, tmp_path, vit) -> None:
+    path, test_taps, _, _ = vit_store
+    state = vit.model.state_dict()
+    train(str(path), "lst", tmp_path / "prune", {"epochs": 1, "init": "prune"}, progress=False,
+          backbone_state=lambda: state)
+    ckpt = load_checkpoint(tmp_path / "prune")
+    assert ckpt.config["method_config"]["init"] == "prune" and ckpt.config["method_config"]["mlp_ratio"] is not None
+    with torch.no_grad():
+        assert ckpt.network(test_taps).shape == (48, 3)

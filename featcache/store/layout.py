@@ -8,19 +8,25 @@ A store is a Zarr v3 group (local path or fsspec URL such as ``memory://`` or ``
     <split>/                   attrs["featcache_split"]: SplitMeta
       <tap>                    (N, T, C) or, with views > 1, (N, V, T, C); chunks (c, [V,] T, C),
                                shards (s, [V,] T, C); codecs: bytes -> compressor -> crc32c;
-                               dimension_names ("image", ["view",] "token", "channel")
+                               dimension_names ("image", ["view",] "token", "channel"), where a
+                               size that differs between taps gets the tap's name ("stage2_token")
       labels                   (N,) int64, chunks (s,)
       ids                      (N,) string, chunks (s,)
       _complete                (num_shards,) uint8, one chunk per shard: 1 = the shard is written whole
+    _locks/<split>.lock        only while an extraction runs (or after a crash): the split's write lock,
+                               JSON {pid, host, ...}; not a Zarr node (see featcache.store.lock)
 
 Each shard of images [k*s, (k+1)*s) is written by exactly one writer, all taps, labels and ids,
 and only then is ``_complete[k]`` set: readers use completed shards only, and an interrupted
-extraction redoes exactly the shards whose record is 0.
+extraction redoes exactly the shards whose record is 0. On local paths the shard's files are
+fsync'ed before its completion record is written, so a record survives power loss only together
+with its data. Tap, labels, ids and ``_complete`` chunks all end in a crc32c checksum.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from featcache.errors import StoreError
 
+from .lock import LOCKS_DIR
 from .manifest import Manifest, SplitMeta
 
 COMPRESSORS = ("lz4", "zstd", "none")
@@ -101,6 +108,14 @@ def choose_chunking(taps: list[Any], dtype: str, views: int, num_samples: int) -
     shard = max(chunk, min(shard, 4096, _pow2_ceil(num_samples)))
     chunk = min(chunk, shard)
     return chunk, shard
+
+
+def tap_dimension_names(taps: list[Any], tap: Any, views: int) -> tuple[str, ...]:
+    """``("image", ["view",] "token", "channel")``; a dimension whose size differs between taps (CNN stages)
+    is named per tap (``"stage2_token"``), so that xarray can open a split whose taps disagree in size."""
+    token = "token" if len({t.tokens for t in taps}) == 1 else f"{tap.name}_token"
+    channel = "channel" if len({t.channels for t in taps}) == 1 else f"{tap.name}_channel"
+    return ("image", *(("view",) if views > 1 else ()), token, channel)
 
 
 def _pow2_floor(n: int) -> int:
@@ -195,12 +210,30 @@ class SplitHandle:
             a = taps[name]
             if a.shape[0] != n:
                 raise StoreError(f"shard {shard}: tap {name} has {a.shape[0]} images, expected {n}")
-            self.group[name][start:stop] = a
-        self.group["labels"][start:stop] = np.asarray(labels, dtype=np.int64)
-        self.group["ids"][start:stop] = np.asarray(ids, dtype=str)
+            self._writable(name)[start:stop] = a
+        self._writable("labels")[start:stop] = np.asarray(labels, dtype=np.int64)
+        self._writable("ids")[start:stop] = np.asarray(ids, dtype=str)
+
+    def _writable(self, name: str) -> zarr.Array:
+        # every chunk is stored, even one equal to the fill value (e.g. labels -1 of unlabelled images):
+        # a completed shard always has its objects, so a missing one means lost data
+        return self.group[name].with_config({"write_empty_chunks": True})
 
     def set_complete(self, shard: int, done: bool = True) -> None:
         self.group[COMPLETE][shard] = 1 if done else 0
+
+    def array_names(self) -> list[str]:
+        """All arrays of the split: taps, then labels, ids and the completion records."""
+        return [*self.store.manifest.tap_names, "labels", "ids", COMPLETE]
+
+    def shard_keys(self, shard: int) -> dict[str, str]:
+        """{array name: store key (relative to the store root)} of every object that holds ``shard``."""
+        keys = {}
+        for name in self.array_names():
+            arr = self.group[name]
+            coords = (shard,) + (0,) * (arr.ndim - 1)
+            keys[name] = f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
+        return keys
 
 
 class FeatureStore:
@@ -233,11 +266,21 @@ class FeatureStore:
                storage_options: dict[str, Any] | None = None) -> "FeatureStore":
         """Create a new store root (refuses to write into a non-empty directory that is not a featcache store)."""
         url = str(url)
-        if not _is_url(url) and Path(url).is_dir() and any(Path(url).iterdir()):
-            if not (Path(url) / "zarr.json").exists():
+        if not _is_url(url) and Path(url).is_dir():
+            if (Path(url) / "zarr.json").exists():
+                raise StoreError(f"{url} already holds a Zarr store; open it instead of creating it")
+            if any(p.name != LOCKS_DIR for p in Path(url).iterdir()):
                 raise StoreError(f"{url} is a non-empty directory that is not a featcache store; choose another --out")
-        group = open_group(url, "w", storage_options)
+        elif not _is_url(url) and Path(url).exists():
+            raise StoreError(f"store path {url} is a file, not a Zarr store directory; choose another --out path")
         manifest.final_norm = final_norm is not None
+        try:  # never mode "w": that would delete the lock files of the extraction creating the store
+            group = zarr.create_group(url, zarr_format=3, overwrite=False, attributes=manifest.to_attrs(),
+                                      storage_options=storage_options if _is_url(url) else None)
+        except zarr.errors.ContainsGroupError:
+            raise StoreError(f"{url} already holds a Zarr store; open it instead of creating it") from None
+        except (zarr.errors.ContainsArrayError, ValueError, TypeError, OSError) as err:
+            raise StoreError(f"cannot create store {url} ({type(err).__name__}: {err})") from None
         if final_norm is not None:
             sub = group.create_group(BACKBONE_GROUP)
             for key in ("weight", "bias"):
@@ -245,11 +288,12 @@ class FeatureStore:
                 arr = sub.create_array(f"norm_{key}", shape=v.shape, dtype="float32", chunks=v.shape,
                                        compressors=[Crc32cCodec()], dimension_names=("channel",))
                 arr[:] = v
-        group.attrs.update(manifest.to_attrs())
         return cls(url, group, manifest, storage_options)
 
     def splits(self) -> list[str]:
-        return sorted(name for name, _ in self.group.groups() if not name.startswith("_"))
+        with warnings.catch_warnings():  # the _locks directory of a running extraction is not a Zarr node
+            warnings.filterwarnings("ignore", message=f"Object at {LOCKS_DIR} is not recognized")
+            return sorted(name for name, _ in self.group.groups() if not name.startswith("_"))
 
     def split(self, name: str) -> SplitHandle:
         if name not in self.splits():
@@ -277,11 +321,11 @@ class FeatureStore:
         dtype = self.manifest.dtype
         codecs = compressor_codecs(compressor)
         lead = (meta.views,) if meta.views > 1 else ()
-        dims = ("image", "view", "token", "channel") if meta.views > 1 else ("image", "token", "channel")
         for tap in self.manifest.taps:
             if tap.name in RESERVED:
                 raise StoreError(f"tap name {tap.name!r} clashes with a reserved array name")
             tail = (*lead, tap.tokens, tap.channels)
+            dims = tap_dimension_names(self.manifest.taps, tap, meta.views)
             group.create_array(tap.name, shape=(meta.num_samples, *tail), dtype=storage_dtype(dtype),
                                chunks=(meta.chunk_images, *tail), shards=(meta.shard_images, *tail),
                                compressors=codecs, fill_value=0, dimension_names=dims,
@@ -289,8 +333,9 @@ class FeatureStore:
         group.create_array("labels", shape=(meta.num_samples,), dtype="int64", chunks=(meta.shard_images,),
                            compressors=compressor_codecs("zstd"), fill_value=-1, dimension_names=("image",))
         group.create_array("ids", shape=(meta.num_samples,), dtype=str, chunks=(meta.shard_images,),
-                           dimension_names=("image",))
+                           compressors=compressor_codecs("zstd"), dimension_names=("image",))
         group.create_array(COMPLETE, shape=(meta.num_shards,), dtype="uint8", chunks=(1,), fill_value=0,
                            compressors=[Crc32cCodec()], dimension_names=("shard",))
+        meta.compressor = compressor
         group.attrs[SPLIT_ATTR] = meta.to_attrs()
         return SplitHandle(self, name, group)

@@ -7,12 +7,15 @@ Root attributes of a store (a Zarr v3 group):
   backbone           Backbone.describe(): spec (timm name, model kwargs, weights source, image size,
                      cnn grid, seed), weights (source, path, file_sha256, state_sha256), data_config,
                      pretrained_cfg, timm version, all taps the backbone offers
-  transform          the eval transform (repr) and its data config
+  transform          {"eval", "train"}: the eval and training transforms (repr), and their data config
   taps               the stored taps: list of TapInfo dicts
   dtype              "float16" | "bfloat16" | "float32" (bfloat16 is stored as uint16)
-  compressor         {"name", "configuration"} of the chunk compressor ("none" = no compression)
+  compressor         {"name", "configuration"} of the first split's chunk compressor ("none" = no
+                     compression); every split records its own in SplitMeta.compressor
   final_norm         true when the group ``_backbone`` holds the ViT's final LayerNorm
-Split group attributes: ``featcache_split`` = SplitMeta.
+  environment        versions of python, torch, timm, zarr and numpy that wrote the store
+Split group attributes: ``featcache_split`` = SplitMeta; ``featcache_extraction`` = {finished,
+featcache_version, nbytes, stored_bytes, seconds} once every shard is complete.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Manifest:
     compressor: dict[str, Any] = field(default_factory=lambda: {"name": "none", "configuration": {}})
     transform: dict[str, Any] = field(default_factory=dict)
     final_norm: bool = False
+    environment: dict[str, Any] = field(default_factory=dict)  # python, torch, timm, zarr, numpy versions
     featcache_format: int = FORMAT_VERSION
     featcache_version: str = __version__
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -132,6 +136,9 @@ class SplitMeta:
     data: str = ""  # the --data SPEC
     view_transform: str = "eval"  # "eval" (1 view) or "train" (augmented views)
     seed: int = 0  # augmentation seed when views > 1
+    limit: int | None = None  # --limit: the split is stratified_subset(labels, limit, seed=0) of the data
+    batch_size: int = 0  # backbone inputs per forward pass (0 = unknown); resume reuses it for bitwise equality
+    compressor: str = ""  # chunk compressor of this split's tap arrays (COMPRESSORS name)
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:

@@ -1,0 +1,63 @@
+"""``featcache extract``: one backbone pass over a data set into a split of a feature store."""
+
+from __future__ import annotations
+
+import os
+
+# OpenMP threads that spin while waiting starve the DataLoader worker and the shard writer on a few
+# shared cores: measured 2x slower EfficientNet-Lite0 forwards on 2 busy cores (docs/store.md).
+# libgomp reads this when torch loads, so it is set before the first torch import (cli.app imports
+# the command modules, this one first, before anything imports torch). An explicit value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import click  # noqa: E402
+
+from featcache.backbone import WEIGHT_CHOICES_HELP, BackboneSpec, parse_layers  # noqa: E402
+from featcache.extract import DEFAULT_BATCH_SIZE, ExtractOptions, extract  # noqa: E402
+from featcache.keyvalue import parse_assignments  # noqa: E402
+from featcache.progress import say  # noqa: E402
+from featcache.store.layout import COMPRESSORS, DEFAULT_COMPRESSOR  # noqa: E402
+from featcache.store.manifest import DTYPES  # noqa: E402
+
+
+@click.command("extract")
+@click.option("--model", required=True, help="timm model name, e.g. vit_small_patch16_224.")
+@click.option("--model-kwargs", "model_kwargs", multiple=True, metavar="KEY=VALUE",
+              help="Keyword argument for timm.create_model (repeatable), e.g. img_size=224.")
+@click.option("--weights", default="hub", show_default=True, help=f"Weights: {WEIGHT_CHOICES_HELP}.")
+@click.option("--data", required=True, metavar="SPEC",
+              help="Images: an ImageFolder DIR, sklearn:digits, idx:DIR[:test], torchvision:NAME[:ROOT].")
+@click.option("--out", required=True, metavar="STORE", help="Store path or fsspec URL (created if missing).")
+@click.option("--split", default="train", show_default=True, help="Split name inside the store.")
+@click.option("--layers", default="all", show_default=True, metavar="all|N,M,..", help="Tap positions to store.")
+@click.option("--batch-size", type=int, default=None,
+              help=f"Backbone inputs per forward pass (images x views) [default: {DEFAULT_BATCH_SIZE}, or the "
+                   "split's recorded one with --resume].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True, help="Cache dtype.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted extraction of this split.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing split of the same name.")
+@click.option("--compressor", type=click.Choice(COMPRESSORS), default=None,
+              help=f"Chunk compressor [default: {DEFAULT_COMPRESSOR}, or the split's recorded one with --resume].")
+@click.option("--views", type=int, default=1, show_default=True,
+              help="Augmented views per image (training transform, deterministic per image); 1 = eval transform.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Augmentation seed for --views > 1.")
+@click.option("--image-size", type=int, default=None, help="Square input size (overrides the model's).")
+@click.option("--limit", type=int, default=None, help="Use a fixed stratified subset of N images.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no summary line.")
+def command(model: str, model_kwargs: tuple[str, ...], weights: str, data: str, out: str, split: str, layers: str,
+            batch_size: int | None, device: str, dtype: str, resume: bool, overwrite: bool, compressor: str | None,
+            views: int, seed: int, image_size: int | None, limit: int | None, quiet: bool) -> None:
+    """Run a frozen timm backbone once over --data and store every tapped activation in --out.
+
+    \b
+    Writes all selected taps, labels and ids of split --split, shard by shard; an interrupted run
+    continues with --resume and gives the same arrays as an uninterrupted one.
+    """
+    spec = BackboneSpec(model=model, model_kwargs=parse_assignments(model_kwargs, "--model-kwargs"), weights=weights,
+                        image_size=image_size)
+    options = ExtractOptions(split=split, layers=parse_layers(layers), batch_size=batch_size, device=device,
+                             dtype=dtype, compressor=compressor, views=views, seed=seed, limit=limit, resume=resume,
+                             overwrite=overwrite, progress=not quiet)
+    report = extract(spec, data, out, options)
+    say(report.summary_line(), quiet)

@@ -1,0 +1,31 @@
+"""``featcache inspect``: describe a feature store; ``--verify`` reads and checks every chunk."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from featcache.store.summary import describe_store, format_summary
+
+
+@click.command("inspect")
+@click.argument("store", metavar="STORE")
+@click.option("--verify", is_flag=True, help="Read every chunk: checksums, shapes, completion records, labels.")
+@click.option("--stats", is_flag=True, help="Per-tap mean, std, min, max, NaN/Inf counts (reads all data).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout and nothing else there.")
+@click.option("--split", default=None, help="Only this split.")
+def command(store: str, verify: bool, stats: bool, as_json: bool, split: str | None) -> None:
+    """Describe STORE: backbone, splits, taps (shapes, chunks, codecs, sizes), labels.
+
+    Exit code 1 when --verify finds a problem; each problem names its array and chunk.
+    """
+    d = describe_store(store, split=split, stats=stats, verify=verify)
+    if as_json:
+        click.echo(json.dumps(d, indent=2, default=str))
+    else:
+        click.echo(format_summary(d))
+    if d["verify"] is not None and not d["verify"]["ok"]:
+        sys.stdout.flush()
+        raise click.exceptions.Exit(1)

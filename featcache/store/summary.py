@@ -1,0 +1,232 @@
+"""``describe_store``: what a store holds, as one JSON-ready dict, and its human rendering.
+
+The dict is what ``featcache inspect --json`` prints: ``{"featcache_format", "featcache_version",
+"store", "backbone", "dtype", "splits": {NAME: {"num_samples", "complete", "taps": {...}, ...}},
+"verify"}``. ``tap_stats`` streams a tap shard by shard (bounded memory: one shard of one tap).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .layout import FeatureStore, SplitHandle, storage_dtype
+from .verify import VerifyReport, verify_store
+from .writer import EXTRACTION_ATTR
+
+
+@dataclass
+class RunningStats:
+    """Mean, std, min, max and NaN/Inf counts of a stream of arrays (Chan's parallel variance update)."""
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+    min: float = math.inf
+    max: float = -math.inf
+    nan: int = 0
+    inf: int = 0
+
+    def update(self, values: np.ndarray) -> None:
+        x = np.asarray(values, dtype=np.float32).reshape(-1)
+        finite = np.isfinite(x)
+        if not finite.all():
+            self.nan += int(np.isnan(x).sum())
+            self.inf += int(np.isinf(x).sum())
+            x = x[finite]
+        if x.size == 0:
+            return
+        n, mean = x.size, float(x.mean(dtype=np.float64))
+        m2 = float(np.square(x - mean, dtype=np.float64).sum())
+        total = self.count + n
+        delta = mean - self.mean
+        self.m2 += m2 + delta * delta * self.count * n / total
+        self.mean += delta * n / total
+        self.count = total
+        self.min, self.max = min(self.min, float(x.min())), max(self.max, float(x.max()))
+
+    def to_dict(self) -> dict[str, Any]:
+        finite = self.count > 0
+        return {"count": self.count, "mean": self.mean if finite else None,
+                "std": math.sqrt(self.m2 / self.count) if finite else None,
+                "min": self.min if finite else None, "max": self.max if finite else None,
+                "nan": self.nan, "inf": self.inf}
+
+
+def tap_stats(split: SplitHandle, name: str) -> dict[str, Any]:
+    """Statistics of one tap over the split's completed shards, read one shard at a time."""
+    arr, stats = split.tap(name), RunningStats()
+    for k in np.flatnonzero(split.completed_shards()):
+        start, stop = split.meta.shard_bounds(int(k))
+        stats.update(split.decode(arr[start:stop]).float().numpy())
+    return stats.to_dict()
+
+
+def _codec_names(arr: zarr.Array) -> list[str]:
+    """Codec chain of the inner chunks, e.g. ["bytes", "blosc(lz4, shuffle)", "crc32c"]."""
+    codecs = list(arr.metadata.codecs)
+    if codecs and codecs[0].to_dict()["name"] == "sharding_indexed":
+        codecs = list(codecs[0].codecs)
+    out = []
+    for c in codecs:
+        d = c.to_dict()
+        conf = d.get("configuration", {}) or {}
+        if d["name"] == "blosc":
+            out.append(f"blosc({conf.get('cname')}, {conf.get('shuffle')})")
+        elif d["name"] == "zstd":
+            out.append(f"zstd({conf.get('level')})")
+        else:
+            out.append(d["name"])
+    return out
+
+
+def describe_tap(split: SplitHandle, name: str, completed_images: int, stats: bool = False) -> dict[str, Any]:
+    arr = split.tap(name)
+    info = split.store.manifest.tap(name)
+    per_image = arr.nbytes // max(1, arr.shape[0])
+    nbytes, stored = per_image * completed_images, int(arr.nbytes_stored())
+    d: dict[str, Any] = {
+        "shape": list(arr.shape), "dtype": split.store.manifest.dtype, "storage_dtype": str(arr.dtype),
+        "chunks": list(arr.chunks), "shards": list(arr.shards or arr.chunks), "codecs": _codec_names(arr),
+        "dimension_names": list(arr.metadata.dimension_names or ()),
+        "nbytes": nbytes, "stored_bytes": stored, "compression_ratio": nbytes / stored if stored else None,
+        "position": info.position, "block": info.block, "tokens": info.tokens, "prefix_tokens": info.prefix_tokens,
+        "channels": info.channels, "grid": list(info.grid), "pooling": info.pooling,
+    }
+    if stats:
+        d["stats"] = tap_stats(split, name)
+    return d
+
+
+def describe_split(split: SplitHandle, stats: bool = False) -> dict[str, Any]:
+    meta = split.meta
+    done = split.completed_shards()
+    completed = split.completed_indices()
+    labels = split.labels()[completed]
+    counts = np.bincount(labels[labels >= 0], minlength=meta.num_classes) if len(labels) else np.zeros(0, int)
+    names = meta.classes or [str(c) for c in range(len(counts))]
+    taps = {name: describe_tap(split, name, len(completed), stats) for name in split.store.manifest.tap_names}
+    nbytes = sum(t["nbytes"] for t in taps.values())
+    stored = sum(t["stored_bytes"] for t in taps.values())
+    return {
+        "num_samples": meta.num_samples, "complete": bool(done.all()), "completed_samples": int(len(completed)),
+        "num_shards": meta.num_shards, "completed_shards": int(done.sum()), "views": meta.views,
+        "view_transform": meta.view_transform, "chunk_images": meta.chunk_images, "shard_images": meta.shard_images,
+        "data": meta.data, "limit": meta.limit, "seed": meta.seed, "batch_size": meta.batch_size,
+        "compressor": meta.compressor, "classes": meta.classes,
+        "label_counts": {names[i] if i < len(names) else str(i): int(c) for i, c in enumerate(counts)},
+        "unlabelled": int((labels < 0).sum()),
+        "nbytes": nbytes, "stored_bytes": stored, "compression_ratio": nbytes / stored if stored else None,
+        "extraction": split.group.attrs.asdict().get(EXTRACTION_ATTR), "taps": taps,
+    }
+
+
+def describe_store(url: str, split: str | None = None, stats: bool = False, verify: bool = False,
+                   storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``inspect --json`` object: manifest essentials, splits with taps, optional stats and verify."""
+    store = FeatureStore.open(url, "r", storage_options)
+    m = store.manifest
+    bb = m.backbone
+    names = [store.split(split).name] if split is not None else store.splits()
+    spec = bb.get("spec", {})
+    report: VerifyReport | None = verify_store(url, split, storage_options) if verify else None
+    return {
+        "featcache_format": m.featcache_format, "featcache_version": m.featcache_version, "store": str(url),
+        "created": m.created,
+        "backbone": {"model": spec.get("model"), "model_kwargs": spec.get("model_kwargs"), "kind": bb.get("kind"),
+                     "weights": bb.get("weights"), "input_size": bb.get("data_config", {}).get("input_size"),
+                     "timm_version": bb.get("timm_version"), "num_taps_available": len(bb.get("taps", []))},
+        "dtype": m.dtype, "storage_dtype": storage_dtype(m.dtype), "compressor": m.compressor,
+        "taps": m.tap_names, "final_norm": m.final_norm, "environment": m.environment,
+        "splits": {name: describe_split(store.split(name), stats) for name in names},
+        "verify": report.to_dict() if report is not None else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Human rendering
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return "-"
+
+
+def _shape(v: list[int]) -> str:
+    return "(" + ", ".join(map(str, v)) + ")"
+
+
+def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def format_summary(d: dict[str, Any]) -> str:
+    """The human summary of ``describe_store``'s dict (``featcache inspect`` without ``--json``)."""
+    bb = d["backbone"]
+    w = bb.get("weights") or {}
+    sha = (w.get("file_sha256") or w.get("state_sha256") or "")[:12]
+    lines = [f"store     {d['store']}  (featcache format {d['featcache_format']}, written by featcache "
+             f"{d['featcache_version']}, {d['created']})",
+             f"backbone  {bb['model']} ({bb['kind']}), weights {w.get('source')} (sha256 {sha}...), input "
+             f"{'x'.join(map(str, bb['input_size'] or []))}, timm {bb['timm_version']}",
+             f"cache     {d['dtype']}" + (" (stored as uint16)" if d["dtype"] == "bfloat16" else "")
+             + f", {len(d['taps'])} of {bb['num_taps_available']} taps"
+             + (", final norm stored" if d["final_norm"] else "")]
+    for name, s in d["splits"].items():
+        lines += [""] + _format_split(name, s)
+    v = d.get("verify")
+    if v is not None:
+        lines.append("")
+        lines.append(f"verify    {'OK' if v['ok'] else 'FAILED'}: {v['chunks_read']} chunks read, "
+                     f"{len(v['errors'])} errors, {len(v['warnings'])} warnings")
+        lines += [f"  ERROR    {e}" for e in v["errors"]] + [f"  warning  {e}" for e in v["warnings"]]
+    return "\n".join(lines)
+
+
+def _format_split(name: str, s: dict[str, Any]) -> list[str]:
+    state = "complete" if s["complete"] else f"INCOMPLETE ({s['completed_samples']} images done)"
+    views = f", {s['views']} {s['view_transform']} views" if s["views"] > 1 else ""
+    lines = [f"split {name}: {s['num_samples']} images, {state}, {s['completed_shards']}/{s['num_shards']} shards"
+             f"{views}; data {s['data']}" + (f" (--limit {s['limit']})" if s["limit"] else ""),
+             f"  stored {_size(s['stored_bytes'])} for {_size(s['nbytes'])} of taps"
+             + (f" (ratio {s['compression_ratio']:.2f})" if s["compression_ratio"] else "")]
+    rows = [["tap", "shape", "dtype", "chunks", "shards", "codec", "stored", "ratio"]]
+    has_stats = any("stats" in t for t in s["taps"].values())
+    if has_stats:
+        rows[0] += ["mean", "std", "min", "max", "nan", "inf"]
+    for tap, t in s["taps"].items():
+        codec = "+".join(c for c in t["codecs"] if c != "bytes")
+        row = [tap, _shape(t["shape"]), t["dtype"], _shape(t["chunks"]), _shape(t["shards"]), codec,
+               _size(t["stored_bytes"]), f"{t['compression_ratio']:.2f}" if t["compression_ratio"] else "-"]
+        if has_stats:
+            st = t["stats"]
+            row += [_num(st["mean"]), _num(st["std"]), _num(st["min"]), _num(st["max"]), str(st["nan"]), str(st["inf"])]
+        rows.append(row)
+    lines += _table(rows)
+    if s["label_counts"]:
+        total = max(1, sum(s["label_counts"].values()))
+        peak = max(s["label_counts"].values()) or 1
+        lines.append("  labels:")
+        label_rows = [[f"    {k}", str(c), f"{100 * c / total:.1f}%", "#" * max(0, round(30 * c / peak))]
+                      for k, c in s["label_counts"].items()]
+        lines += _table(label_rows, indent="")
+    if s["unlabelled"]:
+        lines.append(f"  unlabelled images: {s['unlabelled']}")
+    return lines
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+__all__ = ["RunningStats", "describe_split", "describe_store", "describe_tap", "format_summary", "tap_stats"]

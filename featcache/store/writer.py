@@ -1,0 +1,336 @@
+"""Writing a split: the plan/create step, whole-shard writes with completion records, finalize.
+
+Three steps, so that one process plans and many may fill shards (the scale-out issue reuses them):
+1. ``open_split_for_writing`` (one process, under the split's ``SplitLock``): create the store root
+   or check that the new extraction is compatible with it, then create the split's arrays, or
+   check that an existing split can be resumed with the same plan. Every check runs before the
+   first byte is written, so a refused command leaves the store as it was.
+2. ``write_complete_shard`` / ``ShardWriter``: a shard's arrays (all taps, labels, ids) are written
+   whole by one writer, made durable (fsync, local paths), and only then is ``_complete[k]`` set.
+   ``ShardWriter`` does this on a background thread with a bounded queue, so the backbone never
+   waits for compression or disk.
+3. ``finalize_split``: stored sizes and an ``featcache_extraction`` record in the split attributes.
+The store knows nothing of models: it receives numpy arrays.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import zarr
+
+from featcache import __version__
+from featcache.errors import StoreError
+
+from .layout import COMPLETE, FeatureStore, SplitHandle
+from .lock import SplitLock
+from .manifest import Manifest, SplitMeta
+
+log = logging.getLogger(__name__)
+
+EXTRACTION_ATTR = "featcache_extraction"
+# SplitMeta fields that define a split's content: a resumed extraction must plan exactly these
+# (the options a user sets come first, so that the message names the option to fix)
+RESUME_FIELDS = ("data", "limit", "views", "seed", "view_transform", "compressor", "batch_size", "chunk_images",
+                 "shard_images", "num_samples")
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 1: plan / create (one process)
+
+
+def open_split_for_writing(url: str, manifest: Manifest, name: str, meta: SplitMeta, *, ids: list[str],
+                           resume: bool = False, overwrite: bool = False,
+                           final_norm: dict[str, torch.Tensor] | None = None,
+                           storage_options: dict[str, Any] | None = None) -> tuple[SplitHandle, str]:
+    """Create or reopen split ``name`` for writing; returns (handle, "created" | "resumed" | "replaced").
+
+    The caller holds the split's ``SplitLock``. ``ids`` are the planned image ids: a resumed split
+    must hold the same images. Refusals (incompatible store, existing split without ``resume`` or
+    ``overwrite``, a different plan) raise ``StoreError`` before anything is written.
+    """
+    if resume and overwrite:
+        raise StoreError("--resume and --overwrite exclude each other: resume continues the split, overwrite "
+                         "replaces it")
+    with SplitLock(url, "_store", storage_options):  # serialises root creation between splits
+        store = _open_or_create_store(url, manifest, final_norm, storage_options)
+        if name in store.splits():
+            existing = store.split(name)
+            if resume:
+                check_resumable(existing, meta, ids)
+                removed = remove_partial_files(existing)
+                if removed:
+                    log.info("removed %d temporary files left by an interrupted write", removed)
+                return existing, "resumed"
+            if not overwrite:
+                done = int(existing.completed_shards().sum())
+                state = "complete" if existing.complete else f"{done} of {existing.meta.num_shards} shards done"
+                raise StoreError(f"split {name!r} already exists in {url} ({state}); pass --resume to continue it "
+                                 "or --overwrite to replace it")
+            return store.create_split(name, meta, meta.compressor, overwrite=True), "replaced"
+        return store.create_split(name, meta, meta.compressor), "created"
+
+
+def _open_or_create_store(url: str, manifest: Manifest, final_norm: dict[str, torch.Tensor] | None,
+                          storage_options: dict[str, Any] | None) -> FeatureStore:
+    if not _store_exists(url, storage_options):
+        return FeatureStore.create(url, manifest, final_norm, storage_options)
+    store = FeatureStore.open(url, "r+", storage_options)
+    store.manifest.check_compatible(manifest, f"store {url}")
+    return store
+
+
+def _store_exists(url: str, storage_options: dict[str, Any] | None) -> bool:
+    if "://" not in url:
+        return (Path(url) / "zarr.json").exists()
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return bool(fs.exists(f"{root.rstrip('/')}/zarr.json"))
+
+
+def check_resumable(split: SplitHandle, planned: SplitMeta, ids: list[str]) -> None:
+    """Refuse to resume a split whose recorded plan differs from this run's (it would mix two data sets)."""
+    have = split.meta.to_attrs()
+    want = planned.to_attrs()
+    for key in RESUME_FIELDS:
+        if have.get(key) != want.get(key):
+            raise StoreError(f"cannot resume split {split.name!r} of {split.store.url}: it was started with "
+                             f"{key} = {have.get(key)!r}, this run has {key} = {want.get(key)!r}; rerun with the "
+                             "same options, or pass --overwrite to start the split again")
+    done = split.completed_shards()
+    if done.any():
+        stored = split.ids()
+        for k in np.flatnonzero(done):
+            start, stop = split.meta.shard_bounds(int(k))
+            if stored[start:stop] != list(ids[start:stop]):
+                raise StoreError(f"cannot resume split {split.name!r}: its shard {k} holds other images than the data "
+                                 f"source gives now (data changed?); pass --overwrite to start the split again")
+
+
+def remove_partial_files(split: SplitHandle) -> int:
+    """Delete zarr's ``*.partial`` temporary files left by a killed write (local stores; caller holds the lock)."""
+    root = _local_root(split)
+    if root is None:
+        return 0
+    removed = 0
+    for path in (root / split.group.path).rglob("*.partial"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 2: whole shards
+
+
+@dataclass
+class ShardData:
+    """One finished shard: every tap's images [start, stop), their labels and ids."""
+
+    shard: int
+    taps: dict[str, np.ndarray]
+    labels: np.ndarray
+    ids: list[str]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.taps.values())
+
+    @property
+    def num_images(self) -> int:
+        return len(self.labels)
+
+
+def write_complete_shard(split: SplitHandle, data: ShardData, durable: bool = True) -> None:
+    """Write a whole shard, make it durable, then set its completion record (the commit point)."""
+    split.write_shard(data.shard, data.taps, data.labels, data.ids)
+    keys = split.shard_keys(data.shard)
+    if durable:
+        sync_keys(split, [k for name, k in keys.items() if name != COMPLETE])
+    split.set_complete(data.shard)
+    if durable:
+        sync_keys(split, [keys[COMPLETE]])
+
+
+def _local_root(split: SplitHandle) -> Path | None:
+    store = split.group.store
+    return Path(store.root) if isinstance(store, zarr.storage.LocalStore) else None
+
+
+def sync_keys(split: SplitHandle, keys: list[str]) -> None:
+    """fsync the files of ``keys`` and their directories (local stores; other stores are durable per write)."""
+    root = _local_root(split)
+    if root is None:
+        return
+    dirs: set[Path] = set()
+    for key in keys:
+        path = root / key
+        if not path.exists():  # an all-fill-value chunk that zarr chose not to write
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        parent = path.parent
+        while parent != root and root in parent.parents:
+            dirs.add(parent)
+            parent = parent.parent
+    for d in sorted(dirs, key=lambda p: -len(p.parts)) + [root]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class ShardWriter:
+    """Writes finished shards on a background thread while the caller computes the next ones.
+
+    ``submit`` blocks only when ``max_pending`` shards wait (bounded memory); an error on the
+    writer thread is raised by the next ``submit`` or by ``close``. ``close`` writes what is
+    queued; ``abort`` drops it (the shard being written is finished, so no record lies).
+    """
+
+    def __init__(self, split: SplitHandle, max_pending: int = 2, durable: bool = True,
+                 on_written: Callable[[ShardData, float], None] | None = None) -> None:
+        self.split, self.durable, self.on_written = split, durable, on_written
+        self.written: list[int] = []
+        self.write_seconds = 0.0
+        self._queue: queue.Queue[ShardData | None] = queue.Queue(maxsize=max(1, max_pending))
+        self._error: BaseException | None = None
+        self._drop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="featcache-shard-writer", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.close(raise_error=False)  # Ctrl-C: queued shards are computed whole, keep them
+        else:
+            self.abort()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._drop.is_set() or self._error is not None:
+                continue
+            try:
+                t0 = time.perf_counter()
+                write_complete_shard(self.split, item, self.durable)
+                dt = time.perf_counter() - t0
+                self.write_seconds += dt
+                self.written.append(item.shard)
+                if self.on_written is not None:
+                    self.on_written(item, dt)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+                self._error = err
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            if isinstance(err, (StoreError, OSError)):
+                raise StoreError(f"writing to {self.split.store.url} failed: {err}") from err
+            raise err
+
+    def submit(self, data: ShardData) -> None:
+        """Queue a finished shard; blocks while the queue is full, raises a writer error."""
+        while True:
+            self._raise_error()
+            if not self._thread.is_alive():
+                raise StoreError("the shard writer stopped unexpectedly")
+            try:
+                self._queue.put(data, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def close(self, raise_error: bool = True) -> None:
+        """Write every queued shard, stop the thread; raise a writer error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if raise_error:
+            self._raise_error()
+
+    def abort(self) -> None:
+        """Drop queued shards, finish the one being written, stop the thread."""
+        self._drop.set()
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 3: finalize
+
+
+@dataclass
+class SplitTotals:
+    """Sizes of a split's tap arrays: logical bytes of completed shards and bytes on storage."""
+
+    nbytes: int = 0
+    stored_bytes: int = 0
+    completed_shards: int = 0
+    num_shards: int = 0
+    per_tap: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.completed_shards == self.num_shards
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.nbytes / self.stored_bytes if self.stored_bytes else 0.0
+
+
+def split_totals(split: SplitHandle) -> SplitTotals:
+    """Logical and stored bytes of every tap array (logical = completed images only)."""
+    done = split.completed_shards()
+    images = sum(split.meta.shard_bounds(int(k))[1] - split.meta.shard_bounds(int(k))[0] for k in np.flatnonzero(done))
+    totals = SplitTotals(completed_shards=int(done.sum()), num_shards=split.meta.num_shards)
+    for name in split.store.manifest.tap_names:
+        arr = split.tap(name)
+        per_image = arr.nbytes // max(1, arr.shape[0])
+        nbytes, stored = per_image * images, int(arr.nbytes_stored())
+        totals.per_tap[name] = {"nbytes": nbytes, "stored_bytes": stored}
+        totals.nbytes += nbytes
+        totals.stored_bytes += stored
+    return totals
+
+
+def finalize_split(split: SplitHandle, seconds: float | None = None) -> SplitTotals:
+    """Record the extraction in the split attributes once every shard is complete; return the sizes."""
+    totals = split_totals(split)
+    if totals.complete:
+        record = {"finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  "featcache_version": __version__, "nbytes": totals.nbytes, "stored_bytes": totals.stored_bytes}
+        if seconds is not None:
+            record["seconds"] = round(seconds, 3)
+        split.group.attrs[EXTRACTION_ATTR] = record
+    return totals
+
+
+def totals_dict(totals: SplitTotals) -> dict[str, Any]:
+    return {**asdict(totals), "complete": totals.complete, "compression_ratio": totals.compression_ratio}
+
+
+__all__ = ["ShardData", "ShardWriter", "SplitTotals", "check_resumable", "finalize_split",
+           "open_split_for_writing", "remove_partial_files", "split_totals", "sync_keys", "write_complete_shard"]

@@ -1,0 +1,227 @@
+"""Extraction: resume after a crash equals a clean run, Ctrl-C, views, --limit, the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from featcache.backbone import Backbone, BackboneSpec, Taps
+from featcache.cli import app
+from featcache.errors import Interrupted
+from featcache.extract import AugmentedViews, ShardBatchSampler, open_split_source
+from featcache.store.layout import FeatureStore
+from featcache.store.manifest import SplitMeta
+from featcache.store.verify import verify_store
+
+from .test_store_support import one_torch_thread, TINY_VIT, assert_same_arrays, images, read_split, run_extract  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def clean_run(images: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    """The arrays of an uninterrupted extraction (float32: any difference in the computation shows)."""
+    out = tmp_path_factory.mktemp("clean") / "s.zarr"
+    run_extract(images, out, dtype="float32")
+    return read_split(out)
+
+
+class _FailAfter:
+    """Patches Taps.forward to raise ``error`` on call number ``n`` (1-based)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, n: int, error: BaseException) -> None:
+        self.calls, self.n, self.error = 0, n, error
+        real = Taps.forward
+
+        def forward(taps_self: Taps, images: torch.Tensor) -> dict[str, torch.Tensor]:
+            self.calls += 1
+            if self.calls == self.n:
+                raise self.error
+            return real(taps_self, images)
+
+        monkeypatch.setattr(Taps, "forward", forward)
+
+
+def test_resume_after_injected_error_equals_clean_run(images: Path, tmp_path: Path, clean_run: dict,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "s.zarr"
+    _FailAfter(monkeypatch, 5, RuntimeError("disk on fire"))  # one batch per shard: fails in shard 4
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        run_extract(images, out, dtype="float32")
+    monkeypatch.undo()
+    split = FeatureStore.open(out).split("train")
+    assert split.completed_shards().tolist() == [True] * 4 + [False] * 2  # computed shards kept, not the failed one
+    assert not (out / "_locks").exists()  # the lock was released
+    report = run_extract(images, out, dtype="float32", resume=True)
+    assert report.status == "resumed" and report.shards_written == 2 and report.complete
+    assert_same_arrays(read_split(out), clean_run)
+
+
+def test_ctrl_c_keeps_completed_shards_and_says_how_to_resume(images: Path, tmp_path: Path, clean_run: dict,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    clean, out = tmp_path / "clean.zarr", tmp_path / "s.zarr"
+    run_extract(images, clean, dtype="float32", batch_size=2)
+    _FailAfter(monkeypatch, 6, KeyboardInterrupt())  # batches of 2 images: the 2nd batch of shard 2
+    with pytest.raises(Interrupted, match=r"2 of 6 shards .* complete, the shard in progress was discarded.*--resume") as info:
+        run_extract(images, out, dtype="float32", batch_size=2)
+    monkeypatch.undo()
+    assert info.value.exit_code == 130
+    split = FeatureStore.open(out).split("train")
+    assert split.completed_shards().tolist() == [True, True, False, False, False, False]
+    assert not split.group["block1"][8:12].any()  # the half-computed shard 2 never reached the store
+    assert not (out / "_locks").exists()
+    run_extract(images, out, dtype="float32", resume=True, batch_size=None)  # batch size: the recorded one
+    assert_same_arrays(read_split(out), read_split(clean))
+
+
+def test_resume_of_complete_split_writes_nothing(images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.zarr"
+    run_extract(images, out, limit=8)
+    report = run_extract(images, out, limit=8, resume=True)
+    assert report.shards_written == 0 and report.complete
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import torch
+    torch.set_num_threads(1)
+    from featcache.backbone import BackboneSpec
+    from featcache.data import open_source
+    from featcache.extract import extract
+
+    class Slow:  # the same images, slowly: the parent kills us mid-run
+        def __init__(self, source):
+            self.source, self.spec, self.classes = source, source.spec, source.classes
+        def __len__(self):
+            return len(self.source)
+        def __getitem__(self, i):
+            time.sleep(0.1)
+            return self.source[i]
+        def labels(self):
+            return self.source.labels()
+        def ids(self):
+            return self.source.ids()
+
+    spec = BackboneSpec(model="test_vit", model_kwargs={"img_size": 32}, weights="random")
+    extract(spec, Slow(open_source(sys.argv[1])), sys.argv[2], dtype="float32", loader_workers=0, progress=False,
+            chunk_images=2, shard_images=4, batch_size=4)
+""")
+
+
+def test_resume_after_sigkill_equals_clean_run(images: Path, tmp_path: Path, clean_run: dict) -> None:
+    out = tmp_path / "s.zarr"
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(images), str(out)])
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            done = list((out / "train" / "_complete" / "c").glob("*")) if (out / "train").exists() else []
+            if len(done) >= 2 or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the extraction finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert (out / "_locks" / "train.lock").exists()  # a crashed owner's lock is left behind ...
+    done = FeatureStore.open(out).split("train").completed_shards()
+    assert 2 <= done.sum() < 6
+    report = run_extract(images, out, dtype="float32", resume=True)  # ... and taken over as stale
+    assert report.shards_written == 6 - done.sum()
+    assert_same_arrays(read_split(out), clean_run)
+    assert verify_store(str(out)).ok and not list(out.rglob("*.partial"))
+
+
+def test_views_differ_and_are_deterministic(images: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    run_extract(images, a, views=3, limit=6, dtype="float32")
+    run_extract(images, b, views=3, limit=6, dtype="float32", loader_workers=1, batch_size=6)
+    split = FeatureStore.open(a).split("train")
+    x = split.tap("block2")[:]
+    assert x.shape == (6, 3, 5, 64) and split.meta.view_transform == "train" and split.meta.views == 3
+    assert not np.array_equal(x[:, 0], x[:, 1]) and not np.array_equal(x[:, 1], x[:, 2])
+    y = FeatureStore.open(b).split("train").tap("block2")[:]
+    assert np.allclose(x, y, atol=1e-5)  # same (seed, image, view) -> same augmentation, other batching/workers
+    c = tmp_path / "c.zarr"
+    run_extract(images, c, views=3, limit=6, dtype="float32", seed=1)
+    assert not np.allclose(FeatureStore.open(c).split("train").tap("block2")[:], x)
+
+
+def test_augmented_views_dataset_restores_global_rng(images: Path) -> None:
+    backbone = Backbone(BackboneSpec(**TINY_VIT))
+    ds = AugmentedViews(open_split_source(str(images)), backbone.train_transform(), views=2, seed=0)
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    v1 = ds[5][0]
+    assert torch.equal(torch.rand(1), expected)  # the caller's RNG stream is untouched
+    assert torch.equal(ds[5][0], v1) and not torch.equal(v1[0], v1[1])
+
+
+def test_batches_never_cross_shards() -> None:
+    meta = SplitMeta(num_samples=10, chunk_images=2, shard_images=4)
+    batches = list(ShardBatchSampler(meta, [0, 2, 1], images_per_batch=3))
+    assert batches == [[0, 1, 2], [3], [8, 9], [4, 5, 6], [7]]
+    assert len(ShardBatchSampler(meta, [0, 2, 1], 3)) == 5
+
+
+def test_limit_is_a_fixed_stratified_subset(images: Path, tmp_path: Path) -> None:
+    run_extract(images, tmp_path / "a.zarr", limit=9)
+    split = FeatureStore.open(tmp_path / "a.zarr").split("train")
+    assert np.bincount(split.labels()).tolist() == [3, 3, 3] and split.meta.limit == 9
+    run_extract(images, tmp_path / "b.zarr", limit=9)
+    assert FeatureStore.open(tmp_path / "b.zarr").split("train").ids() == split.ids()
+
+
+def test_manifest_records_what_reproduces_the_store(images: Path, tmp_path: Path) -> None:
+    run_extract(images, tmp_path / "s.zarr", limit=4, layers=[0, 3])
+    m = FeatureStore.open(tmp_path / "s.zarr").manifest
+    assert m.backbone["spec"]["model"] == "test_vit" and m.backbone["weights"]["source"] == "random"
+    assert len(m.backbone["weights"]["state_sha256"]) == 64
+    assert m.tap_names == ["embed", "block3"] and m.dtype == "float16" and m.featcache_format == 1
+    assert "Normalize" in m.transform["eval"] and "RandomResizedCrop" in m.transform["train"]
+    assert m.environment["torch"] == torch.__version__ and m.compressor["name"] == "lz4"
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _cli_args(images: Path, out: Path, *extra: str) -> list[str]:
+    return ["extract", "--model", "test_vit", "--model-kwargs", "img_size=32", "--weights", "random",
+            "--data", str(images), "--out", str(out), "--quiet", *extra]
+
+
+def test_cli_extract_and_refusals(images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.zarr"
+    r = CliRunner().invoke(app, _cli_args(images, out, "--limit", "6", "--layers", "0,6", "--dtype", "bfloat16"))
+    assert r.exit_code == 0, r.output
+    split = FeatureStore.open(out).split("train")
+    assert split.store.manifest.tap_names == ["embed", "block6"] and split.store.manifest.dtype == "bfloat16"
+    r = CliRunner().invoke(app, _cli_args(images, out, "--limit", "6", "--layers", "0,6", "--dtype", "bfloat16"))
+    assert r.exit_code == 1 and r.stderr.startswith("Error: split 'train' already exists")
+    r = CliRunner().invoke(app, _cli_args(images, out, "--resume", "--overwrite"))
+    assert r.exit_code == 2 and "exclude each other" in r.stderr
+    r = CliRunner().invoke(app, _cli_args(images, out, "--layers", "0,99"))
+    assert r.exit_code == 2 and "out of range" in r.stderr
+
+
+def test_cli_subprocess_prints_summary_line(images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.zarr"
+    args = _cli_args(images, out, "--limit", "6", "--batch-size", "4")
+    args.remove("--quiet")
+    proc = subprocess.run([sys.executable, "-c", "from featcache.cli import main; main()", *args],
+                          capture_output=True, text=True, env={**os.environ, "FEATCACHE_PROGRESS": "0"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("extracted 6 images x 7 taps into") and "ratio" in last and "images/s" in last
+    assert FeatureStore.open(out).split("train").complete
