@@ -47,8 +47,9 @@ def step_flops(peer: FeatcachePeer) -> int:
 def compute_limit(ctx: PeerContext, method: str, rounds: int = 5, n: int | None = None) -> dict[str, Any]:
     """Achieved GFLOP/s of the featcache step against the matmul rate, the two timed A B A B.
 
-    Interleaving puts the step and the reference product under the same load from other processes. On
-    CUDA the bank computes in bf16 (autocast), so the bf16 product is the reference there.
+    Interleaving puts the step and the reference product under the same load from other processes. The
+    reference is a float32 product: on CUDA with TF32 tensor cores allowed, as the bank computes there
+    (float32 + TF32: bf16 autocast does not run under vmap in torch 2.11, see featcache/bank.py).
     """
     device = torch.device(ctx.device)
     peer = FeatcachePeer(ctx, method)
@@ -56,7 +57,7 @@ def compute_limit(ctx: PeerContext, method: str, rounds: int = 5, n: int | None 
     counted = step_flops(peer)
     fwd = peer.flops_per_sample() * ctx.batch_size
     n = n or (8192 if device.type == "cuda" else 2048)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     res = interleave({"step": peer.step, "matmul": lambda: a @ b}, rounds, device, warmup=1)
@@ -65,7 +66,7 @@ def compute_limit(ctx: PeerContext, method: str, rounds: int = 5, n: int | None 
     return {"method": method, "step_s": step_s, "flops_per_step_counted": counted,
             "flops_per_step_3x_forward": 3 * fwd, "achieved_gflops": achieved,
             "achieved_gflops_3x_forward": 3 * fwd / step_s / 1e9, "matmul_gflops": peak,
-            "matmul": {"n": n, "dtype": str(dtype).replace("torch.", "")}, "fraction_of_matmul": achieved / peak,
+            "matmul": {"n": n, "dtype": "float32 (TF32)" if device.type == "cuda" else "float32"}, "fraction_of_matmul": achieved / peak,
             "rounds": res.seconds}
 
 
@@ -106,3 +107,12 @@ def reader_limit(ctx: PeerContext, method: str, epochs: int = 2) -> dict[str, An
             "reader_mb_s": mb / epoch_s, "memcpy_mb_s": mb / copy_s, "convert_copy_mb_s": mb / convert_s,
             "reader_vs_memcpy": copy_s / epoch_s, "reader_vs_convert_copy": convert_s / epoch_s,
             "epoch_seconds": secs}
+
+
+def step_profile(ctx: PeerContext, method: str, top: int = 8) -> list[dict[str, Any]]:
+    """The featcache step's top operators by self time: where the distance to the limit goes."""
+    from .sweeps import profile_step
+
+    peer = FeatcachePeer(ctx, method)
+    peer.step()
+    return profile_step(peer.step, torch.device(ctx.device), top)

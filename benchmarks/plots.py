@@ -19,6 +19,11 @@ def _color(name: str) -> str:
 
 
 def _bars(ax: Any, labels: list[str], values: list[float], title: str, hatched: set[str] | None = None) -> None:
+    if not labels:
+        ax.set_axis_off()
+        ax.set_title(title + ": not measured", fontsize=8)
+        return
+    values = [max(v, 1e-9) for v in values]
     y = range(len(labels))
     bars = ax.barh(list(y), values, color=[_color(n) for n in labels])
     for bar, name in zip(bars, labels):

@@ -164,12 +164,18 @@ def limits_table(m: dict[str, Any]) -> str:
         lines.append(f"| featcache-{method} training step, GFLOP/s (FlopCounterMode, fwd+bwd; A B A B with the "
                      f"matmul) | {c['achieved_gflops']:.1f} | {c['matmul_gflops']:.1f} ({ref['dtype']} matmul "
                      f"{ref['n']}^3) | {100 * c['fraction_of_matmul']:.0f}% |")
-    lines.append(f"| {mm['dtype']} matmul {mm['n']}^3 alone, GFLOP/s (median of {len(mm['seconds'])}) | "
-                 f"{mm['gflops']:.1f} | | |")
+    for ref in (mm, lim.get("matmul_bf16")):
+        if ref:
+            lines.append(f"| {ref['dtype']} matmul {ref['n']}^3 alone, GFLOP/s (median of {len(ref['seconds'])}) | "
+                         f"{ref['gflops']:.1f} | | |")
     for mode, rd in lim["reader"].items():
         lines.append(f"| reader ({mode}) MB/s, float32 batches | {rd['reader_mb_s']:,.0f} | {rd['memcpy_mb_s']:,.0f} "
                      f"(memcpy); {rd['convert_copy_mb_s']:,.0f} (fp16->fp32 copy) | {100 * rd['reader_vs_memcpy']:.0f}%; "
                      f"{100 * rd['reader_vs_convert_copy']:.0f}% |")
+    for method, ops in lim.get("profile", {}).items():
+        total = sum(o["self_ms"] for o in ops)
+        top = ", ".join(f"{o['op'].replace('aten::', '')} {o['self_ms']:.0f} ms" for o in ops[:5])
+        lines.append(f"| featcache-{method} step profile, top operators by self time | {top} | | |")
     return "\n".join(lines)
 
 

@@ -54,7 +54,7 @@ MEMORY_PEERS = ("featcache-last@ram", "featcache-last@stream", "featcache-lst@ra
                 "last-in-loop", "lora", "full-ft")
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset("tiny", ("tiny_vit", "tiny_cnn"), images=16, batch_size=8, epochs=1, rounds=1,
+    "tiny": Preset("tiny", ("tiny_vit",), images=16, batch_size=8, epochs=1, rounds=1,
                    e2e_real=("last", "lst", "linear"), memory_models=("tiny_vit",),
                    memory_peers=("featcache-last@stream",), memory_steps=1, sweep_k=2, sweep_rounds=1,
                    accuracy=((40, 20),), accuracy_epochs=1, accuracy_model="tiny_cnn", min_call_s=0.0),
@@ -114,6 +114,7 @@ def model_stage(p: Preset, model: str, device: str, workdir: Path, first: bool) 
                          "compute": {m: limits.compute_limit(ctx, m, p.rounds) for m in ("last", "lst")},
                          "reader": {r: limits.reader_limit(replace(ctx, reader=r, reader_options=opts), "last")
                                     for r, opts in ((reader, {}), ("stream", {"buffer_mb": 64}))}}
+        out["limits"]["profile"] = {m: limits.step_profile(ctx, m) for m in ("last", "lst")}
         if device.startswith("cuda"):
             out["limits"]["matmul_bf16"] = limits.matmul_rate(torch.device(device), torch.bfloat16)
         out["sweep"] = sweeps.measure_sweep(ctx, p.sweep_k, p.sweep_rounds, p.targets["sweep_k8_vs_k1"])

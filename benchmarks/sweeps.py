@@ -9,7 +9,6 @@ When the ratio misses the target, one step of each is profiled and the top opera
 
 from __future__ import annotations
 
-import statistics
 from typing import Any
 
 import torch
@@ -70,7 +69,3 @@ def measure_sweep(ctx: PeerContext, k: int, rounds: int, target: float, method: 
     say(f"  sweep: K={k} costs {out['ratio']:.2f}x one member (target <= {target}x)"
         + (f", {k} separate banks {out['loop_ratio']:.2f}x" if looped is not None else ""))
     return out
-
-
-def spread(values: list[float]) -> float:
-    return (max(values) - min(values)) / statistics.median(values)

@@ -26,7 +26,7 @@ def test_tiny_run_writes_json_markdown_and_plots(tiny_result: tuple[Path, dict])
     out, result = tiny_result
     saved = json.loads((out / "tiny-cpu.json").read_text())
     assert saved["preset"]["name"] == "tiny"
-    assert set(saved["models"]) == {"tiny_vit", "tiny_cnn"}
+    assert set(saved["models"]) == {"tiny_vit"}
     readme = (out / "README.md").read_text()
     assert "## tiny-cpu" in readme and "### Targets (tiny_vit)" in readme and "Accuracy on real data" in readme
     assert (out / "tiny-cpu.png").stat().st_size > 1000
@@ -35,7 +35,7 @@ def test_tiny_run_writes_json_markdown_and_plots(tiny_result: tuple[Path, dict])
 
 def test_every_peer_measured(tiny_result: tuple[Path, dict]) -> None:
     _, result = tiny_result
-    for model in ("tiny_vit", "tiny_cnn"):
+    for model in ("tiny_vit",):
         steps = result["models"][model]["steps"]
         assert set(run.STEP_PEERS) <= set(steps)
         for name, row in steps.items():
