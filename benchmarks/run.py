@@ -66,11 +66,11 @@ PRESETS: dict[str, Preset] = {
                    e2e_real=("last", "lst", "linear"), memory_models=("vit_s", "effnet"), memory_peers=MEMORY_PEERS,
                    memory_steps=3, sweep_k=8, sweep_rounds=5, accuracy=((10000, 2000), (None, None)),
                    accuracy_epochs=10, accuracy_model="effnet"),
-    "gpu": Preset("gpu", ("vit_b", "effnet"), images=1000, batch_size=32, epochs=30, rounds=5,
+    "gpu": Preset("gpu", ("vit_b", "effnet"), images=1000, batch_size=32, epochs=30, rounds=3,
                   e2e_real=("last", "lst", "linear"), memory_models=("vit_b", "effnet"),
                   memory_peers=("featcache-last@gpu", "featcache-last@ram", "featcache-lst@gpu", "featcache-linear@gpu",
                                 "last-in-loop", "lora", "full-ft"),
-                  memory_steps=3, sweep_k=8, sweep_rounds=5, accuracy=((10000, 2000),), accuracy_epochs=10,
+                  memory_steps=3, sweep_k=8, sweep_rounds=3, accuracy=((10000, 2000),), accuracy_epochs=10,
                   accuracy_model="effnet", device="cuda", threads=None, min_call_s=0.5),
 }
 
@@ -147,9 +147,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="keep the backbones and accuracy rows of an existing result file of the same name that this "
                          "run does not redo (to split a long run into several commands)")
     args = ap.parse_args(argv)
-    p = PRESETS[args.preset]
-    p = replace(p, device=args.device or p.device, threads=args.threads if args.threads is not None else p.threads,
-                models=tuple(args.models.split(",")) if args.models else p.models)
+    base = PRESETS[args.preset]
+    p = replace(base, device=args.device or base.device,
+                threads=args.threads if args.threads is not None else base.threads)
+    models = tuple(args.models.split(",")) if args.models else p.models
     os.environ.setdefault("FEATCACHE_PROGRESS", "0")
     device = setup_torch(p.device, p.threads if p.device == "cpu" else None)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="featcache-bench-"))
@@ -158,11 +159,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     result: dict[str, Any] = {"preset": asdict(p), "device": describe_device(device), "machine": machine(device),
                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "models": {}}
-    name = args.name or f"{p.name}-{device.type}"
+    path = args.out / f"{args.name or f'{p.name}-{device.type}'}.json"
+    old = json.loads(path.read_text()) if args.merge and path.is_file() else None
+
+    def save(final: bool = False) -> dict[str, Any]:
+        """Write what is measured so far (after every stage: a run cut short keeps its finished stages)."""
+        result["machine_after"] = machine(device)
+        result["wall_s"] = time.perf_counter() - t0
+        result["complete"] = final
+        out = merge(old, result) if old is not None else result
+        write_json(path, out)
+        return out
+
     try:
         if "models" not in skip:
-            for i, model in enumerate(p.models):
-                result["models"][model] = model_stage(p, model, str(device), workdir, first=i == 0)
+            for model in models:
+                # limits and the sweep run on the preset's first backbone (the ViT), whichever backbones this run does
+                result["models"][model] = model_stage(p, model, str(device), workdir, first=model == p.models[0])
+                save()
         if "accuracy" not in skip:
             from .accuracy import measure_accuracy
 
@@ -171,18 +185,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    result["machine_after"] = machine(device)
-    result["wall_s"] = time.perf_counter() - t0
+    final = save(final=True)
     from .report import write_reports
 
-    path = args.out / f"{name}.json"
-    if args.merge and path.is_file():
-        result = merge(json.loads(path.read_text()), result)
-    write_json(path, result)
     write_reports(args.out)
-    say(f"done in {result['wall_s'] / 60:.1f} min: {args.out / (name + '.json')}, {args.out / 'README.md'}")
-    return result
-
+    say(f"done in {result['wall_s'] / 60:.1f} min: {path}, {args.out / 'README.md'}")
+    return final
 
 if __name__ == "__main__":
     main()

@@ -38,9 +38,13 @@ def profile_step(step: Any, device: torch.device, top: int = 8) -> list[dict[str
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:top]
-    return [{"op": e.key[:60], "self_ms": getattr(e, key, 0) / 1e3, "calls": e.count} for e in rows]
+    def self_us(e: Any) -> float:
+        if device.type == "cuda":  # renamed from *_cuda_* to *_device_* in recent torch
+            return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+        return float(e.self_cpu_time_total)
+
+    rows = sorted(prof.key_averages(), key=self_us, reverse=True)[:top]
+    return [{"op": e.key[:60], "self_ms": self_us(e) / 1e3, "calls": e.count} for e in rows]
 
 
 def measure_sweep(ctx: PeerContext, k: int, rounds: int, target: float, method: str = "last",
