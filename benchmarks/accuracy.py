@@ -36,7 +36,7 @@ def side_methods(store_path: Path, methods: list[str], epochs: int, batch_size: 
         out = Path(tempfile.mkdtemp(prefix=f"featcache-acc-{method}-"))
         try:
             t0 = time.perf_counter()
-            summary = train(store_path, method, out, eval_split="test", reader="ram", device=device, progress=False,
+            summary = train(store_path, method, out, eval_split="test", reader="auto", device=device, progress=False,
                             overwrite=True, settings={"epochs": epochs, "batch_size": batch_size,
                                                       "lr": SIDE_LR[method], **configs.get(method, {})})
             seconds = time.perf_counter() - t0
@@ -110,10 +110,12 @@ def measure_accuracy(model: str, train_n: int | None, test_n: int | None, epochs
                             preload=False)
         r = finetune(peer, budget, test)
         rows[name] = {**r, "total_s": r["train_s"], "budget_s": budget}
-        say(f"  acc {name}: test {r['test_acc']:.4f} after {r['samples']} samples ({r['epochs']:.2f} epochs) in {r['train_s']:.0f}s")
+        say(f"  acc {name}: test {r['test_acc']:.4f} after {r['samples']} samples ({r['epochs']:.2f} epochs) "
+            f"in {r['train_s']:.0f}s")
         del peer
     shutil.rmtree(store.path, ignore_errors=True)
     return {"model": model, "label": preset.label, "data": note, "train_images": store.splits["train"],
             "test_images": store.splits["test"], "epochs": epochs, "batch_size": batch_size,
-            "budget_s": budget, "budget_from": f"train extraction + featcache-{budget_method} training", "store": store.to_dict(),
+            "budget_s": budget, "budget_from": f"train extraction + featcache-{budget_method} training",
+            "store": store.to_dict(),
             "rows": rows}

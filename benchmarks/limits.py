@@ -66,7 +66,8 @@ def compute_limit(ctx: PeerContext, method: str, rounds: int = 5, n: int | None 
     return {"method": method, "step_s": step_s, "flops_per_step_counted": counted,
             "flops_per_step_3x_forward": 3 * fwd, "achieved_gflops": achieved,
             "achieved_gflops_3x_forward": 3 * fwd / step_s / 1e9, "matmul_gflops": peak,
-            "matmul": {"n": n, "dtype": "float32 (TF32)" if device.type == "cuda" else "float32"}, "fraction_of_matmul": achieved / peak,
+            "matmul": {"n": n, "dtype": "float32 (TF32)" if device.type == "cuda" else "float32"},
+            "fraction_of_matmul": achieved / peak,
             "rounds": res.seconds}
 
 

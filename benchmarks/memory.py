@@ -56,7 +56,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         step_s.append(time.perf_counter() - t1)
     out = {"peer": spec["peer"], "baseline_rss_mb": baseline, "after_build_rss_mb": after_build,
            "peak_rss_mb": peak_rss_mb(), "peak_above_baseline_mb": peak_rss_mb() - baseline,
-           "import_peak_rss_mb": import_peak, "peak_reset": peak_reset, "build_s": build_s, "step_s": step_s, **peer.describe()}
+           "import_peak_rss_mb": import_peak, "peak_reset": peak_reset, "build_s": build_s, "step_s": step_s,
+           **peer.describe()}
     if device.type == "cuda":
         out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out

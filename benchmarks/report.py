@@ -87,9 +87,10 @@ def model_table(m: dict[str, Any], cuda: bool) -> str:
         mrow = mem.get(mem_key) if mem_key else None
         peak, above, cuda_mb = memory_value(mrow)
         er = e2e["rows"].get(name) if name in steps else None
-        e2e_txt = "-" if er is None else _fmt_s(er["total_s"]) + ("" if er.get("how", "").startswith("real") else " (extrap.)")
+        real = er is not None and er.get("how", "").startswith("real")
+        e2e_txt = "-" if er is None else _fmt_s(er["total_s"]) + ("" if real else " (extrap.)")
         sps = s.get("samples_per_s")
-        speed = "-" if sps is None or name == "featcache-last" else f"{ref / sps:.1f}x"
+        speed = "-" if sps is None or name.startswith("featcache-") else f"{ref / sps:.1f}x"
         params = s.get("trainable_params", (mrow or {}).get("trainable_params"))
         mem_txt = _fmt_n(cuda_mb) if cuda else f"{_fmt_n(peak)} | {_fmt_n(above)}"
         lines.append(f"| {name} | {_params(params)} | {_fmt_n(sps)} | {speed} | {e2e_txt} | {mem_txt} |")
@@ -127,7 +128,8 @@ def targets(r: dict[str, Any], folder: Path) -> list[tuple[str, str, str]]:
         rows.append((f"featcache step >= {t[key]:g}x {label}'s samples/s", f"{ratio:.1f}x", verdict(ratio >= t[key])))
     ratio = e2e["lora"]["total_s"] / e2e["featcache-last"]["total_s"]
     rows.append((f"{m['end_to_end']['epochs']} epochs on {m['end_to_end']['images']} images (incl. extraction) >= "
-                 f"{t['e2e_vs_lora']:g}x faster than LoRA (LoRA extrapolated)", f"{ratio:.1f}x", verdict(ratio >= t["e2e_vs_lora"])))
+                 f"{t['e2e_vs_lora']:g}x faster than LoRA (LoRA extrapolated)", f"{ratio:.1f}x",
+                 verdict(ratio >= t["e2e_vs_lora"])))
     lora_above = memory_value(mem.get("lora"))[1]
     for name in ("featcache-last@stream", "featcache-last@ram", "featcache-last@gpu"):
         above = memory_value(mem.get(name))[1]
@@ -224,7 +226,10 @@ def section(name: str, r: dict[str, Any], folder: Path) -> str:
         out += [f"| {a} | {b} | {c} |" for a, b, c in rows] + [""]
     for acc in r.get("accuracy", []):
         out += ["### Accuracy on real data", "", accuracy_table(acc), ""]
-    out += [f"Plots: [{name}.png]({name}.png)" + (f", [{name}-accuracy.png]({name}-accuracy.png)" if r.get("accuracy") else ""), ""]
+    plots = f"Plots: [{name}.png]({name}.png)"
+    if r.get("accuracy"):
+        plots += f", [{name}-accuracy.png]({name}-accuracy.png)"
+    out += [plots, ""]
     return "\n".join(out)
 
 

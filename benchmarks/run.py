@@ -38,9 +38,9 @@ class Preset:
     memory_steps: int
     sweep_k: int
     sweep_rounds: int
-    accuracy: tuple[tuple[int | None, int | None], ...]  # (train, test) images; None = all
-    accuracy_epochs: int
+    accuracy: tuple[tuple[int | None, int | None, int], ...]  # (train, test images (None = all), epochs)
     accuracy_model: str
+    accuracy_peers: tuple[str, ...] = ("full-ft", "lora")  # fine-tuning peers given featcache's budget
     device: str = "cpu"
     threads: int | None = 1  # CPU: torch threads (1: stable on a shared machine); None = torch's default
     min_call_s: float = 1.0
@@ -50,6 +50,8 @@ class Preset:
 TARGETS = {"step_vs_lora": 20.0, "step_vs_in_loop": 8.0, "e2e_vs_lora": 8.0, "memory_vs_lora": 0.35,
            "extract_vs_forward": 0.9, "sweep_k8_vs_k1": 6.0}
 STEP_PEERS = ("featcache-last", "featcache-lst", "featcache-linear", "last-in-loop", "lora", "full-ft")
+QUICK_MEMORY_PEERS = ("featcache-last@ram", "featcache-last@stream", "last-in-loop", "lora", "full-ft")
+LIMIT_METHODS = {"quick": ("last",), "tiny": ("last",)}  # others: last and lst
 MEMORY_PEERS = ("featcache-last@ram", "featcache-last@stream", "featcache-lst@ram", "featcache-linear@ram",
                 "last-in-loop", "lora", "full-ft")
 
@@ -57,20 +59,20 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", ("tiny_vit",), images=16, batch_size=8, epochs=1, rounds=1,
                    e2e_real=("last", "lst", "linear"), memory_models=("tiny_vit",),
                    memory_peers=("featcache-last@stream",), memory_steps=1, sweep_k=2, sweep_rounds=1,
-                   accuracy=((40, 20),), accuracy_epochs=1, accuracy_model="tiny_cnn", min_call_s=0.0),
+                   accuracy=((40, 20, 1),), accuracy_model="tiny_cnn", min_call_s=0.0),
     "quick": Preset("quick", ("vit_s", "effnet"), images=128, batch_size=32, epochs=30, rounds=3,
-                    e2e_real=("last", "linear"), memory_models=("vit_s", "effnet"), memory_peers=MEMORY_PEERS,
-                    memory_steps=2, sweep_k=8, sweep_rounds=3, accuracy=((1000, 500),), accuracy_epochs=10,
-                    accuracy_model="effnet"),
+                    e2e_real=("last", "linear"), memory_models=("vit_s", "effnet"), memory_peers=QUICK_MEMORY_PEERS,
+                    memory_steps=2, sweep_k=8, sweep_rounds=2, accuracy=((600, 400, 6),), accuracy_model="effnet",
+                    accuracy_peers=("full-ft",)),
     "full": Preset("full", ("vit_s", "effnet"), images=1000, batch_size=32, epochs=30, rounds=5,
                    e2e_real=("last", "lst", "linear"), memory_models=("vit_s", "effnet"), memory_peers=MEMORY_PEERS,
-                   memory_steps=3, sweep_k=8, sweep_rounds=5, accuracy=((10000, 2000), (None, None)),
-                   accuracy_epochs=10, accuracy_model="effnet"),
+                   memory_steps=3, sweep_k=8, sweep_rounds=5, accuracy=((10000, 2000, 10), (None, None, 3)),
+                   accuracy_model="effnet"),
     "gpu": Preset("gpu", ("vit_b", "effnet"), images=1000, batch_size=32, epochs=30, rounds=3,
                   e2e_real=("last", "lst", "linear"), memory_models=("vit_b", "effnet"),
                   memory_peers=("featcache-last@gpu", "featcache-last@ram", "featcache-lst@gpu", "featcache-linear@gpu",
                                 "last-in-loop", "lora", "full-ft"),
-                  memory_steps=3, sweep_k=8, sweep_rounds=3, accuracy=((10000, 2000),), accuracy_epochs=10,
+                  memory_steps=3, sweep_k=8, sweep_rounds=3, accuracy=((10000, 2000, 10),),
                   accuracy_model="effnet", device="cuda", threads=None, min_call_s=0.5),
 }
 
@@ -110,11 +112,12 @@ def model_stage(p: Preset, model: str, device: str, workdir: Path, first: bool) 
     out["end_to_end"] = speed.end_to_end(store, ctx, ["last", "lst", "linear"], p.epochs, steps, list(p.e2e_real))
     if first:
         say(f"[{model}] limits and sweep")
+        methods = LIMIT_METHODS.get(p.name, ("last", "lst"))
         out["limits"] = {"matmul": limits.matmul_rate(torch.device(device)),
-                         "compute": {m: limits.compute_limit(ctx, m, p.rounds) for m in ("last", "lst")},
+                         "compute": {m: limits.compute_limit(ctx, m, p.rounds) for m in methods},
                          "reader": {r: limits.reader_limit(replace(ctx, reader=r, reader_options=opts), "last")
                                     for r, opts in ((reader, {}), ("stream", {"buffer_mb": 64}))}}
-        out["limits"]["profile"] = {m: limits.step_profile(ctx, m) for m in ("last", "lst")}
+        out["limits"]["profile"] = {m: limits.step_profile(ctx, m) for m in methods}
         if device.startswith("cuda"):
             out["limits"]["matmul_bf16"] = limits.matmul_rate(torch.device(device), torch.bfloat16)
         out["sweep"] = sweeps.measure_sweep(ctx, p.sweep_k, p.sweep_rounds, p.targets["sweep_k8_vs_k1"])
@@ -180,8 +183,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "accuracy" not in skip:
             from .accuracy import measure_accuracy
 
-            result["accuracy"] = [measure_accuracy(p.accuracy_model, tr, te, p.accuracy_epochs, p.batch_size,
-                                                   str(device), workdir) for tr, te in p.accuracy]
+            result["accuracy"] = []
+            for tr, te, epochs in p.accuracy:
+                result["accuracy"].append(measure_accuracy(p.accuracy_model, tr, te, epochs, p.batch_size,
+                                                           str(device), workdir, peers=p.accuracy_peers))
+                save()
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from featcache.backbone import Backbone, BackboneSpec
+from featcache.backbone import BackboneSpec
 from featcache.data import DataSource, Subset, open_source, stratified_subset
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -131,7 +131,7 @@ class StoreInfo:
 
     path: Path
     splits: dict[str, int]
-    extraction: str  # "featcache.extract" or the fallback's name
+    extraction: str  # how the store was written ("featcache.extract")
     seconds: dict[str, float] = field(default_factory=dict)  # per split: wall time of the extraction call
     loop_seconds: dict[str, float] = field(default_factory=dict)  # per split: the shard loop alone (when reported)
     nbytes: int = 0
@@ -143,70 +143,22 @@ class StoreInfo:
                 "stored_bytes": self.stored_bytes}
 
 
-def have_extract() -> bool:
-    """Whether featcache's extraction pipeline is installed (it lands from the store branch)."""
-    try:
-        from featcache.extract import extract  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def build_store(preset: ModelPreset, splits: dict[str, tuple[str, int | None]], out: Path, device: torch.device,
                 batch_size: int = 32, progress: bool = False) -> StoreInfo:
-    """Extract ``{split: (data spec, limit)}`` into a fresh store at ``out`` (all taps, float16)."""
+    """Extract ``{split: (data spec, limit)}`` into a fresh store at ``out`` (all taps, float16) with
+    ``featcache.extract.extract``, timing each call as a whole (model loading included)."""
+    from featcache.extract import extract
+
     if out.exists():
         shutil.rmtree(out)
-    info = StoreInfo(out, {}, "featcache.extract" if have_extract() else "fallback writer (featcache.extract not merged yet)")
+    info = StoreInfo(out, {}, "featcache.extract")
     for split, (spec, limit) in splits.items():
         t0 = time.perf_counter()
-        if have_extract():
-            from featcache.extract import extract
-
-            report = extract(preset.backbone_spec(), spec, out, split=split, limit=limit, batch_size=batch_size,
-                             device=str(device), progress=progress, dtype="float16")
-            info.loop_seconds[split] = report.loop_seconds
-            info.nbytes += report.nbytes
-            info.stored_bytes += report.stored_bytes
-            info.splits[split] = report.num_samples
-        else:
-            n, nbytes = _fallback_extract(preset, subset(spec, limit), out, split, device, batch_size)
-            info.splits[split] = n
-            info.nbytes += nbytes
+        report = extract(preset.backbone_spec(), spec, out, split=split, limit=limit, batch_size=batch_size,
+                         device=str(device), progress=progress, dtype="float16")
         info.seconds[split] = time.perf_counter() - t0
-    if not info.stored_bytes:
-        info.stored_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        info.loop_seconds[split] = report.loop_seconds
+        info.nbytes += report.nbytes
+        info.stored_bytes += report.stored_bytes
+        info.splits[split] = report.num_samples
     return info
-
-
-def _fallback_extract(preset: ModelPreset, source: DataSource, out: Path, split: str, device: torch.device,
-                      batch_size: int) -> tuple[int, int]:
-    """Backbone.taps + the store primitives, shard by shard (what tests/conftest.py does); no pipelining."""
-    from featcache.store.layout import FeatureStore, choose_chunking, encode
-    from featcache.store.manifest import Manifest, SplitMeta
-
-    backbone = Backbone(preset.backbone_spec(), device)
-    if FeatureStore.exists(str(out)):
-        store = FeatureStore.open(str(out), "r+")
-    else:
-        store = FeatureStore.create(str(out), Manifest(backbone=backbone.describe(), taps=backbone.taps.infos),
-                                    final_norm=backbone.final_norm_state())
-    chunk, shard = choose_chunking(backbone.taps.infos, "float16", 1, len(source))
-    meta = SplitMeta(num_samples=len(source), chunk_images=chunk, shard_images=shard, classes=list(source.classes),
-                     data=source.spec)
-    sp = store.create_split(split, meta)
-    labels = np.asarray(source.labels())
-    nbytes = 0
-    for k in range(meta.num_shards):
-        s, e = meta.shard_bounds(k)
-        parts: dict[str, list[np.ndarray]] = {}
-        for b in range(s, e, batch_size):
-            x = torch.stack([backbone.transform(source[i].image) for i in range(b, min(b + batch_size, e))])
-            with torch.inference_mode():
-                for name, t in backbone.taps(x.to(device)).items():
-                    parts.setdefault(name, []).append(encode(t, "float16"))
-        arrays = {n: np.concatenate(v) for n, v in parts.items()}
-        nbytes += sum(a.nbytes for a in arrays.values())
-        sp.write_shard(k, arrays, labels[s:e], [f"{split}:{i}" for i in range(s, e)])
-        sp.set_complete(k)
-    return len(source), nbytes
