@@ -16,10 +16,10 @@ import time
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count
 
 from .common import interleave, sync, timed
-from .peers import FeatcachePeer, PeerContext
+from .peers import FeatcachePeer, ImagePeer, Peer, PeerContext
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None,
@@ -34,12 +34,24 @@ def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int
             "seconds": secs}
 
 
-def step_flops(peer: FeatcachePeer) -> int:
-    """FLOPs of one training step of the bank (forward + backward), counted by FlopCounterMode."""
+def _cpu_sdpa_backward_flops(grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None,
+                             **kwargs: Any) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def flop_mapping() -> dict[Any, Any]:
+    """featcache's FLOP formulas (CPU flash attention forward) plus the CPU flash attention backward,
+    which torch's FlopCounterMode does not know either: without it, attention's backward is not counted."""
     from featcache.methods.base import _EXTRA_FLOPS
 
+    return {**_EXTRA_FLOPS,
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops}
+
+
+def step_flops(peer: FeatcachePeer) -> int:
+    """FLOPs of one training step of the bank (forward + backward), counted by FlopCounterMode."""
     batch = peer.next_batch()
-    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as counter:
+    with FlopCounterMode(display=False, custom_mapping=flop_mapping()) as counter:
         peer.train_on(batch)
     return int(counter.get_total_flops())
 
@@ -117,3 +129,20 @@ def step_profile(ctx: PeerContext, method: str, top: int = 8) -> list[dict[str, 
     peer = FeatcachePeer(ctx, method)
     peer.step()
     return profile_step(peer.step, torch.device(ctx.device), top)
+
+
+def train_flops_per_sample(peer: Peer, n: int = 2) -> float:
+    """FLOPs of one training step per sample (forward + backward, FlopCounterMode on a batch of ``n``).
+
+    The ratio of two peers' values is the speed-up their steps would show at equal arithmetic efficiency:
+    the bound that the step-time ratios are read against.
+    """
+    with FlopCounterMode(display=False, custom_mapping=flop_mapping()) as counter:
+        if isinstance(peer, FeatcachePeer):
+            batch = peer.next_batch()
+            peer.bank.train_step({k: v[:n] for k, v in batch.taps.items()}, batch.labels[:n], 0.5, 30)
+        else:
+            assert isinstance(peer, ImagePeer)
+            x, y = peer.images.batch(0)
+            peer.train_batch(x[:n], y[:n])
+    return counter.get_total_flops() / n

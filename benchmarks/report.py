@@ -71,9 +71,10 @@ def model_table(m: dict[str, Any], cuda: bool) -> str:
     steps, mem, e2e = m["steps"], m.get("memory", {}), m["end_to_end"]
     ref = steps["featcache-last"]["samples_per_s"]
     mem_col = "CUDA max allocated MB" if cuda else "peak RSS MB | above post-import MB"
-    lines = [f"| peer | trainable params | step samples/s | featcache-last speed-up | {e2e['epochs']} epochs on "
-             f"{e2e['images']} images | {mem_col} |",
-             "|---|---|---|---|---|---|" + ("" if cuda else "---|")]
+    lines = [f"| peer | trainable params | train GFLOP/sample | step samples/s | featcache-last speed-up (FLOP ratio) "
+             f"| {e2e['epochs']} epochs on {e2e['images']} images | {mem_col} |",
+             "|---|---|---|---|---|---|---|" + ("" if cuda else "---|")]
+    ref_flops = steps["featcache-last"].get("train_flops_per_sample")
     default_reader = m["context"]["reader"]
     used: set[str] = set()
     rows: list[tuple[str, str | None]] = []  # (peer name, the memory row shown with it)
@@ -90,10 +91,14 @@ def model_table(m: dict[str, Any], cuda: bool) -> str:
         real = er is not None and er.get("how", "").startswith("real")
         e2e_txt = "-" if er is None else _fmt_s(er["total_s"]) + ("" if real else " (extrap.)")
         sps = s.get("samples_per_s")
+        flops = s.get("train_flops_per_sample")
         speed = "-" if sps is None or name.startswith("featcache-") else f"{ref / sps:.1f}x"
+        if speed != "-" and flops and ref_flops:
+            speed += f" ({flops / ref_flops:.1f}x)"
         params = s.get("trainable_params", (mrow or {}).get("trainable_params"))
         mem_txt = _fmt_n(cuda_mb) if cuda else f"{_fmt_n(peak)} | {_fmt_n(above)}"
-        lines.append(f"| {name} | {_params(params)} | {_fmt_n(sps)} | {speed} | {e2e_txt} | {mem_txt} |")
+        gflops = "-" if not flops else f"{flops / 1e9:.2f}"
+        lines.append(f"| {name} | {_params(params)} | {gflops} | {_fmt_n(sps)} | {speed} | {e2e_txt} | {mem_txt} |")
     return "\n".join(lines)
 
 
@@ -123,9 +128,13 @@ def targets(r: dict[str, Any], folder: Path) -> list[tuple[str, str, str]]:
     def verdict(ok: bool) -> str:
         return "met" if ok else "**not met**"
 
+    fc_flops = steps["featcache-last"].get("train_flops_per_sample")
     for key, peer, label in (("step_vs_lora", "lora", "LoRA"), ("step_vs_in_loop", "last-in-loop", "LAST in the loop")):
         ratio = fc / steps[peer]["samples_per_s"]
-        rows.append((f"featcache step >= {t[key]:g}x {label}'s samples/s", f"{ratio:.1f}x", verdict(ratio >= t[key])))
+        flops = steps[peer].get("train_flops_per_sample")
+        bound = f" (FLOP ratio {flops / fc_flops:.1f}x)" if flops and fc_flops else ""
+        rows.append((f"featcache step >= {t[key]:g}x {label}'s samples/s", f"{ratio:.1f}x{bound}",
+                     verdict(ratio >= t[key])))
     ratio = e2e["lora"]["total_s"] / e2e["featcache-last"]["total_s"]
     rows.append((f"{m['end_to_end']['epochs']} epochs on {m['end_to_end']['images']} images (incl. extraction) >= "
                  f"{t['e2e_vs_lora']:g}x faster than LoRA (LoRA extrapolated)", f"{ratio:.1f}x",

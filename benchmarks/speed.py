@@ -55,12 +55,15 @@ def measure_steps(names: list[str], ctx: PeerContext, rounds: int, min_call_s: f
 
     res = interleave({n: call(p, calls[n]) for n, p in peers.items()}, rounds, device, warmup=0,
                      log=lambda m: say("  " + m))
+    from .limits import train_flops_per_sample
+
     out: dict[str, Any] = {}
     for name, p in peers.items():
         per_step = [s / calls[name] for s in res.seconds[name]]
         med = statistics.median(per_step)
         out[name] = {**p.describe(), "step_seconds": per_step, "median_step_s": med,
-                     "samples_per_s": ctx.batch_size / med, "steps_per_call": calls[name]}
+                     "samples_per_s": ctx.batch_size / med, "steps_per_call": calls[name],
+                     "train_flops_per_sample": train_flops_per_sample(p)}
     del peers
     return out
 
