@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 32
 # Measured on 2 CPU cores (docs/store.md, benchmarks/bench_extract.py settings): see runtime_settings()
 ZARR_CONCURRENCY = 4
+LOADER_NICE = 10  # DataLoader workers yield the cores to the backbone's threads (see default_loader_workers)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class ExtractOptions:
     chunk_images: int | None = None  # overrides of layout.choose_chunking (tests, tuning)
     shard_images: int | None = None
     loader_workers: int | None = None  # DataLoader processes; None = default_loader_workers()
+    writer_threads: int | None = None  # shard writer threads; None = default_writer_threads()
     durable: bool = True  # fsync each shard before its completion record (local paths)
     storage_options: dict[str, Any] | None = None  # fsspec options for URL stores
 
@@ -98,6 +100,8 @@ class ShardRunStats:
     seconds: float = 0.0
     forward_seconds: float = 0.0
     write_seconds: float = 0.0  # on the writer thread, overlapping the forward passes
+    startup_seconds: float = 0.0  # until the first batch arrived (DataLoader workers starting)
+    drain_seconds: float = 0.0  # after the last forward: writing the shards still queued
 
 
 @dataclass
@@ -122,11 +126,19 @@ class ExtractReport:
     loop_seconds: float  # computing and writing the shards
     forward_seconds: float
     write_seconds: float  # on the writer thread, overlapping the forward passes
+    startup_seconds: float = 0.0  # of loop_seconds: until the first batch arrived
+    drain_seconds: float = 0.0  # of loop_seconds: writing the last shards after the last forward
 
     @property
     def images_per_second(self) -> float:
-        """Throughput of the shard loop (images x views per second of backbone inputs / views)."""
+        """Throughput of the shard loop, start-up and final drain included."""
         return self.images_written / self.loop_seconds if self.loop_seconds > 0 else 0.0
+
+    @property
+    def steady_images_per_second(self) -> float:
+        """Throughput between the first batch and the last forward (what a long extraction sees)."""
+        steady = self.loop_seconds - self.startup_seconds - self.drain_seconds
+        return self.images_written / steady if steady > 0 else 0.0
 
     @property
     def compression_ratio(self) -> float:
@@ -143,7 +155,7 @@ class ExtractReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "images_per_second": self.images_per_second,
-                "compression_ratio": self.compression_ratio}
+                "steady_images_per_second": self.steady_images_per_second, "compression_ratio": self.compression_ratio}
 
 
 def _fmt_bytes(n: float) -> str:
@@ -158,9 +170,19 @@ def _fmt_bytes(n: float) -> str:
 # Runtime settings
 
 
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_loader_workers() -> int:
-    """DataLoader worker processes: 1 on small machines (measured best on 2 cores), up to 4 on larger ones."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """DataLoader worker processes: 1 on small machines (measured on 2 cores), up to 4 on larger ones."""
+    cpus = _cpus()
+    return 1 if cpus <= 4 else min(4, cpus // 4)
+
+
+def default_writer_threads() -> int:
+    """Shard writer threads: 1 where the backbone needs the cores, up to 4 where a GPU outruns one writer."""
+    cpus = _cpus()
     return 1 if cpus <= 4 else min(4, cpus // 4)
 
 
@@ -253,7 +275,16 @@ def make_loader(source: DataSource, backbone: Backbone, meta: SplitMeta, shards:
     images_per_batch = max(1, batch_size // meta.views)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=ShardBatchSampler(meta, shards, images_per_batch), num_workers=workers,
-        pin_memory=backbone.device.type == "cuda", prefetch_factor=4 if workers else None)
+        pin_memory=backbone.device.type == "cuda", prefetch_factor=4 if workers else None,
+        worker_init_fn=_lower_priority if workers else None)
+
+
+def _lower_priority(worker_id: int) -> None:
+    """In a DataLoader worker: a lower CPU priority, so that it preempts the backbone's threads less."""
+    try:
+        os.nice(LOADER_NICE)
+    except OSError:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +382,7 @@ class ShardBuffers:
 
 def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: Sequence[int], *,
                    batch_size: int | None = None, loader_workers: int | None = None, progress: bool = True,
-                   durable: bool = True) -> ShardRunStats:
+                   durable: bool = True, writer_threads: int | None = None) -> ShardRunStats:
     """Compute and write the given shards of an open split (the work unit; any subset, any order).
 
     ``split`` is a ``SplitHandle`` opened for writing; ``source`` gives the split's images in split
@@ -381,9 +412,12 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
     def on_written(data: ShardData, seconds: float) -> None:
         stats.shards.append(data.shard)
 
-    writer = ShardWriter(split, max_pending=2, durable=durable, on_written=on_written)
+    threads = default_writer_threads() if writer_threads is None else writer_threads
+    writer = ShardWriter(split, max_pending=2, durable=durable, on_written=on_written, threads=threads)
     try:
         for images, _labels, index in loader:
+            if not stats.startup_seconds:
+                stats.startup_seconds = time.perf_counter() - t0
             first = int(index[0])
             shard = first // meta.shard_images
             if buffers.shard != shard:
@@ -418,8 +452,10 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
         writer.close(raise_error=False)  # shards computed before the error are whole: keep them
         pbar.close()
         raise
+    t_drain = time.perf_counter()
     writer.close()
     pbar.close()
+    stats.drain_seconds = time.perf_counter() - t_drain
     stats.seconds = time.perf_counter() - t0
     stats.write_seconds = writer.write_seconds
     stats.shards.sort()
@@ -459,7 +495,8 @@ def extract(spec: BackboneSpec, data: str | DataSource, out: str | os.PathLike[s
             done = split.completed_shards()
             todo = [k for k in range(split.meta.num_shards) if not done[k]]
             stats = extract_shards(split, backbone, source, todo, batch_size=split.meta.batch_size,
-                                   loader_workers=opts.loader_workers, progress=opts.progress, durable=opts.durable)
+                                   loader_workers=opts.loader_workers, progress=opts.progress, durable=opts.durable,
+                                   writer_threads=opts.writer_threads)
             seconds = time.perf_counter() - t0
             totals = finalize_split(split, seconds)
     return _report(out, split, status, manifest, stats, totals, seconds)
@@ -472,9 +509,10 @@ def _report(out: str, split: Any, status: str, manifest: Manifest, stats: ShardR
         taps=manifest.tap_names, dtype=manifest.dtype, compressor=split.meta.compressor,
         shards_total=split.meta.num_shards, shards_written=len(stats.shards), images_written=stats.images,
         complete=totals.complete, nbytes=totals.nbytes, stored_bytes=totals.stored_bytes, seconds=seconds,
-        loop_seconds=stats.seconds, forward_seconds=stats.forward_seconds, write_seconds=stats.write_seconds)
+        loop_seconds=stats.seconds, forward_seconds=stats.forward_seconds, write_seconds=stats.write_seconds,
+        startup_seconds=stats.startup_seconds, drain_seconds=stats.drain_seconds)
 
 
 __all__ = ["AugmentedViews", "ExtractOptions", "ExtractReport", "ShardBatchSampler", "ShardRunStats", "build_manifest",
-           "default_loader_workers", "extract", "extract_shards", "make_loader", "open_split_source", "plan_split",
+           "default_loader_workers", "default_writer_threads", "extract", "extract_shards", "make_loader", "open_split_source", "plan_split",
            "runtime_settings", "seeded_rng"]
