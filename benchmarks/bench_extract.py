@@ -175,7 +175,8 @@ def bench_codecs(args: argparse.Namespace) -> dict[str, Any]:
                     write_complete_shard(split, ShardData(k, {n: a[s0:s1] for n, a in taps.items()}, labels[s0:s1],
                                                           ids[s0:s1]), durable=False)
                 t_write = time.perf_counter() - t0
-                stored = finalize_split(split).stored_bytes
+                totals = finalize_split(split)
+                stored = totals.stored_bytes
                 reread = FeatureStore.open(path).split("train")
                 t0 = time.perf_counter()
                 for name in taps:
@@ -186,8 +187,10 @@ def bench_codecs(args: argparse.Namespace) -> dict[str, Any]:
                 t_read = time.perf_counter() - t0
                 runs.append({"write_mb_s": nbytes / 1e6 / t_write, "read_mb_s": nbytes / 1e6 / t_read,
                              "ratio": nbytes / stored, "stored_bytes": stored})
+                per_tap = {n: round(t["nbytes"] / t["stored_bytes"], 3) for n, t in totals.per_tap.items()}
                 shutil.rmtree(path)
             rows[codec] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+            rows[codec]["ratio_per_tap"] = per_tap
             print(f"  {codec}: ratio {rows[codec]['ratio']:.3f}, write {rows[codec]['write_mb_s']:.0f} MB/s, "
                   f"read {rows[codec]['read_mb_s']:.0f} MB/s", file=sys.stderr, flush=True)
     return {"benchmark": "codecs", "machine": _machine(), "command": " ".join(sys.argv), "model": spec.to_dict(),
@@ -209,8 +212,8 @@ def bench_settings(args: argparse.Namespace) -> dict[str, Any]:
     models = _models(args)
     name = (args.models or ["vit_small_patch16_224" if not args.tiny else "test_vit"])[0]
     images = args.images or (16 if args.tiny else 128)
-    variants = [("loader_workers", 0), ("loader_workers", 2), ("loader_nice", 0), ("loader_nice", 19),
-                ("zarr_concurrency", 1), ("zarr_concurrency", 10), ("torch_threads", 1)]
+    variants = [("loader_workers", 0), ("loader_workers", 2), ("zarr_concurrency", 1), ("zarr_concurrency", 10),
+                ("torch_threads", 1)]
     spec = BackboneSpec(**models[name])
     backbone = Backbone(spec, resolve_device("auto"))
     batches = transformed_batches(backbone, args.data, images, args.batch_size)
@@ -222,10 +225,8 @@ def bench_settings(args: argparse.Namespace) -> dict[str, Any]:
                          "img_s": bare_forward(backbone, batches)})
             for what, value in [("default", None), *variants]:
                 opts: dict[str, Any] = {}
-                old, old_nice = fx.ZARR_CONCURRENCY, fx.LOADER_NICE
-                if what == "loader_nice":
-                    fx.LOADER_NICE = value
-                elif what == "loader_workers":
+                old = fx.ZARR_CONCURRENCY
+                if what == "loader_workers":
                     opts["loader_workers"] = value
                 elif what == "zarr_concurrency":
                     fx.ZARR_CONCURRENCY = value
@@ -235,7 +236,7 @@ def bench_settings(args: argparse.Namespace) -> dict[str, Any]:
                     rep = extract(spec, args.data, Path(tmp) / "s.zarr", ExtractOptions(
                         limit=images, batch_size=args.batch_size, progress=False, overwrite=True, **opts))
                 finally:
-                    fx.ZARR_CONCURRENCY, fx.LOADER_NICE = old, old_nice
+                    fx.ZARR_CONCURRENCY = old
                     torch.set_num_threads(default_threads)
                 rows.append({"variant": what, "value": value, "round": r, "img_s": rep.images_per_second})
                 print(f"  round {r}: {what}={value}: {rep.images_per_second:.1f} img/s", file=sys.stderr, flush=True)
@@ -248,7 +249,7 @@ def bench_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"benchmark": "settings", "machine": _machine(), "command": " ".join(sys.argv), "model": spec.to_dict(),
             "images": images, "batch_size": args.batch_size, "zarr_version": zarr.__version__,
             "defaults": {"loader_workers": default_loader_workers(), "zarr_concurrency": fx.ZARR_CONCURRENCY,
-                         "loader_nice": fx.LOADER_NICE, "torch_threads": default_threads},
+                         "torch_threads": default_threads},
             "medians_img_s": medians, "runs": rows}
 
 

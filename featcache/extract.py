@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 32
 # Measured on 2 CPU cores (docs/store.md, benchmarks/bench_extract.py settings): see runtime_settings()
 ZARR_CONCURRENCY = 4
-LOADER_NICE = 10  # DataLoader workers yield the cores to the backbone's threads (see default_loader_workers)
 
 
 @dataclass
@@ -75,6 +74,9 @@ class ExtractOptions:
     storage_options: dict[str, Any] | None = None  # fsspec options for URL stores
 
     def validate(self) -> None:
+        if not self.split or self.split.startswith("_") or "/" in self.split or "://" in self.split:
+            raise UsageError(f"--split {self.split!r} is not allowed: use letters, digits, '-' or '.' (not a leading "
+                             "'_', no '/')")
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other: resume continues a split, overwrite "
                              "replaces it")
@@ -275,16 +277,7 @@ def make_loader(source: DataSource, backbone: Backbone, meta: SplitMeta, shards:
     images_per_batch = max(1, batch_size // meta.views)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=ShardBatchSampler(meta, shards, images_per_batch), num_workers=workers,
-        pin_memory=backbone.device.type == "cuda", prefetch_factor=4 if workers else None,
-        worker_init_fn=_lower_priority if workers else None)
-
-
-def _lower_priority(worker_id: int) -> None:
-    """In a DataLoader worker: a lower CPU priority, so that it preempts the backbone's threads less."""
-    try:
-        os.nice(LOADER_NICE)
-    except OSError:
-        pass
+        pin_memory=backbone.device.type == "cuda", prefetch_factor=4 if workers else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,6 +373,34 @@ class ShardBuffers:
         return self.shard is not None and self.filled == stop - start
 
 
+def forward_taps(backbone: Backbone, images: torch.Tensor, views: int, dtype: str) -> dict[str, torch.Tensor]:
+    """The taps of a DataLoader batch ((B, 3, H, W), or (B, V, 3, H, W) with views), as (B * V, T, C)."""
+    x = images.to(backbone.device, non_blocking=True)
+    if views > 1:
+        x = x.flatten(0, 1)
+    autocast = backbone.device.type == "cuda" and dtype != "float32"
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        return backbone.taps(x)
+
+
+class _RateBar:
+    """The progress bar: images/s from tqdm, MB/s of tap data in the postfix (updated twice a second)."""
+
+    def __init__(self, total: int, desc: str, progress: bool) -> None:
+        self.bar, self.t0, self.last, self.nbytes = bar(total, desc, progress=progress), time.perf_counter(), 0.0, 0
+
+    def update(self, images: int, nbytes: int) -> None:
+        self.nbytes += nbytes
+        self.bar.update(images)
+        now = time.perf_counter()
+        if now - self.last > 0.5:
+            self.bar.set_postfix_str(f"{self.nbytes / 1e6 / (now - self.t0):.1f} MB/s", refresh=False)
+            self.last = now
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: Sequence[int], *,
                    batch_size: int | None = None, loader_workers: int | None = None, progress: bool = True,
                    durable: bool = True, writer_threads: int | None = None) -> ShardRunStats:
@@ -387,67 +408,49 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
 
     ``split`` is a ``SplitHandle`` opened for writing; ``source`` gives the split's images in split
     order (``open_split_source(split.meta.data, split.meta.limit)``). Each shard is written whole
-    and then marked complete. Ctrl-C writes the shards already computed, drops the partial one and
-    raises ``Interrupted``.
+    and then marked complete. On Ctrl-C the shards already computed are written, the partial one
+    is dropped and ``Interrupted`` is raised; on other errors too the computed shards are kept.
     """
     meta, dtype = split.meta, split.store.manifest.dtype
     if len(source) != meta.num_samples:
         raise DataError(f"the data source has {len(source)} images but split {split.name!r} was planned for "
                         f"{meta.num_samples}")
-    batch_size = batch_size or meta.batch_size or DEFAULT_BATCH_SIZE
-    workers = default_loader_workers() if loader_workers is None else loader_workers
-    stats = ShardRunStats()
-    labels, ids = source.labels(), source.ids()
-    todo = sorted(int(k) for k in shards)
+    stats, todo = ShardRunStats(), sorted(int(k) for k in shards)
     if not todo:
         return stats
+    labels, ids = source.labels(), source.ids()
     buffers = ShardBuffers(meta, backbone.taps.infos, dtype)
-    autocast = backbone.device.type == "cuda" and dtype != "float32"
-    loader = make_loader(source, backbone, meta, todo, batch_size, workers)
-    total = sum(stop - start for start, stop in (meta.shard_bounds(k) for k in todo))
-    pbar = bar(total, f"extract {split.name}", progress=progress)
+    workers = default_loader_workers() if loader_workers is None else loader_workers
+    loader = make_loader(source, backbone, meta, todo, batch_size or meta.batch_size or DEFAULT_BATCH_SIZE, workers)
+    pbar = _RateBar(sum(stop - start for start, stop in map(meta.shard_bounds, todo)), f"extract {split.name}",
+                    progress)
     t0 = time.perf_counter()
-    last_postfix = 0.0
-
-    def on_written(data: ShardData, seconds: float) -> None:
-        stats.shards.append(data.shard)
-
-    threads = default_writer_threads() if writer_threads is None else writer_threads
-    writer = ShardWriter(split, max_pending=2, durable=durable, on_written=on_written, threads=threads)
+    batches = iter(loader)  # fork the DataLoader workers before the writer threads exist
+    writer = ShardWriter(split, max_pending=2, durable=durable, threads=default_writer_threads()
+                         if writer_threads is None else writer_threads)
     try:
-        for images, _labels, index in loader:
-            if not stats.startup_seconds:
-                stats.startup_seconds = time.perf_counter() - t0
+        for images, _labels, index in batches:
+            stats.startup_seconds = stats.startup_seconds or time.perf_counter() - t0
             first = int(index[0])
             shard = first // meta.shard_images
             if buffers.shard != shard:
                 buffers.start(shard)
             tf = time.perf_counter()
-            x = images.to(backbone.device, non_blocking=True)
-            if meta.views > 1:
-                x = x.flatten(0, 1)  # (B, V, 3, H, W) -> (B * V, 3, H, W)
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                taps = backbone.taps(x)
-            n = buffers.put(first - meta.shard_bounds(shard)[0], taps)
+            n = buffers.put(first - meta.shard_bounds(shard)[0], forward_taps(backbone, images, meta.views, dtype))
             stats.forward_seconds += time.perf_counter() - tf
             stats.images += n
             stats.nbytes += buffers.bytes_per_image * n
-            pbar.update(n)
+            pbar.update(n, buffers.bytes_per_image * n)
             if buffers.full:
                 start, stop = meta.shard_bounds(shard)
                 writer.submit(ShardData(shard, buffers.arrays, labels[start:stop], ids[start:stop]))
                 buffers.shard = None
-            now = time.perf_counter()
-            if now - last_postfix > 0.5:
-                pbar.set_postfix_str(f"{stats.nbytes / 1e6 / (now - t0):.1f} MB/s", refresh=False)
-                last_postfix = now
     except KeyboardInterrupt:
         writer.close(raise_error=False)  # computed shards are whole: keep them; the partial one is dropped
         pbar.close()
-        done = int(split.completed_shards().sum())
-        raise Interrupted(f"interrupted: {done} of {meta.num_shards} shards of split {split.name!r} in "
-                          f"{split.store.url} are complete, the shard in progress was discarded; run the same "
-                          "featcache extract command with --resume to continue") from None
+        raise Interrupted(f"interrupted: {int(split.completed_shards().sum())} of {meta.num_shards} shards of split "
+                          f"{split.name!r} in {split.store.url} are complete, the shard in progress was discarded; "
+                          "run the same featcache extract command with --resume to continue") from None
     except BaseException:
         writer.close(raise_error=False)  # shards computed before the error are whole: keep them
         pbar.close()
@@ -458,7 +461,7 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
     stats.drain_seconds = time.perf_counter() - t_drain
     stats.seconds = time.perf_counter() - t0
     stats.write_seconds = writer.write_seconds
-    stats.shards.sort()
+    stats.shards = sorted(writer.written)
     return stats
 
 
@@ -514,5 +517,5 @@ def _report(out: str, split: Any, status: str, manifest: Manifest, stats: ShardR
 
 
 __all__ = ["AugmentedViews", "ExtractOptions", "ExtractReport", "ShardBatchSampler", "ShardRunStats", "build_manifest",
-           "default_loader_workers", "default_writer_threads", "extract", "extract_shards", "make_loader", "open_split_source", "plan_split",
-           "runtime_settings", "seeded_rng"]
+           "default_loader_workers", "default_writer_threads", "extract", "extract_shards", "forward_taps",
+           "make_loader", "open_split_source", "plan_split", "runtime_settings", "seeded_rng"]
