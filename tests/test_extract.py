@@ -225,3 +225,20 @@ def test_cli_subprocess_prints_summary_line(images: Path, tmp_path: Path) -> Non
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("extracted 6 images x 7 taps into") and "ratio" in last and "images/s" in last
     assert FeatureStore.open(out).split("train").complete
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_extraction_matches_cpu(images: Path, tmp_path: Path) -> None:
+    """On CUDA the forward runs under bf16 autocast for 16-bit caches, in float32 for float32 caches."""
+    run_extract(images, tmp_path / "cpu.zarr", dtype="float32", limit=12)
+    run_extract(images, tmp_path / "gpu32.zarr", dtype="float32", limit=12, device="cuda", loader_workers=1)
+    run_extract(images, tmp_path / "gpu16.zarr", dtype="bfloat16", limit=12, device="cuda")
+    cpu = read_split(tmp_path / "cpu.zarr")
+    gpu32 = read_split(tmp_path / "gpu32.zarr")
+    gpu16 = FeatureStore.open(tmp_path / "gpu16.zarr").split("train")
+    assert np.array_equal(cpu["labels"], gpu32["labels"]) and np.array_equal(cpu["ids"], gpu32["ids"])
+    for name in FeatureStore.open(tmp_path / "cpu.zarr").manifest.tap_names:
+        assert np.allclose(gpu32[name], cpu[name], atol=2e-3, rtol=1e-3), name  # TF32 off by default for float32
+        got = gpu16.decode(gpu16.tap(name)[:]).float().numpy()
+        assert np.allclose(got, cpu[name], atol=0.1, rtol=0.05), name

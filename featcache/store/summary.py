@@ -217,12 +217,20 @@ def _format_split(name: str, s: dict[str, Any]) -> list[str]:
         total = max(1, sum(s["label_counts"].values()))
         peak = max(s["label_counts"].values()) or 1
         lines.append("  labels:")
+        items = list(s["label_counts"].items())
         label_rows = [[f"    {k}", str(c), f"{100 * c / total:.1f}%", "#" * max(0, round(30 * c / peak))]
-                      for k, c in s["label_counts"].items()]
+                      for k, c in items[:MAX_LABEL_ROWS]]
         lines += _table(label_rows, indent="")
+        if len(items) > MAX_LABEL_ROWS:
+            counts = [c for _, c in items]
+            lines.append(f"    ... {len(items) - MAX_LABEL_ROWS} more classes (all: min {min(counts)}, max {max(counts)} "
+                         "images per class; --json lists them)")
     if s["unlabelled"]:
         lines.append(f"  unlabelled images: {s['unlabelled']}")
     return lines
+
+
+MAX_LABEL_ROWS = 40
 
 
 def _num(v: float | None) -> str:
