@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,6 +96,7 @@ _KILL_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from featcache.backbone import BackboneSpec
     from featcache.data import open_source
+    from featcache.errors import FeatcacheError
     from featcache.extract import extract
 
     class Slow:  # the same images, slowly: the parent kills us mid-run
@@ -111,14 +113,22 @@ _KILL_SCRIPT = textwrap.dedent("""
             return self.source.ids()
 
     spec = BackboneSpec(model="test_vit", model_kwargs={"img_size": 32}, weights="random")
-    extract(spec, Slow(open_source(sys.argv[1])), sys.argv[2], dtype="float32", loader_workers=0, progress=False,
-            chunk_images=2, shard_images=4, batch_size=4)
+    try:
+        extract(spec, Slow(open_source(sys.argv[1])), sys.argv[2], dtype="float32", loader_workers=int(sys.argv[3]),
+                progress=False, chunk_images=2, shard_images=4, batch_size=4)
+    except FeatcacheError as err:  # as the CLI does
+        print(f"Error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
 """)
 
 
-def test_resume_after_sigkill_equals_clean_run(images: Path, tmp_path: Path, clean_run: dict) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_resume_after_kill_or_ctrl_c_equals_clean_run(images: Path, tmp_path: Path, clean_run: dict, sig: int) -> None:
+    """A real process killed with SIGKILL (lock left stale), or sent Ctrl-C (a clean stop), mid-run."""
     out = tmp_path / "s.zarr"
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(images), str(out)])
+    workers = "1" if sig == signal.SIGINT else "0"  # Ctrl-C reaches the DataLoader worker too
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(images), str(out), workers],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline:
@@ -126,12 +136,18 @@ def test_resume_after_sigkill_equals_clean_run(images: Path, tmp_path: Path, cle
             if len(done) >= 2 or proc.poll() is not None:
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, "the extraction finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.poll() is None, "the extraction finished before it could be stopped"
+        os.killpg(proc.pid, sig)  # the whole process group, as a terminal's Ctrl-C does
     finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert (out / "_locks" / "train.lock").exists()  # a crashed owner's lock is left behind ...
+        stderr = proc.communicate(timeout=60)[1]
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+        assert (out / "_locks" / "train.lock").exists()  # a crashed owner's lock is left behind ...
+    else:
+        assert proc.returncode == 130 and "Traceback" not in stderr
+        assert re.search(r"Error: interrupted: \d of 6 shards .* discarded; run the same featcache extract command "
+                         r"with --resume", stderr), stderr
+        assert not (out / "_locks").exists()
     done = FeatureStore.open(out).split("train").completed_shards()
     assert 2 <= done.sum() < 6
     report = run_extract(images, out, dtype="float32", resume=True)  # ... and taken over as stale
