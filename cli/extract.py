@@ -37,6 +37,8 @@ from featcache.store.manifest import DTYPES  # noqa: E402
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True, help="Cache dtype.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted extraction of this split.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing split of the same name.")
+@click.option("--repair", is_flag=True,
+              help="With --resume: read the whole split first and recompute the shards whose data is damaged.")
 @click.option("--compressor", type=click.Choice(COMPRESSORS), default=None,
               help=f"Chunk compressor [default: {DEFAULT_COMPRESSOR}, or the split's recorded one with --resume].")
 @click.option("--views", type=int, default=1, show_default=True,
@@ -46,18 +48,20 @@ from featcache.store.manifest import DTYPES  # noqa: E402
 @click.option("--limit", type=int, default=None, help="Use a fixed stratified subset of N images.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary line.")
 def command(model: str, model_kwargs: tuple[str, ...], weights: str, data: str, out: str, split: str, layers: str,
-            batch_size: int | None, device: str, dtype: str, resume: bool, overwrite: bool, compressor: str | None,
-            views: int, seed: int, image_size: int | None, limit: int | None, quiet: bool) -> None:
+            batch_size: int | None, device: str, dtype: str, resume: bool, overwrite: bool, repair: bool,
+            compressor: str | None, views: int, seed: int, image_size: int | None, limit: int | None,
+            quiet: bool) -> None:
     """Run a frozen timm backbone once over --data and store every tapped activation in --out.
 
     \b
     Writes all selected taps, labels and ids of split --split, shard by shard; an interrupted run
-    continues with --resume and gives the same arrays as an uninterrupted one.
+    continues with --resume and gives the same arrays as an uninterrupted one; --resume --repair
+    also recomputes shards that fail their checksums.
     """
     spec = BackboneSpec(model=model, model_kwargs=parse_assignments(model_kwargs, "--model-kwargs"), weights=weights,
                         image_size=image_size)
     options = ExtractOptions(split=split, layers=parse_layers(layers), batch_size=batch_size, device=device,
                              dtype=dtype, compressor=compressor, views=views, seed=seed, limit=limit, resume=resume,
-                             overwrite=overwrite, progress=not quiet)
+                             overwrite=overwrite, repair=repair, progress=not quiet)
     report = extract(spec, data, out, options)
     say(report.summary_line(), quiet)

@@ -35,13 +35,14 @@ import zarr
 
 from featcache import __version__
 from featcache.backbone import Backbone, BackboneSpec, resolve_device
-from featcache.data import DataSource, Subset, TransformedDataset, open_source, stratified_subset
+from featcache.data import DataSource, Subset, TransformedDataset, open_source, stratified_subset, unwrap_worker_error
 from featcache.errors import DataError, Interrupted, StoreError, UsageError
 from featcache.progress import bar
 from featcache.store.layout import COMPRESSORS, DEFAULT_COMPRESSOR, FeatureStore, choose_chunking, compressor_record, storage_dtype
 from featcache.store.lock import SplitLock
 from featcache.store.manifest import DTYPES, Manifest, SplitMeta
-from featcache.store.writer import ShardData, ShardWriter, SplitTotals, finalize_split, open_split_for_writing
+from featcache.store.writer import (ShardData, ShardWriteError, ShardWriter, SplitTotals, describe_os_error,
+                                    finalize_split, open_split_for_writing)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class ExtractOptions:
     limit: int | None = None  # a fixed stratified subset of this many images
     resume: bool = False
     overwrite: bool = False
+    repair: bool = False  # with resume: verify the split first and recompute the shards found damaged
     progress: bool = True
     chunk_images: int | None = None  # overrides of layout.choose_chunking (tests, tuning)
     shard_images: int | None = None
@@ -80,6 +82,9 @@ class ExtractOptions:
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other: resume continues a split, overwrite "
                              "replaces it")
+        if self.repair and not self.resume:
+            raise UsageError("--repair needs --resume: it continues the split and recomputes the shards that "
+                             "featcache inspect --verify finds damaged")
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.compressor is not None and self.compressor not in COMPRESSORS:
@@ -130,6 +135,7 @@ class ExtractReport:
     write_seconds: float  # on the writer thread, overlapping the forward passes
     startup_seconds: float = 0.0  # of loop_seconds: until the first batch arrived
     drain_seconds: float = 0.0  # of loop_seconds: writing the last shards after the last forward
+    shards_repaired: list[int] = field(default_factory=list)  # --repair: damaged shards recomputed
 
     @property
     def images_per_second(self) -> float:
@@ -149,6 +155,8 @@ class ExtractReport:
     def summary_line(self) -> str:
         """The one-line summary the CLI prints on stderr."""
         done = "" if self.status != "resumed" else f", resumed: {self.shards_written} of {self.shards_total} shards redone"
+        if self.shards_repaired:
+            done += f" ({len(self.shards_repaired)} damaged shard(s) repaired: {', '.join(map(str, self.shards_repaired))})"
         views = f" x {self.views} views" if self.views > 1 else ""
         return (f"extracted {self.num_samples} images{views} x {len(self.taps)} taps into {self.store} "
                 f"[{self.split}]{done}: {_fmt_bytes(self.nbytes)} {self.dtype} stored as {_fmt_bytes(self.stored_bytes)} "
@@ -428,6 +436,7 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
     batches = iter(loader)  # fork the DataLoader workers before the writer threads exist
     writer = ShardWriter(split, max_pending=2, durable=durable, threads=default_writer_threads()
                          if writer_threads is None else writer_threads)
+    t_drain = t0
     try:
         for images, _labels, index in batches:
             stats.startup_seconds = stats.startup_seconds or time.perf_counter() - t0
@@ -445,24 +454,40 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
                 start, stop = meta.shard_bounds(shard)
                 writer.submit(ShardData(shard, buffers.arrays, labels[start:stop], ids[start:stop]))
                 buffers.shard = None
+        t_drain = time.perf_counter()
+        writer.close()  # the queued shards; a write error is raised here or by submit
     except KeyboardInterrupt:
         writer.close(raise_error=False)  # computed shards are whole: keep them; the partial one is dropped
         pbar.close()
         raise Interrupted(f"interrupted: {int(split.completed_shards().sum())} of {meta.num_shards} shards of split "
                           f"{split.name!r} in {split.store.url} are complete, the shard in progress was discarded; "
                           "run the same featcache extract command with --resume to continue") from None
-    except BaseException:
+    except ShardWriteError as err:
+        writer.close(raise_error=False)  # the shards written before the failure are complete: keep them
+        pbar.close()
+        raise StoreError(f"{err}; {_kept(split)}: {err.fix}, then run the same featcache extract command with "
+                         "--resume") from err
+    except BaseException as err:
         writer.close(raise_error=False)  # shards computed before the error are whole: keep them
         pbar.close()
+        unwrapped = unwrap_worker_error(err)  # an error in a DataLoader worker: its own type and message
+        if unwrapped is not err:
+            raise unwrapped from None
         raise
-    t_drain = time.perf_counter()
-    writer.close()
     pbar.close()
     stats.drain_seconds = time.perf_counter() - t_drain
     stats.seconds = time.perf_counter() - t0
     stats.write_seconds = writer.write_seconds
     stats.shards = sorted(writer.written)
     return stats
+
+
+def _kept(split: Any) -> str:
+    try:
+        done = int(split.completed_shards().sum())
+    except StoreError:
+        return "the shards completed before the failure are kept"
+    return f"{done} of {split.meta.num_shards} shards of split {split.name!r} are complete and kept"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,21 +513,28 @@ def extract(spec: BackboneSpec, data: str | DataSource, out: str | os.PathLike[s
     with runtime_settings():
         source = open_split_source(data, opts.limit)
         backbone = Backbone(spec, resolve_device(opts.device), opts.layers)
-        with SplitLock(out, opts.split, opts.storage_options):
-            recorded = _recorded_meta(out, opts.split, opts.storage_options)
-            meta = plan_split(backbone, source, opts, recorded)
-            manifest = build_manifest(backbone, opts.dtype, meta.compressor)
-            split, status = open_split_for_writing(
-                out, manifest, opts.split, meta, ids=source.ids(), resume=opts.resume, overwrite=opts.overwrite,
-                final_norm=backbone.final_norm_state(), storage_options=opts.storage_options)
-            done = split.completed_shards()
-            todo = [k for k in range(split.meta.num_shards) if not done[k]]
-            stats = extract_shards(split, backbone, source, todo, batch_size=split.meta.batch_size,
-                                   loader_workers=opts.loader_workers, progress=opts.progress, durable=opts.durable,
-                                   writer_threads=opts.writer_threads)
-            seconds = time.perf_counter() - t0
-            totals = finalize_split(split, seconds)
-    return _report(out, split, status, manifest, stats, totals, seconds)
+        try:
+            with SplitLock(out, opts.split, opts.storage_options):
+                recorded = _recorded_meta(out, opts.split, opts.storage_options)
+                meta = plan_split(backbone, source, opts, recorded)
+                manifest = build_manifest(backbone, opts.dtype, meta.compressor)
+                split, status = open_split_for_writing(
+                    out, manifest, opts.split, meta, ids=source.ids(), resume=opts.resume, overwrite=opts.overwrite,
+                    repair=opts.repair, final_norm=backbone.final_norm_state(), storage_options=opts.storage_options)
+                done = split.completed_shards()
+                todo = [k for k in range(split.meta.num_shards) if not done[k]]
+                stats = extract_shards(split, backbone, source, todo, batch_size=split.meta.batch_size,
+                                       loader_workers=opts.loader_workers, progress=opts.progress,
+                                       durable=opts.durable, writer_threads=opts.writer_threads)
+                seconds = time.perf_counter() - t0
+                totals = finalize_split(split, seconds)
+        except OSError as err:  # outside the shard writer: creating the store or split, finalizing, the lock
+            what, fix = describe_os_error(err)
+            raise StoreError(f"cannot write store {out}: {what}; completed shards are kept: {fix}, then run the same "
+                             "featcache extract command with --resume") from err
+    report = _report(out, split, status, manifest, stats, totals, seconds)
+    report.shards_repaired = list(split.repaired_shards)
+    return report
 
 
 def _report(out: str, split: Any, status: str, manifest: Manifest, stats: ShardRunStats, totals: SplitTotals,

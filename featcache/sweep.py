@@ -142,6 +142,7 @@ def expand(method: str, settings: dict[str, Any] | None = None, grid: dict[str, 
             meth_cfg = methods.config_class(m).from_dict(meth_kw).to_dict()
             shown = ([("method", m)] if len(methods_used) > 1 else []) + list(over.items())
             name = "-".join(f"{k}={_fmt(v)}" for k, v in shown) or m
+            name = name.replace("/", "_").replace("\\", "_").replace("\0", "_")  # one directory: RUNDIR/members/NAME
             members.append(SweepMember(name, m, meth_cfg, train_cfg, ({"method": m} if len(methods_used) > 1 else {}) | over))
     names = [mem.name for mem in members]
     if len(set(names)) != len(names):

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import shutil
 import time
@@ -28,11 +29,12 @@ import psutil
 import torch
 
 from featcache import methods
-from featcache.checkpoint import member_config, read_tensors, write_json, write_tensors
-from featcache.errors import CheckpointError, ConfigError, StoreError
+from featcache.checkpoint import member_config, read_tensors, safe_member_name, write_json, write_tensors
+from featcache.errors import CheckpointError, ConfigError, FeatcacheError, Interrupted, StoreError
 from featcache.methods.base import MethodInput
 from featcache.progress import bar, say
 from featcache.store.layout import FeatureStore, SplitHandle
+from featcache.store.manifest import Manifest
 from featcache.store.reader import CacheReader, open_reader
 
 from .bank import MemberBank
@@ -61,12 +63,25 @@ def peak_rss_mb() -> float:
 
 
 def _method_input(store: FeatureStore, split: SplitHandle, backbone_state: Callable[[], dict] | None) -> MethodInput:
-    labels = split.labels()
-    num_classes = max(len(split.meta.classes), int(labels.max()) + 1 if len(labels) else 0)
-    if num_classes < 2:
-        raise StoreError(f"split {split.name!r} has {num_classes} class(es); training a classifier needs at least 2")
+    done = split.completed_indices()  # readers use completed shards only; the others hold no labels yet
+    if len(done) == 0:
+        raise StoreError(f"split {split.name!r} of {store.url} has no completed shard yet; finish the extraction "
+                         "(featcache extract --resume) first")
+    if len(done) < split.num_samples:
+        log.warning(f"split {split.name!r} of {store.url} is incomplete: training on the {len(done)} of "
+                    f"{split.num_samples} images in completed shards; finish it with featcache extract --resume")
+    labels = split.labels()[done]
     if labels.min() < 0:
         raise StoreError(f"split {split.name!r} has unlabelled images (label -1); train needs labelled data")
+    classes = split.meta.classes
+    if classes and labels.max() >= len(classes):
+        first = int(done[int(labels.argmax())])
+        raise StoreError(f"split {split.name!r} of {store.url} holds label {int(labels.max())} (image {first}) but "
+                         f"has {len(classes)} classes; the store is damaged: run featcache inspect --verify, then "
+                         "featcache extract --resume --repair")
+    num_classes = max(len(classes), int(labels.max()) + 1)
+    if num_classes < 2:
+        raise StoreError(f"split {split.name!r} has {num_classes} class(es); training a classifier needs at least 2")
     return MethodInput(taps=store.manifest.taps, num_classes=num_classes, final_norm=store.final_norm(),
                        backbone_kind=store.manifest.backbone.get("kind", "vit"), backbone_state=backbone_state)
 
@@ -86,25 +101,40 @@ def _eval_splits(store: FeatureStore, train_split: str, eval_split: str | None) 
     return chosen
 
 
-def _prepare_rundir(out: Path, members: list[SweepMember], resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """Create RUNDIR, or check that a resumed one belongs to the same sweep; returns the saved state."""
+def _prepare_rundir(out: Path, members: list[SweepMember], resume: bool, overwrite: bool,
+                    create: bool = True) -> dict[str, Any] | None:
+    """Create RUNDIR, or check that a resumed one belongs to the same sweep; returns the saved state.
+
+    ``create=False`` only checks (nothing is written), so that every refusal comes before any change.
+    """
     sweep = [m.to_dict() for m in members]
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} is a file; choose a directory for the run")
     if resume:
         if not (out / "sweep.json").is_file():
             raise CheckpointError(f"--resume: {out} holds no featcache run (no sweep.json); drop --resume to start one")
-        saved = json.loads((out / "sweep.json").read_text())
+        saved = _read_json(out / "sweep.json")
         if saved != sweep:
             raise CheckpointError(f"--resume: {out} was started with a different sweep (methods, settings or grid); "
                                   "resume with the same options, or start a new --out")
         pointer = out / "state" / "state.json"
-        return json.loads(pointer.read_text()) if pointer.is_file() else None
+        if not pointer.is_file():
+            return None
+        state = _read_json(pointer)
+        # a name inside RUNDIR/state, never a path from the file: state.json is data, not a place to read or write
+        if not isinstance(state, dict) or not re.fullmatch(r"epoch-\d{4,}", str(state.get("dir", ""))) \
+                or not isinstance(state.get("epoch"), int):
+            raise CheckpointError(f"--resume: {pointer} is damaged (no valid epoch and state directory); start a new "
+                                  "--out, or --overwrite this run")
+        return state
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise CheckpointError(f"run directory {out} already exists and is not empty; pass --resume to continue it, "
                                   "--overwrite to replace it, or choose a new --out")
-        shutil.rmtree(out)
+        if create:
+            shutil.rmtree(out)
+    if not create:
+        return None
     (out / "members").mkdir(parents=True, exist_ok=True)
     write_json(out / "sweep.json", sweep)
     return None
@@ -127,12 +157,63 @@ def _save_state(out: Path, epoch: int, banks: list[MemberBank], records: list[Me
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as err:
+        raise CheckpointError(f"--resume: {path} is damaged ({err}); start a new --out, or --overwrite this run") from None
+
+
 def _load_state(out: Path, state: dict[str, Any], banks: list[MemberBank], records: list[MemberRecord]) -> None:
     target = out / "state" / state["dir"]
-    for i, bank in enumerate(banks):
-        bank.load_state(read_tensors(target / f"bank{i}.safetensors"), state["banks"][i])
-    for rec, saved in zip(records, state["records"]):
-        rec.history, rec.best = saved["history"], saved["best"]
+    try:
+        for i, bank in enumerate(banks):
+            bank.load_state(read_tensors(target / f"bank{i}.safetensors"), state["banks"][i])
+        for rec, saved in zip(records, state["records"]):
+            rec.history, rec.best = saved["history"], saved["best"]
+    except (KeyError, IndexError, TypeError) as err:
+        raise CheckpointError(f"--resume: the saved state in {target} does not fit this sweep ({type(err).__name__}: "
+                              f"{err}); start a new --out, or --overwrite this run") from None
+
+
+def _check_resumed_store(out: Path, store: FeatureStore, split: str, members: list[SweepMember]) -> None:
+    """A resumed run must read the store it started on (same backbone, weights, taps, dtype, split)."""
+    config = out / "members" / safe_member_name(members[0].name) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        recorded = json.loads(config.read_text())["store"]
+        theirs = Manifest.from_attrs(recorded["manifest"], f"the store recorded in {config}")
+    except (ValueError, KeyError, TypeError, FeatcacheError):
+        return  # a damaged member config is rewritten at the end of the next epoch
+    if recorded.get("split") != split:
+        raise CheckpointError(f"--resume: {out} was trained on split {recorded.get('split')!r}, this run reads split "
+                              f"{split!r}; resume with --split {recorded.get('split')}, or start a new --out")
+    mine, was = store.manifest.identity(), theirs.identity()
+    for key in mine:
+        if mine[key] != was[key]:
+            raise CheckpointError(f"--resume: {out} was trained on a store made with another {key} than {store.url} "
+                                  f"has; resume with the store it started on ({recorded.get('url')}), or start a new "
+                                  "--out")
+
+
+def _saved_epochs(out: Path) -> int:
+    """Epochs whose end state RUNDIR/state holds (what --resume continues from)."""
+    try:
+        return int(json.loads((out / "state" / "state.json").read_text())["epoch"]) + 1
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _remove_leftovers(out: Path, state: dict[str, Any] | None) -> None:
+    """Temporary files of writes cut short by a crash, and state directories no pointer names."""
+    for tmp in [*out.glob(".*.tmp*"), *out.glob("members/*/.*.tmp*"), *out.glob("state/.*.tmp*"),
+                *out.glob("state/*/.*.tmp*")]:
+        tmp.unlink(missing_ok=True)
+    keep = state["dir"] if state is not None else None
+    for old in (out / "state").glob("epoch-*"):
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _evaluate(banks: list[MemberBank], reader: CacheReader) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -206,7 +287,9 @@ def train(store: str | FeatureStore, method: str, out: str | os.PathLike[str], s
     train_split = fs.split(split)
     eval_names = _eval_splits(fs, split, eval_split)
     mi = _method_input(fs, train_split, backbone_state)
-    state = _prepare_rundir(out, members, resume, overwrite)
+    state = _prepare_rundir(out, members, resume, overwrite, create=False)  # refusals first, nothing written
+    if resume:
+        _check_resumed_store(out, fs, split, members)
     banks, records = _build_banks(members, mi, device)
     mi.backbone_state = None  # LST's pruned init is done: free the backbone weights
     needed = sorted({t for b in banks for t in b.required_taps}, key=fs.manifest.tap_names.index)
@@ -214,6 +297,10 @@ def train(store: str | FeatureStore, method: str, out: str | os.PathLike[str], s
     train_reader = open_reader(train_split, needed, reader, cfg.batch_size, shuffle=True, seed=cfg.seed, device=device)
     eval_readers = {n: open_reader(fs.split(n), needed, reader, max(cfg.batch_size, 256), shuffle=False, device=device)
                     for n in eval_names}
+    if resume:  # the cache read well (resident readers check every chunk): now RUNDIR may change
+        _remove_leftovers(out, state)
+    else:
+        _prepare_rundir(out, members, resume, overwrite)
     first_epoch, stats = 0, {"train_seconds": 0.0, "train_samples": 0, "bank_seconds": [0.0] * len(banks)}
     if state is not None:
         _load_state(out, state, banks, records)
@@ -226,19 +313,26 @@ def train(store: str | FeatureStore, method: str, out: str | os.PathLike[str], s
     select = eval_names[0] if eval_names else split
     say(f"training {len(members)} member(s) in {len(banks)} bank(s) on {train_reader.num_samples} samples "
         f"({', '.join(needed)}), reader {train_reader.mode}: {train_reader.choice.reason}", quiet=not progress)
-    with bar(cfg.epochs * len(train_reader), "train", unit="step", progress=progress,
-             initial=first_epoch * len(train_reader)) as pbar:
-        for epoch in range(first_epoch, cfg.epochs):
-            torch.manual_seed(cfg.seed * 1000 + epoch)  # any randomness inside side networks: fixed per epoch
-            rows = _train_epoch(epoch, banks, records, train_reader, cfg.epochs, stats, pbar)
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                _eval_epoch(banks, records, eval_readers, rows)
-            _record_epoch(out, epoch, banks, records, rows, configs, select)
-            _save_state(out, epoch, banks, records, stats)
-            _write_metrics(out, records)
-            pbar.set_postfix_str(_postfix(records), refresh=True)
-    summary = _summary(out, records, banks, stats, select, t_start, rss_base, train_reader, device)
-    _finish(out, summary, records, select, progress)
+    try:
+        with bar(cfg.epochs * len(train_reader), "train", unit="step", progress=progress,
+                 initial=first_epoch * len(train_reader)) as pbar:
+            for epoch in range(first_epoch, cfg.epochs):
+                torch.manual_seed(cfg.seed * 1000 + epoch)  # any randomness inside side networks: fixed per epoch
+                rows = _train_epoch(epoch, banks, records, train_reader, cfg.epochs, stats, pbar)
+                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                    _eval_epoch(banks, records, eval_readers, rows)
+                _record_epoch(out, epoch, banks, records, rows, configs, select)
+                _save_state(out, epoch, banks, records, stats)  # the commit point of the epoch
+                _write_metrics(out, records)
+                pbar.set_postfix_str(_postfix(records), refresh=True)
+        summary = _summary(out, records, banks, stats, select, t_start, rss_base, train_reader, device)
+        _finish(out, summary, records, select, progress)
+    except KeyboardInterrupt:
+        saved = _saved_epochs(out)
+        kept = (f"it holds the state after epoch {saved} of {cfg.epochs}" if saved else
+                "no epoch had finished, so it starts from the beginning")
+        raise Interrupted(f"interrupted: training in {out} stopped, {kept}; run the same featcache train command with "
+                          "--resume to continue") from None
     return summary
 
 
@@ -272,7 +366,7 @@ def _record_epoch(out: Path, epoch: int, banks: list[MemberBank], records: list[
         alive = bool(bank.alive[rec.slot])
         row["status"] = "ok" if alive else "diverged"
         rec.history.append(row)
-        mdir = out / "members" / rec.member.name
+        mdir = out / "members" / safe_member_name(rec.member.name)
         mdir.mkdir(parents=True, exist_ok=True)
         weights = bank.member_state(rec.slot)
         score = row.get(f"{select}_acc")  # None when this epoch was not evaluated
@@ -308,7 +402,7 @@ def _summary(out: Path, records: list[MemberRecord], banks: list[MemberBank], st
             "config": {**r.member.method_config, **r.member.train.to_dict()},
             "metrics": {k: v for k, v in last.items() if k not in ("epoch", "status")},
             "best": r.best, "status": last.get("status", "ok"), "diverged_at": bank.diverged_at[r.slot],
-            "params": bank.param_count(), "checkpoint": str(out / "members" / r.member.name),
+            "params": bank.param_count(), "checkpoint": str(out / "members" / safe_member_name(r.member.name)),
             "train_seconds": stats["bank_seconds"][r.bank], "bank_size": len(bank),
         })
     alive = [m for m in members if m["status"] == "ok" and m["best"] is not None]

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from featcache.backbone import Backbone, BackboneSpec
 from featcache.checkpoint import load_checkpoint
 from featcache.cli import app
-from featcache.errors import CheckpointError, ConfigError, UsageError
+from featcache.errors import CheckpointError, ConfigError, Interrupted, UsageError
 from featcache.sweep import TrainConfig, expand, load_sweep_file
 from featcache.train import train
 
@@ -139,7 +139,7 @@ def test_resume_equals_uninterrupted(vit_store, tmp_path, monkeypatch) -> None:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train_mod, "_save_state", crash_after_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="state after epoch 2 of 4.*--resume"):
         train(str(path), "last", tmp_path / "part", settings, grid, progress=False)
     monkeypatch.setattr(train_mod, "_save_state", real)
     resumed = train(str(path), "last", tmp_path / "part", settings, grid, resume=True, progress=False)

@@ -31,6 +31,7 @@ import torch
 from featcache.errors import CorruptionError, StoreError, UsageError
 
 from .layout import SplitHandle, storage_dtype
+from .zarr_io import settle_pending_io
 
 log = logging.getLogger("featcache.reader")
 READER_MODES = ("auto", "gpu", "ram", "stream")
@@ -76,9 +77,11 @@ class ReaderOptions:
 
 def read_range(split: SplitHandle, tap: str, start: int, stop: int) -> np.ndarray:
     """Stored rows [start, stop) of one tap; a failed checksum or a missing chunk becomes CorruptionError."""
+    arr = split.tap(tap)  # unknown tap, missing array or a foreign codec: StoreError
     try:
-        return split.tap(tap)[start:stop]
-    except (ValueError, OSError, KeyError, RuntimeError) as err:
+        return arr[start:stop]
+    except (ValueError, OSError, KeyError, RuntimeError, TypeError) as err:
+        settle_pending_io()
         shard = start // split.meta.shard_images
         raise CorruptionError(
             f"tap {tap!r} of split {split.name!r} in {split.store.url}: images {start}..{stop - 1} (shard {shard}) "

@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .layout import FeatureStore, SplitHandle, storage_dtype
+from featcache.errors import CorruptionError
+
+from .layout import COMPLETE, FeatureStore, SplitHandle, storage_dtype
 from .verify import VerifyReport, verify_store
 from .writer import EXTRACTION_ATTR
 
@@ -59,11 +61,26 @@ class RunningStats:
 
 def tap_stats(split: SplitHandle, name: str) -> dict[str, Any]:
     """Statistics of one tap over the split's completed shards, read one shard at a time."""
-    arr, stats = split.tap(name), RunningStats()
+    split.tap(name)  # a clear error for unknown taps
+    stats = RunningStats()
     for k in np.flatnonzero(split.completed_shards()):
         start, stop = split.meta.shard_bounds(int(k))
-        stats.update(split.decode(arr[start:stop]).float().numpy())
+        stats.update(split.decode(split.read(name, start, stop)).float().numpy())  # damage: CorruptionError
     return stats.to_dict()
+
+
+def _completed_shards(split: SplitHandle) -> np.ndarray:
+    """Completion records; with a damaged record chunk, record by record (unreadable = not complete)."""
+    try:
+        return split.completed_shards()
+    except CorruptionError:
+        done = np.zeros(split.meta.num_shards, dtype=bool)
+        for k in range(split.meta.num_shards):
+            try:
+                done[k] = int(split.read(COMPLETE, k, k + 1)[0]) == 1
+            except CorruptionError:
+                pass
+        return done
 
 
 def _codec_names(arr: zarr.Array) -> list[str]:
@@ -104,9 +121,13 @@ def describe_tap(split: SplitHandle, name: str, completed_images: int, stats: bo
 
 def describe_split(split: SplitHandle, stats: bool = False) -> dict[str, Any]:
     meta = split.meta
-    done = split.completed_shards()
-    completed = split.completed_indices()
-    labels = split.labels()[completed]
+    done = _completed_shards(split)  # describing a damaged store must not fail: --verify names the damage
+    completed = (np.concatenate([np.arange(*meta.shard_bounds(int(k))) for k in np.flatnonzero(done)])
+                 if done.any() else np.zeros(0, dtype=np.int64))
+    try:
+        labels = split.labels()[completed]
+    except CorruptionError:
+        labels = np.zeros(0, dtype=np.int64)
     counts = np.bincount(labels[labels >= 0], minlength=meta.num_classes) if len(labels) else np.zeros(0, int)
     names = meta.classes or [str(c) for c in range(len(counts))]
     taps = {name: describe_tap(split, name, len(completed), stats) for name in split.store.manifest.tap_names}
