@@ -29,8 +29,10 @@ import psutil
 import torch
 
 from featcache import methods
-from featcache.checkpoint import member_config, read_tensors, safe_member_name, write_json, write_tensors
-from featcache.errors import CheckpointError, ConfigError, FeatcacheError, Interrupted, StoreError
+from featcache import __version__
+from featcache.checkpoint import (SUPPORTED_CHECKPOINT_FORMATS, member_config, read_tensors, safe_member_name,
+                                  write_json, write_tensors)
+from featcache.errors import CheckpointError, ConfigError, FeatcacheError, FormatVersionError, Interrupted, StoreError
 from featcache.methods.base import MethodInput
 from featcache.progress import bar, say
 from featcache.store.layout import FeatureStore, SplitHandle
@@ -182,10 +184,22 @@ def _check_resumed_store(out: Path, store: FeatureStore, split: str, members: li
     if not config.is_file():
         return
     try:
-        recorded = json.loads(config.read_text())["store"]
-        theirs = Manifest.from_attrs(recorded["manifest"], f"the store recorded in {config}")
-    except (ValueError, KeyError, TypeError, FeatcacheError):
+        data = json.loads(config.read_text())
+        recorded = data["store"]
+        manifest = recorded["manifest"]
+    except (ValueError, KeyError, TypeError):
         return  # a damaged member config is rewritten at the end of the next epoch
+    version = data.get("featcache_checkpoint")
+    if isinstance(version, int) and version not in SUPPORTED_CHECKPOINT_FORMATS:  # a run of another featcache
+        raise FormatVersionError(f"--resume: {out} was written with checkpoint format {version}; this featcache "
+                                 f"({__version__}) reads {SUPPORTED_CHECKPOINT_FORMATS}: resume it with the featcache "
+                                 "that started it, or start a new --out")
+    try:
+        theirs = Manifest.from_attrs(manifest, f"--resume: the store recorded in {config}")  # newer format: refused
+    except FormatVersionError:
+        raise
+    except FeatcacheError:
+        return
     if recorded.get("split") != split:
         raise CheckpointError(f"--resume: {out} was trained on split {recorded.get('split')!r}, this run reads split "
                               f"{split!r}; resume with --split {recorded.get('split')}, or start a new --out")

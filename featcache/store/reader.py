@@ -124,7 +124,11 @@ class CacheReader:
         self.split, self.taps, self.options = split, list(taps), options
         for name in self.taps:
             split.store.manifest.tap(name)
-        self.indices = torch.from_numpy(split.completed_indices().astype(np.int64))  # (N,) usable samples
+        # one snapshot of the completion records: an extraction running meanwhile may complete more shards,
+        # which this reader ignores (its sizes, blocks and indices must agree)
+        self.shards = [int(k) for k in np.flatnonzero(split.completed_shards())]
+        parts = [np.arange(*split.meta.shard_bounds(k)) for k in self.shards]
+        self.indices = torch.from_numpy(np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64))
         if len(self.indices) == 0:
             raise StoreError(f"split {split.name!r} of {split.store.url} has no completed shard yet; finish the "
                              "extraction (featcache extract --resume) first")
@@ -206,8 +210,8 @@ class ResidentReader(CacheReader):
         arr = self.split.tap(tap)
         out = torch.empty((self.num_samples, *arr.shape[1:]), dtype=_torch_dtype(self.cache_dtype), pin_memory=pin)
         pos = 0
-        for k in np.flatnonzero(self.split.completed_shards()):
-            start, stop = self.split.meta.shard_bounds(int(k))
+        for k in self.shards:
+            start, stop = self.split.meta.shard_bounds(k)
             block = as_tensor(read_range(self.split, tap, start, stop), self.cache_dtype)
             if self.options.check_finite:
                 _check_finite(block, self.split, tap, start)
@@ -256,8 +260,8 @@ class StreamReader(CacheReader):
     def _make_blocks(self) -> list[tuple[int, int]]:
         """[start, stop) runs of whole chunks inside completed shards."""
         out = []
-        for k in np.flatnonzero(self.split.completed_shards()):
-            start, stop = self.split.meta.shard_bounds(int(k))
+        for k in self.shards:
+            start, stop = self.split.meta.shard_bounds(k)
             out += [(s, min(s + self.block_images, stop)) for s in range(start, stop, self.block_images)]
         return out
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from featcache.errors import CorruptionError
+from featcache.errors import CorruptionError, StoreError
 
 from .layout import COMPLETE, FeatureStore, SplitHandle, storage_dtype
 from .verify import VerifyReport, verify_store
@@ -119,6 +119,19 @@ def describe_tap(split: SplitHandle, name: str, completed_images: int, stats: bo
     return d
 
 
+def _describe_tap_or_error(split: SplitHandle, name: str, completed_images: int, stats: bool) -> dict[str, Any]:
+    """describe_tap, or {"error"} for an array that cannot be opened (missing, unreadable metadata, a foreign
+    codec): describing a damaged store never fails, --verify names the damage. --stats reads every chunk, and
+    damaged data is then an error."""
+    try:
+        d = describe_tap(split, name, completed_images)
+    except StoreError as err:
+        return {"error": str(err)}
+    if stats:
+        d["stats"] = tap_stats(split, name)
+    return d
+
+
 def describe_split(split: SplitHandle, stats: bool = False) -> dict[str, Any]:
     meta = split.meta
     done = _completed_shards(split)  # describing a damaged store must not fail: --verify names the damage
@@ -130,9 +143,9 @@ def describe_split(split: SplitHandle, stats: bool = False) -> dict[str, Any]:
         labels = np.zeros(0, dtype=np.int64)
     counts = np.bincount(labels[labels >= 0], minlength=meta.num_classes) if len(labels) else np.zeros(0, int)
     names = meta.classes or [str(c) for c in range(len(counts))]
-    taps = {name: describe_tap(split, name, len(completed), stats) for name in split.store.manifest.tap_names}
-    nbytes = sum(t["nbytes"] for t in taps.values())
-    stored = sum(t["stored_bytes"] for t in taps.values())
+    taps = {name: _describe_tap_or_error(split, name, len(completed), stats) for name in split.store.manifest.tap_names}
+    nbytes = sum(t.get("nbytes", 0) for t in taps.values())
+    stored = sum(t.get("stored_bytes", 0) for t in taps.values())
     return {
         "num_samples": meta.num_samples, "complete": bool(done.all()), "completed_samples": int(len(completed)),
         "num_shards": meta.num_shards, "completed_shards": int(done.sum()), "views": meta.views,
@@ -226,6 +239,9 @@ def _format_split(name: str, s: dict[str, Any]) -> list[str]:
     if has_stats:
         rows[0] += ["mean", "std", "min", "max", "nan", "inf"]
     for tap, t in s["taps"].items():
+        if "error" in t:
+            rows.append([tap, "ERROR", t["error"][:60] + ("..." if len(t["error"]) > 60 else "")] + [""] * (len(rows[0]) - 3))
+            continue
         codec = "+".join(c for c in t["codecs"] if c != "bytes")
         row = [tap, _shape(t["shape"]), t["dtype"], _shape(t["chunks"]), _shape(t["shards"]), codec,
                _size(t["stored_bytes"]), f"{t['compression_ratio']:.2f}" if t["compression_ratio"] else "-"]
