@@ -143,5 +143,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         network.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"weights {weights} do not fit method {config['method']!r} with the config in "
-                              f"{config_path.name} ({str(err).splitlines()[0]})") from None
+                              f"{config_path.name} ({str(err).splitlines()[0]}); the checkpoint's weights and config "
+                              "disagree: use the config.json written with these weights, or retrain") from None
     return Checkpoint(network.eval(), config, weights)

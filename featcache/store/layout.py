@@ -168,7 +168,8 @@ def open_group(url: str, mode: str, storage_options: dict[str, Any] | None = Non
     if not _is_url(path):
         p = Path(path)
         if p.exists() and not p.is_dir():
-            raise StoreError(f"store path {path} is a file, not a Zarr store directory; choose another --out path")
+            fix = "pass the directory featcache extract wrote" if mode == "r" else "choose another --out path"
+            raise StoreError(f"store path {path} is a file, not a Zarr store directory; {fix}")
         if mode == "r" and not p.exists():
             raise StoreError(f"store {path} does not exist; create it with featcache extract --out {path}")
     kwargs: dict[str, Any] = {"mode": mode, "zarr_format": 3}

@@ -93,7 +93,8 @@ def _check_finite(t: torch.Tensor, split: SplitHandle, tap: str, start: int) -> 
     if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
         bad = torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)).flatten()
         first = start + int(bad[0])
-        raise CorruptionError(f"tap {tap!r} of split {split.name!r} holds NaN/Inf values (first at image {first}, "
+        raise CorruptionError(f"tap {tap!r} of split {split.name!r} in {split.store.url} holds NaN/Inf values (first "
+                              f"at image {first}, "
                               f"{len(bad)} image(s) in this block); the backbone diverged on these inputs or the "
                               "cache is damaged: re-extract them, or check the inputs")
 
