@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
 
@@ -72,6 +73,7 @@ def _method_input(store: FeatureStore, split: SplitHandle, backbone_state: Calla
     if len(done) < split.num_samples:
         log.warning(f"split {split.name!r} of {store.url} is incomplete: training on the {len(done)} of "
                     f"{split.num_samples} images in completed shards; finish it with featcache extract --resume")
+    split.require_objects("labels", np.unique(done // split.meta.shard_images))
     labels = split.labels()[done]
     if labels.min() < 0:
         raise StoreError(f"split {split.name!r} has unlabelled images (label -1); train needs labelled data")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
 
 from featcache.errors import CorruptionError, StoreError
 
@@ -201,6 +203,7 @@ class SplitHandle:
                              "--overwrite") from None
         self._arrays: dict[str, zarr.Array] = {}
         self.repaired_shards: list[int] = []  # set by extract --resume --repair (featcache.store.repair)
+        self._present: set[tuple[str, int]] = set()  # (array, shard) objects found present and non-empty
 
     def array(self, name: str) -> zarr.Array:
         """An array of the split, its codecs checked once (see ``ALLOWED_CODECS``)."""
@@ -240,6 +243,29 @@ class SplitHandle:
     @property
     def num_samples(self) -> int:
         return self.meta.num_samples
+
+    def require_objects(self, name: str, shards: Iterable[int]) -> None:
+        """The stored objects of these completed shards must exist and hold bytes: zarr reads a missing or
+        empty object as fill values, which would pass for data. Checked once per (array, shard) and process."""
+        arr = None
+        for k in shards:
+            k = int(k)
+            if (name, k) in self._present:
+                continue
+            arr = arr if arr is not None else self.array(name)
+            key = f"{arr.path}/{arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))}"
+            try:
+                size = int(sync(self.group.store.getsize(key)))
+            except (FileNotFoundError, KeyError):
+                size = -1
+            if size <= 0:
+                start, stop = self.meta.shard_bounds(k)
+                what = "is missing" if size < 0 else "is empty (truncated)"
+                raise CorruptionError(
+                    f"array {name!r} of split {self.name!r} in {self.store.url}: shard {k} (images {start}..{stop - 1}) "
+                    f"is marked complete but its object {key} {what}; run featcache inspect --verify, then featcache "
+                    "extract --resume --repair to recompute the damaged shards")
+            self._present.add((name, k))
 
     def tap(self, name: str) -> zarr.Array:
         self.store.manifest.tap(name)  # a clear error for unknown taps

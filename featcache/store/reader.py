@@ -78,6 +78,8 @@ class ReaderOptions:
 def read_range(split: SplitHandle, tap: str, start: int, stop: int) -> np.ndarray:
     """Stored rows [start, stop) of one tap; a failed checksum or a missing chunk becomes CorruptionError."""
     arr = split.tap(tap)  # unknown tap, missing array or a foreign codec: StoreError
+    meta = split.meta
+    split.require_objects(tap, range(start // meta.shard_images, (stop - 1) // meta.shard_images + 1))
     try:
         return arr[start:stop]
     except (ValueError, OSError, KeyError, RuntimeError, TypeError) as err:
@@ -130,6 +132,7 @@ class CacheReader:
         self.shards = [int(k) for k in np.flatnonzero(split.completed_shards())]
         parts = [np.arange(*split.meta.shard_bounds(k)) for k in self.shards]
         self.indices = torch.from_numpy(np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64))
+        split.require_objects("labels", self.shards)  # a lost labels chunk would read as -1
         if len(self.indices) == 0:
             raise StoreError(f"split {split.name!r} of {split.store.url} has no completed shard yet; finish the "
                              "extraction (featcache extract --resume) first")

@@ -65,6 +65,7 @@ def tap_stats(split: SplitHandle, name: str) -> dict[str, Any]:
     stats = RunningStats()
     for k in np.flatnonzero(split.completed_shards()):
         start, stop = split.meta.shard_bounds(int(k))
+        split.require_objects(name, [int(k)])
         stats.update(split.decode(split.read(name, start, stop)).float().numpy())  # damage: CorruptionError
     return stats.to_dict()
 

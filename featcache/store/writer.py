@@ -140,6 +140,7 @@ def check_resumable(split: SplitHandle, planned: SplitMeta, ids: list[str], done
     if done.any():
         for k in np.flatnonzero(done):
             start, stop = split.meta.shard_bounds(int(k))
+            split.require_objects("ids", [int(k)])  # a lost ids chunk would read as empty ids
             if split.ids(start, stop) != list(ids[start:stop]):  # only completed shards: others may be damaged
                 raise StoreError(f"cannot resume split {split.name!r}: its shard {k} holds other images than the data "
                                  f"source gives now (data changed?); pass --overwrite to start the split again")
