@@ -113,3 +113,32 @@ def test_readers_during_a_write_see_only_completed_shards(images: Path, tmp_path
     assert seen[-1] == 24 and seen == sorted(seen)
     assert len({n for n in seen if 0 < n < 24}) >= 2, seen  # it did read mid-write, at two stages at least
     assert_same_store(split_state(out), clean)
+
+
+def test_a_reader_keeps_one_snapshot_of_the_completion_records(images: Path, tmp_path: Path, clean: dict,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race above, made deterministic: shard 5 completes while a reader is being opened. The reader yields the
+    shards complete when it took its snapshot, in every mode; it neither overflows (ram) nor leaks the new shard
+    into its epoch (stream)."""
+    import zarr
+
+    from featcache.store.layout import SplitHandle
+
+    out = tmp_path / "s.zarr"
+    run_extract(images, out, **EXTRACT_KW)
+    zarr.open_array(str(out / "train" / "_complete"), mode="r+")[5] = 0  # not yet complete ...
+    real, calls = SplitHandle.completed_shards, [0]
+
+    def completing(self: SplitHandle) -> np.ndarray:
+        calls[0] += 1
+        done = real(self)
+        if calls[0] > 2:  # ... until the reader's constructor has taken its snapshot (open_reader probes once first)
+            done[5] = True
+        return done
+
+    monkeypatch.setattr(SplitHandle, "completed_shards", completing)
+    for mode in ("ram", "stream"):
+        calls[0] = 0
+        reader = open_reader(FeatureStore.open(out).split("train"), ["block6"], mode, batch_size=5, shuffle=False)
+        got = np.concatenate([b.index.numpy() for b in reader.epoch(0)])
+        assert got.tolist() == list(range(20)) and reader.num_samples == 20, mode
