@@ -404,6 +404,8 @@ class FeatureStore:
     def splits(self) -> list[str]:
         with warnings.catch_warnings():  # the _locks directory of a running extraction is not a Zarr node
             warnings.filterwarnings("ignore", message=f"Object at {LOCKS_DIR} is not recognized")
+            # a temporary file of a write in progress (another process extracting into this store)
+            warnings.filterwarnings("ignore", message=r"Object at \S+\.partial is not recognized")
             return sorted(name for name, _ in self.group.groups() if not name.startswith("_"))
 
     def split(self, name: str) -> SplitHandle:
