@@ -19,6 +19,8 @@ from featcache.progress import say  # noqa: E402
 from featcache.store.layout import COMPRESSORS, DEFAULT_COMPRESSOR  # noqa: E402
 from featcache.store.manifest import DTYPES  # noqa: E402
 
+from .options import cluster_options, storage_option  # noqa: E402
+
 
 @click.command("extract")
 @click.option("--model", required=True, help="timm model name, e.g. vit_small_patch16_224.")
@@ -45,19 +47,29 @@ from featcache.store.manifest import DTYPES  # noqa: E402
 @click.option("--image-size", type=int, default=None, help="Square input size (overrides the model's).")
 @click.option("--limit", type=int, default=None, help="Use a fixed stratified subset of N images.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary line.")
+@cluster_options
+@storage_option
 def command(model: str, model_kwargs: tuple[str, ...], weights: str, data: str, out: str, split: str, layers: str,
             batch_size: int | None, device: str, dtype: str, resume: bool, overwrite: bool, compressor: str | None,
-            views: int, seed: int, image_size: int | None, limit: int | None, quiet: bool) -> None:
+            views: int, seed: int, image_size: int | None, limit: int | None, quiet: bool, workers: int | None,
+            scheduler: str | None, storage_options: tuple[str, ...]) -> None:
     """Run a frozen timm backbone once over --data and store every tapped activation in --out.
 
     \b
     Writes all selected taps, labels and ids of split --split, shard by shard; an interrupted run
-    continues with --resume and gives the same arrays as an uninterrupted one.
+    continues with --resume and gives the same arrays as an uninterrupted one. With --workers N or
+    --scheduler ADDRESS the shards are computed by dask workers (docs/scale.md).
     """
     spec = BackboneSpec(model=model, model_kwargs=parse_assignments(model_kwargs, "--model-kwargs"), weights=weights,
                         image_size=image_size)
     options = ExtractOptions(split=split, layers=parse_layers(layers), batch_size=batch_size, device=device,
                              dtype=dtype, compressor=compressor, views=views, seed=seed, limit=limit, resume=resume,
-                             overwrite=overwrite, progress=not quiet)
-    report = extract(spec, data, out, options)
+                             overwrite=overwrite, progress=not quiet,
+                             storage_options=parse_assignments(storage_options, "--storage-option") or None)
+    if workers is not None or scheduler is not None:
+        from featcache.scale import extract_on_cluster
+
+        report = extract_on_cluster(spec, data, out, options, workers=workers, scheduler=scheduler)
+    else:
+        report = extract(spec, data, out, options)
     say(report.summary_line(), quiet)
