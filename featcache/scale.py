@@ -69,6 +69,7 @@ DRAIN_SECONDS = 60.0  # after Ctrl-C or an error: how long to wait for running s
 # a shard task failing with one of these would fail the same way again: stop at once. Anything else
 # (a storage write error, a lost worker) is retried in the next round.
 FATAL_ERRORS = (DataError, WeightsError, ModelError, UsageError, ConfigError)
+TASKS_PER_WORKER = 4  # extraction tasks per worker (each a group of consecutive shards), see plan_tasks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,8 +364,9 @@ def _worker_split(job: ShardJob) -> SplitHandle:
     try:
         return FeatureStore.open(job.store, "r+", job.storage_options).split(job.split)
     except StoreError as err:
-        raise StoreError(f"worker {socket.gethostname()} cannot open split {job.split!r} of {job.store} ({err}); every "
-                         "worker must reach the store at the same path (a shared filesystem) or URL (s3://...)") from None
+        raise StoreError(f"worker {socket.gethostname()} cannot open split {job.split!r} of {job.store} ({err}); "
+                         "every worker must reach the store at the same path (a shared filesystem) or URL "
+                         "(s3://...)") from None
 
 
 def _worker_name() -> str:
@@ -374,41 +376,57 @@ def _worker_name() -> str:
         return f"pid {os.getpid()}"
 
 
-def _loader_workers(job: ShardJob) -> int:
-    """DataLoader processes of a task: as asked, else 1 when this worker has 2+ cores to itself, else 0."""
+def _loader_workers(job: ShardJob, device: torch.device) -> int:
+    """DataLoader processes of a task: as asked; else none on CPU workers (decoding would only take cores
+    from the forward pass), and up to 4 on a GPU worker, by its share of the host's cores."""
     import multiprocessing
 
     if multiprocessing.current_process().daemon:  # daemonic workers (dask's default) cannot have children
         return 0
     if job.loader_workers is not None:
         return job.loader_workers
-    return 1 if torch.get_num_threads() >= 2 else 0
+    return 0 if device.type != "cuda" else max(1, min(4, torch.get_num_threads() // 2))
 
 
-def extract_shard_task(job: ShardJob, shard: int) -> dict[str, Any]:
-    """The work unit on a worker: compute and write one whole shard (skipped when its record is already set)."""
+def extract_shards_task(job: ShardJob, shards: list[int]) -> dict[str, Any]:
+    """The work unit on a worker: compute and write whole shards, those whose completion record is not set.
+
+    A shard already complete was written by an earlier try of this task whose worker died before it
+    reported: it is skipped, not written twice.
+    """
     backbone, built = worker_backbone(job)
     source = worker_source(job)
     with runtime_settings():
         split = _worker_split(job)
-        result = {"shard": shard, "worker": _worker_name(), "pid": os.getpid(), "model_built": built,
-                  "images": 0, "nbytes": 0, "forward_seconds": 0.0, "write_seconds": 0.0, "skipped": False}
-        if split.completed_shards()[shard]:  # written by a task whose worker died before it reported
-            return {**result, "skipped": True}
-        stats = extract_shards(split, backbone, source, [shard], batch_size=job.batch_size,
-                               loader_workers=_loader_workers(job), progress=False, durable=job.durable)
-    return {**result, "images": stats.images, "nbytes": stats.nbytes, "forward_seconds": stats.forward_seconds,
-            "write_seconds": stats.write_seconds}
+        done = split.completed_shards()
+        todo = [k for k in shards if not done[k]]
+        stats = extract_shards(split, backbone, source, todo, batch_size=job.batch_size,
+                               loader_workers=_loader_workers(job, backbone.device), progress=False,
+                               durable=job.durable)
+    return {"shards": stats.shards, "skipped": [k for k in shards if done[k]], "worker": _worker_name(),
+            "pid": os.getpid(), "model_built": built, "images": stats.images, "nbytes": stats.nbytes,
+            "forward_seconds": stats.forward_seconds, "write_seconds": stats.write_seconds}
+
+
+def plan_tasks(shards: list[int], workers: int, shards_per_task: int | None = None) -> list[list[int]]:
+    """Consecutive groups of shards, one per task: about ``TASKS_PER_WORKER`` tasks per worker by default.
+
+    Fewer, larger tasks amortise per-task costs (opening the store, DataLoader processes); several
+    per worker keep the load balanced and bound what a lost worker's task recomputes.
+    """
+    size = shards_per_task or max(1, -(-len(shards) // (max(1, workers) * TASKS_PER_WORKER)))
+    return [shards[i:i + size] for i in range(0, len(shards), size)]
 
 
 def extract_on_cluster(spec: BackboneSpec, data: str, out: str | os.PathLike[str],
                        options: ExtractOptions | None = None, *, client: Client | None = None,
                        workers: int | None = None, scheduler: str | None = None, rounds: int = 3,
-                       **overrides: Any) -> ClusterExtractReport:
+                       shards_per_task: int | None = None, **overrides: Any) -> ClusterExtractReport:
     """``featcache.extract.extract`` with the shards computed by dask workers (see the module docstring).
 
     Pass a ``client``, or ``workers`` (a local cluster started and stopped here) or ``scheduler``.
-    ``rounds``: how often shards still incomplete after a round are submitted again.
+    ``rounds``: how often shards still incomplete after a round are submitted again;
+    ``shards_per_task``: shards per task (default: see ``plan_tasks``).
     """
     unknown = set(overrides) - {f.name for f in fields(ExtractOptions)}
     if unknown:
@@ -420,7 +438,8 @@ def extract_on_cluster(spec: BackboneSpec, data: str, out: str | os.PathLike[str
         raise UsageError("extraction on a cluster needs --data as a SPEC string that every worker can open")
     if client is None:
         with cluster_client(workers, scheduler, device=opts.device) as own:
-            return extract_on_cluster(spec, data, url, opts, client=own, rounds=rounds)
+            return extract_on_cluster(spec, data, url, opts, client=own, rounds=rounds,
+                                      shards_per_task=shards_per_task)
     t0 = time.perf_counter()
     with runtime_settings():
         source = open_split_source(data, opts.limit)
@@ -428,7 +447,7 @@ def extract_on_cluster(spec: BackboneSpec, data: str, out: str | os.PathLike[str
         with SplitLock(url, opts.split, opts.storage_options):
             split, status = _open_split(url, backbone, source, opts)
             job = _shard_job(spec, backbone, source, split, url, data, opts)
-            done = _run_shards(client, job, split, opts.progress, rounds)
+            done = _run_shards(client, job, split, opts.progress, rounds, shards_per_task)
             seconds = time.perf_counter() - t0
             totals = finalize_split(split, seconds)
     return _cluster_report(url, split, status, done, totals, seconds, client, opts.device)
@@ -451,12 +470,14 @@ def _shard_job(spec: BackboneSpec, backbone: Backbone, source: DataSource, split
                opts: ExtractOptions) -> ShardJob:
     worker_spec = replace(spec, weights=_shared_path(spec.weights))
     return ShardJob(spec=worker_spec.to_dict(), layers=opts.layers, device=opts.device, store=url, split=opts.split,
-                    data=_shared_path(data), limit=opts.limit, num_samples=len(source), ids_sha256=ids_sha256(source.ids()),
+                    data=_shared_path(data), limit=opts.limit, num_samples=len(source),
+                    ids_sha256=ids_sha256(source.ids()),
                     weights_sha256=str(backbone.weights.get("state_sha256")), batch_size=split.meta.batch_size,
                     loader_workers=opts.loader_workers, durable=opts.durable, storage_options=opts.storage_options)
 
 
-def _run_shards(client: Client, job: ShardJob, split: SplitHandle, progress: bool, rounds: int) -> dict[str, Any]:
+def _run_shards(client: Client, job: ShardJob, split: SplitHandle, progress: bool, rounds: int,
+                shards_per_task: int | None = None) -> dict[str, Any]:
     """Submit the missing shards until the completion records say all are done (at most ``rounds`` rounds)."""
     meta = split.meta
     todo = [k for k, done in enumerate(split.completed_shards()) if not done]
@@ -473,7 +494,8 @@ def _run_shards(client: Client, job: ShardJob, split: SplitHandle, progress: boo
             if attempt:
                 say(f"submitting {len(todo)} shard(s) again: {_first_failure(failures)}", quiet=not progress)
             done["rounds"] += 1
-            failures = _run_round(client, job, todo, resources, pbar, done["results"])
+            tasks = plan_tasks(todo, nworkers, shards_per_task)
+            failures = _run_round(client, job, tasks, resources, pbar, done["results"])
     done["loop_seconds"] = time.perf_counter() - t0
     missing = [k for k, ok in enumerate(split.completed_shards()) if not ok]
     if missing:
@@ -493,15 +515,16 @@ def _first_failure(failures: dict[int, BaseException]) -> str:
     return f"shard {k}: {type(err).__name__}: {str(err)[:200]}"
 
 
-def _run_round(client: Client, job: ShardJob, todo: list[int], resources: dict[str, int] | None, pbar: Any,
+def _run_round(client: Client, job: ShardJob, tasks: list[list[int]], resources: dict[str, int] | None, pbar: Any,
                results: list[dict[str, Any]]) -> dict[int, BaseException]:
-    """One task per shard; progress as the scheduler reports completions. Returns the failed shards' errors.
+    """One task per group of shards; progress as the scheduler reports completions. Returns the errors of
+    failed tasks by their first shard.
 
     A ``FATAL_ERRORS`` error (bad data, weights, options) stops everything: rerunning would fail the same way.
     """
     token = uuid.uuid4().hex[:8]
-    futures = {client.submit(extract_shard_task, job, k, key=f"featcache-extract-{job.split}-shard{k}-{token}",
-                             resources=resources, pure=False): k for k in todo}
+    futures = {client.submit(extract_shards_task, job, group, resources=resources, pure=False,
+                             key=f"featcache-extract-{job.split}-shard{group[0]}-{token}"): group[0] for group in tasks}
     failures: dict[int, BaseException] = {}
     try:
         for future in as_completed(list(futures), loop=client.loop):
@@ -526,17 +549,18 @@ def _run_round(client: Client, job: ShardJob, todo: list[int], resources: dict[s
 
 def _cluster_report(url: str, split: SplitHandle, status: str, done: dict[str, Any], totals: Any, seconds: float,
                     client: Client, device: str) -> ClusterExtractReport:
-    results = [r for r in done["results"] if not r["skipped"]]
+    results = done["results"]
     manifest = split.store.manifest
     return ClusterExtractReport(
         store=url, split=split.name, status=status, num_samples=split.meta.num_samples, views=split.meta.views,
         taps=manifest.tap_names, dtype=manifest.dtype, compressor=split.meta.compressor,
-        shards_total=split.meta.num_shards, shards_written=len(results), images_written=sum(r["images"] for r in results),
+        shards_total=split.meta.num_shards, shards_written=sum(len(r["shards"]) for r in results),
+        images_written=sum(r["images"] for r in results),
         complete=totals.complete, nbytes=totals.nbytes, stored_bytes=totals.stored_bytes, seconds=seconds,
         loop_seconds=done["loop_seconds"], forward_seconds=sum(r["forward_seconds"] for r in results),
         write_seconds=sum(r["write_seconds"] for r in results), workers=done["workers"],
-        model_loads=sum(r["model_built"] for r in done["results"]), rounds=done["rounds"],
-        shard_workers={r["shard"]: r["worker"] for r in results})
+        model_loads=sum(r["model_built"] for r in results), rounds=done["rounds"],
+        shard_workers={k: r["worker"] for r in results for k in r["shards"]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,7 +605,7 @@ class TrainPartJob:
 
 
 def train_part_task(job: TrainPartJob) -> dict[str, Any]:
-    """The work unit on a worker: ``train(members=part, partial=True)`` into a temporary directory; its files as bytes."""
+    """The work unit on a worker: ``train(members=part, partial=True)`` in a temporary directory; its files as bytes."""
     from featcache.train import train
 
     members = [SweepMember.from_dict(d) for d in job.members]
@@ -617,8 +641,9 @@ def train_on_cluster(store: str, method: str, out: str | os.PathLike[str], setti
     if client is None:
         with cluster_client(workers, scheduler, device=device) as own:
             return train_on_cluster(url, method, out, client=own, split=split, eval_split=eval_split, reader=reader,
-                                    device=device, overwrite=overwrite, progress=progress, backbone_state=backbone_state,
-                                    storage_options=storage_options, members=members, split_banks=split_banks)
+                                    device=device, overwrite=overwrite, progress=progress,
+                                    backbone_state=backbone_state, storage_options=storage_options, members=members,
+                                    split_banks=split_banks)
     t0, out = time.perf_counter(), Path(out)
     prepare_run(url, members, out, split, eval_split, overwrite, storage_options)
     resources, nworkers = _task_resources(client, device)
@@ -650,8 +675,8 @@ def _run_parts(client: Client, jobs: list[TrainPartJob], resources: dict[str, in
                     client.cancel(futures)
                     if isinstance(err, FeatcacheError):
                         raise err
-                    raise ClusterError(f"training part {index[future.key]} failed on the cluster ({type(err).__name__}: "
-                                       f"{str(err)[:200]}); train again") from None
+                    raise ClusterError(f"training part {index[future.key]} failed on the cluster "
+                                       f"({type(err).__name__}: {str(err)[:200]}); train again") from None
                 results[index[future.key]] = future.result()
                 pbar.update(len(jobs[index[future.key]].members))
     except KeyboardInterrupt:
@@ -670,5 +695,5 @@ def _unpack(files: dict[str, bytes], root: Path) -> Path:
 
 __all__ = ["CLUSTER_CONFIG", "ClusterExtractReport", "ShardJob", "TrainPartJob", "WorkerSettings",
            "apply_worker_settings", "check_shared_url", "cluster_client", "connect", "drain", "extract_on_cluster",
-           "extract_shard_task", "local_cluster", "plan_parts", "prepare_workers", "train_on_cluster",
+           "extract_shards_task", "local_cluster", "plan_parts", "plan_tasks", "prepare_workers", "train_on_cluster",
            "train_part_task", "worker_env"]
