@@ -63,8 +63,13 @@ log = logging.getLogger(__name__)
 
 SETTINGS_PLUGIN = "featcache-settings"
 # dask settings while featcache runs a cluster: spawned (not forked) workers, as zarr's event loop
-# needs; non-daemonic worker processes, so that a task may start DataLoader worker processes
-CLUSTER_CONFIG = {"distributed.worker.multiprocessing-method": "spawn", "distributed.worker.daemon": False}
+# needs; non-daemonic worker processes, so that a task may start DataLoader worker processes; and
+# no MALLOC_TRIM_THRESHOLD_ (dask sets it for its workers): setting it switches off glibc's dynamic
+# mmap threshold, and torch's large temporary tensors then cost page faults on every allocation
+# (measured: LAST training 12 samples/s in such a worker vs 18 without, same threads; docs/scale.md)
+MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_"
+CLUSTER_CONFIG = {"distributed.worker.multiprocessing-method": "spawn", "distributed.worker.daemon": False,
+                  f"distributed.nanny.pre-spawn-environ.{MALLOC_TRIM}": None}
 DRAIN_SECONDS = 60.0  # after Ctrl-C or an error: how long to wait for running shard tasks to finish
 # a shard task failing with one of these would fail the same way again: stop at once. Anything else
 # (a storage write error, a lost worker) is retried in the next round.
@@ -204,7 +209,8 @@ def connect(address: str, timeout: float | None = None) -> Client:
 
 
 def _worker_info() -> dict[str, Any]:
-    return {"featcache": __version__, "host": socket.gethostname(), "pid": os.getpid(), "cpus": cpu_count()}
+    return {"featcache": __version__, "host": socket.gethostname(), "pid": os.getpid(), "cpus": cpu_count(),
+            "malloc_trim": os.environ.get(MALLOC_TRIM)}
 
 
 def prepare_workers(client: Client, torch_threads: int | None = None) -> dict[str, dict[str, Any]]:
@@ -218,6 +224,9 @@ def prepare_workers(client: Client, torch_threads: int | None = None) -> dict[st
     if other:
         raise ClusterError(f"workers run other featcache versions than this client ({__version__}): {other}; install "
                            "the same version everywhere")
+    if any(i["malloc_trim"] is not None for i in info.values()):
+        log.warning("featcache: the dask workers run with %s set (dask's default), which makes torch about 30%% "
+                    "slower; start them without it (docs/scale.md)", MALLOC_TRIM)
     hosts: dict[str, int] = {}
     for w in client.scheduler_info(n_workers=-1)["workers"].values():
         hosts[w["host"]] = hosts.get(w["host"], 0) + 1
@@ -272,20 +281,20 @@ def drain(client: Client, futures: list[Future], timeout: float = DRAIN_SECONDS)
     """
     keys = {str(f.key) for f in futures}
     client.cancel(futures)
-    deadline = time.monotonic() + timeout
+    deadline, running = time.monotonic() + timeout, keys
     while time.monotonic() < deadline:
         try:
-            running = {k for ks in client.run(_executing_keys).values() for k in ks}
+            running = keys & {k for ks in client.run(_executing_keys).values() for k in ks}
         except Exception:  # noqa: BLE001 - a cluster going down runs nothing
             return
-        if not running & keys:
+        if not running:
             return
         time.sleep(0.2)
-    log.warning("featcache: %d task(s) still run on workers after %.0f s", len(keys), timeout)
+    log.warning("featcache: %d task(s) still run on workers after %.0f s", len(running), timeout)
 
 
 # ---------------------------------------------------------------------------------------------
-# Extraction: one task per shard
+# Extraction: tasks of whole shards
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,22 @@ def test_task_skips_shards_whose_record_is_set(images: Path, reference: dict, tm
     assert_same_arrays(read_split(out), reference)
 
 
+def _worker_settings() -> dict[str, Any]:
+    import zarr
+
+    return {"torch": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS"),
+            "zarr_pool": zarr.config.get("threading.max_workers"), "zarr_concurrency": zarr.config.get("async.concurrency"),
+            "malloc_trim": os.environ.get("MALLOC_TRIM_THRESHOLD_"), "wait": os.environ.get("OMP_WAIT_POLICY")}
+
+
+def test_workers_get_their_share_of_the_machine(client: Client) -> None:
+    share = max(1, scale.cpu_count() // 2)
+    expected = {"torch": share, "omp": str(share), "zarr_pool": share, "zarr_concurrency": 4, "malloc_trim": None,
+                "wait": "PASSIVE"}
+    assert list(client.run(_worker_settings).values()) == [expected, expected]
+    assert all(w["nthreads"] == 1 for w in client.scheduler_info(n_workers=-1)["workers"].values())
+
+
 def test_plan_tasks_groups_consecutive_shards() -> None:
     assert scale.plan_tasks(list(range(6)), workers=2) == [[0], [1], [2], [3], [4], [5]]
     assert scale.plan_tasks(list(range(20)), workers=2) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11],
