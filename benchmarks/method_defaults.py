@@ -6,8 +6,10 @@ installed). Every candidate setting is then trained from those taps with AdamW (
 64, same seed and batch order for all) and scored on a held-out stratified test subset. One factor is
 varied at a time around a base setting. Prints a markdown table and writes it (and JSON) to --out.
 
-    .venv/bin/python benchmarks/method_defaults.py                  # the full sweep (~15 min on 2 cores)
+    .venv/bin/python benchmarks/method_defaults.py --fresh          # the full sweep (~12 min CPU time)
     .venv/bin/python benchmarks/method_defaults.py --only last      # one method
+    .venv/bin/python benchmarks/method_defaults.py --extra --out benchmarks/results/method_defaults_extra
+                                                                    # seed spread and learning-rate checks
     .venv/bin/python benchmarks/method_defaults.py --smoke          # tiny, to check that it runs
 
 The taps are cached in --cache (a .pt file) so that re-runs skip the backbone.
@@ -35,21 +37,36 @@ from featcache.methods import MethodInput, create
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 
-# (method, label, config, lr): the first of each method is its base; the others vary one factor.
-CANDIDATES: list[tuple[str, str, dict[str, Any], float]] = [
-    ("linear", "base: last tap, layernorm", {"norm": "layernorm"}, 1e-2),
-    ("linear", "norm=none", {"norm": "none"}, 1e-2),
-    ("linear", "taps=stage7,head", {"taps": ["stage7", "head"]}, 1e-2),
-    ("last", "base: r32 h4 g2 T1", {"rank": 32, "heads": 4, "gap": 2, "depth": 1}, 1e-3),
-    ("last", "rank 8, heads 2", {"rank": 8, "heads": 2, "gap": 2, "depth": 1}, 1e-3),
-    ("last", "rank 64", {"rank": 64, "heads": 4, "gap": 2, "depth": 1}, 1e-3),
-    ("last", "heads 1", {"rank": 32, "heads": 1, "gap": 2, "depth": 1}, 1e-3),
-    ("last", "gap 4", {"rank": 32, "heads": 4, "gap": 4, "depth": 1}, 1e-3),
-    ("last", "depth 2", {"rank": 32, "heads": 4, "gap": 2, "depth": 2}, 1e-3),
-    ("last", "width 320", {"rank": 32, "heads": 4, "gap": 2, "depth": 1, "width": 320}, 1e-3),
-    ("lst", "base: r8, all taps", {"reduction": 8}, 1e-3),
-    ("lst", "reduction 16", {"reduction": 16}, 1e-3),
-    ("lst", "dropping: every 2nd tap", {"reduction": 8, "taps": ["stem", "stage2", "stage4", "stage6", "head"]}, 1e-3),
+# (method, label, config, lr, seed): the first of each method is its base; the others vary one factor.
+CANDIDATES: list[tuple[str, str, dict[str, Any], float, int]] = [
+    ("linear", "base: last tap, layernorm", {"norm": "layernorm"}, 1e-2, 0),
+    ("linear", "norm=none", {"norm": "none"}, 1e-2, 0),
+    ("linear", "taps=stage7,head", {"taps": ["stage7", "head"]}, 1e-2, 0),
+    ("last", "base: r32 h4 g2 T1", {"rank": 32, "heads": 4, "gap": 2, "depth": 1}, 1e-3, 0),
+    ("last", "rank 8, heads 2", {"rank": 8, "heads": 2, "gap": 2, "depth": 1}, 1e-3, 0),
+    ("last", "rank 64", {"rank": 64, "heads": 4, "gap": 2, "depth": 1}, 1e-3, 0),
+    ("last", "heads 1", {"rank": 32, "heads": 1, "gap": 2, "depth": 1}, 1e-3, 0),
+    ("last", "gap 4", {"rank": 32, "heads": 4, "gap": 4, "depth": 1}, 1e-3, 0),
+    ("last", "depth 2", {"rank": 32, "heads": 4, "gap": 2, "depth": 2}, 1e-3, 0),
+    ("last", "width 320", {"rank": 32, "heads": 4, "gap": 2, "depth": 1, "width": 320}, 1e-3, 0),
+    ("lst", "base: r8, all taps", {"reduction": 8}, 1e-3, 0),
+    ("lst", "reduction 16", {"reduction": 16}, 1e-3, 0),
+    ("lst", "dropping: every 2nd tap", {"reduction": 8, "taps": ["stem", "stage2", "stage4", "stage6", "head"]},
+     1e-3, 0),
+]
+
+
+LAST_BASE = {"rank": 32, "heads": 4, "gap": 2, "depth": 1}
+LAST_DEEP = {**LAST_BASE, "depth": 2}
+# --extra: is a difference between candidates larger than the seed-to-seed spread? and the learning rate?
+EXTRA: list[tuple[str, str, dict[str, Any], float, int]] = [
+    ("last", "base, seed 1", LAST_BASE, 1e-3, 1),
+    ("last", "base, seed 2", LAST_BASE, 1e-3, 2),
+    ("last", "depth 2, seed 1", LAST_DEEP, 1e-3, 1),
+    ("last", "depth 2, seed 2", LAST_DEEP, 1e-3, 2),
+    ("last", "gap 4, depth 2", {**LAST_BASE, "gap": 4, "depth": 2}, 1e-3, 0),
+    ("last", "base, lr 3e-3", LAST_BASE, 3e-3, 0),
+    ("lst", "base, lr 3e-3", {"reduction": 8}, 3e-3, 0),
 ]
 
 
@@ -76,14 +93,16 @@ def compute_taps(train: int, test: int, batch: int) -> dict[str, Any]:
     return out
 
 
-def load_or_compute(cache: Path, train: int, test: int) -> dict[str, Any]:
+def load_or_compute(cache: Path, train: int, test: int, fresh: bool = False) -> dict[str, Any]:
     key = {"train": train, "test": test, "model": "tf_efficientnet_lite0/pypi", "version": 1}
-    if cache.exists():
+    if cache.exists() and not fresh:
         data = torch.load(cache, weights_only=False)
         if data.get("key") == key:
+            data["extract_s"] = 0.0  # nothing extracted in this run
             return data
+    t0 = time.perf_counter()
     data = compute_taps(train, test, batch=50)
-    data["key"] = key
+    data["key"], data["extract_s"] = key, time.perf_counter() - t0
     torch.save(data, cache)
     return data
 
@@ -95,9 +114,9 @@ def batches(taps: dict[str, torch.Tensor], names: list[str], order: torch.Tensor
 
 
 def train_eval(method: str, config: dict[str, Any], lr: float, data: dict[str, Any], epochs: int,
-               batch: int) -> dict[str, Any]:
+               batch: int, seed: int = 0) -> dict[str, Any]:
     """Train one setting from the cached taps; test accuracy, size, FLOPs and wall time."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     infos = [TapInfo.from_dict(t) for t in data["infos"]]
     y_train, y_test = data["train"]["labels"], data["test"]["labels"]
     net = create(method, config, MethodInput(infos, int(y_train.max()) + 1, None, "cnn"))
@@ -106,11 +125,12 @@ def train_eval(method: str, config: dict[str, Any], lr: float, data: dict[str, A
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     steps = epochs * math.ceil(len(y_train) / batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     for _ in range(epochs):
         losses = []
-        for sel, x in batches(data["train"]["taps"], net.required_taps, torch.randperm(len(y_train), generator=gen), batch):
+        order = torch.randperm(len(y_train), generator=gen)
+        for sel, x in batches(data["train"]["taps"], net.required_taps, order, batch):
             loss = F.cross_entropy(net(x), y_train[sel])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -128,11 +148,11 @@ def train_eval(method: str, config: dict[str, Any], lr: float, data: dict[str, A
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| method | setting | lr | test acc | params | MFLOPs/sample | train s | samples/s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | setting | lr | seed | test acc | params | MFLOPs/sample | train s | samples/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['label']} | {r['lr']:g} | {100 * r['test_acc']:.1f}% | {r['params']:,} | "
-                     f"{r['mflops']:.2f} | {r['train_s']:.0f} | {r['samples_per_s']:.0f} |")
+        lines.append(f"| {r['method']} | {r['label']} | {r['lr']:g} | {r['seed']} | {100 * r['test_acc']:.1f}% | "
+                     f"{r['params']:,} | {r['mflops']:.2f} | {r['train_s']:.0f} | {r['samples_per_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -145,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", choices=["linear", "last", "lst"], default=None)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared 2-core machine, 2 threads ran 6x slower under load)")
+    ap.add_argument("--extra", action="store_true", help="run the seed and learning-rate checks instead")
+    ap.add_argument("--fresh", action="store_true", help="run the backbone even when --cache holds the taps")
     ap.add_argument("--smoke", action="store_true", help="100/100 images, 1 epoch: checks that the script runs")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "featcache-method-defaults-taps.pt")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "method_defaults")
@@ -154,13 +176,13 @@ def main(argv: list[str] | None = None) -> None:
         args.cache = args.cache.with_name(args.cache.stem + "-smoke.pt")
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     t0 = time.perf_counter()
-    data = load_or_compute(args.cache, args.train, args.test)
+    data = load_or_compute(args.cache, args.train, args.test, args.fresh)
     rows = []
-    for method, label, config, lr in CANDIDATES:
+    for method, label, config, lr, seed in EXTRA if args.extra else CANDIDATES:
         if args.only and method != args.only:
             continue
-        r = {"method": method, "label": label, "config": config, "lr": lr,
-             **train_eval(method, config, lr, data, args.epochs, args.batch_size)}
+        r = {"method": method, "label": label, "config": config, "lr": lr, "seed": seed,
+             **train_eval(method, config, lr, data, args.epochs, args.batch_size, seed)}
         rows.append(r)
         print(f"# {method:6s} {label:28s} acc {100 * r['test_acc']:.1f}%  {r['train_s']:.0f} s", file=sys.stderr)
     md = table(rows)
@@ -168,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"data": data["data"], "train": args.train, "test": args.test, "epochs": args.epochs,
             "batch_size": args.batch_size, "optimizer": "AdamW wd 0.05 (no decay on biases/norms), cosine",
             "backbone": "tf_efficientnet_lite0, pypi:efficientnet-lite0, 224 px, 49 tokens per tap",
-            "torch_threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t0}
+            "torch_threads": torch.get_num_threads(), "extract_s": data["extract_s"],
+            "wall_s": time.perf_counter() - t0}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     args.out.with_suffix(".md").write_text(md + "\n")

@@ -70,6 +70,7 @@ def app() -> None:
     featcache demo     the whole flow on real weights and data, end to end
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("timm").setLevel(logging.WARNING)  # "Loading pretrained weights from file ..." is noise here
 
 
 for _name in COMMAND_MODULES:

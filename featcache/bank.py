@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from featcache import methods
 from featcache.methods.base import MethodInput
@@ -53,6 +54,9 @@ class MemberBank:
         self.alive = torch.ones(len(members), dtype=torch.bool, device=device)
         self.diverged_at: list[str | None] = [None] * len(members)
         self._forward = vmap(self._member_forward, in_dims=(0, 0, None), randomness="different")
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
 
     def __len__(self) -> int:
         return len(self.members)
@@ -63,7 +67,13 @@ class MemberBank:
 
     def forward(self, taps: dict[str, torch.Tensor]) -> torch.Tensor:
         """(K, B, classes) logits of every member on the same batch."""
-        return self._forward(self.params, self.buffers, {k: taps[k] for k in self.required_taps})
+        taps = {k: taps[k] for k in self.required_taps}
+        if self.device.type != "cuda":
+            return self._forward(self.params, self.buffers, taps)
+        # Under vmap, CUDA's fused attention fails in backward ("LSE is not correctly aligned") and the
+        # math kernel's softmax backward refuses bf16 autocast; so members run in float32 with TF32 tensor cores.
+        with sdpa_kernel(SDPBackend.MATH):
+            return self._forward(self.params, self.buffers, taps)
 
     def param_count(self) -> int:
         """Trainable parameters of one member."""
@@ -91,8 +101,7 @@ class MemberBank:
         """One AdamW step for every live member; returns per-member (loss, correct count) on this batch."""
         for p in self.params.values():
             p.grad = None
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            logits = self.forward(taps)
+        logits = self.forward(taps)
         losses = self.losses(logits, labels)
         losses.sum().backward()  # members are independent: d(sum)/d(member k) touches member k alone
         with torch.no_grad():
@@ -132,8 +141,7 @@ class MemberBank:
     @torch.no_grad()
     def evaluate(self, taps: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-member (summed loss, correct count) and the (K, B) predictions on one batch."""
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            logits = self.forward(taps)
+        logits = self.forward(taps)
         logp = F.log_softmax(logits.float(), dim=-1)
         nll = -logp.gather(-1, labels.view(1, -1, 1).expand(logp.shape[0], -1, 1)).squeeze(-1)
         pred = logits.argmax(-1)

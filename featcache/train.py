@@ -232,8 +232,9 @@ def train(store: str | FeatureStore, method: str, out: str | os.PathLike[str], s
         first_epoch, stats = state["epoch"] + 1, state["stats"]
         say(f"resuming {out} after epoch {state['epoch'] + 1}", quiet=not progress)
     store_record = {"url": fs.url, "split": split, "manifest": fs.manifest.to_attrs()}
-    configs = [member_config(r.member.name, r.member.method, r.member.method_config, r.member.train.to_dict(), mi,
-                             store_record, train_split.meta.classes) for r in records]
+    # the bank's resolved config ("auto" widths, heads, ... filled in), so that checkpoints rebuild exactly
+    configs = [member_config(r.member.name, r.member.method, banks[r.bank].template.config.to_dict(),
+                             r.member.train.to_dict(), mi, store_record, train_split.meta.classes) for r in records]
     select = eval_names[0] if eval_names else split
     say(f"training {len(members)} member(s) in {len(banks)} bank(s) on {train_reader.num_samples} samples "
         f"({', '.join(needed)}), reader {train_reader.mode}: {train_reader.choice.reason}", quiet=not progress)

@@ -34,3 +34,15 @@ def test_console_script_runs() -> None:
     out = subprocess.run([sys.executable, "-c", "from featcache.cli import main; main()", "--version"],
                          capture_output=True, text=True, check=True)
     assert "featcache" in out.stdout
+
+
+def test_cli_reference_doc_is_current() -> None:
+    from pathlib import Path
+
+    from featcache.cli.reference import render_reference
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+    import difflib
+
+    diff = "\n".join(difflib.unified_diff(doc.read_text().splitlines(), render_reference().splitlines(), lineterm=""))
+    assert not diff, "docs/cli.md is stale: python -m featcache.cli.reference > docs/cli.md\n" + diff[:3000]

@@ -22,7 +22,8 @@ from .conftest import TINY_CNN, TINY_VIT
 
 METHODS = list_methods()
 # vmap over SDPA on CPU loops over members and says so; featcache.methods filters it, pytest resets filters
-pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule:UserWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:There is a performance drop because we have not yet implemented the batching rule:UserWarning")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -142,6 +143,18 @@ def test_half_precision_taps_are_cast_when_not_autocasting(method: str, vit: Fix
     torch.testing.assert_close(out, net({k: v.half().float() for k, v in vit.taps.items()}))
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_bfloat16_taps_under_autocast(method: str, vit: Fixture) -> None:
+    """The trainer feeds bf16 batches under autocast (CUDA); CPU autocast exercises the same path."""
+    net = create(method, None, vit.info)
+    ref = net(vit.taps)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net({k: v.bfloat16() for k, v in vit.taps.items()})
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and net.head.weight.grad is not None
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=5e-2)
+
+
 def test_flops_are_counted_analytically_right(vit: Fixture) -> None:
     lin = create("linear", None, vit.info)
     assert lin.flops_per_sample() == 2 * 64 * 5  # one (64 -> 5) matmul
@@ -161,8 +174,10 @@ def test_config_json_round_trip(method: str) -> None:
     default = cls()
     assert cls.from_dict(json.loads(json.dumps(default.to_dict()))) == default
     changed = {"linear": {"taps": ["block3", "block6"], "pool": "cls", "norm": "none"},
-               "last": {"rank": 8, "heads": 2, "gap": 3, "depth": 2, "pool": "cls", "width": 32, "taps": ["embed", "block6"]},
-               "lst": {"reduction": 4, "heads": 2, "mlp_ratio": 2.0, "pool": "cls", "taps": ["embed", "block2"], "init": "prune"},
+               "last": {"rank": 8, "heads": 2, "gap": 3, "depth": 2, "pool": "cls", "width": 32,
+                        "taps": ["embed", "block6"]},
+               "lst": {"reduction": 4, "heads": 2, "mlp_ratio": 2.0, "pool": "cls", "taps": ["embed", "block2"],
+                       "init": "prune"},
                }[method]
     cfg = cls.from_dict(changed)
     assert cfg.to_dict() == changed
@@ -269,7 +284,8 @@ def test_last_at_init_reproduces_the_frozen_backbone_feature(vit: Fixture) -> No
         torch.testing.assert_close(net.features(taps), ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(net(taps), net.head(ref), atol=1e-5, rtol=1e-5)
         avg = create("last", {"pool": "avg"}, vit.info)
-        torch.testing.assert_close(avg.features(taps), b.model.norm(taps["block6"])[:, 1:].mean(1), atol=1e-5, rtol=1e-5)
+        ref_avg = b.model.norm(taps["block6"])[:, 1:].mean(1)  # mean of the normalised patch tokens
+        torch.testing.assert_close(avg.features(taps), ref_avg, atol=1e-5, rtol=1e-5)
         # the side network's output projections are what moves it off the backbone's feature
         net.side[0][0].proj.weight.add_(0.1 * torch.randn(net.side[0][0].proj.weight.shape))
         assert (net.features(taps) - ref).abs().max() > 1e-3
@@ -357,7 +373,8 @@ def test_lst_pruned_init_copies_the_largest_norm_dims(vit: Fixture) -> None:
     x = vit.taps["block3"]
     torch.testing.assert_close(net.down["block3"](x), x[..., res])  # ladders start as the kept-dim selection
     random = create("lst", {"heads": 2}, info)
-    assert random.pruned_from == [] and not torch.allclose(random.blocks[0].attn.qkv.weight, net.blocks[0].attn.qkv.weight)
+    assert random.pruned_from == []
+    assert not torch.allclose(random.blocks[0].attn.qkv.weight, net.blocks[0].attn.qkv.weight)
 
 
 def test_lst_pruned_init_errors(vit: Fixture, cnn: Fixture) -> None:

@@ -49,6 +49,12 @@ def test_expand_grid_routes_keys_and_names_members() -> None:
 def test_expand_method_grid() -> None:
     members = expand("last", {}, {"method": ["last", "linear"]})
     assert [m.method for m in members] == ["last", "linear"] and members[1].name == "method=linear"
+    # a method's own keys apply to that method only, and do not multiply the other method's members
+    members = expand("last", {"width": 32, "pool": "cls"}, {"method": ["last", "linear"], "rank": [4, 8]})
+    assert [m.name for m in members] == ["method=last-rank=4", "method=last-rank=8", "method=linear"]
+    assert members[0].method_config["width"] == 32 and members[2].method_config["pool"] == "cls"
+    with pytest.raises(ConfigError, match="unknown setting 'bogus'"):
+        expand("last", {"bogus": 1}, {"method": ["last", "linear"]})
 
 
 @pytest.mark.parametrize("settings,grid,msg", [
@@ -242,3 +248,14 @@ def test_cli_train_json_and_errors(vit_store, tmp_path) -> None:
         r = CliRunner().invoke(app, ["train", str(path), "--out", str(tmp_path / "bad"), *args])
         assert r.exit_code == code, (args, r.output)
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: ") and __import__("re").search(msg, r.stderr), r.stderr
+
+
+def test_lst_pruned_init_checkpoint_rebuilds(vit_store, tmp_path, vit) -> None:
+    path, test_taps, _, _ = vit_store
+    state = vit.model.state_dict()
+    train(str(path), "lst", tmp_path / "prune", {"epochs": 1, "init": "prune"}, progress=False,
+          backbone_state=lambda: state)
+    ckpt = load_checkpoint(tmp_path / "prune")
+    assert ckpt.config["method_config"]["init"] == "prune" and ckpt.config["method_config"]["mlp_ratio"] is not None
+    with torch.no_grad():
+        assert ckpt.network(test_taps).shape == (48, 3)

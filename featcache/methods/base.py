@@ -64,10 +64,10 @@ class MethodInput:
     from_checkpoint: bool = False
 
     def __post_init__(self) -> None:
-        self.taps = sorted((TapInfo.from_dict(t) if isinstance(t, dict) else t for t in self.taps),
-                           key=lambda t: t.position)
-        if not self.taps or not all(isinstance(t, TapInfo) for t in self.taps):
-            raise ConfigError("the store describes no taps: a side network needs at least one TapInfo")
+        taps = [TapInfo.from_dict(t) if isinstance(t, dict) else t for t in self.taps]
+        if not taps or not all(isinstance(t, TapInfo) for t in taps):
+            raise ConfigError("MethodInput.taps must be a non-empty list of TapInfo (the store's taps)")
+        self.taps = sorted(taps, key=lambda t: t.position)
         names = [t.name for t in self.taps]
         if len(set(names)) != len(names):
             raise ConfigError(f"tap names must be unique, got {names}")
@@ -235,7 +235,8 @@ def check(ok: bool, key: str, message: str) -> None:
 
 
 def check_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
-    check(value in choices, key, f"must be one of {', '.join(choices)}, got {value!r}{close_matches(value, list(choices))}")
+    hint = close_matches(value, list(choices))
+    check(value in choices, key, f"must be one of {', '.join(choices)}, got {value!r}{hint}")
 
 
 def normalize_taps(value: str | list[str], key: str, keywords: tuple[str, ...]) -> str | list[str]:

@@ -49,10 +49,10 @@ class LASTConfig(MethodConfig):
     side block; pool "avg"|"cls"; width of the side network (None = the last tap's width); taps "auto"
     (every g-th block, see the module doc) or explicit tap names."""
 
-    rank: int = 32
+    rank: int = 32  # defaults: measured, see docs/methods.md
     heads: int = 4
     gap: int = 2
-    depth: int = 1
+    depth: int = 2
     pool: str = "avg"
     width: int | None = None
     taps: str | list[str] = "auto"
@@ -65,7 +65,8 @@ class LASTConfig(MethodConfig):
               f"change rank or heads")
         check(self.gap >= 1, "gap", f"must be >= 1 (blocks between tapped outputs), got {self.gap}")
         check(self.depth >= 1, "depth", f"must be >= 1 (attention layers per side block), got {self.depth}")
-        check(self.width is None or self.width >= 1, "width", f"must be >= 1 or null (= the last tap's width), got {self.width}")
+        check(self.width is None or self.width >= 1, "width",
+              f"must be >= 1 or null (= the last tap's width), got {self.width}")
         check_choice(self.pool, "pool", POOLS)
         self.taps = normalize_taps(self.taps, "taps", ("auto",))
 

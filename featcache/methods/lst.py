@@ -62,7 +62,8 @@ class LSTConfig(MethodConfig):
     init: str = "random"
 
     def validate(self) -> None:
-        check(self.reduction >= 1, "reduction", f"must be >= 1 (side width = backbone width / reduction), got {self.reduction}")
+        check(self.reduction >= 1, "reduction",
+              f"must be >= 1 (side width = backbone width / reduction), got {self.reduction}")
         check(self.heads is None or self.heads >= 1, "heads", f"must be >= 1 or null (automatic), got {self.heads}")
         check(self.mlp_ratio is None or self.mlp_ratio > 0, "mlp_ratio", f"must be > 0 or null, got {self.mlp_ratio}")
         check_choice(self.pool, "pool", POOLS)
@@ -161,7 +162,8 @@ class LST(SideNetwork):
     def _backbone_state(self, tap_info: MethodInput) -> dict[str, Tensor] | None:
         if self.config.init != "prune" or tap_info.from_checkpoint:
             return None  # from a checkpoint: its weights replace any initialisation
-        check(tap_info.backbone_kind == "vit", "init", "'prune' copies ViT blocks; this backbone is a CNN, use init=random")
+        check(tap_info.backbone_kind == "vit", "init",
+              "'prune' copies ViT blocks; this backbone is a CNN, use init=random")
         check(tap_info.backbone_state is not None, "init", "'prune' needs the backbone's weights "
               "(MethodInput.backbone_state), which were not provided; use init=random")
         return tap_info.backbone_state()
@@ -241,7 +243,8 @@ def prune_residual_dims(state: dict[str, Tensor], keep: int) -> Tensor:
     return _top(w.abs().flatten(1).sum(1), keep)
 
 
-def pruned_block_state(state: dict[str, Tensor], block: int, keep: Tensor, heads: int, hidden: int) -> dict[str, Tensor]:
+def pruned_block_state(state: dict[str, Tensor], block: int, keep: Tensor, heads: int,
+                       hidden: int) -> dict[str, Tensor]:
     """State dict of a ``SideBlock`` cut from backbone block ``block`` (0-based) on residual dims ``keep``."""
     p = f"blocks.{block}."
     qkv = _get(state, p + "attn.qkv.weight")  # (3d, d)
@@ -249,7 +252,8 @@ def pruned_block_state(state: dict[str, Tensor], block: int, keep: Tensor, heads
     qkv_b = state.get(p + "attn.qkv.bias")
     qkv_b = torch.zeros(3 * d) if qkv_b is None else qkv_b.detach().float().cpu()
     o = _get(state, p + "attn.proj.weight")  # (d, d)
-    check(d % heads == 0, "heads", f"{heads} does not divide the backbone width {d}; set heads to the backbone's head count")
+    check(d % heads == 0, "heads",
+          f"{heads} does not divide the backbone width {d}; set heads to the backbone's head count")
     wq, wk, wv = qkv.split(d)
     hd, hs = d // heads, (keep.numel() // heads)
     qk_idx, v_idx = [], []

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 
 from .layout import FeatureStore, SplitHandle, storage_dtype
@@ -58,12 +59,20 @@ class RunningStats:
 
 
 def tap_stats(split: SplitHandle, name: str) -> dict[str, Any]:
-    """Statistics of one tap over the split's completed shards, read one shard at a time."""
-    arr, stats = split.tap(name), RunningStats()
+    """Statistics of one tap over the split's completed shards, read one shard at a time.
+
+    Besides the value statistics: ``token_norm_mean`` / ``token_norm_std``, the L2 norm of a token's
+    channel vector (how activations grow through the backbone; drawn by ``inspect --plot``).
+    """
+    arr, stats, norms = split.tap(name), RunningStats(), RunningStats()
     for k in np.flatnonzero(split.completed_shards()):
         start, stop = split.meta.shard_bounds(int(k))
-        stats.update(split.decode(arr[start:stop]).float().numpy())
-    return stats.to_dict()
+        block = split.decode(arr[start:stop]).float()
+        stats.update(block.numpy())
+        norms.update(torch.linalg.vector_norm(block, dim=-1).numpy())
+    out = stats.to_dict()
+    out["token_norm_mean"], out["token_norm_std"] = norms.to_dict()["mean"], norms.to_dict()["std"]
+    return out
 
 
 def _codec_names(arr: zarr.Array) -> list[str]:
@@ -217,12 +226,20 @@ def _format_split(name: str, s: dict[str, Any]) -> list[str]:
         total = max(1, sum(s["label_counts"].values()))
         peak = max(s["label_counts"].values()) or 1
         lines.append("  labels:")
+        items = list(s["label_counts"].items())
         label_rows = [[f"    {k}", str(c), f"{100 * c / total:.1f}%", "#" * max(0, round(30 * c / peak))]
-                      for k, c in s["label_counts"].items()]
+                      for k, c in items[:MAX_LABEL_ROWS]]
         lines += _table(label_rows, indent="")
+        if len(items) > MAX_LABEL_ROWS:
+            counts = [c for _, c in items]
+            lines.append(f"    ... {len(items) - MAX_LABEL_ROWS} more classes (all: min {min(counts)}, max {max(counts)} "
+                         "images per class; --json lists them)")
     if s["unlabelled"]:
         lines.append(f"  unlabelled images: {s['unlabelled']}")
     return lines
+
+
+MAX_LABEL_ROWS = 40
 
 
 def _num(v: float | None) -> str:

@@ -216,8 +216,9 @@ class SplitVerifier:
                 bad.append((c0 // step, c0, min(c0 + step, stop), chunk_err))
         total = -(-(stop - start) // step)
         if len(bad) == total and total > 1:
-            self.problem("error", f"all {total} chunks fail ({_describe(err)}): the shard object or its index is "
-                         "damaged or truncated", name, f"shard {shard} (images {start}-{stop - 1})")
+            how = "their crc32c checksum" if "checksum" in str(err).lower() else f"to decode ({_describe(err)})"
+            self.problem("error", f"all {total} chunks fail {how}: the shard object or its index is damaged or "
+                         "truncated", name, f"shard {shard} (images {start}-{stop - 1})")
             return
         for index, c0, c1, chunk_err in bad or [(start // step, start, stop, err)]:
             self.problem("error", _describe(chunk_err), name,

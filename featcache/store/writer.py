@@ -196,23 +196,28 @@ def sync_keys(split: SplitHandle, keys: list[str]) -> None:
 
 
 class ShardWriter:
-    """Writes finished shards on a background thread while the caller computes the next ones.
+    """Writes finished shards on background threads while the caller computes the next ones.
 
-    ``submit`` blocks only when ``max_pending`` shards wait (bounded memory); an error on the
-    writer thread is raised by the next ``submit`` or by ``close``. ``close`` writes what is
-    queued; ``abort`` drops it (the shard being written is finished, so no record lies).
+    Each shard is written whole by one thread (``threads`` > 1 write different shards at once, for
+    machines where one thread cannot keep up with a GPU). ``submit`` blocks only when
+    ``max_pending`` shards wait (bounded memory); an error on a writer thread is raised by the next
+    ``submit`` or by ``close``. ``close`` writes what is queued; ``abort`` drops it (shards being
+    written are finished, so no completion record lies).
     """
 
     def __init__(self, split: SplitHandle, max_pending: int = 2, durable: bool = True,
-                 on_written: Callable[[ShardData, float], None] | None = None) -> None:
+                 on_written: Callable[[ShardData, float], None] | None = None, threads: int = 1) -> None:
         self.split, self.durable, self.on_written = split, durable, on_written
         self.written: list[int] = []
-        self.write_seconds = 0.0
-        self._queue: queue.Queue[ShardData | None] = queue.Queue(maxsize=max(1, max_pending))
+        self.write_seconds = 0.0  # summed over threads
+        self._queue: queue.Queue[ShardData | None] = queue.Queue(maxsize=max(1, max_pending, threads))
         self._error: BaseException | None = None
         self._drop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="featcache-shard-writer", daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, name=f"featcache-shard-writer-{i}", daemon=True)
+                         for i in range(max(1, threads))]
+        for t in self._threads:
+            t.start()
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -236,10 +241,11 @@ class ShardWriter:
                 t0 = time.perf_counter()
                 write_complete_shard(self.split, item, self.durable)
                 dt = time.perf_counter() - t0
-                self.write_seconds += dt
-                self.written.append(item.shard)
-                if self.on_written is not None:
-                    self.on_written(item, dt)
+                with self._lock:
+                    self.write_seconds += dt
+                    self.written.append(item.shard)
+                    if self.on_written is not None:
+                        self.on_written(item, dt)
             except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
                 self._error = err
 
@@ -254,7 +260,7 @@ class ShardWriter:
         """Queue a finished shard; blocks while the queue is full, raises a writer error."""
         while True:
             self._raise_error()
-            if not self._thread.is_alive():
+            if not any(t.is_alive() for t in self._threads):
                 raise StoreError("the shard writer stopped unexpectedly")
             try:
                 self._queue.put(data, timeout=0.2)
@@ -262,20 +268,23 @@ class ShardWriter:
             except queue.Full:
                 continue
 
+    def _stop(self) -> None:
+        for t in self._threads:
+            if t.is_alive():
+                self._queue.put(None)  # one stop mark per thread, after everything queued
+        for t in self._threads:
+            t.join()
+
     def close(self, raise_error: bool = True) -> None:
-        """Write every queued shard, stop the thread; raise a writer error."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        """Write every queued shard, stop the threads; raise a writer error."""
+        self._stop()
         if raise_error:
             self._raise_error()
 
     def abort(self) -> None:
-        """Drop queued shards, finish the one being written, stop the thread."""
+        """Drop queued shards, finish the ones being written, stop the threads."""
         self._drop.set()
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        self._stop()
 
 
 # ---------------------------------------------------------------------------------------------

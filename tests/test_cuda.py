@@ -1,0 +1,68 @@
+"""CUDA paths: extraction under bf16 autocast, GPU-resident training, live == cached on the GPU.
+
+Skipped without a CUDA device (CI has none); run on a GPU machine with `pytest -m gpu`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from featcache.backbone import BackboneSpec
+from featcache.extract import extract
+from featcache.store.layout import FeatureStore
+from featcache.train import train
+
+from .conftest import TINY_VIT, write_image_folder
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cuda")
+    train_dir = write_image_folder(root / "train", n=96, classes=3, seed=0)
+    test_dir = write_image_folder(root / "test", n=48, classes=3, seed=1)
+    spec = BackboneSpec(**TINY_VIT)
+    out = {}
+    for device in ("cpu", "cuda"):
+        path = str(root / f"{device}.zarr")
+        for split, data in (("train", train_dir), ("test", test_dir)):
+            extract(spec, str(data), path, split=split, device=device, progress=False, loader_workers=0)
+        out[device] = path
+    return out, test_dir
+
+
+def test_cuda_extraction_matches_cpu_within_bf16(stores) -> None:
+    (paths, _) = stores
+    cpu = FeatureStore.open(paths["cpu"]).split("train")
+    gpu = FeatureStore.open(paths["cuda"]).split("train")
+    for tap in ("embed", "block6"):
+        a = np.asarray(cpu.tap(tap)[:], dtype=np.float32)
+        b = np.asarray(gpu.tap(tap)[:], dtype=np.float32)
+        scale = np.abs(a).max()
+        assert np.abs(a - b).max() <= 0.05 * scale, tap  # bf16 autocast vs float32
+
+
+@pytest.mark.parametrize("reader", ["gpu", "ram"])
+def test_train_on_cuda_learns(stores, tmp_path, reader: str) -> None:
+    (paths, _) = stores
+    summary = train(paths["cuda"], "last", tmp_path / reader, {"epochs": 8, "batch_size": 16},
+                    {"lr": [1e-3, 3e-3]}, reader=reader, device="cuda", progress=False)
+    assert summary["reader"]["mode"] == reader and summary["device"] == "cuda"
+    assert summary["cuda_max_memory_allocated_mb"] > 0
+    assert max(m["best"]["score"] for m in summary["members"]) >= 0.9
+
+
+def test_predict_on_cuda_equals_cached_accuracy(stores, tmp_path) -> None:
+    import json
+
+    from featcache.infer import predict
+
+    (paths, test_dir) = stores
+    train(paths["cuda"], "last", tmp_path / "p", {"epochs": 6, "batch_size": 16, "lr": 3e-3}, reader="gpu",
+          device="cuda", progress=False)
+    best = json.loads((tmp_path / "p" / "best.json").read_text())
+    result = predict(tmp_path / "p", str(test_dir), device="cuda", progress=False, num_workers=0)
+    assert result["accuracy"] == pytest.approx(best["test_acc"], abs=1 / 48 + 1e-9)
