@@ -315,6 +315,7 @@ class ShardJob:
     loader_workers: int | None
     durable: bool
     storage_options: dict[str, Any] | None
+    writer_threads: int | None = None
 
 
 @dataclass
@@ -411,7 +412,7 @@ def extract_shards_task(job: ShardJob, shards: list[int]) -> dict[str, Any]:
         todo = [k for k in shards if not done[k]]
         stats = extract_shards(split, backbone, source, todo, batch_size=job.batch_size,
                                loader_workers=_loader_workers(job, backbone.device), progress=False,
-                               durable=job.durable)
+                               durable=job.durable, writer_threads=job.writer_threads)
     return {"shards": stats.shards, "skipped": [k for k in shards if done[k]], "worker": _worker_name(),
             "pid": os.getpid(), "model_built": built, "images": stats.images, "nbytes": stats.nbytes,
             "forward_seconds": stats.forward_seconds, "write_seconds": stats.write_seconds}
@@ -482,7 +483,8 @@ def _shard_job(spec: BackboneSpec, backbone: Backbone, source: DataSource, split
                     data=_shared_path(data), limit=opts.limit, num_samples=len(source),
                     ids_sha256=ids_sha256(source.ids()),
                     weights_sha256=str(backbone.weights.get("state_sha256")), batch_size=split.meta.batch_size,
-                    loader_workers=opts.loader_workers, durable=opts.durable, storage_options=opts.storage_options)
+                    loader_workers=opts.loader_workers, durable=opts.durable, storage_options=opts.storage_options,
+                    writer_threads=opts.writer_threads)
 
 
 def _run_shards(client: Client, job: ShardJob, split: SplitHandle, progress: bool, rounds: int,
