@@ -179,9 +179,8 @@ def local_cluster(workers: int, device: str = "auto", torch_threads: int | None 
         if gpus:
             options["resources"] = {"GPU": 1}
         specs[f"featcache-{i}"] = {"cls": Nanny, "options": options}
-    # no dashboard; its HTTP server (health checks) on a free port, so that clusters never collide
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "port": 0, "dashboard": False,
-                                               "dashboard_address": "127.0.0.1:0"}}
+    # the dashboard (when bokeh is installed) on a free port, so that clusters never collide
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "port": 0, "dashboard_address": "127.0.0.1:0"}}
     try:
         return SpecCluster(workers=specs, scheduler=scheduler, silence_logs=logging.ERROR, name="featcache")
     except Exception as err:  # noqa: BLE001 - e.g. ports, spawn failures: one clear line
@@ -235,12 +234,34 @@ def prepare_workers(client: Client, torch_threads: int | None = None) -> dict[st
 
 
 @contextlib.contextmanager
+def quiet_dask_logs(level: int = logging.ERROR) -> Iterator[None]:
+    """dask's INFO and WARNING chatter (workers starting, a lost worker restarting) off the user's terminal,
+    unless FEATCACHE_DEBUG is set: featcache reports what matters itself."""
+    if os.environ.get("FEATCACHE_DEBUG", "") not in ("", "0"):
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("distributed", "bokeh", "tornado")]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, before):
+            lg.setLevel(old)
+
+
+@contextlib.contextmanager
 def cluster_client(workers: int | None = None, scheduler: str | None = None, *, device: str = "auto",
-                   torch_threads: int | None = None, timeout: float | None = None) -> Iterator[Client]:
-    """A client of a new local cluster (``workers``) or of the scheduler at ``scheduler``; closed afterwards."""
+                   torch_threads: int | None = None, timeout: float | None = None,
+                   progress: bool = False) -> Iterator[Client]:
+    """A client of a new local cluster (``workers``) or of the scheduler at ``scheduler``; closed afterwards.
+
+    ``progress``: say on stderr how many workers there are and where dask's dashboard is.
+    """
     if (workers is None) == (scheduler is None):
         raise UsageError("give exactly one of --workers N (a local cluster) or --scheduler ADDRESS (a running one)")
-    with dask.config.set(CLUSTER_CONFIG):
+    with dask.config.set(CLUSTER_CONFIG), quiet_dask_logs():
         cluster = None
         if scheduler is not None:
             client = connect(scheduler, timeout)
@@ -248,12 +269,21 @@ def cluster_client(workers: int | None = None, scheduler: str | None = None, *, 
             cluster = local_cluster(workers or 1, device, torch_threads)
             client = Client(cluster, set_as_default=False)
         try:
-            prepare_workers(client, torch_threads if scheduler is None else None)
+            info = prepare_workers(client, torch_threads if scheduler is None else None)
+            where = f", dashboard {client.dashboard_link}" if _has_dashboard(client) else ""
+            say(f"dask cluster at {client.scheduler.address}: {len(info)} worker(s){where}", quiet=not progress)
             yield client
         finally:
             client.close()
             if cluster is not None:
                 cluster.close()
+
+
+def _has_dashboard(client: Client) -> bool:
+    try:
+        return "dashboard" in client.scheduler_info().get("services", {})
+    except Exception:  # noqa: BLE001 - only a hint
+        return False
 
 
 def _gpu_workers(client: Client) -> list[str]:
@@ -447,7 +477,7 @@ def extract_on_cluster(spec: BackboneSpec, data: str, out: str | os.PathLike[str
     if not isinstance(data, str):
         raise UsageError("extraction on a cluster needs --data as a SPEC string that every worker can open")
     if client is None:
-        with cluster_client(workers, scheduler, device=opts.device) as own:
+        with cluster_client(workers, scheduler, device=opts.device, progress=opts.progress) as own:
             return extract_on_cluster(spec, data, url, opts, client=own, rounds=rounds,
                                       shards_per_task=shards_per_task)
     t0 = time.perf_counter()
@@ -650,7 +680,7 @@ def train_on_cluster(store: str, method: str, out: str | os.PathLike[str], setti
     url = check_shared_url(str(store))
     members = members or expand(method, settings, grid)
     if client is None:
-        with cluster_client(workers, scheduler, device=device) as own:
+        with cluster_client(workers, scheduler, device=device, progress=progress) as own:
             return train_on_cluster(url, method, out, client=own, split=split, eval_split=eval_split, reader=reader,
                                     device=device, overwrite=overwrite, progress=progress,
                                     backbone_state=backbone_state, storage_options=storage_options, members=members,
@@ -705,6 +735,6 @@ def _unpack(files: dict[str, bytes], root: Path) -> Path:
 
 
 __all__ = ["CLUSTER_CONFIG", "ClusterExtractReport", "ShardJob", "TrainPartJob", "WorkerSettings",
-           "apply_worker_settings", "check_shared_url", "cluster_client", "connect", "drain", "extract_on_cluster",
+           "apply_worker_settings", "check_shared_url", "cluster_client", "quiet_dask_logs", "connect", "drain", "extract_on_cluster",
            "extract_shards_task", "local_cluster", "plan_parts", "plan_tasks", "prepare_workers", "train_on_cluster",
            "train_part_task", "worker_env"]
