@@ -248,6 +248,39 @@ def test_failed_shard_is_submitted_again(client: Client, plugin: Any, images: Pa
     assert_same_arrays(read_split(out), reference)
 
 
+def test_ctrl_c_cancels_drains_and_resume_completes(client: Client, images: Path, reference: dict, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from featcache.errors import Interrupted
+    from featcache.progress import bar
+
+    class InterruptedBar:  # Ctrl-C arrives while the client waits for the second finished task
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            self.bar, self.calls = bar(*a, **kw), 0
+
+        def __enter__(self) -> "InterruptedBar":
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            self.bar.close()
+
+        def update(self, n: int) -> None:
+            self.calls += 1
+            if self.calls == 2:
+                raise KeyboardInterrupt
+
+    out = tmp_path / "s.zarr"
+    monkeypatch.setattr(scale, "bar", InterruptedBar)
+    with pytest.raises(Interrupted, match="--resume") as info:
+        cluster_extract(client, images, out)
+    monkeypatch.undo()
+    assert info.value.exit_code == 130 and not (out / "_locks").exists()  # the lock was released ...
+    assert all(ks == [] for ks in client.run(scale._executing_keys).values())  # ... after the tasks stopped
+    assert 2 <= FeatureStore.open(out).split("train").completed_shards().sum() <= 6
+    report = cluster_extract(client, images, out, resume=True)
+    assert report.complete
+    assert_same_arrays(read_split(out), reference)
+
+
 def test_data_error_on_workers_stops_the_extraction(client: Client, images: Path, tmp_path: Path) -> None:
     out, broken = tmp_path / "s.zarr", tmp_path / "images"
     shutil.copytree(images, broken)
