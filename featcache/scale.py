@@ -9,9 +9,9 @@ worker and reports completions; featcache supplies the work units and the bookke
   gets ``WorkerSettings``: torch threads = the host's cores / its workers, zarr's codec pool and
   concurrency to match, OpenMP threads that sleep while waiting (see docs/scale.md).
 - ``extract_on_cluster``: the client plans, creates or checks the store and the split under the
-  split's lock (``featcache.store.lock``), then submits one task per missing shard. A task runs
-  ``featcache.extract.extract_shards`` for its shard on a worker that keeps the model loaded
-  between tasks (one model per worker process). The completion records in the store say what is
+  split's lock (``featcache.store.lock``), then submits the missing shards as tasks of whole,
+  consecutive shards (``plan_tasks``). A task runs ``featcache.extract.extract_shards`` for its
+  shards on a worker that keeps the model loaded between tasks (one model per worker process). The completion records in the store say what is
   done: shards whose task failed or whose worker died are submitted again (dask itself reruns a
   lost worker's task first), and the client finalizes. Batches depend on the shard only, so the
   arrays equal a one-process extraction on the same device with the same threads.
