@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import os
+import click
 
-# OpenMP threads that spin while waiting starve the DataLoader worker and the shard writer on a few
-# shared cores: measured 2x slower EfficientNet-Lite0 forwards on 2 busy cores (docs/store.md).
-# libgomp reads this when torch loads, so it is set before the first torch import (cli.app imports
-# the command modules, this one first, before anything imports torch). An explicit value wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import click  # noqa: E402
-
-from featcache.backbone import WEIGHT_CHOICES_HELP, BackboneSpec, parse_layers  # noqa: E402
-from featcache.extract import DEFAULT_BATCH_SIZE, ExtractOptions, extract  # noqa: E402
-from featcache.keyvalue import parse_assignments  # noqa: E402
-from featcache.progress import say  # noqa: E402
-from featcache.store.layout import COMPRESSORS, DEFAULT_COMPRESSOR  # noqa: E402
-from featcache.store.manifest import DTYPES  # noqa: E402
+from featcache.backbone import WEIGHT_CHOICES_HELP, BackboneSpec, parse_layers
+from featcache.extract import DEFAULT_BATCH_SIZE, ExtractOptions, extract
+from featcache.keyvalue import parse_assignments
+from featcache.progress import say
+from featcache.store.layout import COMPRESSORS, DEFAULT_COMPRESSOR
+from featcache.store.manifest import DTYPES
 
 from .options import cluster_options, storage_option  # noqa: E402
 
