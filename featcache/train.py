@@ -8,6 +8,11 @@ Never loads or runs the backbone. ``train(...)`` writes into RUNDIR:
   curves.png          loss and accuracy curves of all members
   summary.json        the DESIGN.md summary (``train --json`` prints it)
   state/              what ``--resume`` continues from (end of the last finished epoch)
+
+Runs whose members train elsewhere (``featcache.scale``: members spread over dask workers) use three
+hooks: ``prepare_run`` (the checks and a fresh RUNDIR, before any training), ``train(members=subset,
+partial=True)`` into a part directory per worker, and ``gather_parts`` (one RUNDIR, as a local sweep
+of all members writes it).
 """
 
 from __future__ import annotations
@@ -294,8 +299,15 @@ def train(store: str | FeatureStore, method: str, out: str | os.PathLike[str], s
           grid: dict[str, list[Any]] | None = None, split: str = "train", eval_split: str | None = None,
           reader: str = "auto", device: str | torch.device = "cpu", resume: bool = False, overwrite: bool = False,
           progress: bool = True, backbone_state: Callable[[], dict] | None = None,
-          storage_options: dict[str, Any] | None = None, members: list[SweepMember] | None = None) -> dict[str, Any]:
-    """Train every member of the sweep from the cache; returns the summary (also RUNDIR/summary.json)."""
+          storage_options: dict[str, Any] | None = None, members: list[SweepMember] | None = None,
+          partial: bool = False) -> dict[str, Any]:
+    """Train every member of the sweep from the cache; returns the summary (also RUNDIR/summary.json).
+
+    ``members`` replaces the sweep built from method, settings and grid (e.g. a subset of one);
+    ``partial``: RUNDIR is one part of a larger sweep: no best member is chosen, no best.json or
+    curves.png are written, and a part whose members all diverged is no error (``gather_parts``
+    decides over all parts).
+    """
     t_start, rss_base, device = time.perf_counter(), rss_mb(), torch.device(device)
     fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store, "r", storage_options)
     members = members or expand(method, settings, grid)
@@ -341,8 +353,11 @@ def train(store: str | FeatureStore, method: str, out: str | os.PathLike[str], s
                 _save_state(out, epoch, banks, records, stats)  # the commit point of the epoch
                 _write_metrics(out, records)
                 pbar.set_postfix_str(_postfix(records), refresh=True)
-        summary = _summary(out, records, banks, stats, select, t_start, rss_base, train_reader, device)
-        _finish(out, summary, records, select, progress)
+        summary = _summary(out, records, banks, stats, select, t_start, rss_base, train_reader, device, partial)
+        if partial:
+            write_json(out / "summary.json", summary)
+        else:
+            _finish(out, summary, records, select, progress)
     except KeyboardInterrupt:
         saved = _saved_epochs(out)
         kept = (f"it holds the state after epoch {saved} of {cfg.epochs}" if saved else
@@ -408,7 +423,8 @@ def _write_metrics(out: Path, records: list[MemberRecord]) -> None:
 
 
 def _summary(out: Path, records: list[MemberRecord], banks: list[MemberBank], stats: dict[str, Any], select: str,
-             t_start: float, rss_base: float, reader: CacheReader, device: torch.device) -> dict[str, Any]:
+             t_start: float, rss_base: float, reader: CacheReader, device: torch.device,
+             partial: bool = False) -> dict[str, Any]:
     members = []
     for r in records:
         last = r.history[-1] if r.history else {}
@@ -421,13 +437,7 @@ def _summary(out: Path, records: list[MemberRecord], banks: list[MemberBank], st
             "params": bank.param_count(), "checkpoint": str(out / "members" / safe_member_name(r.member.name)),
             "train_seconds": stats["bank_seconds"][r.bank], "bank_size": len(bank),
         })
-    alive = [m for m in members if m["status"] == "ok" and m["best"] is not None]
-    if not alive:
-        raise ConfigError(f"every member diverged (loss became NaN/Inf); see {out}/metrics.jsonl and lower --lr")
-    top = max(alive, key=lambda m: m["best"]["score"])
-    best = {"name": top["name"], f"{select}_acc": top["best"]["score"], "epoch": top["best"]["epoch"],
-            "checkpoint": top["checkpoint"], "selected_by": f"{select}_acc"}
-    write_json(out / "best.json", best)
+    best = None if partial else select_best(out, members, select)
     secs = max(stats["train_seconds"], 1e-9)
     summary = {
         "members": members, "best": best,
@@ -440,4 +450,81 @@ def _summary(out: Path, records: list[MemberRecord], banks: list[MemberBank], st
     }
     if device.type == "cuda":
         summary["cuda_max_memory_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if partial:
+        summary["part"] = {"select": select, "train_samples": stats["train_samples"],
+                           "train_seconds": stats["train_seconds"]}
+    return summary
+
+
+def select_best(out: Path, members: list[dict[str, Any]], select: str) -> dict[str, Any]:
+    """The best live member by its best ``<select>_acc`` (first in member order on ties); writes best.json."""
+    alive = [m for m in members if m["status"] == "ok" and m["best"] is not None]
+    if not alive:
+        raise ConfigError(f"every member diverged (loss became NaN/Inf); see {out}/metrics.jsonl and lower --lr")
+    top = max(alive, key=lambda m: m["best"]["score"])
+    best = {"name": top["name"], f"{select}_acc": top["best"]["score"], "epoch": top["best"]["epoch"],
+            "checkpoint": top["checkpoint"], "selected_by": f"{select}_acc"}
+    write_json(out / "best.json", best)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs trained in parts (featcache.scale): prepare, then gather
+
+
+def prepare_run(store: str | FeatureStore, members: list[SweepMember], out: str | os.PathLike[str],
+                split: str = "train", eval_split: str | None = None, overwrite: bool = False,
+                storage_options: dict[str, Any] | None = None) -> FeatureStore:
+    """The checks ``train`` makes before writing anything, then a fresh RUNDIR holding sweep.json."""
+    fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store, "r", storage_options)
+    _eval_splits(fs, split, eval_split)
+    _method_input(fs, fs.split(split), None)
+    _prepare_rundir(Path(out), members, resume=False, overwrite=overwrite)
+    return fs
+
+
+def gather_parts(out: str | os.PathLike[str], members: list[SweepMember], parts: list[Path], t_start: float,
+                 progress: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Merge part directories written by ``train(members=subset, partial=True)`` into RUNDIR.
+
+    RUNDIR (made by ``prepare_run``) then holds what one local sweep of ``members`` writes: member
+    directories, metrics.jsonl in member order, best.json, summary.json, curves.png (no state/).
+    Timing and memory are aggregated over the parts (which ran in parallel); ``extra`` is added to
+    the summary. Returns the summary.
+    """
+    out = Path(out)
+    summaries = [json.loads((p / "summary.json").read_text()) for p in parts]
+    entries: dict[str, dict[str, Any]] = {}
+    history: dict[str, list[dict[str, Any]]] = {}
+    for part, summary in zip(parts, summaries):
+        for m in summary["members"]:
+            name = safe_member_name(m["name"])  # from a part's summary.json: a name inside RUNDIR, never a path
+            entries[name] = {**m, "checkpoint": str(out / "members" / name)}
+            shutil.copytree(part / "members" / name, out / "members" / name, dirs_exist_ok=True)
+        for line in (part / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            history.setdefault(row.pop("member"), []).append(row)
+    missing = [m.name for m in members if m.name not in entries]
+    if missing:
+        raise CheckpointError(f"the parts of run {out} lack members {', '.join(missing)}; train again")
+    records = [MemberRecord(m, -1, -1, history.get(m.name, []), entries[m.name]["best"]) for m in members]
+    _write_metrics(out, records)
+    select = summaries[0]["part"]["select"]
+    ordered = [entries[m.name] for m in members]
+    peak = max(summaries, key=lambda s: s["peak_rss_mb"])
+    secs = max(max(s["part"]["train_seconds"] for s in summaries), 1e-9)
+    summary = {
+        "members": ordered, "best": select_best(out, ordered, select),
+        "samples_per_second": sum(s["part"]["train_samples"] for s in summaries) / secs,
+        "wall_seconds": time.perf_counter() - t_start,
+        "peak_rss_mb": peak["peak_rss_mb"], "rss_baseline_mb": peak["rss_baseline_mb"],
+        "peak_rss_above_baseline_mb": max(s["peak_rss_above_baseline_mb"] for s in summaries),
+        "reader": summaries[0]["reader"], "device": summaries[0]["device"], "num_members": len(members),
+        "num_banks": sum(s["num_banks"] for s in summaries),
+    }
+    cuda = [s["cuda_max_memory_allocated_mb"] for s in summaries if "cuda_max_memory_allocated_mb" in s]
+    if cuda:
+        summary["cuda_max_memory_allocated_mb"] = max(cuda)
+    summary.update(extra or {})
+    _finish(out, summary, records, select, progress)
     return summary

@@ -49,6 +49,12 @@ def test_expand_grid_routes_keys_and_names_members() -> None:
 def test_expand_method_grid() -> None:
     members = expand("last", {}, {"method": ["last", "linear"]})
     assert [m.method for m in members] == ["last", "linear"] and members[1].name == "method=linear"
+    # a method's own keys apply to that method only, and do not multiply the other method's members
+    members = expand("last", {"width": 32, "pool": "cls"}, {"method": ["last", "linear"], "rank": [4, 8]})
+    assert [m.name for m in members] == ["method=last-rank=4", "method=last-rank=8", "method=linear"]
+    assert members[0].method_config["width"] == 32 and members[2].method_config["pool"] == "cls"
+    with pytest.raises(ConfigError, match="unknown setting 'bogus'"):
+        expand("last", {"bogus": 1}, {"method": ["last", "linear"]})
 
 
 @pytest.mark.parametrize("settings,grid,msg", [

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 
 from featcache.errors import CorruptionError, StoreError
@@ -60,14 +61,22 @@ class RunningStats:
 
 
 def tap_stats(split: SplitHandle, name: str) -> dict[str, Any]:
-    """Statistics of one tap over the split's completed shards, read one shard at a time."""
+    """Statistics of one tap over the split's completed shards, read one shard at a time.
+
+    Besides the value statistics: ``token_norm_mean`` / ``token_norm_std``, the L2 norm of a token's
+    channel vector (how activations grow through the backbone; drawn by ``inspect --plot``).
+    """
     split.tap(name)  # a clear error for unknown taps
-    stats = RunningStats()
+    stats, norms = RunningStats(), RunningStats()
     for k in np.flatnonzero(split.completed_shards()):
         start, stop = split.meta.shard_bounds(int(k))
         split.require_objects(name, [int(k)])
-        stats.update(split.decode(split.read(name, start, stop)).float().numpy())  # damage: CorruptionError
-    return stats.to_dict()
+        block = split.decode(split.read(name, start, stop)).float()  # damage: CorruptionError
+        stats.update(block.numpy())
+        norms.update(torch.linalg.vector_norm(block, dim=-1).numpy())
+    out = stats.to_dict()
+    out["token_norm_mean"], out["token_norm_std"] = norms.to_dict()["mean"], norms.to_dict()["std"]
+    return out
 
 
 def _completed_shards(split: SplitHandle) -> np.ndarray:
