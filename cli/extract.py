@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import click
 
-from featcache.backbone import WEIGHT_CHOICES_HELP, BackboneSpec, parse_layers
-from featcache.extract import DEFAULT_BATCH_SIZE, ExtractOptions, extract
+from featcache.choices import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES, WEIGHT_CHOICES_HELP
 from featcache.keyvalue import parse_assignments
 from featcache.progress import say
-from featcache.store.layout import COMPRESSORS, DEFAULT_COMPRESSOR
-from featcache.store.manifest import DTYPES
 
-from .options import cluster_options, storage_option  # noqa: E402
+from .options import cluster_options, storage_option
 
 
 @click.command("extract")
@@ -55,6 +52,9 @@ def command(model: str, model_kwargs: tuple[str, ...], weights: str, data: str, 
     also recomputes shards that fail their checksums. With --workers N or --scheduler ADDRESS the
     shards are computed by dask workers (docs/scale.md).
     """
+    from featcache.backbone import BackboneSpec, parse_layers
+    from featcache.extract import ExtractOptions, extract
+
     spec = BackboneSpec(model=model, model_kwargs=parse_assignments(model_kwargs, "--model-kwargs"), weights=weights,
                         image_size=image_size)
     options = ExtractOptions(split=split, layers=parse_layers(layers), batch_size=batch_size, device=device,

@@ -6,10 +6,8 @@ import os
 
 import click
 
-from featcache.backbone import resolve_device
 from featcache.errors import UsageError
 from featcache.keyvalue import parse_assignments, parse_grid
-from featcache.sweep import load_sweep_file
 
 from .options import cluster_options, device_option, json_option, print_json, quiet_option, storage_option
 
@@ -59,6 +57,8 @@ def command(store: str, method: str, out: str, epochs: int | None, batch_size: i
     featcache train cache.zarr --out runs/both --grid method=last,linear
     featcache train cache.zarr --out runs/sweep --grid lr=1e-3,3e-3 --grid rank=4,8 --workers 2
     """
+    from featcache.backbone import resolve_device
+    from featcache.sweep import load_sweep_file
     from featcache.train import train
 
     base, sweep_grid = load_sweep_file(sweep_file) if sweep_file else ({}, {})

