@@ -9,9 +9,9 @@ One API, three modes (``open_reader(split, taps, mode=...)``):
   quasi-random order), so memory stays bounded by the window and the prefetch depth.
 ``auto`` picks gpu when training on CUDA and the taps fit the free GPU memory with a margin, else
 ram when they fit the available RAM with a margin, else stream; the choice and its reason are
-kept in ``reader.choice`` (``featcache train`` prints them). Every mode yields every completed sample exactly once per epoch, in an order fixed by
-(seed, epoch); with several cached views one view per sample is drawn per epoch, also fixed by
-(seed, epoch, sample).
+kept in ``reader.choice`` (``featcache train`` prints them). Every mode yields every completed
+sample exactly once per epoch, in an order fixed by (seed, epoch); with several cached views one
+view per sample is drawn per epoch, also fixed by (seed, epoch, sample).
 """
 
 from __future__ import annotations
