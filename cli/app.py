@@ -25,7 +25,9 @@ def debug_enabled() -> bool:
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"Error: {message}", err=True)
+    # exactly one line, whatever the message holds (an error text with newlines from a library, say)
+    line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    click.echo(f"Error: {line}", err=True)
     sys.exit(code)
 
 

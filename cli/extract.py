@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import os
+import click
 
-# OpenMP threads that spin while waiting starve the DataLoader worker and the shard writer on a few
-# shared cores: measured 2x slower EfficientNet-Lite0 forwards on 2 busy cores (docs/store.md).
-# libgomp reads this when torch loads, so it is set before the first torch import (cli.app imports
-# the command modules, this one first, before anything imports torch). An explicit value wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from featcache.choices import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES, WEIGHT_CHOICES_HELP
+from featcache.keyvalue import parse_assignments
+from featcache.progress import say
 
-import click  # noqa: E402
-
-from featcache.backbone import WEIGHT_CHOICES_HELP, BackboneSpec, parse_layers  # noqa: E402
-from featcache.extract import DEFAULT_BATCH_SIZE, ExtractOptions, extract  # noqa: E402
-from featcache.keyvalue import parse_assignments  # noqa: E402
-from featcache.progress import say  # noqa: E402
-from featcache.store.layout import COMPRESSORS, DEFAULT_COMPRESSOR  # noqa: E402
-from featcache.store.manifest import DTYPES  # noqa: E402
+from .options import cluster_options, storage_option
 
 
 @click.command("extract")
@@ -37,6 +28,8 @@ from featcache.store.manifest import DTYPES  # noqa: E402
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True, help="Cache dtype.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted extraction of this split.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing split of the same name.")
+@click.option("--repair", is_flag=True,
+              help="With --resume: read the whole split first and recompute the shards whose data is damaged.")
 @click.option("--compressor", type=click.Choice(COMPRESSORS), default=None,
               help=f"Chunk compressor [default: {DEFAULT_COMPRESSOR}, or the split's recorded one with --resume].")
 @click.option("--views", type=int, default=1, show_default=True,
@@ -45,19 +38,33 @@ from featcache.store.manifest import DTYPES  # noqa: E402
 @click.option("--image-size", type=int, default=None, help="Square input size (overrides the model's).")
 @click.option("--limit", type=int, default=None, help="Use a fixed stratified subset of N images.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary line.")
+@cluster_options
+@storage_option
 def command(model: str, model_kwargs: tuple[str, ...], weights: str, data: str, out: str, split: str, layers: str,
-            batch_size: int | None, device: str, dtype: str, resume: bool, overwrite: bool, compressor: str | None,
-            views: int, seed: int, image_size: int | None, limit: int | None, quiet: bool) -> None:
+            batch_size: int | None, device: str, dtype: str, resume: bool, overwrite: bool, repair: bool,
+            compressor: str | None, views: int, seed: int, image_size: int | None, limit: int | None,
+            quiet: bool, workers: int | None, scheduler: str | None, storage_options: tuple[str, ...]) -> None:
     """Run a frozen timm backbone once over --data and store every tapped activation in --out.
 
     \b
     Writes all selected taps, labels and ids of split --split, shard by shard; an interrupted run
-    continues with --resume and gives the same arrays as an uninterrupted one.
+    continues with --resume and gives the same arrays as an uninterrupted one; --resume --repair
+    also recomputes shards that fail their checksums. With --workers N or --scheduler ADDRESS the
+    shards are computed by dask workers (docs/scale.md).
     """
+    from featcache.backbone import BackboneSpec, parse_layers
+    from featcache.extract import ExtractOptions, extract
+
     spec = BackboneSpec(model=model, model_kwargs=parse_assignments(model_kwargs, "--model-kwargs"), weights=weights,
                         image_size=image_size)
     options = ExtractOptions(split=split, layers=parse_layers(layers), batch_size=batch_size, device=device,
                              dtype=dtype, compressor=compressor, views=views, seed=seed, limit=limit, resume=resume,
-                             overwrite=overwrite, progress=not quiet)
-    report = extract(spec, data, out, options)
+                             overwrite=overwrite, repair=repair, progress=not quiet,
+                             storage_options=parse_assignments(storage_options, "--storage-option") or None)
+    if workers is not None or scheduler is not None:
+        from featcache.scale import extract_on_cluster
+
+        report = extract_on_cluster(spec, data, out, options, workers=workers, scheduler=scheduler)
+    else:
+        report = extract(spec, data, out, options)
     say(report.summary_line(), quiet)

@@ -7,7 +7,9 @@ import sys
 
 import click
 
-from featcache.store.summary import describe_store, format_summary
+from featcache.keyvalue import parse_assignments
+
+from .options import storage_option
 
 
 @click.command("inspect")
@@ -16,12 +18,23 @@ from featcache.store.summary import describe_store, format_summary
 @click.option("--stats", is_flag=True, help="Per-tap mean, std, min, max, NaN/Inf counts (reads all data).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout and nothing else there.")
 @click.option("--split", default=None, help="Only this split.")
-def command(store: str, verify: bool, stats: bool, as_json: bool, split: str | None) -> None:
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Draw per-tap token norms and the label histogram into this PNG (implies --stats).")
+@storage_option
+def command(store: str, verify: bool, stats: bool, as_json: bool, split: str | None, plot_path: str | None,
+            storage_options: tuple[str, ...]) -> None:
     """Describe STORE: backbone, splits, taps (shapes, chunks, codecs, sizes), labels.
 
     Exit code 1 when --verify finds a problem; each problem names its array and chunk.
     """
-    d = describe_store(store, split=split, stats=stats, verify=verify)
+    from featcache.store.summary import describe_store, format_summary
+
+    d = describe_store(store, split=split, stats=stats or plot_path is not None, verify=verify,
+                       storage_options=parse_assignments(storage_options, "--storage-option") or None)
+    if plot_path is not None:
+        from featcache.plots import plot_store_stats
+
+        plot_store_stats(d, plot_path)
     if as_json:
         click.echo(json.dumps(d, indent=2, default=str))
     else:

@@ -22,3 +22,11 @@ def print_json(data: Any) -> None:
     """The --json contract: exactly one JSON document on stdout."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def cluster_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--workers N`` (a local dask cluster) and ``--scheduler ADDRESS`` (a running one); see docs/scale.md."""
+    f = click.option("--scheduler", default=None, metavar="ADDRESS",
+                     help="Run on the dask cluster whose scheduler is at ADDRESS (e.g. tcp://host:8786).")(f)
+    return click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="Run on a local dask cluster of N worker processes (one per GPU when GPUs exist).")(f)

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
-from featcache.backbone import resolve_device
+from featcache.errors import UsageError
 from featcache.keyvalue import parse_assignments, parse_grid
-from featcache.sweep import load_sweep_file
 
-from .options import device_option, json_option, print_json, quiet_option
+from .options import cluster_options, device_option, json_option, print_json, quiet_option, storage_option
 
 
-def _backbone_state(store_url: str):
+def _backbone_state(store_url: str, storage_options: dict | None = None):
     """Lazy loader of the backbone's weights, for LST's optional pruned initialisation."""
     def load() -> dict:
         from featcache.backbone import BackboneSpec, create_model
         from featcache.store.layout import FeatureStore
 
-        spec = BackboneSpec.from_dict(FeatureStore.open(store_url).manifest.backbone["spec"])
+        spec = BackboneSpec.from_dict(FeatureStore.open(store_url, "r", storage_options).manifest.backbone["spec"])
         model, _ = create_model(spec)
         return model.state_dict()
     return load
@@ -40,18 +41,24 @@ def _backbone_state(store_url: str):
 @device_option
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in RUNDIR from its last finished epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@cluster_options
+@storage_option
 @json_option
 @quiet_option
 def command(store: str, method: str, out: str, epochs: int | None, batch_size: int | None, lr: float | None,
             settings: tuple[str, ...], grid: tuple[str, ...], sweep_file: str | None, split: str, eval_split: str | None,
-            reader: str, device: str, resume: bool, overwrite: bool, as_json: bool, quiet: bool) -> None:
+            reader: str, device: str, resume: bool, overwrite: bool, workers: int | None, scheduler: str | None,
+            storage_options: tuple[str, ...], as_json: bool, quiet: bool) -> None:
     """Train side networks on the cached taps in STORE; never runs the backbone.
 
     \b
     featcache train cache.zarr --method last --out runs/last --epochs 20
     featcache train cache.zarr --method last --out runs/sweep --grid lr=1e-3,3e-3 --grid rank=4,8
     featcache train cache.zarr --out runs/both --grid method=last,linear
+    featcache train cache.zarr --out runs/sweep --grid lr=1e-3,3e-3 --grid rank=4,8 --workers 2
     """
+    from featcache.backbone import resolve_device
+    from featcache.sweep import load_sweep_file
     from featcache.train import train
 
     base, sweep_grid = load_sweep_file(sweep_file) if sweep_file else ({}, {})
@@ -59,8 +66,22 @@ def command(store: str, method: str, out: str, epochs: int | None, batch_size: i
     for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):
         if value is not None:
             values[key] = value
-    summary = train(store, method, out, values, {**sweep_grid, **parse_grid(grid, "--grid")}, split=split,
-                    eval_split=eval_split, reader=reader, device=resolve_device(device), resume=resume,
-                    overwrite=overwrite, progress=not quiet, backbone_state=_backbone_state(store))
+    grids = {**sweep_grid, **parse_grid(grid, "--grid")}
+    options = parse_assignments(storage_options, "--storage-option") or None
+    if workers is not None or scheduler is not None:
+        from featcache.scale import train_on_cluster
+
+        if resume:
+            raise UsageError("--resume continues a run in this process only: drop --workers/--scheduler to resume a "
+                             "local run, or start a cluster run again with --overwrite")
+        shared = store if "://" in store else os.path.abspath(store)  # workers have their own working directory
+        summary = train_on_cluster(store, method, out, values, grids, workers=workers, scheduler=scheduler, split=split,
+                                   eval_split=eval_split, reader=reader, device=device, overwrite=overwrite,
+                                   progress=not quiet, backbone_state=_backbone_state(shared, options),
+                                   storage_options=options)
+    else:
+        summary = train(store, method, out, values, grids, split=split, eval_split=eval_split, reader=reader,
+                        device=resolve_device(device), resume=resume, overwrite=overwrite, progress=not quiet,
+                        backbone_state=_backbone_state(store, options), storage_options=options)
     if as_json:
         print_json(summary)

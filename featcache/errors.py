@@ -59,3 +59,7 @@ class Interrupted(FeatcacheError):
     """Ctrl-C: work done so far is kept; the message says how to continue."""
 
     exit_code = 130
+
+
+class ClusterError(FeatcacheError):
+    """A dask cluster that cannot be reached or started, has no workers, or lost a task too often."""

@@ -35,17 +35,18 @@ import zarr
 
 from featcache import __version__
 from featcache.backbone import Backbone, BackboneSpec, resolve_device
-from featcache.data import DataSource, Subset, TransformedDataset, open_source, stratified_subset
+from featcache.choices import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES
+from featcache.data import DataSource, Subset, TransformedDataset, open_source, stratified_subset, unwrap_worker_error
 from featcache.errors import DataError, Interrupted, StoreError, UsageError
 from featcache.progress import bar
-from featcache.store.layout import COMPRESSORS, DEFAULT_COMPRESSOR, FeatureStore, choose_chunking, compressor_record, storage_dtype
+from featcache.store.layout import FeatureStore, choose_chunking, compressor_record, storage_dtype
 from featcache.store.lock import SplitLock
-from featcache.store.manifest import DTYPES, Manifest, SplitMeta
-from featcache.store.writer import ShardData, ShardWriter, SplitTotals, finalize_split, open_split_for_writing
+from featcache.store.manifest import Manifest, SplitMeta
+from featcache.store.writer import (ShardData, ShardWriteError, ShardWriter, SplitTotals, describe_os_error,
+                                    finalize_split, open_split_for_writing)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 32
 # Measured on 2 CPU cores (docs/store.md, benchmarks/bench_extract.py settings): see runtime_settings()
 ZARR_CONCURRENCY = 4
 
@@ -65,17 +66,25 @@ class ExtractOptions:
     limit: int | None = None  # a fixed stratified subset of this many images
     resume: bool = False
     overwrite: bool = False
+    repair: bool = False  # with resume: verify the split first and recompute the shards found damaged
     progress: bool = True
     chunk_images: int | None = None  # overrides of layout.choose_chunking (tests, tuning)
     shard_images: int | None = None
     loader_workers: int | None = None  # DataLoader processes; None = default_loader_workers()
+    writer_threads: int | None = None  # shard writer threads; None = default_writer_threads()
     durable: bool = True  # fsync each shard before its completion record (local paths)
     storage_options: dict[str, Any] | None = None  # fsspec options for URL stores
 
     def validate(self) -> None:
+        if not self.split or self.split.startswith("_") or "/" in self.split or "://" in self.split:
+            raise UsageError(f"--split {self.split!r} is not allowed: use letters, digits, '-' or '.' (not a leading "
+                             "'_', no '/')")
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other: resume continues a split, overwrite "
                              "replaces it")
+        if self.repair and not self.resume:
+            raise UsageError("--repair needs --resume: it continues the split and recomputes the shards that "
+                             "featcache inspect --verify finds damaged")
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.compressor is not None and self.compressor not in COMPRESSORS:
@@ -98,6 +107,8 @@ class ShardRunStats:
     seconds: float = 0.0
     forward_seconds: float = 0.0
     write_seconds: float = 0.0  # on the writer thread, overlapping the forward passes
+    startup_seconds: float = 0.0  # until the first batch arrived (DataLoader workers starting)
+    drain_seconds: float = 0.0  # after the last forward: writing the shards still queued
 
 
 @dataclass
@@ -122,11 +133,20 @@ class ExtractReport:
     loop_seconds: float  # computing and writing the shards
     forward_seconds: float
     write_seconds: float  # on the writer thread, overlapping the forward passes
+    startup_seconds: float = 0.0  # of loop_seconds: until the first batch arrived
+    drain_seconds: float = 0.0  # of loop_seconds: writing the last shards after the last forward
+    shards_repaired: list[int] = field(default_factory=list)  # --repair: damaged shards recomputed
 
     @property
     def images_per_second(self) -> float:
-        """Throughput of the shard loop (images x views per second of backbone inputs / views)."""
+        """Throughput of the shard loop, start-up and final drain included."""
         return self.images_written / self.loop_seconds if self.loop_seconds > 0 else 0.0
+
+    @property
+    def steady_images_per_second(self) -> float:
+        """Throughput between the first batch and the last forward (what a long extraction sees)."""
+        steady = self.loop_seconds - self.startup_seconds - self.drain_seconds
+        return self.images_written / steady if steady > 0 else 0.0
 
     @property
     def compression_ratio(self) -> float:
@@ -135,6 +155,8 @@ class ExtractReport:
     def summary_line(self) -> str:
         """The one-line summary the CLI prints on stderr."""
         done = "" if self.status != "resumed" else f", resumed: {self.shards_written} of {self.shards_total} shards redone"
+        if self.shards_repaired:
+            done += f" ({len(self.shards_repaired)} damaged shard(s) repaired: {', '.join(map(str, self.shards_repaired))})"
         views = f" x {self.views} views" if self.views > 1 else ""
         return (f"extracted {self.num_samples} images{views} x {len(self.taps)} taps into {self.store} "
                 f"[{self.split}]{done}: {_fmt_bytes(self.nbytes)} {self.dtype} stored as {_fmt_bytes(self.stored_bytes)} "
@@ -143,7 +165,7 @@ class ExtractReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "images_per_second": self.images_per_second,
-                "compression_ratio": self.compression_ratio}
+                "steady_images_per_second": self.steady_images_per_second, "compression_ratio": self.compression_ratio}
 
 
 def _fmt_bytes(n: float) -> str:
@@ -158,9 +180,19 @@ def _fmt_bytes(n: float) -> str:
 # Runtime settings
 
 
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_loader_workers() -> int:
-    """DataLoader worker processes: 1 on small machines (measured best on 2 cores), up to 4 on larger ones."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """DataLoader worker processes: 1 on small machines (measured on 2 cores), up to 4 on larger ones."""
+    cpus = _cpus()
+    return 1 if cpus <= 4 else min(4, cpus // 4)
+
+
+def default_writer_threads() -> int:
+    """Shard writer threads: 1 where the backbone needs the cores, up to 4 where a GPU outruns one writer."""
+    cpus = _cpus()
     return 1 if cpus <= 4 else min(4, cpus // 4)
 
 
@@ -349,81 +381,113 @@ class ShardBuffers:
         return self.shard is not None and self.filled == stop - start
 
 
+def forward_taps(backbone: Backbone, images: torch.Tensor, views: int, dtype: str) -> dict[str, torch.Tensor]:
+    """The taps of a DataLoader batch ((B, 3, H, W), or (B, V, 3, H, W) with views), as (B * V, T, C)."""
+    x = images.to(backbone.device, non_blocking=True)
+    if views > 1:
+        x = x.flatten(0, 1)
+    autocast = backbone.device.type == "cuda" and dtype != "float32"
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        return backbone.taps(x)
+
+
+class _RateBar:
+    """The progress bar: images/s from tqdm, MB/s of tap data in the postfix (updated twice a second)."""
+
+    def __init__(self, total: int, desc: str, progress: bool) -> None:
+        self.bar, self.t0, self.last, self.nbytes = bar(total, desc, progress=progress), time.perf_counter(), 0.0, 0
+
+    def update(self, images: int, nbytes: int) -> None:
+        self.nbytes += nbytes
+        self.bar.update(images)
+        now = time.perf_counter()
+        if now - self.last > 0.5:
+            self.bar.set_postfix_str(f"{self.nbytes / 1e6 / (now - self.t0):.1f} MB/s", refresh=False)
+            self.last = now
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: Sequence[int], *,
                    batch_size: int | None = None, loader_workers: int | None = None, progress: bool = True,
-                   durable: bool = True) -> ShardRunStats:
+                   durable: bool = True, writer_threads: int | None = None) -> ShardRunStats:
     """Compute and write the given shards of an open split (the work unit; any subset, any order).
 
     ``split`` is a ``SplitHandle`` opened for writing; ``source`` gives the split's images in split
     order (``open_split_source(split.meta.data, split.meta.limit)``). Each shard is written whole
-    and then marked complete. Ctrl-C writes the shards already computed, drops the partial one and
-    raises ``Interrupted``.
+    and then marked complete. On Ctrl-C the shards already computed are written, the partial one
+    is dropped and ``Interrupted`` is raised; on other errors too the computed shards are kept.
     """
     meta, dtype = split.meta, split.store.manifest.dtype
     if len(source) != meta.num_samples:
         raise DataError(f"the data source has {len(source)} images but split {split.name!r} was planned for "
                         f"{meta.num_samples}")
-    batch_size = batch_size or meta.batch_size or DEFAULT_BATCH_SIZE
-    workers = default_loader_workers() if loader_workers is None else loader_workers
-    stats = ShardRunStats()
-    labels, ids = source.labels(), source.ids()
-    todo = sorted(int(k) for k in shards)
+    stats, todo = ShardRunStats(), sorted(int(k) for k in shards)
     if not todo:
         return stats
+    labels, ids = source.labels(), source.ids()
     buffers = ShardBuffers(meta, backbone.taps.infos, dtype)
-    autocast = backbone.device.type == "cuda" and dtype != "float32"
-    loader = make_loader(source, backbone, meta, todo, batch_size, workers)
-    total = sum(stop - start for start, stop in (meta.shard_bounds(k) for k in todo))
-    pbar = bar(total, f"extract {split.name}", progress=progress)
+    workers = default_loader_workers() if loader_workers is None else loader_workers
+    loader = make_loader(source, backbone, meta, todo, batch_size or meta.batch_size or DEFAULT_BATCH_SIZE, workers)
+    pbar = _RateBar(sum(stop - start for start, stop in map(meta.shard_bounds, todo)), f"extract {split.name}",
+                    progress)
     t0 = time.perf_counter()
-    last_postfix = 0.0
-
-    def on_written(data: ShardData, seconds: float) -> None:
-        stats.shards.append(data.shard)
-
-    writer = ShardWriter(split, max_pending=2, durable=durable, on_written=on_written)
+    batches = iter(loader)  # fork the DataLoader workers before the writer threads exist
+    writer = ShardWriter(split, max_pending=2, durable=durable, threads=default_writer_threads()
+                         if writer_threads is None else writer_threads)
+    t_drain = t0
     try:
-        for images, _labels, index in loader:
+        for images, _labels, index in batches:
+            stats.startup_seconds = stats.startup_seconds or time.perf_counter() - t0
             first = int(index[0])
             shard = first // meta.shard_images
             if buffers.shard != shard:
                 buffers.start(shard)
             tf = time.perf_counter()
-            x = images.to(backbone.device, non_blocking=True)
-            if meta.views > 1:
-                x = x.flatten(0, 1)  # (B, V, 3, H, W) -> (B * V, 3, H, W)
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                taps = backbone.taps(x)
-            n = buffers.put(first - meta.shard_bounds(shard)[0], taps)
+            n = buffers.put(first - meta.shard_bounds(shard)[0], forward_taps(backbone, images, meta.views, dtype))
             stats.forward_seconds += time.perf_counter() - tf
             stats.images += n
             stats.nbytes += buffers.bytes_per_image * n
-            pbar.update(n)
+            pbar.update(n, buffers.bytes_per_image * n)
             if buffers.full:
                 start, stop = meta.shard_bounds(shard)
                 writer.submit(ShardData(shard, buffers.arrays, labels[start:stop], ids[start:stop]))
                 buffers.shard = None
-            now = time.perf_counter()
-            if now - last_postfix > 0.5:
-                pbar.set_postfix_str(f"{stats.nbytes / 1e6 / (now - t0):.1f} MB/s", refresh=False)
-                last_postfix = now
+        t_drain = time.perf_counter()
+        writer.close()  # the queued shards; a write error is raised here or by submit
     except KeyboardInterrupt:
         writer.close(raise_error=False)  # computed shards are whole: keep them; the partial one is dropped
         pbar.close()
-        done = int(split.completed_shards().sum())
-        raise Interrupted(f"interrupted: {done} of {meta.num_shards} shards of split {split.name!r} in "
-                          f"{split.store.url} are complete, the shard in progress was discarded; run the same "
-                          "featcache extract command with --resume to continue") from None
-    except BaseException:
+        raise Interrupted(f"interrupted: {int(split.completed_shards().sum())} of {meta.num_shards} shards of split "
+                          f"{split.name!r} in {split.store.url} are complete, the shard in progress was discarded; "
+                          "run the same featcache extract command with --resume to continue") from None
+    except ShardWriteError as err:
+        writer.close(raise_error=False)  # the shards written before the failure are complete: keep them
+        pbar.close()
+        raise StoreError(f"{err}; {_kept(split)}: {err.fix}, then run the same featcache extract command with "
+                         "--resume") from err
+    except BaseException as err:
         writer.close(raise_error=False)  # shards computed before the error are whole: keep them
         pbar.close()
+        unwrapped = unwrap_worker_error(err)  # an error in a DataLoader worker: its own type and message
+        if unwrapped is not err:
+            raise unwrapped from None
         raise
-    writer.close()
     pbar.close()
+    stats.drain_seconds = time.perf_counter() - t_drain
     stats.seconds = time.perf_counter() - t0
     stats.write_seconds = writer.write_seconds
-    stats.shards.sort()
+    stats.shards = sorted(writer.written)
     return stats
+
+
+def _kept(split: Any) -> str:
+    try:
+        done = int(split.completed_shards().sum())
+    except StoreError:
+        return "the shards completed before the failure are kept"
+    return f"{done} of {split.meta.num_shards} shards of split {split.name!r} are complete and kept"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,20 +513,28 @@ def extract(spec: BackboneSpec, data: str | DataSource, out: str | os.PathLike[s
     with runtime_settings():
         source = open_split_source(data, opts.limit)
         backbone = Backbone(spec, resolve_device(opts.device), opts.layers)
-        with SplitLock(out, opts.split, opts.storage_options):
-            recorded = _recorded_meta(out, opts.split, opts.storage_options)
-            meta = plan_split(backbone, source, opts, recorded)
-            manifest = build_manifest(backbone, opts.dtype, meta.compressor)
-            split, status = open_split_for_writing(
-                out, manifest, opts.split, meta, ids=source.ids(), resume=opts.resume, overwrite=opts.overwrite,
-                final_norm=backbone.final_norm_state(), storage_options=opts.storage_options)
-            done = split.completed_shards()
-            todo = [k for k in range(split.meta.num_shards) if not done[k]]
-            stats = extract_shards(split, backbone, source, todo, batch_size=split.meta.batch_size,
-                                   loader_workers=opts.loader_workers, progress=opts.progress, durable=opts.durable)
-            seconds = time.perf_counter() - t0
-            totals = finalize_split(split, seconds)
-    return _report(out, split, status, manifest, stats, totals, seconds)
+        try:
+            with SplitLock(out, opts.split, opts.storage_options):
+                recorded = _recorded_meta(out, opts.split, opts.storage_options)
+                meta = plan_split(backbone, source, opts, recorded)
+                manifest = build_manifest(backbone, opts.dtype, meta.compressor)
+                split, status = open_split_for_writing(
+                    out, manifest, opts.split, meta, ids=source.ids(), resume=opts.resume, overwrite=opts.overwrite,
+                    repair=opts.repair, final_norm=backbone.final_norm_state(), storage_options=opts.storage_options)
+                done = split.completed_shards()
+                todo = [k for k in range(split.meta.num_shards) if not done[k]]
+                stats = extract_shards(split, backbone, source, todo, batch_size=split.meta.batch_size,
+                                       loader_workers=opts.loader_workers, progress=opts.progress,
+                                       durable=opts.durable, writer_threads=opts.writer_threads)
+                seconds = time.perf_counter() - t0
+                totals = finalize_split(split, seconds)
+        except OSError as err:  # outside the shard writer: creating the store or split, finalizing, the lock
+            what, fix = describe_os_error(err)
+            raise StoreError(f"cannot write store {out}: {what}; completed shards are kept: {fix}, then run the same "
+                             "featcache extract command with --resume") from err
+    report = _report(out, split, status, manifest, stats, totals, seconds)
+    report.shards_repaired = list(split.repaired_shards)
+    return report
 
 
 def _report(out: str, split: Any, status: str, manifest: Manifest, stats: ShardRunStats, totals: SplitTotals,
@@ -472,9 +544,10 @@ def _report(out: str, split: Any, status: str, manifest: Manifest, stats: ShardR
         taps=manifest.tap_names, dtype=manifest.dtype, compressor=split.meta.compressor,
         shards_total=split.meta.num_shards, shards_written=len(stats.shards), images_written=stats.images,
         complete=totals.complete, nbytes=totals.nbytes, stored_bytes=totals.stored_bytes, seconds=seconds,
-        loop_seconds=stats.seconds, forward_seconds=stats.forward_seconds, write_seconds=stats.write_seconds)
+        loop_seconds=stats.seconds, forward_seconds=stats.forward_seconds, write_seconds=stats.write_seconds,
+        startup_seconds=stats.startup_seconds, drain_seconds=stats.drain_seconds)
 
 
 __all__ = ["AugmentedViews", "ExtractOptions", "ExtractReport", "ShardBatchSampler", "ShardRunStats", "build_manifest",
-           "default_loader_workers", "extract", "extract_shards", "make_loader", "open_split_source", "plan_split",
-           "runtime_settings", "seeded_rng"]
+           "default_loader_workers", "default_writer_threads", "extract", "extract_shards", "forward_taps",
+           "make_loader", "open_split_source", "plan_split", "runtime_settings", "seeded_rng"]

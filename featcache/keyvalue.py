@@ -24,7 +24,8 @@ def split_assignment(item: str, option: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key or not key.replace("_", "a").replace(".", "a").replace("-", "a").isalnum():
-        raise UsageError(f"{option} expects KEY=VALUE, got {item!r}: write e.g. {option} img_size=224")
+        example = {"--model-kwargs": "img_size=224", "--grid": "lr=1e-3,3e-3"}.get(option, "lr=1e-3")
+        raise UsageError(f"{option} expects KEY=VALUE, got {item!r}: write e.g. {option} {example}")
     return key, value.strip()
 
 

@@ -36,3 +36,29 @@ def plot_curves(history: dict[str, list[dict[str, Any]]], path: str | Path, sele
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_store_stats(description: dict[str, Any], path: str | Path) -> Path:
+    """``inspect --plot``: per split, token norms by tap (mean +- std) and the label histogram.
+
+    ``description`` is ``describe_store(..., stats=True)``.
+    """
+    splits = description["splits"]
+    fig, axes = plt.subplots(len(splits), 2, figsize=(12, 3.6 * len(splits)), squeeze=False)
+    for (name, sp), (ax_norm, ax_lab) in zip(splits.items(), axes):
+        taps = list(sp["taps"])
+        mean = [sp["taps"][t]["stats"].get("token_norm_mean") or 0.0 for t in taps]
+        std = [sp["taps"][t]["stats"].get("token_norm_std") or 0.0 for t in taps]
+        xs = range(len(taps))
+        ax_norm.errorbar(xs, mean, yerr=std, marker="o", capsize=3)
+        ax_norm.set_xticks(list(xs), taps, rotation=45, ha="right", fontsize=8)
+        ax_norm.set(title=f"{name}: token L2 norm by tap", ylabel="norm (mean +- std)")
+        ax_norm.grid(alpha=0.3)
+        counts = sp["label_counts"]
+        ax_lab.bar(range(len(counts)), list(counts.values()))
+        ax_lab.set_xticks(range(len(counts)), list(counts), rotation=45, ha="right", fontsize=8)
+        ax_lab.set(title=f"{name}: labels ({sp['completed_samples']} images)", ylabel="images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

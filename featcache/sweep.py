@@ -88,15 +88,24 @@ class SweepMember:
         return json.dumps([self.method, self.method_config], sort_keys=True, default=str)
 
 
-def _route(method: str, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split keys into (train keys, method keys); unknown keys are an error listing the valid ones."""
-    method_keys = [f.name for f in dataclasses.fields(methods.config_class(method))]
+def _method_keys(method: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(methods.config_class(method))]
+
+
+def _route(method: str, values: dict[str, Any], others: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split keys into (train keys, method keys); unknown keys are an error listing the valid ones.
+
+    In a multi-method sweep (``others``), a key of another method in the sweep is skipped here.
+    """
+    method_keys = _method_keys(method)
     train, meth = {}, {}
     for key, value in values.items():
         if key in TRAIN_KEYS:
             train[key] = value
         elif key in method_keys:
             meth[key] = value
+        elif any(key in _method_keys(o) for o in others):
+            continue
         else:
             close = difflib.get_close_matches(key, list(TRAIN_KEYS) + method_keys, n=2)
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
@@ -133,15 +142,19 @@ def expand(method: str, settings: dict[str, Any] | None = None, grid: dict[str, 
     for m in methods_used:
         methods.config_class(m)  # unknown method -> clear error
     members: list[SweepMember] = []
-    keys = list(grid)
     for m in methods_used:
+        others = tuple(o for o in methods_used if o != m)
+        # in a multi-method sweep, another method's grid keys do not multiply this method's members
+        keys = [k for k in grid if not (others and k not in TRAIN_KEYS and k not in _method_keys(m)
+                                        and any(k in _method_keys(o) for o in others))]
         for combo in itertools.product(*(grid[k] for k in keys)):
             over = dict(zip(keys, combo))
-            train_kw, meth_kw = _route(m, {**settings, **over})
+            train_kw, meth_kw = _route(m, {**settings, **over}, others)
             train_cfg = TrainConfig(**train_kw)
             meth_cfg = methods.config_class(m).from_dict(meth_kw).to_dict()
             shown = ([("method", m)] if len(methods_used) > 1 else []) + list(over.items())
             name = "-".join(f"{k}={_fmt(v)}" for k, v in shown) or m
+            name = name.replace("/", "_").replace("\\", "_").replace("\0", "_")  # one directory: RUNDIR/members/NAME
             members.append(SweepMember(name, m, meth_cfg, train_cfg, ({"method": m} if len(methods_used) > 1 else {}) | over))
     names = [mem.name for mem in members]
     if len(set(names)) != len(names):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,6 +96,7 @@ _KILL_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from featcache.backbone import BackboneSpec
     from featcache.data import open_source
+    from featcache.errors import FeatcacheError
     from featcache.extract import extract
 
     class Slow:  # the same images, slowly: the parent kills us mid-run
@@ -111,14 +113,22 @@ _KILL_SCRIPT = textwrap.dedent("""
             return self.source.ids()
 
     spec = BackboneSpec(model="test_vit", model_kwargs={"img_size": 32}, weights="random")
-    extract(spec, Slow(open_source(sys.argv[1])), sys.argv[2], dtype="float32", loader_workers=0, progress=False,
-            chunk_images=2, shard_images=4, batch_size=4)
+    try:
+        extract(spec, Slow(open_source(sys.argv[1])), sys.argv[2], dtype="float32", loader_workers=int(sys.argv[3]),
+                progress=False, chunk_images=2, shard_images=4, batch_size=4)
+    except FeatcacheError as err:  # as the CLI does
+        print(f"Error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
 """)
 
 
-def test_resume_after_sigkill_equals_clean_run(images: Path, tmp_path: Path, clean_run: dict) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_resume_after_kill_or_ctrl_c_equals_clean_run(images: Path, tmp_path: Path, clean_run: dict, sig: int) -> None:
+    """A real process killed with SIGKILL (lock left stale), or sent Ctrl-C (a clean stop), mid-run."""
     out = tmp_path / "s.zarr"
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(images), str(out)])
+    workers = "1" if sig == signal.SIGINT else "0"  # Ctrl-C reaches the DataLoader worker too
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(images), str(out), workers],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline:
@@ -126,12 +136,18 @@ def test_resume_after_sigkill_equals_clean_run(images: Path, tmp_path: Path, cle
             if len(done) >= 2 or proc.poll() is not None:
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, "the extraction finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.poll() is None, "the extraction finished before it could be stopped"
+        os.killpg(proc.pid, sig)  # the whole process group, as a terminal's Ctrl-C does
     finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert (out / "_locks" / "train.lock").exists()  # a crashed owner's lock is left behind ...
+        stderr = proc.communicate(timeout=60)[1]
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+        assert (out / "_locks" / "train.lock").exists()  # a crashed owner's lock is left behind ...
+    else:
+        assert proc.returncode == 130 and "Traceback" not in stderr
+        assert re.search(r"Error: interrupted: \d of 6 shards .* discarded; run the same featcache extract command "
+                         r"with --resume", stderr), stderr
+        assert not (out / "_locks").exists()
     done = FeatureStore.open(out).split("train").completed_shards()
     assert 2 <= done.sum() < 6
     report = run_extract(images, out, dtype="float32", resume=True)  # ... and taken over as stale
@@ -225,3 +241,20 @@ def test_cli_subprocess_prints_summary_line(images: Path, tmp_path: Path) -> Non
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("extracted 6 images x 7 taps into") and "ratio" in last and "images/s" in last
     assert FeatureStore.open(out).split("train").complete
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_extraction_matches_cpu(images: Path, tmp_path: Path) -> None:
+    """On CUDA the forward runs under bf16 autocast for 16-bit caches, in float32 for float32 caches."""
+    run_extract(images, tmp_path / "cpu.zarr", dtype="float32", limit=12)
+    run_extract(images, tmp_path / "gpu32.zarr", dtype="float32", limit=12, device="cuda", loader_workers=1)
+    run_extract(images, tmp_path / "gpu16.zarr", dtype="bfloat16", limit=12, device="cuda")
+    cpu = read_split(tmp_path / "cpu.zarr")
+    gpu32 = read_split(tmp_path / "gpu32.zarr")
+    gpu16 = FeatureStore.open(tmp_path / "gpu16.zarr").split("train")
+    assert np.array_equal(cpu["labels"], gpu32["labels"]) and np.array_equal(cpu["ids"], gpu32["ids"])
+    for name in FeatureStore.open(tmp_path / "cpu.zarr").manifest.tap_names:
+        assert np.allclose(gpu32[name], cpu[name], atol=2e-3, rtol=1e-3), name  # TF32 off by default for float32
+        got = gpu16.decode(gpu16.tap(name)[:]).float().numpy()
+        assert np.allclose(got, cpu[name], atol=0.1, rtol=0.05), name

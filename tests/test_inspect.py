@@ -111,7 +111,7 @@ def test_describe_schema(pristine: Path) -> None:
     assert tap["shape"] == [24, 5, 64] and tap["chunks"] == [2, 5, 64] and tap["shards"] == [4, 5, 64]
     assert tap["dtype"] == "float16" and tap["codecs"][-1] == "crc32c" and tap["stored_bytes"] > 0
     assert tap["nbytes"] == 24 * 5 * 64 * 2 and tap["compression_ratio"] == pytest.approx(tap["nbytes"] / tap["stored_bytes"])
-    assert set(tap["stats"]) == {"count", "mean", "std", "min", "max", "nan", "inf"}
+    assert set(tap["stats"]) == {"count", "mean", "std", "min", "max", "nan", "inf", "token_norm_mean", "token_norm_std"}
     assert d["verify"] == {**d["verify"], "ok": True, "errors": []}
     json.dumps(d)  # JSON-ready
     assert describe_store(str(pristine))["verify"] is None

@@ -17,7 +17,7 @@ from featcache.store.layout import FeatureStore
 
 from .conftest import TINY_CNN, TINY_VIT, write_image_folder
 
-FAST = dict(loader_workers=0, progress=False, chunk_images=2, shard_images=4, batch_size=4, durable=False)
+FAST = dict(loader_workers=0, progress=False, chunk_images=2, shard_images=4, batch_size=4, durable=False, device="cpu")
 
 
 @pytest.fixture(autouse=True)

@@ -210,3 +210,35 @@ def test_completion_records_follow_shards(images: Path, tmp_path: Path) -> None:
     keys = split.shard_keys(2)
     assert keys["block1"] == "train/block1/c/2/0/0" and keys[COMPLETE] == "train/_complete/c/2"
     assert all((out / k).is_file() for k in keys.values())
+
+
+def test_several_writer_threads_give_the_same_store(images: Path, tmp_path: Path) -> None:
+    run_extract(images, tmp_path / "one.zarr", dtype="float32", writer_threads=1)
+    run_extract(images, tmp_path / "three.zarr", dtype="float32", writer_threads=3)
+    assert_same_arrays(read_split(tmp_path / "one.zarr"), read_split(tmp_path / "three.zarr"))
+
+
+def test_writer_failure_is_reported_and_keeps_earlier_shards(images: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import featcache.store.writer as writer_module
+
+    real = writer_module.write_complete_shard
+
+    def flaky(split, data, durable=True):  # noqa: ANN001, ANN202
+        if data.shard == 2:
+            raise OSError(28, "No space left on device")
+        return real(split, data, durable)
+
+    monkeypatch.setattr(writer_module, "write_complete_shard", flaky)
+    out = tmp_path / "s.zarr"
+    with pytest.raises(StoreError, match="writing to .* failed.*No space left"):
+        run_extract(images, out)
+    done = FeatureStore.open(out).split("train").completed_shards()
+    assert done[:2].all() and not done[2] and not (out / "_locks").exists()
+
+
+def test_bad_split_names_are_refused_before_anything_is_written(images: Path, tmp_path: Path) -> None:
+    for name in ("_store", "a/b", ""):
+        with pytest.raises(Exception, match="is not allowed"):
+            run_extract(images, tmp_path / "s.zarr", split=name)
+    assert not (tmp_path / "s.zarr").exists()

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from featcache.backbone import Backbone, BackboneSpec
 from featcache.checkpoint import load_checkpoint
 from featcache.cli import app
-from featcache.errors import CheckpointError, ConfigError, UsageError
+from featcache.errors import CheckpointError, ConfigError, Interrupted, UsageError
 from featcache.sweep import TrainConfig, expand, load_sweep_file
 from featcache.train import train
 
@@ -49,6 +49,12 @@ def test_expand_grid_routes_keys_and_names_members() -> None:
 def test_expand_method_grid() -> None:
     members = expand("last", {}, {"method": ["last", "linear"]})
     assert [m.method for m in members] == ["last", "linear"] and members[1].name == "method=linear"
+    # a method's own keys apply to that method only, and do not multiply the other method's members
+    members = expand("last", {"width": 32, "pool": "cls"}, {"method": ["last", "linear"], "rank": [4, 8]})
+    assert [m.name for m in members] == ["method=last-rank=4", "method=last-rank=8", "method=linear"]
+    assert members[0].method_config["width"] == 32 and members[2].method_config["pool"] == "cls"
+    with pytest.raises(ConfigError, match="unknown setting 'bogus'"):
+        expand("last", {"bogus": 1}, {"method": ["last", "linear"]})
 
 
 @pytest.mark.parametrize("settings,grid,msg", [
@@ -139,7 +145,7 @@ def test_resume_equals_uninterrupted(vit_store, tmp_path, monkeypatch) -> None:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train_mod, "_save_state", crash_after_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="state after epoch 2 of 4.*--resume"):
         train(str(path), "last", tmp_path / "part", settings, grid, progress=False)
     monkeypatch.setattr(train_mod, "_save_state", real)
     resumed = train(str(path), "last", tmp_path / "part", settings, grid, resume=True, progress=False)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +35,15 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
 
-from featcache.errors import StoreError
+from featcache.choices import COMPRESSORS, DEFAULT_COMPRESSOR
+from featcache.errors import CorruptionError, StoreError
 
+from . import zarr_io  # noqa: F401  (settles zarr's background tasks at exit)
 from .lock import LOCKS_DIR
 from .manifest import Manifest, SplitMeta
 
-COMPRESSORS = ("lz4", "zstd", "none")
-DEFAULT_COMPRESSOR = "lz4"
 SPLIT_ATTR = "featcache_split"
 DTYPE_ATTR = "featcache_dtype"
 COMPLETE = "_complete"
@@ -49,6 +51,11 @@ BACKBONE_GROUP = "_backbone"
 RESERVED = ("labels", "ids", COMPLETE)
 TARGET_CHUNK_BYTES = 1 << 20  # ~1 MiB per chunk: a few images; decodes fast, reads in big runs
 TARGET_SHARD_BYTES = 128 << 20  # ~128 MiB of all taps per shard: the unit of writing and of resume
+# Codecs featcache reads. Each only reshapes, compresses or checksums bytes; anything else (an
+# object codec that unpickles, say, registered by some installed package) is refused before a
+# chunk is decoded, so opening a store never runs code from it.
+ALLOWED_CODECS = frozenset({"bytes", "blosc", "zstd", "gzip", "crc32c", "sharding_indexed", "transpose", "vlen-utf8",
+                            "vlen-bytes"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +100,28 @@ def compressor_record(name: str) -> dict[str, Any]:
         return {"name": "none", "configuration": {}}
     d = codecs[0].to_dict()
     return {"name": name, "configuration": {"codec": d["name"], **d.get("configuration", {})}}
+
+
+def codec_names(arr: zarr.Array) -> list[str]:
+    """Names of every codec of an array, inner chunk codecs of a shard included."""
+    names: list[str] = []
+    stack = list(arr.metadata.codecs) if arr.metadata.zarr_format == 3 else []
+    while stack:
+        codec = stack.pop(0)
+        d = codec.to_dict()
+        names.append(str(d["name"]))
+        stack += list(getattr(codec, "codecs", ()) or ()) + list(getattr(codec, "index_codecs", ()) or ())
+    return names
+
+
+def check_codecs(arr: zarr.Array, where: str) -> None:
+    """Refuse an array whose codecs featcache never writes (before any chunk is decoded)."""
+    if arr.metadata.zarr_format != 3:
+        raise StoreError(f"{where} is not a Zarr v3 array; this store was not written by featcache")
+    bad = sorted(set(codec_names(arr)) - ALLOWED_CODECS)
+    if bad:
+        raise StoreError(f"{where} declares codec(s) {', '.join(bad)}, which featcache never writes and does not "
+                         "decode; this store was not written by featcache or has been altered: re-extract it")
 
 
 def choose_chunking(taps: list[Any], dtype: str, views: int, num_samples: int) -> tuple[int, int]:
@@ -140,7 +169,8 @@ def open_group(url: str, mode: str, storage_options: dict[str, Any] | None = Non
     if not _is_url(path):
         p = Path(path)
         if p.exists() and not p.is_dir():
-            raise StoreError(f"store path {path} is a file, not a Zarr store directory; choose another --out path")
+            fix = "pass the directory featcache extract wrote" if mode == "r" else "choose another --out path"
+            raise StoreError(f"store path {path} is a file, not a Zarr store directory; {fix}")
         if mode == "r" and not p.exists():
             raise StoreError(f"store {path} does not exist; create it with featcache extract --out {path}")
     kwargs: dict[str, Any] = {"mode": mode, "zarr_format": 3}
@@ -162,27 +192,93 @@ class SplitHandle:
         self.store, self.name, self.group = store, name, group
         attrs = group.attrs.asdict()
         if SPLIT_ATTR not in attrs:
-            raise StoreError(f"split {name!r} of {store.url} has no featcache metadata; it is damaged or was "
-                             "not written by featcache")
-        self.meta = SplitMeta.from_attrs(attrs[SPLIT_ATTR])
+            raise StoreError(f"split {name!r} of {store.url} has no featcache metadata; its creation was interrupted "
+                             "or it was not written by featcache: rerun featcache extract with --resume (or "
+                             "--overwrite)")
+        try:
+            self.meta = SplitMeta.from_attrs(attrs[SPLIT_ATTR])
+        except (TypeError, ValueError, AttributeError) as err:
+            raise StoreError(f"split {name!r} of {store.url} has damaged metadata ({err}); re-extract it with "
+                             "--overwrite") from None
+        self._arrays: dict[str, zarr.Array] = {}
+        self.repaired_shards: list[int] = []  # set by extract --resume --repair (featcache.store.repair)
+        self._present: set[tuple[str, int]] = set()  # (array, shard) objects found present and non-empty
+
+    def array(self, name: str) -> zarr.Array:
+        """An array of the split, its codecs checked once (see ``ALLOWED_CODECS``)."""
+        if name not in self._arrays:
+            where = f"array {name!r} of split {self.name!r} in {self.store.url}"
+            try:
+                arr = self.group[name]
+            except KeyError:
+                raise StoreError(f"{where} is missing; the store is damaged: run featcache inspect --verify, then "
+                                 "featcache extract --resume --repair (or re-extract)") from None
+            except Exception as err:  # unreadable metadata or an unknown codec  # noqa: BLE001
+                raise StoreError(f"{where} has unreadable metadata ({type(err).__name__}: {str(err)[:160]}); the "
+                                 "store was not written by featcache or is damaged: re-extract it") from None
+            if not isinstance(arr, zarr.Array):
+                raise StoreError(f"{where} is a group, not an array; the store is damaged: re-extract it")
+            check_codecs(arr, where)
+            self._arrays[name] = arr
+        return self._arrays[name]
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of an array; a failed checksum or an undecodable chunk is a ``CorruptionError``."""
+        arr = self.array(name)
+        try:
+            return arr[slice(start, stop)]
+        except (ValueError, OSError, KeyError, RuntimeError, TypeError) as err:
+            zarr_io.settle_pending_io()
+            rows = f"images {start or 0}..{(stop if stop is not None else arr.shape[0]) - 1}"
+            if name == COMPLETE:
+                rows = f"completion records {start or 0}..{(stop if stop is not None else arr.shape[0]) - 1}"
+            elif start is not None:
+                rows += f" (shard {start // self.meta.shard_images})"
+            raise CorruptionError(
+                f"array {name!r} of split {self.name!r} in {self.store.url}: {rows} cannot be read "
+                f"({type(err).__name__}: {str(err)[:120]}); run featcache inspect --verify, then featcache extract "
+                "--resume --repair to recompute the damaged shards") from None
 
     @property
     def num_samples(self) -> int:
         return self.meta.num_samples
 
+    def require_objects(self, name: str, shards: Iterable[int]) -> None:
+        """The stored objects of these completed shards must exist and hold bytes: zarr reads a missing or
+        empty object as fill values, which would pass for data. Checked once per (array, shard) and process."""
+        arr = None
+        for k in shards:
+            k = int(k)
+            if (name, k) in self._present:
+                continue
+            arr = arr if arr is not None else self.array(name)
+            key = f"{arr.path}/{arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))}"
+            try:
+                size = int(sync(self.group.store.getsize(key)))
+            except (FileNotFoundError, KeyError):
+                size = -1
+            if size <= 0:
+                start, stop = self.meta.shard_bounds(k)
+                what = "is missing" if size < 0 else "is empty (truncated)"
+                raise CorruptionError(
+                    f"array {name!r} of split {self.name!r} in {self.store.url}: shard {k} (images {start}..{stop - 1}) "
+                    f"is marked complete but its object {key} {what}; run featcache inspect --verify, then featcache "
+                    "extract --resume --repair to recompute the damaged shards")
+            self._present.add((name, k))
+
     def tap(self, name: str) -> zarr.Array:
         self.store.manifest.tap(name)  # a clear error for unknown taps
-        return self.group[name]
+        return self.array(name)
 
     def labels(self) -> np.ndarray:
-        return np.asarray(self.group["labels"][:], dtype=np.int64)
+        return np.asarray(self.read("labels"), dtype=np.int64)
 
-    def ids(self) -> list[str]:
-        return [str(v) for v in self.group["ids"][:]]
+    def ids(self, start: int | None = None, stop: int | None = None) -> list[str]:
+        return [str(v) for v in self.read("ids", start, stop)]
 
     def completed_shards(self) -> np.ndarray:
         """(num_shards,) bool: shards whose completion record is set."""
-        return np.asarray(self.group[COMPLETE][:], dtype=bool)
+        return np.asarray(self.read(COMPLETE), dtype=np.uint8) == 1
 
     @property
     def complete(self) -> bool:
@@ -217,10 +313,10 @@ class SplitHandle:
     def _writable(self, name: str) -> zarr.Array:
         # every chunk is stored, even one equal to the fill value (e.g. labels -1 of unlabelled images):
         # a completed shard always has its objects, so a missing one means lost data
-        return self.group[name].with_config({"write_empty_chunks": True})
+        return self.array(name).with_config({"write_empty_chunks": True})
 
     def set_complete(self, shard: int, done: bool = True) -> None:
-        self.group[COMPLETE][shard] = 1 if done else 0
+        self._writable(COMPLETE)[shard] = 1 if done else 0
 
     def array_names(self) -> list[str]:
         """All arrays of the split: taps, then labels, ids and the completion records."""
@@ -230,7 +326,7 @@ class SplitHandle:
         """{array name: store key (relative to the store root)} of every object that holds ``shard``."""
         keys = {}
         for name in self.array_names():
-            arr = self.group[name]
+            arr = self.array(name)
             coords = (shard,) + (0,) * (arr.ndim - 1)
             keys[name] = f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
         return keys
@@ -281,18 +377,34 @@ class FeatureStore:
             raise StoreError(f"{url} already holds a Zarr store; open it instead of creating it") from None
         except (zarr.errors.ContainsArrayError, ValueError, TypeError, OSError) as err:
             raise StoreError(f"cannot create store {url} ({type(err).__name__}: {err})") from None
+        store = cls(url, group, manifest, storage_options)
         if final_norm is not None:
-            sub = group.create_group(BACKBONE_GROUP)
-            for key in ("weight", "bias"):
-                v = final_norm[key].detach().cpu().float().numpy()
-                arr = sub.create_array(f"norm_{key}", shape=v.shape, dtype="float32", chunks=v.shape,
-                                       compressors=[Crc32cCodec()], dimension_names=("channel",))
-                arr[:] = v
-        return cls(url, group, manifest, storage_options)
+            store.write_final_norm(final_norm)
+        return store
+
+    def write_final_norm(self, final_norm: dict[str, torch.Tensor]) -> None:
+        """(Re)write the ViT's final LayerNorm arrays (at creation; after a crash or damage, by the extraction
+        that resumes or repairs the store, whose backbone the manifest check has shown to be the same)."""
+        sub = self.group.require_group(BACKBONE_GROUP)
+        for key in ("weight", "bias"):
+            v = final_norm[key].detach().cpu().float().numpy()
+            arr = sub.create_array(f"norm_{key}", shape=v.shape, dtype="float32", chunks=v.shape,
+                                   compressors=[Crc32cCodec()], dimension_names=("channel",), overwrite=True)
+            arr[:] = v
+
+    def final_norm_readable(self) -> bool:
+        """Whether the final norm arrays the manifest promises are there and pass their checksums."""
+        try:
+            self.final_norm()
+            return True
+        except StoreError:
+            return False
 
     def splits(self) -> list[str]:
         with warnings.catch_warnings():  # the _locks directory of a running extraction is not a Zarr node
             warnings.filterwarnings("ignore", message=f"Object at {LOCKS_DIR} is not recognized")
+            # a temporary file of a write in progress (another process extracting into this store)
+            warnings.filterwarnings("ignore", message=r"Object at \S+\.partial is not recognized")
             return sorted(name for name, _ in self.group.groups() if not name.startswith("_"))
 
     def split(self, name: str) -> SplitHandle:
@@ -306,8 +418,20 @@ class FeatureStore:
         """The ViT's final LayerNorm {weight, bias}, or None when the backbone has none."""
         if not self.manifest.final_norm:
             return None
-        sub = self.group[BACKBONE_GROUP]
-        return {k: torch.from_numpy(np.asarray(sub[f"norm_{k}"][:])) for k in ("weight", "bias")}
+        out = {}
+        for k in ("weight", "bias"):
+            try:
+                arr = self.group[f"{BACKBONE_GROUP}/norm_{k}"]
+                check_codecs(arr, f"array {BACKBONE_GROUP}/norm_{k} of {self.url}")
+                out[k] = torch.from_numpy(np.asarray(arr[:]))
+            except StoreError:
+                raise
+            except Exception as err:  # missing (a crash while creating the store) or damaged  # noqa: BLE001
+                zarr_io.settle_pending_io()
+                raise CorruptionError(f"the backbone's final norm ({BACKBONE_GROUP}/norm_{k}) in {self.url} cannot be "
+                                      f"read ({type(err).__name__}: {str(err)[:120]}); run featcache extract --resume "
+                                      "--repair on this store") from None
+        return out
 
     def create_split(self, name: str, meta: SplitMeta, compressor: str = DEFAULT_COMPRESSOR,
                      overwrite: bool = False) -> SplitHandle:

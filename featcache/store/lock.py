@@ -142,6 +142,13 @@ class SplitLock:
             raise StoreError(f"store path {self.url} is a file, not a Zarr store directory; choose another --out path")
         self._created_root = not root.exists()
         path = root / LOCKS_DIR / f"{self.name}.lock"
+        try:
+            self._lock_file(path)
+        except OSError as err:  # permission denied, read-only file system, disk full
+            raise StoreError(f"cannot create the lock file {path} ({err.strerror or err}): the store directory must "
+                             "be writable (and its disk not full) to extract into it") from None
+
+    def _lock_file(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(5):  # retry when the file we locked was unlinked by a releasing owner meanwhile
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -166,9 +173,13 @@ class SplitLock:
                     raise self._refuse(owner, " (its lock file is not held, but that process is alive or on another "
                                               "host)")
                 log.warning("taking over the stale lock of split %r: %s is gone", self.name, owner.describe())
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, LockOwner.me().to_bytes(), 0)
-            os.fsync(fd)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, LockOwner.me().to_bytes(), 0)
+                os.fsync(fd)
+            except OSError:
+                os.close(fd)
+                raise
             self._fd = fd
             return
         raise StoreLockedError(f"could not lock {path}: other processes keep replacing it; try again")

@@ -25,12 +25,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from featcache import __version__
+from featcache.choices import DTYPES
 from featcache.backbone import TapInfo
 from featcache.errors import FormatVersionError, StoreError
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMATS = (1,)
-DTYPES = ("float16", "bfloat16", "float32")
 
 
 def check_format_version(found: Any, what: str) -> None:

@@ -9,9 +9,9 @@ One API, three modes (``open_reader(split, taps, mode=...)``):
   quasi-random order), so memory stays bounded by the window and the prefetch depth.
 ``auto`` picks gpu when training on CUDA and the taps fit the free GPU memory with a margin, else
 ram when they fit the available RAM with a margin, else stream; the choice and its reason are
-logged. Every mode yields every completed sample exactly once per epoch, in an order fixed by
-(seed, epoch); with several cached views one view per sample is drawn per epoch, also fixed by
-(seed, epoch, sample).
+kept in ``reader.choice`` (``featcache train`` prints them). Every mode yields every completed
+sample exactly once per epoch, in an order fixed by (seed, epoch); with several cached views one
+view per sample is drawn per epoch, also fixed by (seed, epoch, sample).
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from featcache.choices import READER_MODES
 from featcache.errors import CorruptionError, StoreError, UsageError
 
 from .layout import SplitHandle, storage_dtype
+from .zarr_io import settle_pending_io
 
 log = logging.getLogger("featcache.reader")
-READER_MODES = ("auto", "gpu", "ram", "stream")
+BLOCK_BYTES = 8 << 20  # stream mode reads about this much per block (whole chunks, within a shard)
 MEMORY_MARGIN = 0.6  # use at most this share of free GPU memory / available RAM for a resident cache
 
 
@@ -76,9 +78,13 @@ class ReaderOptions:
 
 def read_range(split: SplitHandle, tap: str, start: int, stop: int) -> np.ndarray:
     """Stored rows [start, stop) of one tap; a failed checksum or a missing chunk becomes CorruptionError."""
+    arr = split.tap(tap)  # unknown tap, missing array or a foreign codec: StoreError
+    meta = split.meta
+    split.require_objects(tap, range(start // meta.shard_images, (stop - 1) // meta.shard_images + 1))
     try:
-        return split.tap(tap)[start:stop]
-    except (ValueError, OSError, KeyError, RuntimeError) as err:
+        return arr[start:stop]
+    except (ValueError, OSError, KeyError, RuntimeError, TypeError) as err:
+        settle_pending_io()
         shard = start // split.meta.shard_images
         raise CorruptionError(
             f"tap {tap!r} of split {split.name!r} in {split.store.url}: images {start}..{stop - 1} (shard {shard}) "
@@ -90,7 +96,8 @@ def _check_finite(t: torch.Tensor, split: SplitHandle, tap: str, start: int) -> 
     if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
         bad = torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)).flatten()
         first = start + int(bad[0])
-        raise CorruptionError(f"tap {tap!r} of split {split.name!r} holds NaN/Inf values (first at image {first}, "
+        raise CorruptionError(f"tap {tap!r} of split {split.name!r} in {split.store.url} holds NaN/Inf values (first "
+                              f"at image {first}, "
                               f"{len(bad)} image(s) in this block); the backbone diverged on these inputs or the "
                               "cache is damaged: re-extract them, or check the inputs")
 
@@ -121,7 +128,12 @@ class CacheReader:
         self.split, self.taps, self.options = split, list(taps), options
         for name in self.taps:
             split.store.manifest.tap(name)
-        self.indices = torch.from_numpy(split.completed_indices().astype(np.int64))  # (N,) usable samples
+        # one snapshot of the completion records: an extraction running meanwhile may complete more shards,
+        # which this reader ignores (its sizes, blocks and indices must agree)
+        self.shards = [int(k) for k in np.flatnonzero(split.completed_shards())]
+        parts = [np.arange(*split.meta.shard_bounds(k)) for k in self.shards]
+        self.indices = torch.from_numpy(np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64))
+        split.require_objects("labels", self.shards)  # a lost labels chunk would read as -1
         if len(self.indices) == 0:
             raise StoreError(f"split {split.name!r} of {split.store.url} has no completed shard yet; finish the "
                              "extraction (featcache extract --resume) first")
@@ -170,6 +182,16 @@ class CacheReader:
         return BatchIterable(self, epoch)
 
 
+def gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of ``t`` (a new tensor). On CPU through ``np.take``: torch's index_select on
+    half-precision CPU tensors runs several times slower than a row memcpy."""
+    if t.device.type != "cpu":
+        return t.index_select(0, index.to(t.device))
+    if t.dtype == torch.bfloat16:
+        return torch.from_numpy(np.take(t.view(torch.int16).numpy(), index.numpy(), axis=0)).view(torch.bfloat16)
+    return torch.from_numpy(np.take(t.numpy(), index.numpy(), axis=0))
+
+
 def as_tensor(a: np.ndarray, cache_dtype: str) -> torch.Tensor:
     """Stored numpy rows -> a tensor of the cache dtype (bfloat16 is stored as uint16 bits); no copy."""
     a = np.ascontiguousarray(a)
@@ -181,8 +203,19 @@ def as_tensor(a: np.ndarray, cache_dtype: str) -> torch.Tensor:
 def _decode_to(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Cache dtype -> training dtype on the training device."""
     if t.device != device:
-        t = t.to(device, non_blocking=True)
-    return t.to(dtype)
+        t = t.to(device, non_blocking=True)  # cache dtype over the bus: half the bytes of float32
+    if t.dtype == dtype:
+        return t
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
+
+
+def resident_dtype(where: str, options: ReaderOptions, cache_dtype: str) -> torch.dtype:
+    """What a resident reader holds: ``ram`` feeding a CPU step decodes once at load time to the
+    training dtype, so a batch is a pure row gather; ``gpu`` and ``ram`` feeding CUDA keep the cache
+    dtype (half the memory and half the bytes over the bus; the device converts)."""
+    if where == "ram" and options.device.type == "cpu":
+        return options.dtype
+    return _torch_dtype(cache_dtype)
 
 
 class ResidentReader(CacheReader):
@@ -192,6 +225,7 @@ class ResidentReader(CacheReader):
         super().__init__(split, taps, options)
         self.mode = where
         self.host_device = options.device if where == "gpu" else torch.device("cpu")
+        self.resident_dtype = resident_dtype(where, options, self.cache_dtype)
         pin = where == "ram" and options.device.type == "cuda"
         self.data = {t: self._load(t, pin, progress) for t in self.taps}
         # position of each usable sample inside the loaded tensors
@@ -199,12 +233,12 @@ class ResidentReader(CacheReader):
         self._slot[self.indices] = torch.arange(len(self.indices))
 
     def _load(self, tap: str, pin: bool, progress: bool) -> torch.Tensor:
-        """(N_usable, [V,] T, C) tensor of the cache dtype, filled shard by shard."""
+        """(N_usable, [V,] T, C) tensor of the resident dtype, filled shard by shard."""
         arr = self.split.tap(tap)
-        out = torch.empty((self.num_samples, *arr.shape[1:]), dtype=_torch_dtype(self.cache_dtype), pin_memory=pin)
+        out = torch.empty((self.num_samples, *arr.shape[1:]), dtype=self.resident_dtype, pin_memory=pin)
         pos = 0
-        for k in np.flatnonzero(self.split.completed_shards()):
-            start, stop = self.split.meta.shard_bounds(int(k))
+        for k in self.shards:
+            start, stop = self.split.meta.shard_bounds(k)
             block = as_tensor(read_range(self.split, tap, start, stop), self.cache_dtype)
             if self.options.check_finite:
                 _check_finite(block, self.split, tap, start)
@@ -220,10 +254,9 @@ class ResidentReader(CacheReader):
         for s in range(0, stop, b):
             index = order[s:s + b]
             slot = self._slot[index]
-            slot_dev = slot.to(self.host_device)
             taps = {}
             for name, data in self.data.items():
-                rows = data.index_select(0, slot_dev)  # (B, [V,] T, C)
+                rows = gather(data, slot)  # (B, [V,] T, C)
                 if views is not None:
                     v = views[slot].to(self.host_device)
                     rows = rows[torch.arange(len(rows), device=rows.device), v]
@@ -240,10 +273,13 @@ class StreamReader(CacheReader):
                  prefetch: int = 4, threads: int = 2, block_images: int | None = None) -> None:
         super().__init__(split, taps, options)
         meta = split.meta
-        self.block_images = block_images or meta.chunk_images * max(1, 8 // max(1, meta.chunk_images))
+        per_image = self.nbytes() / max(1, self.num_samples)
+        if block_images is None:  # ~8 MiB per read: big enough to amortise zarr's per-call cost
+            chunks = max(1, int(BLOCK_BYTES // max(1.0, per_image * meta.chunk_images)))
+            block_images = min(meta.shard_images, chunks * meta.chunk_images)
+        self.block_images = block_images
         if self.block_images % meta.chunk_images:
             raise UsageError(f"block_images ({self.block_images}) must be a multiple of chunk_images ({meta.chunk_images})")
-        per_image = self.nbytes() / max(1, self.num_samples)
         self.window_blocks = max(1, int(buffer_mb * 2**20 // max(1.0, per_image * self.block_images)))
         self.prefetch = max(1, prefetch)
         self.threads = max(1, threads)
@@ -253,19 +289,20 @@ class StreamReader(CacheReader):
     def _make_blocks(self) -> list[tuple[int, int]]:
         """[start, stop) runs of whole chunks inside completed shards."""
         out = []
-        for k in np.flatnonzero(self.split.completed_shards()):
-            start, stop = self.split.meta.shard_bounds(int(k))
+        for k in self.shards:
+            start, stop = self.split.meta.shard_bounds(k)
             out += [(s, min(s + self.block_images, stop)) for s in range(start, stop, self.block_images)]
         return out
 
-    def _read_block(self, block: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def _read_block(self, block: tuple[int, int]) -> dict[str, np.ndarray]:
+        """Stored rows of one block (numpy, stored dtype), checked for NaN/Inf."""
         start, stop = block
         out = {}
         for name in self.taps:
-            t = as_tensor(read_range(self.split, name, start, stop), self.cache_dtype)
+            a = read_range(self.split, name, start, stop)
             if self.options.check_finite:
-                _check_finite(t, self.split, name, start)
-            out[name] = t
+                _check_finite(as_tensor(a, self.cache_dtype), self.split, name, start)
+            out[name] = a
         return out
 
     def block_order(self, epoch: int) -> list[tuple[int, int]]:
@@ -274,13 +311,12 @@ class StreamReader(CacheReader):
         perm = torch.randperm(len(self.blocks), generator=_epoch_generator(self.options.seed, epoch, salt=2))
         return [self.blocks[i] for i in perm.tolist()]
 
-    def _windows(self, blocks: list[tuple[int, int]]) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        """(sample indices, taps) of consecutive windows of blocks; threads read ahead in block order."""
+    def _windows(self, blocks: list[tuple[int, int]]) -> Iterator[tuple[np.ndarray, list[dict[str, np.ndarray]]]]:
+        """(sample indices, blocks' rows) of consecutive windows of blocks; threads read ahead in block order."""
         with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="featcache-read") as pool:
             ahead = iter(blocks)
-            futures: list[Future] = []
-            for block in itertools.islice(ahead, self.prefetch + self.window_blocks):
-                futures.append(pool.submit(self._read_block, block))
+            futures: list[Future] = [pool.submit(self._read_block, b)
+                                     for b in itertools.islice(ahead, self.prefetch + self.window_blocks)]
             for w in range(0, len(blocks), self.window_blocks):
                 window = blocks[w:w + self.window_blocks]
                 parts = []
@@ -289,48 +325,42 @@ class StreamReader(CacheReader):
                     nxt = next(ahead, None)
                     if nxt is not None:
                         futures.append(pool.submit(self._read_block, nxt))
-                index = torch.cat([torch.arange(a, b) for a, b in window])
-                yield index, {n: torch.cat([p[n] for p in parts]) for n in self.taps}
+                yield np.concatenate([np.arange(a, b) for a, b in window]), parts
 
     def _batches(self, epoch: int) -> Iterator[Batch]:
+        """Each window (plus the samples carried over from the last) is shuffled and cut into batches.
+
+        All data movement is numpy (row memcpy); only the batch handed out becomes a torch tensor.
+        """
         gen = _epoch_generator(self.options.seed, epoch, salt=3)
         view_of = None
         if self.views > 1:
-            view_of = torch.zeros(self.split.num_samples, dtype=torch.long)
-            view_of[self.indices] = draw_views(self.views, self.indices, self.options.seed, epoch)
+            view_of = np.zeros(self.split.num_samples, dtype=np.int64)
+            view_of[self.indices.numpy()] = draw_views(self.views, self.indices, self.options.seed, epoch).numpy()
         b = self.options.batch_size
-        carry_index, carry = torch.zeros(0, dtype=torch.long), None  # samples left over from the last window
-        windows = self._windows(self.block_order(epoch))
-        for index, taps in _with_last(windows):
-            is_last = index is None
-            if is_last:
-                if carry is None or not len(carry_index) or self.options.drop_last:
-                    return
-                index, taps = carry_index, carry
-                perm = torch.arange(len(index))
-                emit = len(index)
-            else:
-                if carry is not None:
-                    index = torch.cat([carry_index, index])
-                    taps = {n: torch.cat([carry[n], taps[n]]) for n in self.taps}
-                self.peak_buffered_images = max(self.peak_buffered_images, len(index))
-                perm = torch.randperm(len(index), generator=gen) if self.options.shuffle else torch.arange(len(index))
-                emit = (len(index) // b) * b
+        carry_index, carry = np.zeros(0, dtype=np.int64), None  # samples left over from the last window
+        for index, parts in self._windows(self.block_order(epoch)):
+            if carry is not None:
+                index, parts = np.concatenate([carry_index, index]), [carry] + parts
+            taps = {n: np.concatenate([p[n] for p in parts]) for n in self.taps}  # (W, [V,] T, C)
+            self.peak_buffered_images = max(self.peak_buffered_images, len(index))
+            perm = (torch.randperm(len(index), generator=gen) if self.options.shuffle else torch.arange(len(index))).numpy()
+            emit = (len(index) // b) * b
             for s in range(0, emit, b):
-                sel = perm[s:s + b]
-                out = {n: t.index_select(0, sel) for n, t in taps.items()}
-                if view_of is not None:
-                    v = view_of[index[sel]]
-                    out = {n: t[torch.arange(len(sel)), v] for n, t in out.items()}
-                yield self._to_batch(out, index[sel])
+                yield self._window_batch(taps, index, perm[s:s + b], view_of)
             rest = perm[emit:]
-            carry_index, carry = index[rest], {n: t.index_select(0, rest) for n, t in taps.items()}
+            carry_index, carry = index[rest], {n: np.take(t, rest, axis=0) for n, t in taps.items()}
+        if carry is not None and len(carry_index) and not self.options.drop_last:
+            yield self._window_batch(carry, carry_index, np.arange(len(carry_index)), view_of)
 
-
-def _with_last(it: Iterator[Any]) -> Iterator[Any]:
-    """The items of ``it``, then one (None, None) marker."""
-    yield from it
-    yield None, None
+    def _window_batch(self, taps: dict[str, np.ndarray], index: np.ndarray, sel: np.ndarray,
+                      view_of: np.ndarray | None) -> Batch:
+        rows = {n: np.take(t, sel, axis=0) for n, t in taps.items()}  # (B, [V,] T, C)
+        if view_of is not None:
+            v = view_of[index[sel]]
+            rows = {n: t[np.arange(len(sel)), v] for n, t in rows.items()}
+        return self._to_batch({n: as_tensor(t, self.cache_dtype) for n, t in rows.items()},
+                              torch.from_numpy(index[sel]))
 
 
 class BatchIterable(torch.utils.data.IterableDataset):
@@ -380,8 +410,17 @@ class TapDataset(torch.utils.data.Dataset):
         return out, int(self.labels[idx])
 
 
-def choose_mode(mode: str, nbytes: int, device: torch.device) -> ReaderChoice:
-    """Resolve ``auto`` (and check explicit modes) against free GPU memory and available RAM."""
+def _expansion(options: ReaderOptions, cache_dtype: str) -> float:
+    """How much bigger the ``ram`` reader's resident taps are than the stored ones."""
+    held = resident_dtype("ram", options, cache_dtype)
+    return held.itemsize / _torch_dtype(cache_dtype).itemsize
+
+
+def choose_mode(mode: str, nbytes: int, device: torch.device, ram_expansion: float = 1.0) -> ReaderChoice:
+    """Resolve ``auto`` (and check explicit modes) against free GPU memory and available RAM.
+
+    ``ram_expansion``: the ram reader holds ``nbytes * ram_expansion`` (decoded to the training dtype).
+    """
     import psutil
 
     if mode not in READER_MODES:
@@ -396,9 +435,11 @@ def choose_mode(mode: str, nbytes: int, device: torch.device) -> ReaderChoice:
         free, _total = torch.cuda.mem_get_info(device)
         if nbytes <= MEMORY_MARGIN * free:
             return ReaderChoice("gpu", f"{gb(nbytes)} of taps fit in {gb(free)} of free GPU memory", nbytes)
-    if nbytes <= MEMORY_MARGIN * ram:
-        return ReaderChoice("ram", f"{gb(nbytes)} of taps fit in {gb(ram)} of available RAM", nbytes)
-    return ReaderChoice("stream", f"{gb(nbytes)} of taps exceed {int(MEMORY_MARGIN * 100)}% of available RAM ({gb(ram)})", nbytes)
+    held = int(nbytes * ram_expansion)
+    if held <= MEMORY_MARGIN * ram:
+        return ReaderChoice("ram", f"{gb(held)} of decoded taps fit in {gb(ram)} of available RAM", held)
+    return ReaderChoice("stream", f"{gb(held)} of decoded taps exceed {int(MEMORY_MARGIN * 100)}% of available RAM "
+                        f"({gb(ram)})", held)
 
 
 def open_reader(split: SplitHandle, taps: list[str], mode: str = "auto", batch_size: int = 32, shuffle: bool = True,
@@ -409,8 +450,8 @@ def open_reader(split: SplitHandle, taps: list[str], mode: str = "auto", batch_s
     options = ReaderOptions(batch_size, shuffle, seed, drop_last, torch.device(device), dtype, check_finite)
     probe = StreamReader.__new__(StreamReader)
     CacheReader.__init__(probe, split, taps, options)
-    choice = choose_mode(mode, probe.nbytes(), options.device)
-    log.info(f"reader: {choice.mode} for split {split.name!r} ({choice.reason})")
+    choice = choose_mode(mode, probe.nbytes(), options.device, ram_expansion=_expansion(options, probe.cache_dtype))
+    log.debug(f"reader: {choice.mode} for split {split.name!r} ({choice.reason})")
     if choice.mode == "stream":
         reader: CacheReader = StreamReader(split, taps, options, **stream_options)
     else:

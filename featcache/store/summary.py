@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 
-from .layout import FeatureStore, SplitHandle, storage_dtype
+from featcache.errors import CorruptionError, StoreError
+
+from .layout import COMPLETE, FeatureStore, SplitHandle, storage_dtype
 from .verify import VerifyReport, verify_store
 from .writer import EXTRACTION_ATTR
 
@@ -58,12 +61,36 @@ class RunningStats:
 
 
 def tap_stats(split: SplitHandle, name: str) -> dict[str, Any]:
-    """Statistics of one tap over the split's completed shards, read one shard at a time."""
-    arr, stats = split.tap(name), RunningStats()
+    """Statistics of one tap over the split's completed shards, read one shard at a time.
+
+    Besides the value statistics: ``token_norm_mean`` / ``token_norm_std``, the L2 norm of a token's
+    channel vector (how activations grow through the backbone; drawn by ``inspect --plot``).
+    """
+    split.tap(name)  # a clear error for unknown taps
+    stats, norms = RunningStats(), RunningStats()
     for k in np.flatnonzero(split.completed_shards()):
         start, stop = split.meta.shard_bounds(int(k))
-        stats.update(split.decode(arr[start:stop]).float().numpy())
-    return stats.to_dict()
+        split.require_objects(name, [int(k)])
+        block = split.decode(split.read(name, start, stop)).float()  # damage: CorruptionError
+        stats.update(block.numpy())
+        norms.update(torch.linalg.vector_norm(block, dim=-1).numpy())
+    out = stats.to_dict()
+    out["token_norm_mean"], out["token_norm_std"] = norms.to_dict()["mean"], norms.to_dict()["std"]
+    return out
+
+
+def _completed_shards(split: SplitHandle) -> np.ndarray:
+    """Completion records; with a damaged record chunk, record by record (unreadable = not complete)."""
+    try:
+        return split.completed_shards()
+    except CorruptionError:
+        done = np.zeros(split.meta.num_shards, dtype=bool)
+        for k in range(split.meta.num_shards):
+            try:
+                done[k] = int(split.read(COMPLETE, k, k + 1)[0]) == 1
+            except CorruptionError:
+                pass
+        return done
 
 
 def _codec_names(arr: zarr.Array) -> list[str]:
@@ -102,16 +129,33 @@ def describe_tap(split: SplitHandle, name: str, completed_images: int, stats: bo
     return d
 
 
+def _describe_tap_or_error(split: SplitHandle, name: str, completed_images: int, stats: bool) -> dict[str, Any]:
+    """describe_tap, or {"error"} for an array that cannot be opened (missing, unreadable metadata, a foreign
+    codec): describing a damaged store never fails, --verify names the damage. --stats reads every chunk, and
+    damaged data is then an error."""
+    try:
+        d = describe_tap(split, name, completed_images)
+    except StoreError as err:
+        return {"error": str(err)}
+    if stats:
+        d["stats"] = tap_stats(split, name)
+    return d
+
+
 def describe_split(split: SplitHandle, stats: bool = False) -> dict[str, Any]:
     meta = split.meta
-    done = split.completed_shards()
-    completed = split.completed_indices()
-    labels = split.labels()[completed]
+    done = _completed_shards(split)  # describing a damaged store must not fail: --verify names the damage
+    completed = (np.concatenate([np.arange(*meta.shard_bounds(int(k))) for k in np.flatnonzero(done)])
+                 if done.any() else np.zeros(0, dtype=np.int64))
+    try:
+        labels = split.labels()[completed]
+    except CorruptionError:
+        labels = np.zeros(0, dtype=np.int64)
     counts = np.bincount(labels[labels >= 0], minlength=meta.num_classes) if len(labels) else np.zeros(0, int)
     names = meta.classes or [str(c) for c in range(len(counts))]
-    taps = {name: describe_tap(split, name, len(completed), stats) for name in split.store.manifest.tap_names}
-    nbytes = sum(t["nbytes"] for t in taps.values())
-    stored = sum(t["stored_bytes"] for t in taps.values())
+    taps = {name: _describe_tap_or_error(split, name, len(completed), stats) for name in split.store.manifest.tap_names}
+    nbytes = sum(t.get("nbytes", 0) for t in taps.values())
+    stored = sum(t.get("stored_bytes", 0) for t in taps.values())
     return {
         "num_samples": meta.num_samples, "complete": bool(done.all()), "completed_samples": int(len(completed)),
         "num_shards": meta.num_shards, "completed_shards": int(done.sum()), "views": meta.views,
@@ -205,6 +249,9 @@ def _format_split(name: str, s: dict[str, Any]) -> list[str]:
     if has_stats:
         rows[0] += ["mean", "std", "min", "max", "nan", "inf"]
     for tap, t in s["taps"].items():
+        if "error" in t:
+            rows.append([tap, "ERROR", t["error"][:60] + ("..." if len(t["error"]) > 60 else "")] + [""] * (len(rows[0]) - 3))
+            continue
         codec = "+".join(c for c in t["codecs"] if c != "bytes")
         row = [tap, _shape(t["shape"]), t["dtype"], _shape(t["chunks"]), _shape(t["shards"]), codec,
                _size(t["stored_bytes"]), f"{t['compression_ratio']:.2f}" if t["compression_ratio"] else "-"]
@@ -217,12 +264,20 @@ def _format_split(name: str, s: dict[str, Any]) -> list[str]:
         total = max(1, sum(s["label_counts"].values()))
         peak = max(s["label_counts"].values()) or 1
         lines.append("  labels:")
+        items = list(s["label_counts"].items())
         label_rows = [[f"    {k}", str(c), f"{100 * c / total:.1f}%", "#" * max(0, round(30 * c / peak))]
-                      for k, c in s["label_counts"].items()]
+                      for k, c in items[:MAX_LABEL_ROWS]]
         lines += _table(label_rows, indent="")
+        if len(items) > MAX_LABEL_ROWS:
+            counts = [c for _, c in items]
+            lines.append(f"    ... {len(items) - MAX_LABEL_ROWS} more classes (all: min {min(counts)}, max {max(counts)} "
+                         "images per class; --json lists them)")
     if s["unlabelled"]:
         lines.append(f"  unlabelled images: {s['unlabelled']}")
     return lines
+
+
+MAX_LABEL_ROWS = 40
 
 
 def _num(v: float | None) -> str:

@@ -19,7 +19,8 @@ from zarr.core.sync import sync
 
 from featcache.errors import StoreError
 
-from .layout import BACKBONE_GROUP, COMPLETE, FeatureStore, SplitHandle, storage_dtype
+from . import zarr_io
+from .layout import BACKBONE_GROUP, COMPLETE, FeatureStore, SplitHandle, check_codecs, storage_dtype
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Problem:
     split: str | None = None
     array: str | None = None
     where: str = ""  # "chunk 5 (images 20-23)", "shard 2 (images 64-95)", "metadata", ...
+    shard: int | None = None  # the shard whose recomputation repairs this (extract --resume --repair)
 
     def __str__(self) -> str:
         name = "/".join(p for p in (self.split, self.array) if p) or "store"
@@ -59,8 +61,8 @@ class VerifyReport:
         return [str(p) for p in self.problems if p.severity == "warning"]
 
     def add(self, severity: str, message: str, split: str | None = None, array: str | None = None,
-            where: str = "") -> None:
-        self.problems.append(Problem(severity, message, split, array, where))
+            where: str = "", shard: int | None = None) -> None:
+        self.problems.append(Problem(severity, message, split, array, where, shard))
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "errors": self.errors, "warnings": self.warnings,
@@ -108,8 +110,9 @@ class SplitVerifier:
         self.split, self.report, self.meta = split, report, split.meta
         self.store = split.group.store
 
-    def problem(self, severity: str, message: str, array: str | None = None, where: str = "") -> None:
-        self.report.add(severity, message, self.split.name, array, where)
+    def problem(self, severity: str, message: str, array: str | None = None, where: str = "",
+                shard: int | None = None) -> None:
+        self.report.add(severity, message, self.split.name, array, where, shard)
 
     def run(self) -> None:
         arrays = self.check_metadata()
@@ -142,8 +145,16 @@ class SplitVerifier:
             except KeyError:
                 self.problem("error", "array is missing", name, "metadata")
                 continue
+            except Exception as err:  # noqa: BLE001 - unreadable metadata or an unknown codec
+                self.problem("error", f"unreadable metadata ({type(err).__name__}: {str(err)[:120]})", name, "metadata")
+                continue
             if not isinstance(arr, zarr.Array):
                 self.problem("error", "is a group, expected an array", name, "metadata")
+                continue
+            try:
+                check_codecs(arr, f"array {name!r}")
+            except StoreError as err:
+                self.problem("error", str(err), name, "metadata")
                 continue
             shape, chunks, shards, dtype = self.expected_shape(name)
             found_dtype = "str" if arr.dtype.kind in "OTU" else str(arr.dtype)
@@ -166,10 +177,12 @@ class SplitVerifier:
                 value = int(arr[k])
                 self.report.chunks_read += 1
             except Exception as err:  # noqa: BLE001
-                self.problem("error", _describe(err), COMPLETE, f"chunk {k} (record of shard {k})")
+                zarr_io.settle_pending_io()
+                self.problem("error", _describe(err), COMPLETE, f"chunk {k} (record of shard {k})", shard=k)
                 continue
             if value not in (0, 1):
-                self.problem("error", f"invalid completion record {value} (expected 0 or 1)", COMPLETE, f"chunk {k}")
+                self.problem("error", f"invalid completion record {value} (expected 0 or 1)", COMPLETE, f"chunk {k}",
+                             shard=k)
             done[k] = value == 1
         missing = self.meta.num_shards - int(done.sum())
         if missing:
@@ -186,14 +199,15 @@ class SplitVerifier:
             key = f"{arr.path}/{arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))}"
             size = self.object_size(key)
             if size is None:
-                self.problem("error", f"the shard is marked complete but its object {key} is missing", name, where)
+                self.problem("error", f"the shard is marked complete but its object {key} is missing", name, where, k)
                 continue
             if size == 0:
-                self.problem("error", f"object {key} is empty (truncated)", name, where)
+                self.problem("error", f"object {key} is empty (truncated)", name, where, k)
                 continue
             try:
                 values = arr[start:stop]
             except Exception as err:  # noqa: BLE001
+                zarr_io.settle_pending_io()
                 self.locate_damage(name, arr, k, err)
                 continue
             self.report.chunks_read += max(1, -(-(stop - start) // arr.chunks[0]))
@@ -206,22 +220,24 @@ class SplitVerifier:
         start, stop = self.meta.shard_bounds(shard)
         step = arr.chunks[0]
         if arr.shards is None or step >= stop - start:
-            self.problem("error", _describe(err), name, f"chunk {shard} (images {start}-{stop - 1})")
+            self.problem("error", _describe(err), name, f"chunk {shard} (images {start}-{stop - 1})", shard)
             return
         bad = []
         for c0 in range(start, stop, step):
             try:
                 arr[c0:min(c0 + step, stop)]
             except Exception as chunk_err:  # noqa: BLE001
+                zarr_io.settle_pending_io()
                 bad.append((c0 // step, c0, min(c0 + step, stop), chunk_err))
         total = -(-(stop - start) // step)
         if len(bad) == total and total > 1:
-            self.problem("error", f"all {total} chunks fail ({_describe(err)}): the shard object or its index is "
-                         "damaged or truncated", name, f"shard {shard} (images {start}-{stop - 1})")
+            how = "their crc32c checksum" if "checksum" in str(err).lower() else f"to decode ({_describe(err)})"
+            self.problem("error", f"all {total} chunks fail {how}: the shard object or its index is damaged or "
+                         "truncated", name, f"shard {shard} (images {start}-{stop - 1})", shard)
             return
         for index, c0, c1, chunk_err in bad or [(start // step, start, stop, err)]:
             self.problem("error", _describe(chunk_err), name,
-                         f"chunk {index} (images {c0}-{c1 - 1}) in shard {shard}")
+                         f"chunk {index} (images {c0}-{c1 - 1}) in shard {shard}", shard)
 
     def check_labels(self, labels: np.ndarray, start: int, where: str) -> None:
         n = self.meta.num_classes
@@ -230,7 +246,7 @@ class SplitVerifier:
             first = int(np.flatnonzero(bad)[0])
             allowed = f"0 <= label < {n}" if n else "-1 (unlabelled data)"
             self.problem("error", f"{int(bad.sum())} labels outside {allowed}, e.g. {int(labels[first])} at image "
-                         f"{start + first}", "labels", where)
+                         f"{start + first}", "labels", where, start // self.meta.shard_images)
 
     def object_size(self, key: str) -> int | None:
         try:

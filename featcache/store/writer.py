@@ -16,6 +16,7 @@ The store knows nothing of models: it receives numpy arrays.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import logging
 import os
 import queue
@@ -32,7 +33,7 @@ import zarr
 from featcache import __version__
 from featcache.errors import StoreError
 
-from .layout import COMPLETE, FeatureStore, SplitHandle
+from .layout import COMPLETE, SPLIT_ATTR, FeatureStore, SplitHandle
 from .lock import SplitLock
 from .manifest import Manifest, SplitMeta
 
@@ -50,35 +51,59 @@ RESUME_FIELDS = ("data", "limit", "views", "seed", "view_transform", "compressor
 
 
 def open_split_for_writing(url: str, manifest: Manifest, name: str, meta: SplitMeta, *, ids: list[str],
-                           resume: bool = False, overwrite: bool = False,
+                           resume: bool = False, overwrite: bool = False, repair: bool = False,
                            final_norm: dict[str, torch.Tensor] | None = None,
                            storage_options: dict[str, Any] | None = None) -> tuple[SplitHandle, str]:
     """Create or reopen split ``name`` for writing; returns (handle, "created" | "resumed" | "replaced").
 
     The caller holds the split's ``SplitLock``. ``ids`` are the planned image ids: a resumed split
     must hold the same images. Refusals (incompatible store, existing split without ``resume`` or
-    ``overwrite``, a different plan) raise ``StoreError`` before anything is written.
+    ``overwrite``, a different plan) raise ``StoreError`` before anything is written. ``repair``
+    (with ``resume``) reads the whole split first and clears the completion records of damaged
+    shards (``featcache.store.repair``), so that they are computed again; ``handle.repaired_shards``
+    lists them. A split whose creation was cut short (no metadata, so no data) is created again,
+    and the backbone's final norm is rewritten when a crash or damage left it unreadable.
     """
     if resume and overwrite:
         raise StoreError("--resume and --overwrite exclude each other: resume continues the split, overwrite "
                          "replaces it")
+    if repair and not resume:
+        raise StoreError("--repair needs --resume: it continues the split, recomputing the shards found damaged")
     with SplitLock(url, "_store", storage_options):  # serialises root creation between splits
         store = _open_or_create_store(url, manifest, final_norm, storage_options)
-        if name in store.splits():
+        if name in store.splits() and SPLIT_ATTR not in store.group[name].attrs.asdict():
+            log.warning("split %r of %s was never finished being created (an interrupted extraction); creating it "
+                        "again", name, url)
+            split, status = store.create_split(name, meta, meta.compressor, overwrite=True), "created"
+        elif name in store.splits():
             existing = store.split(name)
             if resume:
-                check_resumable(existing, meta, ids)
+                plan = None
+                if repair:
+                    from .repair import plan_repair
+
+                    plan = plan_repair(existing, final_norm is not None)
+                check_resumable(existing, meta, ids, done=plan.intact if plan is not None else None)
+                if plan is not None:
+                    plan.apply(existing, final_norm)
                 removed = remove_partial_files(existing)
                 if removed:
                     log.info("removed %d temporary files left by an interrupted write", removed)
-                return existing, "resumed"
-            if not overwrite:
+                split, status = existing, "resumed"
+            elif not overwrite:
                 done = int(existing.completed_shards().sum())
                 state = "complete" if existing.complete else f"{done} of {existing.meta.num_shards} shards done"
                 raise StoreError(f"split {name!r} already exists in {url} ({state}); pass --resume to continue it "
                                  "or --overwrite to replace it")
-            return store.create_split(name, meta, meta.compressor, overwrite=True), "replaced"
-        return store.create_split(name, meta, meta.compressor), "created"
+            else:
+                split, status = store.create_split(name, meta, meta.compressor, overwrite=True), "replaced"
+        else:
+            split, status = store.create_split(name, meta, meta.compressor), "created"
+        if final_norm is not None and store.manifest.final_norm and not store.final_norm_readable():
+            log.warning("the backbone's final norm in %s was missing or damaged (an interrupted store creation?); "
+                        "writing it again", url)
+            store.write_final_norm(final_norm)
+        return split, status
 
 
 def _open_or_create_store(url: str, manifest: Manifest, final_norm: dict[str, torch.Tensor] | None,
@@ -99,8 +124,11 @@ def _store_exists(url: str, storage_options: dict[str, Any] | None) -> bool:
     return bool(fs.exists(f"{root.rstrip('/')}/zarr.json"))
 
 
-def check_resumable(split: SplitHandle, planned: SplitMeta, ids: list[str]) -> None:
-    """Refuse to resume a split whose recorded plan differs from this run's (it would mix two data sets)."""
+def check_resumable(split: SplitHandle, planned: SplitMeta, ids: list[str], done: np.ndarray | None = None) -> None:
+    """Refuse to resume a split whose recorded plan differs from this run's (it would mix two data sets).
+
+    ``done``: the completed shards to check (default: the completion records).
+    """
     have = split.meta.to_attrs()
     want = planned.to_attrs()
     for key in RESUME_FIELDS:
@@ -108,12 +136,12 @@ def check_resumable(split: SplitHandle, planned: SplitMeta, ids: list[str]) -> N
             raise StoreError(f"cannot resume split {split.name!r} of {split.store.url}: it was started with "
                              f"{key} = {have.get(key)!r}, this run has {key} = {want.get(key)!r}; rerun with the "
                              "same options, or pass --overwrite to start the split again")
-    done = split.completed_shards()
+    done = split.completed_shards() if done is None else done
     if done.any():
-        stored = split.ids()
         for k in np.flatnonzero(done):
             start, stop = split.meta.shard_bounds(int(k))
-            if stored[start:stop] != list(ids[start:stop]):
+            split.require_objects("ids", [int(k)])  # a lost ids chunk would read as empty ids
+            if split.ids(start, stop) != list(ids[start:stop]):  # only completed shards: others may be damaged
                 raise StoreError(f"cannot resume split {split.name!r}: its shard {k} holds other images than the data "
                                  f"source gives now (data changed?); pass --overwrite to start the split again")
 
@@ -128,6 +156,27 @@ def remove_partial_files(split: SplitHandle) -> int:
         path.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def describe_os_error(err: OSError) -> tuple[str, str]:
+    """(what happened, what to do) for an OSError met while writing a store."""
+    code = err.errno
+    text = f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return f"the disk is full: {text}", "free some space (or raise the quota)"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied: {text}", "make the store directory writable for this user"
+    if code == errno.EFBIG:
+        return f"a file size limit was hit: {text}", "raise the file size limit (ulimit -f)"
+    return f"{type(err).__name__}: {text}", "fix the cause"
+
+
+class ShardWriteError(StoreError):
+    """A shard could not be written; the shards completed before it are intact."""
+
+    def __init__(self, message: str, shard: int, fix: str) -> None:
+        super().__init__(message)
+        self.shard, self.fix = shard, fix
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,23 +245,29 @@ def sync_keys(split: SplitHandle, keys: list[str]) -> None:
 
 
 class ShardWriter:
-    """Writes finished shards on a background thread while the caller computes the next ones.
+    """Writes finished shards on background threads while the caller computes the next ones.
 
-    ``submit`` blocks only when ``max_pending`` shards wait (bounded memory); an error on the
-    writer thread is raised by the next ``submit`` or by ``close``. ``close`` writes what is
-    queued; ``abort`` drops it (the shard being written is finished, so no record lies).
+    Each shard is written whole by one thread (``threads`` > 1 write different shards at once, for
+    machines where one thread cannot keep up with a GPU). ``submit`` blocks only when
+    ``max_pending`` shards wait (bounded memory); an error on a writer thread is raised by the next
+    ``submit`` or by ``close``. ``close`` writes what is queued; ``abort`` drops it (shards being
+    written are finished, so no completion record lies).
     """
 
     def __init__(self, split: SplitHandle, max_pending: int = 2, durable: bool = True,
-                 on_written: Callable[[ShardData, float], None] | None = None) -> None:
+                 on_written: Callable[[ShardData, float], None] | None = None, threads: int = 1) -> None:
         self.split, self.durable, self.on_written = split, durable, on_written
         self.written: list[int] = []
-        self.write_seconds = 0.0
-        self._queue: queue.Queue[ShardData | None] = queue.Queue(maxsize=max(1, max_pending))
+        self.write_seconds = 0.0  # summed over threads
+        self._queue: queue.Queue[ShardData | None] = queue.Queue(maxsize=max(1, max_pending, threads))
         self._error: BaseException | None = None
+        self._error_shard = -1
         self._drop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="featcache-shard-writer", daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, name=f"featcache-shard-writer-{i}", daemon=True)
+                         for i in range(max(1, threads))]
+        for t in self._threads:
+            t.start()
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -236,25 +291,30 @@ class ShardWriter:
                 t0 = time.perf_counter()
                 write_complete_shard(self.split, item, self.durable)
                 dt = time.perf_counter() - t0
-                self.write_seconds += dt
-                self.written.append(item.shard)
-                if self.on_written is not None:
-                    self.on_written(item, dt)
+                with self._lock:
+                    self.write_seconds += dt
+                    self.written.append(item.shard)
+                    if self.on_written is not None:
+                        self.on_written(item, dt)
             except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
-                self._error = err
+                self._error, self._error_shard = err, item.shard
 
     def _raise_error(self) -> None:
         if self._error is not None:
             err, self._error = self._error, None
-            if isinstance(err, (StoreError, OSError)):
-                raise StoreError(f"writing to {self.split.store.url} failed: {err}") from err
+            where = f"writing to {self.split.store.url} failed (shard {self._error_shard} of split {self.split.name!r})"
+            if isinstance(err, OSError):
+                what, fix = describe_os_error(err)
+                raise ShardWriteError(f"{where}: {what}", self._error_shard, fix) from err
+            if isinstance(err, StoreError):
+                raise ShardWriteError(f"{where}: {err}", self._error_shard, "fix the cause") from err
             raise err
 
     def submit(self, data: ShardData) -> None:
         """Queue a finished shard; blocks while the queue is full, raises a writer error."""
         while True:
             self._raise_error()
-            if not self._thread.is_alive():
+            if not any(t.is_alive() for t in self._threads):
                 raise StoreError("the shard writer stopped unexpectedly")
             try:
                 self._queue.put(data, timeout=0.2)
@@ -262,20 +322,23 @@ class ShardWriter:
             except queue.Full:
                 continue
 
+    def _stop(self) -> None:
+        for t in self._threads:
+            if t.is_alive():
+                self._queue.put(None)  # one stop mark per thread, after everything queued
+        for t in self._threads:
+            t.join()
+
     def close(self, raise_error: bool = True) -> None:
-        """Write every queued shard, stop the thread; raise a writer error."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        """Write every queued shard, stop the threads; raise a writer error."""
+        self._stop()
         if raise_error:
             self._raise_error()
 
     def abort(self) -> None:
-        """Drop queued shards, finish the one being written, stop the thread."""
+        """Drop queued shards, finish the ones being written, stop the threads."""
         self._drop.set()
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        self._stop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,5 +395,6 @@ def totals_dict(totals: SplitTotals) -> dict[str, Any]:
     return {**asdict(totals), "complete": totals.complete, "compression_ratio": totals.compression_ratio}
 
 
-__all__ = ["ShardData", "ShardWriter", "SplitTotals", "check_resumable", "finalize_split",
-           "open_split_for_writing", "remove_partial_files", "split_totals", "sync_keys", "write_complete_shard"]
+__all__ = ["ShardData", "ShardWriteError", "ShardWriter", "SplitTotals", "check_resumable", "describe_os_error",
+           "finalize_split", "open_split_for_writing", "remove_partial_files", "split_totals", "sync_keys",
+           "write_complete_shard"]

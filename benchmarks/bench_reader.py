@@ -1,0 +1,140 @@
+"""Reader speed against its physical limits, side by side in one run (issue: cache readers).
+
+Measured on one synthetic float16 store (ViT-S/16-shaped taps, 197 x 384), rounds A B A B, medians:
+- ``numpy copy``: copying the same bytes between numpy arrays, batch by batch (memory speed): the
+  float32 bytes the readers deliver (``numpy_copy_f32``) and the float16 bytes stored (``numpy_copy``);
+- ``ram``: featcache's resident reader yielding shuffled float32 batches (gather + decode);
+- ``zarr direct``: reading the same compressed chunks with zarr in a tight loop (no shuffling);
+- ``stream``: featcache's streaming reader (block shuffle, read-ahead threads, window shuffle);
+- stall: an epoch of a real side-network training step (LAST) fed by ``stream`` vs fed by ``ram``.
+Targets: ram >= 0.7 x numpy copy, stream >= 0.5 x zarr direct, no visible stall when the side
+network is the bottleneck. ``python -m benchmarks.bench_reader [--images N] [--out FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from featcache.backbone import TapInfo
+from featcache.bank import MemberBank
+from featcache.methods.base import MethodInput
+from featcache.store.layout import FeatureStore
+from featcache.store.manifest import Manifest, SplitMeta
+from featcache.store.reader import open_reader, read_range
+from featcache.sweep import expand
+
+
+def make_store(path: Path, images: int, taps: int, tokens: int = 197, channels: int = 384) -> FeatureStore:
+    """A float16 store of ``taps`` ViT-like taps with activation-like values (lz4, crc32c, real shards)."""
+    infos = [TapInfo("embed", 0, 0, tokens, 1, channels, (14, 14), "none")] + [
+        TapInfo(f"block{k}", k, k, tokens, 1, channels, (14, 14), "none") for k in range(1, taps)]
+    store = FeatureStore.create(str(path), Manifest(backbone={"spec": {"model": "synthetic"}}, taps=infos))
+    meta = SplitMeta(num_samples=images, chunk_images=8, shard_images=128, classes=[str(c) for c in range(10)])
+    split = store.create_split("train", meta, "lz4")
+    rng = np.random.default_rng(0)
+    for k in range(meta.num_shards):
+        s, e = meta.shard_bounds(k)
+        data = {t.name: (rng.standard_normal((e - s, tokens, channels), dtype=np.float32) * (1 + t.position)).astype(np.float16)
+                for t in infos}
+        split.write_shard(k, data, rng.integers(0, 10, e - s), [str(i) for i in range(s, e)])
+        split.set_complete(k)
+    return FeatureStore.open(str(path))
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run(images: int = 1024, taps: int = 3, batch: int = 64, rounds: int = 2, stall_epochs: int = 1,
+        workdir: str | None = None) -> dict[str, Any]:
+    tmp = tempfile.TemporaryDirectory(dir=workdir)
+    store = make_store(Path(tmp.name) / "bench.zarr", images, taps)
+    split = store.split("train")
+    names = store.manifest.tap_names
+    nbytes = sum(split.tap(n).nbytes for n in names)
+    src = {n: np.asarray(split.tap(n)[:]) for n in names}
+    src32 = {n: a.astype(np.float32) for n, a in src.items()}
+
+    def numpy_copy(arrays: dict[str, np.ndarray]) -> None:
+        """Contiguous batch-sized copies into fresh arrays, as a reader must hand out new batches."""
+        for s in range(0, images, batch):
+            for n in names:
+                np.copyto(np.empty_like(arrays[n][s:s + batch]), arrays[n][s:s + batch])
+
+    ram = open_reader(split, names, "ram", batch, seed=0)
+    stream = open_reader(split, names, "stream", batch, seed=0, buffer_mb=64, prefetch=4, threads=2)
+
+    def epoch(reader: Any) -> None:
+        for b in reader.epoch(0):
+            pass
+
+    def zarr_direct() -> None:
+        for s in range(0, images, split.meta.shard_images):
+            for n in names:
+                read_range(split, n, s, min(s + split.meta.shard_images, images))
+
+    cases = {"numpy_copy": lambda: numpy_copy(src), "numpy_copy_f32": lambda: numpy_copy(src32), "ram": lambda: epoch(ram),
+             "zarr_direct": zarr_direct, "stream": lambda: epoch(stream)}
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(rounds):  # A B A B
+        for name, fn in cases.items():
+            times[name].append(timed(fn))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    mbps = {k: nbytes / 2**20 / v for k, v in med.items()}
+
+    # stall: the same LAST training epoch fed by ram vs stream
+    mi = MethodInput(taps=store.manifest.taps, num_classes=10, backbone_kind="vit")
+    bank = MemberBank(expand("last", {"epochs": 1, "gap": 1}), mi, torch.device("cpu"))
+
+    def train_epoch(reader: Any) -> None:
+        for b in reader.epoch(0):
+            bank.train_step(b.taps, b.labels, 0.5, 1)
+
+    stall = {"ram": [], "stream": []}
+    for _ in range(stall_epochs):
+        for name, reader in (("ram", ram), ("stream", stream)):
+            stall[name].append(timed(lambda: train_epoch(reader)))
+    st = {k: statistics.median(v) for k, v in stall.items()}
+    tmp.cleanup()
+    return {
+        "images": images, "taps": taps, "batch": batch, "bytes": nbytes, "rounds": rounds,
+        "seconds_median": med, "MB_per_s": mbps, "samples_per_s": {k: images / v for k, v in med.items()},
+        # the reader reads float16 and hands out float32 batches: compared with copying the delivered
+        # (float32) bytes, and with copying the stored (float16) bytes
+        "ram_vs_numpy_copy": med["numpy_copy_f32"] / med["ram"], "ram_vs_numpy_copy_f16": med["numpy_copy"] / med["ram"],
+        "stream_vs_zarr_direct": med["zarr_direct"] / med["stream"],
+        "train_epoch_seconds": st, "stream_stall": st["stream"] / st["ram"] - 1.0,
+        "targets": {"ram_vs_numpy_copy": 0.7, "stream_vs_zarr_direct": 0.5},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--taps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", default="benchmarks/results/reader.json")
+    a = p.parse_args()
+    res = run(a.images, a.taps, rounds=a.rounds)
+    Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+    for k in ("numpy_copy", "numpy_copy_f32", "ram", "zarr_direct", "stream"):
+        print(f"{k:12s} {res['MB_per_s'][k]:9.0f} MB/s {res['samples_per_s'][k]:9.0f} samples/s")
+    print(f"ram / numpy copy of the float32 batches = {res['ram_vs_numpy_copy']:.2f} (target >= 0.7; of the float16 "
+          f"bytes: {res['ram_vs_numpy_copy_f16']:.2f}); stream / zarr direct = "
+          f"{res['stream_vs_zarr_direct']:.2f} (target >= 0.5); LAST epoch fed by stream vs ram: "
+          f"{res['stream_stall'] * 100:+.1f}%")
+
+
+if __name__ == "__main__":
+    main()
