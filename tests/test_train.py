@@ -72,6 +72,20 @@ def test_bad_sweeps(settings, grid, msg) -> None:
         expand("last", settings, grid)
 
 
+def test_method_prefixed_settings_apply_to_one_method() -> None:
+    members = expand("last", {"lr": 1e-3, "linear.lr": 1e-2, "last.rank": 8},
+                     {"method": ["last", "linear"], "last.heads": [1, 2]})
+    by = {m.name: m for m in members}
+    assert sorted(by) == ["method=last-last.heads=1", "method=last-last.heads=2", "method=linear"]
+    assert by["method=linear"].train.lr == 1e-2 and "rank" not in by["method=linear"].method_config
+    assert {(m.train.lr, m.method_config["rank"], m.method_config["heads"]) for m in members if m.method == "last"} == \
+        {(1e-3, 8, 1), (1e-3, 8, 2)}
+    with pytest.raises(ConfigError, match="'lst' is not a method of this sweep"):
+        expand("last", {"lst.lr": 1e-2}, {"method": ["last", "linear"]})
+    with pytest.raises(ConfigError, match="unknown setting 'rnak'"):
+        expand("last", {"last.rnak": 8}, {"method": ["last", "linear"]})
+
+
 def test_sweep_file(tmp_path) -> None:
     (tmp_path / "s.yaml").write_text("set:\n  epochs: 2\ngrid:\n  lr: [0.001, 0.01]\n")
     assert load_sweep_file(tmp_path / "s.yaml") == ({"epochs": 2}, {"lr": [0.001, 0.01]})
