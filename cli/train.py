@@ -31,7 +31,7 @@ def _backbone_state(store_url: str, storage_options: dict | None = None):
 @click.option("--epochs", type=int, default=None, help="Epochs (default 30).")
 @click.option("--batch-size", type=int, default=None, help="Batch size shared by all members (default 64).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default 1e-3).")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any training or method setting (repeatable).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any training or method setting (repeatable); METHOD.KEY=VALUE sets KEY for one method of a --grid method=... sweep.")
 @click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,..", help="Sweep a setting: K members = product of all grids.")
 @click.option("--sweep", "sweep_file", type=click.Path(dir_okay=False), help="JSON/YAML sweep file: {set: {...}, grid: {...}}.")
 @click.option("--split", default="train", show_default=True, help="Split to train on.")

@@ -5,6 +5,12 @@
 own AdamW state, learning-rate schedule (warmup + cosine), weight decay, label smoothing, gradient
 clipping and its own fate: a member whose loss or gradients stop being finite is stopped (its
 updates are masked from then on) and reported; the others go on.
+
+On CPU, torch has no vmap batching rule for its fused attention kernels: vmap falls back to a loop
+over members while holding all K members' activations at once (measured on ViT-S taps, batch 32: K=8
+cost 12.9x one member; the math kernel under vmap 17.9x). So on CPU, methods that use attention run
+member by member (forward and backward of one member, then the next): same results, K=8 at about 8x,
+and activation memory of one member. The optimizer still updates all K stacked members at once.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class MemberBank:
         self.alive = torch.ones(len(members), dtype=torch.bool, device=device)
         self.diverged_at: list[str | None] = [None] * len(members)
         self._forward = vmap(self._member_forward, in_dims=(0, 0, None), randomness="different")
+        self.member_loop = device.type != "cuda" and self.template.uses_attention
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -65,9 +72,17 @@ class MemberBank:
                         taps: dict[str, torch.Tensor]) -> torch.Tensor:
         return functional_call(self.template, (params, buffers), (taps,))
 
+    def member_logits(self, k: int, taps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, classes) logits of member k alone, on views of the stacked parameters."""
+        params = {name: p[k] for name, p in self.params.items()}
+        buffers = {name: b[k] for name, b in self.buffers.items()}
+        return functional_call(self.template, (params, buffers), ({n: taps[n] for n in self.required_taps},))
+
     def forward(self, taps: dict[str, torch.Tensor]) -> torch.Tensor:
         """(K, B, classes) logits of every member on the same batch."""
         taps = {k: taps[k] for k in self.required_taps}
+        if self.member_loop:
+            return torch.stack([self.member_logits(k, taps) for k in range(len(self))])
         if self.device.type != "cuda":
             return self._forward(self.params, self.buffers, taps)
         # Under vmap, CUDA's fused attention fails in backward ("LSE is not correctly aligned") and the
@@ -79,13 +94,29 @@ class MemberBank:
         """Trainable parameters of one member."""
         return sum(v[0].numel() for v in self.params.values())
 
-    def losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def losses(self, logits: torch.Tensor, labels: torch.Tensor, smoothing: torch.Tensor | None = None) -> torch.Tensor:
         """(K,) mean cross-entropy per member, each with its own label smoothing."""
         logp = F.log_softmax(logits.float(), dim=-1)  # (K, B, classes)
         nll = -logp.gather(-1, labels.view(1, -1, 1).expand(logp.shape[0], -1, 1)).squeeze(-1)  # (K, B)
         smooth = -logp.mean(dim=-1)  # (K, B)
-        eps = self.smoothing.view(-1, 1)
+        eps = (self.smoothing if smoothing is None else smoothing).view(-1, 1)
         return ((1 - eps) * nll + eps * smooth).mean(dim=1)
+
+    def _forward_backward(self, taps: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, B, classes) logits and (K,) losses, gradients accumulated into the stacked parameters."""
+        if not self.member_loop:
+            logits = self.forward(taps)
+            losses = self.losses(logits, labels)
+            losses.sum().backward()  # members are independent: d(sum)/d(member k) touches member k alone
+            return logits, losses
+        logits, losses = [], []
+        for k in range(len(self)):  # one member's activations alive at a time
+            lk = self.member_logits(k, taps)  # (B, classes)
+            loss = self.losses(lk[None], labels, self.smoothing[k:k + 1])  # (1,)
+            loss.sum().backward()
+            logits.append(lk.detach())
+            losses.append(loss.detach())
+        return torch.stack(logits), torch.cat(losses)
 
     def lr_factor(self, progress: float, total_epochs: int) -> torch.Tensor:
         """(K,) schedule factor at ``progress`` epochs: linear warmup, then cosine decay to 0."""
@@ -101,9 +132,7 @@ class MemberBank:
         """One AdamW step for every live member; returns per-member (loss, correct count) on this batch."""
         for p in self.params.values():
             p.grad = None
-        logits = self.forward(taps)
-        losses = self.losses(logits, labels)
-        losses.sum().backward()  # members are independent: d(sum)/d(member k) touches member k alone
+        logits, losses = self._forward_backward(taps, labels)
         with torch.no_grad():
             grads = {k: p.grad for k, p in self.params.items()}
             sq = sum((g.float().reshape(len(self), -1) ** 2).sum(dim=1) for g in grads.values())

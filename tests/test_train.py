@@ -72,6 +72,20 @@ def test_bad_sweeps(settings, grid, msg) -> None:
         expand("last", settings, grid)
 
 
+def test_method_prefixed_settings_apply_to_one_method() -> None:
+    members = expand("last", {"lr": 1e-3, "linear.lr": 1e-2, "last.rank": 8},
+                     {"method": ["last", "linear"], "last.heads": [1, 2]})
+    by = {m.name: m for m in members}
+    assert sorted(by) == ["method=last-last.heads=1", "method=last-last.heads=2", "method=linear"]
+    assert by["method=linear"].train.lr == 1e-2 and "rank" not in by["method=linear"].method_config
+    assert {(m.train.lr, m.method_config["rank"], m.method_config["heads"]) for m in members if m.method == "last"} == \
+        {(1e-3, 8, 1), (1e-3, 8, 2)}
+    with pytest.raises(ConfigError, match="'lst' is not a method of this sweep"):
+        expand("last", {"lst.lr": 1e-2}, {"method": ["last", "linear"]})
+    with pytest.raises(ConfigError, match="unknown setting 'rnak'"):
+        expand("last", {"last.rnak": 8}, {"method": ["last", "linear"]})
+
+
 def test_sweep_file(tmp_path) -> None:
     (tmp_path / "s.yaml").write_text("set:\n  epochs: 2\ngrid:\n  lr: [0.001, 0.01]\n")
     assert load_sweep_file(tmp_path / "s.yaml") == ({"epochs": 2}, {"lr": [0.001, 0.01]})
@@ -118,6 +132,36 @@ def test_bank_member_equals_member_trained_alone(vit_store, tmp_path) -> None:
     b = load_checkpoint(tmp_path / "alone")
     for (k, va), (_, vb) in zip(sorted(a.network.state_dict().items()), sorted(b.network.state_dict().items())):
         assert torch.allclose(va, vb, atol=1e-5, rtol=1e-4), k
+
+
+@pytest.mark.parametrize("method", ["last", "lst"])
+def test_bank_member_loop_equals_vmap(vit, method) -> None:
+    """CPU runs attention methods member by member; the result equals the vmapped bank, divergence included."""
+    from featcache.bank import MemberBank
+    from featcache.methods.base import MethodInput
+    from featcache.sweep import SweepMember
+
+    mi = MethodInput(taps=vit.taps.infos, num_classes=3)
+    members = [SweepMember(f"m{k}", method, {}, TrainConfig(lr=lr, label_smoothing=ls, seed=k))
+               for k, (lr, ls) in enumerate([(1e-3, 0.0), (3e-3, 0.1), (1e30, 0.0)])]
+    banks = [MemberBank(members, mi, torch.device("cpu")) for _ in range(2)]
+    assert banks[0].member_loop
+    banks[1].member_loop = False
+    g = torch.Generator().manual_seed(0)
+    batches = [({t.name: torch.randn(8, t.tokens, t.channels, generator=g) for t in vit.taps.infos},
+                torch.randint(0, 3, (8,), generator=g)) for _ in range(3)]
+    results = []
+    for bank in banks:
+        out = [bank.train_step(taps, labels, 0.5, 2) for taps, labels in batches]
+        results.append((out, bank))
+    (out_a, a), (out_b, b) = results
+    for (la, ca), (lb, cb) in zip(out_a, out_b):
+        assert torch.allclose(la[:2], lb[:2], atol=1e-5) and torch.equal(ca, cb)
+    assert a.alive.tolist() == b.alive.tolist() == [True, True, False]
+    for name in a.params:
+        assert torch.allclose(a.params[name][:2], b.params[name][:2], atol=1e-5, rtol=1e-4), name
+    logits_a, logits_b = a.forward(batches[0][0]), b.forward(batches[0][0])
+    assert torch.allclose(logits_a[:2], logits_b[:2], atol=1e-4)
 
 
 def test_diverging_member_is_stopped_and_others_go_on(vit_store, tmp_path) -> None:

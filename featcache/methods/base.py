@@ -273,6 +273,8 @@ class SideNetwork(nn.Module):
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    uses_attention: ClassVar[bool] = False  # calls scaled_dot_product_attention (the sweep bank runs such
+    # members one by one on CPU, where vmap has no batching rule for the fused attention kernels)
 
     def __init__(self, config: MethodConfig, tap_info: MethodInput) -> None:
         super().__init__()

@@ -106,6 +106,8 @@ class LowRankAttention(nn.Module):
 class LAST(SideNetwork):
     """Low-rank attention side network with bias correction; see the module doc for the equations."""
 
+    uses_attention = True
+
     def __init__(self, config: LASTConfig, tap_info: MethodInput) -> None:
         super().__init__(config, tap_info)
         if config.taps == "auto":

@@ -6,6 +6,10 @@ pooling (CLS token, or mean of the patch tokens; CNN taps have no CLS token), th
 all chosen taps are concatenated and a linear layer gives the logits:
 
     logits = W [pool(LN_1(z_1)); ...; pool(LN_k(z_k))] + b
+
+The LayerNorm's affine part is per channel, so it commutes with pooling (a mean or a token pick): the
+probe normalises, pools, then scales and shifts. Same result; in a sweep bank the normalisation of the
+shared batch is computed once for all members instead of once per member at full token resolution.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import (MethodConfig, MethodInput, SideNetwork, check, check_choice, init_layernorm, make_head,
@@ -74,9 +79,11 @@ class LinearProbe(SideNetwork):
         pooled = []
         for name in self.required_taps:
             x = self.read_tap(taps, name)  # (N, T, C)
-            if name in self.norms:
-                x = self.norms[name](x)
-            pooled.append(pool_tokens(x, self.tap_infos[name].prefix_tokens, self.config.pool))  # (N, C)
+            norm = self.norms[name] if name in self.norms else None
+            if norm is not None:  # normalise per token; the affine part commutes with pooling, so it comes after
+                x = F.layer_norm(x, norm.normalized_shape, None, None, norm.eps)
+            x = pool_tokens(x, self.tap_infos[name].prefix_tokens, self.config.pool)  # (N, C)
+            pooled.append(x if norm is None else x * norm.weight + norm.bias)
         return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)  # (N, sum C)
 
     def describe_extra(self) -> dict[str, Any]:

@@ -127,6 +127,8 @@ def auto_heads(backbone_width: int, side_width: int) -> int:
 class LST(SideNetwork):
     """Ladder side network; see the module doc for the equations and the pruned initialisation."""
 
+    uses_attention = True
+
     def __init__(self, config: LSTConfig, tap_info: MethodInput) -> None:
         super().__init__(config, tap_info)
         infos = list(tap_info.taps) if config.taps == "all" else sorted(
