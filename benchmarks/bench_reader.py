@@ -123,7 +123,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--taps", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="benchmarks/results/reader.json")
     a = p.parse_args()
     res = run(a.images, a.taps, rounds=a.rounds)

@@ -169,15 +169,29 @@ def test_corrupt_chunk_is_named(store, mode: str) -> None:
         collect(reader(store, mode))
 
 
-def test_nan_features_are_refused(tmp_path) -> None:
+@pytest.mark.parametrize("mode,value", [("ram", float("nan")), ("stream", float("-inf")), ("stream", float("nan"))])
+def test_nan_features_are_refused(tmp_path, mode, value) -> None:
     make_store(tmp_path / "n.zarr")
     store = FeatureStore.open(str(tmp_path / "n.zarr"), mode="r+")
     split = store.split("train")
     bad = tap_values("embed", N)[8:16].clone()
-    bad[3, 1, 2] = float("nan")
+    bad[3, 1, 2] = value
     split.group["embed"][8:16] = encode(bad, "float32")
     with pytest.raises(CorruptionError, match="NaN/Inf.*first at image 11"):
-        reader(store, "ram")
+        collect(reader(store, mode))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_finite_check_reads_the_bits(dtype) -> None:
+    from featcache.store.reader import _all_finite
+
+    x = torch.randn(5, 7, 9).to(dtype) * 1000
+    edge = torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max, torch.finfo(dtype).tiny, 0.0, -0.0], dtype=dtype)
+    assert _all_finite(x) and _all_finite(edge) and _all_finite(torch.zeros(0, 3, dtype=dtype))
+    for value in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[3, 2, 1] = value
+        assert not _all_finite(y), value
 
 
 def test_auto_choice(store, monkeypatch) -> None:

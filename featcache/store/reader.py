@@ -35,7 +35,10 @@ from .layout import SplitHandle, storage_dtype
 from .zarr_io import settle_pending_io
 
 log = logging.getLogger("featcache.reader")
-BLOCK_BYTES = 8 << 20  # stream mode reads about this much per block (whole chunks, within a shard)
+# stream mode reads about this much per block (whole chunks, within a shard): zarr's per-call cost is
+# amortised from about 32 MiB on (ViT-S taps, 2 cores: 8 MiB blocks ran at 0.45x of zarr reading whole
+# shards, 32 MiB at 0.6x); the window of blocks shuffled in memory is ``buffer_mb``, 16 blocks by default
+BLOCK_BYTES = 32 << 20
 MEMORY_MARGIN = 0.6  # use at most this share of free GPU memory / available RAM for a resident cache
 
 
@@ -92,8 +95,25 @@ def read_range(split: SplitHandle, tap: str, start: int, stop: int) -> np.ndarra
             "featcache extract --resume --repair to recompute the damaged shards") from None
 
 
+# A float is NaN or Inf exactly when its exponent bits are all ones, i.e. when its bits without the
+# sign are >= the exponent mask: (integer view, bits without the sign, exponent mask).
+_EXPONENT_MASKS = {torch.float16: (torch.int16, np.uint16, 0x7FFF, 0x7C00),
+                   torch.bfloat16: (torch.int16, np.uint16, 0x7FFF, 0x7F80),
+                   torch.float32: (torch.int32, np.uint32, 0x7FFFFFFF, 0x7F800000)}
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether a CPU float tensor holds no NaN/Inf: an integer test on the bits (30x faster than
+    ``torch.isfinite`` on float16, so the check costs a fraction of reading the block)."""
+    if t.dtype not in _EXPONENT_MASKS or t.device.type != "cpu":
+        return bool(torch.isfinite(t).all())
+    as_int, unsigned, magnitude, exponent = _EXPONENT_MASKS[t.dtype]
+    bits = t.contiguous().view(as_int).numpy().view(unsigned)
+    return bool((bits & magnitude).max(initial=0) < exponent)
+
+
 def _check_finite(t: torch.Tensor, split: SplitHandle, tap: str, start: int) -> None:
-    if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+    if t.dtype.is_floating_point and not _all_finite(t):
         bad = torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)).flatten()
         first = start + int(bad[0])
         raise CorruptionError(f"tap {tap!r} of split {split.name!r} in {split.store.url} holds NaN/Inf values (first "
@@ -274,7 +294,7 @@ class StreamReader(CacheReader):
         super().__init__(split, taps, options)
         meta = split.meta
         per_image = self.nbytes() / max(1, self.num_samples)
-        if block_images is None:  # ~8 MiB per read: big enough to amortise zarr's per-call cost
+        if block_images is None:  # ~BLOCK_BYTES per read
             chunks = max(1, int(BLOCK_BYTES // max(1.0, per_image * meta.chunk_images)))
             block_images = min(meta.shard_images, chunks * meta.chunk_images)
         self.block_images = block_images
