@@ -106,7 +106,7 @@ def model_stage(p: Preset, model: str, device: str, workdir: Path, first: bool) 
         for name in p.memory_peers:
             c = mem_ctx.to_dict()
             if name.endswith("@stream"):
-                c["reader_options"] = {"buffer_mb": 64}
+                c["reader_options"] = {"buffer_mb": 64, "prefetch": 1}
             out["memory"][name] = memory.measure(name, c, p.memory_steps, p.threads)
     say(f"[{model}] end to end: {p.epochs} epochs on {p.images} images")
     out["end_to_end"] = speed.end_to_end(store, ctx, ["last", "lst", "linear"], p.epochs, steps, list(p.e2e_real))

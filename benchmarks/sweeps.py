@@ -1,9 +1,10 @@
 """What a K-member sweep costs against one member: ``MemberBank`` with K=1 vs K=K, same batches, A B A B.
 
 Contenders (each reads its batch from its own reader with the same seed, so they see the same batches):
-- ``K1``: one LAST member; ``K<k>``: K members (an lr grid) stacked in one vmap bank;
+- ``K1``: one LAST member; ``K<k>``: K members (an lr grid) stacked in one bank (vmap on CUDA; on CPU
+  the bank runs attention methods member by member, see docs/training.md);
 - ``K<k>-loop``: the same K members as K separate one-member banks stepping on one shared batch read, a
-  diagnostic that shows how much of the vmap bank's cost is the stacking itself.
+  diagnostic that shows how much of the bank's cost is the stacking itself.
 When the ratio misses the target, one step of each is profiled and the top operators are recorded.
 """
 
