@@ -16,6 +16,8 @@ from typing import Any
 from .common import RESULTS
 
 EXTRACT_RESULT = "extract.json"  # written by benchmarks/bench_extract.py (store branch)
+README = Path(__file__).resolve().parents[1] / "README.md"
+QUOTE_START, QUOTE_END = "<!-- benchmark table: start (benchmarks/report.py) -->", "<!-- benchmark table: end -->"
 
 
 def load_results(folder: Path) -> dict[str, dict[str, Any]]:
@@ -260,7 +262,35 @@ def write_reports(folder: Path = RESULTS) -> Path:
             parts.append(f"(plots failed: {type(err).__name__}: {err})\n")
     path = folder / "README.md"
     path.write_text("\n".join(parts))
+    if folder.resolve() == RESULTS.resolve():
+        quote_in_readme(results)
     return path
+
+
+def readme_quote(name: str, r: dict[str, Any]) -> str:
+    """The project README's excerpt of one result: the first backbone's peers, the targets, accuracy."""
+    key, m = next(iter(r["models"].items()))
+    out = [f"From `benchmarks/results/{name}.json` ({r['device']}, {r['started']}; full tables, plots and method "
+           f"in [benchmarks/results/README.md](benchmarks/results/README.md)). {m['label']}, batch "
+           f"{r['preset']['batch_size']}, {m['store']['splits']['train']} images:", "", model_table(m, "cuda" in r["device"]), ""]
+    rows = targets(r, RESULTS)
+    if rows:
+        out += ["| target | measured | verdict |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows] + [""]
+    for acc in r.get("accuracy", []):
+        out += [accuracy_table(acc), ""]
+    return "\n".join(out).strip()
+
+
+def quote_in_readme(results: dict[str, dict[str, Any]], readme: Path = README, name: str = "quick-cpu") -> bool:
+    """Replace the README's block between the quote markers with the latest ``name`` result."""
+    if name not in results or not readme.is_file():
+        return False
+    text = readme.read_text()
+    start, end = text.find(QUOTE_START), text.find(QUOTE_END)
+    if start < 0 or end < start:
+        return False
+    readme.write_text(text[:start + len(QUOTE_START)] + "\n" + readme_quote(name, results[name]) + "\n" + text[end:])
+    return True
 
 
 if __name__ == "__main__":
