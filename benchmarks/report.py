@@ -213,7 +213,7 @@ def section(name: str, r: dict[str, Any], folder: Path) -> str:
     out = [f"## {name}", "",
            f"Device: **{r['device']}**; started {r['started']}, {r['wall_s'] / 60:.1f} min; load average at start "
            f"{mach['load_average']}, at end {r.get('machine_after', {}).get('load_average')}; torch {mach['torch']}. "
-           f"Batch {p['batch_size']}; step medians over {p['rounds']} A B A B rounds.", ""]
+           f"Batch {p['batch_size']}" + (f"; step medians over {p['rounds']} A B A B rounds." if r["models"] else "."), ""]
     for key, m in r["models"].items():
         st = m["store"]
         out += [f"### {m['label']}", "",
@@ -237,10 +237,9 @@ def section(name: str, r: dict[str, Any], folder: Path) -> str:
         out += [f"| {a} | {b} | {c} |" for a, b, c in rows] + [""]
     for acc in r.get("accuracy", []):
         out += ["### Accuracy on real data", "", accuracy_table(acc), ""]
-    plots = f"Plots: [{name}.png]({name}.png)"
-    if r.get("accuracy"):
-        plots += f", [{name}-accuracy.png]({name}-accuracy.png)"
-    out += [plots, ""]
+    plots = ([f"[{name}.png]({name}.png)"] if r["models"] else []) + \
+        ([f"[{name}-accuracy.png]({name}-accuracy.png)"] if r.get("accuracy") else [])
+    out += ["Plots: " + ", ".join(plots), ""] if plots else []
     return "\n".join(out)
 
 

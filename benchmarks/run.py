@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     ap.add_argument("--name", default=None, help="result name (default: <preset>-<device>)")
     ap.add_argument("--workdir", type=Path, default=None, help="where stores are written (default: a temp dir)")
+    ap.add_argument("--accuracy", default=None, metavar="TRAIN,TEST,EPOCHS",
+                    help="one accuracy size instead of the preset's, e.g. 2000,500,10 (0 = all images)")
+    ap.add_argument("--accuracy-peers", default=None, help="comma-separated fine-tuning peers (default: the preset's)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the backbones and accuracy rows of an existing result file of the same name that this "
                          "run does not redo (to split a long run into several commands)")
@@ -153,6 +156,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = PRESETS[args.preset]
     p = replace(base, device=args.device or base.device,
                 threads=args.threads if args.threads is not None else base.threads)
+    if args.accuracy:
+        tr, te, ep = (int(x) for x in args.accuracy.split(","))
+        p = replace(p, accuracy=((tr or None, te or None, ep),))
+    if args.accuracy_peers is not None:
+        p = replace(p, accuracy_peers=tuple(filter(None, args.accuracy_peers.split(","))))
     models = tuple(args.models.split(",")) if args.models else p.models
     os.environ.setdefault("FEATCACHE_PROGRESS", "0")
     device = setup_torch(p.device, p.threads if p.device == "cpu" else None)

