@@ -87,7 +87,7 @@ def run(images: int = 1024, taps: int = 3, batch: int = 64, rounds: int = 2, sta
         del prev
 
     ram = open_reader(split, names, "ram", batch, seed=0)
-    stream = open_reader(split, names, "stream", batch, seed=0, buffer_mb=64, prefetch=4, threads=2)
+    stream = open_reader(split, names, "stream", batch, seed=0, buffer_mb=64)  # default read-ahead and threads
 
     def epoch(reader: Any) -> None:
         for b in reader.epoch(0):
@@ -124,7 +124,7 @@ def run(images: int = 1024, taps: int = 3, batch: int = 64, rounds: int = 2, sta
     tmp.cleanup()
     return {
         "images": images, "taps": taps, "batch": batch, "bytes": nbytes, "rounds": rounds,
-        "seconds_median": med, "MB_per_s": mbps, "samples_per_s": {k: images / v for k, v in med.items()},
+        "seconds_median": med, "seconds_rounds": times, "MB_per_s": mbps, "samples_per_s": {k: images / v for k, v in med.items()},
         # the reader reads float16 and hands out float32 batches: compared with copying the delivered
         # (float32) bytes, and with copying the stored (float16) bytes
         "ram_vs_numpy_copy": med["numpy_copy_f32"] / med["ram"], "ram_vs_numpy_copy_f16": med["numpy_copy"] / med["ram"],

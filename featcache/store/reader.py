@@ -4,9 +4,10 @@ One API, three modes (``open_reader(split, taps, mode=...)``):
 - ``gpu``: the split's selected taps loaded once onto the CUDA device (cache dtype); batches are
   gathered by index with a per-epoch permutation and converted to the training dtype there.
 - ``ram``: the same in host memory (pinned when the batches go to CUDA).
-- ``stream``: for caches larger than memory: blocks of whole chunks are read in a random order by
-  background threads (never per-sample reads), a window of blocks is shuffled in memory (FFCV-style
-  quasi-random order), so memory stays bounded by the window and the prefetch depth.
+- ``stream``: for caches larger than memory: blocks (whole shards of the needed taps, or runs of
+  whole chunks when shards are big) are read in a random order by background threads (never
+  per-sample reads), a window of blocks is shuffled in memory (FFCV-style quasi-random order), so
+  memory stays bounded by the window and the prefetch depth.
 ``auto`` picks gpu when training on CUDA and the taps fit the free GPU memory with a margin, else
 ram when they fit the available RAM with a margin, else stream; the choice and its reason are
 kept in ``reader.choice`` (``featcache train`` prints them). Every mode yields every completed
@@ -35,9 +36,12 @@ from .layout import SplitHandle, storage_dtype
 from .zarr_io import settle_pending_io
 
 log = logging.getLogger("featcache.reader")
-# stream mode reads about this much per block (whole chunks, within a shard): zarr's per-call cost is
-# amortised from about 32 MiB on (ViT-S taps, 2 cores: 8 MiB blocks ran at 0.45x of zarr reading whole
-# shards, 32 MiB at 0.6x); the window of blocks shuffled in memory is ``buffer_mb``, 16 blocks by default
+# stream mode reads whole shards (of the taps it needs) when they are at most SHARD_BLOCK_BYTES: zarr
+# reads a whole shard in one request, but part of a shard chunk by chunk (the shard index, then one
+# request per chunk), which cost 1.75x the time for the same rows (ViT-S taps, 2 cores). Bigger shards
+# are read in blocks of about BLOCK_BYTES of whole chunks. The window of blocks shuffled in memory is
+# ``buffer_mb``.
+SHARD_BLOCK_BYTES = 256 << 20
 BLOCK_BYTES = 32 << 20
 # CPU batches of rows at least this big are copied and converted row by row in one pass (the Python
 # cost per row is then small against the bytes); smaller rows are gathered, then converted
@@ -293,11 +297,13 @@ class StreamReader(CacheReader):
     mode = "stream"
 
     def __init__(self, split: SplitHandle, taps: list[str], options: ReaderOptions, buffer_mb: float = 512.0,
-                 prefetch: int = 4, threads: int = 2, block_images: int | None = None) -> None:
+                 prefetch: int = 2, threads: int = 2, block_images: int | None = None) -> None:
         super().__init__(split, taps, options)
         meta = split.meta
         per_image = self.nbytes() / max(1, self.num_samples)
-        if block_images is None:  # ~BLOCK_BYTES per read
+        if block_images is None and per_image * meta.shard_images <= SHARD_BLOCK_BYTES:
+            block_images = meta.shard_images  # one zarr request per shard and tap
+        elif block_images is None:  # ~BLOCK_BYTES of whole chunks per read
             chunks = max(1, int(BLOCK_BYTES // max(1.0, per_image * meta.chunk_images)))
             block_images = min(meta.shard_images, chunks * meta.chunk_images)
         self.block_images = block_images
