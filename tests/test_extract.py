@@ -105,7 +105,7 @@ _KILL_SCRIPT = textwrap.dedent("""
         def __len__(self):
             return len(self.source)
         def __getitem__(self, i):
-            time.sleep(0.1)
+            time.sleep(0.25)
             return self.source[i]
         def labels(self):
             return self.source.labels()

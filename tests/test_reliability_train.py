@@ -28,7 +28,7 @@ from .test_reliability_support import (TRAIN_KILL_POINTS, TRAIN_KW, assert_one_e
                                        flip_byte, hash_tree, leftovers, popen_cli, run_child, run_files, shard_file,
                                        start_child, wait_for)
 
-LONG_EPOCHS = 12  # long enough that an outside kill lands mid-run (about 0.3 s per epoch here)
+LONG_EPOCHS = 40  # long enough that an outside kill lands mid-run (well under 0.1 s per epoch here)
 
 
 @pytest.fixture(autouse=True)

@@ -24,18 +24,24 @@ SETTLE_SECONDS = 5.0
 
 
 async def _settle(timeout: float) -> None:
-    me = asyncio.current_task()
-    tasks = [t for t in asyncio.all_tasks() if t is not me]
-    if not tasks:
-        return
-    _done, pending = await asyncio.wait(tasks, timeout=timeout)
-    for t in pending:  # a hung request: cancel it rather than leave it to be destroyed while pending
-        t.cancel()
-    if pending:
-        await asyncio.wait(pending, timeout=1.0)
-    for t in tasks:
-        if t.done() and not t.cancelled():
-            t.exception()  # mark retrieved: no "Task exception was never retrieved"
+    """Wait for every other task, including tasks that those tasks start meanwhile (a read fans out
+    into per-chunk tasks and worker-thread calls), until none is left or ``timeout`` has passed."""
+    loop = asyncio.get_running_loop()
+    me, deadline = asyncio.current_task(), loop.time() + timeout
+    while True:
+        tasks = [t for t in asyncio.all_tasks() if t is not me]
+        if not tasks:
+            return
+        remaining = deadline - loop.time()
+        if remaining <= 0:  # a hung request: cancel it rather than leave it to be destroyed while pending
+            for t in tasks:
+                t.cancel()
+            await asyncio.wait(tasks, timeout=1.0)
+            return
+        done, _pending = await asyncio.wait(tasks, timeout=remaining)
+        for t in done:
+            if not t.cancelled():
+                t.exception()  # mark retrieved: no "Task exception was never retrieved"
 
 
 def settle_pending_io(timeout: float = SETTLE_SECONDS) -> None:
