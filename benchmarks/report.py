@@ -205,6 +205,11 @@ def accuracy_table(acc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def targets_table(rows: list[tuple[str, str, str]]) -> list[str]:
+    """Markdown lines of the targets table, a blank line after it."""
+    return ["| target | measured | verdict |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows] + [""]
+
+
 def section(name: str, r: dict[str, Any], folder: Path) -> str:
     """The README section of one result file."""
     cuda = "cuda" in r["device"]
@@ -233,8 +238,7 @@ def section(name: str, r: dict[str, Any], folder: Path) -> str:
     rows = targets(r, folder)
     if rows:
         out += [f"### Targets ({p['models'][0]})" + (" — set for the 2-core CPU; shown for reference" if cuda else ""),
-                "", "| target | measured | verdict |", "|---|---|---|"]
-        out += [f"| {a} | {b} | {c} |" for a, b, c in rows] + [""]
+                "", *targets_table(rows)]
     for acc in r.get("accuracy", []):
         out += ["### Accuracy on real data", "", accuracy_table(acc), ""]
     plots = ([f"[{name}.png]({name}.png)"] if r["models"] else []) + \
@@ -274,7 +278,7 @@ def readme_quote(name: str, r: dict[str, Any]) -> str:
            f"{r['preset']['batch_size']}, {m['store']['splits']['train']} images:", "", model_table(m, "cuda" in r["device"]), ""]
     rows = targets(r, RESULTS)
     if rows:
-        out += ["| target | measured | verdict |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows] + [""]
+        out += targets_table(rows)
     for acc in r.get("accuracy", []):
         out += [accuracy_table(acc), ""]
     return "\n".join(out).strip()

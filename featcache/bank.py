@@ -76,7 +76,7 @@ class MemberBank:
         """(B, classes) logits of member k alone, on views of the stacked parameters."""
         params = {name: p[k] for name, p in self.params.items()}
         buffers = {name: b[k] for name, b in self.buffers.items()}
-        return functional_call(self.template, (params, buffers), ({n: taps[n] for n in self.required_taps},))
+        return functional_call(self.template, (params, buffers), (taps,))
 
     def forward(self, taps: dict[str, torch.Tensor]) -> torch.Tensor:
         """(K, B, classes) logits of every member on the same batch."""

@@ -156,6 +156,7 @@ def expand(method: str, settings: dict[str, Any] | None = None, grid: dict[str, 
     grid.pop("method", None)
     for m in methods_used:
         methods.config_class(m)  # unknown method -> clear error
+    _for_method(methods_used[0], grid, methods_used)  # every METHOD. prefix of the grid names a method of the sweep
     members: list[SweepMember] = []
     for m in methods_used:
         others = tuple(o for o in methods_used if o != m)
@@ -163,7 +164,6 @@ def expand(method: str, settings: dict[str, Any] | None = None, grid: dict[str, 
         keys = [k for k in grid if not (others and k not in TRAIN_KEYS and k not in _method_keys(m)
                                         and any(k in _method_keys(o) for o in others))
                 and ("." not in k or k.startswith(m + "."))]  # another method's METHOD.KEY: not this one's
-        _for_method(m, grid, methods_used)  # a METHOD. prefix names a method of the sweep
         for combo in itertools.product(*(grid[k] for k in keys)):
             over = dict(zip(keys, combo))
             train_kw, meth_kw = _route(m, _for_method(m, {**settings, **over}, methods_used), others)

@@ -393,11 +393,12 @@ class StreamReader(CacheReader):
         if self.options.device.type == "cpu" and self.row_bytes >= ROW_COPY_BYTES:
             # large rows: one pass per row from the block straight into a training-dtype batch
             taps = _gather_converted(parts, offsets, sel, self.taps, self.cache_dtype, self.options.dtype, views)
-            return Batch(taps, self.labels_all[torch.from_numpy(index)], torch.from_numpy(index))
-        rows = _gather_rows(parts, offsets, sel, self.taps)
-        if views is not None:
-            rows = {n: t[np.arange(len(index)), views] for n, t in rows.items()}  # (B, V, T, C) -> (B, T, C)
-        return self._to_batch({n: as_tensor(t, self.cache_dtype) for n, t in rows.items()}, torch.from_numpy(index))
+        else:
+            rows = _gather_rows(parts, offsets, sel, self.taps)
+            if views is not None:
+                rows = {n: t[np.arange(len(index)), views] for n, t in rows.items()}  # (B, V, T, C) -> (B, T, C)
+            taps = {n: as_tensor(t, self.cache_dtype) for n, t in rows.items()}
+        return self._to_batch(taps, torch.from_numpy(index))  # already the training dtype on CPU: no copy
 
 
 def _part_cuts(parts: list[dict[str, np.ndarray]], offsets: np.ndarray, sel: np.ndarray) -> np.ndarray:
