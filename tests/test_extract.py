@@ -91,7 +91,8 @@ def test_resume_of_complete_split_writes_nothing(images: Path, tmp_path: Path) -
 
 
 _KILL_SCRIPT = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal, even in a background test run
     import torch
     torch.set_num_threads(1)
     from featcache.backbone import BackboneSpec

@@ -182,6 +182,9 @@ def _child_setup(log: str | None) -> None:
     from tqdm import tqdm
 
     torch.set_num_threads(1)
+    # Ctrl-C as in a terminal, even when the test run itself was started in the background (a shell
+    # starts background jobs with SIGINT ignored, and the forkserver's children inherit that)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     tqdm.set_lock(threading.RLock())  # not tqdm's multiprocessing lock: a SIGKILLed child would leak its semaphore
     import numcodecs.blosc
 
