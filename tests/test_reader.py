@@ -119,6 +119,16 @@ def test_stream_memory_is_bounded_by_its_window(store) -> None:
     big = open_reader(store.split("train"), ["embed"], mode="stream", batch_size=3, buffer_mb=64)
     collect(big)
     assert big.peak_buffered_images == N  # a window larger than the split holds it all
+    assert big.block_images == 8  # whole shards when a shard fits the window
+
+
+def test_stream_blocks_never_exceed_the_window(store) -> None:
+    # two taps, float32: 144 bytes per image, a shard of 8 images 1152 bytes, a chunk of 2 images 288
+    r = open_reader(store.split("train"), ["embed", "block1"], mode="stream", batch_size=3, buffer_mb=700 / 2**20)
+    assert (r.block_images, r.window_blocks) == (4, 1)  # two whole chunks (576 bytes), not the 1152-byte shard
+    ids = torch.cat([b.index for b in r.epoch(0)])
+    assert sorted(ids.tolist()) == list(range(N))
+    assert 0 < r.peak_buffered_images <= 4 + 3
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -228,3 +238,18 @@ def test_cuda_modes(store, mode: str) -> None:
     assert taps["block1"].device.type == "cuda" and labels.device.type == "cuda"
     assert torch.equal(taps["block1"].cpu(), tap_values("block1", N)[index.cpu()])
     assert open_reader(store.split("train"), ["embed"], mode="auto", device="cuda").mode == "gpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gather_split_over_threads_equals_one_copy(monkeypatch, dtype) -> None:
+    from featcache.store import reader as reader_module
+
+    t = torch.randn(40, 3, 5).to(dtype)
+    index = torch.tensor([0, 3, 4, 9, 17, 18, 30, 39])
+    one = reader_module.gather(t, index)
+    monkeypatch.setattr(reader_module, "GATHER_THREADS", 3)
+    monkeypatch.setattr(reader_module, "GATHER_PIECE_BYTES", 1)  # three pieces
+    split = reader_module.gather(t, index)
+    bits = lambda x: x.view(torch.int16 if x.element_size() == 2 else torch.int32)  # noqa: E731  exact, NaN-safe
+    assert one.dtype == split.dtype == dtype
+    assert torch.equal(bits(one), bits(t[index])) and torch.equal(bits(split), bits(t[index]))

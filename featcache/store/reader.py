@@ -20,8 +20,10 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,12 +42,17 @@ log = logging.getLogger("featcache.reader")
 # reads a whole shard in one request, but part of a shard chunk by chunk (the shard index, then one
 # request per chunk), which cost 1.75x the time for the same rows (ViT-S taps, 2 cores). Bigger shards
 # are read in blocks of about BLOCK_BYTES of whole chunks. The window of blocks shuffled in memory is
-# ``buffer_mb``.
+# ``buffer_mb``, and no block is larger than the window: memory held is about buffer_mb plus the
+# read-ahead blocks.
 SHARD_BLOCK_BYTES = 256 << 20
 BLOCK_BYTES = 32 << 20
 # CPU batches of rows at least this big are copied and converted row by row in one pass (the Python
 # cost per row is then small against the bytes); smaller rows are gathered, then converted
 ROW_COPY_BYTES = 32 << 10
+# resident CPU batches are gathered by up to GATHER_THREADS threads, each copying at least
+# GATHER_PIECE_BYTES (one thread copies ~8 GB/s here; two ~1.3x that, page faults included)
+GATHER_THREADS = max(1, min(4, os.cpu_count() or 1))
+GATHER_PIECE_BYTES = 4 << 20
 MEMORY_MARGIN = 0.6  # use at most this share of free GPU memory / available RAM for a resident cache
 
 
@@ -210,13 +217,38 @@ class CacheReader:
 
 
 def gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` of ``t`` (a new tensor). On CPU through ``np.take``: torch's index_select on
-    half-precision CPU tensors runs several times slower than a row memcpy."""
+    """Rows ``index`` of ``t`` (a new tensor). On CPU through ``np.take`` (torch's index_select on CPU
+    runs 1.4x slower for float32 rows, several times slower for half precision), split over the
+    gather threads (GATHER_PIECE_BYTES or more per piece)."""
     if t.device.type != "cpu":
         return t.index_select(0, index.to(t.device))
-    if t.dtype == torch.bfloat16:
-        return torch.from_numpy(np.take(t.view(torch.int16).numpy(), index.numpy(), axis=0)).view(torch.bfloat16)
-    return torch.from_numpy(np.take(t.numpy(), index.numpy(), axis=0))
+    bf16 = t.dtype == torch.bfloat16
+    src = (t.view(torch.int16) if bf16 else t).numpy()
+    rows = index.numpy()
+    out = np.empty((len(rows),) + src.shape[1:], dtype=src.dtype)
+    pieces = min(GATHER_THREADS, max(1, out.nbytes // GATHER_PIECE_BYTES))
+    cuts = np.linspace(0, len(rows), pieces + 1).astype(np.int64)
+    # mode="clip": with ``out`` and the default mode="raise", numpy buffers the whole output first
+    jobs = [(rows[a:b], out[a:b]) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    if len(jobs) == 1:
+        np.take(src, jobs[0][0], 0, jobs[0][1], "clip")
+    else:  # np.take releases the GIL: pieces copy (and fault in their pages) in parallel
+        for f in [_gather_pool().submit(np.take, src, r, 0, o, "clip") for r, o in jobs]:
+            f.result()
+    res = torch.from_numpy(out)
+    return res.view(torch.bfloat16) if bf16 else res
+
+
+_GATHER_POOL: ThreadPoolExecutor | None = None
+_GATHER_LOCK = threading.Lock()
+
+
+def _gather_pool() -> ThreadPoolExecutor:
+    global _GATHER_POOL
+    with _GATHER_LOCK:
+        if _GATHER_POOL is None:
+            _GATHER_POOL = ThreadPoolExecutor(max_workers=GATHER_THREADS, thread_name_prefix="featcache-gather")
+        return _GATHER_POOL
 
 
 def as_tensor(a: np.ndarray, cache_dtype: str) -> torch.Tensor:
@@ -301,15 +333,16 @@ class StreamReader(CacheReader):
         super().__init__(split, taps, options)
         meta = split.meta
         per_image = self.nbytes() / max(1, self.num_samples)
-        if block_images is None and per_image * meta.shard_images <= SHARD_BLOCK_BYTES:
+        buffer_bytes = buffer_mb * 2**20
+        if block_images is None and per_image * meta.shard_images <= min(SHARD_BLOCK_BYTES, buffer_bytes):
             block_images = meta.shard_images  # one zarr request per shard and tap
-        elif block_images is None:  # ~BLOCK_BYTES of whole chunks per read
-            chunks = max(1, int(BLOCK_BYTES // max(1.0, per_image * meta.chunk_images)))
+        elif block_images is None:  # ~BLOCK_BYTES of whole chunks per read, never more than the buffer
+            chunks = max(1, int(min(BLOCK_BYTES, buffer_bytes) // max(1.0, per_image * meta.chunk_images)))
             block_images = min(meta.shard_images, chunks * meta.chunk_images)
         self.block_images = block_images
         if self.block_images % meta.chunk_images:
             raise UsageError(f"block_images ({self.block_images}) must be a multiple of chunk_images ({meta.chunk_images})")
-        self.window_blocks = max(1, int(buffer_mb * 2**20 // max(1.0, per_image * self.block_images)))
+        self.window_blocks = max(1, int(buffer_bytes // max(1.0, per_image * self.block_images)))
         self.prefetch = max(1, prefetch)
         self.threads = max(1, threads)
         self.blocks = self._make_blocks()
@@ -392,13 +425,30 @@ class StreamReader(CacheReader):
         views = None if view_of is None else view_of[index]
         if self.options.device.type == "cpu" and self.row_bytes >= ROW_COPY_BYTES:
             # large rows: one pass per row from the block straight into a training-dtype batch
-            taps = _gather_converted(parts, offsets, sel, self.taps, self.cache_dtype, self.options.dtype, views)
+            with _one_torch_thread():
+                taps = _gather_converted(parts, offsets, sel, self.taps, self.cache_dtype, self.options.dtype, views)
         else:
             rows = _gather_rows(parts, offsets, sel, self.taps)
             if views is not None:
                 rows = {n: t[np.arange(len(index)), views] for n, t in rows.items()}  # (B, V, T, C) -> (B, T, C)
             taps = {n: as_tensor(t, self.cache_dtype) for n, t in rows.items()}
         return self._to_batch(taps, torch.from_numpy(index))  # already the training dtype on CPU: no copy
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """torch's intra-op threads off while a CPU batch is assembled: each row copy (~75k elements) is just
+    above torch's parallel grain, and splitting it over the cores cost 2x the wall time and 4x the CPU
+    (measured, 2 cores) while the read-ahead threads need those cores. The caller's setting comes back."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _part_cuts(parts: list[dict[str, np.ndarray]], offsets: np.ndarray, sel: np.ndarray) -> np.ndarray:
