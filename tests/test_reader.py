@@ -239,17 +239,3 @@ def test_cuda_modes(store, mode: str) -> None:
     assert torch.equal(taps["block1"].cpu(), tap_values("block1", N)[index.cpu()])
     assert open_reader(store.split("train"), ["embed"], mode="auto", device="cuda").mode == "gpu"
 
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_gather_split_over_threads_equals_one_copy(monkeypatch, dtype) -> None:
-    from featcache.store import reader as reader_module
-
-    t = torch.randn(40, 3, 5).to(dtype)
-    index = torch.tensor([0, 3, 4, 9, 17, 18, 30, 39])
-    one = reader_module.gather(t, index)
-    monkeypatch.setattr(reader_module, "GATHER_THREADS", 3)
-    monkeypatch.setattr(reader_module, "GATHER_PIECE_BYTES", 1)  # three pieces
-    split = reader_module.gather(t, index)
-    bits = lambda x: x.view(torch.int16 if x.element_size() == 2 else torch.int32)  # noqa: E731  exact, NaN-safe
-    assert one.dtype == split.dtype == dtype
-    assert torch.equal(bits(one), bits(t[index])) and torch.equal(bits(split), bits(t[index]))
