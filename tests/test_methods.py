@@ -478,3 +478,33 @@ def test_vmap_over_stacked_members_equals_each_member(method: str, backbone_fx: 
     m = members[1]
     F.cross_entropy(m(fx.taps), y).backward()
     torch.testing.assert_close(params["head.weight"].grad[1], m.head.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_last_norm_then_linear_recomputes_the_norm_with_exact_gradients() -> None:
+    """LAST keeps x, not LayerNorm(x), for backward; its gradients are those of linear(layer_norm(x))."""
+    from featcache.methods.last import LowRankAttention, _NormThenLinear
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(2, 5, 6, generator=g, dtype=torch.float64), 1 + torch.randn(6, generator=g, dtype=torch.float64),
+            torch.randn(6, generator=g, dtype=torch.float64), torch.randn(9, 6, generator=g, dtype=torch.float64),
+            torch.randn(9, generator=g, dtype=torch.float64)]
+    assert torch.autograd.gradcheck(_NormThenLinear.apply, [a.requires_grad_() for a in args] + [1e-6])
+    x = args[0].detach()  # an input that needs no gradient (the first side layer reads stored taps)
+    assert torch.autograd.gradcheck(_NormThenLinear.apply, [x] + args[1:] + [1e-6])
+
+    layer = LowRankAttention(width=6, rank=4, heads=2).double()
+    torch.nn.init.normal_(layer.proj.weight)  # W_o starts at zero: make every path carry gradient
+    x = args[0].detach().requires_grad_()
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x).square().sum().backward()
+    fused = [x.grad] + [p.grad for p in layer.parameters()]
+    assert not any(t.shape == x.shape and not torch.equal(t, x) and torch.allclose(t, layer.norm(x)) for t in saved)
+    x.grad = None
+    layer.zero_grad()
+    n, t, _ = x.shape
+    qkv = layer.qkv(layer.norm(x)).reshape(n, t, 3, 2, -1).permute(2, 0, 3, 1, 4)
+    y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+    (x + layer.proj(y.transpose(1, 2).reshape(n, t, -1))).square().sum().backward()
+    for a, b in zip(fused, [x.grad] + [p.grad for p in layer.parameters()]):
+        torch.testing.assert_close(a, b)

@@ -34,6 +34,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -84,6 +85,44 @@ def choose_taps(taps: list[TapInfo], gap: int) -> tuple[TapInfo | None, list[Tap
     return base, sorted(picked.values(), key=lambda t: t.position)
 
 
+def _functorch_wrapped(*tensors: Tensor) -> bool:
+    """Whether any of ``tensors`` is inside a torch.func transform (the CUDA sweep's vmap batches the
+    parameters while the taps stay plain)."""
+    check_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return check_wrapped is None or any(bool(check_wrapped(t)) for t in tensors)
+
+
+class _NormThenLinear(torch.autograd.Function):
+    """``linear(layer_norm(x))`` that keeps x, not the normalised copy, for backward and recomputes the
+    LayerNorm there (one cheap pass): one (N, T, d) activation fewer per attention layer, 110 MB of the
+    272 MB a ViT-S LAST step saved at batch 32, for about 1% more step time."""
+
+    @staticmethod
+    def forward(x: Tensor, ln_w: Tensor, ln_b: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
+        return F.linear(F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps), w, b)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, ln_w, ln_b, w, _, eps = inputs
+        ctx.save_for_backward(x, ln_w, ln_b, w)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # grad: (N, T, out)
+        x, ln_w, ln_b, w = ctx.saved_tensors
+        need_x, need_lnw, need_lnb, need_w, need_b, _ = ctx.needs_input_grad
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(need) for t, need in ((x, need_x), (ln_w, need_lnw), (ln_b, need_lnb))]
+            y = F.layer_norm(leaves[0], (x.shape[-1],), leaves[1], leaves[2], ctx.eps)  # (N, T, d), recomputed
+        flat = grad.reshape(-1, grad.shape[-1])  # (N*T, out)
+        grad_w = flat.t() @ y.detach().reshape(-1, y.shape[-1]) if need_w else None  # (out, d)
+        grad_b = flat.sum(0) if need_b else None
+        wanted = [t for t in leaves if t.requires_grad]
+        found = iter(torch.autograd.grad(y, wanted, grad @ w) if wanted else ())
+        grad_x, grad_lnw, grad_lnb = (next(found) if t.requires_grad else None for t in leaves)
+        return grad_x, grad_lnw, grad_lnb, grad_w, grad_b, None
+
+
 class LowRankAttention(nn.Module):
     """x + W_o SDPA(LN(x) W_q, LN(x) W_k, LN(x) W_v): rank-r self-attention with h heads, W_o zero at start."""
 
@@ -98,7 +137,12 @@ class LowRankAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, t, _ = x.shape  # (N, T, d)
-        qkv = self.qkv(self.norm(x)).reshape(n, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (3, N, h, T, r/h)
+        if (torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+                and not _functorch_wrapped(x, self.norm.weight, self.qkv.weight)):
+            qkv = _NormThenLinear.apply(x, self.norm.weight, self.norm.bias, self.qkv.weight, self.qkv.bias, self.norm.eps)
+        else:  # inference, autocast, or under vmap (the CUDA sweep): the plain modules
+            qkv = self.qkv(self.norm(x))
+        qkv = qkv.reshape(n, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (3, N, h, T, r/h)
         y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (N, h, T, r/h); scale 1/sqrt(r/h)
         return x + self.proj(y.transpose(1, 2).reshape(n, t, -1))  # (N, T, d)
 
