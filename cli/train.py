@@ -38,6 +38,10 @@ def _backbone_state(store_url: str, storage_options: dict | None = None):
 @click.option("--eval-split", default=None, help="Split to evaluate and select the best member on (default: val or test).")
 @click.option("--reader", type=click.Choice(["auto", "gpu", "ram", "stream"]), default="auto", show_default=True,
               help="How taps are fed: resident on GPU, in RAM, or streamed from the store.")
+@click.option("--stream-buffer-mb", type=click.FloatRange(min=1.0), default=None, metavar="MB",
+              help="stream reader: shuffle window in MB (default 512); no single read is larger.")
+@click.option("--prefetch", type=click.IntRange(min=1), default=None, metavar="N",
+              help="stream reader: blocks read ahead by background threads (default 2).")
 @device_option
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in RUNDIR from its last finished epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
@@ -47,7 +51,8 @@ def _backbone_state(store_url: str, storage_options: dict | None = None):
 @quiet_option
 def command(store: str, method: str, out: str, epochs: int | None, batch_size: int | None, lr: float | None,
             settings: tuple[str, ...], grid: tuple[str, ...], sweep_file: str | None, split: str, eval_split: str | None,
-            reader: str, device: str, resume: bool, overwrite: bool, workers: int | None, scheduler: str | None,
+            reader: str, stream_buffer_mb: float | None, prefetch: int | None, device: str, resume: bool,
+            overwrite: bool, workers: int | None, scheduler: str | None,
             storage_options: tuple[str, ...], as_json: bool, quiet: bool) -> None:
     """Train side networks on the cached taps in STORE; never runs the backbone.
 
@@ -68,6 +73,7 @@ def command(store: str, method: str, out: str, epochs: int | None, batch_size: i
             values[key] = value
     grids = {**sweep_grid, **parse_grid(grid, "--grid")}
     options = parse_assignments(storage_options, "--storage-option") or None
+    stream = {k: v for k, v in (("buffer_mb", stream_buffer_mb), ("prefetch", prefetch)) if v is not None}
     if workers is not None or scheduler is not None:
         from featcache.scale import train_on_cluster
 
@@ -78,10 +84,11 @@ def command(store: str, method: str, out: str, epochs: int | None, batch_size: i
         summary = train_on_cluster(store, method, out, values, grids, workers=workers, scheduler=scheduler, split=split,
                                    eval_split=eval_split, reader=reader, device=device, overwrite=overwrite,
                                    progress=not quiet, backbone_state=_backbone_state(shared, options),
-                                   storage_options=options)
+                                   storage_options=options, stream_options=stream)
     else:
         summary = train(store, method, out, values, grids, split=split, eval_split=eval_split, reader=reader,
                         device=resolve_device(device), resume=resume, overwrite=overwrite, progress=not quiet,
-                        backbone_state=_backbone_state(store, options), storage_options=options)
+                        backbone_state=_backbone_state(store, options), storage_options=options,
+                        stream_options=stream)
     if as_json:
         print_json(summary)

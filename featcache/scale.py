@@ -55,7 +55,7 @@ from featcache.extract import (ZARR_CONCURRENCY, ExtractOptions, ExtractReport, 
                                open_split_source, plan_split, runtime_settings)
 from featcache.progress import bar, say
 from featcache.store.layout import FeatureStore, SplitHandle
-from featcache.store.lock import SplitLock
+from featcache.store.lock import SplitLock, holds_run_lock
 from featcache.store.writer import finalize_split, open_split_for_writing
 from featcache.sweep import SweepMember, expand
 
@@ -645,6 +645,7 @@ class TrainPartJob:
     device: str
     storage_options: dict[str, Any] | None
     backbone_state: Callable[[], dict[str, Any]] | None = None
+    stream_options: dict[str, Any] | None = None
 
 
 def train_part_task(job: TrainPartJob) -> dict[str, Any]:
@@ -657,13 +658,14 @@ def train_part_task(job: TrainPartJob) -> dict[str, Any]:
         out = Path(tmp) / "run"
         train(job.store, members[0].method, out, split=job.split, eval_split=job.eval_split, reader=job.reader,
               device=resolve_device(job.device), progress=False, backbone_state=job.backbone_state,
-              storage_options=job.storage_options, members=members, partial=True)
+              storage_options=job.storage_options, members=members, partial=True, stream_options=job.stream_options)
         files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
                  if p.is_file() and p.relative_to(out).parts[0] != "state"}
     return {"files": files, "worker": _worker_name(), "host": socket.gethostname(), "pid": os.getpid(),
             "members": [m.name for m in members], "seconds": time.perf_counter() - t0}
 
 
+@holds_run_lock
 def train_on_cluster(store: str, method: str, out: str | os.PathLike[str], settings: dict[str, Any] | None = None,
                      grid: dict[str, list[Any]] | None = None, *, client: Client | None = None,
                      workers: int | None = None, scheduler: str | None = None, split: str = "train",
@@ -671,7 +673,7 @@ def train_on_cluster(store: str, method: str, out: str | os.PathLike[str], setti
                      overwrite: bool = False, progress: bool = True,
                      backbone_state: Callable[[], dict[str, Any]] | None = None,
                      storage_options: dict[str, Any] | None = None, members: list[SweepMember] | None = None,
-                     split_banks: bool = True) -> dict[str, Any]:
+                     split_banks: bool = True, stream_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """``featcache.train.train`` with the sweep's members spread over dask workers; one RUNDIR as locally.
 
     Pass a ``client``, or ``workers`` (a local cluster started and stopped here) or ``scheduler``.
@@ -686,13 +688,13 @@ def train_on_cluster(store: str, method: str, out: str | os.PathLike[str], setti
             return train_on_cluster(url, method, out, client=own, split=split, eval_split=eval_split, reader=reader,
                                     device=device, overwrite=overwrite, progress=progress,
                                     backbone_state=backbone_state, storage_options=storage_options, members=members,
-                                    split_banks=split_banks)
+                                    split_banks=split_banks, stream_options=stream_options)
     t0, out = time.perf_counter(), Path(out)
     prepare_run(url, members, out, split, eval_split, overwrite, storage_options)
     resources, nworkers = _task_resources(client, device)
     parts = plan_parts(members, nworkers, split_banks)
     jobs = [TrainPartJob(url, [m.to_dict() for m in part], split, eval_split, reader, device, storage_options,
-                         backbone_state) for part in parts]
+                         backbone_state, stream_options) for part in parts]
     say(f"training {len(members)} member(s) in {len(parts)} part(s) on {nworkers} dask worker(s)", quiet=not progress)
     results = _run_parts(client, jobs, resources, progress)
     with tempfile.TemporaryDirectory(prefix="featcache-gather-") as tmp:

@@ -42,6 +42,7 @@ from featcache.errors import CheckpointError, ConfigError, FeatcacheError, Forma
 from featcache.methods.base import MethodInput
 from featcache.progress import bar, say
 from featcache.store.layout import FeatureStore, SplitHandle
+from featcache.store.lock import holds_run_lock
 from featcache.store.manifest import Manifest
 from featcache.store.reader import CacheReader, open_reader
 
@@ -295,13 +296,17 @@ def _eval_epoch(banks: list[MemberBank], records: list[MemberRecord], readers: d
             rows[r.member.name][f"{name}_loss"] = float(res[r.bank][0][r.slot] / rd.num_samples)
 
 
+@holds_run_lock
 def train(store: str | FeatureStore, method: str, out: str | os.PathLike[str], settings: dict[str, Any] | None = None,
           grid: dict[str, list[Any]] | None = None, split: str = "train", eval_split: str | None = None,
           reader: str = "auto", device: str | torch.device = "cpu", resume: bool = False, overwrite: bool = False,
           progress: bool = True, backbone_state: Callable[[], dict] | None = None,
           storage_options: dict[str, Any] | None = None, members: list[SweepMember] | None = None,
-          partial: bool = False) -> dict[str, Any]:
+          partial: bool = False, stream_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train every member of the sweep from the cache; returns the summary (also RUNDIR/summary.json).
+
+    ``stream_options`` go to the ``stream`` reader when that mode is used (``buffer_mb``: the shuffle
+    window, which also bounds the size of one read; ``prefetch``: blocks read ahead).
 
     ``members`` replaces the sweep built from method, settings and grid (e.g. a subset of one);
     ``partial``: RUNDIR is one part of a larger sweep: no best member is chosen, no best.json or
@@ -322,9 +327,11 @@ def train(store: str | FeatureStore, method: str, out: str | os.PathLike[str], s
     mi.backbone_state = None  # LST's pruned init is done: free the backbone weights
     needed = sorted({t for b in banks for t in b.required_taps}, key=fs.manifest.tap_names.index)
     cfg = members[0].train
-    train_reader = open_reader(train_split, needed, reader, cfg.batch_size, shuffle=True, seed=cfg.seed, device=device)
-    eval_readers = {n: open_reader(fs.split(n), needed, reader, max(cfg.batch_size, 256), shuffle=False, device=device)
-                    for n in eval_names}
+    stream_options = stream_options or {}
+    train_reader = open_reader(train_split, needed, reader, cfg.batch_size, shuffle=True, seed=cfg.seed, device=device,
+                               **stream_options)
+    eval_readers = {n: open_reader(fs.split(n), needed, reader, max(cfg.batch_size, 256), shuffle=False, device=device,
+                                   **stream_options) for n in eval_names}
     if resume:  # the cache read well (resident readers check every chunk): now RUNDIR may change
         _remove_leftovers(out, state)
     else:
@@ -445,7 +452,8 @@ def _summary(out: Path, records: list[MemberRecord], banks: list[MemberBank], st
         "wall_seconds": time.perf_counter() - t_start,
         "peak_rss_mb": peak_rss_mb(), "rss_baseline_mb": rss_base,
         "peak_rss_above_baseline_mb": peak_rss_mb() - rss_base,
-        "reader": {"mode": reader.mode, "reason": reader.choice.reason},
+        "reader": {"mode": reader.mode, "reason": reader.choice.reason,
+                   **(reader.settings() if hasattr(reader, "settings") else {})},
         "device": str(device), "num_members": len(members), "num_banks": len(banks),
     }
     if device.type == "cuda":

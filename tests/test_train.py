@@ -14,6 +14,7 @@ from featcache.backbone import Backbone, BackboneSpec
 from featcache.checkpoint import load_checkpoint
 from featcache.cli import app
 from featcache.errors import CheckpointError, ConfigError, Interrupted, UsageError
+from featcache.store.layout import FeatureStore
 from featcache.sweep import TrainConfig, expand, load_sweep_file
 from featcache.train import train
 
@@ -294,6 +295,21 @@ def test_cli_train_json_and_errors(vit_store, tmp_path) -> None:
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: ") and __import__("re").search(msg, r.stderr), r.stderr
 
 
+def test_cli_train_stream_reader_options_reach_the_reader(vit_store, tmp_path) -> None:
+    path, _, _, _ = vit_store
+    stored = FeatureStore.open(str(path)).split("train")
+    meta = stored.meta
+    r = CliRunner().invoke(app, ["train", str(path), "--method", "linear", "--out", str(tmp_path / "s"), "--epochs", "1",
+                                 "--reader", "stream", "--stream-buffer-mb", "1", "--prefetch", "3", "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    reader = json.loads(r.stdout)["reader"]
+    assert reader["mode"] == "stream" and reader["prefetch"] == 3 and reader["buffer_mb"] == 1
+    assert reader["block_images"] % meta.chunk_images == 0
+    for args, msg in [(["--prefetch", "0"], "--prefetch"), (["--stream-buffer-mb", "0.5"], "--stream-buffer-mb")]:
+        r = CliRunner().invoke(app, ["train", str(path), "--out", str(tmp_path / "bad"), *args])
+        assert r.exit_code == 2 and msg in r.stderr, r.output
+
+
 def test_lst_pruned_init_checkpoint_rebuilds(vit_store, tmp_path, vit) -> None:
     path, test_taps, _, _ = vit_store
     state = vit.model.state_dict()
@@ -303,3 +319,30 @@ def test_lst_pruned_init_checkpoint_rebuilds(vit_store, tmp_path, vit) -> None:
     assert ckpt.config["method_config"]["init"] == "prune" and ckpt.config["method_config"]["mlp_ratio"] is not None
     with torch.no_grad():
         assert ckpt.network(test_taps).shape == (48, 3)
+
+
+def test_a_second_training_into_the_same_rundir_is_refused(vit_store, tmp_path) -> None:
+    """One training per RUNDIR: a live owner is named; a dead owner's lock is taken over; none is left behind."""
+    import subprocess
+    import sys
+
+    from featcache.errors import StoreLockedError
+
+    path, _, _, _ = vit_store
+    out = tmp_path / "runs" / "r"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom featcache.store.lock import RunLock\n"
+         "RunLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(120)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreLockedError, match=rf"run directory .*r is being trained into by process {holder.pid}"):
+            train(str(path), "linear", out, {"epochs": 1}, progress=False)
+        assert not out.exists()  # refused before anything was written
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = out.parent / ".r.lock"
+    assert lock.exists()  # a killed owner leaves its record; the next training takes it over
+    train(str(path), "linear", out, {"epochs": 1}, progress=False)
+    assert (out / "summary.json").exists() and not lock.exists()

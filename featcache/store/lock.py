@@ -13,6 +13,9 @@ The lock is ``<store>/_locks/<name>.lock`` holding JSON ``{pid, host, started, f
   be cleared by deleting the object. Object stores have no lease, so this is advisory: it stops a
   second ``featcache extract`` and nothing else.
 The lock file is removed on release (and ``_locks`` when empty), so a finished store holds none.
+
+``RunLock`` is the same mechanism for a training run directory: ``.<RUNDIR name>.lock`` beside it,
+taken by ``featcache train`` (``holds_run_lock``) so that two trainings never write one RUNDIR.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import fcntl
+import functools
+import inspect
 import json
 import logging
 import os
 import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from featcache import __version__
 from featcache.errors import StoreError, StoreLockedError
@@ -141,7 +146,7 @@ class SplitLock:
         if root.exists() and not root.is_dir():
             raise StoreError(f"store path {self.url} is a file, not a Zarr store directory; choose another --out path")
         self._created_root = not root.exists()
-        path = root / LOCKS_DIR / f"{self.name}.lock"
+        path = self._path()
         try:
             self._lock_file(path)
         except OSError as err:  # permission denied, read-only file system, disk full
@@ -184,19 +189,26 @@ class SplitLock:
             return
         raise StoreLockedError(f"could not lock {path}: other processes keep replacing it; try again")
 
+    def _path(self) -> Path:
+        return Path(self.url) / LOCKS_DIR / f"{self.name}.lock"
+
     def _release_file(self) -> None:
-        path = Path(self.url) / LOCKS_DIR / f"{self.name}.lock"
+        path = self._path()
         try:
             path.unlink(missing_ok=True)  # while still flocked: a waiter sees the inode change and retries
         finally:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
-        for empty in (path.parent, Path(self.url)) if self._created_root else (path.parent,):
+        for empty in self._emptied_dirs(path):
             try:
-                empty.rmdir()  # only succeeds when empty: a failed first extract leaves nothing behind
+                empty.rmdir()  # only succeeds when empty
             except OSError:
                 break
+
+    def _emptied_dirs(self, path: Path) -> tuple[Path, ...]:
+        """Directories to remove when empty after release: a failed first extract leaves nothing behind."""
+        return (path.parent, Path(self.url)) if self._created_root else (path.parent,)
 
     # -- fsspec URLs: exclusive create + owner record
     def _fs(self) -> tuple[Any, str]:
@@ -243,3 +255,59 @@ def _read_quietly(path: Path) -> bytes:
         return path.read_bytes()
     except OSError:
         return b""
+
+
+class RunLock(SplitLock):
+    """One ``featcache train`` per run directory: ``.<RUNDIR name>.lock`` beside RUNDIR (so that
+    ``--overwrite`` may delete RUNDIR itself), held with flock like a split's lock. Re-entrant within
+    a process (a cluster sweep locks RUNDIR once for all its steps)."""
+
+    _held: set[str] = set()
+
+    def __init__(self, rundir: str | os.PathLike[str]) -> None:
+        rundir = Path(rundir).absolute()
+        super().__init__(rundir.parent, rundir.name)
+        self.rundir, self._reentered = rundir, False
+
+    @property
+    def where(self) -> str:
+        return str(self._path())
+
+    def _path(self) -> Path:
+        return self.rundir.parent / f".{self.rundir.name}.lock"
+
+    def _emptied_dirs(self, path: Path) -> tuple[Path, ...]:
+        return ()
+
+    def acquire(self) -> None:
+        if str(self.rundir) in RunLock._held:
+            self._reentered = True
+            return
+        super().acquire()
+        RunLock._held.add(str(self.rundir))
+
+    def release(self) -> None:
+        if self._reentered:
+            self._reentered = False
+            return
+        if self.held:
+            RunLock._held.discard(str(self.rundir))
+        super().release()
+
+    def _refuse(self, owner: LockOwner | None, extra: str = "") -> StoreLockedError:
+        who = owner.describe() if owner else "another process"
+        return StoreLockedError(f"run directory {self.rundir} is being trained into by {who}{extra}; wait for it to "
+                                f"finish (or stop it), or choose another --out. If you are sure nothing is training "
+                                f"into it, delete {self.where}")
+
+
+def holds_run_lock(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` holding the ``RunLock`` of its ``out`` argument: one training per RUNDIR at a time."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with RunLock(signature.bind(*args, **kwargs).arguments["out"]):
+            return fn(*args, **kwargs)
+
+    return locked

@@ -323,11 +323,17 @@ class StreamReader(CacheReader):
         if self.block_images % meta.chunk_images:
             raise UsageError(f"block_images ({self.block_images}) must be a multiple of chunk_images ({meta.chunk_images})")
         self.window_blocks = max(1, int(buffer_bytes // max(1.0, per_image * self.block_images)))
+        self.buffer_mb = buffer_mb
         self.prefetch = max(1, prefetch)
         self.threads = max(1, threads)
         self.blocks = self._make_blocks()
         self.row_bytes = per_image / max(1, len(self.taps))  # one tap of one image, stored
         self.peak_buffered_images = 0  # for tests and benchmarks: the most images held at once
+
+    def settings(self) -> dict[str, Any]:
+        """What this reader was set to, for run summaries."""
+        return {"buffer_mb": self.buffer_mb, "prefetch": self.prefetch, "threads": self.threads,
+                "block_images": self.block_images, "window_blocks": self.window_blocks}
 
     def _make_blocks(self) -> list[tuple[int, int]]:
         """[start, stop) runs of whole chunks inside completed shards."""
