@@ -107,3 +107,30 @@ def test_url_lock_live_and_stale(tmp_path: Path) -> None:
         owner = LockOwner.parse(fs.cat_file(f"/{root}/_locks/train.lock"))
         assert owner is not None and owner.pid == __import__("os").getpid()
 
+
+
+def test_run_lock_is_reentrant_in_its_thread_and_refuses_other_threads(tmp_path) -> None:
+    import threading
+
+    from featcache.store.lock import RunLock
+
+    run = tmp_path / "runs" / "a"
+    with RunLock(run):
+        with RunLock(run):  # the same thread again (a cluster sweep's nested call): no conflict
+            pass
+        assert (run.parent / ".a.lock").exists()  # the inner release did not drop the outer lock
+        errors: list[Exception] = []
+
+        def other() -> None:
+            try:
+                RunLock(run).acquire()
+            except StoreLockedError as err:
+                errors.append(err)
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert len(errors) == 1 and "is being trained into by process" in str(errors[0])
+    assert not (run.parent / ".a.lock").exists()
+    with RunLock(run):  # free again
+        pass

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import socket
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -260,9 +261,9 @@ def _read_quietly(path: Path) -> bytes:
 class RunLock(SplitLock):
     """One ``featcache train`` per run directory: ``.<RUNDIR name>.lock`` beside RUNDIR (so that
     ``--overwrite`` may delete RUNDIR itself), held with flock like a split's lock. Re-entrant within
-    a process (a cluster sweep locks RUNDIR once for all its steps)."""
+    a thread (a cluster sweep locks RUNDIR once for all its steps); another thread is refused."""
 
-    _held: set[str] = set()
+    _held: set[tuple[str, int]] = set()
 
     def __init__(self, rundir: str | os.PathLike[str]) -> None:
         rundir = Path(rundir).absolute()
@@ -280,19 +281,22 @@ class RunLock(SplitLock):
         return ()
 
     def acquire(self) -> None:
-        if str(self.rundir) in RunLock._held:
+        if self._key() in RunLock._held:
             self._reentered = True
             return
         super().acquire()
-        RunLock._held.add(str(self.rundir))
+        RunLock._held.add(self._key())
 
     def release(self) -> None:
         if self._reentered:
             self._reentered = False
             return
         if self.held:
-            RunLock._held.discard(str(self.rundir))
+            RunLock._held.discard(self._key())
         super().release()
+
+    def _key(self) -> tuple[str, int]:
+        return str(self.rundir), threading.get_ident()
 
     def _refuse(self, owner: LockOwner | None, extra: str = "") -> StoreLockedError:
         who = owner.describe() if owner else "another process"
