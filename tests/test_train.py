@@ -346,3 +346,11 @@ def test_a_second_training_into_the_same_rundir_is_refused(vit_store, tmp_path) 
     assert lock.exists()  # a killed owner leaves its record; the next training takes it over
     train(str(path), "linear", out, {"epochs": 1}, progress=False)
     assert (out / "summary.json").exists() and not lock.exists()
+
+
+def test_rundir_under_a_file_is_one_clear_error(vit_store, tmp_path) -> None:
+    path, _, _, _ = vit_store
+    (tmp_path / "f").write_text("x")
+    r = CliRunner().invoke(app, ["train", str(path), "--method", "linear", "--out", str(tmp_path / "f" / "run")])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.output
+    assert "run directory's parent path" in r.stderr and "is a file, not a directory" in r.stderr

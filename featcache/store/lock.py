@@ -100,6 +100,8 @@ class SplitLock:
     Use as a context manager; ``acquire`` raises ``StoreLockedError`` naming the live owner.
     """
 
+    holder, work = "store", "extract"  # what the lock's directory is, what the owner does there (messages)
+
     def __init__(self, url: str | os.PathLike[str], name: str, storage_options: dict[str, Any] | None = None) -> None:
         self.url, self.name, self.storage_options = str(url), name, storage_options
         self.held = False
@@ -145,14 +147,14 @@ class SplitLock:
     def _acquire_file(self) -> None:
         root = Path(self.url)
         if root.exists() and not root.is_dir():
-            raise StoreError(f"store path {self.url} is a file, not a Zarr store directory; choose another --out path")
+            raise StoreError(f"{self.holder} path {self.url} is a file, not a directory; choose another --out path")
         self._created_root = not root.exists()
         path = self._path()
         try:
             self._lock_file(path)
         except OSError as err:  # permission denied, read-only file system, disk full
-            raise StoreError(f"cannot create the lock file {path} ({err.strerror or err}): the store directory must "
-                             "be writable (and its disk not full) to extract into it") from None
+            raise StoreError(f"cannot create the lock file {path} ({err.strerror or err}): the {self.holder} directory "
+                             f"must be writable (and its disk not full) to {self.work} into it") from None
 
     def _lock_file(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -264,6 +266,7 @@ class RunLock(SplitLock):
     a thread (a cluster sweep locks RUNDIR once for all its steps); another thread is refused."""
 
     _held: set[tuple[str, int]] = set()
+    holder, work = "run directory's parent", "train"
 
     def __init__(self, rundir: str | os.PathLike[str]) -> None:
         rundir = Path(rundir).absolute()
