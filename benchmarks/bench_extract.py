@@ -38,6 +38,8 @@ from featcache.backbone import Backbone, BackboneSpec, resolve_device  # noqa: E
 from featcache.data import TransformedDataset  # noqa: E402
 from featcache.extract import ExtractOptions, default_loader_workers, extract, open_split_source  # noqa: E402
 
+from .common import paired_ratio  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 MODELS = {
@@ -107,14 +109,12 @@ def bench_extract_model(name: str, spec_kwargs: dict[str, Any], data: str, image
         print(f"  {name} round {r + 1}/{rounds}: bare forward {a_runs[-1]:.1f} img/s, extraction "
               f"{b_runs[-1]:.1f} img/s (steady {s_runs[-1]:.1f})", file=sys.stderr, flush=True)
     a, b, steady = statistics.median(a_runs), statistics.median(b_runs), statistics.median(s_runs)
-    # the ratios are medians of the per-round pairs: a neighbour's load moves this machine's speed by
-    # 25% within minutes, and a pair timed back to back shares it (the ratio of medians is kept too)
-    paired = lambda runs: statistics.median(x / y for x, y in zip(runs, a_runs))  # noqa: E731
+    # the ratios are medians of the per-round pairs (the ratio of medians is kept too)
     last = reports[-1]
     return {"model": spec_kwargs, "data": data, "images": images, "batch_size": batch_size, "device": str(device),
             "rounds": rounds, "bare_forward_img_s": a_runs, "extract_img_s": b_runs, "extract_steady_img_s": s_runs,
-            "bare_forward_median": a, "extract_median": b, "ratio": paired(b_runs),
-            "extract_steady_median": steady, "steady_ratio": paired(s_runs),
+            "bare_forward_median": a, "extract_median": b, "ratio": paired_ratio(b_runs, a_runs),
+            "extract_steady_median": steady, "steady_ratio": paired_ratio(s_runs, a_runs),
             "ratio_of_medians": b / a, "steady_ratio_of_medians": steady / a,
             "startup_seconds": last["startup_seconds"], "drain_seconds": last["drain_seconds"],
             "taps": len(last["taps"]), "dtype": last["dtype"], "compressor": last["compressor"],

@@ -34,6 +34,8 @@ from featcache.store.manifest import Manifest, SplitMeta
 from featcache.store.reader import open_reader, read_range
 from featcache.sweep import expand
 
+from .common import paired_ratio
+
 
 def make_store(path: Path, images: int, taps: int, tokens: int = 197, channels: int = 384) -> FeatureStore:
     """A float16 store of ``taps`` ViT-like taps with activation-like values (lz4, crc32c, real shards)."""
@@ -107,9 +109,7 @@ def run(images: int = 1024, taps: int = 3, batch: int = 64, rounds: int = 2, sta
             times[name].append(timed(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
     mbps = {k: nbytes / 2**20 / v for k, v in med.items()}
-    # the targets are ratios of cases timed side by side in the same round (this machine's memory speed
-    # drifts 1.5x within minutes: a neighbour's load moves both sides of a pair together)
-    paired = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))  # noqa: E731
+    paired = lambda a, b: paired_ratio(times[a], times[b])  # noqa: E731  the targets: ratios within a round
 
     # stall: the same LAST training epoch fed by ram vs stream
     mi = MethodInput(taps=store.manifest.taps, num_classes=10, backbone_kind="vit")
@@ -144,7 +144,7 @@ def run(images: int = 1024, taps: int = 3, batch: int = 64, rounds: int = 2, sta
         "stream_vs_zarr_direct": paired("zarr_direct", "stream"),
         "ratio_of_medians": {"ram_vs_numpy_copy": med["numpy_copy_f32"] / med["ram"],
                              "stream_vs_zarr_direct": med["zarr_direct"] / med["stream"]},
-        "train_epoch_seconds": st, "stream_stall": statistics.median(s[0] / r[0] for s, r in zip(stall["stream"], stall["ram"])) - 1.0,
+        "train_epoch_seconds": st, "stream_stall": paired_ratio([e for e, _ in stall["stream"]], [e for e, _ in stall["ram"]]) - 1.0,
         # the loop's time blocked in next(): the reader's share of an epoch (ram's is its gather)
         "train_wait_seconds": wait, "train_wait_share": {k: wait[k] / st[k] for k in st},
         "targets": {"ram_vs_numpy_copy": 0.7, "stream_vs_zarr_direct": 0.5},

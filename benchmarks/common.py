@@ -95,6 +95,12 @@ def interleave(contenders: dict[str, Callable[[], Any]], rounds: int, device: to
 # Memory
 
 
+def paired_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """Median of the per-round ratios of two cases timed back to back: a neighbour's load moves this
+    machine's speed by 25-50% within minutes, and both sides of a pair share it."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators))
+
+
 def rss_mb() -> float:
     """Current resident set of this process, MiB."""
     return psutil.Process().memory_info().rss / 2**20

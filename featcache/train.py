@@ -452,8 +452,7 @@ def _summary(out: Path, records: list[MemberRecord], banks: list[MemberBank], st
         "wall_seconds": time.perf_counter() - t_start,
         "peak_rss_mb": peak_rss_mb(), "rss_baseline_mb": rss_base,
         "peak_rss_above_baseline_mb": peak_rss_mb() - rss_base,
-        "reader": {"mode": reader.mode, "reason": reader.choice.reason,
-                   **(reader.settings() if hasattr(reader, "settings") else {})},
+        "reader": {"mode": reader.mode, "reason": reader.choice.reason, **reader.settings()},
         "device": str(device), "num_members": len(members), "num_banks": len(banks),
     }
     if device.type == "cuda":

@@ -85,13 +85,6 @@ def choose_taps(taps: list[TapInfo], gap: int) -> tuple[TapInfo | None, list[Tap
     return base, sorted(picked.values(), key=lambda t: t.position)
 
 
-def _functorch_wrapped(*tensors: Tensor) -> bool:
-    """Whether any of ``tensors`` is inside a torch.func transform (the CUDA sweep's vmap batches the
-    parameters while the taps stay plain)."""
-    check_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return check_wrapped is None or any(bool(check_wrapped(t)) for t in tensors)
-
-
 class _NormThenLinear(torch.autograd.Function):
     """``linear(layer_norm(x))`` that keeps x, not the normalised copy, for backward and recomputes the
     LayerNorm there (one cheap pass): one (N, T, d) activation fewer per attention layer, 110 MB of the
@@ -138,7 +131,7 @@ class LowRankAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         n, t, _ = x.shape  # (N, T, d)
         if (torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
-                and not _functorch_wrapped(x, self.norm.weight, self.qkv.weight)):
+                and not torch._C._are_functorch_transforms_active()):
             qkv = _NormThenLinear.apply(x, self.norm.weight, self.norm.bias, self.qkv.weight, self.qkv.bias, self.norm.eps)
         else:  # inference, autocast, or under vmap (the CUDA sweep): the plain modules
             qkv = self.qkv(self.norm(x))

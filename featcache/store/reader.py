@@ -198,6 +198,10 @@ class CacheReader:
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)
 
+    def settings(self) -> dict[str, Any]:
+        """What this reader was set to, for run summaries (modes with settings add theirs)."""
+        return {}
+
     def _batches(self, epoch: int) -> Iterator[Batch]:  # pragma: no cover - abstract
         raise NotImplementedError
 
