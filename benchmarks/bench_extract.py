@@ -133,11 +133,12 @@ def run_extract(args: argparse.Namespace) -> dict[str, Any]:
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
         for name in args.models or list(models):
-            images = args.images or (16 if args.tiny else (192 if "vit" in name else 512))  # >= 2 shards each
+            images = args.images or (16 if args.tiny else (192 if "vit" in name else 1024))  # >= 2 shards each
             print(f"{name}: {images} images, batch {args.batch_size}, {args.rounds} rounds A B", file=sys.stderr)
             results[name] = bench_extract_model(name, models[name], args.data, images, args.batch_size, args.rounds,
                                                 Path(tmp))
-    payload = {"benchmark": "extract", "machine": _machine(), "loader_workers": default_loader_workers(),
+    payload = {"benchmark": "extract", "machine": _machine(),
+               "loader_workers": default_loader_workers(resolve_device("auto")),
                "command": " ".join(sys.argv), "results": results,
                "target": "extraction >= 0.9 x bare tapped forward (same model, batch size, device)",
                "notes": "ratio: whole shard loop (DataLoader start-up and the final, unoverlapped shard write "
@@ -252,7 +253,8 @@ def bench_settings(args: argparse.Namespace) -> dict[str, Any]:
     medians = {k: statistics.median(v) for k, v in summary.items()}  # type: ignore[arg-type]
     return {"benchmark": "settings", "machine": _machine(), "command": " ".join(sys.argv), "model": spec.to_dict(),
             "images": images, "batch_size": args.batch_size, "zarr_version": zarr.__version__,
-            "defaults": {"loader_workers": default_loader_workers(), "zarr_concurrency": fx.ZARR_CONCURRENCY,
+            "defaults": {"loader_workers": default_loader_workers(backbone.device),
+                         "zarr_concurrency": fx.ZARR_CONCURRENCY,
                          "torch_threads": default_threads},
             "medians_img_s": medians, "runs": rows}
 

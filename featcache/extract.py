@@ -36,7 +36,8 @@ import zarr
 from featcache import __version__
 from featcache.backbone import Backbone, BackboneSpec, resolve_device
 from featcache.choices import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES
-from featcache.data import DataSource, Subset, TransformedDataset, open_source, stratified_subset, unwrap_worker_error
+from featcache.data import (DataSource, PooledItems, Subset, TransformedDataset, TransformPool, open_source,
+                            stratified_subset, unwrap_worker_error)
 from featcache.errors import DataError, Interrupted, StoreError, UsageError
 from featcache.progress import bar
 from featcache.store.layout import FeatureStore, choose_chunking, compressor_record, storage_dtype
@@ -184,10 +185,22 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def default_loader_workers() -> int:
-    """DataLoader worker processes: 1 on small machines (measured on 2 cores), up to 4 on larger ones."""
+def default_loader_workers(device: torch.device | str = "cpu") -> int:
+    """DataLoader worker processes: none for a CPU backbone (its forward uses every core: the images are
+    transformed on a ``TransformPool`` between forwards instead); for a GPU, 1 on small machines and up
+    to 4 on larger ones, decoding while the GPU computes."""
+    if torch.device(device).type == "cpu":
+        return 0
     cpus = _cpus()
     return 1 if cpus <= 4 else min(4, cpus // 4)
+
+
+def transform_threads(loader_workers: int, views: int) -> int:
+    """Threads of the in-process ``TransformPool``: the forward's cores when no DataLoader worker
+    transforms the images, 0 (none) with workers or with augmented views (they seed the global RNGs)."""
+    if loader_workers or views > 1:
+        return 0
+    return max(1, min(torch.get_num_threads(), _cpus()))
 
 
 def default_writer_threads() -> int:
@@ -276,12 +289,15 @@ class ShardBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 
 def make_loader(source: DataSource, backbone: Backbone, meta: SplitMeta, shards: Sequence[int], batch_size: int,
-                workers: int) -> torch.utils.data.DataLoader:
-    """A DataLoader over the given shards' images (eval transform, or ``meta.views`` augmented views)."""
+                workers: int, pool: TransformPool | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader over the given shards' images (eval transform, or ``meta.views`` augmented views);
+    with ``pool`` (and no workers) each batch is transformed on the pool's threads."""
     if meta.views > 1:
         dataset: torch.utils.data.Dataset = AugmentedViews(source, backbone.train_transform(), meta.views, meta.seed)
     else:
         dataset = TransformedDataset(source, backbone.transform)
+        if pool is not None and not workers:
+            dataset = PooledItems(dataset, pool)
     images_per_batch = max(1, batch_size // meta.views)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=ShardBatchSampler(meta, shards, images_per_batch), num_workers=workers,
@@ -428,8 +444,11 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
         return stats
     labels, ids = source.labels(), source.ids()
     buffers = ShardBuffers(meta, backbone.taps.infos, dtype)
-    workers = default_loader_workers() if loader_workers is None else loader_workers
-    loader = make_loader(source, backbone, meta, todo, batch_size or meta.batch_size or DEFAULT_BATCH_SIZE, workers)
+    workers = default_loader_workers(backbone.device) if loader_workers is None else loader_workers
+    threads = transform_threads(workers, meta.views)
+    pool = TransformPool(threads) if threads > 1 else None
+    loader = make_loader(source, backbone, meta, todo, batch_size or meta.batch_size or DEFAULT_BATCH_SIZE, workers,
+                         pool)
     pbar = _RateBar(sum(stop - start for start, stop in map(meta.shard_bounds, todo)), f"extract {split.name}",
                     progress)
     t0 = time.perf_counter()
@@ -474,6 +493,9 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
         if unwrapped is not err:
             raise unwrapped from None
         raise
+    finally:
+        if pool is not None:
+            pool.close()
     pbar.close()
     stats.drain_seconds = time.perf_counter() - t_drain
     stats.seconds = time.perf_counter() - t0
@@ -550,4 +572,4 @@ def _report(out: str, split: Any, status: str, manifest: Manifest, stats: ShardR
 
 __all__ = ["AugmentedViews", "ExtractOptions", "ExtractReport", "ShardBatchSampler", "ShardRunStats", "build_manifest",
            "default_loader_workers", "default_writer_threads", "extract", "extract_shards", "forward_taps",
-           "make_loader", "open_split_source", "plan_split", "runtime_settings", "seeded_rng"]
+           "make_loader", "open_split_source", "plan_split", "runtime_settings", "seeded_rng", "transform_threads"]

@@ -8,8 +8,8 @@ through the cache dtype, so the live logits equal the cached-path logits to that
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,9 @@ from torch import nn
 
 from featcache.backbone import Backbone, BackboneSpec, resolve_device
 from featcache.checkpoint import Checkpoint, load_checkpoint
-from featcache.data import DataSource, Subset, TransformedDataset, open_source, stratified_subset
+from featcache.data import (DataSource, PooledItems, Subset, TransformedDataset, TransformPool, open_source,
+                            stratified_subset)
+from featcache.extract import default_loader_workers, transform_threads
 from featcache.errors import CheckpointError, DataError
 from featcache.methods.base import SideNetwork
 from featcache.progress import bar, say
@@ -91,12 +93,16 @@ def predict(checkpoint: str | Path, data: str | DataSource, batch_size: int = 64
     if limit is not None:
         source = Subset(source, stratified_subset(source.labels(), limit))
     dev = predictor.backbone.device
-    workers = num_workers if num_workers is not None else min(2, os.cpu_count() or 1) - 1
-    loader = torch.utils.data.DataLoader(TransformedDataset(source, predictor.transform), batch_size=batch_size,
-                                         num_workers=workers, shuffle=False)
+    workers = num_workers if num_workers is not None else default_loader_workers(dev)
+    threads = transform_threads(workers, views=1)
+    dataset: torch.utils.data.Dataset = TransformedDataset(source, predictor.transform)
     ids = source.ids()
     preds, probs, labels = [], [], []
-    with bar(len(source), "predict", progress=progress) as pbar:
+    pooled = TransformPool(threads) if threads > 1 else contextlib.nullcontext()
+    with pooled as pool, bar(len(source), "predict", progress=progress) as pbar:
+        if pool is not None:  # as in extraction: the backbone's forward has the cores; transform between forwards
+            dataset = PooledItems(dataset, pool)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
         for images, y, _ in loader:
             logits = predictor(images.to(dev))
             p = logits.softmax(-1)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -18,8 +19,10 @@ from click.testing import CliRunner
 
 from featcache.backbone import Backbone, BackboneSpec, Taps
 from featcache.cli import app
-from featcache.errors import Interrupted
-from featcache.extract import AugmentedViews, ShardBatchSampler, open_split_source
+from featcache.data import TransformPool
+from featcache.errors import DataError, Interrupted
+from featcache.extract import (AugmentedViews, ShardBatchSampler, default_loader_workers, open_split_source,
+                               transform_threads)
 from featcache.store.layout import FeatureStore
 from featcache.store.manifest import SplitMeta
 from featcache.store.verify import verify_store
@@ -114,8 +117,12 @@ _KILL_SCRIPT = textwrap.dedent("""
             return self.source.ids()
 
     spec = BackboneSpec(model="test_vit", model_kwargs={"img_size": 32}, weights="random")
+    if sys.argv[3] == "pool":  # no worker process: the images are transformed on 2 threads of this process
+        import featcache.extract
+        featcache.extract.transform_threads = lambda workers, views: 2
     try:
-        extract(spec, Slow(open_source(sys.argv[1])), sys.argv[2], dtype="float32", loader_workers=int(sys.argv[3]),
+        extract(spec, Slow(open_source(sys.argv[1])), sys.argv[2], dtype="float32",
+                loader_workers=0 if sys.argv[3] == "pool" else int(sys.argv[3]),
                 progress=False, chunk_images=2, shard_images=4, batch_size=4)
     except FeatcacheError as err:  # as the CLI does
         print(f"Error: {err}", file=sys.stderr)
@@ -123,11 +130,12 @@ _KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_resume_after_kill_or_ctrl_c_equals_clean_run(images: Path, tmp_path: Path, clean_run: dict, sig: int) -> None:
-    """A real process killed with SIGKILL (lock left stale), or sent Ctrl-C (a clean stop), mid-run."""
+@pytest.mark.parametrize("sig,workers", [(signal.SIGKILL, "0"), (signal.SIGINT, "1"), (signal.SIGINT, "pool")])
+def test_resume_after_kill_or_ctrl_c_equals_clean_run(images: Path, tmp_path: Path, clean_run: dict, sig: int,
+                                                       workers: str) -> None:
+    """A real process killed with SIGKILL (lock left stale), or sent Ctrl-C (a clean stop), mid-run; Ctrl-C
+    with a DataLoader worker process (it reaches the worker too) and with the in-process transform threads."""
     out = tmp_path / "s.zarr"
-    workers = "1" if sig == signal.SIGINT else "0"  # Ctrl-C reaches the DataLoader worker too
     proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(images), str(out), workers],
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 60
@@ -155,6 +163,57 @@ def test_resume_after_kill_or_ctrl_c_equals_clean_run(images: Path, tmp_path: Pa
     assert report.shards_written == 6 - done.sum()
     assert_same_arrays(read_split(out), clean_run)
     assert verify_store(str(out)).ok and not list(out.rglob("*.partial"))
+
+
+def test_transform_pool_keeps_order_runs_torch_single_threaded_and_raises_item_errors() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with TransformPool(3) as pool:
+            assert torch.get_num_threads() == 2  # the caller's setting is left as it was
+            out = pool.map(lambda i: (i, torch.get_num_threads(), threading.current_thread().name), list(range(20)))
+            assert [o[0] for o in out] == list(range(20))
+            assert {o[1] for o in out} == {1}  # each pool thread runs torch ops on one thread
+            assert {o[2] for o in out} <= {f"featcache-transform_{k}" for k in range(3)}
+
+            def decode(i: int) -> int:
+                if i == 7:
+                    raise DataError("cannot decode image 7.png")
+                return i
+
+            with pytest.raises(DataError, match="cannot decode image 7.png"):  # itself, not wrapped
+                pool.map(decode, list(range(10)))
+        threads: list[int] = []
+        later = threading.Thread(target=lambda: threads.append(torch.get_num_threads()))
+        later.start()
+        later.join()
+        assert threads == [2]  # threads started later get the process setting, not the pool's 1
+        assert not [t for t in threading.enumerate() if t.name.startswith("featcache-transform")]  # closed
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_extraction_transforms_on_threads_and_equals_a_worker_process(images: Path, tmp_path: Path,
+                                                                          clean_run: dict,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU default (no DataLoader worker, a TransformPool) stores the same arrays as a worker process."""
+    assert default_loader_workers("cpu") == 0 and default_loader_workers("cuda") >= 1
+    assert transform_threads(0, views=1) == min(torch.get_num_threads(), len(os.sched_getaffinity(0)))
+    assert transform_threads(1, views=1) == 0 and transform_threads(0, views=2) == 0  # workers; seeded views
+    import featcache.extract as fx
+    from featcache.data import PooledItems
+
+    monkeypatch.setattr(fx, "transform_threads", lambda workers, views: 3)  # the tests' torch runs 1 thread
+    fetched: list[str] = []
+    items = PooledItems.__getitems__
+    monkeypatch.setattr(PooledItems, "__getitems__", lambda self, idx: fetched.append(self.pool.map(
+        lambda i: threading.current_thread().name, idx)[0]) or items(self, idx))
+    out = tmp_path / "pool.zarr"
+    run_extract(images, out, dtype="float32", loader_workers=None)
+    assert len(fetched) == 6 and all(name.startswith("featcache-transform") for name in fetched)
+    assert_same_arrays(read_split(out), clean_run)
+    run_extract(images, tmp_path / "worker.zarr", dtype="float32", loader_workers=1)
+    assert_same_arrays(read_split(tmp_path / "worker.zarr"), clean_run)
 
 
 def test_views_differ_and_are_deterministic(images: Path, tmp_path: Path) -> None:
