@@ -133,7 +133,7 @@ def run_extract(args: argparse.Namespace) -> dict[str, Any]:
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
         for name in args.models or list(models):
-            images = args.images or (16 if args.tiny else (192 if "vit" in name else 1024))  # >= 2 shards each
+            images = args.images or (16 if args.tiny else (384 if "vit" in name else 1024))  # 6 and 2 shards
             print(f"{name}: {images} images, batch {args.batch_size}, {args.rounds} rounds A B", file=sys.stderr)
             results[name] = bench_extract_model(name, models[name], args.data, images, args.batch_size, args.rounds,
                                                 Path(tmp))
@@ -217,7 +217,8 @@ def bench_settings(args: argparse.Namespace) -> dict[str, Any]:
     models = _models(args)
     name = (args.models or ["vit_small_patch16_224" if not args.tiny else "test_vit"])[0]
     images = args.images or (16 if args.tiny else 128)
-    variants = [("loader_workers", 0), ("loader_workers", 2), ("zarr_concurrency", 1), ("zarr_concurrency", 10),
+    # the default on a CPU: no DataLoader worker, a TransformPool; on a GPU: workers (default_loader_workers)
+    variants = [("loader_workers", 1), ("loader_workers", 2), ("zarr_concurrency", 1), ("zarr_concurrency", 10),
                 ("torch_threads", 1)]
     spec = BackboneSpec(**models[name])
     backbone = Backbone(spec, resolve_device("auto"))

@@ -185,11 +185,11 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def default_loader_workers(device: torch.device | str = "cpu") -> int:
+def default_loader_workers(device: torch.device | str = "cpu", views: int = 1) -> int:
     """DataLoader worker processes: none for a CPU backbone (its forward uses every core: the images are
-    transformed on a ``TransformPool`` between forwards instead); for a GPU, 1 on small machines and up
-    to 4 on larger ones, decoding while the GPU computes."""
-    if torch.device(device).type == "cpu":
+    transformed on a ``TransformPool`` between forwards instead); for a GPU, or augmented views (seeded per
+    image through the global RNGs, so not on threads), 1 on small machines and up to 4 on larger ones."""
+    if torch.device(device).type == "cpu" and views == 1:
         return 0
     cpus = _cpus()
     return 1 if cpus <= 4 else min(4, cpus // 4)
@@ -444,7 +444,7 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
         return stats
     labels, ids = source.labels(), source.ids()
     buffers = ShardBuffers(meta, backbone.taps.infos, dtype)
-    workers = default_loader_workers(backbone.device) if loader_workers is None else loader_workers
+    workers = default_loader_workers(backbone.device, meta.views) if loader_workers is None else loader_workers
     threads = transform_threads(workers, meta.views)
     pool = TransformPool(threads) if threads > 1 else None
     loader = make_loader(source, backbone, meta, todo, batch_size or meta.batch_size or DEFAULT_BATCH_SIZE, workers,

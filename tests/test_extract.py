@@ -198,6 +198,7 @@ def test_cpu_extraction_transforms_on_threads_and_equals_a_worker_process(images
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU default (no DataLoader worker, a TransformPool) stores the same arrays as a worker process."""
     assert default_loader_workers("cpu") == 0 and default_loader_workers("cuda") >= 1
+    assert default_loader_workers("cpu", views=3) >= 1  # augmented views: a worker process, not threads
     assert transform_threads(0, views=1) == min(torch.get_num_threads(), len(os.sched_getaffinity(0)))
     assert transform_threads(1, views=1) == 0 and transform_threads(0, views=2) == 0  # workers; seeded views
     import featcache.extract as fx
