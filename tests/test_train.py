@@ -228,7 +228,7 @@ def test_checkpoint_round_trip_gives_cached_logits(vit_store, tmp_path) -> None:
     assert acc == pytest.approx(ckpt.config["best"]["test_acc"])
 
 
-def test_predict_live_path_equals_cached_path(vit_store, tmp_path, vit) -> None:
+def test_predict_live_path_equals_cached_path(vit_store, tmp_path, vit, monkeypatch) -> None:
     from PIL import Image
 
     from featcache.infer import build_predictor, predict
@@ -248,6 +248,11 @@ def test_predict_live_path_equals_cached_path(vit_store, tmp_path, vit) -> None:
     result = predict(tmp_path / "p", str(folder), device="cpu", progress=False, num_workers=0)
     best = json.loads((tmp_path / "p" / "best.json").read_text())
     assert result["num_images"] == 48 and result["accuracy"] == pytest.approx(best["test_acc"])
+    import featcache.infer
+
+    monkeypatch.setattr(featcache.infer, "transform_threads", lambda workers, views: 3)  # the CPU default's pool
+    pooled = predict(tmp_path / "p", str(folder), device="cpu", progress=False)
+    assert pooled["predictions"] == result["predictions"]
 
 
 def test_predict_refuses_other_weights(vit_store, tmp_path) -> None:
