@@ -109,7 +109,9 @@ def run(images: int = 1024, taps: int = 3, batch: int = 64, rounds: int = 2, sta
             times[name].append(timed(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
     mbps = {k: nbytes / 2**20 / v for k, v in med.items()}
-    paired = lambda a, b: paired_ratio(times[a], times[b])  # noqa: E731  the targets: ratios within a round
+
+    def paired(a: str, b: str) -> float:  # the targets: ratios within a round
+        return paired_ratio(times[a], times[b])
 
     # stall: the same LAST training epoch fed by ram vs stream
     mi = MethodInput(taps=store.manifest.taps, num_classes=10, backbone_kind="vit")

@@ -417,4 +417,4 @@ class PooledItems(torch.utils.data.Dataset):
         return self.dataset[index]
 
     def __getitems__(self, indices: list[int]) -> list[Any]:
-        return self.pool.map(self.dataset.__getitem__, list(indices))
+        return self.pool.map(self.dataset.__getitem__, indices)

@@ -203,6 +203,12 @@ def transform_threads(loader_workers: int, views: int) -> int:
     return max(1, min(torch.get_num_threads(), _cpus()))
 
 
+def transform_pool(loader_workers: int, views: int) -> TransformPool | None:
+    """The ``TransformPool`` for a loader with this many workers and views, or None (workers, views, one core)."""
+    threads = transform_threads(loader_workers, views)
+    return TransformPool(threads) if threads > 1 else None
+
+
 def default_writer_threads() -> int:
     """Shard writer threads: 1 where the backbone needs the cores, up to 4 where a GPU outruns one writer."""
     cpus = _cpus()
@@ -445,8 +451,7 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
     labels, ids = source.labels(), source.ids()
     buffers = ShardBuffers(meta, backbone.taps.infos, dtype)
     workers = default_loader_workers(backbone.device, meta.views) if loader_workers is None else loader_workers
-    threads = transform_threads(workers, meta.views)
-    pool = TransformPool(threads) if threads > 1 else None
+    pool = transform_pool(workers, meta.views)
     loader = make_loader(source, backbone, meta, todo, batch_size or meta.batch_size or DEFAULT_BATCH_SIZE, workers,
                          pool)
     pbar = _RateBar(sum(stop - start for start, stop in map(meta.shard_bounds, todo)), f"extract {split.name}",
@@ -572,4 +577,5 @@ def _report(out: str, split: Any, status: str, manifest: Manifest, stats: ShardR
 
 __all__ = ["AugmentedViews", "ExtractOptions", "ExtractReport", "ShardBatchSampler", "ShardRunStats", "build_manifest",
            "default_loader_workers", "default_writer_threads", "extract", "extract_shards", "forward_taps",
-           "make_loader", "open_split_source", "plan_split", "runtime_settings", "seeded_rng", "transform_threads"]
+           "make_loader", "open_split_source", "plan_split", "runtime_settings", "seeded_rng", "transform_pool",
+           "transform_threads"]

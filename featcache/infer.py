@@ -20,9 +20,8 @@ from torch import nn
 
 from featcache.backbone import Backbone, BackboneSpec, resolve_device
 from featcache.checkpoint import Checkpoint, load_checkpoint
-from featcache.data import (DataSource, PooledItems, Subset, TransformedDataset, TransformPool, open_source,
-                            stratified_subset)
-from featcache.extract import default_loader_workers, transform_threads
+from featcache.data import DataSource, PooledItems, Subset, TransformedDataset, open_source, stratified_subset
+from featcache.extract import default_loader_workers, transform_pool
 from featcache.errors import CheckpointError, DataError
 from featcache.methods.base import SideNetwork
 from featcache.progress import bar, say
@@ -94,15 +93,13 @@ def predict(checkpoint: str | Path, data: str | DataSource, batch_size: int = 64
         source = Subset(source, stratified_subset(source.labels(), limit))
     dev = predictor.backbone.device
     workers = num_workers if num_workers is not None else default_loader_workers(dev)
-    threads = transform_threads(workers, views=1)
+    pool = transform_pool(workers, views=1)  # as in extraction: on a CPU, transform between forwards
     dataset: torch.utils.data.Dataset = TransformedDataset(source, predictor.transform)
+    dataset = dataset if pool is None else PooledItems(dataset, pool)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
     ids = source.ids()
     preds, probs, labels = [], [], []
-    pooled = TransformPool(threads) if threads > 1 else contextlib.nullcontext()
-    with pooled as pool, bar(len(source), "predict", progress=progress) as pbar:
-        if pool is not None:  # as in extraction: the backbone's forward has the cores; transform between forwards
-            dataset = PooledItems(dataset, pool)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+    with pool or contextlib.nullcontext(), bar(len(source), "predict", progress=progress) as pbar:
         for images, y, _ in loader:
             logits = predictor(images.to(dev))
             p = logits.softmax(-1)

@@ -248,9 +248,9 @@ def test_predict_live_path_equals_cached_path(vit_store, tmp_path, vit, monkeypa
     result = predict(tmp_path / "p", str(folder), device="cpu", progress=False, num_workers=0)
     best = json.loads((tmp_path / "p" / "best.json").read_text())
     assert result["num_images"] == 48 and result["accuracy"] == pytest.approx(best["test_acc"])
-    import featcache.infer
+    import featcache.extract
 
-    monkeypatch.setattr(featcache.infer, "transform_threads", lambda workers, views: 3)  # the CPU default's pool
+    monkeypatch.setattr(featcache.extract, "transform_threads", lambda workers, views: 3)  # the CPU default's pool
     pooled = predict(tmp_path / "p", str(folder), device="cpu", progress=False)
     assert pooled["predictions"] == result["predictions"]
 
