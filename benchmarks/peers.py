@@ -117,15 +117,17 @@ def bank_members(method: str, ctx: PeerContext, members: int) -> list[Any]:
 class FeatcachePeer(Peer):
     """featcache's training step: ``MemberBank.train_step`` on a batch from ``open_reader`` (batch read included)."""
 
-    def __init__(self, ctx: PeerContext, method: str, members: int | None = None) -> None:
+    def __init__(self, ctx: PeerContext, method: str, members: int | None = None,
+                 reader: CacheReader | None = None) -> None:
+        """``reader``: share another peer's reader (a resident one holds the whole split) instead of opening one."""
         super().__init__(ctx)
         self.method = method
         self.name = f"featcache-{method}" + (f"-K{members}" if members and members > 1 else "")
         store = FeatureStore.open(ctx.store)
         self.bank = MemberBank(bank_members(method, ctx, members or ctx.members), method_input(store), self.device)
-        self.reader: CacheReader = open_reader(store.split("train"), self.bank.required_taps, ctx.reader,
-                                               ctx.batch_size, shuffle=True, device=self.device, drop_last=True,
-                                               **ctx.reader_options)
+        self.reader: CacheReader = reader or open_reader(store.split("train"), self.bank.required_taps, ctx.reader,
+                                                         ctx.batch_size, shuffle=True, device=self.device,
+                                                         drop_last=True, **ctx.reader_options)
         self._batches = self._forever()
 
     def _forever(self) -> Iterator[Batch]:

@@ -49,11 +49,12 @@ def plot_result(name: str, r: dict[str, Any], folder: Path) -> list[Path]:
             steps = m["steps"]
             _bars(row[0], list(steps), [s["samples_per_s"] for s in steps.values()],
                   f"{m['label']}: training step, samples/s")
-            e2e = m["end_to_end"]["rows"]
-            extrap = {n for n, v in e2e.items() if not v.get("how", "").startswith("real")}
-            _bars(row[1], list(e2e), [v["total_s"] for v in e2e.values()],
-                  f"{m['end_to_end']['epochs']} epochs on {m['end_to_end']['images']} images, s (hatched: extrapolated)",
-                  extrap)
+            if "end_to_end" in m:  # absent when a run was cut short before it
+                e2e = m["end_to_end"]["rows"]
+                extrap = {n for n, v in e2e.items() if not v.get("how", "").startswith("real")}
+                _bars(row[1], list(e2e), [v["total_s"] for v in e2e.values()],
+                      f"{m['end_to_end']['epochs']} epochs on {m['end_to_end']['images']} images, s "
+                      "(hatched: extrapolated)", extrap)
             mem = {k: v for k, v in m.get("memory", {}).items() if "error" not in v}
             key = "cuda_max_allocated_mb" if cuda else "peak_above_baseline_mb"
             _bars(row[2], list(mem), [max(1e-3, v.get(key, 0.0)) for v in mem.values()],

@@ -70,11 +70,11 @@ def memory_value(row: dict[str, Any] | None) -> tuple[float | None, float | None
 
 def model_table(m: dict[str, Any], cuda: bool) -> str:
     """One backbone: every peer's step throughput, end-to-end time, memory and trainable parameters."""
-    steps, mem, e2e = m["steps"], m.get("memory", {}), m["end_to_end"]
+    steps, mem, e2e = m["steps"], m.get("memory", {}), m.get("end_to_end")  # None: a run cut short before it
     ref = steps["featcache-last"]["samples_per_s"]
     mem_col = "CUDA max allocated MB" if cuda else "peak RSS MB | above post-import MB"
     lines = [f"| peer | trainable params | train GFLOP/sample | step samples/s | featcache-last speed-up (FLOP ratio) "
-             f"| {e2e['epochs']} epochs on {e2e['images']} images | {mem_col} |",
+             f"| {e2e['epochs'] if e2e else 'E'} epochs on {e2e['images'] if e2e else 'N'} images | {mem_col} |",
              "|---|---|---|---|---|---|---|" + ("" if cuda else "---|")]
     ref_flops = steps["featcache-last"].get("train_flops_per_sample")
     default_reader = m["context"]["reader"]
@@ -89,7 +89,7 @@ def model_table(m: dict[str, Any], cuda: bool) -> str:
         s = steps.get(name, {})
         mrow = mem.get(mem_key) if mem_key else None
         peak, above, cuda_mb = memory_value(mrow)
-        er = e2e["rows"].get(name) if name in steps else None
+        er = e2e["rows"].get(name) if e2e and name in steps else None
         real = er is not None and er.get("how", "").startswith("real")
         e2e_txt = "-" if er is None else _fmt_s(er["total_s"]) + ("" if real else " (extrap.)")
         sps = s.get("samples_per_s")
@@ -124,7 +124,7 @@ def targets(r: dict[str, Any], folder: Path) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     if m is None:
         return rows
-    steps, e2e, mem = m["steps"], m["end_to_end"]["rows"], m.get("memory", {})
+    steps, e2e, mem = m["steps"], m.get("end_to_end", {}).get("rows"), m.get("memory", {})
     fc = steps["featcache-last"]["samples_per_s"]
 
     def verdict(ok: bool) -> str:
@@ -137,10 +137,11 @@ def targets(r: dict[str, Any], folder: Path) -> list[tuple[str, str, str]]:
         bound = f" (FLOP ratio {flops / fc_flops:.1f}x)" if flops and fc_flops else ""
         rows.append((f"featcache step >= {t[key]:g}x {label}'s samples/s", f"{ratio:.1f}x{bound}",
                      verdict(ratio >= t[key])))
-    ratio = e2e["lora"]["total_s"] / e2e["featcache-last"]["total_s"]
-    rows.append((f"{m['end_to_end']['epochs']} epochs on {m['end_to_end']['images']} images (incl. extraction) >= "
-                 f"{t['e2e_vs_lora']:g}x faster than LoRA (LoRA extrapolated)", f"{ratio:.1f}x",
-                 verdict(ratio >= t["e2e_vs_lora"])))
+    if e2e:
+        ratio = e2e["lora"]["total_s"] / e2e["featcache-last"]["total_s"]
+        rows.append((f"{m['end_to_end']['epochs']} epochs on {m['end_to_end']['images']} images (incl. extraction) "
+                     f">= {t['e2e_vs_lora']:g}x faster than LoRA (LoRA extrapolated)", f"{ratio:.1f}x",
+                     verdict(ratio >= t["e2e_vs_lora"])))
     lora_above = memory_value(mem.get("lora"))[1]
     for name in ("featcache-last@stream", "featcache-last@ram", "featcache-last@gpu"):
         above = memory_value(mem.get(name))[1]
@@ -218,7 +219,9 @@ def section(name: str, r: dict[str, Any], folder: Path) -> str:
     out = [f"## {name}", "",
            f"Device: **{r['device']}**; started {r['started']}, {r['wall_s'] / 60:.1f} min; load average at start "
            f"{mach['load_average']}, at end {r.get('machine_after', {}).get('load_average')}; torch {mach['torch']}. "
-           f"Batch {p['batch_size']}" + (f"; step medians over {p['rounds']} A B A B rounds." if r["models"] else "."), ""]
+           f"Batch {p['batch_size']}" + (f"; step medians over {p['rounds']} A B A B rounds." if r["models"] else ".")
+           + ("" if r.get("complete", True) else " **Incomplete**: the run stopped before its last stage; what "
+              "it measured is below."), ""]
     for key, m in r["models"].items():
         st = m["store"]
         out += [f"### {m['label']}", "",

@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .common import RESULTS, describe_device, machine, say, setup_torch, write_json
 
@@ -77,8 +77,12 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def model_stage(p: Preset, model: str, device: str, workdir: Path, first: bool) -> dict[str, Any]:
-    """Extraction, step comparison, memory, end to end (and limits + sweep on the first backbone)."""
+def model_stage(p: Preset, model: str, device: str, workdir: Path, first: bool,
+                done: Callable[[dict[str, Any]], None] = lambda out: None) -> dict[str, Any]:
+    """Extraction, step comparison, memory, end to end (and limits + sweep on the first backbone).
+
+    ``done(out)`` is called with the rows measured so far after each stage, so that a run cut short
+    (killed, out of memory) keeps them."""
     import torch
 
     from . import limits, memory, speed, sweeps
@@ -99,6 +103,7 @@ def model_stage(p: Preset, model: str, device: str, workdir: Path, first: bool) 
     out: dict[str, Any] = {"model": model, "label": MODELS[model].label, "data": note, "store": store.to_dict(),
                            "context": ctx.to_dict(), "steps": steps,
                            "featcache_last_read_share": speed.reader_share(ctx, "last")}
+    done(out)
     if model in p.memory_models:
         say(f"[{model}] memory, one subprocess per peer")
         mem_ctx = replace(ctx, preload=False, reader_options={})
@@ -108,8 +113,10 @@ def model_stage(p: Preset, model: str, device: str, workdir: Path, first: bool) 
             if name.endswith("@stream"):
                 c["reader_options"] = {"buffer_mb": 64, "prefetch": 1}
             out["memory"][name] = memory.measure(name, c, p.memory_steps, p.threads)
+        done(out)
     say(f"[{model}] end to end: {p.epochs} epochs on {p.images} images")
     out["end_to_end"] = speed.end_to_end(store, ctx, ["last", "lst", "linear"], p.epochs, steps, list(p.e2e_real))
+    done(out)
     if first:
         say(f"[{model}] limits and sweep")
         methods = LIMIT_METHODS.get(p.name, ("last", "lst"))
@@ -120,6 +127,7 @@ def model_stage(p: Preset, model: str, device: str, workdir: Path, first: bool) 
         out["limits"]["profile"] = {m: limits.step_profile(ctx, m) for m in methods}
         if device.startswith("cuda"):
             out["limits"]["matmul_bf16"] = limits.matmul_rate(torch.device(device), torch.bfloat16)
+        done(out)
         out["sweep"] = sweeps.measure_sweep(ctx, p.sweep_k, p.sweep_rounds, p.targets["sweep_k8_vs_k1"])
     shutil.rmtree(store.path, ignore_errors=True)
     return out
@@ -186,7 +194,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "models" not in skip:
             for model in models:
                 # limits and the sweep run on the preset's first backbone (the ViT), whichever backbones this run does
-                result["models"][model] = model_stage(p, model, str(device), workdir, first=model == p.models[0])
+                def stage_done(out: dict[str, Any], model: str = model) -> None:
+                    result["models"][model] = out
+                    save()
+
+                result["models"][model] = model_stage(p, model, str(device), workdir, first=model == p.models[0],
+                                                      done=stage_done)
                 save()
         if "accuracy" not in skip:
             from .accuracy import measure_accuracy

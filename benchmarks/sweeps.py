@@ -19,10 +19,12 @@ from .peers import FeatcachePeer, PeerContext
 
 
 class LoopBank:
-    """K one-member banks trained one after the other on the same batch (read once)."""
+    """K one-member banks trained one after the other on the same batch (read once, from one reader: K
+    resident readers of a 1000-image ViT-S split would hold K x 2 GB)."""
 
     def __init__(self, ctx: PeerContext, method: str, k: int) -> None:
-        self.peers = [FeatcachePeer(ctx, method, 1) for _ in range(k)]
+        first = FeatcachePeer(ctx, method, 1)
+        self.peers = [first] + [FeatcachePeer(ctx, method, 1, reader=first.reader) for _ in range(k - 1)]
 
     def step(self) -> None:
         batch = self.peers[0].next_batch()

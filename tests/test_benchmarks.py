@@ -71,3 +71,32 @@ def test_peer_names() -> None:
     ctx = PeerContext(model="tiny_vit", batch_size=4, device="cpu")
     with pytest.raises(ValueError, match="unknown peer"):
         build_peer("adapter", ctx)
+
+
+def test_run_cut_short_keeps_finished_stages_and_sweep_loop_shares_one_reader(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import sweeps
+
+    readers: list[set[int]] = []
+
+    def sweep_then_die(ctx: PeerContext, k: int, *args: object, **kwargs: object) -> dict:
+        loop = sweeps.LoopBank(ctx, "last", 3)  # a resident reader each would hold the split 3 times
+        readers.append({id(p.reader) for p in loop.peers})
+        loop.step()
+        raise MemoryError("simulated: killed during the sweep")
+
+    monkeypatch.setattr(sweeps, "measure_sweep", sweep_then_die)
+    with pytest.raises(MemoryError, match="simulated"):
+        run.main(["--preset", "tiny", "--skip", "accuracy", "--out", str(tmp_path)])
+    assert len(readers) == 1 and len(readers[0]) == 1
+    saved = json.loads((tmp_path / "tiny-cpu.json").read_text())
+    vit = saved["models"]["tiny_vit"]
+    assert saved["complete"] is False and "sweep" not in vit
+    assert set(run.STEP_PEERS) <= set(vit["steps"]) and vit["end_to_end"]["rows"]["featcache-last"]["total_s"] > 0
+    assert vit["limits"]["compute"]["last"]["achieved_gflops"] > 0 and "featcache-last@stream" in vit["memory"]
+    readme = report.write_reports(tmp_path).read_text()
+    assert "**Incomplete**" in readme and "| featcache-last |" in readme
+    del vit["end_to_end"]  # cut short before the end-to-end stage: the tables still render
+    (tmp_path / "tiny-cpu.json").write_text(json.dumps(saved))
+    readme = report.write_reports(tmp_path).read_text()
+    assert "| featcache-last |" in readme and "epochs on" not in readme.split("### Targets")[-1]
