@@ -129,6 +129,7 @@ def model_stage(p: Preset, model: str, device: str, workdir: Path, first: bool,
             out["limits"]["matmul_bf16"] = limits.matmul_rate(torch.device(device), torch.bfloat16)
         done(out)
         out["sweep"] = sweeps.measure_sweep(ctx, p.sweep_k, p.sweep_rounds, p.targets["sweep_k8_vs_k1"])
+        done(out)
     shutil.rmtree(store.path, ignore_errors=True)
     return out
 
@@ -195,12 +196,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for model in models:
                 # limits and the sweep run on the preset's first backbone (the ViT), whichever backbones this run does
                 def stage_done(out: dict[str, Any], model: str = model) -> None:
-                    result["models"][model] = out
+                    result["models"][model] = out  # the same dict each time, growing: saved after every stage
                     save()
 
-                result["models"][model] = model_stage(p, model, str(device), workdir, first=model == p.models[0],
-                                                      done=stage_done)
-                save()
+                model_stage(p, model, str(device), workdir, first=model == p.models[0], done=stage_done)
         if "accuracy" not in skip:
             from .accuracy import measure_accuracy
 
