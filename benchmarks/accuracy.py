@@ -17,13 +17,13 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .common import say
 from .peers import SIDE_LR, FullFinetunePeer, ImagePeer, LoraPeer, PeerContext
-from .workload import MODELS, ImageBatches, build_store, data_specs, subset
+from .workload import MODELS, ImageBatches, StoreInfo, build_store, data_specs, subset
 
 
 def side_methods(store_path: Path, methods: list[str], epochs: int, batch_size: int, device: str,
@@ -81,26 +81,61 @@ def finetune(peer: ImagePeer, budget_s: float, test: ImageBatches, seed: int = 0
             "lr": base_lrs[0]}
 
 
+def size_key(model: str, train_n: int | None, test_n: int | None, epochs: int, batch_size: int) -> dict[str, Any]:
+    """What identifies one accuracy size in a result file (``requested``; None = all images)."""
+    return {"model": model, "train": train_n, "test": test_n, "epochs": epochs, "batch_size": batch_size}
+
+
 def measure_accuracy(model: str, train_n: int | None, test_n: int | None, epochs: int, batch_size: int,
                      device: str, workdir: Path, methods: tuple[str, ...] = ("linear", "last", "lst"),
                      peers: tuple[str, ...] = ("full-ft", "lora"),
-                     configs: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The whole accuracy benchmark for one data size; see the module doc."""
+                     configs: dict[str, dict[str, Any]] | None = None, previous: dict[str, Any] | None = None,
+                     done: Callable[[dict[str, Any]], None] = lambda entry: None) -> dict[str, Any]:
+    """The whole accuracy benchmark for one data size; see the module doc.
+
+    ``done(entry)`` is called after the extraction and after every method and peer, with ``complete``
+    false until the last. ``previous``, such an entry of an earlier run of the same size and batch, is
+    continued (the 60k/10k size takes longer than a session here): its rows are kept, its store in
+    ``workdir`` is reused when it is still there (with the extraction time that run measured), and only
+    the methods and peers it lacks are run; the peers' budget is the one it measured."""
     spec_train, spec_test, note = data_specs()
     preset = MODELS[model]
-    store = build_store(preset, {"train": (spec_train, train_n), "test": (spec_test, test_n)},
-                        workdir / f"acc-{model}-{train_n}.zarr", torch.device(device), batch_size)
-    say(f"  acc: extracted {store.splits} in {sum(store.seconds.values()):.0f}s ({store.extraction})")
-    side = side_methods(store.path, list(methods), epochs, batch_size, device, configs or {})
+    requested = size_key(model, train_n, test_n, epochs, batch_size)
+    store_path = workdir / f"acc-{model}-{train_n}.zarr"
+    if previous is not None and not (previous.get("requested") == requested and store_path.is_dir()
+                                     and Path(previous["store"]["path"]) == store_path):
+        say(f"  acc: not continuing the earlier run: other sizes, or its store {store_path} is gone")
+        previous = None
+    if previous is not None:
+        store = StoreInfo.from_dict(previous["store"])
+        say(f"  acc: continuing {previous.get('started')}'s run: store {store.path}, rows {sorted(previous['rows'])}")
+    else:
+        store = build_store(preset, {"train": (spec_train, train_n), "test": (spec_test, test_n)}, store_path,
+                            torch.device(device), batch_size)
+        say(f"  acc: extracted {store.splits} in {sum(store.seconds.values()):.0f}s ({store.extraction})")
     extraction_s = store.seconds["train"]
+    entry: dict[str, Any] = {
+        "model": model, "label": preset.label, "data": note, "train_images": store.splits["train"],
+        "test_images": store.splits["test"], "epochs": epochs, "batch_size": batch_size, "requested": requested,
+        "started": previous.get("started") if previous else time.strftime("%Y-%m-%d %H:%M:%S"),
+        "sessions": (previous.get("sessions", 1) + 1) if previous else 1,
+        "budget_s": previous.get("budget_s") if previous else None, "budget_from": None,
+        "store": store.to_dict(), "rows": dict(previous["rows"]) if previous else {}, "complete": False}
+    rows = entry["rows"]
+    done(entry)
+    for method in methods:
+        if f"featcache-{method}" not in rows:
+            r = side_methods(store.path, [method], epochs, batch_size, device, configs or {})[method]
+            rows[f"featcache-{method}"] = {**r, "extraction_s": extraction_s, "total_s": extraction_s + r["train_s"]}
+            done(entry)
+    side = {k.removeprefix("featcache-"): r for k, r in rows.items() if k.startswith("featcache-")}
     budget_method = "last" if "last" in side else max(side, key=lambda m: side[m]["train_s"])
-    budget = extraction_s + side[budget_method]["train_s"]
-    rows: dict[str, Any] = {f"featcache-{m}": {**r, "extraction_s": extraction_s, "total_s": extraction_s + r["train_s"]}
-                            for m, r in side.items()}
+    entry["budget_s"] = budget = extraction_s + side[budget_method]["train_s"]
+    entry["budget_from"] = f"train extraction + featcache-{budget_method} training"
     from featcache.store.layout import FeatureStore
 
     num_classes = len(FeatureStore.open(store.path).split("train").meta.classes) or 10
-    for name in peers:
+    for name in (p for p in peers if p not in rows):
         ctx = PeerContext(model=model, batch_size=batch_size, device=device, data=spec_train,
                           images=store.splits["train"], num_classes=num_classes, preload=False)
         peer: ImagePeer = FullFinetunePeer(ctx) if name == "full-ft" else LoraPeer(ctx)
@@ -113,9 +148,8 @@ def measure_accuracy(model: str, train_n: int | None, test_n: int | None, epochs
         say(f"  acc {name}: test {r['test_acc']:.4f} after {r['samples']} samples ({r['epochs']:.2f} epochs) "
             f"in {r['train_s']:.0f}s")
         del peer
+        done(entry)
     shutil.rmtree(store.path, ignore_errors=True)
-    return {"model": model, "label": preset.label, "data": note, "train_images": store.splits["train"],
-            "test_images": store.splits["test"], "epochs": epochs, "batch_size": batch_size,
-            "budget_s": budget, "budget_from": f"train extraction + featcache-{budget_method} training",
-            "store": store.to_dict(),
-            "rows": rows}
+    entry["complete"] = True
+    done(entry)
+    return entry

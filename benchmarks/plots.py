@@ -77,7 +77,8 @@ def _plot_accuracy(name: str, accs: list[dict[str, Any]], folder: Path) -> Path:
             ax.scatter(row["total_s"], 100 * row["test_acc"], color=_color(peer), s=30)
             ax.annotate(peer, (row["total_s"], 100 * row["test_acc"]), fontsize=7, xytext=(4, 2),
                         textcoords="offset points")
-        ax.axvline(acc["budget_s"], color="k", linestyle=":", linewidth=1)
+        if acc.get("budget_s") is not None:  # None: a run cut short before its side networks were trained
+            ax.axvline(acc["budget_s"], color="k", linestyle=":", linewidth=1)
         ax.set(xlabel="wall time incl. extraction, s", ylabel="test accuracy, %",
                title=f"{acc['train_images']:,} train / {acc['test_images']:,} test")
         ax.title.set_fontsize(8)

@@ -194,9 +194,12 @@ def limits_table(m: dict[str, Any]) -> str:
 
 
 def accuracy_table(acc: dict[str, Any]) -> str:
+    budget = (f"fine-tuning budget {_fmt_s(acc['budget_s'])} ({acc['budget_from']})" if acc.get("budget_s") is not None
+              else "fine-tuning budget not measured yet")
+    sessions = f"; measured in {acc['sessions']} runs (continued with --merge)" if acc.get("sessions", 1) > 1 else ""
+    unfinished = "" if acc.get("complete", True) else " **Incomplete**: the rows below are what it measured so far."
     lines = [f"{acc['label']} on {acc['data']}: {acc['train_images']:,} train / {acc['test_images']:,} test images, "
-             f"side networks {acc['epochs']} epochs, fine-tuning budget {_fmt_s(acc['budget_s'])} "
-             f"({acc['budget_from']}).", "",
+             f"side networks {acc['epochs']} epochs, {budget}{sessions}.{unfinished}", "",
              "| method | test accuracy | trainable params | training | total incl. extraction | seen |",
              "|---|---|---|---|---|---|"]
     for name, r in acc["rows"].items():

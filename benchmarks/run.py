@@ -135,11 +135,16 @@ def model_stage(p: Preset, model: str, device: str, workdir: Path, first: bool,
 
 
 def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """``new`` plus the backbones (and, when ``new`` has none, the accuracy rows) that only ``old`` holds."""
+    """``new`` plus the backbones and the accuracy sizes that only ``old`` holds (an accuracy size that ``new``
+    measured, or continued, replaces ``old``'s)."""
     out = dict(new)
     out["models"] = {**old.get("models", {}), **new.get("models", {})}
-    if "accuracy" not in new and "accuracy" in old:
-        out["accuracy"] = old["accuracy"]
+    redone = [a.get("requested") for a in new.get("accuracy", [])]
+    kept = [a for a in old.get("accuracy", []) if "requested" not in a or a["requested"] not in redone]
+    if "accuracy" not in new:
+        out["accuracy"] = old.get("accuracy", [])
+    elif kept:
+        out["accuracy"] = kept + new["accuracy"]
     out["wall_s"] = old.get("wall_s", 0.0) + new["wall_s"]
     out["merged_from"] = old.get("merged_from", [old.get("started")]) + [new.get("started")]
     return out
@@ -160,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--accuracy-peers", default=None, help="comma-separated fine-tuning peers (default: the preset's)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the backbones and accuracy rows of an existing result file of the same name that this "
-                         "run does not redo (to split a long run into several commands)")
+                         "run does not redo (to split a long run into several commands); an accuracy size that file "
+                         "left incomplete is continued (its rows kept, its store reused from --workdir)")
     args = ap.parse_args(argv)
     base = PRESETS[args.preset]
     p = replace(base, device=args.device or base.device,
@@ -201,13 +207,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
                 model_stage(p, model, str(device), workdir, first=model == p.models[0], done=stage_done)
         if "accuracy" not in skip:
-            from .accuracy import measure_accuracy
+            from .accuracy import measure_accuracy, size_key
 
             result["accuracy"] = []
+            earlier = old.get("accuracy", []) if old is not None else []
             for tr, te, epochs in p.accuracy:
-                result["accuracy"].append(measure_accuracy(p.accuracy_model, tr, te, epochs, p.batch_size,
-                                                           str(device), workdir, peers=p.accuracy_peers))
-                save()
+                key = size_key(p.accuracy_model, tr, te, epochs, p.batch_size)
+                previous = next((a for a in earlier if not a.get("complete", True) and a.get("requested") == key), None)
+
+                def accuracy_done(entry: dict[str, Any], i: int = len(result["accuracy"])) -> None:
+                    result["accuracy"][i:] = [entry]  # saved after the extraction and every method and peer
+                    save()
+
+                measure_accuracy(p.accuracy_model, tr, te, epochs, p.batch_size, str(device), workdir,
+                                 peers=p.accuracy_peers, previous=previous, done=accuracy_done)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

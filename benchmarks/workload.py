@@ -142,6 +142,11 @@ class StoreInfo:
                 "seconds": self.seconds, "loop_seconds": self.loop_seconds, "nbytes": self.nbytes,
                 "stored_bytes": self.stored_bytes}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StoreInfo:
+        return cls(Path(d["path"]), dict(d["splits"]), d["extraction"], dict(d["seconds"]), dict(d["loop_seconds"]),
+                   d["nbytes"], d["stored_bytes"])
+
 
 def build_store(preset: ModelPreset, splits: dict[str, tuple[str, int | None]], out: Path, device: torch.device,
                 batch_size: int = 32, progress: bool = False) -> StoreInfo:

@@ -100,3 +100,49 @@ def test_run_cut_short_keeps_finished_stages_and_sweep_loop_shares_one_reader(
     (tmp_path / "tiny-cpu.json").write_text(json.dumps(saved))
     readme = report.write_reports(tmp_path).read_text()
     assert "| featcache-last |" in readme and "epochs on" not in readme.split("### Targets")[-1]
+
+
+def test_accuracy_stage_cut_short_is_continued_by_a_second_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 60k/10k size takes longer than a session: a run stopped in its peers is continued with --merge, which
+    keeps the rows and store of the first run and runs only what is missing, on the first run's budget."""
+    from benchmarks import accuracy
+    from benchmarks.peers import LoraPeer
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = ["--preset", "tiny", "--skip", "models", "--out", str(out), "--workdir", str(work), "--merge"]
+    real_finetune, real_build, real_side = accuracy.finetune, accuracy.build_store, accuracy.side_methods
+
+    def session_ends_in_lora(peer: object, *a: object, **k: object) -> dict:
+        if isinstance(peer, LoraPeer):
+            raise RuntimeError("simulated: the session ended")
+        return real_finetune(peer, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(accuracy, "finetune", session_ends_in_lora)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run.main(args)
+    first = json.loads((out / "tiny-cpu.json").read_text())
+    acc = first["accuracy"][0]
+    assert first["complete"] is False and acc["complete"] is False
+    assert set(acc["rows"]) == {"featcache-linear", "featcache-last", "featcache-lst", "full-ft"}
+    assert acc["budget_s"] == pytest.approx(acc["store"]["seconds"]["train"] + acc["rows"]["featcache-last"]["train_s"])
+    assert Path(acc["store"]["path"]).is_dir()
+    assert "**Incomplete**: the rows below" in report.write_reports(out).read_text()
+
+    built: list[object] = []
+    trained: list[object] = []
+    monkeypatch.setattr(accuracy, "finetune", real_finetune)
+    monkeypatch.setattr(accuracy, "build_store", lambda *a, **k: built.append(a) or real_build(*a, **k))
+    monkeypatch.setattr(accuracy, "side_methods", lambda *a, **k: trained.append(a) or real_side(*a, **k))
+    second = run.main(args)
+    acc2 = second["accuracy"][0]
+    assert built == [] and trained == []  # the first run's store and side networks are reused as they were
+    assert second["complete"] is True and acc2["complete"] is True and len(second["accuracy"]) == 1
+    assert acc2["sessions"] == 2 and acc2["started"] == acc["started"]
+    assert {k: acc2["rows"][k] for k in acc["rows"]} == acc["rows"]
+    assert acc2["rows"]["lora"]["budget_s"] == pytest.approx(acc["budget_s"]) and 0 <= acc2["rows"]["lora"]["test_acc"] <= 1
+    assert not Path(acc["store"]["path"]).exists()  # removed once the size is complete
+    readme = report.write_reports(out).read_text()
+    assert "measured in 2 runs" in readme and "| lora |" in readme and "**Incomplete**" not in readme
+
+    third = run.main(args)  # a complete size is measured afresh, not continued
+    assert third["accuracy"][0]["sessions"] == 1 and len(third["accuracy"]) == 1
