@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from featcache.allocator import keep_freed_memory  # noqa: E402
 from featcache.backbone import Backbone, BackboneSpec, resolve_device  # noqa: E402
 from featcache.data import TransformedDataset  # noqa: E402
 from featcache.extract import ExtractOptions, default_loader_workers, extract, open_split_source  # noqa: E402
@@ -55,6 +56,7 @@ TINY_MODELS = {
 def _machine() -> dict[str, Any]:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpus": cpus, "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "malloc": keep_freed_memory().describe(),
             "load_average": os.getloadavg(), "python": platform.python_version(),
             "torch": torch.__version__, "platform": platform.platform()}
 
@@ -273,6 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--random-weights", action="store_true", help="random weights for every model (no weights package)")
     p.add_argument("--out", type=Path, default=None, help="JSON result path (default benchmarks/results/<what>.json)")
     args = p.parse_args(argv)
+    keep_freed_memory()  # before the first bare forward: extract() applies it, so both sides of the ratio have it
     run = {"extract": run_extract, "codecs": bench_codecs, "settings": bench_settings}[args.what]
     payload = run(args)
     out = args.out or RESULTS / {"extract": "extract.json", "codecs": "store_codecs.json",

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from featcache.allocator import keep_freed_memory
 from featcache.backbone import TapInfo
 from featcache.bank import MemberBank
 from featcache.methods.base import MethodInput
@@ -160,6 +161,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="benchmarks/results/reader.json")
     a = p.parse_args()
+    keep_freed_memory()  # as featcache.train does
     res = run(a.images, a.taps, rounds=a.rounds)
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     for k in ("numpy_copy", "numpy_copy_f32", "numpy_copy_f32_freed", "ram", "zarr_direct", "stream"):

@@ -26,11 +26,15 @@ from typing import Any  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
+from featcache.allocator import keep_freed_memory  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def setup_torch(device: str, threads: int | None) -> torch.device:
-    """Intra-op threads (CPU) and the device; ``threads=None`` keeps torch's default."""
+    """Intra-op threads (CPU), the device, and featcache's malloc settings for every peer alike (the ones
+    ``featcache.extract`` and ``featcache.train`` apply); ``threads=None`` keeps torch's default."""
+    keep_freed_memory()
     if threads is not None:
         torch.set_num_threads(max(1, threads))
     dev = torch.device(device)
@@ -143,7 +147,7 @@ def machine(device: torch.device) -> dict[str, Any]:
         "device": str(device), "cpus": cpus, "torch_threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()], "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "malloc": keep_freed_memory().describe(),
     }
     try:
         import timm

@@ -34,6 +34,7 @@ import torch
 import zarr
 
 from featcache import __version__
+from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone, BackboneSpec, resolve_device
 from featcache.choices import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES
 from featcache.data import (DataSource, PooledItems, Subset, TransformedDataset, TransformPool, open_source,
@@ -534,6 +535,7 @@ def extract(spec: BackboneSpec, data: str | DataSource, out: str | os.PathLike[s
         raise TypeError(f"unknown extract options: {', '.join(sorted(unknown))}")
     opts = replace(options or ExtractOptions(), **overrides)
     opts.validate()
+    keep_freed_memory()  # large activations reuse heap pages instead of faulting fresh ones (allocator.py)
     out = str(out)
     _check_out(out)
     t0 = time.perf_counter()

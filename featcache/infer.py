@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone, BackboneSpec, resolve_device
 from featcache.checkpoint import Checkpoint, load_checkpoint
 from featcache.data import DataSource, PooledItems, Subset, TransformedDataset, open_source, stratified_subset
@@ -53,6 +54,7 @@ class Predictor(nn.Module):
 
 def build_predictor(checkpoint: str | Path | Checkpoint, device: str = "auto", weights: str | None = None) -> Predictor:
     """Checkpoint -> Predictor; refuses a backbone whose weights differ from the ones the cache was made with."""
+    keep_freed_memory()  # the backbone's large activations reuse heap pages (allocator.py)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     manifest = Manifest.from_attrs(ckpt.manifest, f"checkpoint {ckpt.path}")
     spec = BackboneSpec.from_dict(manifest.backbone["spec"])

@@ -47,6 +47,8 @@ from distributed import Client, Future, Nanny, Scheduler, SpecCluster, as_comple
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from featcache import __version__
+from featcache.allocator import ENV as MALLOC_ENV
+from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone, BackboneSpec, resolve_device
 from featcache.data import DataSource
 from featcache.errors import (ClusterError, ConfigError, DataError, FeatcacheError, Interrupted, ModelError, StoreError,
@@ -209,7 +211,7 @@ def connect(address: str, timeout: float | None = None) -> Client:
 
 def _worker_info() -> dict[str, Any]:
     return {"featcache": __version__, "host": socket.gethostname(), "pid": os.getpid(), "cpus": cpu_count(),
-            "malloc_trim": os.environ.get(MALLOC_TRIM)}
+            "malloc_trim": os.environ.get(MALLOC_TRIM), "featcache_malloc": os.environ.get(MALLOC_ENV, "keep")}
 
 
 def prepare_workers(client: Client, torch_threads: int | None = None) -> dict[str, dict[str, Any]]:
@@ -223,9 +225,9 @@ def prepare_workers(client: Client, torch_threads: int | None = None) -> dict[st
     if other:
         raise ClusterError(f"workers run other featcache versions than this client ({__version__}): {other}; install "
                            "the same version everywhere")
-    if any(i["malloc_trim"] is not None for i in info.values()):
-        log.warning("featcache: the dask workers run with %s set (dask's default), which makes torch about 30%% "
-                    "slower; start them without it (docs/scale.md)", MALLOC_TRIM)
+    if any(i["malloc_trim"] is not None and i.get("featcache_malloc") == "system" for i in info.values()):
+        log.warning("featcache: the dask workers run with %s set (dask's default) and %s=system, which makes torch "
+                    "about 30%% slower; start them without either (docs/scale.md)", MALLOC_TRIM, MALLOC_ENV)
     hosts: dict[str, int] = {}
     for w in client.scheduler_info(n_workers=-1)["workers"].values():
         hosts[w["host"]] = hosts.get(w["host"], 0) + 1
@@ -434,6 +436,7 @@ def extract_shards_task(job: ShardJob, shards: list[int]) -> dict[str, Any]:
     A shard already complete was written by an earlier try of this task whose worker died before it
     reported: it is skipped, not written twice.
     """
+    keep_freed_memory()  # tasks run on worker threads: one shared heap, freed memory reused (allocator.py)
     backbone, built = worker_backbone(job)
     source = worker_source(job)
     with runtime_settings():

@@ -36,6 +36,7 @@ import torch
 
 from featcache import methods
 from featcache import __version__
+from featcache.allocator import keep_freed_memory
 from featcache.checkpoint import (SUPPORTED_CHECKPOINT_FORMATS, member_config, read_tensors, safe_member_name,
                                   write_json, write_tensors)
 from featcache.errors import CheckpointError, ConfigError, FeatcacheError, FormatVersionError, Interrupted, StoreError
@@ -313,6 +314,7 @@ def train(store: str | FeatureStore, method: str, out: str | os.PathLike[str], s
     curves.png are written, and a part whose members all diverged is no error (``gather_parts``
     decides over all parts).
     """
+    keep_freed_memory()  # large tensors reuse heap pages instead of faulting fresh ones (allocator.py)
     t_start, rss_base, device = time.perf_counter(), rss_mb(), torch.device(device)
     fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store, "r", storage_options)
     members = members or expand(method, settings, grid)
