@@ -214,13 +214,23 @@ def targets_table(rows: list[tuple[str, str, str]]) -> list[str]:
     return ["| target | measured | verdict |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows] + [""]
 
 
+def _when(r: dict[str, Any]) -> str:
+    """When the result was measured; a file merged from several runs names each start (its load averages
+    and machine facts are the latest run's, and say so)."""
+    starts = r.get("merged_from") or [r["started"]]
+    if len(starts) == 1:
+        return f"started {r['started']}, {r['wall_s'] / 60:.1f} min;"
+    return (f"measured in {len(starts)} runs merged with --merge (started {', '.join(map(str, starts))}), "
+            f"{r['wall_s'] / 60:.1f} min in all; the latest run's")
+
+
 def section(name: str, r: dict[str, Any], folder: Path) -> str:
     """The README section of one result file."""
     cuda = "cuda" in r["device"]
     mach = r["machine"]
     p = r["preset"]
     out = [f"## {name}", "",
-           f"Device: **{r['device']}**; started {r['started']}, {r['wall_s'] / 60:.1f} min; load average at start "
+           f"Device: **{r['device']}**; {_when(r)} load average at start "
            f"{mach['load_average']}, at end {r.get('machine_after', {}).get('load_average')}; torch {mach['torch']}. "
            f"Batch {p['batch_size']}" + (f"; step medians over {p['rounds']} A B A B rounds." if r["models"] else ".")
            + ("" if r.get("complete", True) else " **Incomplete**: the run stopped before its last stage; what "

@@ -143,6 +143,8 @@ def test_accuracy_stage_cut_short_is_continued_by_a_second_run(tmp_path: Path, m
     assert not Path(acc["store"]["path"]).exists()  # removed once the size is complete
     readme = report.write_reports(out).read_text()
     assert "measured in 2 runs" in readme and "| lora |" in readme and "**Incomplete**" not in readme
+    starts = ", ".join(second["merged_from"])  # the header names both runs, not only the latest start
+    assert f"measured in 2 runs merged with --merge (started {starts})" in readme and starts.count(":") == 4
 
     third = run.main(args)  # a complete size is measured afresh, not continued
     assert third["accuracy"][0]["sessions"] == 1 and len(third["accuracy"]) == 1
