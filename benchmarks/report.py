@@ -215,13 +215,15 @@ def targets_table(rows: list[tuple[str, str, str]]) -> list[str]:
 
 
 def _when(r: dict[str, Any]) -> str:
-    """When the result was measured; a file merged from several runs names each start (its load averages
-    and machine facts are the latest run's, and say so)."""
+    """When the result was measured and the load around it; a file merged from several runs names each
+    start (its load averages are the latest run's, and it says so)."""
+    load = (f"load average at start {r['machine']['load_average']}, "
+            f"at end {r.get('machine_after', {}).get('load_average')}")
     starts = r.get("merged_from") or [r["started"]]
     if len(starts) == 1:
-        return f"started {r['started']}, {r['wall_s'] / 60:.1f} min;"
+        return f"started {r['started']}, {r['wall_s'] / 60:.1f} min; {load}"
     return (f"measured in {len(starts)} runs merged with --merge (started {', '.join(map(str, starts))}), "
-            f"{r['wall_s'] / 60:.1f} min in all; the latest run's")
+            f"{r['wall_s'] / 60:.1f} min in all; the latest run's {load}")
 
 
 def section(name: str, r: dict[str, Any], folder: Path) -> str:
@@ -230,8 +232,7 @@ def section(name: str, r: dict[str, Any], folder: Path) -> str:
     mach = r["machine"]
     p = r["preset"]
     out = [f"## {name}", "",
-           f"Device: **{r['device']}**; {_when(r)} load average at start "
-           f"{mach['load_average']}, at end {r.get('machine_after', {}).get('load_average')}; torch {mach['torch']}. "
+           f"Device: **{r['device']}**; {_when(r)}; torch {mach['torch']}. "
            f"Batch {p['batch_size']}" + (f"; step medians over {p['rounds']} A B A B rounds." if r["models"] else ".")
            + ("" if r.get("complete", True) else " **Incomplete**: the run stopped before its last stage; what "
               "it measured is below."), ""]
