@@ -17,7 +17,10 @@ GLIBC = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get
 
 # A forward pass's pattern: each op's 64 MiB output is allocated while its input is alive, then the input
 # is freed. 64 MiB is above glibc's largest dynamic mmap threshold (32 MiB): without the settings every
-# output is a fresh mmap whose 16,384 pages fault on first touch.
+# output is a fresh mmap whose 16,384 pages fault on first touch. With the settings the heap may still
+# grow by one block now and then (a small allocation lands in a freed 64 MiB chunk, so the next output no
+# longer fits there: 1 run in 5 here, after the warm-up), then reuses it: so the faults are counted per
+# step and the median kept, and the heap may grow by one block over 20 steps, not by one per step.
 FAULTS = """
 import resource, torch
 from featcache.allocator import keep_freed_memory
@@ -26,10 +29,12 @@ usage = lambda: resource.getrusage(resource.RUSAGE_SELF)
 x = torch.ones(16 * 2**20)
 for _ in range(10):  # warm up: the heap grows to the few blocks this pattern needs
     x = x * 2
-f0, rss0 = usage().ru_minflt, usage().ru_maxrss
-for _ in range(10):
+rss0, steps = usage().ru_maxrss, []
+for _ in range(20):
+    f0 = usage().ru_minflt
     x = x * 2
-print(settings.applied, (usage().ru_minflt - f0) // 10, (usage().ru_maxrss - rss0) // 1024)
+    steps.append(usage().ru_minflt - f0)
+print(settings.applied, sorted(steps)[len(steps) // 2], (usage().ru_maxrss - rss0) // 1024)
 """
 
 
@@ -43,7 +48,7 @@ def faults_per_step(choice: str) -> tuple[bool, int, int]:
 @pytest.mark.skipif(not GLIBC, reason="the settings are glibc's")
 def test_freed_memory_is_reused_without_page_faults_and_the_heap_stops_growing() -> None:
     applied, faults, growth_mb = faults_per_step("keep")
-    assert applied and faults < 1000 and growth_mb == 0  # the heap hands back the same pages
+    assert applied and faults < 1000 and growth_mb <= 64  # the heap hands back the same pages
     applied, faults, _ = faults_per_step("system")
     assert not applied and faults >= 16_000  # malloc as it was: every 64 MiB output faults in again
 
