@@ -35,7 +35,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from featcache.allocator import keep_freed_memory  # noqa: E402
-from featcache.backbone import Backbone, BackboneSpec, resolve_device  # noqa: E402
+from featcache.backbone import Backbone, resolve_device  # noqa: E402
+from featcache.vocabulary import BackboneSpec  # noqa: E402
 from featcache.data import TransformedDataset  # noqa: E402
 from featcache.extract import ExtractOptions, default_loader_workers, extract, open_split_source  # noqa: E402
 

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from featcache.allocator import keep_freed_memory
-from featcache.backbone import TapInfo
+from featcache.vocabulary import TapInfo
 from featcache.bank import MemberBank
 from featcache.methods.base import MethodInput
 from featcache.store.layout import FeatureStore
-from featcache.store.manifest import Manifest, SplitMeta
+from featcache.vocabulary import Manifest, SplitMeta
 from featcache.store.reader import open_reader, read_range
 from featcache.sweep import expand
 

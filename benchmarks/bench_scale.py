@@ -34,7 +34,7 @@ from typing import Any, Iterator  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from featcache.backbone import BackboneSpec  # noqa: E402
+from featcache.vocabulary import BackboneSpec  # noqa: E402
 from featcache.extract import ExtractOptions, extract  # noqa: E402
 from featcache.scale import cluster_client, cpu_count, extract_on_cluster, train_on_cluster  # noqa: E402
 from featcache.train import train  # noqa: E402

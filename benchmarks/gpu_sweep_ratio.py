@@ -3,7 +3,7 @@
 Usage: python benchmarks/gpu_sweep_ratio.py [cuda|cpu] [BATCH]. Results: benchmarks/results/gpu-h100-sweep.md.
 """
 import sys, time, torch
-from featcache.backbone import TapInfo
+from featcache.vocabulary import TapInfo
 from featcache.methods.base import MethodInput
 from featcache.sweep import expand
 from featcache.bank import MemberBank

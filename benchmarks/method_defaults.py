@@ -31,7 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from featcache.backbone import Backbone, BackboneSpec, TapInfo
+from featcache.backbone import Backbone
+
+from featcache.vocabulary import BackboneSpec, TapInfo
 from featcache.data import open_source, stratified_subset
 from featcache.methods import MethodInput, create
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from featcache.choices import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES, WEIGHT_CHOICES_HELP
+from featcache.vocabulary import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES, WEIGHT_CHOICES_HELP
 from featcache.keyvalue import parse_assignments
 from featcache.progress import say
 
@@ -52,7 +52,8 @@ def command(model: str, model_kwargs: tuple[str, ...], weights: str, data: str, 
     also recomputes shards that fail their checksums. With --workers N or --scheduler ADDRESS the
     shards are computed by dask workers (docs/scale.md).
     """
-    from featcache.backbone import BackboneSpec, parse_layers
+    from featcache.backbone import parse_layers
+    from featcache.vocabulary import BackboneSpec
     from featcache.extract import ExtractOptions, extract
 
     spec = BackboneSpec(model=model, model_kwargs=parse_assignments(model_kwargs, "--model-kwargs"), weights=weights,

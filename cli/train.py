@@ -15,7 +15,8 @@ from .options import cluster_options, device_option, json_option, print_json, qu
 def _backbone_state(store_url: str, storage_options: dict | None = None):
     """Lazy loader of the backbone's weights, for LST's optional pruned initialisation."""
     def load() -> dict:
-        from featcache.backbone import BackboneSpec, create_model
+        from featcache.backbone import create_model
+        from featcache.vocabulary import BackboneSpec
         from featcache.store.layout import FeatureStore
 
         spec = BackboneSpec.from_dict(FeatureStore.open(store_url, "r", storage_options).manifest.backbone["spec"])

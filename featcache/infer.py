@@ -19,14 +19,15 @@ import torch
 from torch import nn
 
 from featcache.allocator import keep_freed_memory
-from featcache.backbone import Backbone, BackboneSpec, resolve_device
+from featcache.backbone import Backbone, resolve_device
+from featcache.vocabulary import BackboneSpec
 from featcache.checkpoint import Checkpoint, load_checkpoint
 from featcache.data import DataSource, PooledItems, Subset, TransformedDataset, open_source, stratified_subset
 from featcache.extract import default_loader_workers, transform_pool
 from featcache.errors import CheckpointError, DataError
 from featcache.methods.base import SideNetwork
 from featcache.progress import bar, say
-from featcache.store.manifest import Manifest
+from featcache.vocabulary import Manifest
 
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

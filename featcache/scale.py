@@ -49,7 +49,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from featcache import __version__
 from featcache.allocator import ENV as MALLOC_ENV
 from featcache.allocator import keep_freed_memory
-from featcache.backbone import Backbone, BackboneSpec, resolve_device
+from featcache.backbone import Backbone, resolve_device
+from featcache.vocabulary import BackboneSpec
 from featcache.data import DataSource
 from featcache.errors import (ClusterError, ConfigError, DataError, FeatcacheError, Interrupted, ModelError, StoreError,
                               UsageError, WeightsError)

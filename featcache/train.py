@@ -44,7 +44,7 @@ from featcache.methods.base import MethodInput
 from featcache.progress import bar, say
 from featcache.store.layout import FeatureStore, SplitHandle
 from featcache.store.lock import holds_run_lock
-from featcache.store.manifest import Manifest
+from featcache.vocabulary import Manifest
 from featcache.store.reader import CacheReader, open_reader
 
 from .bank import MemberBank

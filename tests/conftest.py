@@ -70,7 +70,7 @@ def write_tap_store(path: Path, backbone, images: np.ndarray, labels: np.ndarray
     from PIL import Image
 
     from featcache.store.layout import FeatureStore, encode
-    from featcache.store.manifest import Manifest, SplitMeta
+    from featcache.vocabulary import Manifest, SplitMeta
 
     if FeatureStore.exists(str(path)):
         store = FeatureStore.open(str(path), "r+")

@@ -61,7 +61,7 @@ def test_bad_setting_is_a_usage_error() -> None:
 
 def test_entry_points_apply_the_settings_first(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """extract, train and build_predictor call keep_freed_memory before anything else (a bad value stops them)."""
-    from featcache.backbone import BackboneSpec
+    from featcache.vocabulary import BackboneSpec
     from featcache.extract import extract
     from featcache.infer import build_predictor
     from featcache.train import train

@@ -23,7 +23,9 @@ import zarr
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from featcache.backbone import Backbone, BackboneSpec
+from featcache.backbone import Backbone
+
+from featcache.vocabulary import BackboneSpec
 from featcache.cli import app
 from featcache.train import train
 

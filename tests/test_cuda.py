@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.backbone import BackboneSpec
+from featcache.vocabulary import BackboneSpec
 from featcache.extract import extract
 from featcache.store.layout import FeatureStore
 from featcache.train import train

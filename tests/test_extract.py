@@ -17,14 +17,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from featcache.backbone import Backbone, BackboneSpec, Taps
+from featcache.backbone import Backbone, Taps
+
+from featcache.vocabulary import BackboneSpec
 from featcache.cli import app
 from featcache.data import TransformPool
 from featcache.errors import DataError, Interrupted
 from featcache.extract import (AugmentedViews, ShardBatchSampler, default_loader_workers, open_split_source,
                                transform_threads)
 from featcache.store.layout import FeatureStore
-from featcache.store.manifest import SplitMeta
+from featcache.vocabulary import SplitMeta
 from featcache.store.verify import verify_store
 
 from .test_store_support import one_torch_thread, TINY_VIT, assert_same_arrays, images, read_split, run_extract  # noqa: F401
@@ -98,7 +100,7 @@ _KILL_SCRIPT = textwrap.dedent("""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal, even in a background test run
     import torch
     torch.set_num_threads(1)
-    from featcache.backbone import BackboneSpec
+    from featcache.vocabulary import BackboneSpec
     from featcache.data import open_source
     from featcache.errors import FeatcacheError
     from featcache.extract import extract

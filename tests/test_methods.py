@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
-from featcache.backbone import Backbone, BackboneSpec, TapInfo
+from featcache.backbone import Backbone
+
+from featcache.vocabulary import BackboneSpec, TapInfo
 from featcache.errors import ConfigError
 from featcache.methods import (TRAINING_KEYS, MethodConfig, MethodInput, SideNetwork, config_class, create,
                                list_methods, register)

@@ -6,7 +6,9 @@ import numpy as np
 import torch
 from click.testing import CliRunner
 
-from featcache.backbone import Backbone, BackboneSpec
+from featcache.backbone import Backbone
+
+from featcache.vocabulary import BackboneSpec
 from featcache.cli import app
 from featcache.store.summary import describe_store
 

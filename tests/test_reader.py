@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.backbone import TapInfo
+from featcache.vocabulary import TapInfo
 from featcache.errors import CorruptionError, StoreError, UsageError
 from featcache.store.layout import FeatureStore, encode
-from featcache.store.manifest import Manifest, SplitMeta
+from featcache.vocabulary import Manifest, SplitMeta
 from featcache.store.reader import TapDataset, choose_mode, open_reader
 
 N = 50

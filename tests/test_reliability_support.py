@@ -279,7 +279,7 @@ EXTRACT_KILL_POINTS = ["store-created", "split-half-created", "mid-shard-compute
 def child_extract(images: str, out: str, point: str | None, log: str | None = None, slow: float = 0.0) -> None:
     """Extract ``images`` into ``out`` as the tests' clean run does; die at ``point`` (None: finish)."""
     _child_setup(log)
-    from featcache.backbone import BackboneSpec
+    from featcache.vocabulary import BackboneSpec
     from featcache.data import open_source
     from featcache.extract import extract
 

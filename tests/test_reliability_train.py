@@ -19,7 +19,9 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from featcache.backbone import Backbone, BackboneSpec
+from featcache.backbone import Backbone
+
+from featcache.vocabulary import BackboneSpec
 from featcache.cli import app
 from featcache.train import train
 

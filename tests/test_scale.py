@@ -29,7 +29,9 @@ from click.testing import CliRunner
 from distributed import Client
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from featcache.backbone import Backbone, BackboneSpec
+from featcache.backbone import Backbone
+
+from featcache.vocabulary import BackboneSpec
 from featcache.checkpoint import load_checkpoint
 from featcache.cli import app
 from featcache.errors import ClusterError, DataError, StoreLockedError, UsageError

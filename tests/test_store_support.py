@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.backbone import Backbone, BackboneSpec
+from featcache.backbone import Backbone
+
+from featcache.vocabulary import BackboneSpec
 from featcache.data import TransformedDataset
 from featcache.extract import ExtractReport, extract, open_split_source
 from featcache.store.layout import FeatureStore

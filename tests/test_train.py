@@ -10,7 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from featcache.backbone import Backbone, BackboneSpec
+from featcache.backbone import Backbone
+
+from featcache.vocabulary import BackboneSpec
 from featcache.checkpoint import load_checkpoint
 from featcache.cli import app
 from featcache.errors import CheckpointError, ConfigError, Interrupted, UsageError

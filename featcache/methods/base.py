@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ..backbone import TapInfo
+from ..vocabulary import TapInfo
 from ..errors import ConfigError
 
 # Keys the trainer owns; ``--set KEY=VALUE`` is routed by name, so no method config may use them.

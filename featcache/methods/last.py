@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbone import TapInfo
+from ..vocabulary import TapInfo
 from .base import (MethodConfig, MethodInput, SideNetwork, check, check_choice, common_grid, init_layernorm,
                    make_head, normalize_taps, pool_tokens, register, to_grid)
 from .linear import POOLS, resolve_pool

