@@ -37,8 +37,9 @@ import torch  # noqa: E402
 from featcache.allocator import keep_freed_memory  # noqa: E402
 from featcache.backbone import Backbone, resolve_device  # noqa: E402
 from featcache.vocabulary import BackboneSpec  # noqa: E402
-from featcache.data import TransformedDataset  # noqa: E402
-from featcache.extract import ExtractOptions, default_loader_workers, extract, open_split_source  # noqa: E402
+from featcache.loader import TransformedDataset  # noqa: E402
+from featcache.extract import ExtractOptions, extract, open_split_source  # noqa: E402
+from featcache.loader import default_loader_workers  # noqa: E402
 
 from .common import paired_ratio  # noqa: E402
 

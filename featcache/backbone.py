@@ -16,7 +16,6 @@ import difflib
 import hashlib
 import inspect
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 

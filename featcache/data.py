@@ -17,8 +17,6 @@ from __future__ import annotations
 import gzip
 import inspect
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -335,86 +333,3 @@ class Subset:
     def ids(self) -> list[str]:
         ids = self.source.ids()
         return [ids[i] for i in self.indices]
-
-
-class TransformedDataset(torch.utils.data.Dataset):
-    """(image tensor, label, index) items for a ``DataLoader``."""
-
-    def __init__(self, source: DataSource, transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.source, self.transform = source, transform
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        sample = self.source[index]
-        return self.transform(sample.image), sample.label, index
-
-
-class TransformPool:
-    """Threads of this process that load and transform the items of a batch, each with one torch thread.
-
-    For a backbone on the CPU, where the forward pass already keeps every core busy: a DataLoader
-    worker process preempts one of the forward's OpenMP threads whenever it runs, and the other
-    threads wait for it at the next barrier, so each second of decoding costs the forward up to a
-    second per core. Transforming a batch between two forwards on all cores costs about its CPU time
-    divided by the cores (docs/store.md has the measurements). PIL and torch release the GIL while
-    they work. Each thread runs torch ops single-threaded (a 3x224x224 normalisation would otherwise
-    start an OpenMP team per thread); the caller's own thread setting is left as it was.
-    """
-
-    def __init__(self, threads: int) -> None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        self.threads = threads
-        caller = torch.get_num_threads()
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="featcache-transform",
-                                        initializer=_one_intraop_thread)
-        # start every thread now: each sets its own intra-op threads to 1 (torch keeps that per thread,
-        # and also as the default for threads started later, which the caller's setting then restores)
-        started = threading.Barrier(threads + 1, timeout=60)
-        waits = [self._pool.submit(started.wait) for _ in range(threads)]
-        started.wait()
-        for w in waits:
-            w.result()
-        torch.set_num_threads(caller)
-
-    def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
-        """``[fn(x) for x in items]`` on the pool's threads, in order; the first error is raised here."""
-        return list(self._pool.map(fn, items))
-
-    def close(self) -> None:
-        """Stop the threads; items not started are dropped (an interrupted batch is not needed)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> "TransformPool":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _one_intraop_thread() -> None:
-    torch.get_num_threads()  # torch initialises a thread's setting lazily, from the process default: do it first
-    torch.set_num_threads(1)
-
-
-class PooledItems(torch.utils.data.Dataset):
-    """A dataset whose batches a ``DataLoader`` with ``num_workers=0`` fetches on a ``TransformPool``.
-
-    The DataLoader asks for a whole batch through ``__getitems__``; items come back in order and an
-    error in one of them is raised as itself (no worker traceback to unwrap). Only for datasets whose
-    items do not draw from the global random generators (the eval transform): those are not per thread.
-    """
-
-    def __init__(self, dataset: torch.utils.data.Dataset, pool: TransformPool) -> None:
-        self.dataset, self.pool = dataset, pool
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[index]
-
-    def __getitems__(self, indices: list[int]) -> list[Any]:
-        return self.pool.map(self.dataset.__getitem__, indices)

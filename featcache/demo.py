@@ -60,7 +60,8 @@ def default_plan(quick: bool = False) -> DemoPlan:
 def _loop_step_seconds(plan: DemoPlan, store_url: str, steps: int = 3) -> float:
     """Seconds per training step of LAST with the backbone in the loop (forward under inference + side step)."""
     from featcache import methods
-    from featcache.data import TransformedDataset, open_source
+    from featcache.data import open_source
+    from featcache.loader import TransformedDataset
     from featcache.methods.base import MethodInput
     from featcache.store.layout import FeatureStore
 

@@ -22,24 +22,22 @@ import contextlib
 import logging
 import os
 import platform
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import timm
 import torch
 import zarr
 
-from featcache import __version__
 from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone, resolve_device
 from featcache.vocabulary import BackboneSpec
 from featcache.vocabulary import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES
-from featcache.data import (DataSource, PooledItems, Subset, TransformedDataset, TransformPool, open_source,
-                            stratified_subset, unwrap_worker_error)
+from featcache.data import DataSource, Subset, open_source, stratified_subset, unwrap_worker_error
+from featcache.loader import cpu_count, default_loader_workers, make_loader, transform_pool
 from featcache.errors import DataError, Interrupted, StoreError, UsageError
 from featcache.progress import bar
 from featcache.store.layout import FeatureStore, choose_chunking, compressor_record, storage_dtype
@@ -183,37 +181,9 @@ def _fmt_bytes(n: float) -> str:
 # Runtime settings
 
 
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def default_loader_workers(device: torch.device | str = "cpu", views: int = 1) -> int:
-    """DataLoader worker processes: none for a CPU backbone (its forward uses every core: the images are
-    transformed on a ``TransformPool`` between forwards instead); for a GPU, or augmented views (seeded per
-    image through the global RNGs, so not on threads), 1 on small machines and up to 4 on larger ones."""
-    if torch.device(device).type == "cpu" and views == 1:
-        return 0
-    cpus = _cpus()
-    return 1 if cpus <= 4 else min(4, cpus // 4)
-
-
-def transform_threads(loader_workers: int, views: int) -> int:
-    """Threads of the in-process ``TransformPool``: the forward's cores when no DataLoader worker
-    transforms the images, 0 (none) with workers or with augmented views (they seed the global RNGs)."""
-    if loader_workers or views > 1:
-        return 0
-    return max(1, min(torch.get_num_threads(), _cpus()))
-
-
-def transform_pool(loader_workers: int, views: int) -> TransformPool | None:
-    """The ``TransformPool`` for a loader with this many workers and views, or None (workers, views, one core)."""
-    threads = transform_threads(loader_workers, views)
-    return TransformPool(threads) if threads > 1 else None
-
-
 def default_writer_threads() -> int:
     """Shard writer threads: 1 where the backbone needs the cores, up to 4 where a GPU outruns one writer."""
-    cpus = _cpus()
+    cpus = cpu_count()
     return 1 if cpus <= 4 else min(4, cpus // 4)
 
 
@@ -243,73 +213,6 @@ def open_split_source(data: str | DataSource, limit: int | None = None) -> DataS
             return Subset(source, np.arange(limit))
         return Subset(source, stratified_subset(labels, limit))
     return source
-
-
-@contextlib.contextmanager
-def seeded_rng(seed: int, index: int, view: int) -> Iterator[None]:
-    """Seed torch, numpy and ``random`` from (seed, index, view); restore their states afterwards."""
-    state = np.random.SeedSequence([seed, index, view]).generate_state(2)
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(state[0]))
-        random.seed(int(state[0]))
-        np.random.seed(int(state[1]))
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
-class AugmentedViews(torch.utils.data.Dataset):
-    """(views (V, 3, H, W), label, index) items: V draws of the training transform, deterministic per image."""
-
-    def __init__(self, source: DataSource, transform: Callable[[Any], torch.Tensor], views: int, seed: int) -> None:
-        self.source, self.transform, self.views, self.seed = source, transform, views, seed
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        sample = self.source[index]
-        out = []
-        for view in range(self.views):
-            with seeded_rng(self.seed, index, view):
-                out.append(self.transform(sample.image))
-        return torch.stack(out), sample.label, index
-
-
-class ShardBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Batches of image indices that never cross a shard boundary and always start at the same images."""
-
-    def __init__(self, meta: SplitMeta, shards: Sequence[int], images_per_batch: int) -> None:
-        self.meta, self.shards, self.images_per_batch = meta, list(shards), images_per_batch
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for k in self.shards:
-            start, stop = self.meta.shard_bounds(k)
-            for b in range(start, stop, self.images_per_batch):
-                yield list(range(b, min(b + self.images_per_batch, stop)))
-
-    def __len__(self) -> int:
-        return sum(-(-(stop - start) // self.images_per_batch)
-                   for start, stop in (self.meta.shard_bounds(k) for k in self.shards))
-
-
-def make_loader(source: DataSource, backbone: Backbone, meta: SplitMeta, shards: Sequence[int], batch_size: int,
-                workers: int, pool: TransformPool | None = None) -> torch.utils.data.DataLoader:
-    """A DataLoader over the given shards' images (eval transform, or ``meta.views`` augmented views);
-    with ``pool`` (and no workers) each batch is transformed on the pool's threads."""
-    if meta.views > 1:
-        dataset: torch.utils.data.Dataset = AugmentedViews(source, backbone.train_transform(), meta.views, meta.seed)
-    else:
-        dataset = TransformedDataset(source, backbone.transform)
-        if pool is not None and not workers:
-            dataset = PooledItems(dataset, pool)
-    images_per_batch = max(1, batch_size // meta.views)
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=ShardBatchSampler(meta, shards, images_per_batch), num_workers=workers,
-        pin_memory=backbone.device.type == "cuda", prefetch_factor=4 if workers else None)
 
 
 # ---------------------------------------------------------------------------------------------

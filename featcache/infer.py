@@ -22,8 +22,8 @@ from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone, resolve_device
 from featcache.vocabulary import BackboneSpec
 from featcache.checkpoint import Checkpoint, load_checkpoint
-from featcache.data import DataSource, PooledItems, Subset, TransformedDataset, open_source, stratified_subset
-from featcache.extract import default_loader_workers, transform_pool
+from featcache.data import DataSource, Subset, open_source, stratified_subset
+from featcache.loader import default_loader_workers, image_loader, transform_pool
 from featcache.errors import CheckpointError, DataError
 from featcache.methods.base import SideNetwork
 from featcache.progress import bar, say
@@ -97,9 +97,7 @@ def predict(checkpoint: str | Path, data: str | DataSource, batch_size: int = 64
     dev = predictor.backbone.device
     workers = num_workers if num_workers is not None else default_loader_workers(dev)
     pool = transform_pool(workers, views=1)  # as in extraction: on a CPU, transform between forwards
-    dataset: torch.utils.data.Dataset = TransformedDataset(source, predictor.transform)
-    dataset = dataset if pool is None else PooledItems(dataset, pool)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+    loader = image_loader(source, predictor.transform, batch_size, workers, pool)
     ids = source.ids()
     preds, probs, labels = [], [], []
     with pool or contextlib.nullcontext(), bar(len(source), "predict", progress=progress) as pbar:

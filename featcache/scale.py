@@ -52,6 +52,7 @@ from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone, resolve_device
 from featcache.vocabulary import BackboneSpec
 from featcache.data import DataSource
+from featcache.loader import cpu_count
 from featcache.errors import (ClusterError, ConfigError, DataError, FeatcacheError, Interrupted, ModelError, StoreError,
                               UsageError, WeightsError)
 from featcache.extract import (ZARR_CONCURRENCY, ExtractOptions, ExtractReport, build_manifest, extract_shards,
@@ -100,11 +101,6 @@ def _shared_path(value: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Worker settings
-
-
-def cpu_count() -> int:
-    """CPU cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def apply_worker_settings(torch_threads: int, zarr_concurrency: int = ZARR_CONCURRENCY) -> None:

@@ -34,7 +34,6 @@ import numpy as np
 import psutil
 import torch
 
-from featcache import methods
 from featcache import __version__
 from featcache.allocator import keep_freed_memory
 from featcache.checkpoint import (SUPPORTED_CHECKPOINT_FORMATS, member_config, read_tensors, safe_member_name,

@@ -21,10 +21,10 @@ from featcache.backbone import Backbone, Taps
 
 from featcache.vocabulary import BackboneSpec
 from featcache.cli import app
-from featcache.data import TransformPool
+from featcache.loader import TransformPool
 from featcache.errors import DataError, Interrupted
-from featcache.extract import (AugmentedViews, ShardBatchSampler, default_loader_workers, open_split_source,
-                               transform_threads)
+from featcache.extract import open_split_source
+from featcache.loader import AugmentedViews, ShardBatchSampler, default_loader_workers, transform_threads
 from featcache.store.layout import FeatureStore
 from featcache.vocabulary import SplitMeta
 from featcache.store.verify import verify_store
@@ -120,8 +120,8 @@ _KILL_SCRIPT = textwrap.dedent("""
 
     spec = BackboneSpec(model="test_vit", model_kwargs={"img_size": 32}, weights="random")
     if sys.argv[3] == "pool":  # no worker process: the images are transformed on 2 threads of this process
-        import featcache.extract
-        featcache.extract.transform_threads = lambda workers, views: 2
+        import featcache.loader
+        featcache.loader.transform_threads = lambda workers, views: 2
     try:
         extract(spec, Slow(open_source(sys.argv[1])), sys.argv[2], dtype="float32",
                 loader_workers=0 if sys.argv[3] == "pool" else int(sys.argv[3]),
@@ -203,8 +203,8 @@ def test_cpu_extraction_transforms_on_threads_and_equals_a_worker_process(images
     assert default_loader_workers("cpu", views=3) >= 1  # augmented views: a worker process, not threads
     assert transform_threads(0, views=1) == min(torch.get_num_threads(), len(os.sched_getaffinity(0)))
     assert transform_threads(1, views=1) == 0 and transform_threads(0, views=2) == 0  # workers; seeded views
-    import featcache.extract as fx
-    from featcache.data import PooledItems
+    import featcache.loader as fx
+    from featcache.loader import PooledItems
 
     monkeypatch.setattr(fx, "transform_threads", lambda workers, views: 3)  # the tests' torch runs 1 thread
     fetched: list[str] = []

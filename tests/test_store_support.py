@@ -13,7 +13,7 @@ import torch
 from featcache.backbone import Backbone
 
 from featcache.vocabulary import BackboneSpec
-from featcache.data import TransformedDataset
+from featcache.loader import TransformedDataset
 from featcache.extract import ExtractReport, extract, open_split_source
 from featcache.store.layout import FeatureStore
 

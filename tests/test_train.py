@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -15,7 +13,7 @@ from featcache.backbone import Backbone
 from featcache.vocabulary import BackboneSpec
 from featcache.checkpoint import load_checkpoint
 from featcache.cli import app
-from featcache.errors import CheckpointError, ConfigError, Interrupted, UsageError
+from featcache.errors import CheckpointError, ConfigError, Interrupted
 from featcache.store.layout import FeatureStore
 from featcache.sweep import TrainConfig, expand, load_sweep_file
 from featcache.train import train
@@ -250,9 +248,9 @@ def test_predict_live_path_equals_cached_path(vit_store, tmp_path, vit, monkeypa
     result = predict(tmp_path / "p", str(folder), device="cpu", progress=False, num_workers=0)
     best = json.loads((tmp_path / "p" / "best.json").read_text())
     assert result["num_images"] == 48 and result["accuracy"] == pytest.approx(best["test_acc"])
-    import featcache.extract
+    import featcache.loader
 
-    monkeypatch.setattr(featcache.extract, "transform_threads", lambda workers, views: 3)  # the CPU default's pool
+    monkeypatch.setattr(featcache.loader, "transform_threads", lambda workers, views: 3)  # the CPU default's pool
     pooled = predict(tmp_path / "p", str(folder), device="cpu", progress=False)
     assert pooled["predictions"] == result["predictions"]
 
