@@ -1,21 +1,18 @@
 """The one backbone pass: data -> transformed images -> taps -> a split of a feature store.
 
-``extract`` runs the three steps of featcache.store.writer under the split's lock:
-plan/create (``open_split_for_writing``), the per-shard work unit (``extract_shards``: given an
-open split, a backbone and a data source, compute and write any list of shard ids), finalize.
-The scale-out issue reuses ``plan_split``/``open_split_for_writing`` on one process,
-``extract_shards`` on each worker (with ``open_split_source(meta.data, meta.limit)`` there), and
-``finalize_split``.
+Every extraction runs one pipeline, ``run_extraction``: plan the split, take its lock, create it (or
+check that it can be resumed) with ``featcache.store.writer.open_split_for_writing``, run its missing
+shards, finalize. Only how the shards run differs, behind ``ShardRunner``: ``InProcessRunner`` here
+(``extract``), the dask runner in ``featcache.scale`` (``extract_on_cluster``). Both run the work unit
+``extract_shards``: given an open split, a backbone and a data source, compute and write any list of shards.
 
-Pipeline of ``extract_shards``: a ``DataLoader`` decodes and transforms images in worker
-processes; the main thread runs the frozen backbone (inference mode; bf16 autocast on CUDA for
-16-bit caches) and copies each batch's taps into the current shard's buffers; finished shards go
-to a ``ShardWriter`` thread (bounded queue) that compresses and writes them, so the backbone never
-waits for compression or disk. Batches never cross a shard boundary and always start at the same
-images, so a resumed extraction computes every shard from exactly the same batches as an
-uninterrupted one: the stored arrays are bitwise equal.
+Inside ``extract_shards`` the images come in shard-aligned batches (``featcache.loader``); the main
+thread runs the frozen backbone (inference mode; bf16 autocast on CUDA for 16-bit caches) and copies
+each batch's taps into the current shard's buffers; finished shards go to a ``ShardWriter`` thread
+(bounded queue) that compresses and writes them, so the backbone never waits for compression or disk.
+Batches never cross a shard boundary and always start at the same images, so a resumed extraction
+computes every shard from exactly the same batches as an uninterrupted one: the arrays are bitwise equal.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -25,7 +22,7 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import timm
@@ -40,7 +37,7 @@ from featcache.data import DataSource, Subset, open_source, stratified_subset, u
 from featcache.loader import cpu_count, default_loader_workers, make_loader, transform_pool
 from featcache.errors import DataError, Interrupted, StoreError, UsageError
 from featcache.progress import bar
-from featcache.store.layout import FeatureStore, choose_chunking, compressor_record, storage_dtype
+from featcache.store.layout import FeatureStore, SplitHandle, choose_chunking, compressor_record, storage_dtype
 from featcache.store.lock import SplitLock
 from featcache.vocabulary import Manifest, SplitMeta
 from featcache.store.writer import (ShardData, ShardWriteError, ShardWriter, SplitTotals, describe_os_error,
@@ -423,65 +420,111 @@ def _kept(split: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The whole extraction
+# The whole extraction: one pipeline, two runners
 
 
-def extract(spec: BackboneSpec, data: str | DataSource, out: str | os.PathLike[str],
-            options: ExtractOptions | None = None, **overrides: Any) -> ExtractReport:
-    """One backbone pass over ``data`` into split ``options.split`` of the store ``out``.
+class ShardRunner(Protocol):
+    """How the shards of a planned split are computed: in this process, or as dask tasks (featcache.scale)."""
 
-    ``overrides`` replace fields of ``options`` (``extract(spec, data, out, split="val")``).
-    Raises featcache errors: ``StoreError`` (refusals leave the store untouched), ``StoreLockedError``,
-    ``Interrupted`` (Ctrl-C; completed shards kept, rerun with ``resume=True``).
-    """
+    def backbone_device(self, opts: ExtractOptions) -> torch.device:
+        """Where the planning process puts its backbone (the one that also computes shards in-process)."""
+
+    def run(self, split: SplitHandle, backbone: Backbone, source: DataSource, shards: list[int],
+            opts: ExtractOptions) -> ShardRunStats:
+        """Compute and write ``shards`` of the open split; completed shards are kept on any error."""
+
+    def report(self, report: ExtractReport, stats: ShardRunStats) -> ExtractReport:
+        """The report of the whole extraction, with what this runner adds."""
+
+
+class InProcessRunner:
+    """Shards computed here, in order, by ``extract_shards``."""
+
+    def backbone_device(self, opts: ExtractOptions) -> torch.device:
+        return resolve_device(opts.device)
+
+    def run(self, split: SplitHandle, backbone: Backbone, source: DataSource, shards: list[int],
+            opts: ExtractOptions) -> ShardRunStats:
+        return extract_shards(split, backbone, source, shards, batch_size=split.meta.batch_size,
+                              loader_workers=opts.loader_workers, progress=opts.progress, durable=opts.durable,
+                              writer_threads=opts.writer_threads)
+
+    def report(self, report: ExtractReport, stats: ShardRunStats) -> ExtractReport:
+        return report
+
+
+def resolve_options(options: ExtractOptions | None, overrides: dict[str, Any]) -> ExtractOptions:
+    """``options`` with ``overrides`` replacing fields, validated (a bad name is a TypeError, as for a call)."""
     unknown = set(overrides) - {f.name for f in fields(ExtractOptions)}
     if unknown:
         raise TypeError(f"unknown extract options: {', '.join(sorted(unknown))}")
     opts = replace(options or ExtractOptions(), **overrides)
     opts.validate()
+    return opts
+
+
+def open_planned_split(out: str, backbone: Backbone, source: DataSource, opts: ExtractOptions) -> tuple[SplitHandle, str]:
+    """Plan the split (recorded settings on --resume), then create it or check it can be resumed.
+
+    The caller holds the split's lock. Returns (split, "created" | "resumed" | "replaced").
+    """
+    recorded = _recorded_meta(out, opts.split, opts.storage_options)
+    meta = plan_split(backbone, source, opts, recorded)
+    manifest = build_manifest(backbone, opts.dtype, meta.compressor)
+    return open_split_for_writing(out, manifest, opts.split, meta, ids=source.ids(), resume=opts.resume,
+                                  overwrite=opts.overwrite, repair=opts.repair, final_norm=backbone.final_norm_state(),
+                                  storage_options=opts.storage_options)
+
+
+def run_extraction(spec: BackboneSpec, data: str | DataSource, out: str, opts: ExtractOptions,
+                   runner: ShardRunner) -> ExtractReport:
+    """The one pipeline of every extraction: plan -> lock -> open the split -> run its missing shards -> finalize."""
     keep_freed_memory()  # large activations reuse heap pages instead of faulting fresh ones (allocator.py)
-    out = str(out)
     _check_out(out)
     t0 = time.perf_counter()
     with runtime_settings():
         source = open_split_source(data, opts.limit)
-        backbone = Backbone(spec, resolve_device(opts.device), opts.layers)
+        backbone = Backbone(spec, runner.backbone_device(opts), opts.layers)
         try:
             with SplitLock(out, opts.split, opts.storage_options):
-                recorded = _recorded_meta(out, opts.split, opts.storage_options)
-                meta = plan_split(backbone, source, opts, recorded)
-                manifest = build_manifest(backbone, opts.dtype, meta.compressor)
-                split, status = open_split_for_writing(
-                    out, manifest, opts.split, meta, ids=source.ids(), resume=opts.resume, overwrite=opts.overwrite,
-                    repair=opts.repair, final_norm=backbone.final_norm_state(), storage_options=opts.storage_options)
+                split, status = open_planned_split(out, backbone, source, opts)
                 done = split.completed_shards()
-                todo = [k for k in range(split.meta.num_shards) if not done[k]]
-                stats = extract_shards(split, backbone, source, todo, batch_size=split.meta.batch_size,
-                                       loader_workers=opts.loader_workers, progress=opts.progress,
-                                       durable=opts.durable, writer_threads=opts.writer_threads)
+                stats = runner.run(split, backbone, source, [k for k in range(split.meta.num_shards) if not done[k]],
+                                   opts)
                 seconds = time.perf_counter() - t0
                 totals = finalize_split(split, seconds)
         except OSError as err:  # outside the shard writer: creating the store or split, finalizing, the lock
             what, fix = describe_os_error(err)
             raise StoreError(f"cannot write store {out}: {what}; completed shards are kept: {fix}, then run the same "
                              "featcache extract command with --resume") from err
-    report = _report(out, split, status, manifest, stats, totals, seconds)
-    report.shards_repaired = list(split.repaired_shards)
-    return report
+    report = _report(out, split, status, stats, totals, seconds)
+    return runner.report(report, stats)
 
 
-def _report(out: str, split: Any, status: str, manifest: Manifest, stats: ShardRunStats, totals: SplitTotals,
+def extract(spec: BackboneSpec, data: str | DataSource, out: str | os.PathLike[str],
+            options: ExtractOptions | None = None, **overrides: Any) -> ExtractReport:
+    """One backbone pass over ``data`` into split ``options.split`` of the store ``out``, in this process.
+
+    ``overrides`` replace fields of ``options`` (``extract(spec, data, out, split="val")``).
+    Raises featcache errors: ``StoreError`` (refusals leave the store untouched), ``StoreLockedError``,
+    ``Interrupted`` (Ctrl-C; completed shards kept, rerun with ``resume=True``).
+    """
+    return run_extraction(spec, data, str(out), resolve_options(options, overrides), InProcessRunner())
+
+
+def _report(out: str, split: SplitHandle, status: str, stats: ShardRunStats, totals: SplitTotals,
             seconds: float) -> ExtractReport:
+    manifest = split.store.manifest
     return ExtractReport(
         store=out, split=split.name, status=status, num_samples=split.meta.num_samples, views=split.meta.views,
         taps=manifest.tap_names, dtype=manifest.dtype, compressor=split.meta.compressor,
         shards_total=split.meta.num_shards, shards_written=len(stats.shards), images_written=stats.images,
         complete=totals.complete, nbytes=totals.nbytes, stored_bytes=totals.stored_bytes, seconds=seconds,
         loop_seconds=stats.seconds, forward_seconds=stats.forward_seconds, write_seconds=stats.write_seconds,
-        startup_seconds=stats.startup_seconds, drain_seconds=stats.drain_seconds)
+        startup_seconds=stats.startup_seconds, drain_seconds=stats.drain_seconds,
+        shards_repaired=list(split.repaired_shards))
 
 
-__all__ = ["AugmentedViews", "ExtractOptions", "ExtractReport", "ShardBatchSampler", "ShardRunStats", "build_manifest",
-           "default_loader_workers", "default_writer_threads", "extract", "extract_shards", "forward_taps",
-           "make_loader", "open_split_source", "plan_split", "runtime_settings", "seeded_rng", "transform_pool",
-           "transform_threads"]
+__all__ = ["ExtractOptions", "ExtractReport", "InProcessRunner", "ShardRunStats", "ShardRunner", "build_manifest",
+           "default_writer_threads", "extract", "extract_shards", "forward_taps", "open_planned_split",
+           "open_split_source", "plan_split", "resolve_options", "run_extraction", "runtime_settings"]

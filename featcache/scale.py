@@ -8,13 +8,14 @@ worker and reports completions; featcache supplies the work units and the bookke
   thread each; ``cluster_client(scheduler=ADDRESS)`` connects to a running cluster. Every worker
   gets ``WorkerSettings``: torch threads = the host's cores / its workers, zarr's codec pool and
   concurrency to match, OpenMP threads that sleep while waiting (see docs/scale.md).
-- ``extract_on_cluster``: the client plans, creates or checks the store and the split under the
-  split's lock (``featcache.store.lock``), then submits the missing shards as tasks of whole,
-  consecutive shards (``plan_tasks``). A task runs ``featcache.extract.extract_shards`` for its
-  shards on a worker that keeps the model loaded between tasks (one model per worker process). The completion records in the store say what is
-  done: shards whose task failed or whose worker died are submitted again (dask itself reruns a
-  lost worker's task first), and the client finalizes. Batches depend on the shard only, so the
-  arrays equal a one-process extraction on the same device with the same threads.
+- ``extract_on_cluster``: the extraction pipeline of ``featcache.extract.run_extraction`` (plan, the
+  split's lock, create or check the split, finalize) with ``DaskShardRunner`` running the missing
+  shards as tasks of whole, consecutive shards (``plan_tasks``). A task runs
+  ``featcache.extract.extract_shards`` on a worker that keeps the model loaded between tasks (one model
+  per worker process). The completion records in the store say what is done: shards whose task
+  failed or whose worker died are submitted again (dask itself reruns a lost worker's task first).
+  Batches depend on the shard only, so the arrays equal a one-process extraction on the same device
+  with the same threads.
 - ``train_on_cluster``: the sweep's members are split into parts (members of one bank stay in one
   part unless there are fewer banks than workers), each part is trained on a worker by
   ``featcache.train.train(members=part, partial=True)`` into a temporary directory whose files
@@ -36,9 +37,9 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 import dask
 import torch
@@ -55,12 +56,11 @@ from featcache.data import DataSource
 from featcache.loader import cpu_count
 from featcache.errors import (ClusterError, ConfigError, DataError, FeatcacheError, Interrupted, ModelError, StoreError,
                               UsageError, WeightsError)
-from featcache.extract import (ZARR_CONCURRENCY, ExtractOptions, ExtractReport, build_manifest, extract_shards,
-                               open_split_source, plan_split, runtime_settings)
+from featcache.extract import (ZARR_CONCURRENCY, ExtractOptions, ExtractReport, ShardRunStats, extract_shards,
+                               open_split_source, resolve_options, run_extraction, runtime_settings)
 from featcache.progress import bar, say
 from featcache.store.layout import FeatureStore, SplitHandle
-from featcache.store.lock import SplitLock, holds_run_lock
-from featcache.store.writer import finalize_split, open_split_for_writing
+from featcache.store.lock import holds_run_lock
 from featcache.sweep import SweepMember, expand
 
 log = logging.getLogger(__name__)
@@ -458,6 +458,38 @@ def plan_tasks(shards: list[int], workers: int, shards_per_task: int | None = No
     return [shards[i:i + size] for i in range(0, len(shards), size)]
 
 
+class DaskShardRunner:
+    """``featcache.extract.ShardRunner`` whose shards are dask tasks: the client plans on its CPU (for the
+    manifest), workers keep the model loaded between tasks, and missing shards are submitted again."""
+
+    def __init__(self, client: Client, spec: BackboneSpec, data: str, rounds: int = 3,
+                 shards_per_task: int | None = None) -> None:
+        self.client, self.spec, self.data = client, spec, data
+        self.rounds, self.shards_per_task = rounds, shards_per_task
+        self.done: dict[str, Any] = {}
+
+    def backbone_device(self, opts: ExtractOptions) -> torch.device:
+        return torch.device("cpu")  # for the plan and the manifest; workers run the model
+
+    def run(self, split: SplitHandle, backbone: Backbone, source: DataSource, shards: list[int],
+            opts: ExtractOptions) -> ShardRunStats:
+        job = _shard_job(self.spec, backbone, source, split, split.store.url, self.data, opts)
+        self.done = _run_shards(self.client, job, split, opts.progress, self.rounds, self.shards_per_task)
+        results = self.done["results"]
+        return ShardRunStats(shards=sorted(k for r in results for k in r["shards"]),
+                             images=sum(r["images"] for r in results), nbytes=sum(r["nbytes"] for r in results),
+                             seconds=self.done["loop_seconds"],
+                             forward_seconds=sum(r["forward_seconds"] for r in results),
+                             write_seconds=sum(r["write_seconds"] for r in results))
+
+    def report(self, report: ExtractReport, stats: ShardRunStats) -> ClusterExtractReport:
+        results = self.done.get("results", [])
+        return ClusterExtractReport(**vars(report), workers=self.done.get("workers", 0),
+                                    model_loads=sum(r["model_built"] for r in results),
+                                    rounds=self.done.get("rounds", 0),
+                                    shard_workers={k: r["worker"] for r in results for k in r["shards"]})
+
+
 def extract_on_cluster(spec: BackboneSpec, data: str, out: str | os.PathLike[str],
                        options: ExtractOptions | None = None, *, client: Client | None = None,
                        workers: int | None = None, scheduler: str | None = None, rounds: int = 3,
@@ -468,11 +500,7 @@ def extract_on_cluster(spec: BackboneSpec, data: str, out: str | os.PathLike[str
     ``rounds``: how often shards still incomplete after a round are submitted again;
     ``shards_per_task``: shards per task (default: see ``plan_tasks``).
     """
-    unknown = set(overrides) - {f.name for f in fields(ExtractOptions)}
-    if unknown:
-        raise TypeError(f"unknown extract options: {', '.join(sorted(unknown))}")
-    opts = replace(options or ExtractOptions(), **overrides)
-    opts.validate()
+    opts = resolve_options(options, overrides)
     url = check_shared_url(str(out))
     if not isinstance(data, str):
         raise UsageError("extraction on a cluster needs --data as a SPEC string that every worker can open")
@@ -480,32 +508,8 @@ def extract_on_cluster(spec: BackboneSpec, data: str, out: str | os.PathLike[str
         with cluster_client(workers, scheduler, device=opts.device, progress=opts.progress) as own:
             return extract_on_cluster(spec, data, url, opts, client=own, rounds=rounds,
                                       shards_per_task=shards_per_task)
-    t0 = time.perf_counter()
-    with runtime_settings():
-        source = open_split_source(data, opts.limit)
-        backbone = Backbone(spec, "cpu", opts.layers)  # for the plan and the manifest; workers run the model
-        with SplitLock(url, opts.split, opts.storage_options):
-            split, status = _open_split(url, backbone, source, opts)
-            job = _shard_job(spec, backbone, source, split, url, data, opts)
-            done = _run_shards(client, job, split, opts.progress, rounds, shards_per_task)
-            seconds = time.perf_counter() - t0
-            totals = finalize_split(split, seconds)
-    report = _cluster_report(url, split, status, done, totals, seconds, client, opts.device)
-    report.shards_repaired = list(split.repaired_shards)
-    return report
-
-
-def _open_split(url: str, backbone: Backbone, source: DataSource, opts: ExtractOptions) -> tuple[SplitHandle, str]:
-    """Plan the split (recorded settings on --resume) and create or check it; the caller holds the lock."""
-    recorded = None
-    if FeatureStore.exists(url, opts.storage_options):
-        store = FeatureStore.open(url, "r", opts.storage_options)
-        recorded = store.split(opts.split).meta if opts.split in store.splits() else None
-    meta = plan_split(backbone, source, opts, recorded)
-    manifest = build_manifest(backbone, opts.dtype, meta.compressor)
-    return open_split_for_writing(url, manifest, opts.split, meta, ids=source.ids(), resume=opts.resume,
-                                  overwrite=opts.overwrite, repair=opts.repair, final_norm=backbone.final_norm_state(),
-                                  storage_options=opts.storage_options)
+    runner = DaskShardRunner(client, spec, data, rounds, shards_per_task)
+    return cast(ClusterExtractReport, run_extraction(spec, data, url, opts, runner))
 
 
 def _shard_job(spec: BackboneSpec, backbone: Backbone, source: DataSource, split: SplitHandle, url: str, data: str,
@@ -588,22 +592,6 @@ def _run_round(client: Client, job: ShardJob, tasks: list[list[int]], resources:
                           f"finished or discarded; run the same featcache extract command with --resume to continue "
                           f"split {job.split!r} of {job.store}") from None
     return failures
-
-
-def _cluster_report(url: str, split: SplitHandle, status: str, done: dict[str, Any], totals: Any, seconds: float,
-                    client: Client, device: str) -> ClusterExtractReport:
-    results = done["results"]
-    manifest = split.store.manifest
-    return ClusterExtractReport(
-        store=url, split=split.name, status=status, num_samples=split.meta.num_samples, views=split.meta.views,
-        taps=manifest.tap_names, dtype=manifest.dtype, compressor=split.meta.compressor,
-        shards_total=split.meta.num_shards, shards_written=sum(len(r["shards"]) for r in results),
-        images_written=sum(r["images"] for r in results),
-        complete=totals.complete, nbytes=totals.nbytes, stored_bytes=totals.stored_bytes, seconds=seconds,
-        loop_seconds=done["loop_seconds"], forward_seconds=sum(r["forward_seconds"] for r in results),
-        write_seconds=sum(r["write_seconds"] for r in results), workers=done["workers"],
-        model_loads=sum(r["model_built"] for r in results), rounds=done["rounds"],
-        shard_workers={k: r["worker"] for r in results for k in r["shards"]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -738,7 +726,7 @@ def _unpack(files: dict[str, bytes], root: Path) -> Path:
     return root
 
 
-__all__ = ["CLUSTER_CONFIG", "ClusterExtractReport", "ShardJob", "TrainPartJob", "WorkerSettings",
+__all__ = ["CLUSTER_CONFIG", "ClusterExtractReport", "DaskShardRunner", "ShardJob", "TrainPartJob", "WorkerSettings",
            "apply_worker_settings", "check_shared_url", "cluster_client", "quiet_dask_logs", "connect", "drain", "extract_on_cluster",
            "extract_shards_task", "local_cluster", "plan_parts", "plan_tasks", "prepare_workers", "train_on_cluster",
            "train_part_task", "worker_env"]
