@@ -132,7 +132,7 @@ def measure_accuracy(model: str, train_n: int | None, test_n: int | None, epochs
     budget_method = "last" if "last" in side else max(side, key=lambda m: side[m]["train_s"])
     entry["budget_s"] = budget = extraction_s + side[budget_method]["train_s"]
     entry["budget_from"] = f"train extraction + featcache-{budget_method} training"
-    from featcache.store.layout import FeatureStore
+    from featcache.store.feature_store import FeatureStore
 
     num_classes = len(FeatureStore.open(store.path).split("train").meta.classes) or 10
     for name in (p for p in peers if p not in rows):

@@ -155,7 +155,8 @@ def run_extract(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench_codecs(args: argparse.Namespace) -> dict[str, Any]:
-    from featcache.store.layout import COMPRESSORS, FeatureStore
+    from featcache.store.feature_store import FeatureStore
+    from featcache.vocabulary import COMPRESSORS
     from featcache.store.writer import ShardData, finalize_split, write_complete_shard
 
     models = TINY_MODELS if args.tiny else MODELS

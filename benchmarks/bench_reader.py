@@ -30,9 +30,9 @@ from featcache.allocator import keep_freed_memory
 from featcache.vocabulary import TapInfo
 from featcache.bank import MemberBank
 from featcache.methods.base import MethodInput
-from featcache.store.layout import FeatureStore
+from featcache.store.feature_store import FeatureStore
 from featcache.vocabulary import Manifest, SplitMeta
-from featcache.store.reader import open_reader, read_range
+from featcache.store.reader import open_reader
 from featcache.sweep import expand
 
 from .common import paired_ratio
@@ -99,7 +99,7 @@ def run(images: int = 1024, taps: int = 3, batch: int = 64, rounds: int = 2, sta
     def zarr_direct() -> None:
         for s in range(0, images, split.meta.shard_images):
             for n in names:
-                read_range(split, n, s, min(s + split.meta.shard_images, images))
+                split.read_rows(n, s, min(s + split.meta.shard_images, images))
 
     cases = {"numpy_copy": lambda: numpy_copy(src), "numpy_copy_f32": lambda: numpy_copy(src32),
              "numpy_copy_f32_freed": lambda: numpy_copy(src32, hold=False), "ram": lambda: epoch(ram),

@@ -25,7 +25,7 @@ from featcache import methods
 from featcache.backbone import Backbone
 from featcache.bank import MemberBank
 from featcache.methods.base import MethodInput
-from featcache.store.layout import FeatureStore
+from featcache.store.feature_store import FeatureStore
 from featcache.store.reader import Batch, CacheReader, open_reader
 from featcache.sweep import expand
 

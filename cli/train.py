@@ -17,7 +17,7 @@ def _backbone_state(store_url: str, storage_options: dict | None = None):
     def load() -> dict:
         from featcache.backbone import create_model
         from featcache.vocabulary import BackboneSpec
-        from featcache.store.layout import FeatureStore
+        from featcache.store.feature_store import FeatureStore
 
         spec = BackboneSpec.from_dict(FeatureStore.open(store_url, "r", storage_options).manifest.backbone["spec"])
         model, _ = create_model(spec)

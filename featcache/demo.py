@@ -63,7 +63,7 @@ def _loop_step_seconds(plan: DemoPlan, store_url: str, steps: int = 3) -> float:
     from featcache.data import open_source
     from featcache.loader import TransformedDataset
     from featcache.methods.base import MethodInput
-    from featcache.store.layout import FeatureStore
+    from featcache.store.feature_store import FeatureStore
 
     store = FeatureStore.open(store_url)
     backbone = Backbone(BackboneSpec(plan.model, weights=plan.weights, image_size=plan.image_size))

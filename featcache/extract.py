@@ -28,6 +28,7 @@ import numpy as np
 import timm
 import torch
 import zarr
+from dask.utils import format_bytes
 
 from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone, resolve_device
@@ -37,7 +38,8 @@ from featcache.data import DataSource, Subset, open_source, stratified_subset, u
 from featcache.loader import cpu_count, default_loader_workers, make_loader, transform_pool
 from featcache.errors import DataError, Interrupted, StoreError, UsageError
 from featcache.progress import bar
-from featcache.store.layout import FeatureStore, SplitHandle, choose_chunking, compressor_record, storage_dtype
+from featcache.store.feature_store import FeatureStore, SplitHandle, choose_chunking
+from featcache.store.codecs import compressor_record, decode, storage_dtype
 from featcache.store.lock import SplitLock
 from featcache.vocabulary import Manifest, SplitMeta
 from featcache.store.writer import (ShardData, ShardWriteError, ShardWriter, SplitTotals, describe_os_error,
@@ -66,7 +68,7 @@ class ExtractOptions:
     overwrite: bool = False
     repair: bool = False  # with resume: verify the split first and recompute the shards found damaged
     progress: bool = True
-    chunk_images: int | None = None  # overrides of layout.choose_chunking (tests, tuning)
+    chunk_images: int | None = None  # overrides of feature_store.choose_chunking (tests, tuning)
     shard_images: int | None = None
     loader_workers: int | None = None  # DataLoader processes; None = default_loader_workers()
     writer_threads: int | None = None  # shard writer threads; None = default_writer_threads()
@@ -157,21 +159,13 @@ class ExtractReport:
             done += f" ({len(self.shards_repaired)} damaged shard(s) repaired: {', '.join(map(str, self.shards_repaired))})"
         views = f" x {self.views} views" if self.views > 1 else ""
         return (f"extracted {self.num_samples} images{views} x {len(self.taps)} taps into {self.store} "
-                f"[{self.split}]{done}: {_fmt_bytes(self.nbytes)} {self.dtype} stored as {_fmt_bytes(self.stored_bytes)} "
+                f"[{self.split}]{done}: {format_bytes(self.nbytes)} {self.dtype} stored as {format_bytes(self.stored_bytes)} "
                 f"({self.compressor}, ratio {self.compression_ratio:.2f}) in {self.seconds:.1f} s "
                 f"({self.images_per_second:.1f} images/s)")
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "images_per_second": self.images_per_second,
                 "steady_images_per_second": self.steady_images_per_second, "compression_ratio": self.compression_ratio}
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,9 +286,7 @@ class ShardBuffers:
         for name, dst in self.arrays.items():
             t = taps[name]
             n = t.shape[0] // self.meta.views
-            rows = torch.from_numpy(dst[offset:offset + n])
-            if self.dtype == "bfloat16":
-                rows = rows.view(torch.int16).view(torch.bfloat16)
+            rows = decode(dst[offset:offset + n], self.dtype)  # a view of the shard buffer in the cache dtype
             rows.copy_(t.reshape(rows.shape))  # one pass: dtype conversion (and device-to-host) into the shard
         self.filled += n
         return n

@@ -27,10 +27,8 @@ from featcache.loader import default_loader_workers, image_loader, transform_poo
 from featcache.errors import CheckpointError, DataError
 from featcache.methods.base import SideNetwork
 from featcache.progress import bar, say
+from featcache.store.codecs import TORCH_DTYPES
 from featcache.vocabulary import Manifest
-
-CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
 
 class Predictor(nn.Module):
     """images (N, 3, H, W) -> logits (N, classes): frozen taps, rounded to the cache dtype, then the side network."""
@@ -38,7 +36,7 @@ class Predictor(nn.Module):
     def __init__(self, backbone: Backbone, network: SideNetwork, cache_dtype: str, classes: list[str]) -> None:
         super().__init__()
         self.backbone, self.taps, self.network = backbone, backbone.taps, network
-        self.cache_dtype, self.classes = CACHE_DTYPES[cache_dtype], classes
+        self.cache_dtype, self.classes = TORCH_DTYPES[cache_dtype], classes
 
     @property
     def transform(self) -> Any:

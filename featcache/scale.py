@@ -59,7 +59,7 @@ from featcache.errors import (ClusterError, ConfigError, DataError, FeatcacheErr
 from featcache.extract import (ZARR_CONCURRENCY, ExtractOptions, ExtractReport, ShardRunStats, extract_shards,
                                open_split_source, resolve_options, run_extraction, runtime_settings)
 from featcache.progress import bar, say
-from featcache.store.layout import FeatureStore, SplitHandle
+from featcache.store.feature_store import FeatureStore, SplitHandle
 from featcache.store.lock import holds_run_lock
 from featcache.sweep import SweepMember, expand
 

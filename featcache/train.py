@@ -41,7 +41,7 @@ from featcache.checkpoint import (SUPPORTED_CHECKPOINT_FORMATS, member_config, r
 from featcache.errors import CheckpointError, ConfigError, FeatcacheError, FormatVersionError, Interrupted, StoreError
 from featcache.methods.base import MethodInput
 from featcache.progress import bar, say
-from featcache.store.layout import FeatureStore, SplitHandle
+from featcache.store.feature_store import FeatureStore, SplitHandle
 from featcache.store.lock import holds_run_lock
 from featcache.vocabulary import Manifest
 from featcache.store.reader import CacheReader, open_reader

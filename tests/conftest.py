@@ -69,7 +69,9 @@ def write_tap_store(path: Path, backbone, images: np.ndarray, labels: np.ndarray
     """A store written straight from ``Backbone.taps`` (no extract pipeline): for trainer and reader tests."""
     from PIL import Image
 
-    from featcache.store.layout import FeatureStore, encode
+    from featcache.store.feature_store import FeatureStore
+
+    from featcache.store.codecs import encode
     from featcache.vocabulary import Manifest, SplitMeta
 
     if FeatureStore.exists(str(path)):

@@ -11,7 +11,7 @@ import torch
 
 from featcache.vocabulary import BackboneSpec
 from featcache.extract import extract
-from featcache.store.layout import FeatureStore
+from featcache.store.feature_store import FeatureStore
 from featcache.train import train
 
 from .conftest import TINY_VIT, write_image_folder

@@ -25,7 +25,7 @@ from featcache.loader import TransformPool
 from featcache.errors import DataError, Interrupted
 from featcache.extract import open_split_source
 from featcache.loader import AugmentedViews, ShardBatchSampler, default_loader_workers, transform_threads
-from featcache.store.layout import FeatureStore
+from featcache.store.feature_store import FeatureStore
 from featcache.vocabulary import SplitMeta
 from featcache.store.verify import verify_store
 

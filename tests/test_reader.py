@@ -11,7 +11,8 @@ import torch
 
 from featcache.vocabulary import TapInfo
 from featcache.errors import CorruptionError, StoreError, UsageError
-from featcache.store.layout import FeatureStore, encode
+from featcache.store.feature_store import FeatureStore
+from featcache.store.codecs import encode
 from featcache.vocabulary import Manifest, SplitMeta
 from featcache.store.reader import TapDataset, choose_mode, open_reader
 

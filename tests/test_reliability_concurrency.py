@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import featcache.extract as extract_module
 from featcache.cli import app
 from featcache.errors import StoreError
-from featcache.store.layout import FeatureStore
+from featcache.store.feature_store import FeatureStore
 from featcache.store.lock import LockOwner
 from featcache.store.reader import open_reader
 
@@ -122,7 +122,7 @@ def test_a_reader_keeps_one_snapshot_of_the_completion_records(images: Path, tmp
     into its epoch (stream)."""
     import zarr
 
-    from featcache.store.layout import SplitHandle
+    from featcache.store.feature_store import SplitHandle
 
     out = tmp_path / "s.zarr"
     run_extract(images, out, **EXTRACT_KW)

@@ -25,7 +25,7 @@ from click.testing import CliRunner
 import featcache.extract as extract_module
 from featcache.cli import app
 from featcache.errors import CorruptionError
-from featcache.store.layout import FeatureStore
+from featcache.store.feature_store import FeatureStore
 from featcache.store.verify import verify_store
 
 from .test_reliability_support import (EXTRACT_KILL_POINTS, EXTRACT_KW, TINY_ARGS, assert_one_error_line,
@@ -235,7 +235,7 @@ def test_inspect_stats_on_a_damaged_store_names_the_chunk(tmp_path: Path, clean_
     flip_byte(shard_file(store, "block2", 3), 30)
     r = CliRunner().invoke(app, ["inspect", str(store), "--stats"])
     assert r.exit_code == 1
-    assert_one_error_line(r.stderr, "array 'block2' of split 'train'", "shard 3", "--repair")
+    assert_one_error_line(r.stderr, "tap 'block2' of split 'train'", "shard 3", "--repair")
     r = CliRunner().invoke(app, ["inspect", str(store), "--verify", "--json"])  # describing it never fails
     assert r.exit_code == 1 and "train/block2 chunk" in r.stdout and "in shard 3" in r.stdout
 

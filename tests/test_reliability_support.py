@@ -143,7 +143,7 @@ def shard_file(store: Path, array: str, shard: int, split: str = "train") -> Pat
 
 def split_state(store: Path, split: str = "train") -> dict[str, Any]:
     """Every array of a split as numpy, its metadata, and the store's final norm: what 'equal stores' means."""
-    from featcache.store.layout import FeatureStore
+    from featcache.store.feature_store import FeatureStore
 
     fs = FeatureStore.open(store)
     handle = fs.split(split)
@@ -207,7 +207,7 @@ def install_extract_kill_point(point: str) -> None:
 
     import featcache.extract as ex
     from featcache.backbone import Taps
-    from featcache.store.layout import FeatureStore, SplitHandle
+    from featcache.store.feature_store import FeatureStore, SplitHandle
 
     if point == "store-created":  # root group written, the backbone's final norm not yet
         FeatureStore.write_final_norm = lambda self, final_norm: _die()  # type: ignore[method-assign]
@@ -330,7 +330,7 @@ def _install_setup(setup: str) -> None:
     elif setup == "file-size-limit-after-2-shards":  # a real OS error: writes beyond 2 KB fail with EFBIG
         import resource
 
-        from featcache.store.layout import SplitHandle
+        from featcache.store.feature_store import SplitHandle
 
         real_set = SplitHandle.set_complete
 

@@ -38,7 +38,7 @@ from featcache.errors import ClusterError, DataError, StoreLockedError, UsageErr
 from featcache import scale
 from featcache.extract import ExtractOptions, open_split_source
 from featcache.scale import cluster_client, extract_on_cluster, plan_parts, train_on_cluster
-from featcache.store.layout import FeatureStore
+from featcache.store.feature_store import FeatureStore
 from featcache.store.lock import pid_alive
 from featcache.store.summary import describe_store
 from featcache.store.verify import verify_store

@@ -15,7 +15,7 @@ from featcache.backbone import Backbone
 from featcache.vocabulary import BackboneSpec
 from featcache.loader import TransformedDataset
 from featcache.extract import ExtractReport, extract, open_split_source
-from featcache.store.layout import FeatureStore
+from featcache.store.feature_store import FeatureStore
 
 from .conftest import TINY_CNN, TINY_VIT, write_image_folder
 

@@ -11,7 +11,8 @@ import torch
 import zarr
 
 from featcache.errors import StoreError, StoreLockedError
-from featcache.store.layout import COMPLETE, FeatureStore, decode, encode
+from featcache.store.feature_store import COMPLETE, FeatureStore
+from featcache.store.codecs import decode, encode
 from featcache.store.lock import SplitLock
 from featcache.store.verify import verify_store
 

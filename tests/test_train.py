@@ -14,7 +14,7 @@ from featcache.vocabulary import BackboneSpec
 from featcache.checkpoint import load_checkpoint
 from featcache.cli import app
 from featcache.errors import CheckpointError, ConfigError, Interrupted
-from featcache.store.layout import FeatureStore
+from featcache.store.feature_store import FeatureStore
 from featcache.sweep import TrainConfig, expand, load_sweep_file
 from featcache.train import train
 

@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from featcache.vocabulary import READER_MODES
 from featcache.errors import CorruptionError, StoreError, UsageError
+from featcache.vocabulary import READER_MODES
 
-from .layout import SplitHandle, storage_dtype
-from .zarr_io import settle_pending_io
+from .codecs import TORCH_DTYPES, decode, storage_dtype, storage_numpy_dtype, storage_view
+from .feature_store import SplitHandle
 
 log = logging.getLogger("featcache.reader")
 # stream mode reads whole shards (of the taps it needs) when they are at most SHARD_BLOCK_BYTES: zarr
@@ -88,22 +88,6 @@ class ReaderOptions:
         self.device = torch.device(self.device)
 
 
-def read_range(split: SplitHandle, tap: str, start: int, stop: int) -> np.ndarray:
-    """Stored rows [start, stop) of one tap; a failed checksum or a missing chunk becomes CorruptionError."""
-    arr = split.tap(tap)  # unknown tap, missing array or a foreign codec: StoreError
-    meta = split.meta
-    split.require_objects(tap, range(start // meta.shard_images, (stop - 1) // meta.shard_images + 1))
-    try:
-        return arr[start:stop]
-    except (ValueError, OSError, KeyError, RuntimeError, TypeError) as err:
-        settle_pending_io()
-        shard = start // split.meta.shard_images
-        raise CorruptionError(
-            f"tap {tap!r} of split {split.name!r} in {split.store.url}: images {start}..{stop - 1} (shard {shard}) "
-            f"cannot be read ({type(err).__name__}: {str(err)[:120]}); run featcache inspect --verify, then "
-            "featcache extract --resume --repair to recompute the damaged shards") from None
-
-
 # A float is NaN or Inf exactly when its exponent bits are all ones, i.e. when its bits without the
 # sign are >= the exponent mask: (integer view, bits without the sign, exponent mask).
 _EXPONENT_MASKS = {torch.float16: (torch.int16, np.uint16, 0x7FFF, 0x7C00),
@@ -129,10 +113,6 @@ def _check_finite(t: torch.Tensor, split: SplitHandle, tap: str, start: int) -> 
                               f"at image {first}, "
                               f"{len(bad)} image(s) in this block); the backbone diverged on these inputs or the "
                               "cache is damaged: re-extract them, or check the inputs")
-
-
-def _torch_dtype(cache_dtype: str) -> torch.dtype:
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cache_dtype]
 
 
 def _epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
@@ -221,17 +201,7 @@ def gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     over two threads was faster on a quiet machine and 2-3x slower whenever the other core was busy.)"""
     if t.device.type != "cpu":
         return t.index_select(0, index.to(t.device))
-    if t.dtype == torch.bfloat16:
-        return torch.from_numpy(np.take(t.view(torch.int16).numpy(), index.numpy(), axis=0)).view(torch.bfloat16)
-    return torch.from_numpy(np.take(t.numpy(), index.numpy(), axis=0))
-
-
-def as_tensor(a: np.ndarray, cache_dtype: str) -> torch.Tensor:
-    """Stored numpy rows -> a tensor of the cache dtype (bfloat16 is stored as uint16 bits); no copy."""
-    a = np.ascontiguousarray(a)
-    if cache_dtype == "bfloat16":
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
+    return decode(np.take(storage_view(t), index.numpy(), axis=0), t.dtype)
 
 
 def _decode_to(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -249,15 +219,13 @@ def resident_dtype(where: str, options: ReaderOptions, cache_dtype: str) -> torc
     dtype (half the memory and half the bytes over the bus; the device converts)."""
     if where == "ram" and options.device.type == "cpu":
         return options.dtype
-    return _torch_dtype(cache_dtype)
+    return TORCH_DTYPES[cache_dtype]
 
 
 def _host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor in numpy-allocated memory: numpy asks for transparent huge pages on
     large arrays (torch does not), and the batch gathers from it run ~7% faster with fewer TLB misses."""
-    if dtype == torch.bfloat16:
-        return torch.from_numpy(np.empty(shape, dtype=np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.empty(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
+    return decode(np.empty(shape, dtype=storage_numpy_dtype(dtype)), dtype)
 
 
 class ResidentReader(CacheReader):
@@ -282,7 +250,7 @@ class ResidentReader(CacheReader):
         pos = 0
         for k in self.shards:
             start, stop = self.split.meta.shard_bounds(k)
-            block = as_tensor(read_range(self.split, tap, start, stop), self.cache_dtype)
+            block = decode(self.split.read_rows(tap, start, stop), self.cache_dtype)
             if self.options.check_finite:
                 _check_finite(block, self.split, tap, start)
             out[pos:pos + len(block)] = block
@@ -352,9 +320,9 @@ class StreamReader(CacheReader):
         start, stop = block
         out = {}
         for name in self.taps:
-            a = read_range(self.split, name, start, stop)
+            a = self.split.read_rows(name, start, stop)
             if self.options.check_finite:
-                _check_finite(as_tensor(a, self.cache_dtype), self.split, name, start)
+                _check_finite(decode(a, self.cache_dtype), self.split, name, start)
             out[name] = a
         return out
 
@@ -421,7 +389,7 @@ class StreamReader(CacheReader):
             rows = _gather_rows(parts, offsets, sel, self.taps)
             if views is not None:
                 rows = {n: t[np.arange(len(index)), views] for n, t in rows.items()}  # (B, V, T, C) -> (B, T, C)
-            taps = {n: as_tensor(t, self.cache_dtype) for n, t in rows.items()}
+            taps = {n: decode(t, self.cache_dtype) for n, t in rows.items()}
         return self._to_batch(taps, torch.from_numpy(index))  # already the training dtype on CPU: no copy
 
 
@@ -453,7 +421,7 @@ def _gather_converted(parts: list[dict[str, np.ndarray]], offsets: np.ndarray, s
     cuts = _part_cuts(parts, offsets, sel)
     out = {}
     for name in taps:
-        srcs = [as_tensor(p[name], cache_dtype) for p in parts]  # views of the blocks, no copy
+        srcs = [decode(p[name], cache_dtype) for p in parts]  # views of the blocks, no copy
         dst = torch.empty((len(sel),) + tuple(srcs[0].shape[1 if views is None else 2:]), dtype=dtype)
         for p, src in enumerate(srcs):
             for j in range(cuts[p], cuts[p + 1]):
@@ -516,20 +484,20 @@ class TapDataset(torch.utils.data.Dataset):
         with self._lock:
             if self._cached is None or self._cached[0] != start:
                 stop = min(start + c, self.split.num_samples)
-                self._cached = (start, {t: read_range(self.split, t, start, stop) for t in self.taps})
+                self._cached = (start, {t: self.split.read_rows(t, start, stop) for t in self.taps})
             rows = {t: a[idx - start] for t, a in self._cached[1].items()}
         out = {}
         for t, a in rows.items():
             if self.split.meta.views > 1:
                 a = a[self.view]
-            out[t] = as_tensor(a, self.split.store.manifest.dtype).float()
+            out[t] = decode(a, self.split.store.manifest.dtype).float()
         return out, int(self.labels[idx])
 
 
 def _expansion(options: ReaderOptions, cache_dtype: str) -> float:
     """How much bigger the ``ram`` reader's resident taps are than the stored ones."""
     held = resident_dtype("ram", options, cache_dtype)
-    return held.itemsize / _torch_dtype(cache_dtype).itemsize
+    return held.itemsize / TORCH_DTYPES[cache_dtype].itemsize
 
 
 def choose_mode(mode: str, nbytes: int, device: torch.device, ram_expansion: float = 1.0) -> ReaderChoice:

@@ -19,7 +19,7 @@ from zarr.core.sync import sync
 
 from featcache.errors import StoreError
 
-from .layout import BACKBONE_GROUP, COMPLETE, SplitHandle
+from .feature_store import BACKBONE_GROUP, COMPLETE, SplitHandle
 from .verify import SplitVerifier, VerifyReport, _verify_backbone
 
 log = logging.getLogger(__name__)

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from dask.utils import format_bytes
 import torch
-import zarr
 
 from featcache.errors import CorruptionError, StoreError
 
-from .layout import COMPLETE, FeatureStore, SplitHandle, storage_dtype
+from .codecs import chunk_codec_labels, storage_dtype
+from .feature_store import COMPLETE, FeatureStore, SplitHandle
 from .verify import VerifyReport, verify_store
 from .writer import EXTRACTION_ATTR
 
@@ -93,24 +94,6 @@ def _completed_shards(split: SplitHandle) -> np.ndarray:
         return done
 
 
-def _codec_names(arr: zarr.Array) -> list[str]:
-    """Codec chain of the inner chunks, e.g. ["bytes", "blosc(lz4, shuffle)", "crc32c"]."""
-    codecs = list(arr.metadata.codecs)
-    if codecs and codecs[0].to_dict()["name"] == "sharding_indexed":
-        codecs = list(codecs[0].codecs)
-    out = []
-    for c in codecs:
-        d = c.to_dict()
-        conf = d.get("configuration", {}) or {}
-        if d["name"] == "blosc":
-            out.append(f"blosc({conf.get('cname')}, {conf.get('shuffle')})")
-        elif d["name"] == "zstd":
-            out.append(f"zstd({conf.get('level')})")
-        else:
-            out.append(d["name"])
-    return out
-
-
 def describe_tap(split: SplitHandle, name: str, completed_images: int, stats: bool = False) -> dict[str, Any]:
     arr = split.tap(name)
     info = split.store.manifest.tap(name)
@@ -118,7 +101,7 @@ def describe_tap(split: SplitHandle, name: str, completed_images: int, stats: bo
     nbytes, stored = per_image * completed_images, int(arr.nbytes_stored())
     d: dict[str, Any] = {
         "shape": list(arr.shape), "dtype": split.store.manifest.dtype, "storage_dtype": str(arr.dtype),
-        "chunks": list(arr.chunks), "shards": list(arr.shards or arr.chunks), "codecs": _codec_names(arr),
+        "chunks": list(arr.chunks), "shards": list(arr.shards or arr.chunks), "codecs": chunk_codec_labels(arr),
         "dimension_names": list(arr.metadata.dimension_names or ()),
         "nbytes": nbytes, "stored_bytes": stored, "compression_ratio": nbytes / stored if stored else None,
         "position": info.position, "block": info.block, "tokens": info.tokens, "prefix_tokens": info.prefix_tokens,
@@ -196,13 +179,7 @@ def describe_store(url: str, split: str | None = None, stats: bool = False, veri
 
 
 def _size(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return "-"
+    return "-" if n is None else format_bytes(int(n))
 
 
 def _shape(v: list[int]) -> str:

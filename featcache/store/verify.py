@@ -20,7 +20,8 @@ from zarr.core.sync import sync
 from featcache.errors import StoreError
 
 from . import zarr_io
-from .layout import BACKBONE_GROUP, COMPLETE, FeatureStore, SplitHandle, check_codecs, storage_dtype
+from .feature_store import BACKBONE_GROUP, COMPLETE, FeatureStore, SplitHandle
+from .codecs import check_codecs, storage_dtype
 
 
 @dataclass

@@ -33,7 +33,7 @@ import zarr
 from featcache import __version__
 from featcache.errors import StoreError
 
-from .layout import COMPLETE, SPLIT_ATTR, FeatureStore, SplitHandle
+from .feature_store import COMPLETE, SPLIT_ATTR, FeatureStore, SplitHandle
 from .lock import SplitLock
 from featcache.vocabulary import Manifest, SplitMeta
 

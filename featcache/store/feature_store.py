@@ -34,15 +34,15 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync
 
-from featcache.vocabulary import COMPRESSORS, DEFAULT_COMPRESSOR
 from featcache.errors import CorruptionError, StoreError
+from featcache.vocabulary import DEFAULT_COMPRESSOR, Manifest, SplitMeta
 
 from . import zarr_io  # noqa: F401  (settles zarr's background tasks at exit)
+from .codecs import check_codecs, compressor_codecs, decode, storage_dtype
 from .lock import LOCKS_DIR
-from featcache.vocabulary import Manifest, SplitMeta
 
 SPLIT_ATTR = "featcache_split"
 DTYPE_ATTR = "featcache_dtype"
@@ -51,77 +51,6 @@ BACKBONE_GROUP = "_backbone"
 RESERVED = ("labels", "ids", COMPLETE)
 TARGET_CHUNK_BYTES = 1 << 20  # ~1 MiB per chunk: a few images; decodes fast, reads in big runs
 TARGET_SHARD_BYTES = 128 << 20  # ~128 MiB of all taps per shard: the unit of writing and of resume
-# Codecs featcache reads. Each only reshapes, compresses or checksums bytes; anything else (an
-# object codec that unpickles, say, registered by some installed package) is refused before a
-# chunk is decoded, so opening a store never runs code from it.
-ALLOWED_CODECS = frozenset({"bytes", "blosc", "zstd", "gzip", "crc32c", "sharding_indexed", "transpose", "vlen-utf8",
-                            "vlen-bytes"})
-
-
-# ---------------------------------------------------------------------------------------------
-# dtype and codecs
-
-
-def storage_dtype(dtype: str) -> str:
-    """Zarr has no bfloat16: it is stored as uint16 with a ``featcache_dtype`` attribute."""
-    return {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}[dtype]
-
-
-def encode(t: torch.Tensor, dtype: str) -> np.ndarray:
-    """A tap tensor -> the numpy array that is written."""
-    t = t.detach().cpu()
-    if dtype == "bfloat16":
-        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
-    return t.to(getattr(torch, dtype)).contiguous().numpy()
-
-
-def decode(a: np.ndarray, dtype: str) -> torch.Tensor:
-    """A stored numpy array -> a torch tensor of the cache dtype (no copy where possible)."""
-    if dtype == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
-
-
-def compressor_codecs(name: str) -> list[Any]:
-    """The bytes-to-bytes chain of a chunk: compressor, then a crc32c checksum."""
-    if name == "lz4":
-        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
-    if name == "zstd":
-        return [ZstdCodec(level=3), Crc32cCodec()]
-    if name == "none":
-        return [Crc32cCodec()]
-    raise StoreError(f"unknown compressor {name!r}; use one of {', '.join(COMPRESSORS)}")
-
-
-def compressor_record(name: str) -> dict[str, Any]:
-    """``{"name", "configuration"}`` of the compressor, as zarr writes codecs."""
-    codecs = compressor_codecs(name)[:-1]
-    if not codecs:
-        return {"name": "none", "configuration": {}}
-    d = codecs[0].to_dict()
-    return {"name": name, "configuration": {"codec": d["name"], **d.get("configuration", {})}}
-
-
-def codec_names(arr: zarr.Array) -> list[str]:
-    """Names of every codec of an array, inner chunk codecs of a shard included."""
-    names: list[str] = []
-    stack = list(arr.metadata.codecs) if arr.metadata.zarr_format == 3 else []
-    while stack:
-        codec = stack.pop(0)
-        d = codec.to_dict()
-        names.append(str(d["name"]))
-        stack += list(getattr(codec, "codecs", ()) or ()) + list(getattr(codec, "index_codecs", ()) or ())
-    return names
-
-
-def check_codecs(arr: zarr.Array, where: str) -> None:
-    """Refuse an array whose codecs featcache never writes (before any chunk is decoded)."""
-    if arr.metadata.zarr_format != 3:
-        raise StoreError(f"{where} is not a Zarr v3 array; this store was not written by featcache")
-    bad = sorted(set(codec_names(arr)) - ALLOWED_CODECS)
-    if bad:
-        raise StoreError(f"{where} declares codec(s) {', '.join(bad)}, which featcache never writes and does not "
-                         "decode; this store was not written by featcache or has been altered: re-extract it")
 
 
 def choose_chunking(taps: list[Any], dtype: str, views: int, num_samples: int) -> tuple[int, int]:
@@ -229,15 +158,25 @@ class SplitHandle:
             return arr[slice(start, stop)]
         except (ValueError, OSError, KeyError, RuntimeError, TypeError) as err:
             zarr_io.settle_pending_io()
-            rows = f"images {start or 0}..{(stop if stop is not None else arr.shape[0]) - 1}"
+            last = (stop if stop is not None else arr.shape[0]) - 1
+            rows = f"images {start or 0}..{last}"
             if name == COMPLETE:
-                rows = f"completion records {start or 0}..{(stop if stop is not None else arr.shape[0]) - 1}"
+                rows = f"completion records {start or 0}..{last}"
             elif start is not None:
                 rows += f" (shard {start // self.meta.shard_images})"
+            what = "array" if name in RESERVED else "tap"
             raise CorruptionError(
-                f"array {name!r} of split {self.name!r} in {self.store.url}: {rows} cannot be read "
+                f"{what} {name!r} of split {self.name!r} in {self.store.url}: {rows} cannot be read "
                 f"({type(err).__name__}: {str(err)[:120]}); run featcache inspect --verify, then featcache extract "
                 "--resume --repair to recompute the damaged shards") from None
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of completed shards, whose stored objects must exist (see ``require_objects``)."""
+        if name not in RESERVED:
+            self.tap(name)  # an unknown tap, a missing array or a foreign codec: StoreError
+        shards = range(start // self.meta.shard_images, (stop - 1) // self.meta.shard_images + 1)
+        self.require_objects(name, shards)
+        return self.read(name, start, stop)
 
     @property
     def num_samples(self) -> int:
