@@ -35,7 +35,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from featcache.allocator import keep_freed_memory  # noqa: E402
-from featcache.backbone import Backbone, resolve_device  # noqa: E402
+from featcache.backbone import Backbone  # noqa: E402
+from featcache.device import resolve_device  # noqa: E402
 from featcache.vocabulary import BackboneSpec  # noqa: E402
 from featcache.loader import TransformedDataset  # noqa: E402
 from featcache.extract import ExtractOptions, extract, open_split_source  # noqa: E402

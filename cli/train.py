@@ -6,23 +6,9 @@ import os
 
 import click
 
-from featcache.errors import UsageError
 from featcache.keyvalue import parse_assignments, parse_grid
 
 from .options import cluster_options, device_option, json_option, print_json, quiet_option, storage_option
-
-
-def _backbone_state(store_url: str, storage_options: dict | None = None):
-    """Lazy loader of the backbone's weights, for LST's optional pruned initialisation."""
-    def load() -> dict:
-        from featcache.backbone import create_model
-        from featcache.vocabulary import BackboneSpec
-        from featcache.store.feature_store import FeatureStore
-
-        spec = BackboneSpec.from_dict(FeatureStore.open(store_url, "r", storage_options).manifest.backbone["spec"])
-        model, _ = create_model(spec)
-        return model.state_dict()
-    return load
 
 
 @click.command("train")
@@ -63,9 +49,9 @@ def command(store: str, method: str, out: str, epochs: int | None, batch_size: i
     featcache train cache.zarr --out runs/both --grid method=last,linear
     featcache train cache.zarr --out runs/sweep --grid lr=1e-3,3e-3 --grid rank=4,8 --workers 2
     """
-    from featcache.backbone import resolve_device
+    from featcache.infer import backbone_state_loader
     from featcache.sweep import load_sweep_file
-    from featcache.train import train
+    from featcache.train import TrainOptions, train
 
     base, sweep_grid = load_sweep_file(sweep_file) if sweep_file else ({}, {})
     values = {**base, **parse_assignments(settings, "--set")}
@@ -73,23 +59,17 @@ def command(store: str, method: str, out: str, epochs: int | None, batch_size: i
         if value is not None:
             values[key] = value
     grids = {**sweep_grid, **parse_grid(grid, "--grid")}
-    options = parse_assignments(storage_options, "--storage-option") or None
-    stream = {k: v for k, v in (("buffer_mb", stream_buffer_mb), ("prefetch", prefetch)) if v is not None}
+    storage = parse_assignments(storage_options, "--storage-option") or None
+    options = TrainOptions(split=split, eval_split=eval_split, reader=reader, stream_buffer_mb=stream_buffer_mb,
+                           prefetch=prefetch, device=device, resume=resume, overwrite=overwrite, progress=not quiet,
+                           storage_options=storage)
     if workers is not None or scheduler is not None:
         from featcache.scale import train_on_cluster
 
-        if resume:
-            raise UsageError("--resume continues a run in this process only: drop --workers/--scheduler to resume a "
-                             "local run, or start a cluster run again with --overwrite")
         shared = store if "://" in store else os.path.abspath(store)  # workers have their own working directory
-        summary = train_on_cluster(store, method, out, values, grids, workers=workers, scheduler=scheduler, split=split,
-                                   eval_split=eval_split, reader=reader, device=device, overwrite=overwrite,
-                                   progress=not quiet, backbone_state=_backbone_state(shared, options),
-                                   storage_options=options, stream_options=stream)
+        summary = train_on_cluster(store, method, out, values, grids, options, workers=workers, scheduler=scheduler,
+                                   backbone_state=backbone_state_loader(shared, storage))
     else:
-        summary = train(store, method, out, values, grids, split=split, eval_split=eval_split, reader=reader,
-                        device=resolve_device(device), resume=resume, overwrite=overwrite, progress=not quiet,
-                        backbone_state=_backbone_state(store, options), storage_options=options,
-                        stream_options=stream)
+        summary = train(store, method, out, values, grids, options, backbone_state=backbone_state_loader(store, storage))
     if as_json:
         print_json(summary)

@@ -363,17 +363,6 @@ class Backbone:
         }
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a clear error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
-    return torch.device(device)
-
-
 def parse_layers(text: str | None) -> list[int] | None:
     """``--layers``: ``all`` (None) or comma-separated tap positions, e.g. ``0,4,8,12``."""
     if text is None or text.strip().lower() == "all":

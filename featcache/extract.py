@@ -31,7 +31,8 @@ import zarr
 from dask.utils import format_bytes
 
 from featcache.allocator import keep_freed_memory
-from featcache.backbone import Backbone, resolve_device
+from featcache.backbone import Backbone
+from featcache.device import resolve_device
 from featcache.vocabulary import BackboneSpec
 from featcache.vocabulary import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES
 from featcache.data import DataSource, Subset, open_source, stratified_subset, unwrap_worker_error

@@ -18,7 +18,7 @@ worker and reports completions; featcache supplies the work units and the bookke
   with the same threads.
 - ``train_on_cluster``: the sweep's members are split into parts (members of one bank stay in one
   part unless there are fewer banks than workers), each part is trained on a worker by
-  ``featcache.train.train(members=part, partial=True)`` into a temporary directory whose files
+  ``featcache.train.train(store, part, tmp, partial=True)`` into a temporary directory whose files
   come back to the client, and ``featcache.train.gather_parts`` writes one RUNDIR as a local sweep
   writes it. Batch order is a function of (seed, epoch) on every worker, as locally.
 Stores must be reachable from every worker at the same URL: a shared filesystem path or an object
@@ -50,7 +50,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from featcache import __version__
 from featcache.allocator import ENV as MALLOC_ENV
 from featcache.allocator import keep_freed_memory
-from featcache.backbone import Backbone, resolve_device
+from featcache.backbone import Backbone
+from featcache.device import resolve_device
 from featcache.vocabulary import BackboneSpec
 from featcache.data import DataSource
 from featcache.loader import cpu_count
@@ -60,8 +61,9 @@ from featcache.extract import (ZARR_CONCURRENCY, ExtractOptions, ExtractReport, 
                                open_split_source, resolve_options, run_extraction, runtime_settings)
 from featcache.progress import bar, say
 from featcache.store.feature_store import FeatureStore, SplitHandle
-from featcache.store.lock import holds_run_lock
+from featcache.rundir import holds_run_lock
 from featcache.sweep import SweepMember, expand
+from featcache.train import TrainOptions
 
 log = logging.getLogger(__name__)
 
@@ -627,26 +629,20 @@ class TrainPartJob:
 
     store: str
     members: list[dict[str, Any]]
-    split: str
-    eval_split: str | None
-    reader: str
-    device: str
-    storage_options: dict[str, Any] | None
+    options: TrainOptions  # the run's options; the worker resolves options.device itself
     backbone_state: Callable[[], dict[str, Any]] | None = None
-    stream_options: dict[str, Any] | None = None
 
 
 def train_part_task(job: TrainPartJob) -> dict[str, Any]:
-    """The work unit on a worker: ``train(members=part, partial=True)`` in a temporary directory; its files as bytes."""
+    """The work unit on a worker: ``train(store, part, tmp, partial=True)`` in a temporary directory; its files."""
     from featcache.train import train
 
     members = [SweepMember.from_dict(d) for d in job.members]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="featcache-part-") as tmp:
         out = Path(tmp) / "run"
-        train(job.store, members[0].method, out, split=job.split, eval_split=job.eval_split, reader=job.reader,
-              device=resolve_device(job.device), progress=False, backbone_state=job.backbone_state,
-              storage_options=job.storage_options, members=members, partial=True, stream_options=job.stream_options)
+        train(job.store, members, out, options=replace(job.options, progress=False, resume=False, overwrite=False),
+              backbone_state=job.backbone_state, partial=True)
         files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
                  if p.is_file() and p.relative_to(out).parts[0] != "state"}
     return {"files": files, "worker": _worker_name(), "host": socket.gethostname(), "pid": os.getpid(),
@@ -654,42 +650,45 @@ def train_part_task(job: TrainPartJob) -> dict[str, Any]:
 
 
 @holds_run_lock
-def train_on_cluster(store: str, method: str, out: str | os.PathLike[str], settings: dict[str, Any] | None = None,
-                     grid: dict[str, list[Any]] | None = None, *, client: Client | None = None,
-                     workers: int | None = None, scheduler: str | None = None, split: str = "train",
-                     eval_split: str | None = None, reader: str = "auto", device: str = "auto",
-                     overwrite: bool = False, progress: bool = True,
-                     backbone_state: Callable[[], dict[str, Any]] | None = None,
-                     storage_options: dict[str, Any] | None = None, members: list[SweepMember] | None = None,
-                     split_banks: bool = True, stream_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_on_cluster(store: str, method: str | list[SweepMember], out: str | os.PathLike[str],
+                     settings: dict[str, Any] | None = None, grid: dict[str, list[Any]] | None = None,
+                     options: TrainOptions | None = None, *, client: Client | None = None,
+                     workers: int | None = None, scheduler: str | None = None,
+                     backbone_state: Callable[[], dict[str, Any]] | None = None, split_banks: bool = True,
+                     **overrides: Any) -> dict[str, Any]:
     """``featcache.train.train`` with the sweep's members spread over dask workers; one RUNDIR as locally.
 
     Pass a ``client``, or ``workers`` (a local cluster started and stopped here) or ``scheduler``.
-    ``device`` is resolved on each worker ("auto": its GPU when it has one). Returns the summary.
+    ``options.device`` is resolved on each worker ("auto": its GPU when it has one); --resume is refused
+    (a run is resumed in one process). Returns the summary.
     """
-    from featcache.train import gather_parts, prepare_run
+    from featcache.train import gather_parts, prepare_run, resolve_train_options
 
+    opts = resolve_train_options(options, overrides)
+    if opts.resume:
+        raise UsageError("--resume continues a run in this process only: drop --workers/--scheduler to resume a "
+                         "local run, or start a cluster run again with --overwrite")
     url = check_shared_url(str(store))
-    members = members or expand(method, settings, grid)
+    members = method if isinstance(method, list) else expand(method, settings, grid)
+    device = str(opts.device)
     if client is None:
-        with cluster_client(workers, scheduler, device=device, progress=progress) as own:
-            return train_on_cluster(url, method, out, client=own, split=split, eval_split=eval_split, reader=reader,
-                                    device=device, overwrite=overwrite, progress=progress,
-                                    backbone_state=backbone_state, storage_options=storage_options, members=members,
-                                    split_banks=split_banks, stream_options=stream_options)
+        with cluster_client(workers, scheduler, device=device, progress=opts.progress) as own:
+            return train_on_cluster(url, members, out, options=opts, client=own, backbone_state=backbone_state,
+                                    split_banks=split_banks)
     t0, out = time.perf_counter(), Path(out)
-    prepare_run(url, members, out, split, eval_split, overwrite, storage_options)
+    prepare_run(url, members, out, opts)
     resources, nworkers = _task_resources(client, device)
     parts = plan_parts(members, nworkers, split_banks)
-    jobs = [TrainPartJob(url, [m.to_dict() for m in part], split, eval_split, reader, device, storage_options,
-                         backbone_state, stream_options) for part in parts]
-    say(f"training {len(members)} member(s) in {len(parts)} part(s) on {nworkers} dask worker(s)", quiet=not progress)
-    results = _run_parts(client, jobs, resources, progress)
+    jobs = [TrainPartJob(url, [m.to_dict() for m in part], replace(opts, device=device), backbone_state)
+            for part in parts]
+    say(f"training {len(members)} member(s) in {len(parts)} part(s) on {nworkers} dask worker(s)",
+        quiet=not opts.progress)
+    results = _run_parts(client, jobs, resources, opts.progress)
     with tempfile.TemporaryDirectory(prefix="featcache-gather-") as tmp:
         dirs = [_unpack(r["files"], Path(tmp) / f"part{i}") for i, r in enumerate(results)]
         cluster = {"workers": nworkers, "parts": [{k: r[k] for k in ("worker", "host", "members", "seconds")}
                                                   for r in results]}
-        return gather_parts(out, members, dirs, t0, progress, extra={"cluster": cluster})
+        return gather_parts(out, members, dirs, t0, opts.progress, extra={"cluster": cluster})
 
 
 def _run_parts(client: Client, jobs: list[TrainPartJob], resources: dict[str, int] | None,

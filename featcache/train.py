@@ -1,18 +1,13 @@
 """Train side networks from a cache: one pass over the store per epoch feeds every sweep member.
 
-Never loads or runs the backbone. ``train(...)`` writes into RUNDIR:
-  sweep.json          the members (method, method config, training config)
-  metrics.jsonl       one line per member and evaluated epoch
-  members/<name>/     best.safetensors, last.safetensors, config.json (checkpoint.py)
-  best.json           the best member by the selection split
-  curves.png          loss and accuracy curves of all members
-  summary.json        the DESIGN.md summary (``train --json`` prints it)
-  state/              what ``--resume`` continues from (end of the last finished epoch)
+Never loads or runs the backbone. ``train(store, method, out, settings, grid, options)`` trains the
+members of the sweep (``featcache.sweep``) on the taps of ``options.split`` and writes RUNDIR
+(``featcache.rundir``: checkpoints, metrics, best member, curves, summary, resumable state).
 
 Runs whose members train elsewhere (``featcache.scale``: members spread over dask workers) use three
-hooks: ``prepare_run`` (the checks and a fresh RUNDIR, before any training), ``train(members=subset,
-partial=True)`` into a part directory per worker, and ``gather_parts`` (one RUNDIR, as a local sweep
-of all members writes it).
+hooks: ``prepare_run`` (the checks and a fresh RUNDIR, before any training), ``train(store, members,
+part_dir, partial=True)`` into a part directory per worker, and ``gather_parts`` (one RUNDIR, as a
+local sweep of all members writes it).
 """
 
 from __future__ import annotations
@@ -21,12 +16,11 @@ import json
 import logging
 import math
 import os
-import re
 import resource
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +28,19 @@ import numpy as np
 import psutil
 import torch
 
-from featcache import __version__
 from featcache.allocator import keep_freed_memory
-from featcache.checkpoint import (SUPPORTED_CHECKPOINT_FORMATS, member_config, read_tensors, safe_member_name,
-                                  write_json, write_tensors)
-from featcache.errors import CheckpointError, ConfigError, FeatcacheError, FormatVersionError, Interrupted, StoreError
+from featcache.checkpoint import member_config, safe_member_name, write_json, write_tensors
+from featcache.device import resolve_device
+from featcache.errors import CheckpointError, ConfigError, Interrupted, StoreError, UsageError
 from featcache.methods.base import MethodInput
 from featcache.progress import bar, say
 from featcache.store.feature_store import FeatureStore, SplitHandle
-from featcache.store.lock import holds_run_lock
-from featcache.vocabulary import Manifest
 from featcache.store.reader import CacheReader, open_reader
+from featcache.vocabulary import READER_MODES
 
 from .bank import MemberBank
-from .sweep import SweepMember, expand
+from .rundir import RunDir, holds_run_lock
+from .sweep import SweepMember, TrainConfig, expand
 
 log = logging.getLogger("featcache.train")
 
@@ -111,133 +104,6 @@ def _eval_splits(store: FeatureStore, train_split: str, eval_split: str | None) 
     return chosen
 
 
-def _prepare_rundir(out: Path, members: list[SweepMember], resume: bool, overwrite: bool,
-                    create: bool = True) -> dict[str, Any] | None:
-    """Create RUNDIR, or check that a resumed one belongs to the same sweep; returns the saved state.
-
-    ``create=False`` only checks (nothing is written), so that every refusal comes before any change.
-    """
-    sweep = [m.to_dict() for m in members]
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"--out {out} is a file; choose a directory for the run")
-    if resume:
-        if not (out / "sweep.json").is_file():
-            raise CheckpointError(f"--resume: {out} holds no featcache run (no sweep.json); drop --resume to start one")
-        saved = _read_json(out / "sweep.json")
-        if saved != sweep:
-            raise CheckpointError(f"--resume: {out} was started with a different sweep (methods, settings or grid); "
-                                  "resume with the same options, or start a new --out")
-        pointer = out / "state" / "state.json"
-        if not pointer.is_file():
-            return None
-        state = _read_json(pointer)
-        # a name inside RUNDIR/state, never a path from the file: state.json is data, not a place to read or write
-        if not isinstance(state, dict) or not re.fullmatch(r"epoch-\d{4,}", str(state.get("dir", ""))) \
-                or not isinstance(state.get("epoch"), int):
-            raise CheckpointError(f"--resume: {pointer} is damaged (no valid epoch and state directory); start a new "
-                                  "--out, or --overwrite this run")
-        return state
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise CheckpointError(f"run directory {out} already exists and is not empty; pass --resume to continue it, "
-                                  "--overwrite to replace it, or choose a new --out")
-        if create:
-            shutil.rmtree(out)
-    if not create:
-        return None
-    (out / "members").mkdir(parents=True, exist_ok=True)
-    write_json(out / "sweep.json", sweep)
-    return None
-
-
-def _save_state(out: Path, epoch: int, banks: list[MemberBank], records: list[MemberRecord], stats: dict[str, Any]) -> None:
-    """End-of-epoch state: a fresh directory, then an atomic pointer update, then old states removed."""
-    state_root = out / "state"
-    target = state_root / f"epoch-{epoch:04d}"
-    target.mkdir(parents=True, exist_ok=True)
-    infos = []
-    for i, bank in enumerate(banks):
-        tensors, info = bank.state()
-        write_tensors(target / f"bank{i}.safetensors", tensors)
-        infos.append(info)
-    write_json(state_root / "state.json", {"epoch": epoch, "dir": target.name, "banks": infos, "stats": stats,
-                                           "records": [{"history": r.history, "best": r.best} for r in records]})
-    for old in state_root.glob("epoch-*"):
-        if old.name != target.name:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, OSError) as err:
-        raise CheckpointError(f"--resume: {path} is damaged ({err}); start a new --out, or --overwrite this run") from None
-
-
-def _load_state(out: Path, state: dict[str, Any], banks: list[MemberBank], records: list[MemberRecord]) -> None:
-    target = out / "state" / state["dir"]
-    try:
-        for i, bank in enumerate(banks):
-            bank.load_state(read_tensors(target / f"bank{i}.safetensors"), state["banks"][i])
-        for rec, saved in zip(records, state["records"]):
-            rec.history, rec.best = saved["history"], saved["best"]
-    except (KeyError, IndexError, TypeError) as err:
-        raise CheckpointError(f"--resume: the saved state in {target} does not fit this sweep ({type(err).__name__}: "
-                              f"{err}); start a new --out, or --overwrite this run") from None
-
-
-def _check_resumed_store(out: Path, store: FeatureStore, split: str, members: list[SweepMember]) -> None:
-    """A resumed run must read the store it started on (same backbone, weights, taps, dtype, split)."""
-    config = out / "members" / safe_member_name(members[0].name) / "config.json"
-    if not config.is_file():
-        return
-    try:
-        data = json.loads(config.read_text())
-        recorded = data["store"]
-        manifest = recorded["manifest"]
-    except (ValueError, KeyError, TypeError):
-        return  # a damaged member config is rewritten at the end of the next epoch
-    version = data.get("featcache_checkpoint")
-    if isinstance(version, int) and version not in SUPPORTED_CHECKPOINT_FORMATS:  # a run of another featcache
-        raise FormatVersionError(f"--resume: {out} was written with checkpoint format {version}; this featcache "
-                                 f"({__version__}) reads {SUPPORTED_CHECKPOINT_FORMATS}: resume it with the featcache "
-                                 "that started it, or start a new --out")
-    try:
-        theirs = Manifest.from_attrs(manifest, f"--resume: the store recorded in {config}")  # newer format: refused
-    except FormatVersionError:
-        raise
-    except FeatcacheError:
-        return
-    if recorded.get("split") != split:
-        raise CheckpointError(f"--resume: {out} was trained on split {recorded.get('split')!r}, this run reads split "
-                              f"{split!r}; resume with --split {recorded.get('split')}, or start a new --out")
-    mine, was = store.manifest.identity(), theirs.identity()
-    for key in mine:
-        if mine[key] != was[key]:
-            raise CheckpointError(f"--resume: {out} was trained on a store made with another {key} than {store.url} "
-                                  f"has; resume with the store it started on ({recorded.get('url')}), or start a new "
-                                  "--out")
-
-
-def _saved_epochs(out: Path) -> int:
-    """Epochs whose end state RUNDIR/state holds (what --resume continues from)."""
-    try:
-        return int(json.loads((out / "state" / "state.json").read_text())["epoch"]) + 1
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-
-
-def _remove_leftovers(out: Path, state: dict[str, Any] | None) -> None:
-    """Temporary files of writes cut short by a crash, and state directories no pointer names."""
-    for tmp in [*out.glob(".*.tmp*"), *out.glob("members/*/.*.tmp*"), *out.glob("state/.*.tmp*"),
-                *out.glob("state/*/.*.tmp*")]:
-        tmp.unlink(missing_ok=True)
-    keep = state["dir"] if state is not None else None
-    for old in (out / "state").glob("epoch-*"):
-        if old.name != keep:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def _evaluate(banks: list[MemberBank], reader: CacheReader) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per bank: (summed loss (K,), correct (K,)) over the whole split."""
     sums = [(torch.zeros(len(b), device=b.device), torch.zeros(len(b), device=b.device)) for b in banks]
@@ -296,83 +162,147 @@ def _eval_epoch(banks: list[MemberBank], records: list[MemberRecord], readers: d
             rows[r.member.name][f"{name}_loss"] = float(res[r.bank][0][r.slot] / rd.num_samples)
 
 
+@dataclass
+class TrainOptions:
+    """How a sweep is trained, besides the sweep itself: the splits, how taps are read, the device and what
+    happens to RUNDIR. What ``featcache train`` parses apart from --method, --set and --grid."""
+
+    split: str = "train"
+    eval_split: str | None = None  # evaluated each epoch; None: val, else test when the store has one
+    reader: str = "auto"  # auto | gpu | ram | stream (featcache.store.reader)
+    stream_buffer_mb: float | None = None  # stream reader: the shuffle window, also the largest read
+    prefetch: int | None = None  # stream reader: blocks read ahead
+    device: str | torch.device = "auto"
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    storage_options: dict[str, Any] | None = None  # fsspec options for URL stores
+
+    def validate(self) -> None:
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite exclude each other: resume continues RUNDIR, overwrite "
+                             "replaces it")
+        if self.reader not in READER_MODES:
+            raise UsageError(f"--reader must be one of {', '.join(READER_MODES)}, got {self.reader!r}")
+
+    def stream_options(self) -> dict[str, Any]:
+        return {k: v for k, v in (("buffer_mb", self.stream_buffer_mb), ("prefetch", self.prefetch)) if v is not None}
+
+
+def resolve_train_options(options: TrainOptions | None, overrides: dict[str, Any]) -> TrainOptions:
+    """``options`` with ``overrides`` replacing fields, validated (a bad name is a TypeError, as for a call)."""
+    unknown = set(overrides) - {f.name for f in fields(TrainOptions)}
+    if unknown:
+        raise TypeError(f"unknown train options: {', '.join(sorted(unknown))}")
+    opts = replace(options or TrainOptions(), **overrides)
+    opts.validate()
+    return opts
+
+
 @holds_run_lock
-def train(store: str | FeatureStore, method: str, out: str | os.PathLike[str], settings: dict[str, Any] | None = None,
-          grid: dict[str, list[Any]] | None = None, split: str = "train", eval_split: str | None = None,
-          reader: str = "auto", device: str | torch.device = "cpu", resume: bool = False, overwrite: bool = False,
-          progress: bool = True, backbone_state: Callable[[], dict] | None = None,
-          storage_options: dict[str, Any] | None = None, members: list[SweepMember] | None = None,
-          partial: bool = False, stream_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def train(store: str | FeatureStore, method: str | list[SweepMember], out: str | os.PathLike[str],
+          settings: dict[str, Any] | None = None, grid: dict[str, list[Any]] | None = None,
+          options: TrainOptions | None = None, *, backbone_state: Callable[[], dict] | None = None,
+          partial: bool = False, **overrides: Any) -> dict[str, Any]:
     """Train every member of the sweep from the cache; returns the summary (also RUNDIR/summary.json).
 
-    ``stream_options`` go to the ``stream`` reader when that mode is used (``buffer_mb``: the shuffle
-    window, which also bounds the size of one read; ``prefetch``: blocks read ahead).
-
-    ``members`` replaces the sweep built from method, settings and grid (e.g. a subset of one);
-    ``partial``: RUNDIR is one part of a larger sweep: no best member is chosen, no best.json or
-    curves.png are written, and a part whose members all diverged is no error (``gather_parts``
-    decides over all parts).
+    ``method`` with ``settings`` and ``grid`` makes the sweep (``featcache.sweep.expand``), or ``method``
+    is the list of members itself (e.g. a part of a sweep). ``overrides`` replace fields of ``options``
+    (``train(store, "last", out, progress=False)``). ``backbone_state``: a callable returning the
+    backbone's state dict, for initialisations that copy it (LST's pruning). ``partial``: RUNDIR is one
+    part of a larger sweep: no best member is chosen, no best.json or curves.png are written, and a part
+    whose members all diverged is no error (``gather_parts`` decides over all parts).
     """
+    opts = resolve_train_options(options, overrides)
     keep_freed_memory()  # large tensors reuse heap pages instead of faulting fresh ones (allocator.py)
-    t_start, rss_base, device = time.perf_counter(), rss_mb(), torch.device(device)
-    fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store, "r", storage_options)
-    members = members or expand(method, settings, grid)
-    out = Path(out)
-    train_split = fs.split(split)
-    eval_names = _eval_splits(fs, split, eval_split)
-    mi = _method_input(fs, train_split, backbone_state)
-    state = _prepare_rundir(out, members, resume, overwrite, create=False)  # refusals first, nothing written
-    if resume:
-        _check_resumed_store(out, fs, split, members)
+    t_start, rss_base, device = time.perf_counter(), rss_mb(), resolve_device(opts.device)
+    store = store if isinstance(store, FeatureStore) else FeatureStore.open(store, "r", opts.storage_options)
+    members = method if isinstance(method, list) else expand(method, settings, grid)
+    eval_names = _eval_splits(store, opts.split, opts.eval_split)
+    mi = _method_input(store, store.split(opts.split), backbone_state)
+    rundir = RunDir(out, members, opts.resume, opts.overwrite)  # every refusal first, nothing written
+    rundir.check_store(store, opts.split)
     banks, records = _build_banks(members, mi, device)
     mi.backbone_state = None  # LST's pruned init is done: free the backbone weights
-    needed = sorted({t for b in banks for t in b.required_taps}, key=fs.manifest.tap_names.index)
-    cfg = members[0].train
-    stream_options = stream_options or {}
-    train_reader = open_reader(train_split, needed, reader, cfg.batch_size, shuffle=True, seed=cfg.seed, device=device,
-                               **stream_options)
-    eval_readers = {n: open_reader(fs.split(n), needed, reader, max(cfg.batch_size, 256), shuffle=False, device=device,
-                                   **stream_options) for n in eval_names}
-    if resume:  # the cache read well (resident readers check every chunk): now RUNDIR may change
-        _remove_leftovers(out, state)
-    else:
-        _prepare_rundir(out, members, resume, overwrite)
-    first_epoch, stats = 0, {"train_seconds": 0.0, "train_samples": 0, "bank_seconds": [0.0] * len(banks)}
-    if state is not None:
-        _load_state(out, state, banks, records)
-        first_epoch, stats = state["epoch"] + 1, state["stats"]
-        say(f"resuming {out} after epoch {state['epoch'] + 1}", quiet=not progress)
-    store_record = {"url": fs.url, "split": split, "manifest": fs.manifest.to_attrs()}
-    # the bank's resolved config ("auto" widths, heads, ... filled in), so that checkpoints rebuild exactly
-    configs = [member_config(r.member.name, r.member.method, banks[r.bank].template.config.to_dict(),
-                             r.member.train.to_dict(), mi, store_record, train_split.meta.classes) for r in records]
-    select = eval_names[0] if eval_names else split
+    train_reader, eval_readers = _open_readers(store, banks, eval_names, opts, members[0].train, device)
+    rundir.start()  # the cache read well (resident readers check every chunk): now RUNDIR may change
+    stats: dict[str, Any] = {"train_seconds": 0.0, "train_samples": 0, "bank_seconds": [0.0] * len(banks)}
+    if rundir.state is not None:
+        saved, stats = rundir.load_state(banks)
+        for rec, rec_saved in zip(records, saved):
+            rec.history, rec.best = rec_saved["history"], rec_saved["best"]
+        say(f"resuming {rundir.path} after epoch {rundir.first_epoch}", quiet=not opts.progress)
+    select = eval_names[0] if eval_names else opts.split
     say(f"training {len(members)} member(s) in {len(banks)} bank(s) on {train_reader.num_samples} samples "
-        f"({', '.join(needed)}), reader {train_reader.mode}: {train_reader.choice.reason}", quiet=not progress)
+        f"({', '.join(train_reader.taps)}), reader {train_reader.mode}: {train_reader.choice.reason}",
+        quiet=not opts.progress)
+    loop = EpochLoop(rundir, banks, records, train_reader, eval_readers, select,
+                     _member_configs(store, opts.split, banks, records, mi))
     try:
-        with bar(cfg.epochs * len(train_reader), "train", unit="step", progress=progress,
-                 initial=first_epoch * len(train_reader)) as pbar:
-            for epoch in range(first_epoch, cfg.epochs):
-                torch.manual_seed(cfg.seed * 1000 + epoch)  # any randomness inside side networks: fixed per epoch
-                rows = _train_epoch(epoch, banks, records, train_reader, cfg.epochs, stats, pbar)
-                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                    _eval_epoch(banks, records, eval_readers, rows)
-                _record_epoch(out, epoch, banks, records, rows, configs, select)
-                _save_state(out, epoch, banks, records, stats)  # the commit point of the epoch
-                _write_metrics(out, records)
-                pbar.set_postfix_str(_postfix(records), refresh=True)
-        summary = _summary(out, records, banks, stats, select, t_start, rss_base, train_reader, device, partial)
+        loop.run(stats, opts.progress)
+        summary = _summary(rundir.path, records, banks, stats, select, t_start, rss_base, train_reader, device,
+                           partial)
         if partial:
-            write_json(out / "summary.json", summary)
+            write_json(rundir.path / "summary.json", summary)
         else:
-            _finish(out, summary, records, select, progress)
+            _finish(rundir.path, summary, records, select, opts.progress)
     except KeyboardInterrupt:
-        saved = _saved_epochs(out)
-        kept = (f"it holds the state after epoch {saved} of {cfg.epochs}" if saved else
+        saved_epochs, epochs = rundir.saved_epochs(), members[0].train.epochs
+        kept = (f"it holds the state after epoch {saved_epochs} of {epochs}" if saved_epochs else
                 "no epoch had finished, so it starts from the beginning")
-        raise Interrupted(f"interrupted: training in {out} stopped, {kept}; run the same featcache train command with "
-                          "--resume to continue") from None
+        raise Interrupted(f"interrupted: training in {rundir.path} stopped, {kept}; run the same featcache train "
+                          "command with --resume to continue") from None
     return summary
+
+
+def _open_readers(store: FeatureStore, banks: list[MemberBank], eval_names: list[str], opts: TrainOptions,
+                  cfg: TrainConfig, device: torch.device) -> tuple[CacheReader, dict[str, CacheReader]]:
+    """The training reader (shuffled) and one reader per evaluated split, of the taps some bank reads."""
+    needed = sorted({t for b in banks for t in b.required_taps}, key=store.manifest.tap_names.index)
+    stream = opts.stream_options()
+    train_reader = open_reader(store.split(opts.split), needed, opts.reader, cfg.batch_size, shuffle=True,
+                               seed=cfg.seed, device=device, **stream)
+    eval_readers = {n: open_reader(store.split(n), needed, opts.reader, max(cfg.batch_size, 256), shuffle=False,
+                                   device=device, **stream) for n in eval_names}
+    return train_reader, eval_readers
+
+
+def _member_configs(store: FeatureStore, split: str, banks: list[MemberBank], records: list[MemberRecord],
+                    mi: MethodInput) -> list[dict[str, Any]]:
+    """Each member's checkpoint config: the bank's resolved method config ("auto" widths, heads, ... filled
+    in, so that checkpoints rebuild exactly), its training config, the store it was trained on."""
+    store_record = {"url": store.url, "split": split, "manifest": store.manifest.to_attrs()}
+    classes = store.split(split).meta.classes
+    return [member_config(r.member.name, r.member.method, banks[r.bank].template.config.to_dict(),
+                          r.member.train.to_dict(), mi, store_record, classes) for r in records]
+
+
+@dataclass
+class EpochLoop:
+    """The epochs of one run: train every bank on the same batches, evaluate, record, save the state."""
+
+    rundir: RunDir
+    banks: list[MemberBank]
+    records: list[MemberRecord]
+    train_reader: CacheReader
+    eval_readers: dict[str, CacheReader]
+    select: str  # the split whose accuracy picks each member's best epoch
+    configs: list[dict[str, Any]]  # per member, for its checkpoint
+
+    def run(self, stats: dict[str, Any], progress: bool) -> None:
+        cfg = self.records[0].member.train
+        first, steps = self.rundir.first_epoch, len(self.train_reader)
+        with bar(cfg.epochs * steps, "train", unit="step", progress=progress, initial=first * steps) as pbar:
+            for epoch in range(first, cfg.epochs):
+                torch.manual_seed(cfg.seed * 1000 + epoch)  # any randomness inside side networks: fixed per epoch
+                rows = _train_epoch(epoch, self.banks, self.records, self.train_reader, cfg.epochs, stats, pbar)
+                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                    _eval_epoch(self.banks, self.records, self.eval_readers, rows)
+                _record_epoch(self.rundir, epoch, self.banks, self.records, rows, self.configs, self.select)
+                self.rundir.save_state(epoch, self.banks, [{"history": r.history, "best": r.best}
+                                                           for r in self.records], stats)  # the epoch's commit point
+                _write_metrics(self.rundir, self.records)
+                pbar.set_postfix_str(_postfix(self.records), refresh=True)
 
 
 def _finish(out: Path, summary: dict[str, Any], records: list[MemberRecord], select: str, progress: bool) -> None:
@@ -396,7 +326,7 @@ def _postfix(records: list[MemberRecord]) -> str:
     return "best " + ", ".join(f"{s:.3f}" for s in scored) if scored else ""
 
 
-def _record_epoch(out: Path, epoch: int, banks: list[MemberBank], records: list[MemberRecord],
+def _record_epoch(rundir: RunDir, epoch: int, banks: list[MemberBank], records: list[MemberRecord],
                   rows: dict[str, dict[str, float]], configs: list[dict[str, Any]], select: str) -> None:
     """Append metrics, update best epochs and write the member checkpoints."""
     for rec, config in zip(records, configs):
@@ -405,7 +335,7 @@ def _record_epoch(out: Path, epoch: int, banks: list[MemberBank], records: list[
         alive = bool(bank.alive[rec.slot])
         row["status"] = "ok" if alive else "diverged"
         rec.history.append(row)
-        mdir = out / "members" / safe_member_name(rec.member.name)
+        mdir = rundir.member_dir(rec.member.name)
         mdir.mkdir(parents=True, exist_ok=True)
         weights = bank.member_state(rec.slot)
         score = row.get(f"{select}_acc")  # None when this epoch was not evaluated
@@ -423,11 +353,8 @@ def records_history(records: list[MemberRecord]) -> dict[str, list[dict[str, Any
     return {r.member.name: r.history for r in records}
 
 
-def _write_metrics(out: Path, records: list[MemberRecord]) -> None:
-    lines = [json.dumps({"member": r.member.name, **row}) for r in records for row in r.history]
-    tmp = out / f".metrics.jsonl.tmp{os.getpid()}"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out / "metrics.jsonl")
+def _write_metrics(rundir: RunDir, records: list[MemberRecord]) -> None:
+    rundir.write_metrics([{"member": r.member.name, **row} for r in records for row in r.history])
 
 
 def _summary(out: Path, records: list[MemberRecord], banks: list[MemberBank], stats: dict[str, Any], select: str,
@@ -481,19 +408,18 @@ def select_best(out: Path, members: list[dict[str, Any]], select: str) -> dict[s
 
 
 def prepare_run(store: str | FeatureStore, members: list[SweepMember], out: str | os.PathLike[str],
-                split: str = "train", eval_split: str | None = None, overwrite: bool = False,
-                storage_options: dict[str, Any] | None = None) -> FeatureStore:
+                options: TrainOptions) -> FeatureStore:
     """The checks ``train`` makes before writing anything, then a fresh RUNDIR holding sweep.json."""
-    fs = store if isinstance(store, FeatureStore) else FeatureStore.open(store, "r", storage_options)
-    _eval_splits(fs, split, eval_split)
-    _method_input(fs, fs.split(split), None)
-    _prepare_rundir(Path(out), members, resume=False, overwrite=overwrite)
-    return fs
+    store = store if isinstance(store, FeatureStore) else FeatureStore.open(store, "r", options.storage_options)
+    _eval_splits(store, options.split, options.eval_split)
+    _method_input(store, store.split(options.split), None)
+    RunDir(out, members, resume=False, overwrite=options.overwrite).start()
+    return store
 
 
 def gather_parts(out: str | os.PathLike[str], members: list[SweepMember], parts: list[Path], t_start: float,
                  progress: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Merge part directories written by ``train(members=subset, partial=True)`` into RUNDIR.
+    """Merge part directories written by ``train(store, part_members, part_dir, partial=True)`` into RUNDIR.
 
     RUNDIR (made by ``prepare_run``) then holds what one local sweep of ``members`` writes: member
     directories, metrics.jsonl in member order, best.json, summary.json, curves.png (no state/).
@@ -516,7 +442,7 @@ def gather_parts(out: str | os.PathLike[str], members: list[SweepMember], parts:
     if missing:
         raise CheckpointError(f"the parts of run {out} lack members {', '.join(missing)}; train again")
     records = [MemberRecord(m, -1, -1, history.get(m.name, []), entries[m.name]["best"]) for m in members]
-    _write_metrics(out, records)
+    _write_metrics(RunDir(out, members, resume=True), records)
     select = summaries[0]["part"]["select"]
     ordered = [entries[m.name] for m in members]
     peak = max(summaries, key=lambda s: s["peak_rss_mb"])

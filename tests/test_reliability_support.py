@@ -347,8 +347,10 @@ def _install_setup(setup: str) -> None:
 def install_train_kill_point(point: str) -> None:
     """Patch training so that this process SIGKILLs itself at ``point`` (see TRAIN_KILL_POINTS)."""
     import featcache.checkpoint as ck
+    import featcache.rundir as rd
     import featcache.train as tr
     from featcache.bank import MemberBank
+    from featcache.rundir import RunDir
 
     if point == "mid-epoch":  # epoch 3, step 4: two epochs' state saved
         real_step, calls = MemberBank.train_step, [0]
@@ -360,23 +362,23 @@ def install_train_kill_point(point: str) -> None:
 
         MemberBank.train_step = train_step  # type: ignore[method-assign]
     elif point == "after-member-files":  # epoch 2's member checkpoints written, its state not
-        real_save = tr._save_state
+        real_save = RunDir.save_state
 
-        def save_state(out: Path, epoch: int, *a: Any, **kw: Any) -> None:
+        def save_state(self: RunDir, epoch: int, *a: Any, **kw: Any) -> None:
             if epoch == 1:
                 _die()
-            real_save(out, epoch, *a, **kw)
+            real_save(self, epoch, *a, **kw)
 
-        tr._save_state = save_state
+        RunDir.save_state = save_state  # type: ignore[method-assign]
     elif point == "mid-state":  # epoch 2's state directory half written, the pointer still at epoch 1
-        real_write = tr.write_tensors
+        real_write = rd.write_tensors
 
         def write_tensors(path: Path, *a: Any, **kw: Any) -> None:
             real_write(path, *a, **kw)
             if Path(path).parent.name == "epoch-0001":
                 _die()
 
-        tr.write_tensors = write_tensors
+        rd.write_tensors = write_tensors
     elif point == "mid-file-write":  # epoch 2's last.safetensors in its temporary file, not renamed
         real_save_file = ck.save_file
 

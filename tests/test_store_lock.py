@@ -112,7 +112,7 @@ def test_url_lock_live_and_stale(tmp_path: Path) -> None:
 def test_run_lock_is_reentrant_in_its_thread_and_refuses_other_threads(tmp_path) -> None:
     import threading
 
-    from featcache.store.lock import RunLock
+    from featcache.rundir import RunLock
 
     run = tmp_path / "runs" / "a"
     with RunLock(run):

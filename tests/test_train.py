@@ -180,19 +180,19 @@ def test_resume_equals_uninterrupted(vit_store, tmp_path, monkeypatch) -> None:
     settings, grid = {"epochs": 4, "batch_size": 16}, {"lr": [1e-3, 3e-3]}
     full = train(str(path), "last", tmp_path / "full", settings, grid, progress=False)
 
-    import featcache.train as train_mod
+    from featcache.rundir import RunDir
 
-    real = train_mod._save_state
+    real = RunDir.save_state
 
-    def crash_after_epoch_2(out, epoch, *a, **kw):
-        real(out, epoch, *a, **kw)
+    def crash_after_epoch_2(self, epoch, *a, **kw):
+        real(self, epoch, *a, **kw)
         if epoch == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "_save_state", crash_after_epoch_2)
+    monkeypatch.setattr(RunDir, "save_state", crash_after_epoch_2)
     with pytest.raises(Interrupted, match="state after epoch 2 of 4.*--resume"):
         train(str(path), "last", tmp_path / "part", settings, grid, progress=False)
-    monkeypatch.setattr(train_mod, "_save_state", real)
+    monkeypatch.setattr(RunDir, "save_state", real)
     resumed = train(str(path), "last", tmp_path / "part", settings, grid, resume=True, progress=False)
     assert [m["metrics"] for m in resumed["members"]] == [m["metrics"] for m in full["members"]]
     for name in ("lr=0.001", "lr=0.003"):
@@ -336,7 +336,7 @@ def test_a_second_training_into_the_same_rundir_is_refused(vit_store, tmp_path) 
     path, _, _, _ = vit_store
     out = tmp_path / "runs" / "r"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom featcache.store.lock import RunLock\n"
+        [sys.executable, "-c", "import sys, time\nfrom featcache.rundir import RunLock\n"
          "RunLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(120)", str(out)],
         stdout=subprocess.PIPE, text=True)
     try:

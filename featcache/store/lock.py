@@ -14,8 +14,7 @@ The lock is ``<store>/_locks/<name>.lock`` holding JSON ``{pid, host, started, f
   second ``featcache extract`` and nothing else.
 The lock file is removed on release (and ``_locks`` when empty), so a finished store holds none.
 
-``RunLock`` is the same mechanism for a training run directory: ``.<RUNDIR name>.lock`` beside it,
-taken by ``featcache train`` (``holds_run_lock``) so that two trainings never write one RUNDIR.
+``featcache.rundir.RunLock`` is the same mechanism for a training run directory.
 """
 
 from __future__ import annotations
@@ -23,16 +22,13 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import fcntl
-import functools
-import inspect
 import json
 import logging
 import os
 import socket
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from featcache import __version__
 from featcache.errors import StoreError, StoreLockedError
@@ -258,63 +254,3 @@ def _read_quietly(path: Path) -> bytes:
         return path.read_bytes()
     except OSError:
         return b""
-
-
-class RunLock(SplitLock):
-    """One ``featcache train`` per run directory: ``.<RUNDIR name>.lock`` beside RUNDIR (so that
-    ``--overwrite`` may delete RUNDIR itself), held with flock like a split's lock. Re-entrant within
-    a thread (a cluster sweep locks RUNDIR once for all its steps); another thread is refused."""
-
-    _held: set[tuple[str, int]] = set()
-    holder, work = "run directory's parent", "train"
-
-    def __init__(self, rundir: str | os.PathLike[str]) -> None:
-        rundir = Path(rundir).absolute()
-        super().__init__(rundir.parent, rundir.name)
-        self.rundir, self._reentered = rundir, False
-
-    @property
-    def where(self) -> str:
-        return str(self._path())
-
-    def _path(self) -> Path:
-        return self.rundir.parent / f".{self.rundir.name}.lock"
-
-    def _emptied_dirs(self, path: Path) -> tuple[Path, ...]:
-        return ()
-
-    def acquire(self) -> None:
-        if self._key() in RunLock._held:
-            self._reentered = True
-            return
-        super().acquire()
-        RunLock._held.add(self._key())
-
-    def release(self) -> None:
-        if self._reentered:
-            self._reentered = False
-            return
-        if self.held:
-            RunLock._held.discard(self._key())
-        super().release()
-
-    def _key(self) -> tuple[str, int]:
-        return str(self.rundir), threading.get_ident()
-
-    def _refuse(self, owner: LockOwner | None, extra: str = "") -> StoreLockedError:
-        who = owner.describe() if owner else "another process"
-        return StoreLockedError(f"run directory {self.rundir} is being trained into by {who}{extra}; wait for it to "
-                                f"finish (or stop it), or choose another --out. If you are sure nothing is training "
-                                f"into it, delete {self.where}")
-
-
-def holds_run_lock(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run ``fn`` holding the ``RunLock`` of its ``out`` argument: one training per RUNDIR at a time."""
-    signature = inspect.signature(fn)
-
-    @functools.wraps(fn)
-    def locked(*args: Any, **kwargs: Any) -> Any:
-        with RunLock(signature.bind(*args, **kwargs).arguments["out"]):
-            return fn(*args, **kwargs)
-
-    return locked
