@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 import warnings
@@ -20,6 +21,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import TypeAdapter, ValidationError
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -126,69 +128,23 @@ def _describe_type(hint: Any) -> str:
     return str(hint)
 
 
+@functools.lru_cache(maxsize=None)
+def _adapter(hint: Any) -> TypeAdapter:
+    return TypeAdapter(hint)
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """``value`` converted to the field type ``hint`` (accepting the text forms ``--set`` produces)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        if isinstance(value, str) and value.strip().lower() in ("none", "null") and type(None) in options:
-            return None
-        for opt in options:  # exact type first: "last" stays a str in ``str | list[str]``
-            if opt is not type(None) and typing.get_origin(opt) is None and type(value) is opt:
-                return value
-        for opt in options:
-            if opt is type(None):
-                continue
-            try:
-                return _coerce(key, value, opt)
-            except ConfigError:
-                pass
-        wanted = " or ".join(_describe_type(o) for o in options)
-        raise ConfigError(f"{key} must be {wanted}, got {value!r}")
-    bad = ConfigError(f"{key} must be {_describe_type(hint)}, got {value!r}")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.strip().lower() in ("true", "1", "yes")
-        raise bad
-    if hint is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                raise bad from None
-        raise bad
-    if hint is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                raise bad from None
-        raise bad
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise bad
-    return value
+    """``value`` as the field type ``hint``, by pydantic's lax validation (the text forms ``--set`` gives:
+    "8" -> 8, "true" -> True, "null" -> None); a bool is never taken for a number."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if isinstance(value, str) and value.strip().lower() in ("none", "null") and type(None) in options:
+        return None
+    if isinstance(value, bool) and bool not in options:
+        raise ConfigError(f"{key} must be {' or '.join(map(_describe_type, options))}, got {value!r}")
+    try:
+        return _adapter(hint).validate_python(value)
+    except ValidationError:
+        raise ConfigError(f"{key} must be {' or '.join(map(_describe_type, options))}, got {value!r}") from None
 
 
 @dataclass
