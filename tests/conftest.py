@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -57,6 +58,22 @@ def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
             f.write(data)
     else:
         path.write_bytes(data)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from 2 threads, and on 2 busy cores OpenMP's spinning makes each small op
+    cost milliseconds; subprocesses in these tests use 1 thread too (bitwise comparisons)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 synthetic 32x32 images in 3 classes, ImageFolder layout."""
+    return write_image_folder(tmp_path_factory.mktemp("data") / "images", n=24, classes=3)
 
 
 @pytest.fixture

@@ -30,9 +30,9 @@ from featcache.cli import app
 from featcache.train import train
 
 from .conftest import TINY_CNN, write_image_folder
-from .test_reliability_support import (EXTRACT_KW, assert_one_error_line, cli_env, featcache_cmd, flip_byte,
-                                       hash_tree, shard_file)
-from .test_store_support import one_torch_thread, run_extract  # noqa: F401
+from .helpers.processes import EXTRACT_KW, assert_one_error_line, cli_env, featcache_cmd
+from .helpers.stores import flip_byte, hash_tree, shard_file
+from .helpers.stores import run_extract
 
 
 @pytest.fixture(scope="module")

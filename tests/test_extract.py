@@ -7,9 +7,7 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,9 @@ from featcache.store.feature_store import FeatureStore
 from featcache.vocabulary import SplitMeta
 from featcache.store.verify import verify_store
 
-from .test_store_support import one_torch_thread, TINY_VIT, assert_same_arrays, images, read_split, run_extract  # noqa: F401
+from .conftest import TINY_VIT
+from .helpers.processes import child_extract, start_child, wait_for
+from .helpers.stores import FAST, assert_same_arrays, read_split, run_extract
 
 
 @pytest.fixture(scope="module")
@@ -95,67 +95,28 @@ def test_resume_of_complete_split_writes_nothing(images: Path, tmp_path: Path) -
     assert report.shards_written == 0 and report.complete
 
 
-_KILL_SCRIPT = textwrap.dedent("""
-    import signal, sys, time
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal, even in a background test run
-    import torch
-    torch.set_num_threads(1)
-    from featcache.vocabulary import BackboneSpec
-    from featcache.data import open_source
-    from featcache.errors import FeatcacheError
-    from featcache.extract import extract
-
-    class Slow:  # the same images, slowly: the parent kills us mid-run
-        def __init__(self, source):
-            self.source, self.spec, self.classes = source, source.spec, source.classes
-        def __len__(self):
-            return len(self.source)
-        def __getitem__(self, i):
-            time.sleep(0.25)
-            return self.source[i]
-        def labels(self):
-            return self.source.labels()
-        def ids(self):
-            return self.source.ids()
-
-    spec = BackboneSpec(model="test_vit", model_kwargs={"img_size": 32}, weights="random")
-    if sys.argv[3] == "pool":  # no worker process: the images are transformed on 2 threads of this process
-        import featcache.loader
-        featcache.loader.transform_threads = lambda workers, views: 2
-    try:
-        extract(spec, Slow(open_source(sys.argv[1])), sys.argv[2], dtype="float32",
-                loader_workers=0 if sys.argv[3] == "pool" else int(sys.argv[3]),
-                progress=False, chunk_images=2, shard_images=4, batch_size=4)
-    except FeatcacheError as err:  # as the CLI does
-        print(f"Error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
-""")
-
-
 @pytest.mark.parametrize("sig,workers", [(signal.SIGKILL, "0"), (signal.SIGINT, "1"), (signal.SIGINT, "pool")])
 def test_resume_after_kill_or_ctrl_c_equals_clean_run(images: Path, tmp_path: Path, clean_run: dict, sig: int,
                                                        workers: str) -> None:
     """A real process killed with SIGKILL (lock left stale), or sent Ctrl-C (a clean stop), mid-run; Ctrl-C
     with a DataLoader worker process (it reaches the worker too) and with the in-process transform threads."""
-    out = tmp_path / "s.zarr"
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(images), str(out), workers],
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 60
+    out, log = tmp_path / "s.zarr", tmp_path / "child.log"
+    settings = dict(FAST, dtype="float32", progress=False, loader_workers=0 if workers == "pool" else int(workers))
+    if workers == "pool":  # no worker process: the images are transformed on 2 threads of this process
+        settings["transform_threads"] = 2
+    proc = start_child(child_extract, str(images), str(out), None, str(log), 0.25, settings, True)
     try:
-        while time.monotonic() < deadline:
-            done = list((out / "train" / "_complete" / "c").glob("*")) if (out / "train").exists() else []
-            if len(done) >= 2 or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the extraction finished before it could be stopped"
+        wait_for(lambda: (out / "train").exists() and len(list((out / "train" / "_complete" / "c").glob("*"))) >= 2,
+                 timeout=60, proc=proc)
         os.killpg(proc.pid, sig)  # the whole process group, as a terminal's Ctrl-C does
     finally:
-        stderr = proc.communicate(timeout=60)[1]
+        proc.join(60)
+    stderr = log.read_text()
     if sig == signal.SIGKILL:
-        assert proc.returncode == -signal.SIGKILL
+        assert proc.exitcode == -signal.SIGKILL
         assert (out / "_locks" / "train.lock").exists()  # a crashed owner's lock is left behind ...
     else:
-        assert proc.returncode == 130 and "Traceback" not in stderr
+        assert proc.exitcode == 130 and "Traceback" not in stderr
         assert re.search(r"Error: interrupted: \d of 6 shards .* discarded; run the same featcache extract command "
                          r"with --resume", stderr), stderr
         assert not (out / "_locks").exists()

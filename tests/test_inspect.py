@@ -19,7 +19,8 @@ from featcache.errors import StoreError
 from featcache.store.summary import RunningStats, describe_store, format_summary
 from featcache.store.verify import verify_store
 
-from .test_store_support import one_torch_thread, TINY_CNN, images, run_extract  # noqa: F401
+from .conftest import TINY_CNN
+from .helpers.stores import run_extract
 
 
 @pytest.fixture(scope="module")

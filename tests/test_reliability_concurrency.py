@@ -19,9 +19,9 @@ from featcache.store.feature_store import FeatureStore
 from featcache.store.lock import LockOwner
 from featcache.store.reader import open_reader
 
-from .test_reliability_support import (EXTRACT_KW, TINY_ARGS, assert_one_error_line, assert_same_store, child_extract,
-                                       leftovers, split_state, start_child, wait_for)
-from .test_store_support import images, one_torch_thread, run_extract  # noqa: F401
+from .helpers.processes import EXTRACT_KW, TINY_ARGS, assert_one_error_line, child_extract, start_child, wait_for
+from .helpers.stores import assert_same_store, leftovers, split_state
+from .helpers.stores import run_extract
 
 
 @pytest.fixture(scope="module")

@@ -28,10 +28,10 @@ from featcache.errors import CorruptionError
 from featcache.store.feature_store import FeatureStore
 from featcache.store.verify import verify_store
 
-from .test_reliability_support import (EXTRACT_KILL_POINTS, EXTRACT_KW, TINY_ARGS, assert_one_error_line,
-                                       assert_same_store, child_cli, child_extract, flip_byte, hash_tree, leftovers,
-                                       run_child, run_cli, shard_file, split_state)
-from .test_store_support import images, one_torch_thread, run_extract  # noqa: F401
+from .helpers.processes import (EXTRACT_KILL_POINTS, EXTRACT_KW, TINY_ARGS, assert_one_error_line, child_cli,
+                                child_extract, run_child)
+from .helpers.stores import assert_same_store, flip_byte, hash_tree, leftovers, shard_file, split_state
+from .helpers.stores import run_extract
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +265,7 @@ def test_corruption_end_to_end_in_real_processes(images: Path, tmp_path: Path, c
 
 
 def _both(for_train: Path, run: Path, damaged: Path, images: Path) -> list[tuple[list[str], dict[str, str]]]:
-    from .test_reliability_support import cli_env, featcache_cmd
+    from .helpers.processes import cli_env, featcache_cmd
 
     train = [*featcache_cmd(), "train", str(for_train), "--method", "linear", "--out", str(run), "--epochs", "1",
              "--quiet"]

@@ -22,9 +22,9 @@ from featcache.cli import app
 from featcache.sweep import expand
 from featcache.train import train
 
-from .test_reliability_support import (EXTRACT_KW, ROOT, TINY_ARGS, assert_one_error_line, hash_tree, run_files,
-                                       shard_file)
-from .test_store_support import images, one_torch_thread, run_extract  # noqa: F401
+from .helpers.processes import EXTRACT_KW, ROOT, TINY_ARGS, assert_one_error_line
+from .helpers.stores import hash_tree, run_files, shard_file
+from .helpers.stores import run_extract
 
 
 @pytest.fixture(scope="module")

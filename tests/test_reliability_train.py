@@ -26,9 +26,9 @@ from featcache.cli import app
 from featcache.train import train
 
 from .conftest import TINY_VIT, make_separable_images, write_tap_store
-from .test_reliability_support import (TRAIN_KILL_POINTS, TRAIN_KW, assert_one_error_line, child_cli, child_train,
-                                       flip_byte, hash_tree, leftovers, popen_cli, run_child, run_files, shard_file,
-                                       start_child, wait_for)
+from .helpers.processes import (TRAIN_KILL_POINTS, TRAIN_KW, assert_one_error_line, child_cli, child_train, popen_cli,
+                                run_child, start_child, wait_for)
+from .helpers.stores import flip_byte, hash_tree, leftovers, run_files, shard_file
 
 LONG_EPOCHS = 40  # long enough that an outside kill lands mid-run (well under 0.1 s per epoch here)
 

@@ -46,7 +46,8 @@ from featcache.sweep import expand
 from featcache.train import train
 
 from .conftest import make_separable_images, write_tap_store
-from .test_store_support import FAST, TINY_VIT, assert_same_arrays, images, one_torch_thread, read_split, run_extract  # noqa: F401
+from .conftest import TINY_VIT
+from .helpers.stores import FAST, assert_same_arrays, read_split, run_extract
 
 SPEC = BackboneSpec(**TINY_VIT)
 BUCKET = "featcache-test"

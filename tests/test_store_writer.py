@@ -16,8 +16,8 @@ from featcache.store.codecs import decode, encode
 from featcache.store.lock import SplitLock
 from featcache.store.verify import verify_store
 
-from .test_store_support import (one_torch_thread, TINY_CNN, TINY_VIT, assert_same_arrays, hash_tree, images, read_split,  # noqa: F401
-                                 reference_taps, run_extract)
+from .conftest import TINY_CNN, TINY_VIT
+from .helpers.stores import assert_same_arrays, hash_tree, read_split, reference_taps, run_extract
 
 
 def test_float32_taps_round_trip_bitwise(images: Path, tmp_path: Path) -> None:

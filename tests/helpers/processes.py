@@ -11,8 +11,6 @@ console script itself (interpreter exit, stderr of ``featcache``) use ``run_cli`
 
 from __future__ import annotations
 
-import hashlib
-import json
 import multiprocessing as mp
 import os
 import signal
@@ -25,9 +23,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PRELOAD = ["torch", "timm", "zarr", "featcache.extract", "featcache.train", "featcache.cli",
-           "tests.test_reliability_support"]
+           "tests.helpers.processes"]
 NOISE = ("Traceback", "Exception ignored", "Task was destroyed", "was never retrieved")
 TINY_ARGS = ["--model", "test_vit", "--model-kwargs", "img_size=32", "--weights", "random"]
 # the extraction every reliability test uses: 24 images, 6 shards of 4, batches of 2 (so a batch can end mid-shard)
@@ -109,64 +107,6 @@ def assert_one_error_line(stderr: str, *needles: str) -> str:
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
     return errors[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# Files
-
-
-def hash_tree(root: Path) -> dict[str, str]:
-    """sha256 of every file under root, and every directory (so that new empty directories show too)."""
-    root = Path(root)
-    if not root.exists():
-        return {}
-    if root.is_file():
-        return {root.name: hashlib.sha256(root.read_bytes()).hexdigest()}
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-    return out
-
-
-def flip_byte(path: Path, offset: int = 10) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset % len(data)] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def shard_file(store: Path, array: str, shard: int, split: str = "train") -> Path:
-    """The object of one shard of a tap array (chunk key c/<shard>/0/0) or of labels/ids (c/<shard>)."""
-    base = store / split / array / "c" / str(shard)
-    return base / "0" / "0" if (base / "0").is_dir() else base
-
-
-def split_state(store: Path, split: str = "train") -> dict[str, Any]:
-    """Every array of a split as numpy, its metadata, and the store's final norm: what 'equal stores' means."""
-    from featcache.store.feature_store import FeatureStore
-
-    fs = FeatureStore.open(store)
-    handle = fs.split(split)
-    arrays = {name: np.asarray(handle.array(name)[:]) for name in handle.array_names()}
-    arrays["ids"] = np.asarray([str(v) for v in arrays["ids"]])
-    norm = fs.final_norm() or {}
-    arrays.update({f"norm_{k}": v.numpy() for k, v in norm.items()})
-    return {"arrays": arrays, "meta": handle.meta.to_attrs(), "identity": fs.manifest.identity(),
-            "finished": "featcache_extraction" in handle.group.attrs.asdict()}
-
-
-def assert_same_store(a: dict[str, Any], b: dict[str, Any]) -> None:
-    assert a["meta"] == b["meta"] and a["identity"] == b["identity"] and a["finished"] == b["finished"]
-    assert a["arrays"].keys() == b["arrays"].keys()
-    for name, x in a["arrays"].items():
-        y = b["arrays"][name]
-        assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), f"array {name} differs"
-
-
-def leftovers(root: Path) -> list[str]:
-    """Temporary files of interrupted writes and lock files."""
-    return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*")
-                  if p.name.endswith(".partial") or ".tmp" in p.name or p.name == "_locks")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,18 +216,34 @@ EXTRACT_KILL_POINTS = ["store-created", "split-half-created", "mid-shard-compute
                        "mid-file-write", "before-record", "before-finalize"]
 
 
-def child_extract(images: str, out: str, point: str | None, log: str | None = None, slow: float = 0.0) -> None:
-    """Extract ``images`` into ``out`` as the tests' clean run does; die at ``point`` (None: finish)."""
+def child_extract(images: str, out: str, point: str | None, log: str | None = None, slow: float = 0.0,
+                  overrides: dict[str, Any] | None = None, own_group: bool = False) -> None:
+    """Extract ``images`` into ``out`` as the tests' clean run does (``EXTRACT_KW`` with ``overrides``); die
+    at ``point`` (None: finish). ``own_group``: lead a process group, so that a signal to the group reaches
+    DataLoader workers too, as a terminal's Ctrl-C does. ``overrides["transform_threads"]``: the CPU
+    default's in-process transform threads (the tests' torch runs 1 thread, which would mean none)."""
+    if own_group:
+        os.setsid()
     _child_setup(log)
-    from featcache.vocabulary import BackboneSpec
     from featcache.data import open_source
+    from featcache.errors import FeatcacheError
     from featcache.extract import extract
+    from featcache.vocabulary import BackboneSpec
 
+    kw = {**EXTRACT_KW, **(overrides or {})}
+    threads = kw.pop("transform_threads", None)
+    if threads is not None:
+        import featcache.loader
+
+        featcache.loader.transform_threads = lambda workers, views: threads
     if point is not None:
         install_extract_kill_point(point)
     source = open_source(images) if not slow else SlowSource(open_source(images), slow)
-    extract(BackboneSpec(model="test_vit", model_kwargs={"img_size": 32}, weights="random"), source, out,
-            **EXTRACT_KW)
+    try:
+        extract(BackboneSpec(model="test_vit", model_kwargs={"img_size": 32}, weights="random"), source, out, **kw)
+    except FeatcacheError as err:  # as the CLI does
+        print(f"Error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
 
 
 class SlowSource:
@@ -353,7 +309,7 @@ def install_train_kill_point(point: str) -> None:
     from featcache.rundir import RunDir
 
     if point == "mid-epoch":  # epoch 3, step 4: two epochs' state saved
-        real_step, calls = MemberBank.train_step, [0]
+        real_step, _calls = MemberBank.train_step, [0]
 
         def train_step(self: Any, *a: Any, **kw: Any) -> Any:
             if kw.get("where", "").startswith("epoch 3 step 4"):
@@ -412,19 +368,3 @@ def child_train(store: str, out: str, point: str) -> None:
 
     install_train_kill_point(point)
     train(store, "last", out, TRAIN_KW["settings"], TRAIN_KW["grid"], progress=False)
-
-
-def run_files(run: Path) -> dict[str, bytes]:
-    """What must be equal between a resumed and an uninterrupted run: member weights and metrics."""
-    run = Path(run)
-    files = {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.glob("members/*/*.safetensors"))}
-    files["metrics.jsonl"] = (run / "metrics.jsonl").read_bytes()
-    best = {k: v for k, v in json.loads((run / "best.json").read_text()).items() if k != "checkpoint"}  # a path
-    files["best.json"] = json.dumps(best, sort_keys=True).encode()
-    return files
-
-
-__all__ = ["EXTRACT_KILL_POINTS", "EXTRACT_KW", "NOISE", "TINY_ARGS", "TRAIN_KILL_POINTS", "TRAIN_KW", "SlowSource",
-           "assert_one_error_line", "assert_same_store", "child_cli", "child_extract", "child_train", "flip_byte",
-           "hash_tree", "leftovers", "popen_cli", "run_child", "run_cli", "run_files", "shard_file", "split_state",
-           "start_child", "wait_for"]

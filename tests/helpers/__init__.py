@@ -1,0 +1,1 @@
+"""Test helpers shared by several test modules (no tests here); fixtures live in conftest.py."""
