@@ -21,7 +21,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -37,6 +37,7 @@ from featcache.vocabulary import BackboneSpec
 from featcache.vocabulary import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES
 from featcache.data import DataSource, Subset, open_source, stratified_subset, unwrap_worker_error
 from featcache.loader import cpu_count, default_loader_workers, make_loader, transform_pool
+from featcache.keyvalue import with_overrides
 from featcache.errors import DataError, Interrupted, StoreError, UsageError
 from featcache.progress import bar
 from featcache.store.feature_store import FeatureStore, SplitHandle, choose_chunking
@@ -448,10 +449,7 @@ class InProcessRunner:
 
 def resolve_options(options: ExtractOptions | None, overrides: dict[str, Any]) -> ExtractOptions:
     """``options`` with ``overrides`` replacing fields, validated (a bad name is a TypeError, as for a call)."""
-    unknown = set(overrides) - {f.name for f in fields(ExtractOptions)}
-    if unknown:
-        raise TypeError(f"unknown extract options: {', '.join(sorted(unknown))}")
-    opts = replace(options or ExtractOptions(), **overrides)
+    opts = with_overrides(options or ExtractOptions(), overrides, "extract")
     opts.validate()
     return opts
 

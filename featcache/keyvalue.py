@@ -1,9 +1,11 @@
-"""``KEY=VALUE`` command-line assignments (``--model-kwargs``, ``--set``, ``--grid``) to Python values."""
+"""``KEY=VALUE`` assignments to Python values: command-line ones (``--model-kwargs``, ``--set``, ``--grid``) and
+keyword overrides of an options dataclass (``extract(spec, data, out, split="val")``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import UsageError
 
@@ -52,3 +54,15 @@ def parse_grid(items: tuple[str, ...] | list[str], option: str = "--grid") -> di
             raise UsageError(f"{option} sets {key!r} twice; list all its values once: {key}=V1,V2")
         out[key] = [parse_value(p) for p in parts]
     return out
+
+
+Options = TypeVar("Options")
+
+
+def with_overrides(options: Options, overrides: dict[str, Any], what: str) -> Options:
+    """A copy of the dataclass ``options`` with ``overrides`` replacing fields; an unknown name is a TypeError,
+    as for a function call (``what`` names the call in the message)."""
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(options)}  # type: ignore[arg-type]
+    if unknown:
+        raise TypeError(f"unknown {what} options: {', '.join(sorted(unknown))}")
+    return dataclasses.replace(options, **overrides)  # type: ignore[type-var]

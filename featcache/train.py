@@ -20,7 +20,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 from featcache.allocator import keep_freed_memory
 from featcache.checkpoint import member_config, safe_member_name, write_json, write_tensors
 from featcache.device import resolve_device
+from featcache.keyvalue import with_overrides
 from featcache.errors import CheckpointError, ConfigError, Interrupted, StoreError, UsageError
 from featcache.methods.base import MethodInput
 from featcache.progress import bar, say
@@ -191,10 +192,7 @@ class TrainOptions:
 
 def resolve_train_options(options: TrainOptions | None, overrides: dict[str, Any]) -> TrainOptions:
     """``options`` with ``overrides`` replacing fields, validated (a bad name is a TypeError, as for a call)."""
-    unknown = set(overrides) - {f.name for f in fields(TrainOptions)}
-    if unknown:
-        raise TypeError(f"unknown train options: {', '.join(sorted(unknown))}")
-    opts = replace(options or TrainOptions(), **overrides)
+    opts = with_overrides(options or TrainOptions(), overrides, "train")
     opts.validate()
     return opts
 
