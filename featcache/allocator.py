@@ -3,9 +3,7 @@
 torch allocates CPU tensors with malloc. glibc serves a request above its mmap threshold (dynamic, at
 most 32 MiB) with a fresh ``mmap`` and hands it back with ``munmap`` when it is freed, so every large
 activation of every forward pass is paid again: the kernel faults in and zeroes each 4 KiB page on first
-touch. EfficientNet-Lite0 at batch 32 in inference faulted ~68 MB per image, half of its CPU time in the
-kernel: 22-30 images/s on this project's 2-core machine against 63-80 with the settings below
-(docs/store.md, "Runtime settings").
+touch (measurements in docs/store.md, "Runtime settings").
 
 ``keep_freed_memory()`` sets, once per process:
 - ``M_MMAP_MAX=0``: every allocation comes from the heap, which reuses freed blocks;

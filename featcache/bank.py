@@ -6,11 +6,10 @@ own AdamW state, learning-rate schedule (warmup + cosine), weight decay, label s
 clipping and its own fate: a member whose loss or gradients stop being finite is stopped (its
 updates are masked from then on) and reported; the others go on.
 
-On CPU, torch has no vmap batching rule for its fused attention kernels: vmap falls back to a loop
-over members while holding all K members' activations at once (measured on ViT-S taps, batch 32: K=8
-cost 12.9x one member; the math kernel under vmap 17.9x). So on CPU, methods that use attention run
-member by member (forward and backward of one member, then the next): same results, K=8 at about 8x,
-and activation memory of one member. The optimizer still updates all K stacked members at once.
+On CPU, torch has no vmap batching rule for its fused attention kernels (vmap loops over members while
+holding every member's activations; docs/training.md): there, methods that use attention run member by
+member (forward and backward of one, then the next), with the same results and one member's activation
+memory. The optimizer still updates all K stacked members at once.
 """
 
 from __future__ import annotations

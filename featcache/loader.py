@@ -72,12 +72,10 @@ class TransformedDataset(torch.utils.data.Dataset):
 class TransformPool:
     """Threads of this process that load and transform the items of a batch, each with one torch thread.
 
-    For a backbone on the CPU, where the forward pass already keeps every core busy: a DataLoader
-    worker process preempts one of the forward's OpenMP threads whenever it runs, and the other
-    threads wait for it at the next barrier, so each second of decoding costs the forward up to a
-    second per core. Transforming a batch between two forwards on all cores costs about its CPU time
-    divided by the cores (docs/store.md has the measurements). PIL and torch release the GIL while
-    they work. Each thread runs torch ops single-threaded (a 3x224x224 normalisation would otherwise
+    For a backbone on the CPU, whose forward keeps every core busy: a DataLoader worker process would
+    preempt one of the forward's OpenMP threads and stall the others at the next barrier; transforming
+    between two forwards costs about the transform's CPU time over the cores (docs/store.md). PIL and
+    torch release the GIL while they work. Each thread runs torch ops single-threaded (a 3x224x224 normalisation would otherwise
     start an OpenMP team per thread); the caller's own thread setting is left as it was.
     """
 

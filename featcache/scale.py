@@ -68,11 +68,9 @@ from featcache.train import TrainOptions
 log = logging.getLogger(__name__)
 
 SETTINGS_PLUGIN = "featcache-settings"
-# dask settings while featcache runs a cluster: spawned (not forked) workers, as zarr's event loop
-# needs; non-daemonic worker processes, so that a task may start DataLoader worker processes; and
-# no MALLOC_TRIM_THRESHOLD_ (dask sets it for its workers): setting it switches off glibc's dynamic
-# mmap threshold, and torch's large temporary tensors then cost page faults on every allocation
-# (measured: LAST training 12 samples/s in such a worker vs 18 without, same threads; docs/scale.md)
+# dask settings while featcache runs a cluster: spawned workers (zarr's event loop needs it), non-daemonic
+# (a task may start DataLoader processes), and no MALLOC_TRIM_THRESHOLD_, which makes torch's large
+# temporaries fault in fresh pages (docs/scale.md)
 MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_"
 CLUSTER_CONFIG = {"distributed.worker.multiprocessing-method": "spawn", "distributed.worker.daemon": False,
                   f"distributed.nanny.pre-spawn-environ.{MALLOC_TRIM}": None}

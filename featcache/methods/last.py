@@ -50,7 +50,7 @@ class LASTConfig(MethodConfig):
     side block; pool "avg"|"cls"; width of the side network (None = the last tap's width); taps "auto"
     (every g-th block, see the module doc) or explicit tap names."""
 
-    rank: int = 32  # defaults: measured, see docs/methods.md
+    rank: int = 32  # defaults: chosen by measurement, see docs/methods.md
     heads: int = 4
     gap: int = 2
     depth: int = 2
@@ -87,8 +87,7 @@ def choose_taps(taps: list[TapInfo], gap: int) -> tuple[TapInfo | None, list[Tap
 
 class _NormThenLinear(torch.autograd.Function):
     """``linear(layer_norm(x))`` that keeps x, not the normalised copy, for backward and recomputes the
-    LayerNorm there (one cheap pass): one (N, T, d) activation fewer per attention layer, 110 MB of the
-    272 MB a ViT-S LAST step saved at batch 32, for about 1% more step time."""
+    LayerNorm there (one cheap pass): one (N, T, d) activation fewer per attention layer (docs/benchmarks.md)."""
 
     @staticmethod
     def forward(x: Tensor, ln_w: Tensor, ln_b: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:

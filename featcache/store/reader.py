@@ -37,12 +37,8 @@ from .codecs import TORCH_DTYPES, decode, storage_dtype, storage_numpy_dtype, st
 from .feature_store import SplitHandle
 
 log = logging.getLogger("featcache.reader")
-# stream mode reads whole shards (of the taps it needs) when they are at most SHARD_BLOCK_BYTES: zarr
-# reads a whole shard in one request, but part of a shard chunk by chunk (the shard index, then one
-# request per chunk), which cost 1.75x the time for the same rows (ViT-S taps, 2 cores). Bigger shards
-# are read in blocks of about BLOCK_BYTES of whole chunks. The window of blocks shuffled in memory is
-# ``buffer_mb``, and no block is larger than the window: memory held is about buffer_mb plus the
-# read-ahead blocks.
+# stream mode reads whole shards (one zarr request each) up to SHARD_BLOCK_BYTES, else runs of whole chunks of
+# about BLOCK_BYTES, never more than the shuffle window (docs/readers.md has the measurements behind all this)
 SHARD_BLOCK_BYTES = 256 << 20
 BLOCK_BYTES = 32 << 20
 # CPU batches of rows at least this big are copied and converted row by row in one pass (the Python
@@ -96,8 +92,7 @@ _EXPONENT_MASKS = {torch.float16: (torch.int16, np.uint16, 0x7FFF, 0x7C00),
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """Whether a CPU float tensor holds no NaN/Inf: an integer test on the bits (30x faster than
-    ``torch.isfinite`` on float16, so the check costs a fraction of reading the block)."""
+    """Whether a CPU float tensor holds no NaN/Inf: an integer test on the bits (far cheaper than isfinite)."""
     if t.dtype not in _EXPONENT_MASKS or t.device.type != "cpu":
         return bool(torch.isfinite(t).all())
     as_int, unsigned, magnitude, exponent = _EXPONENT_MASKS[t.dtype]
@@ -196,9 +191,7 @@ class CacheReader:
 
 
 def gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` of ``t`` (a new tensor). On CPU through ``np.take``: torch's index_select on CPU
-    runs 1.4x slower for float32 rows and several times slower for half precision. (Splitting the rows
-    over two threads was faster on a quiet machine and 2-3x slower whenever the other core was busy.)"""
+    """Rows ``index`` of ``t`` (a new tensor); on CPU through ``np.take``, faster than ``index_select``."""
     if t.device.type != "cpu":
         return t.index_select(0, index.to(t.device))
     return decode(np.take(storage_view(t), index.numpy(), axis=0), t.dtype)
@@ -223,8 +216,7 @@ def resident_dtype(where: str, options: ReaderOptions, cache_dtype: str) -> torc
 
 
 def _host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor in numpy-allocated memory: numpy asks for transparent huge pages on
-    large arrays (torch does not), and the batch gathers from it run ~7% faster with fewer TLB misses."""
+    """An uninitialised CPU tensor in numpy-allocated memory (huge pages: faster gathers than torch's)."""
     return decode(np.empty(shape, dtype=storage_numpy_dtype(dtype)), dtype)
 
 
@@ -263,7 +255,7 @@ class ResidentReader(CacheReader):
         stop = (len(order) // b) * b if self.options.drop_last else len(order)
         views = draw_views(self.views, self.indices, self.options.seed, epoch) if self.views > 1 else None
         for s in range(0, stop, b):
-            index = order[s:s + b].sort().values  # ascending rows: the gather streams through memory (~1.3x)
+            index = order[s:s + b].sort().values  # ascending rows: the gather streams through memory
             slot = self._slot[index]
             taps = {}
             for name, data in self.data.items():
@@ -395,9 +387,8 @@ class StreamReader(CacheReader):
 
 @contextmanager
 def _one_torch_thread() -> Iterator[None]:
-    """torch's intra-op threads off while a CPU batch is assembled: each row copy (~75k elements) is just
-    above torch's parallel grain, and splitting it over the cores cost 2x the wall time and 4x the CPU
-    (measured, 2 cores) while the read-ahead threads need those cores. The caller's setting comes back."""
+    """One torch thread while a CPU batch is assembled (row copies sit just above torch's parallel grain and
+    the read-ahead threads need the cores); the caller's setting comes back."""
     n = torch.get_num_threads()
     if n == 1:
         yield
