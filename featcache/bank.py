@@ -11,6 +11,11 @@ over members while holding all K members' activations at once (measured on ViT-S
 cost 12.9x one member; the math kernel under vmap 17.9x). So on CPU, methods that use attention run
 member by member (forward and backward of one member, then the next): same results, K=8 at about 8x,
 and activation memory of one member. The optimizer still updates all K stacked members at once.
+
+Dropout (LST): ``functional_call`` runs the template module in its own mode, so ``train_step`` puts the
+template in train mode and ``evaluate`` in eval mode. Under vmap (``randomness="different"``) each member
+draws its own masks; the member loop draws them one member after the other from the global generator,
+which the trainer seeds per epoch.
 """
 
 from __future__ import annotations
@@ -132,6 +137,7 @@ class MemberBank:
         """One AdamW step for every live member; returns per-member (loss, correct count) on this batch."""
         for p in self.params.values():
             p.grad = None
+        self.template.train()  # dropout on (functional_call runs the template's modules in its mode)
         logits, losses = self._forward_backward(taps, labels)
         with torch.no_grad():
             grads = {k: p.grad for k, p in self.params.items()}
@@ -169,7 +175,8 @@ class MemberBank:
 
     @torch.no_grad()
     def evaluate(self, taps: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-member (summed loss, correct count) and the (K, B) predictions on one batch."""
+        """Per-member (summed loss, correct count) and the (K, B) predictions on one batch (eval mode: no dropout)."""
+        self.template.eval()
         logits = self.forward(taps)
         logp = F.log_softmax(logits.float(), dim=-1)
         nll = -logp.gather(-1, labels.view(1, -1, 1).expand(logp.shape[0], -1, 1)).squeeze(-1)
