@@ -309,3 +309,25 @@ def test_bank_trains_with_dropout_and_evaluates_without() -> None:
     bank.template.train()
     with torch.no_grad():
         assert not torch.allclose(bank.forward(x), bank.forward(x))  # train mode: dropout on
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bank_draws_dropout_per_member_under_vmap_and_evaluates_without() -> None:
+    """On CUDA the bank vmaps (randomness="different"): identical members still get their own masks."""
+    from featcache.bank import MemberBank
+    from featcache.sweep import SweepMember, TrainConfig
+
+    taps = _taps(64, blocks=2)
+    members = [SweepMember(f"m{k}", "lst", {"dropout": 0.5}, TrainConfig(seed=0)) for k in range(2)]
+    bank = MemberBank(members, MethodInput(taps, 3, None, "vit"), torch.device("cuda"))
+    assert not bank.member_loop
+    x, y = {k: v.cuda() for k, v in _batch(taps, 8).items()}, (torch.arange(8) % 3).cuda()
+    bank.template.train()
+    with torch.no_grad():
+        out = bank.forward(x)
+    assert not torch.allclose(out[0], out[1])
+    losses, _ = bank.train_step(x, y, 0.5, 2)
+    assert torch.isfinite(losses).all()
+    a, b = bank.evaluate(x, y)[0], bank.evaluate(x, y)[0]
+    assert torch.equal(a, b)
