@@ -137,12 +137,13 @@ def _vit_state(width: int = 64, heads_dim: int = 32, blocks: int = 1) -> dict[st
 
 
 def test_pruning_needs_the_backbone_head_count() -> None:
-    state = _vit_state()  # 2 heads of 32
-    info = MethodInput(_taps(64), 3, None, "vit", lambda: state, backbone_heads=2)
-    assert create("lst", {"init": "prune"}, info).heads == 2  # heads=None: the backbone's
+    state, loads = _vit_state(), []  # 2 heads of 32
+    info = MethodInput(_taps(64), 3, None, "vit", lambda: loads.append(1) or state, backbone_heads=2)
+    assert create("lst", {"init": "prune"}, info).heads == 2 and len(loads) == 1  # heads=None: the backbone's
     with pytest.raises(ConfigError, match=r"heads: init=prune prunes each of the backbone's 2 attention heads.*"
                                           r"got heads=4; set heads=2 or null"):
         create("lst", {"init": "prune", "heads": 4}, info)
+    assert len(loads) == 1  # the conflict is found before the backbone's weights are loaded
     with pytest.raises(ConfigError, match=r"heads: init=prune keeps the backbone's 2 heads, which do not divide the "
                                           r"side width 1 \(= 64 / reduction 64\)"):
         create("lst", {"init": "prune", "reduction": 64}, info)

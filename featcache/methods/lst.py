@@ -240,27 +240,26 @@ class LST(SideNetwork):
         for t in rungs:
             check(t.block >= 1, "init", f"'prune' initialises side blocks from backbone blocks, but tap {t.name!r} "
                   "is not a block output; drop it from taps or use init=random")
-        state = tap_info.backbone_state()
-        _get(state, "patch_embed.proj.weight")
-        for t in rungs:
-            check_block_layout(state, t.block - 1, d)
-        own = tap_info.backbone_heads
+        own = tap_info.backbone_heads  # heads first: a conflict needs no backbone weights loaded
         heads = cfg.heads
-        if heads is None:
-            heads = own if own is not None else max(1, d // 64)
-            if own is None:
-                log.warning("lst: init=prune: the backbone's head count is not recorded (MethodInput.backbone_heads); "
-                            "assuming %d heads (width %d / 64); set heads to the backbone's head count if it differs",
-                            heads, d)
-        elif own is not None and heads != own:
+        if heads is not None and own is not None and heads != own:
             raise ConfigError(f"heads: init=prune prunes each of the backbone's {own} attention heads (it never mixes "
                               f"heads), so heads must be {own}, got heads={heads}; set heads={own} or null, or "
                               "init=random for another head count")
+        heads = heads or own or max(1, d // 64)
         check(d % heads == 0, "heads", f"{heads} does not divide the backbone width {d}; set heads to the backbone's "
               "head count")
         check(self.side_width % heads == 0, "heads", f"init=prune keeps the backbone's {heads} heads, which do not "
               f"divide the side width {self.side_width} (= {d} / reduction {cfg.reduction}); choose a reduction that "
               f"leaves a multiple of {heads}, or init=random")
+        state = tap_info.backbone_state()
+        _get(state, "patch_embed.proj.weight")
+        for t in rungs:
+            check_block_layout(state, t.block - 1, d)
+        if cfg.heads is None and own is None:
+            log.warning("lst: init=prune: the backbone's head count is not recorded (MethodInput.backbone_heads); "
+                        "assuming %d heads (width %d / 64); set heads to the backbone's head count if it differs",
+                        heads, d)
         fc1 = state[f"blocks.{rungs[0].block - 1}.mlp.fc1.weight"]  # (H, d)
         ratio = fc1.shape[0] / fc1.shape[1]
         check(cfg.mlp_ratio is None or abs(cfg.mlp_ratio - ratio) < 1e-6, "mlp_ratio", f"{cfg.mlp_ratio} differs from "
