@@ -141,6 +141,7 @@ def train_eval(method: str, config: dict[str, Any], lr: float, data: dict[str, A
             losses.append(loss.item())
     train_s = time.perf_counter() - t0
     correct = 0
+    net.eval()  # LST's dropout off for testing
     with torch.no_grad():
         for sel, x in batches(data["test"]["taps"], net.required_taps, torch.arange(len(y_test)), 250):
             correct += int((net(x).argmax(1) == y_test[sel]).sum())

@@ -327,6 +327,13 @@ class Backbone:
         """The model's training transform (random crops, flips): used to cache augmented views."""
         return timm.data.create_transform(**self.data_config, is_training=True)
 
+    @property
+    def num_heads(self) -> int | None:
+        """Attention heads of the ViT's first block (a state dict does not show them), None when unknown."""
+        blocks = getattr(self.model, "blocks", None)
+        heads = getattr(getattr(blocks[0], "attn", None), "num_heads", None) if blocks is not None and len(blocks) else None
+        return int(heads) if self.kind == "vit" and isinstance(heads, int) else None
+
     def final_norm_state(self) -> dict[str, torch.Tensor] | None:
         """The ViT's final LayerNorm (applied to the last block's tokens), for LAST's norm initialisation."""
         norm = getattr(self.model, "norm", None)
@@ -359,6 +366,7 @@ class Backbone:
             "num_prefix_tokens": int(getattr(self.model, "num_prefix_tokens", 0)) if self.kind == "vit" else 0,
             "global_pool": str(getattr(self.model, "global_pool", "")) if self.kind == "vit" else "avg",
             "num_features": int(getattr(self.model, "num_features", 0)),
+            "num_heads": self.num_heads,  # LST's pruned init keeps the backbone's heads (MethodInput.backbone_heads)
             "taps": [info.to_dict() for info in self.taps.all_infos],
         }
 

@@ -10,6 +10,11 @@ On CPU, torch has no vmap batching rule for its fused attention kernels (vmap lo
 holding every member's activations; docs/training.md): there, methods that use attention run member by
 member (forward and backward of one, then the next), with the same results and one member's activation
 memory. The optimizer still updates all K stacked members at once.
+
+Dropout (LST): ``functional_call`` runs the template module in its own mode, so ``train_step`` puts the
+template in train mode and ``evaluate`` in eval mode. Under vmap (``randomness="different"``) each member
+draws its own masks; the member loop draws them one member after the other from the global generator,
+which the trainer seeds per epoch.
 """
 
 from __future__ import annotations
@@ -131,6 +136,7 @@ class MemberBank:
         """One AdamW step for every live member; returns per-member (loss, correct count) on this batch."""
         for p in self.params.values():
             p.grad = None
+        self.template.train()  # dropout on (functional_call runs the template's modules in its mode)
         logits, losses = self._forward_backward(taps, labels)
         with torch.no_grad():
             grads = {k: p.grad for k, p in self.params.items()}
@@ -168,7 +174,8 @@ class MemberBank:
 
     @torch.no_grad()
     def evaluate(self, taps: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-member (summed loss, correct count) and the (K, B) predictions on one batch."""
+        """Per-member (summed loss, correct count) and the (K, B) predictions on one batch (eval mode: no dropout)."""
+        self.template.eval()
         logits = self.forward(taps)
         logp = F.log_softmax(logits.float(), dim=-1)
         nll = -logp.gather(-1, labels.view(1, -1, 1).expand(logp.shape[0], -1, 1)).squeeze(-1)

@@ -28,7 +28,7 @@ def test_import_linter_contracts_are_kept() -> None:
     assert "0 broken" in done.stdout
 
 
-@pytest.mark.parametrize("modules", [["featcache.store"], ["featcache.methods"], ["featcache.train"],
+@pytest.mark.parametrize("modules", [["featcache.store"], ["featcache.methods"], ["featcache.train"], ["featcache.augment"],
                                      ["featcache.store.reader", "featcache.store.writer", "featcache.checkpoint"]])
 def test_store_methods_and_training_load_no_timm_and_no_backbone(modules: list[str]) -> None:
     code = (f"import sys, json\nfor m in {modules!r}: __import__(m)\n"

@@ -50,7 +50,8 @@ def _fixture(spec: dict) -> Fixture:
     images = torch.randn(4, *b.data_config["input_size"], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         taps = b.taps(images)
-    info = MethodInput(b.taps.infos, 5, b.final_norm_state(), b.kind, lambda: b.model.state_dict())
+    info = MethodInput(b.taps.infos, 5, b.final_norm_state(), b.kind, lambda: b.model.state_dict(),
+                       backbone_heads=b.num_heads)
     return Fixture(b, taps, info)
 
 
@@ -104,7 +105,9 @@ def test_contract_forward_backward(method: str, backbone_fx: Fixture) -> None:
     assert logits.shape == (4, 5) and torch.isfinite(logits).all()
     F.cross_entropy(logits, torch.arange(4) % 5).backward()
     assert net.head.weight.grad is not None and net.head.weight.grad.abs().sum() > 0
-    # only the required taps are needed, and extra taps are ignored
+    # only the required taps are needed, and extra taps are ignored (eval mode: LST's dropout off)
+    net.eval()
+    logits = net(fx.taps)
     only = {k: fx.taps[k] for k in net.required_taps}
     torch.testing.assert_close(net(only), logits)
     assert net.param_count() == sum(p.numel() for p in net.parameters()) > 0
@@ -139,7 +142,7 @@ def test_store_with_a_subset_of_taps_builds(method: str, vit: Fixture) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_half_precision_taps_are_cast_when_not_autocasting(method: str, vit: Fixture) -> None:
-    net = create(method, None, vit.info)
+    net = create(method, None, vit.info).eval()
     out = net({k: v.half() for k, v in vit.taps.items()})
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, net({k: v.half().float() for k, v in vit.taps.items()}))
@@ -148,7 +151,7 @@ def test_half_precision_taps_are_cast_when_not_autocasting(method: str, vit: Fix
 @pytest.mark.parametrize("method", METHODS)
 def test_bfloat16_taps_under_autocast(method: str, vit: Fixture) -> None:
     """The trainer feeds bf16 batches under autocast (CUDA); CPU autocast exercises the same path."""
-    net = create(method, None, vit.info)
+    net = create(method, None, vit.info).eval()
     ref = net(vit.taps)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = net({k: v.bfloat16() for k, v in vit.taps.items()})
@@ -179,7 +182,7 @@ def test_config_json_round_trip(method: str) -> None:
                "last": {"rank": 8, "heads": 2, "gap": 3, "depth": 2, "pool": "cls", "width": 32,
                         "taps": ["embed", "block6"]},
                "lst": {"reduction": 4, "heads": 2, "mlp_ratio": 2.0, "pool": "cls", "taps": ["embed", "block2"],
-                       "init": "prune"},
+                       "init": "prune", "dropout": 0.25, "attn_scale": 0.125},
                }[method]
     cfg = cls.from_dict(changed)
     assert cfg.to_dict() == changed
@@ -214,7 +217,10 @@ def test_config_unknown_key_lists_valid_keys(method: str) -> None:
     ("last", {"heads": True}, r"heads must be an integer"),
     ("last", {"taps": []}, r"taps: must be 'auto' or a non-empty list"),
     ("lst", {"reduction": 0}, r"reduction: must be >= 1"),
-    ("lst", {"init": "fisher"}, r"init: must be one of random, prune"),
+    ("lst", {"init": "fisher"}, r"init: must be one of auto, random, prune"),
+    ("lst", {"dropout": 1.0}, r"dropout: must be in \[0, 1\)"),
+    ("lst", {"dropout": -0.1}, r"dropout: must be in \[0, 1\)"),
+    ("lst", {"attn_scale": 0}, r"attn_scale: must be a positive number or null"),
     ("lst", {"heads": 0}, r"heads: must be >= 1 or null"),
     ("lst", {"taps": ["block1", "block1"]}, r"taps: lists a tap twice"),
     ("linear", {"norm": "batchnorm"}, r"norm: must be one of layernorm, none"),
@@ -261,8 +267,8 @@ def test_method_input_round_trip_rebuilds_a_checkpointed_network(vit: Fixture) -
     assert back.taps == vit.info.taps and back.num_classes == 5 and back.from_checkpoint
     assert back.final_norm is None and back.backbone_state is None
     for method, cfg in [("last", None), ("lst", {"init": "prune", "heads": 2}), ("linear", None)]:
-        net = _perturb(create(method, cfg, vit.info), seed=3)
-        again = create(method, net.config.to_dict(), back)  # no backbone weights needed to restore
+        net = _perturb(create(method, cfg, vit.info), seed=3).eval()
+        again = create(method, net.config.to_dict(), back).eval()  # no backbone weights needed to restore
         again.load_state_dict(net.state_dict())
         torch.testing.assert_close(again(vit.taps), net(vit.taps))
     with pytest.raises(ConfigError, match="num_classes"):
@@ -356,7 +362,7 @@ def _planted_state(vit: Fixture) -> tuple[dict[str, torch.Tensor], dict[str, lis
 
 def test_lst_pruned_init_copies_the_largest_norm_dims(vit: Fixture) -> None:
     state, idx = _planted_state(vit)
-    info = MethodInput(vit.info.taps, 5, vit.info.final_norm, "vit", lambda: state)
+    info = MethodInput(vit.info.taps, 5, vit.info.final_norm, "vit", lambda: state, backbone_heads=2)
     net = create("lst", {"init": "prune", "heads": 2}, info)
     res, qk, v, mlp = (torch.tensor(idx[k]) for k in ("res", "qk", "v", "mlp"))
     assert net.kept_dims == idx["res"] and net.hidden == 24 and net.pruned_from == [0, 1, 2, 3, 4, 5]
@@ -374,8 +380,10 @@ def test_lst_pruned_init_copies_the_largest_norm_dims(vit: Fixture) -> None:
     torch.testing.assert_close(net.norm.weight, vit.info.final_norm["weight"][res])
     x = vit.taps["block3"]
     torch.testing.assert_close(net.down["block3"](x), x[..., res])  # ladders start as the kept-dim selection
-    random = create("lst", {"heads": 2}, info)
-    assert random.pruned_from == []
+    auto = create("lst", None, info)  # init="auto" prunes a ViT whose weights it has
+    assert auto.kept_dims == idx["res"] and auto.config.init == "prune" and auto.config.heads == 2
+    random = create("lst", {"heads": 2, "init": "random"}, info)
+    assert random.pruned_from == [] and random.config.init == "random"
     assert not torch.allclose(random.blocks[0].attn.qkv.weight, net.blocks[0].attn.qkv.weight)
 
 
@@ -458,7 +466,7 @@ def test_vmap_over_stacked_members_equals_each_member(method: str, backbone_fx: 
     members = []
     for k in range(3):
         torch.manual_seed(k)
-        members.append(_perturb(create(method, None, fx.info), seed=10 + k))
+        members.append(_perturb(create(method, None, fx.info), seed=10 + k).eval())  # eval: no dropout
     params, buffers = stack_module_state(members)
     template = copy.deepcopy(members[0]).to("meta")
 

@@ -4,8 +4,11 @@ and the registry that maps method names to (config class, network class).
 Side networks read a dict of tap tensors (N, T, C) and return logits (N, num_classes). They never see
 the backbone itself (only, optionally, its state dict once at initialisation) and know nothing of the
 store. Every network must run under ``torch.func.vmap`` over stacked parameters (the trainer's sweep):
-no in-place ops on parameters, no ``.item()``, no data-dependent Python branches, no dropout, no
-BatchNorm, attention through ``F.scaled_dot_product_attention``.
+no in-place ops on parameters, no ``.item()``, no data-dependent Python branches, no BatchNorm,
+attention through ``F.scaled_dot_product_attention``. Dropout only as ``F.dropout(x, p, self.training)``
+(functional, out of place): the bank runs members under ``vmap(randomness="different")`` (each member
+draws its own masks) or one by one, sets the template module to train mode for training steps and to
+eval mode for evaluation; checkpoints load in eval mode.
 """
 
 from __future__ import annotations
@@ -52,10 +55,11 @@ def close_matches(word: str, choices: list[str]) -> str:
 class MethodInput:
     """What a side network is built from: the store's taps, the task and (optionally) backbone facts.
 
-    ``final_norm`` (the ViT's final LayerNorm ``weight``/``bias``) and ``backbone_state`` (a zero-argument
-    callable returning the backbone's state dict; LST's pruned init) are used only at initialisation and
-    are not serialised. ``from_checkpoint`` is set by ``from_dict``: the weights will be loaded from a
-    checkpoint, so initialisers that need backbone weights are skipped instead of failing.
+    ``final_norm`` (the ViT's final LayerNorm ``weight``/``bias``), ``backbone_state`` (a zero-argument
+    callable returning the backbone's state dict; LST's pruned init) and ``backbone_heads`` (the ViT's
+    attention head count, which a state dict does not show; the manifest's ``backbone.num_heads``) are used
+    only at initialisation and are not serialised. ``from_checkpoint`` is set by ``from_dict``: the weights
+    will be loaded from a checkpoint, so initialisers that need backbone weights are skipped instead of failing.
     """
 
     taps: list[TapInfo]
@@ -64,6 +68,7 @@ class MethodInput:
     backbone_kind: str = "vit"
     backbone_state: Callable[[], dict[str, Tensor]] | None = None
     from_checkpoint: bool = False
+    backbone_heads: int | None = None
 
     def __post_init__(self) -> None:
         taps = [TapInfo.from_dict(t) if isinstance(t, dict) else t for t in self.taps]
@@ -77,6 +82,9 @@ class MethodInput:
             raise ConfigError(f"num_classes must be a positive integer, got {self.num_classes!r}")
         if self.backbone_kind not in BACKBONE_KINDS:
             raise ConfigError(f"backbone_kind must be one of {', '.join(BACKBONE_KINDS)}, got {self.backbone_kind!r}")
+        if self.backbone_heads is not None and (isinstance(self.backbone_heads, bool) or
+                                                not isinstance(self.backbone_heads, int) or self.backbone_heads < 1):
+            raise ConfigError(f"backbone_heads must be a positive integer or None, got {self.backbone_heads!r}")
         if self.final_norm is not None and not {"weight", "bias"} <= set(self.final_norm):
             raise ConfigError(f"final_norm must hold 'weight' and 'bias', got keys {sorted(self.final_norm)}")
 
