@@ -22,7 +22,15 @@ from .options import cluster_options, device_option, json_option, print_json, qu
 @click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,..", help="Sweep a setting: K members = product of all grids.")
 @click.option("--sweep", "sweep_file", type=click.Path(dir_okay=False), help="JSON/YAML sweep file: {set: {...}, grid: {...}}.")
 @click.option("--split", default="train", show_default=True, help="Split to train on.")
-@click.option("--eval-split", default=None, help="Split to evaluate and select the best member on (default: val or test).")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True,
+              help="Without a val split: a stratified, seeded share of --split held out to choose epochs and members "
+                   "(0: no selection, the last epoch is taken).")
+@click.option("--val-split", default=None, help="A stored split that chooses epochs and members (default: 'val' when "
+              "the store has one).")
+@click.option("--select-on", default=None, metavar="NAME",
+              help="Choose on this split even if it is the test split (the summary says so).")
+@click.option("--eval-split", default=None, help="Split reported each evaluation and for the chosen epoch, never "
+              "used to choose (default: test when the store has one).")
 @click.option("--reader", type=click.Choice(["auto", "gpu", "ram", "stream"]), default="auto", show_default=True,
               help="How taps are fed: resident on GPU, in RAM, or streamed from the store.")
 @click.option("--stream-buffer-mb", type=click.FloatRange(min=1.0), default=None, metavar="MB",
@@ -37,7 +45,8 @@ from .options import cluster_options, device_option, json_option, print_json, qu
 @json_option
 @quiet_option
 def command(store: str, method: str, out: str, epochs: int | None, batch_size: int | None, lr: float | None,
-            settings: tuple[str, ...], grid: tuple[str, ...], sweep_file: str | None, split: str, eval_split: str | None,
+            settings: tuple[str, ...], grid: tuple[str, ...], sweep_file: str | None, split: str, val_fraction: float,
+            val_split: str | None, select_on: str | None, eval_split: str | None,
             reader: str, stream_buffer_mb: float | None, prefetch: int | None, device: str, resume: bool,
             overwrite: bool, workers: int | None, scheduler: str | None,
             storage_options: tuple[str, ...], as_json: bool, quiet: bool) -> None:
@@ -60,7 +69,8 @@ def command(store: str, method: str, out: str, epochs: int | None, batch_size: i
             values[key] = value
     grids = {**sweep_grid, **parse_grid(grid, "--grid")}
     storage = parse_assignments(storage_options, "--storage-option") or None
-    options = TrainOptions(split=split, eval_split=eval_split, reader=reader, stream_buffer_mb=stream_buffer_mb,
+    options = TrainOptions(split=split, val_fraction=val_fraction, val_split=val_split, select_on=select_on,
+                           eval_split=eval_split, reader=reader, stream_buffer_mb=stream_buffer_mb,
                            prefetch=prefetch, device=device, resume=resume, overwrite=overwrite, progress=not quiet,
                            storage_options=storage)
     if workers is not None or scheduler is not None:

@@ -173,10 +173,16 @@ class MemberBank:
             p.sub_(lr / bc1 * m / ((v / bc2).sqrt() + EPS))
 
     @torch.no_grad()
-    def evaluate(self, taps: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-member (summed loss, correct count) and the (K, B) predictions on one batch (eval mode: no dropout)."""
+    def evaluate(self, taps: dict[str, torch.Tensor], labels: torch.Tensor,
+                 views: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-member (summed loss, correct count) and the (K, B) predictions on one batch (eval mode: no dropout).
+
+        ``views`` > 1: the taps hold V views of each sample, (B * V, T, C); a sample's logits are the mean of
+        its views' logits (test-time augmentation)."""
         self.template.eval()
-        logits = self.forward(taps)
+        logits = self.forward(taps)  # (K, B * V, classes)
+        if views > 1:
+            logits = logits.reshape(logits.shape[0], -1, views, logits.shape[-1]).mean(dim=2)  # (K, B, classes)
         logp = F.log_softmax(logits.float(), dim=-1)
         nll = -logp.gather(-1, labels.view(1, -1, 1).expand(logp.shape[0], -1, 1)).squeeze(-1)
         pred = logits.argmax(-1)

@@ -120,7 +120,8 @@ def run_demo(out: str | Path = "demo-out", quick: bool = False, progress: bool =
     steps = plan.epochs * -(-plan.train_images // plan.batch_size)
     rows = []
     for m in summary["members"]:
-        rows.append({"method": m["method"], "test_acc": m["best"]["score"], "best_epoch": m["best"]["epoch"],
+        rows.append({"method": m["method"], "test_acc": m["best"]["test_acc"], "val_acc": m["best"]["val_acc"],
+                     "best_epoch": m["best"]["epoch"],
                      "params": m["params"], "train_seconds": m.get("train_seconds", float("nan")),
                      "state_mb": m["params"] * 4 * 4 / 2**20})
     result = {"plan": plan.__dict__, "extract_seconds": extract_s, "rows": rows,
@@ -137,11 +138,12 @@ def run_demo(out: str | Path = "demo-out", quick: bool = False, progress: bool =
 def format_table(r: dict[str, Any]) -> str:
     """The demo's closing table and where things are."""
     plan = r["plan"]
-    lines = ["", f"Results ({plan['epochs']} epochs on {plan['train_images']} images, test on {plan['test_images']}):",
-             f"{'method':<8} {'test acc':>9} {'params':>9} {'train s':>8} {'opt. state MB':>14}"]
+    lines = ["", f"Results ({plan['epochs']} epochs on {plan['train_images']} images; epoch and member chosen on "
+             f"{r['best']['selected_on']}, test on {plan['test_images']} reported once):",
+             f"{'method':<8} {'val acc':>8} {'test acc':>9} {'epoch':>6} {'params':>9} {'train s':>8} {'opt. state MB':>14}"]
     for row in r["rows"]:
-        lines.append(f"{row['method']:<8} {row['test_acc']:>9.4f} {row['params']:>9,} {row['train_seconds']:>8.1f} "
-                     f"{row['state_mb']:>14.2f}")
+        lines.append(f"{row['method']:<8} {row['val_acc']:>8.4f} {row['test_acc']:>9.4f} {row['best_epoch']:>6} "
+                     f"{row['params']:>9,} {row['train_seconds']:>8.1f} {row['state_mb']:>14.2f}")
     cached = r["extract_seconds"] + r["train_wall_seconds"]
     lines += [
         f"one extraction: {r['extract_seconds']:.1f} s; training all methods from the cache: {r['train_wall_seconds']:.1f} s "
@@ -149,7 +151,7 @@ def format_table(r: dict[str, Any]) -> str:
         f"LAST with the backbone in the loop, same epochs: ~{r['backbone_in_loop_seconds']:.0f} s "
         f"(measured {r['backbone_in_loop_step_seconds']:.2f} s/step) vs {cached:.0f} s with the cache "
         f"({r['backbone_in_loop_seconds'] / max(cached, 1e-9):.1f}x)",
-        f"predict (backbone + best side network, live path) on held-out images: accuracy {r['predict_accuracy']:.4f}",
+        f"predict (backbone + best side network, live path) on the test images: accuracy {r['predict_accuracy']:.4f}",
         "", f"store:       {r['paths']['store']}", f"run:         {r['paths']['run']}",
         f"curves:      {r['paths']['curves']}", f"best model:  {r['paths']['checkpoint']}",
         f"predictions: {r['paths']['predictions']}",

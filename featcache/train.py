@@ -41,6 +41,7 @@ from featcache.vocabulary import READER_MODES
 
 from .bank import MemberBank
 from .rundir import RunDir, holds_run_lock
+from .selection import HELDOUT_FILE, VAL, Evaluation, check_classes, plan_evaluation, record_held_out
 from .sweep import SweepMember, TrainConfig, expand
 
 log = logging.getLogger("featcache.train")
@@ -90,27 +91,12 @@ def _method_input(store: FeatureStore, split: SplitHandle, backbone_state: Calla
                        backbone_kind=store.manifest.backbone.get("kind", "vit"), backbone_state=backbone_state)
 
 
-def _eval_splits(store: FeatureStore, train_split: str, eval_split: str | None) -> list[str]:
-    """The splits evaluated each time: --eval-split (or test), plus val when present; selection uses the first."""
-    have = store.splits()
-    if eval_split is not None:
-        if eval_split not in have:
-            raise StoreError(f"--eval-split {eval_split!r} is not in {store.url} (splits: {', '.join(have)}); "
-                             f"extract it with featcache extract ... --split {eval_split}")
-        chosen = [eval_split]
-    else:
-        chosen = [s for s in ("val", "test") if s in have and s != train_split][:1]
-    if "val" in have and "val" not in chosen and "val" != train_split:
-        chosen.append("val")
-    return chosen
-
-
 def _evaluate(banks: list[MemberBank], reader: CacheReader) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per bank: (summed loss (K,), correct (K,)) over the whole split."""
     sums = [(torch.zeros(len(b), device=b.device), torch.zeros(len(b), device=b.device)) for b in banks]
     for batch in reader.epoch(0):
         for (loss, correct), bank in zip(sums, banks):
-            l, c, _ = bank.evaluate(batch.taps, batch.labels)
+            l, c, _ = bank.evaluate(batch.taps, batch.labels, batch.views)
             loss += l
             correct += c
     return sums
@@ -169,7 +155,11 @@ class TrainOptions:
     happens to RUNDIR. What ``featcache train`` parses apart from --method, --set and --grid."""
 
     split: str = "train"
-    eval_split: str | None = None  # evaluated each epoch; None: val, else test when the store has one
+    val_fraction: float = 0.1  # held out of the training split for selection when no val split is given
+    val_split: str | None = None  # a stored split that selects (default: the store's "val" split, if any)
+    select_on: str | None = None  # an explicit selection split, e.g. "test" (the summary then says so)
+    val_seed: int = 0  # seeds the held-out draw
+    eval_split: str | None = None  # reported each evaluation, never selecting; None: test when the store has one
     reader: str = "auto"  # auto | gpu | ram | stream (featcache.store.reader)
     stream_buffer_mb: float | None = None  # stream reader: the shuffle window, also the largest read
     prefetch: int | None = None  # stream reader: blocks read ahead
@@ -215,35 +205,43 @@ def train(store: str | FeatureStore, method: str | list[SweepMember], out: str |
     keep_freed_memory()  # large tensors reuse heap pages instead of faulting fresh ones (allocator.py)
     t_start, rss_base, device = time.perf_counter(), rss_mb(), resolve_device(opts.device)
     store = store if isinstance(store, FeatureStore) else FeatureStore.open(store, "r", opts.storage_options)
+    store.split(opts.split)  # an unknown training split: StoreError
     members = method if isinstance(method, list) else expand(method, settings, grid)
-    eval_names = _eval_splits(store, opts.split, opts.eval_split)
-    mi = _method_input(store, store.split(opts.split), backbone_state)
     rundir = RunDir(out, members, opts.resume, opts.overwrite)  # every refusal first, nothing written
+    evaluation = plan_evaluation(store, opts.split, val_split=opts.val_split, val_fraction=opts.val_fraction,
+                                 select_on=opts.select_on, eval_split=opts.eval_split, seed=opts.val_seed,
+                                 rundir=rundir.path, resume=opts.resume)
+    if not evaluation.selects and len(members) > 1:
+        raise ConfigError(f"a sweep of {len(members)} members needs validation data to choose one: keep "
+                          "--val-fraction above 0, or pass --val-split")
+    check_classes(store, opts.split, [n for n in [evaluation.val_split, *evaluation.eval_splits]
+                                      if n not in (None, opts.split)])
+    mi = _method_input(store, store.split(opts.split), backbone_state)
     rundir.check_store(store, opts.split)
     banks, records = _build_banks(members, mi, device)
     mi.backbone_state = None  # LST's pruned init is done: free the backbone weights
-    train_reader, eval_readers = _open_readers(store, banks, eval_names, opts, members[0].train, device)
+    train_reader, eval_readers = _open_readers(store, banks, evaluation, opts, members[0].train, device)
     rundir.start()  # the cache read well (resident readers check every chunk): now RUNDIR may change
+    record_held_out(evaluation, store.split(opts.split), rundir.path, opts.val_fraction, opts.val_seed)
     stats: dict[str, Any] = {"train_seconds": 0.0, "train_samples": 0, "bank_seconds": [0.0] * len(banks)}
     if rundir.state is not None:
         saved, stats = rundir.load_state(banks)
         for rec, rec_saved in zip(records, saved):
             rec.history, rec.best = rec_saved["history"], rec_saved["best"]
         say(f"resuming {rundir.path} after epoch {rundir.first_epoch}", quiet=not opts.progress)
-    select = eval_names[0] if eval_names else opts.split
     say(f"training {len(members)} member(s) in {len(banks)} bank(s) on {train_reader.num_samples} samples "
-        f"({', '.join(train_reader.taps)}), reader {train_reader.mode}: {train_reader.choice.reason}",
-        quiet=not opts.progress)
-    loop = EpochLoop(rundir, banks, records, train_reader, eval_readers, select,
+        f"({', '.join(train_reader.taps)}), reader {train_reader.mode}: {train_reader.choice.reason}; selecting on "
+        f"{evaluation.selected_on}", quiet=not opts.progress)
+    loop = EpochLoop(rundir, banks, records, train_reader, eval_readers, evaluation,
                      _member_configs(store, opts.split, banks, records, mi))
     try:
         loop.run(stats, opts.progress)
-        summary = _summary(rundir.path, records, banks, stats, select, t_start, rss_base, train_reader, device,
+        summary = _summary(rundir.path, records, banks, stats, evaluation, t_start, rss_base, train_reader, device,
                            partial)
         if partial:
             write_json(rundir.path / "summary.json", summary)
         else:
-            _finish(rundir.path, summary, records, select, opts.progress)
+            _finish(rundir.path, summary, records, opts.progress)
     except KeyboardInterrupt:
         saved_epochs, epochs = rundir.saved_epochs(), members[0].train.epochs
         kept = (f"it holds the state after epoch {saved_epochs} of {epochs}" if saved_epochs else
@@ -253,16 +251,21 @@ def train(store: str | FeatureStore, method: str | list[SweepMember], out: str |
     return summary
 
 
-def _open_readers(store: FeatureStore, banks: list[MemberBank], eval_names: list[str], opts: TrainOptions,
+def _open_readers(store: FeatureStore, banks: list[MemberBank], evaluation: Evaluation, opts: TrainOptions,
                   cfg: TrainConfig, device: torch.device) -> tuple[CacheReader, dict[str, CacheReader]]:
-    """The training reader (shuffled) and one reader per evaluated split, of the taps some bank reads."""
+    """The training reader (shuffled; held-out samples left out) and the evaluation readers by metric prefix:
+    ``val`` (the validation data) and each eval split, every cached view of a sample (mean logits)."""
     needed = sorted({t for b in banks for t in b.required_taps}, key=store.manifest.tap_names.index)
     stream = opts.stream_options()
     train_reader = open_reader(store.split(opts.split), needed, opts.reader, cfg.batch_size, shuffle=True,
-                               seed=cfg.seed, device=device, **stream)
-    eval_readers = {n: open_reader(store.split(n), needed, opts.reader, max(cfg.batch_size, 256), shuffle=False,
-                                   device=device, **stream) for n in eval_names}
-    return train_reader, eval_readers
+                               seed=cfg.seed, device=device, subset=evaluation.train_subset, **stream)
+
+    def evaluated(split: str, subset: Any = None) -> CacheReader:
+        return open_reader(store.split(split), needed, opts.reader, max(cfg.batch_size, 256), shuffle=False,
+                           device=device, subset=subset, all_views=True, **stream)
+
+    readers = {VAL: evaluated(evaluation.val_split, evaluation.val_subset)} if evaluation.val_split else {}
+    return train_reader, readers | {name: evaluated(name) for name in evaluation.eval_splits}
 
 
 def _member_configs(store: FeatureStore, split: str, banks: list[MemberBank], records: list[MemberRecord],
@@ -284,7 +287,7 @@ class EpochLoop:
     records: list[MemberRecord]
     train_reader: CacheReader
     eval_readers: dict[str, CacheReader]
-    select: str  # the split whose accuracy picks each member's best epoch
+    evaluation: Evaluation  # which readers' accuracy picks each member's best epoch
     configs: list[dict[str, Any]]  # per member, for its checkpoint
 
     def run(self, stats: dict[str, Any], progress: bool) -> None:
@@ -296,37 +299,40 @@ class EpochLoop:
                 rows = _train_epoch(epoch, self.banks, self.records, self.train_reader, cfg.epochs, stats, pbar)
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                     _eval_epoch(self.banks, self.records, self.eval_readers, rows)
-                _record_epoch(self.rundir, epoch, self.banks, self.records, rows, self.configs, self.select)
+                _record_epoch(self.rundir, epoch, self.banks, self.records, rows, self.configs,
+                              self.evaluation.selects)
                 self.rundir.save_state(epoch, self.banks, [{"history": r.history, "best": r.best}
                                                            for r in self.records], stats)  # the epoch's commit point
                 _write_metrics(self.rundir, self.records)
                 pbar.set_postfix_str(_postfix(self.records), refresh=True)
 
 
-def _finish(out: Path, summary: dict[str, Any], records: list[MemberRecord], select: str, progress: bool) -> None:
+def _finish(out: Path, summary: dict[str, Any], records: list[MemberRecord], progress: bool) -> None:
     """summary.json, curves.png and the closing line."""
     write_json(out / "summary.json", summary)
     try:
         from featcache.plots import plot_curves
 
-        plot_curves(records_history(records), out / "curves.png", select)
+        plot_curves(records_history(records), out / "curves.png", VAL)
     except Exception as err:  # a plot must never fail a finished run
         log.warning(f"could not draw curves.png: {err}")
     best = summary["best"]
+    scores = "; ".join(f"{k}={v:.4f}" for k, v in best.items() if k.endswith("_acc") and k != "train_acc")
     say(f"trained {summary['num_members']} member(s) in {summary['wall_seconds']:.1f}s "
-        f"({summary['samples_per_second']:.0f} samples/s); best {best['name']} "
-        f"{select}_acc={best.get(f'{select}_acc', float('nan')):.4f} -> {out}", quiet=not progress)
+        f"({summary['samples_per_second']:.0f} samples/s); best {best['name']} epoch {best['epoch']} (selected on "
+        f"{best['selected_on']}){': ' + scores if scores else ''} -> {out}", quiet=not progress)
 
 
 def _postfix(records: list[MemberRecord]) -> str:
-    scored = [(r.best or {}).get("score", float("nan")) for r in records]
-    scored = sorted((s for s in scored if not math.isnan(s)), reverse=True)[:3]
-    return "best " + ", ".join(f"{s:.3f}" for s in scored) if scored else ""
+    scored = [(r.best or {}).get("score") for r in records]
+    scored = sorted((s for s in scored if s is not None and not math.isnan(s)), reverse=True)[:3]
+    return "best val " + ", ".join(f"{s:.3f}" for s in scored) if scored else ""
 
 
 def _record_epoch(rundir: RunDir, epoch: int, banks: list[MemberBank], records: list[MemberRecord],
-                  rows: dict[str, dict[str, float]], configs: list[dict[str, Any]], select: str) -> None:
-    """Append metrics, update best epochs and write the member checkpoints."""
+                  rows: dict[str, dict[str, float]], configs: list[dict[str, Any]], selects: bool) -> None:
+    """Append metrics, update best epochs (by val_acc; without validation data the latest epoch) and write the
+    member checkpoints."""
     for rec, config in zip(records, configs):
         bank = banks[rec.bank]
         row = {"epoch": epoch + 1, **rows[rec.member.name]}
@@ -336,11 +342,12 @@ def _record_epoch(rundir: RunDir, epoch: int, banks: list[MemberBank], records: 
         mdir = rundir.member_dir(rec.member.name)
         mdir.mkdir(parents=True, exist_ok=True)
         weights = bank.member_state(rec.slot)
-        score = row.get(f"{select}_acc")  # None when this epoch was not evaluated
+        score = row.get(f"{VAL}_acc")  # None when this epoch was not evaluated
+        better = (score is not None and (rec.best is None or score > rec.best["score"])) if selects else True
         meta = {"epoch": str(epoch + 1)}
         if alive:
             write_tensors(mdir / "last.safetensors", weights, meta)
-        if alive and score is not None and (rec.best is None or score > rec.best["score"]):
+        if alive and better:
             rec.best = {"epoch": epoch + 1, "score": score, **{k: v for k, v in row.items() if k not in ("epoch", "status")}}
             write_tensors(mdir / "best.safetensors", weights, meta)
         write_json(mdir / "config.json", {**config, "best": rec.best, "status": row["status"],
@@ -355,7 +362,8 @@ def _write_metrics(rundir: RunDir, records: list[MemberRecord]) -> None:
     rundir.write_metrics([{"member": r.member.name, **row} for r in records for row in r.history])
 
 
-def _summary(out: Path, records: list[MemberRecord], banks: list[MemberBank], stats: dict[str, Any], select: str,
+def _summary(out: Path, records: list[MemberRecord], banks: list[MemberBank], stats: dict[str, Any],
+             evaluation: Evaluation,
              t_start: float, rss_base: float, reader: CacheReader, device: torch.device,
              partial: bool = False) -> dict[str, Any]:
     members = []
@@ -370,7 +378,8 @@ def _summary(out: Path, records: list[MemberRecord], banks: list[MemberBank], st
             "params": bank.param_count(), "checkpoint": str(out / "members" / safe_member_name(r.member.name)),
             "train_seconds": stats["bank_seconds"][r.bank], "bank_size": len(bank),
         })
-    best = None if partial else select_best(out, members, select)
+    selection = {**evaluation.describe(), "selects": evaluation.selects}
+    best = None if partial else select_best(out, members, selection)
     secs = max(stats["train_seconds"], 1e-9)
     summary = {
         "members": members, "best": best,
@@ -384,19 +393,22 @@ def _summary(out: Path, records: list[MemberRecord], banks: list[MemberBank], st
     if device.type == "cuda":
         summary["cuda_max_memory_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     if partial:
-        summary["part"] = {"select": select, "train_samples": stats["train_samples"],
+        summary["part"] = {"selection": selection, "train_samples": stats["train_samples"],
                            "train_seconds": stats["train_seconds"]}
     return summary
 
 
-def select_best(out: Path, members: list[dict[str, Any]], select: str) -> dict[str, Any]:
-    """The best live member by its best ``<select>_acc`` (first in member order on ties); writes best.json."""
+def select_best(out: Path, members: list[dict[str, Any]], selection: dict[str, Any]) -> dict[str, Any]:
+    """The best live member by its best val_acc (first in member order on ties; without validation data the
+    only member's last epoch), with the accuracies of that epoch; writes best.json."""
     alive = [m for m in members if m["status"] == "ok" and m["best"] is not None]
     if not alive:
         raise ConfigError(f"every member diverged (loss became NaN/Inf); see {out}/metrics.jsonl and lower --lr")
-    top = max(alive, key=lambda m: m["best"]["score"])
-    best = {"name": top["name"], f"{select}_acc": top["best"]["score"], "epoch": top["best"]["epoch"],
-            "checkpoint": top["checkpoint"], "selected_by": f"{select}_acc"}
+    top = max(alive, key=lambda m: m["best"]["score"]) if selection["selects"] else alive[0]
+    scores = {k: v for k, v in top["best"].items() if k.endswith("_acc")}
+    best = {"name": top["name"], "epoch": top["best"]["epoch"], **{k: v for k, v in selection.items() if k != "selects"},
+            "selected_by": f"{VAL}_acc" if selection["selects"] else "last epoch", **scores,
+            "checkpoint": top["checkpoint"]}
     write_json(out / "best.json", best)
     return best
 
@@ -409,9 +421,12 @@ def prepare_run(store: str | FeatureStore, members: list[SweepMember], out: str 
                 options: TrainOptions) -> FeatureStore:
     """The checks ``train`` makes before writing anything, then a fresh RUNDIR holding sweep.json."""
     store = store if isinstance(store, FeatureStore) else FeatureStore.open(store, "r", options.storage_options)
-    _eval_splits(store, options.split, options.eval_split)
+    rundir = RunDir(out, members, resume=False, overwrite=options.overwrite)
+    plan_evaluation(store, options.split, val_split=options.val_split, val_fraction=options.val_fraction,
+                    select_on=options.select_on, eval_split=options.eval_split, seed=options.val_seed,
+                    rundir=rundir.path, resume=False)
     _method_input(store, store.split(options.split), None)
-    RunDir(out, members, resume=False, overwrite=options.overwrite).start()
+    rundir.start()
     return store
 
 
@@ -436,17 +451,19 @@ def gather_parts(out: str | os.PathLike[str], members: list[SweepMember], parts:
         for line in (part / "metrics.jsonl").read_text().splitlines():
             row = json.loads(line)
             history.setdefault(row.pop("member"), []).append(row)
+    if (parts[0] / HELDOUT_FILE).is_file():  # every part held out the same images (same seed and store)
+        shutil.copy2(parts[0] / HELDOUT_FILE, out / HELDOUT_FILE)
     missing = [m.name for m in members if m.name not in entries]
     if missing:
         raise CheckpointError(f"the parts of run {out} lack members {', '.join(missing)}; train again")
     records = [MemberRecord(m, -1, -1, history.get(m.name, []), entries[m.name]["best"]) for m in members]
     _write_metrics(RunDir(out, members, resume=True), records)
-    select = summaries[0]["part"]["select"]
+    selection = summaries[0]["part"]["selection"]
     ordered = [entries[m.name] for m in members]
     peak = max(summaries, key=lambda s: s["peak_rss_mb"])
     secs = max(max(s["part"]["train_seconds"] for s in summaries), 1e-9)
     summary = {
-        "members": ordered, "best": select_best(out, ordered, select),
+        "members": ordered, "best": select_best(out, ordered, selection),
         "samples_per_second": sum(s["part"]["train_samples"] for s in summaries) / secs,
         "wall_seconds": time.perf_counter() - t_start,
         "peak_rss_mb": peak["peak_rss_mb"], "rss_baseline_mb": peak["rss_baseline_mb"],
@@ -458,5 +475,5 @@ def gather_parts(out: str | os.PathLike[str], members: list[SweepMember], parts:
     if cuda:
         summary["cuda_max_memory_allocated_mb"] = max(cuda)
     summary.update(extra or {})
-    _finish(out, summary, records, select, progress)
+    _finish(out, summary, records, progress)
     return summary

@@ -311,7 +311,7 @@ def test_s3_round_trip_extract_verify_train(client: Client, images: Path, refere
     settings, grid = {"epochs": 2, "batch_size": 8}, {"lr": [1e-3, 1e-2]}
     train(url, "linear", tmp_path / "local", settings, grid, progress=False)
     summary = train_on_cluster(url, "linear", tmp_path / "dist", settings, grid, client=client, progress=False)
-    assert summary["best"]["selected_by"] == "train_acc"  # the store holds no eval split
+    assert summary["best"]["selected_by"] == "val_acc" and summary["best"]["selected_on"] == "train[held-out]"
     assert_same_run(tmp_path / "local", tmp_path / "dist")
 
 

@@ -104,7 +104,9 @@ def test_training_learns_and_writes_the_run(vit_store, tmp_path, method: str) ->
     summary = train(str(path), method, out, {"epochs": 8, "batch_size": 16, "lr": 3e-3}, progress=False)
     m = summary["members"][0]
     assert m["metrics"]["test_acc"] >= 0.9, summary
-    assert summary["best"]["name"] == m["name"] and summary["best"]["test_acc"] == m["best"]["score"]
+    best = summary["best"]
+    assert best["name"] == m["name"] and best["val_acc"] == m["best"]["score"] == m["best"]["val_acc"]
+    assert best["test_acc"] == m["best"]["test_acc"] and best["selected_on"] == "train[held-out]"
     assert summary["samples_per_second"] > 0 and summary["peak_rss_mb"] > 0
     assert (out / "curves.png").stat().st_size > 1000 and (out / "summary.json").exists()
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -113,7 +115,7 @@ def test_training_learns_and_writes_the_run(vit_store, tmp_path, method: str) ->
     assert files <= {".json", ".jsonl", ".safetensors", ".png"}  # never pickle
 
 
-def test_sweep_members_differ_and_best_is_chosen_by_eval(vit_store, tmp_path) -> None:
+def test_sweep_members_differ_and_best_is_chosen_on_validation(vit_store, tmp_path) -> None:
     path, _, _, _ = vit_store
     summary = train(str(path), "last", tmp_path / "sweep", {"epochs": 4, "batch_size": 16},
                     {"lr": [1e-6, 3e-3], "rank": [4, 8]}, progress=False)

@@ -49,11 +49,15 @@ MEMORY_MARGIN = 0.6  # use at most this share of free GPU memory / available RAM
 
 @dataclass
 class Batch:
-    """One training batch: tap tensors (B, T, C) in the training dtype, labels (B,), sample indices (B,)."""
+    """One training batch: tap tensors (B, T, C) in the training dtype, labels (B,), sample indices (B,).
+
+    With ``views`` > 1 (a reader of all cached views, for test-time augmentation) the taps hold every
+    view of each sample, (B * V, T, C), the V views of a sample next to each other."""
 
     taps: dict[str, torch.Tensor]
     labels: torch.Tensor
     index: torch.Tensor
+    views: int = 1
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -77,6 +81,8 @@ class ReaderOptions:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     check_finite: bool = True
+    subset: np.ndarray | None = None  # only these sample indices (of completed shards); None: all of them
+    all_views: bool = False  # every cached view of each sample (evaluation), not one drawn per epoch
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -134,15 +140,20 @@ class CacheReader:
             split.store.manifest.tap(name)
         # one snapshot of the completion records: an extraction running meanwhile may complete more shards,
         # which this reader ignores (its sizes, blocks and indices must agree)
-        self.shards = [int(k) for k in np.flatnonzero(split.completed_shards())]
-        parts = [np.arange(*split.meta.shard_bounds(k)) for k in self.shards]
-        self.indices = torch.from_numpy(np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64))
+        shards = [int(k) for k in np.flatnonzero(split.completed_shards())]
+        parts = [np.arange(*split.meta.shard_bounds(k)) for k in shards]
+        usable = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+        if options.subset is not None:
+            usable = np.intersect1d(usable, np.asarray(options.subset, dtype=np.int64))
+        self.indices = torch.from_numpy(usable)
+        self.shards = sorted({int(i) // split.meta.shard_images for i in usable})
         split.require_objects("labels", self.shards)  # a lost labels chunk would read as -1
         if len(self.indices) == 0:
             raise StoreError(f"split {split.name!r} of {split.store.url} has no completed shard yet; finish the "
                              "extraction (featcache extract --resume) first")
         self.labels_all = torch.from_numpy(split.labels())
         self.views = split.meta.views
+        self.out_views = self.views if options.all_views else 1  # views per sample in a batch
         self.cache_dtype = split.store.manifest.dtype
 
     @property
@@ -180,10 +191,17 @@ class CacheReader:
     def _batches(self, epoch: int) -> Iterator[Batch]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _rows_in(self, start: int, stop: int) -> np.ndarray:
+        """The usable sample indices in [start, stop)."""
+        idx = self.indices.numpy()
+        return idx[np.searchsorted(idx, start):np.searchsorted(idx, stop)]
+
     def _to_batch(self, taps: dict[str, torch.Tensor], index: torch.Tensor) -> Batch:
         dev, dt = self.options.device, self.options.dtype
         out = {k: _decode_to(v, dev, dt) for k, v in taps.items()}
-        return Batch(out, self.labels_all[index].to(dev, non_blocking=True), index)
+        if self.out_views > 1:  # (B, V, T, C) -> (B * V, T, C)
+            out = {k: v.flatten(0, 1) for k, v in out.items()}
+        return Batch(out, self.labels_all[index].to(dev, non_blocking=True), index, self.out_views)
 
     def as_dataset(self, epoch: int = 0) -> "BatchIterable":
         """A ``torch.utils.data.IterableDataset`` of batches (use ``DataLoader(ds, batch_size=None)``)."""
@@ -243,6 +261,9 @@ class ResidentReader(CacheReader):
         for k in self.shards:
             start, stop = self.split.meta.shard_bounds(k)
             block = decode(self.split.read_rows(tap, start, stop), self.cache_dtype)
+            rows = self._rows_in(start, stop)
+            if len(rows) < len(block):  # a subset: only its rows
+                block = block[torch.from_numpy(rows - start)]
             if self.options.check_finite:
                 _check_finite(block, self.split, tap, start)
             out[pos:pos + len(block)] = block
@@ -253,7 +274,7 @@ class ResidentReader(CacheReader):
         order = self.order(epoch)
         b = self.options.batch_size
         stop = (len(order) // b) * b if self.options.drop_last else len(order)
-        views = draw_views(self.views, self.indices, self.options.seed, epoch) if self.views > 1 else None
+        views = draw_views(self.views, self.indices, self.options.seed, epoch) if self.out_views < self.views else None
         for s in range(0, stop, b):
             index = order[s:s + b].sort().values  # ascending rows: the gather streams through memory
             slot = self._slot[index]
@@ -300,23 +321,27 @@ class StreamReader(CacheReader):
                 "block_images": self.block_images, "window_blocks": self.window_blocks}
 
     def _make_blocks(self) -> list[tuple[int, int]]:
-        """[start, stop) runs of whole chunks inside completed shards."""
+        """[start, stop) runs of whole chunks inside completed shards that hold usable samples."""
         out = []
         for k in self.shards:
             start, stop = self.split.meta.shard_bounds(k)
-            out += [(s, min(s + self.block_images, stop)) for s in range(start, stop, self.block_images)]
+            out += [(s, min(s + self.block_images, stop)) for s in range(start, stop, self.block_images)
+                    if len(self._rows_in(s, min(s + self.block_images, stop)))]
         return out
 
-    def _read_block(self, block: tuple[int, int]) -> dict[str, np.ndarray]:
-        """Stored rows of one block (numpy, stored dtype), checked for NaN/Inf."""
+    def _read_block(self, block: tuple[int, int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(usable sample indices, their stored rows (numpy, stored dtype)) of one block, checked for NaN/Inf."""
         start, stop = block
+        rows = self._rows_in(start, stop)
         out = {}
         for name in self.taps:
             a = self.split.read_rows(name, start, stop)
+            if len(rows) < stop - start:  # a subset: only its rows
+                a = a[rows - start]
             if self.options.check_finite:
                 _check_finite(decode(a, self.cache_dtype), self.split, name, start)
             out[name] = a
-        return out
+        return rows, out
 
     def block_order(self, epoch: int) -> list[tuple[int, int]]:
         if not self.options.shuffle:
@@ -332,13 +357,15 @@ class StreamReader(CacheReader):
                                      for b in itertools.islice(ahead, self.prefetch + self.window_blocks)]
             for w in range(0, len(blocks), self.window_blocks):
                 window = blocks[w:w + self.window_blocks]
-                parts = []
+                indices, parts = [], []
                 for _ in window:
-                    parts.append(futures.pop(0).result())
+                    rows, part = futures.pop(0).result()
+                    indices.append(rows)
+                    parts.append(part)
                     nxt = next(ahead, None)
                     if nxt is not None:
                         futures.append(pool.submit(self._read_block, nxt))
-                yield np.concatenate([np.arange(a, b) for a, b in window]), parts
+                yield np.concatenate(indices), parts
 
     def _batches(self, epoch: int) -> Iterator[Batch]:
         """Each window (plus the samples carried over from the last) is shuffled and cut into batches.
@@ -349,7 +376,7 @@ class StreamReader(CacheReader):
         """
         gen = _epoch_generator(self.options.seed, epoch, salt=3)
         view_of = None
-        if self.views > 1:
+        if self.out_views < self.views:
             view_of = np.zeros(self.split.num_samples, dtype=np.int64)
             view_of[self.indices.numpy()] = draw_views(self.views, self.indices, self.options.seed, epoch).numpy()
         b = self.options.batch_size
@@ -520,9 +547,13 @@ def choose_mode(mode: str, nbytes: int, device: torch.device, ram_expansion: flo
 def open_reader(split: SplitHandle, taps: list[str], mode: str = "auto", batch_size: int = 32, shuffle: bool = True,
                 seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                 drop_last: bool = False, check_finite: bool = True, progress: bool = False,
-                **stream_options: Any) -> CacheReader:
-    """Open a reader over ``split`` for ``taps`` (only these are read); logs the chosen mode and why."""
-    options = ReaderOptions(batch_size, shuffle, seed, drop_last, torch.device(device), dtype, check_finite)
+                subset: np.ndarray | None = None, all_views: bool = False, **stream_options: Any) -> CacheReader:
+    """Open a reader over ``split`` for ``taps`` (only these are read); logs the chosen mode and why.
+
+    ``subset``: only these sample indices (e.g. a validation set held out of the split); ``all_views``:
+    batches hold every cached view of each sample (``Batch.views``), for test-time augmentation."""
+    options = ReaderOptions(batch_size, shuffle, seed, drop_last, torch.device(device), dtype, check_finite, subset,
+                            all_views)
     probe = StreamReader.__new__(StreamReader)
     CacheReader.__init__(probe, split, taps, options)
     choice = choose_mode(mode, probe.nbytes(), options.device, ram_expansion=_expansion(options, probe.cache_dtype))
