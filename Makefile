@@ -4,12 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.featcache-installed
 PYTEST_ARGS ?=
+# The exact torch/torchvision this offline machine has (pyproject.toml holds only the supported ranges).
+PIP_CONSTRAINTS ?= constraints/offline-machine.txt
 
 .PHONY: demo test test-fast bench bench-full install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(PIP_CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q $(if $(PIP_CONSTRAINTS),-c $(PIP_CONSTRAINTS)) -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -8,7 +8,7 @@ from featcache.vocabulary import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRE
 from featcache.keyvalue import parse_assignments
 from featcache.progress import say
 
-from .options import cluster_options, storage_option
+from .options import cluster_options, data_options, storage_option
 
 
 @click.command("extract")
@@ -16,8 +16,7 @@ from .options import cluster_options, storage_option
 @click.option("--model-kwargs", "model_kwargs", multiple=True, metavar="KEY=VALUE",
               help="Keyword argument for timm.create_model (repeatable), e.g. img_size=224.")
 @click.option("--weights", default="hub", show_default=True, help=f"Weights: {WEIGHT_CHOICES_HELP}.")
-@click.option("--data", required=True, metavar="SPEC",
-              help="Images: an ImageFolder DIR, sklearn:digits, idx:DIR[:test], torchvision:NAME[:ROOT].")
+@data_options
 @click.option("--out", required=True, metavar="STORE", help="Store path or fsspec URL (created if missing).")
 @click.option("--split", default="train", show_default=True, help="Split name inside the store.")
 @click.option("--layers", default="all", show_default=True, metavar="all|N,M,..", help="Tap positions to store.")
@@ -40,7 +39,8 @@ from .options import cluster_options, storage_option
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary line.")
 @cluster_options
 @storage_option
-def command(model: str, model_kwargs: tuple[str, ...], weights: str, data: str, out: str, split: str, layers: str,
+def command(model: str, model_kwargs: tuple[str, ...], weights: str, data: str, image_column: str | None,
+            label_column: str | None, out: str, split: str, layers: str,
             batch_size: int | None, device: str, dtype: str, resume: bool, overwrite: bool, repair: bool,
             compressor: str | None, views: int, seed: int, image_size: int | None, limit: int | None,
             quiet: bool, workers: int | None, scheduler: str | None, storage_options: tuple[str, ...]) -> None:
@@ -54,8 +54,10 @@ def command(model: str, model_kwargs: tuple[str, ...], weights: str, data: str, 
     """
     from featcache.backbone import parse_layers
     from featcache.vocabulary import BackboneSpec
+    from featcache.data import spec_with_columns
     from featcache.extract import ExtractOptions, extract
 
+    data = spec_with_columns(data, image_column, label_column)
     spec = BackboneSpec(model=model, model_kwargs=parse_assignments(model_kwargs, "--model-kwargs"), weights=weights,
                         image_size=image_size)
     options = ExtractOptions(split=split, layers=parse_layers(layers), batch_size=batch_size, device=device,

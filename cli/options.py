@@ -30,3 +30,17 @@ def cluster_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Run on the dask cluster whose scheduler is at ADDRESS (e.g. tcp://host:8786).")(f)
     return click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
                         help="Run on a local dask cluster of N worker processes (one per GPU when GPUs exist).")(f)
+
+
+DATA_HELP = ("Images: an ImageFolder DIR, sklearn:digits[:train|:test], idx:DIR[:test], torchvision:NAME[:ROOT], "
+             "wds:PATTERN (WebDataset tar shards), hf:PATH[:split] (Hugging Face dataset on disk), csv:FILE or "
+             "jsonl:FILE (image paths and labels); docs/data.md.")
+
+
+def data_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--data SPEC`` and the column choices for hf:, csv: and jsonl: data (written into the spec by the library)."""
+    f = click.option("--label-column", default=None, metavar="NAME",
+                     help="hf:/csv:/jsonl: data: the column of labels [default: detected].")(f)
+    f = click.option("--image-column", default=None, metavar="NAME",
+                     help="hf:/csv:/jsonl: data: the column of images or image paths [default: detected].")(f)
+    return click.option("--data", required=True, metavar="SPEC", help=DATA_HELP)(f)

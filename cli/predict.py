@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from .options import device_option, json_option, print_json, quiet_option
+from .options import data_options, device_option, json_option, print_json, quiet_option
 
 
 @click.command("predict")
 @click.argument("checkpoint", metavar="RUNDIR_OR_CHECKPOINT")
-@click.option("--data", required=True, metavar="SPEC", help="Images: DIR, sklearn:digits[:test], idx:DIR[:test], torchvision:NAME[:ROOT].")
+@data_options
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @device_option
 @click.option("--weights", default=None, help="Backbone weights, when the cache's weights source is not at hand here.")
@@ -17,14 +17,17 @@ from .options import device_option, json_option, print_json, quiet_option
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write predictions as CSV.")
 @json_option
 @quiet_option
-def command(checkpoint: str, data: str, batch_size: int, device: str, weights: str | None, limit: int | None,
-            csv_path: str | None, as_json: bool, quiet: bool) -> None:
+def command(checkpoint: str, data: str, image_column: str | None, label_column: str | None, batch_size: int,
+            device: str, weights: str | None, limit: int | None, csv_path: str | None, as_json: bool,
+            quiet: bool) -> None:
     """Run the frozen backbone and a trained side network on the images of --data.
 
     RUNDIR_OR_CHECKPOINT is a run directory (its best member), RUNDIR/members/NAME, or a .safetensors file.
     """
+    from featcache.data import spec_with_columns
     from featcache.infer import predict
 
+    data = spec_with_columns(data, image_column, label_column)
     result = predict(checkpoint, data, batch_size=batch_size, device=device, weights=weights, limit=limit,
                      csv_path=csv_path, progress=not quiet)
     if as_json:

@@ -1,13 +1,20 @@
 """Data sources for ``--data SPEC``: each is a sequence of (image, label, id) items in a stable order.
 
-SPEC forms:
+SPEC forms (docs/data.md has each with its labels, ids and classes):
 - ``DIR``: ImageFolder layout ``DIR/<class>/<image>`` (classes sorted by name), or a flat directory of
   images (unlabelled, label -1; for ``predict``);
 - ``sklearn:digits`` (all 1797), ``sklearn:digits:train`` / ``sklearn:digits:test`` (fixed stratified
   80/20 split);
 - ``idx:DIR`` / ``idx:DIR:test``: MNIST-format idx files (``train-*`` / ``t10k-*``, gzipped or not), as
   Debian's ``dataset-fashion-mnist`` ships them in /usr/share/datasets/fashion-mnist;
-- ``torchvision:NAME[:ROOT][:train|:test]``: a torchvision dataset already on disk (never downloaded).
+- ``torchvision:NAME[:ROOT][:train|:test]``: a torchvision dataset already on disk (never downloaded);
+- ``wds:PATTERN``: WebDataset tar shards (featcache/sources/wds.py);
+- ``hf:PATH[:split]``: a Hugging Face dataset on local disk (featcache/sources/hf.py);
+- ``csv:FILE`` / ``jsonl:FILE``: image paths and labels listed in a file (featcache/sources/path_list.py).
+``hf:``, ``csv:`` and ``jsonl:`` take column choices after a ``?``: ``hf:PATH:train?image=img&label=y``
+(``spec_with_columns`` writes them; the CLI's ``--image-column`` / ``--label-column``).
+Every source re-opens from its spec string alone (dask workers do), reads items by position without
+holding the images in memory, and gives labels and ids without decoding an image.
 Images are returned as RGB ``PIL.Image`` (grayscale is replicated to 3 channels); the model's own
 transform then resizes and normalises them.
 """
@@ -19,13 +26,14 @@ import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import IO, Any, Callable, Protocol
+from urllib.parse import parse_qsl, urlencode
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .errors import DataError
+from .errors import DataError, UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -37,6 +45,15 @@ class Sample:
     image: Image.Image
     label: int  # -1 when unknown
     id: str
+
+
+def read_rgb(file: str | Path | IO[bytes], name: str, fix: str = "remove or replace the file") -> Image.Image:
+    """An image file (a path or an open binary file) decoded to RGB; a DataError naming ``name`` if it cannot be."""
+    try:
+        with Image.open(file) as img:
+            return img.convert("RGB")
+    except Exception as err:
+        raise DataError(f"cannot read image {name} ({type(err).__name__}: {err}); {fix}") from None
 
 
 class DataSource(Protocol):
@@ -111,12 +128,7 @@ class ImageFolderSource:
 
     def __getitem__(self, index: int) -> Sample:
         path = self._paths[index]
-        try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except Exception as err:
-            raise DataError(f"cannot read image {path} ({type(err).__name__}: {err}); remove or replace the file") from None
-        return Sample(image, int(self._labels[index]), str(path.relative_to(self.root)))
+        return Sample(read_rgb(path, str(path)), int(self._labels[index]), str(path.relative_to(self.root)))
 
     def labels(self) -> np.ndarray:
         return self._labels
@@ -252,6 +264,90 @@ class TorchvisionSource:
         return [str(i) for i in range(len(self._ds))]
 
 
+COLUMN_SPECS = ("hf:", "csv:", "jsonl:")  # the spec forms that take ?image=COLUMN&label=COLUMN
+SPEC_OPTIONS = ("image", "label")
+
+
+def split_spec_options(spec: str) -> tuple[str, dict[str, str]]:
+    """``"hf:PATH:train?image=img&label=y"`` -> ``("hf:PATH:train", {"image": "img", "label": "y"})``.
+
+    Options are a URL query after the last ``?`` (``urllib.parse`` encodes names with spaces or ``&``).
+    Only ``hf:``, ``csv:`` and ``jsonl:`` specs have options; other specs come back whole.
+    """
+    base, sep, query = spec.rpartition("?")
+    if not spec.startswith(COLUMN_SPECS) or not sep or "=" not in query:
+        return spec, {}
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(options) - set(SPEC_OPTIONS))
+    if unknown:
+        raise DataError(f"unknown option {unknown[0]!r} in --data {spec}; the options after '?' are "
+                        "image=COLUMN and label=COLUMN (e.g. hf:DIR:train?image=img&label=y)")
+    if any(not v for v in options.values()):
+        raise DataError(f"empty column name in --data {spec}; write image=COLUMN and label=COLUMN")
+    return base, options
+
+
+def spec_with_columns(spec: str, image_column: str | None = None, label_column: str | None = None) -> str:
+    """``spec`` with the chosen image and label columns written into it (what ``--image-column`` and
+    ``--label-column`` do), so that the string alone re-opens the same data on a dask worker."""
+    if image_column is None and label_column is None:
+        return spec
+    if not spec.startswith(COLUMN_SPECS):
+        raise UsageError(f"--image-column and --label-column choose columns of hf:, csv: and jsonl: data, not of "
+                         f"--data {spec}")
+    base, options = split_spec_options(spec)
+    for key, value in (("image", image_column), ("label", label_column)):
+        if value is None:
+            continue
+        if not value:
+            raise UsageError(f"--{key}-column needs a column name")
+        if options.get(key, value) != value:
+            raise UsageError(f"--{key}-column {value} contradicts {key}={options[key]} in --data {spec}")
+        options[key] = value
+    return f"{base}?{urlencode({k: options[k] for k in SPEC_OPTIONS if k in options})}"
+
+
+def shared_spec(spec: str) -> str:
+    """``spec`` with its local paths made absolute: the same data for a process that has another working
+    directory (a dask worker). URLs, ``sklearn:`` and ``torchvision:`` specs come back unchanged."""
+    def absolute(path: str) -> str:
+        return path if "://" in path or path.startswith("pipe:") else os.path.abspath(path)
+
+    base, options = split_spec_options(spec)
+    query = f"?{urlencode(options)}" if options else ""
+    if base.startswith("wds:"):
+        return "wds:" + "::".join(absolute(part) for part in base[4:].split("::"))
+    if base.startswith(("csv:", "jsonl:")):
+        kind, _, path = base.partition(":")
+        return f"{kind}:{absolute(path)}{query}"
+    if base.startswith("hf:"):
+        path, split = hf_path_and_split(base[3:])
+        return f"hf:{absolute(path)}" + (f":{split}" if split else "") + query
+    if base.startswith("idx:"):
+        root, part = idx_root_and_part(base[4:])
+        return f"idx:{absolute(root)}" + (f":{part}" if part else "")
+    if base.startswith(("sklearn:", "torchvision:")) or not os.path.exists(base):
+        return spec
+    return os.path.abspath(base)
+
+
+def hf_path_and_split(rest: str) -> tuple[str, str | None]:
+    """``PATH[:split]`` of an ``hf:`` spec: the whole text when it is an existing path, else split at the last ':'."""
+    if not os.path.exists(rest) and ":" in rest:
+        path, _, split = rest.rpartition(":")
+        if os.path.exists(path) and split:
+            return path, split
+    return rest, None
+
+
+def idx_root_and_part(rest: str) -> tuple[str, str | None]:
+    """``DIR[:train|:test]`` of an ``idx:`` spec."""
+    if rest.endswith((":test", ":train")):
+        root, _, part = rest.rpartition(":")
+        return root, part
+    return rest, None
+
+
 def open_source(spec: str) -> DataSource:
     """Parse ``--data SPEC`` into a data source (see the module docstring for the forms)."""
     if spec.startswith("sklearn:"):
@@ -260,9 +356,7 @@ def open_source(spec: str) -> DataSource:
             raise DataError(f"unknown scikit-learn data set in {spec!r}; available: sklearn:digits[:train|:test]")
         return digits_source(parts[2] if len(parts) == 3 else None)
     if spec.startswith("idx:"):
-        rest = spec[4:]
-        root, part = (rest.rsplit(":", 1) if rest.endswith((":test", ":train")) else (rest, None))
-        return idx_source(root, part)
+        return idx_source(*idx_root_and_part(spec[4:]))
     if spec.startswith("torchvision:"):
         parts = spec.split(":", 2)
         name = parts[1]
@@ -271,6 +365,21 @@ def open_source(spec: str) -> DataSource:
         if rest in ("train", "test") or rest.endswith((":train", ":test")):
             rest, _, part = rest.rpartition(":") if ":" in rest else ("", "", rest)
         return TorchvisionSource(name, rest or None, part)
+    if spec.startswith("wds:"):
+        from .sources.wds import TarShardSource
+
+        return TarShardSource(spec[4:])
+    base, options = split_spec_options(spec)
+    if base.startswith("hf:"):
+        from .sources.hf import HFSource
+
+        path, split = hf_path_and_split(base[3:])
+        return HFSource(path, split, options.get("image"), options.get("label"))
+    if base.startswith(("csv:", "jsonl:")):
+        from .sources.path_list import PathListSource
+
+        kind, _, path = base.partition(":")
+        return PathListSource(kind, path, options.get("image"), options.get("label"))
     return ImageFolderSource(spec)
 
 

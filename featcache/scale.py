@@ -53,7 +53,7 @@ from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone
 from featcache.device import resolve_device
 from featcache.vocabulary import BackboneSpec
-from featcache.data import DataSource
+from featcache.data import DataSource, shared_spec
 from featcache.loader import cpu_count
 from featcache.errors import (ClusterError, ConfigError, DataError, FeatcacheError, Interrupted, ModelError, StoreError,
                               UsageError, WeightsError)
@@ -516,7 +516,7 @@ def _shard_job(spec: BackboneSpec, backbone: Backbone, source: DataSource, split
                opts: ExtractOptions) -> ShardJob:
     worker_spec = replace(spec, weights=_shared_path(spec.weights))
     return ShardJob(spec=worker_spec.to_dict(), layers=opts.layers, device=opts.device, store=url, split=opts.split,
-                    data=_shared_path(data), limit=opts.limit, num_samples=len(source),
+                    data=shared_spec(data), limit=opts.limit, num_samples=len(source),
                     ids_sha256=ids_sha256(source.ids()),
                     weights_sha256=str(backbone.weights.get("state_sha256")), batch_size=split.meta.batch_size,
                     loader_workers=opts.loader_workers, durable=opts.durable, storage_options=opts.storage_options,
