@@ -35,6 +35,11 @@ from .options import cluster_options, data_options, storage_option
               help="Augmented views per image (training transform, deterministic per image); 1 = eval transform.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Augmentation seed for --views > 1.")
 @click.option("--image-size", type=int, default=None, help="Square input size (overrides the model's).")
+@click.option("--crop-pct", type=float, default=None,
+              help="Eval transform: resize to size / F, then centre-crop (default: the model's own crop_pct).")
+@click.option("--resize-only", is_flag=True,
+              help="Eval transform: resize to the input size, no crop (the VTAB protocol). Recorded in the store; "
+                   "predict applies the same.")
 @click.option("--limit", type=int, default=None, help="Use a fixed stratified subset of N images.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary line.")
 @cluster_options
@@ -42,7 +47,8 @@ from .options import cluster_options, data_options, storage_option
 def command(model: str, model_kwargs: tuple[str, ...], weights: str, data: str, image_column: str | None,
             label_column: str | None, out: str, split: str, layers: str,
             batch_size: int | None, device: str, dtype: str, resume: bool, overwrite: bool, repair: bool,
-            compressor: str | None, views: int, seed: int, image_size: int | None, limit: int | None,
+            compressor: str | None, views: int, seed: int, image_size: int | None, crop_pct: float | None,
+            resize_only: bool, limit: int | None,
             quiet: bool, workers: int | None, scheduler: str | None, storage_options: tuple[str, ...]) -> None:
     """Run a frozen timm backbone once over --data and store every tapped activation in --out.
 
@@ -59,7 +65,7 @@ def command(model: str, model_kwargs: tuple[str, ...], weights: str, data: str, 
 
     data = spec_with_columns(data, image_column, label_column)
     spec = BackboneSpec(model=model, model_kwargs=parse_assignments(model_kwargs, "--model-kwargs"), weights=weights,
-                        image_size=image_size)
+                        image_size=image_size, crop_pct=crop_pct, resize_only=resize_only)
     options = ExtractOptions(split=split, layers=parse_layers(layers), batch_size=batch_size, device=device,
                              dtype=dtype, compressor=compressor, views=views, seed=seed, limit=limit, resume=resume,
                              overwrite=overwrite, repair=repair, progress=not quiet,

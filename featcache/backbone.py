@@ -308,6 +308,10 @@ class Backbone:
             native = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
             if native is not None and tuple(native) != tuple(self.data_config["input_size"][1:]):
                 self.data_config["input_size"] = (3, *[int(v) for v in native])
+        if spec.resize_only:  # resize to the input size without keeping the aspect ratio, then no crop
+            self.data_config.update(crop_pct=1.0, crop_mode="squash")
+        elif spec.crop_pct is not None:
+            self.data_config["crop_pct"] = spec.crop_pct
         self.transform = timm.data.create_transform(**self.data_config, is_training=False)
         try:
             self.taps = Taps(self.model, spec.cnn_grid, positions, tuple(self.data_config["input_size"]))

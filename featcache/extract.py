@@ -7,7 +7,7 @@ shards, finalize. Only how the shards run differs, behind ``ShardRunner``: ``InP
 ``extract_shards``: given an open split, a backbone and a data source, compute and write any list of shards.
 
 Inside ``extract_shards`` the images come in shard-aligned batches (``featcache.loader``); the main
-thread runs the frozen backbone (inference mode; bf16 autocast on CUDA for 16-bit caches) and copies
+thread runs the frozen backbone (inference mode; ``AutocastPolicy``: bf16 on CUDA for 16-bit caches) and copies
 each batch's taps into the current shard's buffers; finished shards go to a ``ShardWriter`` thread
 (bounded queue) that compresses and writes them, so the backbone never waits for compression or disk.
 Batches never cross a shard boundary and always start at the same images, so a resumed extraction
@@ -32,7 +32,7 @@ from dask.utils import format_bytes
 
 from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone
-from featcache.device import resolve_device
+from featcache.device import AutocastPolicy, resolve_device
 from featcache.vocabulary import BackboneSpec
 from featcache.vocabulary import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES
 from featcache.data import DataSource, Subset, open_source, stratified_subset, unwrap_worker_error
@@ -216,7 +216,7 @@ def build_manifest(backbone: Backbone, dtype: str, compressor: str) -> Manifest:
     """The store manifest of an extraction with this backbone."""
     return Manifest(
         backbone=backbone.describe(), taps=list(backbone.taps.infos), dtype=dtype,
-        compressor=compressor_record(compressor),
+        compressor=compressor_record(compressor), autocast=AutocastPolicy.for_cache(dtype).to_dict(),
         transform={"eval": repr(backbone.transform), "train": repr(backbone.train_transform()),
                    "data_config": backbone.describe()["data_config"]},
         environment={"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
@@ -304,8 +304,7 @@ def forward_taps(backbone: Backbone, images: torch.Tensor, views: int, dtype: st
     x = images.to(backbone.device, non_blocking=True)
     if views > 1:
         x = x.flatten(0, 1)
-    autocast = backbone.device.type == "cuda" and dtype != "float32"
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+    with torch.inference_mode(), AutocastPolicy.for_cache(dtype).context(backbone.device):
         return backbone.taps(x)
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone, create_model
-from featcache.device import resolve_device
+from featcache.device import AutocastPolicy, resolve_device
 from featcache.vocabulary import BackboneSpec
 from featcache.checkpoint import Checkpoint, load_checkpoint
 from featcache.data import DataSource, Subset, open_source, stratified_subset
@@ -33,20 +33,22 @@ from featcache.store.feature_store import FeatureStore
 from featcache.vocabulary import Manifest
 
 class Predictor(nn.Module):
-    """images (N, 3, H, W) -> logits (N, classes): frozen taps, rounded to the cache dtype, then the side network."""
+    """images (N, 3, H, W) -> logits (N, classes): frozen taps in the precision the extraction used (``autocast``),
+    rounded to the cache dtype, then the side network."""
 
-    def __init__(self, backbone: Backbone, network: SideNetwork, cache_dtype: str, classes: list[str]) -> None:
+    def __init__(self, backbone: Backbone, network: SideNetwork, cache_dtype: str, classes: list[str],
+                 autocast: AutocastPolicy | None = None) -> None:
         super().__init__()
         self.backbone, self.taps, self.network = backbone, backbone.taps, network
         self.cache_dtype, self.classes = TORCH_DTYPES[cache_dtype], classes
+        self.autocast = autocast or AutocastPolicy.for_cache(cache_dtype)
 
     @property
     def transform(self) -> Any:
         return self.backbone.transform
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        on_cuda = images.device.type == "cuda"
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+        with torch.inference_mode(), self.autocast.context(images.device):
             taps = self.taps(images)
         taps = {k: v.to(self.cache_dtype).float() for k, v in taps.items()}  # exactly what the cache holds
         with torch.inference_mode():
@@ -74,7 +76,13 @@ def build_predictor(checkpoint: str | Path | Checkpoint, device: str = "auto", w
     if [t.to_dict() for t in backbone.taps.infos] != [t.to_dict() for t in needed]:
         raise CheckpointError(f"backbone {spec.model} gives taps that differ from the cache's "
                               f"({[t.name for t in needed]}); timm or model kwargs changed since extraction")
-    return Predictor(backbone, ckpt.network.to(dev), manifest.dtype, ckpt.classes).eval()
+    recorded = manifest.transform.get("eval")
+    if recorded is not None and recorded != repr(backbone.transform):
+        raise CheckpointError(f"the eval transform rebuilt for {spec.model} differs from the one the cache was made "
+                              f"with ({' '.join(recorded.split())[:160]}...); use the timm version that extracted it "
+                              f"({manifest.environment.get('timm', 'unknown')})")
+    policy = AutocastPolicy.from_manifest(manifest.autocast, manifest.dtype)
+    return Predictor(backbone, ckpt.network.to(dev), manifest.dtype, ckpt.classes, policy).eval()
 
 
 def _check_classes(source: DataSource, classes: list[str]) -> None:

@@ -21,6 +21,8 @@ Root attributes of a store (a Zarr v3 group):
   compressor         {"name", "configuration"} of the first split's chunk compressor ("none" = no
                      compression); every split records its own in SplitMeta.compressor
   final_norm         true when the group ``_backbone`` holds the ViT's final LayerNorm
+  autocast           {"cuda": "bfloat16" | null}: the precision of the backbone pass on a GPU (predict
+                     applies the same; stores without it: bfloat16 for 16-bit caches, as extraction ran)
   environment        versions of python, torch, timm, zarr and numpy that wrote the store
 Split group attributes: ``featcache_split`` = SplitMeta; ``featcache_extraction`` = {finished,
 featcache_version, nbytes, stored_bytes, seconds} once every shard is complete.
@@ -76,12 +78,18 @@ class BackboneSpec:
     image_size: int | None = None  # overrides the model's eval input size (square)
     cnn_grid: int = 7  # CNN feature maps are pooled to at most cnn_grid x cnn_grid tokens
     seed: int = 0  # initialisation seed for weights="random"
+    crop_pct: float | None = None  # the eval transform's centre crop (resize to size / crop_pct, crop); None: model's
+    resize_only: bool = False  # resize to the input size, no crop (the VTAB protocol)
 
     def __post_init__(self) -> None:
         if self.image_size is not None and self.image_size < 8:
             raise UsageError(f"--image-size must be at least 8 pixels, got {self.image_size}")
         if self.cnn_grid < 1:
             raise UsageError(f"cnn_grid must be >= 1, got {self.cnn_grid}")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise UsageError(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
+        if self.crop_pct is not None and self.resize_only:
+            raise UsageError("--crop-pct and --resize-only exclude each other: --resize-only means no crop")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,6 +126,7 @@ class Manifest:
     compressor: dict[str, Any] = field(default_factory=lambda: {"name": "none", "configuration": {}})
     transform: dict[str, Any] = field(default_factory=dict)
     final_norm: bool = False
+    autocast: dict[str, Any] = field(default_factory=dict)  # the backbone pass's precision (device.AutocastPolicy)
     environment: dict[str, Any] = field(default_factory=dict)  # python, torch, timm, zarr, numpy versions
     featcache_format: int = FORMAT_VERSION
     featcache_version: str = __version__
@@ -163,6 +172,8 @@ class Manifest:
             "model_kwargs": spec.get("model_kwargs"),
             "image_size": spec.get("image_size"),
             "cnn_grid": spec.get("cnn_grid"),
+            "crop_pct": spec.get("crop_pct"),
+            "resize_only": spec.get("resize_only", False),
             "weights": self.backbone.get("weights", {}).get("state_sha256"),
             "input_size": self.backbone.get("data_config", {}).get("input_size"),
             "taps": [t.to_dict() for t in self.taps],

@@ -66,3 +66,24 @@ def test_predict_on_cuda_equals_cached_accuracy(stores, tmp_path) -> None:
     best = json.loads((tmp_path / "p" / "best.json").read_text())
     result = predict(tmp_path / "p", str(test_dir), device="cuda", progress=False, num_workers=0)
     assert result["accuracy"] == pytest.approx(best["test_acc"], abs=1 / 48 + 1e-9)
+
+
+def test_float32_store_is_predicted_in_float32_on_cuda(stores, tmp_path) -> None:
+    """A float32 cache is extracted without autocast, and predict recomputes the same taps: cached == live."""
+    from PIL import Image
+
+    from featcache.infer import build_predictor
+
+    (_, test_dir) = stores
+    path = str(tmp_path / "f32.zarr")
+    for split in ("train", "test"):
+        extract(BackboneSpec(**TINY_VIT), str(test_dir), path, split=split, device="cuda", dtype="float32",
+                progress=False, loader_workers=0)
+    train(path, "linear", tmp_path / "run", {"epochs": 2, "batch_size": 16}, device="cuda", progress=False)
+    predictor = build_predictor(tmp_path / "run", device="cuda")
+    assert predictor.autocast.cuda_dtype is None
+    split = FeatureStore.open(path).split("test")
+    x = torch.stack([predictor.transform(Image.open(test_dir / i).convert("RGB")) for i in split.ids()]).cuda()
+    cached = {t: torch.from_numpy(np.asarray(split.read(t))).cuda() for t in predictor.network.required_taps}
+    with torch.no_grad():
+        assert torch.allclose(predictor(x), predictor.network(cached), atol=1e-4)

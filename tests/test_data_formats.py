@@ -28,12 +28,12 @@ from featcache.cli import app
 from featcache.data import ImageFolderSource, open_source, shared_spec, spec_with_columns, split_spec_options
 from featcache.errors import DataError, UsageError
 from featcache.scale import ShardJob, ids_sha256, worker_source
-from featcache.store.layout import FeatureStore
+from featcache.store.feature_store import FeatureStore
 from featcache.train import train
 
 from .conftest import TINY_VIT
-from .test_reliability_support import assert_one_error_line
-from .test_store_support import FAST, assert_same_arrays, images, one_torch_thread, read_split, run_extract  # noqa: F401
+from .helpers.processes import assert_one_error_line
+from .helpers.stores import FAST, assert_same_arrays, read_split, run_extract
 
 CLASSES = ["class_0", "class_1", "class_2"]  # the ImageFolder's class folders
 
