@@ -36,6 +36,7 @@ import zarr
 from featcache import __version__
 from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone, resolve_device
+from featcache.taps import check_finite
 from featcache.vocabulary import BackboneSpec
 from featcache.vocabulary import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES
 from featcache.data import (DataSource, PooledItems, Subset, TransformedDataset, TransformPool, open_source,
@@ -396,6 +397,7 @@ class ShardBuffers:
             if self.dtype == "bfloat16":
                 rows = rows.view(torch.int16).view(torch.bfloat16)
             rows.copy_(t.reshape(rows.shape))  # one pass: dtype conversion (and device-to-host) into the shard
+            check_finite(name, rows, t, self.dtype, self.meta.shard_bounds(self.shard)[0] + offset)
         self.filled += n
         return n
 
