@@ -434,7 +434,8 @@ class Taps(nn.Module):
         if self.source == FORWARD_INTERMEDIATES:
             block0 = _first_block(self.model) if any(r.role == "embed" for r in reads) else None
             with _Capture(block0) as embed:
-                final, inter = self._call(x, indices, head=head is not None, fmt="NLC" if self.kind == "vit" else "NCHW")
+                fmt = "NLC" if self.kind == "vit" else "NCHW"
+                final, inter = self._call(x, indices, head=head is not None, fmt=fmt)
         else:
             final, inter = self._run_hooks(x, indices)
         raw = dict(zip(indices, inter))
@@ -537,7 +538,8 @@ def check_finite(name: str, stored: Tensor, source: Tensor, dtype: str, first_im
     if bool(torch.isfinite(lo) & torch.isfinite(hi)):
         return
     rows = (~torch.isfinite(stored)).reshape(stored.shape[0], -1).any(dim=1).nonzero().flatten()  # bad images
-    images = f"image {first_image + int(rows[0])}" + (f" and {len(rows) - 1} more in its batch" if len(rows) > 1 else "")
+    more = f" and {len(rows) - 1} more in its batch" if len(rows) > 1 else ""
+    images = f"image {first_image + int(rows[0])}{more}"
     if bool(torch.isfinite(source).all()):
         peak = float(source.abs().max())
         raise TapOverflowError(

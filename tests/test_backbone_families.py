@@ -2,7 +2,7 @@
 special cases one by one: tokens with and without prefix tokens, class-attention tails, NHWC final
 features, the feature_info hooks fallback, and float16 overflow found at extraction.
 
-The wide list (60 architectures) is benchmarks/bench_backbones.py -> docs/backbones.md.
+The wide list (about 100 architectures) is benchmarks/bench_backbones.py -> docs/backbones.md.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 from torch import nn
 
-from benchmarks.bench_backbones import METHODS, Case, round_trip
+from benchmarks.bench_backbones import METHODS, Case, markdown, round_trip, run_case
 from featcache.backbone import Backbone
 from featcache.cli import app
 from featcache.errors import ModelError, TapOverflowError
@@ -64,6 +64,19 @@ def test_every_timm_test_model_extracts_trains_and_predicts(name: str, tmp_path:
     x = _images(b)
     with torch.inference_mode():  # the taps hold the model's own result: its logits follow from the last tap
         assert torch.allclose(b.logits_from_taps(b.taps(x)), b.model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_benchmark_rows_pass_refuse_or_fail() -> None:
+    """bench_backbones' table: a featcache error is a named refusal, anything else a failure."""
+    rows = [run_case(Case("ViT", "test_vit", {"img_size": 32})), run_case(Case("typo", "test_vitt")),
+            run_case(Case("broken", "test_vit", {"img_size": 32, "depth": "two"}))]
+    assert rows[0]["result"] == "pass" and rows[0]["kind"] == "vit" and rows[0]["bytes_per_image"] == 7 * 5 * 64 * 2
+    assert rows[1]["result"].startswith("refused: unknown timm model 'test_vitt'")
+    assert rows[2]["result"].startswith("refused: timm cannot build model 'test_vit'")
+    rows[2]["result"] = "FAIL: unexpected TypeError"
+    table = markdown(rows, 60.0, 2)
+    assert "**1 pass, 1 refused by design, 1 fail.**" in table
+    assert "| ViT | `test_vit` | 32 | vit | 7 | 1+2x2 | 64 | 4 kB | pass |" in table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +175,7 @@ def test_channels_are_checked_against_feature_info() -> None:
     widths = [d["num_chs"] for d in b.model.feature_info]
     assert [i.channels for i in b.taps.all_infos] == widths  # NHWC final = last stage: no head tap
     b.model.feature_info[1]["num_chs"] += 1  # a map that does not have the declared width is never stored
-    with pytest.raises(LayoutError, match=r"no dimension of 33 channels.*hooks failed too.*no dimension of 33 channels"):
+    with pytest.raises(LayoutError, match=r"no dimension of 33 channels.*hooks failed too.*no dimension of 33"):
         Taps(b.model, probe_size=(3, 64, 64))
 
 
