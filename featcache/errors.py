@@ -23,6 +23,10 @@ class ModelError(FeatcacheError):
     """Unknown timm model name or bad model keyword arguments."""
 
 
+class TapOverflowError(FeatcacheError):
+    """Taps that leave the range of the cache dtype (float16 overflow) or that the backbone gives as NaN/Inf."""
+
+
 class WeightsError(FeatcacheError):
     """Weights that cannot be read or do not fit the model."""
 

@@ -33,6 +33,7 @@ from dask.utils import format_bytes
 from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone
 from featcache.device import AutocastPolicy, resolve_device
+from featcache.taps import check_finite
 from featcache.vocabulary import BackboneSpec
 from featcache.vocabulary import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES
 from featcache.data import DataSource, Subset, open_source, stratified_subset, unwrap_worker_error
@@ -290,6 +291,7 @@ class ShardBuffers:
             n = t.shape[0] // self.meta.views
             rows = decode(dst[offset:offset + n], self.dtype)  # a view of the shard buffer in the cache dtype
             rows.copy_(t.reshape(rows.shape))  # one pass: dtype conversion (and device-to-host) into the shard
+            check_finite(name, rows, t, self.dtype, self.meta.shard_bounds(self.shard)[0] + offset)
         self.filled += n
         return n
 

@@ -317,26 +317,30 @@ def pool_tokens(x: Tensor, prefix_tokens: int, mode: str) -> Tensor:
 
 
 def common_grid(infos: list[TapInfo], key: str) -> tuple[int, tuple[int, int]]:
-    """(prefix tokens, smallest token grid) shared by ``infos``; prefix token counts must agree."""
-    prefixes = {t.prefix_tokens for t in infos}
-    check(len(prefixes) == 1, key, f"the chosen taps carry different numbers of prefix tokens "
-          f"({', '.join(f'{t.name}: {t.prefix_tokens}' for t in infos)}); choose taps of one kind")
-    return prefixes.pop(), (min(t.grid[0] for t in infos), min(t.grid[1] for t in infos))
+    """(prefix tokens, token grid) shared by ``infos``: the most prefix tokens and the smallest grid among them.
+
+    Taps with fewer prefix tokens are padded to that count by ``to_grid`` (CaiT's and XCiT's class token
+    appears only in their class-attention tail, PiT's class tokens only in its ``head`` tap): a CLS token
+    that only the last tap has is kept, not dropped.
+    """
+    return max(t.prefix_tokens for t in infos), (min(t.grid[0] for t in infos), min(t.grid[1] for t in infos))
 
 
-def to_grid(x: Tensor, info: TapInfo, grid: tuple[int, int]) -> Tensor:
-    """(N, P + h*w, C) -> (N, P + grid[0]*grid[1], C): adaptive average pooling of the patch tokens.
+def to_grid(x: Tensor, info: TapInfo, grid: tuple[int, int], prefix_tokens: int | None = None) -> Tensor:
+    """(N, P + h*w, C) -> (N, P' + grid[0]*grid[1], C): adaptive average pooling of the patch tokens.
 
     Pooling is linear, so it commutes with the per-tap linear projections that follow; applying it to the
-    raw (unbatched under vmap) tap first is cheaper. Prefix tokens pass through unchanged.
+    raw (unbatched under vmap) tap first is cheaper. Prefix tokens pass through unchanged; when the common
+    count ``prefix_tokens`` (P', default P) is larger, zero tokens are put in front of them.
     """
-    if tuple(info.grid) == tuple(grid):
-        return x
     p = info.prefix_tokens
-    n, _, c = x.shape
-    fmap = x[:, p:].transpose(1, 2).reshape(n, c, *info.grid)  # (N, C, h, w)
-    pooled = F.adaptive_avg_pool2d(fmap, grid).flatten(2).transpose(1, 2)  # (N, h'*w', C)
-    return torch.cat([x[:, :p], pooled], dim=1) if p else pooled
+    missing = (p if prefix_tokens is None else prefix_tokens) - p
+    if tuple(info.grid) != tuple(grid):
+        n, _, c = x.shape
+        fmap = x[:, p:].transpose(1, 2).reshape(n, c, *info.grid)  # (N, C, h, w)
+        pooled = F.adaptive_avg_pool2d(fmap, grid).flatten(2).transpose(1, 2)  # (N, h'*w', C)
+        x = torch.cat([x[:, :p], pooled], dim=1) if p else pooled
+    return F.pad(x, (0, 0, missing, 0)) if missing > 0 else x  # (N, P' + h'*w', C)
 
 
 def init_layernorm(norm: nn.LayerNorm, state: dict[str, Tensor] | None) -> bool:

@@ -25,7 +25,9 @@ g=1 uses every stored block tap. z_0 is the block-0 tap when the store has it, e
 Several widths (CNN stages): every tap whose width differs from the side width d passes through its own
 Linear(C_i, d); d defaults to the width of the last tap, which then needs no projection and keeps the
 "starts as the backbone's feature" property. Several token grids (CNN stages at small inputs): every
-tap's patch tokens are average-pooled to the smallest grid among the chosen taps (prefix tokens kept).
+tap's patch tokens are average-pooled to the smallest grid among the chosen taps (prefix tokens kept;
+taps with fewer prefix tokens than the others, e.g. CaiT's blocks before its class-attention ``head``, get
+zero tokens in front so that every tap has the same token layout).
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ class LAST(SideNetwork):
         self.head = make_head(self.width, tap_info.num_classes)
 
     def _z(self, taps: dict[str, Tensor], name: str) -> Tensor:
-        x = to_grid(self.read_tap(taps, name), self.tap_infos[name], self.grid)  # (N, T', C_i)
+        x = to_grid(self.read_tap(taps, name), self.tap_infos[name], self.grid, self.prefix_tokens)  # (N, T', C_i)
         return self.proj[name](x) if name in self.proj else x  # (N, T', d)
 
     def corrected(self, taps: dict[str, Tensor]) -> Tensor:

@@ -11,7 +11,8 @@ embedding tap and z_1..z_m the kept block outputs (layer dropping: ``taps``):
 B_i is a pre-norm transformer block of width s (x + drop(Attn(LN(x))), then x + drop(MLP(LN(x))), GELU MLP
 of ``mlp_ratio`` * s hidden units with dropout after the GELU). d is the backbone width for ViTs; for CNNs
 (stage widths differ) it is the width of the last used tap, a featcache choice (EfficientNet-Lite0 head:
-1280 -> s = 160 at r = 8). Token grids that differ are average-pooled to the smallest one, as in ``last``.
+1280 -> s = 160 at r = 8). Token grids that differ are average-pooled to the smallest one and missing prefix
+tokens are zero-padded, as in ``last``.
 
 Dropout (``dropout``, default 0.1) sits where the official T5 side blocks put it: on the attention output
 before the residual add, after the MLP activation, on the MLP output before the residual add, and after
@@ -295,7 +296,7 @@ class LST(SideNetwork):
 
     # -- forward
     def _ladder(self, taps: dict[str, Tensor], name: str) -> Tensor:
-        x = to_grid(self.read_tap(taps, name), self.tap_infos[name], self.grid)  # (N, T', C_i)
+        x = to_grid(self.read_tap(taps, name), self.tap_infos[name], self.grid, self.prefix_tokens)  # (N, T', C_i)
         return self.down[name](x)  # (N, T', s)
 
     def gates(self) -> Tensor:
