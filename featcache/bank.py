@@ -33,6 +33,7 @@ from featcache.methods.base import MethodInput
 from .sweep import SweepMember
 
 BETAS = (0.9, 0.999)
+Target = tuple[torch.Tensor, "torch.Tensor | None", float]  # (labels, mixed-in labels or None, weight of labels)
 EPS = 1e-8
 
 
@@ -106,17 +107,25 @@ class MemberBank:
         eps = (self.smoothing if smoothing is None else smoothing).view(-1, 1)
         return ((1 - eps) * nll + eps * smooth).mean(dim=1)
 
-    def _forward_backward(self, taps: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mixed_losses(self, logits: torch.Tensor, target: Target, smoothing: torch.Tensor | None = None) -> torch.Tensor:
+        """(K,) losses against ``lam * labels + (1 - lam) * labels_b`` (feature mixup/cutmix; cross-entropy is
+        linear in its target, so this is the soft-target loss)."""
+        labels, labels_b, lam = target
+        if labels_b is None:
+            return self.losses(logits, labels, smoothing)
+        return lam * self.losses(logits, labels, smoothing) + (1 - lam) * self.losses(logits, labels_b, smoothing)
+
+    def _forward_backward(self, taps: dict[str, torch.Tensor], target: Target) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, B, classes) logits and (K,) losses, gradients accumulated into the stacked parameters."""
         if not self.member_loop:
             logits = self.forward(taps)
-            losses = self.losses(logits, labels)
+            losses = self.mixed_losses(logits, target)
             losses.sum().backward()  # members are independent: d(sum)/d(member k) touches member k alone
             return logits, losses
         logits, losses = [], []
         for k in range(len(self)):  # one member's activations alive at a time
             lk = self.member_logits(k, taps)  # (B, classes)
-            loss = self.losses(lk[None], labels, self.smoothing[k:k + 1])  # (1,)
+            loss = self.mixed_losses(lk[None], target, self.smoothing[k:k + 1])  # (1,)
             loss.sum().backward()
             logits.append(lk.detach())
             losses.append(loss.detach())
@@ -132,12 +141,16 @@ class MemberBank:
         return torch.where(t < warm, ramp, cosine)
 
     def train_step(self, taps: dict[str, torch.Tensor], labels: torch.Tensor, progress: float, total_epochs: int,
-                   where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-        """One AdamW step for every live member; returns per-member (loss, correct count) on this batch."""
+                   where: str = "", labels_b: torch.Tensor | None = None,
+                   lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """One AdamW step for every live member; returns per-member (loss, correct count) on this batch.
+
+        ``labels_b`` and ``lam``: a mixed batch (featcache.augment) whose target is
+        ``lam * labels + (1 - lam) * labels_b``; correct counts are against ``labels``."""
         for p in self.params.values():
             p.grad = None
         self.template.train()  # dropout on (functional_call runs the template's modules in its mode)
-        logits, losses = self._forward_backward(taps, labels)
+        logits, losses = self._forward_backward(taps, (labels, labels_b, lam))
         with torch.no_grad():
             grads = {k: p.grad for k, p in self.params.items()}
             sq = sum((g.float().reshape(len(self), -1) ** 2).sum(dim=1) for g in grads.values())

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from featcache import methods
+from featcache.augment import AUG_KEYS, AugmentConfig
 from featcache.errors import ConfigError
 
 SWEEP_GLOBAL = ("epochs", "batch_size", "eval_every")  # all members see the same batches and evaluations
@@ -35,6 +36,13 @@ class TrainConfig:
     clip_grad: float = 1.0  # max global grad norm per member; 0 = off
     seed: int = 0  # side-network initialisation and batch order
     eval_every: int = 1  # epochs between evaluations
+    # feature-space augmentation of the cached taps per batch (featcache.augment; "none", "tokendrop+frofa", ...)
+    aug: str = "none"
+    tokendrop_rate: float = 0.2
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    frofa_brightness: float = 0.1
+    frofa_contrast: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -50,6 +58,7 @@ class TrainConfig:
         for key, ok, what in checks:
             if not ok:
                 raise ConfigError(f"{key} must be {what}, got {getattr(self, key)!r}")
+        self.aug = self.augment().aug  # validated and in application order
         for key in ("epochs", "batch_size", "eval_every", "seed"):
             if not isinstance(getattr(self, key), int) or isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be an integer, got {getattr(self, key)!r}")
@@ -60,6 +69,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         return cls(**d)
+
+    def augment(self) -> AugmentConfig:
+        """This member's feature augmentation."""
+        return AugmentConfig.from_dict({k: getattr(self, k) for k in AUG_KEYS})
 
 
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -84,8 +97,9 @@ class SweepMember:
         return cls(d["name"], d["method"], d["method_config"], TrainConfig.from_dict(d["train"]), d.get("overrides", {}))
 
     def arch_key(self) -> str:
-        """Members with equal keys have identically shaped parameters and share a bank."""
-        return json.dumps([self.method, self.method_config], sort_keys=True, default=str)
+        """Members with equal keys have identically shaped parameters and the same inputs (the same feature
+        augmentation), so they share a bank."""
+        return json.dumps([self.method, self.method_config, self.train.augment().to_dict()], sort_keys=True, default=str)
 
 
 def _method_keys(method: str) -> list[str]:

@@ -12,6 +12,7 @@ local sweep of all members writes it).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -37,11 +38,12 @@ from featcache.methods.base import MethodInput
 from featcache.progress import bar, say
 from featcache.store.feature_store import FeatureStore, SplitHandle
 from featcache.store.reader import CacheReader, open_reader
-from featcache.vocabulary import READER_MODES
+from featcache.vocabulary import READER_MODES, TapInfo
 
 from .bank import MemberBank
 from .rundir import RunDir, holds_run_lock
 from .selection import HELDOUT_FILE, VAL, Evaluation, check_classes, plan_evaluation, record_held_out
+from .augment import AugmentConfig, AugmentedBatch, augment, batch_generator
 from .sweep import SweepMember, TrainConfig, expand
 
 log = logging.getLogger("featcache.train")
@@ -88,7 +90,9 @@ def _method_input(store: FeatureStore, split: SplitHandle, backbone_state: Calla
     if num_classes < 2:
         raise StoreError(f"split {split.name!r} has {num_classes} class(es); training a classifier needs at least 2")
     return MethodInput(taps=store.manifest.taps, num_classes=num_classes, final_norm=store.final_norm(),
-                       backbone_kind=store.manifest.backbone.get("kind", "vit"), backbone_state=backbone_state)
+                       backbone_kind=store.manifest.backbone.get("kind", "vit"),
+                       backbone_state=functools.cache(backbone_state) if backbone_state else None,
+                       backbone_heads=store.manifest.backbone.get("num_heads"))
 
 
 def _evaluate(banks: list[MemberBank], reader: CacheReader) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -113,17 +117,31 @@ def _build_banks(members: list[SweepMember], mi: MethodInput, device: torch.devi
     return banks, records
 
 
+def _augmented(batch: Any, cfg: AugmentConfig, infos: dict[str, TapInfo], seed: int, epoch: int, step: int,
+               done: dict[AugmentConfig, AugmentedBatch]) -> AugmentedBatch:
+    """The batch as the banks with feature augmentation ``cfg`` see it: drawn once per (cfg, step) from a
+    generator seeded by (seed, epoch, step), so a resumed run sees the same augmented batches."""
+    if cfg not in done:
+        done[cfg] = augment(batch.taps, batch.labels, infos, cfg, batch_generator(seed, epoch, step))
+    return done[cfg]
+
+
 def _train_epoch(epoch: int, banks: list[MemberBank], records: list[MemberRecord], reader: CacheReader,
                  epochs: int, stats: dict[str, Any], pbar: Any) -> dict[str, dict[str, float]]:
-    """One pass over the cache feeding every bank the same batches; per-member train loss and accuracy."""
+    """One pass over the cache feeding every bank the same batches (augmented per bank's feature augmentation);
+    per-member train loss and accuracy."""
     device = banks[0].device
     sums = [(torch.zeros(len(b), device=device), torch.zeros(len(b), device=device)) for b in banks]
+    augs = [b.members[0].train.augment() for b in banks]
+    infos, seed = {t.name: t for t in reader.split.store.manifest.taps}, banks[0].members[0].train.seed
     t0, seen = time.perf_counter(), 0
     for step, batch in enumerate(reader.epoch(epoch)):
-        at = epoch + step / len(reader)
+        at, done = epoch + step / len(reader), {}
         for i, ((loss_sum, correct_sum), bank) in enumerate(zip(sums, banks)):
             tb = time.perf_counter()
-            loss, correct = bank.train_step(batch.taps, batch.labels, at, epochs, where=f"epoch {epoch + 1} step {step + 1}")
+            ab = _augmented(batch, augs[i], infos, seed, epoch, step, done)
+            loss, correct = bank.train_step(ab.taps, ab.labels, at, epochs, where=f"epoch {epoch + 1} step {step + 1}",
+                                            labels_b=ab.labels_b, lam=ab.lam)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             stats["bank_seconds"][i] += time.perf_counter() - tb

@@ -4,6 +4,7 @@ hand-checked case."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -269,3 +270,41 @@ def test_frofa_contrast_scales_around_the_sample_channel_mean() -> None:
     gamma = (y - mean) / (x - mean)
     torch.testing.assert_close(gamma, gamma[:, :1].expand_as(gamma), atol=1e-4, rtol=1e-4)
     assert ((gamma >= 0.6 - 1e-5) & (gamma <= 1.4 + 1e-5)).all() and gamma.std() > 0.05
+
+
+# -- in the trainer ----------------------------------------------------------------------------------------------
+
+def test_training_with_feature_augmentation_grids_banks_and_resumes_bitwise(tmp_path: Path, monkeypatch) -> None:
+    """``--grid aug=none,tokendrop+mixup``: one bank per augmentation, the augmented members learn differently,
+    and a run interrupted after epoch 2 and resumed equals an uninterrupted one (augmentation seeded per step)."""
+    from featcache.backbone import Backbone
+    from featcache.errors import Interrupted
+    from featcache.rundir import RunDir
+    from featcache.train import train
+    from featcache.vocabulary import BackboneSpec
+
+    from .conftest import TINY_VIT, make_separable_images, write_tap_store
+
+    vit = Backbone(BackboneSpec(**TINY_VIT))
+    path = tmp_path / "s.zarr"
+    for split, n, seed in (("train", 64, 0), ("test", 24, 1)):
+        imgs, labels = make_separable_images(n, classes=3, seed=seed)
+        write_tap_store(path, vit, imgs, labels, split)
+    settings, grid = {"epochs": 4, "batch_size": 16}, {"aug": ["none", "tokendrop+mixup"]}
+    full = train(str(path), "last", tmp_path / "full", settings, grid, progress=False)
+    assert full["num_banks"] == 2
+    losses = {m["name"]: m["metrics"]["train_loss"] for m in full["members"]}
+    assert losses["aug=none"] != losses["aug=tokendrop+mixup"]
+    real = RunDir.save_state
+
+    def stop(self, epoch, *a, **kw):
+        real(self, epoch, *a, **kw)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "save_state", stop)
+    with pytest.raises(Interrupted):
+        train(str(path), "last", tmp_path / "part", settings, grid, progress=False)
+    monkeypatch.setattr(RunDir, "save_state", real)
+    resumed = train(str(path), "last", tmp_path / "part", settings, grid, resume=True, progress=False)
+    assert [m["metrics"] for m in resumed["members"]] == [m["metrics"] for m in full["members"]]

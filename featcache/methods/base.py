@@ -33,7 +33,8 @@ from ..errors import ConfigError
 
 # Keys the trainer owns; ``--set KEY=VALUE`` is routed by name, so no method config may use them.
 TRAINING_KEYS = frozenset({"lr", "weight_decay", "epochs", "batch_size", "warmup_epochs", "label_smoothing",
-                           "seed", "clip_grad", "eval_every"})
+                           "seed", "clip_grad", "eval_every", "aug", "tokendrop_rate", "mixup_alpha", "cutmix_alpha",
+                           "frofa_brightness", "frofa_contrast"})
 BACKBONE_KINDS = ("vit", "cnn")
 
 # On CPU, vmap over F.scaled_dot_product_attention falls back to a per-member loop (correct, and the
