@@ -19,12 +19,18 @@ from .options import cluster_options, data_options, storage_option
 @data_options
 @click.option("--out", required=True, metavar="STORE", help="Store path or fsspec URL (created if missing).")
 @click.option("--split", default="train", show_default=True, help="Split name inside the store.")
-@click.option("--layers", default="all", show_default=True, metavar="all|N,M,..", help="Tap positions to store.")
+@click.option("--layers", default="all", show_default=True, metavar="all|every:G|N,M,..",
+              help="Taps to store: all, every:G (the embedding, the last block and every G-th block counted back from "
+                   "it: what LAST with gap G reads), or tap positions.")
 @click.option("--batch-size", type=int, default=None,
               help=f"Backbone inputs per forward pass (images x views) [default: {DEFAULT_BATCH_SIZE}, or the "
                    "split's recorded one with --resume].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True, help="Cache dtype.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True,
+              help="Cache dtype; int8 and float8_e4m3 store 8-bit codes and one float16 scale per token row.")
+@click.option("--pool-tokens", type=int, default=1, show_default=True, metavar="K",
+              help="Average each KxK window of every tap's patch-token grid (prefix tokens kept); predict does the "
+                   "same.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted extraction of this split.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing split of the same name.")
 @click.option("--repair", is_flag=True,
@@ -47,7 +53,8 @@ from .options import cluster_options, data_options, storage_option
 def command(model: str, model_kwargs: tuple[str, ...], weights: str, data: str, image_column: str | None,
             label_column: str | None, out: str, split: str, layers: str,
             batch_size: int | None, device: str, dtype: str, resume: bool, overwrite: bool, repair: bool,
-            compressor: str | None, views: int, seed: int, image_size: int | None, crop_pct: float | None,
+            pool_tokens: int, compressor: str | None, views: int, seed: int, image_size: int | None,
+            crop_pct: float | None,
             resize_only: bool, limit: int | None,
             quiet: bool, workers: int | None, scheduler: str | None, storage_options: tuple[str, ...]) -> None:
     """Run a frozen timm backbone once over --data and store every tapped activation in --out.
@@ -65,7 +72,7 @@ def command(model: str, model_kwargs: tuple[str, ...], weights: str, data: str, 
 
     data = spec_with_columns(data, image_column, label_column)
     spec = BackboneSpec(model=model, model_kwargs=parse_assignments(model_kwargs, "--model-kwargs"), weights=weights,
-                        image_size=image_size, crop_pct=crop_pct, resize_only=resize_only)
+                        image_size=image_size, crop_pct=crop_pct, resize_only=resize_only, pool_tokens=pool_tokens)
     options = ExtractOptions(split=split, layers=parse_layers(layers), batch_size=batch_size, device=device,
                              dtype=dtype, compressor=compressor, views=views, seed=seed, limit=limit, resume=resume,
                              overwrite=overwrite, repair=repair, progress=not quiet,

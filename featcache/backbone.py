@@ -199,7 +199,8 @@ def _native_size(model: nn.Module, model_kwargs: dict[str, Any]) -> tuple[int, i
 class Backbone:
     """A frozen timm model with its eval transform and taps; rebuilt identically from its ``BackboneSpec``."""
 
-    def __init__(self, spec: BackboneSpec, device: str | torch.device = "cpu", positions: list[int] | None = None) -> None:
+    def __init__(self, spec: BackboneSpec, device: str | torch.device = "cpu",
+                 positions: list[int] | str | None = None) -> None:
         self.spec = spec
         self.model, self.weights = create_model(spec)
         self.model.to(device)
@@ -216,7 +217,8 @@ class Backbone:
             self.data_config["crop_pct"] = spec.crop_pct
         self.transform = timm.data.create_transform(**self.data_config, is_training=False)
         try:
-            self.taps = Taps(self.model, spec.cnn_grid, positions, tuple(self.data_config["input_size"]))
+            self.taps = Taps(self.model, spec.cnn_grid, positions, tuple(self.data_config["input_size"]),
+                             spec.pool_tokens)
         except ModelError as err:
             raise ModelError(f"model {spec.model!r}: {err}") from None
         except FeatcacheError:
@@ -285,11 +287,15 @@ class Backbone:
         }
 
 
-def parse_layers(text: str | None) -> list[int] | None:
-    """``--layers``: ``all`` (None) or comma-separated tap positions, e.g. ``0,4,8,12``."""
+def parse_layers(text: str | None) -> list[int] | str | None:
+    """``--layers``: ``all`` (None), ``every:G`` (kept as text: resolved against the model's taps, see
+    ``taps.every_gth``) or comma-separated tap positions, e.g. ``0,4,8,12``."""
     if text is None or text.strip().lower() == "all":
         return None
+    if text.strip().lower().startswith("every"):
+        return text.strip().lower()
     try:
         return [int(p) for p in text.split(",") if p.strip() != ""]
     except ValueError:
-        raise UsageError(f"--layers expects 'all' or comma-separated tap indices like 0,4,8, got {text!r}") from None
+        raise UsageError(f"--layers expects 'all', every:G or comma-separated tap indices like 0,4,8, got "
+                         f"{text!r}") from None

@@ -42,7 +42,8 @@ from featcache.keyvalue import with_overrides
 from featcache.errors import DataError, Interrupted, StoreError, UsageError
 from featcache.progress import bar
 from featcache.store.feature_store import FeatureStore, SplitHandle, choose_chunking
-from featcache.store.codecs import compressor_record, decode, storage_dtype
+from featcache.store.codecs import (QERR_SUFFIX, SCALE_SUFFIX, compressor_record, decode, dequantize, is_eight_bit,
+                                    quantize, storage_dtype)
 from featcache.store.lock import SplitLock
 from featcache.vocabulary import Manifest, SplitMeta
 from featcache.store.writer import (ShardData, ShardWriteError, ShardWriter, SplitTotals, describe_os_error,
@@ -59,7 +60,7 @@ class ExtractOptions:
     """Everything about one extraction except the backbone, the data and the store."""
 
     split: str = "train"
-    layers: list[int] | None = None  # tap positions; None = all
+    layers: list[int] | str | None = None  # tap positions; None = all; "every:G" (taps.every_gth)
     batch_size: int | None = None  # backbone inputs per forward (images x views); None: recorded on resume, else 32
     device: str = "auto"
     dtype: str = "float16"
@@ -264,7 +265,8 @@ def _check_out(out: str) -> None:
 
 
 class ShardBuffers:
-    """Preallocated arrays (storage dtype) of the shard being filled, one per tap."""
+    """Preallocated arrays (storage dtype) of the shard being filled: one per tap, and with an 8-bit cache its
+    scale rows and its quantization error (``<tap>_scale``, ``<tap>_qerr``, featcache.store.codecs)."""
 
     def __init__(self, split_meta: SplitMeta, taps: Sequence[Any], dtype: str) -> None:
         self.meta, self.taps, self.dtype = split_meta, list(taps), dtype
@@ -274,24 +276,37 @@ class ShardBuffers:
 
     def start(self, shard: int) -> None:
         start, stop = self.meta.shard_bounds(shard)
-        lead = (self.meta.views,) if self.meta.views > 1 else ()
-        self.shard, self.filled = shard, 0
-        self.arrays = {t.name: np.empty((stop - start, *lead, t.tokens, t.channels), dtype=storage_dtype(self.dtype))
-                       for t in self.taps}
+        lead = (stop - start, *((self.meta.views,) if self.meta.views > 1 else ()))
+        self.shard, self.filled, self.arrays = shard, 0, {}
+        for t in self.taps:
+            self.arrays[t.name] = np.empty((*lead, t.tokens, t.channels), dtype=storage_dtype(self.dtype))
+            if is_eight_bit(self.dtype):
+                self.arrays[t.name + SCALE_SUFFIX] = np.empty((*lead, t.tokens), dtype=np.float16)
+                self.arrays[t.name + QERR_SUFFIX] = np.zeros((1, 2), dtype=np.float64)
 
     @property
     def bytes_per_image(self) -> int:
-        return sum(int(np.prod(a.shape[1:])) * a.itemsize for a in self.arrays.values())
+        return sum(int(np.prod(a.shape[1:])) * a.itemsize for name, a in self.arrays.items()
+                   if not name.endswith(QERR_SUFFIX))
 
     def put(self, offset: int, taps: dict[str, torch.Tensor]) -> int:
         """Copy a batch of taps (B * V, T, C) into images [offset, offset + B) of the shard; returns B."""
-        n = 0
-        for name, dst in self.arrays.items():
-            t = taps[name]
+        n, first = 0, self.meta.shard_bounds(self.shard)[0] + offset
+        for t_info in self.taps:
+            name, t = t_info.name, taps[t_info.name]
             n = t.shape[0] // self.meta.views
-            rows = decode(dst[offset:offset + n], self.dtype)  # a view of the shard buffer in the cache dtype
-            rows.copy_(t.reshape(rows.shape))  # one pass: dtype conversion (and device-to-host) into the shard
-            check_finite(name, rows, t, self.dtype, self.meta.shard_bounds(self.shard)[0] + offset)
+            rows = decode(self.arrays[name][offset:offset + n], self.dtype)  # a view of the shard buffer
+            if not is_eight_bit(self.dtype):
+                rows.copy_(t.reshape(rows.shape))  # one pass: dtype conversion (and device-to-host) into the shard
+                check_finite(name, rows, t, self.dtype, first)
+                continue
+            x = t.reshape(rows.shape).float()  # (n, [V,] T, C)
+            codes, scale = quantize(x, self.dtype)
+            check_finite(name, scale, t, self.dtype, first)  # a scale beyond float16: values beyond the range
+            rows.copy_(codes)
+            torch.from_numpy(self.arrays[name + SCALE_SUFFIX][offset:offset + n]).copy_(scale)
+            err = dequantize(codes, scale, self.dtype) - x
+            self.arrays[name + QERR_SUFFIX][0] += [float(err.double().square().sum()), float(x.double().square().sum())]
         self.filled += n
         return n
 

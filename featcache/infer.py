@@ -28,7 +28,7 @@ from featcache.loader import default_loader_workers, image_loader, transform_poo
 from featcache.errors import CheckpointError, DataError
 from featcache.methods.base import SideNetwork
 from featcache.progress import bar, say
-from featcache.store.codecs import TORCH_DTYPES
+from featcache.store.codecs import round_trip
 from featcache.store.feature_store import FeatureStore
 from featcache.vocabulary import Manifest
 
@@ -40,7 +40,7 @@ class Predictor(nn.Module):
                  autocast: AutocastPolicy | None = None) -> None:
         super().__init__()
         self.backbone, self.taps, self.network = backbone, backbone.taps, network
-        self.cache_dtype, self.classes = TORCH_DTYPES[cache_dtype], classes
+        self.cache_dtype, self.classes = cache_dtype, classes
         self.autocast = autocast or AutocastPolicy.for_cache(cache_dtype)
 
     @property
@@ -50,7 +50,7 @@ class Predictor(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), self.autocast.context(images.device):
             taps = self.taps(images)
-        taps = {k: v.to(self.cache_dtype).float() for k, v in taps.items()}  # exactly what the cache holds
+        taps = {k: round_trip(v, self.cache_dtype) for k, v in taps.items()}  # exactly what the cache holds
         with torch.inference_mode():
             return self.network(taps).float()
 

@@ -331,7 +331,7 @@ class ShardJob:
     """What a worker needs to compute shards of a planned split (small; sent with every task)."""
 
     spec: dict[str, Any]
-    layers: list[int] | None
+    layers: list[int] | str | None
     device: str
     store: str
     split: str

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -190,11 +190,11 @@ def _first_block(model: nn.Module) -> nn.Module | None:
 class Taps(nn.Module):
     """images (N, 3, H, W) -> {tap name: (N, T, C)} for the selected tap positions (see the module doc)."""
 
-    def __init__(self, model: nn.Module, cnn_grid: int = 7, positions: list[int] | None = None,
-                 probe_size: tuple[int, int, int] = (3, 224, 224)) -> None:
+    def __init__(self, model: nn.Module, cnn_grid: int = 7, positions: list[int] | str | None = None,
+                 probe_size: tuple[int, int, int] = (3, 224, 224), pool_tokens: int = 1) -> None:
         super().__init__()
         self.model = model
-        self.cnn_grid = cnn_grid
+        self.cnn_grid, self.pool_tokens = cnn_grid, pool_tokens
         has_fi = callable(getattr(model, "forward_intermediates", None))
         self.source = FORWARD_INTERMEDIATES if has_fi else FEATURE_HOOKS
         self.fallback_reason: str | None = None if has_fi else "the model has no forward_intermediates()"
@@ -203,7 +203,8 @@ class Taps(nn.Module):
         self._final: _Read | None = None  # the final features' layout, also when they are no tap
         self._fi_kwargs: dict[str, Any] = {}
         self._hooks: list[tuple[str, str]] = []  # (module name, hook type) per feature_info entry
-        self.all_infos = self._probe(probe_size)
+        self.read_infos = self._probe(probe_size)  # the taps as read, before --pool-tokens
+        self.all_infos = [pooled_info(t, pool_tokens) for t in self.read_infos]
         self.select(positions)
 
     @property
@@ -400,9 +401,11 @@ class Taps(nn.Module):
             return Feature(last_spatial, final)
         return _split(final, read)
 
-    def select(self, positions: list[int] | None) -> None:
-        """Restrict to the given tap positions (None = all)."""
+    def select(self, positions: list[int] | str | None) -> None:
+        """Restrict to the given tap positions (None = all; "every:G": see ``every_gth``)."""
         n = len(self.all_infos)
+        if isinstance(positions, str):
+            positions = every_gth(self.all_infos, positions)
         positions = list(range(n)) if positions is None else list(positions)
         bad = [p for p in positions if not 0 <= p < n]
         if bad or not positions:
@@ -417,6 +420,8 @@ class Taps(nn.Module):
     # -- forward
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         outs = self._forward(images, [self._reads[p] for p in self.positions])
+        if self.pool_tokens > 1:
+            outs = [pool_token_grid(t, self.read_infos[p], self.pool_tokens) for p, t in zip(self.positions, outs)]
         return {info.name: t.contiguous() for info, t in zip(self.infos, outs)}
 
     @property
@@ -492,7 +497,7 @@ class Taps(nn.Module):
         """The last tap (N, T, C) back in the layout of the model's final features, for ``forward_head``.
 
         Exact only when the final features are the last tap (a head tap, or equal to the last intermediate)
-        and were not pooled (their map was no larger than ``cnn_grid``)."""
+        and were not pooled (their map was no larger than ``cnn_grid``, and no ``pool_tokens``)."""
         info, read = self.all_infos[-1], self._reads[-1]
         final = read if read.role == "head" else self._final
         if final is None:
@@ -504,6 +509,37 @@ class Taps(nn.Module):
             return t
         fmap = t[:, p:].transpose(1, 2).reshape(t.shape[0], t.shape[2], *info.grid)  # (N, C, h, w)
         return fmap.permute(0, 2, 3, 1) if final.layout == "NHWC" else fmap
+
+
+def pooled_info(info: TapInfo, k: int) -> TapInfo:
+    """The TapInfo of ``info`` after ``pool_token_grid(.., k)``: the patch grid ceil-divided by k, prefix kept."""
+    if k == 1:
+        return info
+    grid = (-(-info.grid[0] // k), -(-info.grid[1] // k))
+    return replace(info, grid=grid, tokens=info.prefix_tokens + grid[0] * grid[1], pooling="avg")
+
+
+def pool_token_grid(t: Tensor, info: TapInfo, k: int) -> Tensor:
+    """(N, p + h * w, C) -> (N, p + ceil(h/k) * ceil(w/k), C): each k x k window of patch tokens averaged, prefix
+    tokens kept. A grid that k does not divide ends in narrower windows (7x7 at k=2: 4x4, the last row and
+    column of windows average 2 or 1 tokens)."""
+    p, (h, w) = info.prefix_tokens, info.grid
+    fmap = t[:, p:].transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)  # (N, C, h, w)
+    pooled = F.avg_pool2d(fmap, k, k, ceil_mode=True).flatten(2).transpose(1, 2)  # (N, h'w', C)
+    return torch.cat([t[:, :p], pooled], dim=1) if p else pooled
+
+
+def every_gth(infos: list[TapInfo], text: str) -> list[int]:
+    """``--layers every:G``: the embedding / stem tap, the last tap, and every G-th block counted back from the
+    last block (blocks L, L-G, L-2G, ...): the taps LAST with gap G reads. A head tap counts as the last."""
+    try:
+        gap = int(text.split(":", 1)[1])
+    except (IndexError, ValueError):
+        gap = 0
+    if not text.startswith("every:") or gap < 1:
+        raise UsageError(f"--layers {text!r}: write every:G with a whole G >= 1 (e.g. every:2), 'all' or tap indices")
+    last = max(t.block for t in infos)
+    return sorted({0, len(infos) - 1} | {t.position for t in infos if (last - t.block) % gap == 0 and t.block > 0})
 
 
 class _Capture:
@@ -551,4 +587,5 @@ def check_finite(name: str, stored: Tensor, source: Tensor, dtype: str, first_im
         "check the weights (--weights) and those images")
 
 
-__all__ = ["FEATURE_HOOKS", "FORWARD_INTERMEDIATES", "LayoutError", "SUPPORTED", "Taps", "check_finite", "map_layout"]
+__all__ = ["FEATURE_HOOKS", "FORWARD_INTERMEDIATES", "LayoutError", "SUPPORTED", "Taps", "check_finite", "every_gth",
+           "map_layout", "pool_token_grid", "pooled_info"]

@@ -17,7 +17,8 @@ Root attributes of a store (a Zarr v3 group):
                      pretrained_cfg, timm version, all taps the backbone offers
   transform          {"eval", "train"}: the eval and training transforms (repr), and their data config
   taps               the stored taps: list of TapInfo dicts
-  dtype              "float16" | "bfloat16" | "float32" (bfloat16 is stored as uint16)
+  dtype              "float16" | "bfloat16" | "float32" | "int8" | "float8_e4m3" (bfloat16 is stored as
+                     uint16; the 8-bit dtypes as codes plus a float16 scale per token row, store/codecs.py)
   compressor         {"name", "configuration"} of the first split's chunk compressor ("none" = no
                      compression); every split records its own in SplitMeta.compressor
   final_norm         true when the group ``_backbone`` holds the ViT's final LayerNorm
@@ -37,7 +38,8 @@ from typing import Any
 from featcache import __version__
 from featcache.errors import FormatVersionError, StoreError, UsageError
 
-DTYPES = ("float16", "bfloat16", "float32")  # cache dtypes; bfloat16 is stored as uint16
+# cache dtypes; bfloat16 is stored as uint16, the 8-bit ones as codes plus a float16 scale per token row
+DTYPES = ("float16", "bfloat16", "float32", "int8", "float8_e4m3")
 COMPRESSORS = ("lz4", "zstd", "none")  # chunk compressors (crc32c always follows)
 DEFAULT_COMPRESSOR = "lz4"  # fastest decode at ~1.9x on post-ReLU taps (docs/store.md)
 DEFAULT_BATCH_SIZE = 32  # backbone inputs per forward pass during extraction
@@ -80,6 +82,7 @@ class BackboneSpec:
     seed: int = 0  # initialisation seed for weights="random"
     crop_pct: float | None = None  # the eval transform's centre crop (resize to size / crop_pct, crop); None: model's
     resize_only: bool = False  # resize to the input size, no crop (the VTAB protocol)
+    pool_tokens: int = 1  # average each KxK window of a tap's patch-token grid (prefix tokens kept)
 
     def __post_init__(self) -> None:
         if self.image_size is not None and self.image_size < 8:
@@ -88,6 +91,8 @@ class BackboneSpec:
             raise UsageError(f"cnn_grid must be >= 1, got {self.cnn_grid}")
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
             raise UsageError(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
+        if not isinstance(self.pool_tokens, int) or self.pool_tokens < 1:
+            raise UsageError(f"--pool-tokens must be a whole number >= 1, got {self.pool_tokens}")
         if self.crop_pct is not None and self.resize_only:
             raise UsageError("--crop-pct and --resize-only exclude each other: --resize-only means no crop")
 
@@ -174,6 +179,7 @@ class Manifest:
             "cnn_grid": spec.get("cnn_grid"),
             "crop_pct": spec.get("crop_pct"),
             "resize_only": spec.get("resize_only", False),
+            "pool_tokens": spec.get("pool_tokens", 1),
             "weights": self.backbone.get("weights", {}).get("state_sha256"),
             "input_size": self.backbone.get("data_config", {}).get("input_size"),
             "taps": [t.to_dict() for t in self.taps],

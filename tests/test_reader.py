@@ -105,31 +105,6 @@ def test_modes_agree_on_contents(store) -> None:
     assert torch.equal(got["ram"]["embed"], got["stream"]["embed"])
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_stream_row_by_row_conversion_path_agrees_and_keeps_the_thread_setting(tmp_path, monkeypatch, dtype) -> None:
-    """Rows at least ROW_COPY_BYTES are copied and converted one by one with one torch thread; the values
-    equal the gathered path's and the caller's torch thread count is back afterwards."""
-    from featcache.store import reader as reader_module
-
-    s = make_store(tmp_path / "s.zarr", dtype=dtype)
-    gathered = collect(reader(s, "stream", seed=5))
-    monkeypatch.setattr(reader_module, "ROW_COPY_BYTES", 0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        converted = collect(reader(s, "stream", seed=5))
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(gathered[0], converted[0]) and torch.equal(gathered[2], converted[2])
-    for name in ("embed", "block1"):
-        assert converted[1][name].dtype == torch.float32 and torch.equal(gathered[1][name], converted[1][name])
-    order = torch.argsort(converted[0])
-    expected = tap_values("block1", N)
-    expected = expected.half().float() if dtype == "float16" else expected
-    assert torch.equal(converted[1]["block1"][order], expected)
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_drop_last(store, mode: str) -> None:
     r = reader(store, mode, drop_last=True)

@@ -1,8 +1,16 @@
-"""How tap values become stored bytes and back: storage dtypes and the codec chain of every array.
+"""How tap values become stored bytes and back: storage dtypes, 8-bit codes, and the codec chain of every array.
 
-Zarr has no bfloat16: a bfloat16 cache is stored as uint16 bits (attribute ``featcache_dtype``), and
-``encode`` / ``decode`` are the only places that know it. Every chunk ends in a crc32c checksum; only
-the codecs in ``ALLOWED_CODECS`` are ever decoded.
+Cache dtypes (attribute ``featcache_dtype`` on each tap array):
+- ``float16``, ``float32``; ``bfloat16`` stored as uint16 bits (zarr has no bfloat16);
+- ``int8`` and ``float8_e4m3``: 8-bit codes plus one float16 scale per token row in the sibling array
+  ``<tap>_scale`` (shape without the channel axis). A row x of C channels is stored as
+  ``codes = round(x / s)`` (int8, |codes| <= 127) or ``codes = fp8_e4m3(x / s)`` (uint8 bits, |x/s| <= 448)
+  with ``s = float16(max|x| / 127)`` (or ``/ 448``), and read back as ``x ~ codes * s``. Deterministic, so a
+  resumed or repaired shard is bitwise equal. Each shard also records its quantization error in
+  ``<tap>_qerr`` (shard, [sum of squared errors, sum of squared values]), which ``inspect --stats`` reports.
+``encode`` / ``decode`` / ``quantize`` / ``dequantize`` are the only places that know these layouts; plain
+numpy users decode with ``decode_array``. Every chunk ends in a crc32c checksum; only the codecs in
+``ALLOWED_CODECS`` are ever decoded.
 """
 
 from __future__ import annotations
@@ -22,23 +30,79 @@ from featcache.vocabulary import COMPRESSORS
 # chunk is decoded, so opening a store never runs code from it.
 ALLOWED_CODECS = frozenset({"bytes", "blosc", "zstd", "gzip", "crc32c", "sharding_indexed", "transpose", "vlen-utf8",
                             "vlen-bytes"})
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# cache dtype -> the torch dtype its stored representation is held in (8-bit: the codes)
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8,
+                "float8_e4m3": torch.uint8}
+EIGHT_BIT = {"int8": (torch.int8, 127.0), "float8_e4m3": (torch.float8_e4m3fn, 448.0)}  # code type, largest code
+SCALE_SUFFIX, QERR_SUFFIX = "_scale", "_qerr"
+# recorded on each 8-bit tap array for plain zarr / dask / xarray users (docs/store.md)
+DECODE_HINTS = {"int8": "x = codes.astype(float32) * scale[..., None]  (scale: the <tap>_scale array)",
+                "float8_e4m3": "x = codes.view(float8_e4m3fn).astype(float32) * scale[..., None]  (ml_dtypes, or "
+                               "torch.from_numpy(codes).view(torch.float8_e4m3fn).float(); scale: the <tap>_scale array)"}
 
 
 def storage_dtype(dtype: str) -> str:
-    """The zarr dtype of a cache dtype. Zarr has no bfloat16: it is stored as uint16 bits."""
-    return {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}[dtype]
+    """The zarr dtype of a cache dtype: bfloat16 as uint16 bits, float8_e4m3 codes as uint8."""
+    return {"float16": "float16", "bfloat16": "uint16", "float32": "float32", "int8": "int8",
+            "float8_e4m3": "uint8"}[dtype]
+
+
+def is_eight_bit(dtype: str) -> bool:
+    return dtype in EIGHT_BIT
+
+
+def stored_bytes_per_row(channels: int, dtype: str) -> int:
+    """Bytes one token row of C channels takes in a cache of ``dtype`` (8-bit: codes plus its float16 scale)."""
+    return channels + 2 if is_eight_bit(dtype) else channels * np.dtype(storage_dtype(dtype)).itemsize
+
+
+def quantize(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale) of tap rows x (..., C) on x's device: codes (..., C) int8 or uint8 (fp8 bits), one float16
+    scale per row (...,). A scale that overflows float16 comes back as inf (the caller reports it)."""
+    code_type, top = EIGHT_BIT[dtype]
+    x = x.float()
+    scale = (x.abs().amax(dim=-1) / top).to(torch.float16)  # (...,)
+    s = scale.float().unsqueeze(-1)
+    y = torch.where(s > 0, x / torch.where(s > 0, s, 1.0), 0.0).clamp(-top, top)
+    if dtype == "int8":
+        return torch.round(y).to(torch.int8), scale
+    return y.to(code_type).view(torch.uint8), scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: str, out: torch.dtype = torch.float32) -> torch.Tensor:
+    """Codes (..., C) and scales (...,) of a cache of ``dtype`` -> values of dtype ``out``, on the codes' device."""
+    values = codes.view(torch.float8_e4m3fn) if dtype == "float8_e4m3" else codes
+    return (values.to(torch.float32) * scale.to(torch.float32).unsqueeze(-1)).to(out)
+
+
+def round_trip(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """x as a cache of ``dtype`` gives it back (float32): what training reads for these values."""
+    if is_eight_bit(dtype):
+        return dequantize(*quantize(x, dtype), dtype)
+    return x.to(TORCH_DTYPES[dtype]).float()
+
+
+def decode_array(codes: np.ndarray, dtype: str, scale: np.ndarray | None = None) -> np.ndarray:
+    """Stored numpy arrays of a tap (and its ``<tap>_scale`` for 8-bit caches) -> float32 values: the decode
+    for plain zarr, dask or xarray users (docs/store.md)."""
+    t = decode(codes, dtype)
+    if is_eight_bit(dtype):
+        return dequantize(t, torch.from_numpy(np.ascontiguousarray(scale)), dtype).numpy()
+    return t.float().numpy()
 
 
 def encode(t: torch.Tensor, dtype: str) -> np.ndarray:
-    """A tap tensor -> the numpy array that is written (its storage dtype)."""
+    """A tap tensor -> the numpy array that is written (its storage dtype; 8-bit: the codes, see ``quantize``)."""
+    if is_eight_bit(dtype):
+        return quantize(t.detach().cpu(), dtype)[0].numpy()
     return storage_view(t.detach().cpu().to(TORCH_DTYPES[dtype]).contiguous())
 
 
 def storage_numpy_dtype(dtype: str | torch.dtype) -> np.dtype:
     """The numpy dtype that holds a cache dtype (name or torch dtype) in memory and on storage."""
-    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-    return np.dtype(storage_dtype(name))
+    if isinstance(dtype, str):
+        return np.dtype(storage_dtype(dtype))
+    return np.dtype(np.uint16) if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
 
 
 def storage_view(t: torch.Tensor) -> np.ndarray:

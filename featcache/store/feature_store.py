@@ -29,6 +29,7 @@ import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,8 @@ from featcache.errors import CorruptionError, StoreError
 from featcache.vocabulary import DEFAULT_COMPRESSOR, Manifest, SplitMeta
 
 from . import zarr_io  # noqa: F401  (settles zarr's background tasks at exit)
-from .codecs import check_codecs, compressor_codecs, decode, storage_dtype
+from .codecs import (DECODE_HINTS, QERR_SUFFIX, SCALE_SUFFIX, check_codecs, compressor_codecs, decode, dequantize,
+                     is_eight_bit, storage_dtype, stored_bytes_per_row)
 from .lock import LOCKS_DIR
 
 SPLIT_ATTR = "featcache_split"
@@ -58,8 +60,7 @@ def choose_chunking(taps: list[Any], dtype: str, views: int, num_samples: int) -
 
     Both are powers of two; shard_images is a multiple of chunk_images and never much larger than the split.
     """
-    itemsize = np.dtype(storage_dtype(dtype)).itemsize
-    per_image = [t.tokens * t.channels * itemsize * views for t in taps]
+    per_image = [t.tokens * stored_bytes_per_row(t.channels, dtype) * views for t in taps]
     chunk = _pow2_floor(max(1, TARGET_CHUNK_BYTES // max(per_image)))
     chunk = max(1, min(chunk, 64))
     shard = _pow2_floor(max(chunk, TARGET_SHARD_BYTES // sum(per_image)))
@@ -74,6 +75,51 @@ def tap_dimension_names(taps: list[Any], tap: Any, views: int) -> tuple[str, ...
     token = "token" if len({t.tokens for t in taps}) == 1 else f"{tap.name}_token"
     channel = "channel" if len({t.channels for t in taps}) == 1 else f"{tap.name}_channel"
     return ("image", *(("view",) if views > 1 else ()), token, channel)
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """How one array of a split is laid out (what ``create_split`` makes and ``verify`` checks)."""
+
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None
+    dtype: str  # zarr dtype; "str" for the ids
+    dims: tuple[str, ...]
+    compressors: list[Any]
+    fill_value: Any = 0
+    attributes: dict[str, Any] = field(default_factory=dict)
+    per_shard: bool = False  # one row per shard (written with the shard) instead of one per image
+
+
+def split_array_specs(manifest: Manifest, meta: SplitMeta, compressor: str) -> dict[str, ArraySpec]:
+    """Every array of a split, taps first: a tap (N, [V,] T, C) of the storage dtype; with an 8-bit cache also
+    its ``<tap>_scale`` (N, [V,] T) float16 and ``<tap>_qerr`` (shards, 2) float64; labels, ids, completion."""
+    dtype, codecs = manifest.dtype, compressor_codecs(compressor)
+    lead = (meta.views,) if meta.views > 1 else ()
+    specs: dict[str, ArraySpec] = {}
+    for tap in manifest.taps:
+        tail = (*lead, tap.tokens, tap.channels)
+        dims = tap_dimension_names(manifest.taps, tap, meta.views)
+        attrs = {DTYPE_ATTR: dtype, "tap": tap.to_dict()}
+        if is_eight_bit(dtype):
+            attrs.update(featcache_scale=tap.name + SCALE_SUFFIX, featcache_decode=DECODE_HINTS[dtype])
+        specs[tap.name] = ArraySpec((meta.num_samples, *tail), (meta.chunk_images, *tail), (meta.shard_images, *tail),
+                                    storage_dtype(dtype), dims, codecs, attributes=attrs)
+        if is_eight_bit(dtype):
+            specs[tap.name + SCALE_SUFFIX] = ArraySpec(
+                (meta.num_samples, *tail[:-1]), (meta.chunk_images, *tail[:-1]), (meta.shard_images, *tail[:-1]),
+                "float16", dims[:-1], codecs, attributes={"featcache_scale_of": tap.name})
+            specs[tap.name + QERR_SUFFIX] = ArraySpec(
+                (meta.num_shards, 2), (1, 2), None, "float64", ("shard", "sum"), [Crc32cCodec()],
+                attributes={"featcache_qerr_of": tap.name, "columns": ["sum of squared errors", "sum of squares"]},
+                per_shard=True)
+    specs["labels"] = ArraySpec((meta.num_samples,), (meta.shard_images,), None, "int64", ("image",),
+                                compressor_codecs("zstd"), fill_value=-1)
+    specs["ids"] = ArraySpec((meta.num_samples,), (meta.shard_images,), None, "str", ("image",),
+                             compressor_codecs("zstd"), fill_value=None)
+    specs[COMPLETE] = ArraySpec((meta.num_shards,), (1,), None, "uint8", ("shard",), [Crc32cCodec()])
+    return specs
 
 
 def _pow2_floor(n: int) -> int:
@@ -164,7 +210,7 @@ class SplitHandle:
                 rows = f"completion records {start or 0}..{last}"
             elif start is not None:
                 rows += f" (shard {start // self.meta.shard_images})"
-            what = "array" if name in RESERVED else "tap"
+            what = "tap" if name in self.store.manifest.tap_names else "array"
             raise CorruptionError(
                 f"{what} {name!r} of split {self.name!r} in {self.store.url}: {rows} cannot be read "
                 f"({type(err).__name__}: {str(err)[:120]}); run featcache inspect --verify, then featcache extract "
@@ -172,8 +218,8 @@ class SplitHandle:
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of completed shards, whose stored objects must exist (see ``require_objects``)."""
-        if name not in RESERVED:
-            self.tap(name)  # an unknown tap, a missing array or a foreign codec: StoreError
+        if name not in self.array_names():
+            self.tap(name)  # an unknown tap: StoreError naming the taps
         shards = range(start // self.meta.shard_images, (stop - 1) // self.meta.shard_images + 1)
         self.require_objects(name, shards)
         return self.read(name, start, stop)
@@ -232,20 +278,33 @@ class SplitHandle:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def decode(self, a: np.ndarray) -> torch.Tensor:
+        """Stored rows of a tap array -> a tensor of the stored representation (no copy where possible)."""
         return decode(a, self.store.manifest.dtype)
+
+    def read_values(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of a tap as float32 values (8-bit codes times their scales)."""
+        dtype = self.store.manifest.dtype
+        rows = (lambda a: self.read_rows(a, start, stop)) if start is not None and stop is not None else \
+            (lambda a: self.read(a, start, stop))
+        codes = decode(rows(name), dtype)
+        if not is_eight_bit(dtype):
+            return codes.float()
+        return dequantize(codes, decode(rows(name + SCALE_SUFFIX), "float16"), dtype)
 
     # -- writing (one writer per shard; see featcache.store.writer)
     def write_shard(self, shard: int, taps: dict[str, np.ndarray], labels: np.ndarray, ids: list[str]) -> None:
-        """Write all arrays of one whole shard. The completion record is set separately, last."""
+        """Write all arrays of one whole shard (``taps``: every tap array, and with an 8-bit cache its scale rows
+        and its one quantization-error row). The completion record is set separately, last."""
         start, stop = self.meta.shard_bounds(shard)
         n = stop - start
         if len(labels) != n or len(ids) != n:
             raise StoreError(f"shard {shard} of split {self.name!r} needs {n} labels and ids, got {len(labels)}, {len(ids)}")
-        for name in self.store.manifest.tap_names:
+        for name in self.tap_array_names():
             a = taps[name]
-            if a.shape[0] != n:
-                raise StoreError(f"shard {shard}: tap {name} has {a.shape[0]} images, expected {n}")
-            self._writable(name)[start:stop] = a
+            rows = (shard, shard + 1) if name.endswith(QERR_SUFFIX) else (start, stop)
+            if a.shape[0] != rows[1] - rows[0]:
+                raise StoreError(f"shard {shard}: array {name} has {a.shape[0]} rows, expected {rows[1] - rows[0]}")
+            self._writable(name)[rows[0]:rows[1]] = a
         self._writable("labels")[start:stop] = np.asarray(labels, dtype=np.int64)
         self._writable("ids")[start:stop] = np.asarray(ids, dtype=str)
 
@@ -257,9 +316,14 @@ class SplitHandle:
     def set_complete(self, shard: int, done: bool = True) -> None:
         self._writable(COMPLETE)[shard] = 1 if done else 0
 
+    def tap_array_names(self) -> list[str]:
+        """The arrays that hold the taps: each tap, and with an 8-bit cache its ``_scale`` and ``_qerr`` arrays."""
+        suffixes = ("", SCALE_SUFFIX, QERR_SUFFIX) if is_eight_bit(self.store.manifest.dtype) else ("",)
+        return [t + suffix for t in self.store.manifest.tap_names for suffix in suffixes]
+
     def array_names(self) -> list[str]:
-        """All arrays of the split: taps, then labels, ids and the completion records."""
-        return [*self.store.manifest.tap_names, "labels", "ids", COMPLETE]
+        """All arrays of the split: the tap arrays, then labels, ids and the completion records."""
+        return [*self.tap_array_names(), "labels", "ids", COMPLETE]
 
     def shard_keys(self, shard: int) -> dict[str, str]:
         """{array name: store key (relative to the store root)} of every object that holds ``shard``."""
@@ -380,25 +444,15 @@ class FeatureStore:
         if name in self.splits() and not overwrite:
             raise StoreError(f"split {name!r} already exists in {self.url}; pass --resume to continue it or "
                              "--overwrite to replace it")
+        clash = [t.name for t in self.manifest.taps if t.name in RESERVED or t.name.endswith((SCALE_SUFFIX, QERR_SUFFIX))]
+        if clash:
+            raise StoreError(f"tap name {clash[0]!r} clashes with a reserved array name")
         group = self.group.create_group(name, overwrite=True)
-        dtype = self.manifest.dtype
-        codecs = compressor_codecs(compressor)
-        lead = (meta.views,) if meta.views > 1 else ()
-        for tap in self.manifest.taps:
-            if tap.name in RESERVED:
-                raise StoreError(f"tap name {tap.name!r} clashes with a reserved array name")
-            tail = (*lead, tap.tokens, tap.channels)
-            dims = tap_dimension_names(self.manifest.taps, tap, meta.views)
-            group.create_array(tap.name, shape=(meta.num_samples, *tail), dtype=storage_dtype(dtype),
-                               chunks=(meta.chunk_images, *tail), shards=(meta.shard_images, *tail),
-                               compressors=codecs, fill_value=0, dimension_names=dims,
-                               attributes={DTYPE_ATTR: dtype, "tap": tap.to_dict()})
-        group.create_array("labels", shape=(meta.num_samples,), dtype="int64", chunks=(meta.shard_images,),
-                           compressors=compressor_codecs("zstd"), fill_value=-1, dimension_names=("image",))
-        group.create_array("ids", shape=(meta.num_samples,), dtype=str, chunks=(meta.shard_images,),
-                           compressors=compressor_codecs("zstd"), dimension_names=("image",))
-        group.create_array(COMPLETE, shape=(meta.num_shards,), dtype="uint8", chunks=(1,), fill_value=0,
-                           compressors=[Crc32cCodec()], dimension_names=("shard",))
+        for array, spec in split_array_specs(self.manifest, meta, compressor).items():
+            group.create_array(array, shape=spec.shape, dtype=str if spec.dtype == "str" else spec.dtype,
+                               chunks=spec.chunks, shards=spec.shards, compressors=spec.compressors,
+                               dimension_names=spec.dims, attributes=spec.attributes,
+                               **({} if spec.fill_value is None else {"fill_value": spec.fill_value}))
         meta.compressor = compressor
         group.attrs[SPLIT_ATTR] = meta.to_attrs()
         return SplitHandle(self, name, group)

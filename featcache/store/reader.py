@@ -1,9 +1,11 @@
 """Readers: batches of cached taps for training, at memory speed.
 
 One API, three modes (``open_reader(split, taps, mode=...)``):
-- ``gpu``: the split's selected taps loaded once onto the CUDA device (cache dtype); batches are
-  gathered by index with a per-epoch permutation and converted to the training dtype there.
-- ``ram``: the same in host memory (pinned when the batches go to CUDA).
+- ``gpu``: the split's selected taps loaded once onto the CUDA device as stored (float16, bfloat16,
+  float32, or 8-bit codes plus their float16 scales); batches are gathered by index with a per-epoch
+  permutation and decoded to the training dtype there.
+- ``ram``: the same in host memory (pinned when the batches go to CUDA), decoded per batch on the
+  training device: memory is the stored footprint, not float32's.
 - ``stream``: for caches larger than memory: blocks (whole shards of the needed taps, or runs of
   whole chunks when shards are big) are read in a random order by background threads (never
   per-sample reads), a window of blocks is shuffled in memory (FFCV-style quasi-random order), so
@@ -22,7 +24,6 @@ import logging
 import math
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,8 @@ import torch
 from featcache.errors import CorruptionError, StoreError, UsageError
 from featcache.vocabulary import READER_MODES
 
-from .codecs import TORCH_DTYPES, decode, storage_dtype, storage_numpy_dtype, storage_view
+from .codecs import (SCALE_SUFFIX, TORCH_DTYPES, decode, dequantize, is_eight_bit, storage_numpy_dtype, storage_view,
+                     stored_bytes_per_row)
 from .feature_store import SplitHandle
 
 log = logging.getLogger("featcache.reader")
@@ -41,9 +43,6 @@ log = logging.getLogger("featcache.reader")
 # about BLOCK_BYTES, never more than the shuffle window (docs/readers.md has the measurements behind all this)
 SHARD_BLOCK_BYTES = 256 << 20
 BLOCK_BYTES = 32 << 20
-# CPU batches of rows at least this big are copied and converted row by row in one pass (the Python
-# cost per row is then small against the bytes); smaller rows are gathered, then converted
-ROW_COPY_BYTES = 32 << 10
 MEMORY_MARGIN = 0.6  # use at most this share of free GPU memory / available RAM for a resident cache
 
 
@@ -155,6 +154,8 @@ class CacheReader:
         self.views = split.meta.views
         self.out_views = self.views if options.all_views else 1  # views per sample in a batch
         self.cache_dtype = split.store.manifest.dtype
+        # the stored arrays read per tap: the tap itself, and with an 8-bit cache its per-row scales
+        self.arrays = [a for t in self.taps for a in ((t, t + SCALE_SUFFIX) if is_eight_bit(self.cache_dtype) else (t,))]
 
     @property
     def num_samples(self) -> int:
@@ -165,10 +166,10 @@ class CacheReader:
         return n // b if self.options.drop_last else math.ceil(n / b)
 
     def nbytes(self) -> int:
-        """Stored (uncompressed) bytes of the selected taps for the usable samples, all views."""
-        item = np.dtype(storage_dtype(self.cache_dtype)).itemsize
-        per = sum(self.split.store.manifest.tap(t).tokens * self.split.store.manifest.tap(t).channels for t in self.taps)
-        return per * item * self.views * self.num_samples
+        """Stored (uncompressed) bytes of the selected taps for the usable samples, all views (8-bit: with scales)."""
+        infos = [self.split.store.manifest.tap(t) for t in self.taps]
+        per = sum(t.tokens * stored_bytes_per_row(t.channels, self.cache_dtype) for t in infos)
+        return per * self.views * self.num_samples
 
     def order(self, epoch: int) -> torch.Tensor:
         """Sample indices in this epoch's order (resident modes)."""
@@ -196,9 +197,16 @@ class CacheReader:
         idx = self.indices.numpy()
         return idx[np.searchsorted(idx, start):np.searchsorted(idx, stop)]
 
-    def _to_batch(self, taps: dict[str, torch.Tensor], index: torch.Tensor) -> Batch:
+    def _to_batch(self, stored: dict[str, torch.Tensor], index: torch.Tensor) -> Batch:
+        """Stored rows (``self.arrays``) -> a batch of the training dtype on the training device, decoded there."""
         dev, dt = self.options.device, self.options.dtype
-        out = {k: _decode_to(v, dev, dt) for k, v in taps.items()}
+        out = {}
+        for name in self.taps:
+            codes = stored[name].to(dev, non_blocking=True)  # the stored bytes over the bus, not float32's
+            if is_eight_bit(self.cache_dtype):
+                out[name] = dequantize(codes, stored[name + SCALE_SUFFIX].to(dev, non_blocking=True), self.cache_dtype, dt)
+            else:
+                out[name] = codes if codes.dtype == dt else codes.to(dt)
         if self.out_views > 1:  # (B, V, T, C) -> (B * V, T, C)
             out = {k: v.flatten(0, 1) for k, v in out.items()}
         return Batch(out, self.labels_all[index].to(dev, non_blocking=True), index, self.out_views)
@@ -215,22 +223,9 @@ def gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return decode(np.take(storage_view(t), index.numpy(), axis=0), t.dtype)
 
 
-def _decode_to(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Cache dtype -> training dtype on the training device."""
-    if t.device != device:
-        t = t.to(device, non_blocking=True)  # cache dtype over the bus: half the bytes of float32
-    if t.dtype == dtype:
-        return t
-    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
-
-
-def resident_dtype(where: str, options: ReaderOptions, cache_dtype: str) -> torch.dtype:
-    """What a resident reader holds: ``ram`` feeding a CPU step decodes once at load time to the
-    training dtype, so a batch is a pure row gather; ``gpu`` and ``ram`` feeding CUDA keep the cache
-    dtype (half the memory and half the bytes over the bus; the device converts)."""
-    if where == "ram" and options.device.type == "cpu":
-        return options.dtype
-    return TORCH_DTYPES[cache_dtype]
+def _stored_dtype(array: str, cache_dtype: str) -> torch.dtype:
+    """The torch dtype an array of the split is held in: a scale array's float16, else the cache's stored type."""
+    return torch.float16 if array.endswith(SCALE_SUFFIX) else TORCH_DTYPES[cache_dtype]
 
 
 def _host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -245,27 +240,26 @@ class ResidentReader(CacheReader):
         super().__init__(split, taps, options)
         self.mode = where
         self.host_device = options.device if where == "gpu" else torch.device("cpu")
-        self.resident_dtype = resident_dtype(where, options, self.cache_dtype)
         pin = where == "ram" and options.device.type == "cuda"
-        self.data = {t: self._load(t, pin, progress) for t in self.taps}
+        self.data = {a: self._load(a, pin, progress) for a in self.arrays}  # as stored
         # position of each usable sample inside the loaded tensors
         self._slot = torch.full((split.num_samples,), -1, dtype=torch.long)
         self._slot[self.indices] = torch.arange(len(self.indices))
 
-    def _load(self, tap: str, pin: bool, progress: bool) -> torch.Tensor:
-        """(N_usable, [V,] T, C) tensor of the resident dtype, filled shard by shard."""
-        arr = self.split.tap(tap)
-        shape = (self.num_samples, *arr.shape[1:])
-        out = torch.empty(shape, dtype=self.resident_dtype, pin_memory=True) if pin else _host_empty(shape, self.resident_dtype)
+    def _load(self, name: str, pin: bool, progress: bool) -> torch.Tensor:
+        """(N_usable, [V,] T[, C]) tensor of one stored array, as stored, filled shard by shard."""
+        arr = self.split.array(name)
+        shape, dtype = (self.num_samples, *arr.shape[1:]), _stored_dtype(name, self.cache_dtype)
+        out = torch.empty(shape, dtype=dtype, pin_memory=True) if pin else _host_empty(shape, dtype)
         pos = 0
         for k in self.shards:
             start, stop = self.split.meta.shard_bounds(k)
-            block = decode(self.split.read_rows(tap, start, stop), self.cache_dtype)
+            block = decode(self.split.read_rows(name, start, stop), dtype)
             rows = self._rows_in(start, stop)
             if len(rows) < len(block):  # a subset: only its rows
                 block = block[torch.from_numpy(rows - start)]
             if self.options.check_finite:
-                _check_finite(block, self.split, tap, start)
+                _check_finite(block, self.split, name, start)
             out[pos:pos + len(block)] = block
             pos += len(block)
         return out.to(self.host_device) if self.host_device.type == "cuda" else out
@@ -312,7 +306,6 @@ class StreamReader(CacheReader):
         self.prefetch = max(1, prefetch)
         self.threads = max(1, threads)
         self.blocks = self._make_blocks()
-        self.row_bytes = per_image / max(1, len(self.taps))  # one tap of one image, stored
         self.peak_buffered_images = 0  # for tests and benchmarks: the most images held at once
 
     def settings(self) -> dict[str, Any]:
@@ -334,12 +327,12 @@ class StreamReader(CacheReader):
         start, stop = block
         rows = self._rows_in(start, stop)
         out = {}
-        for name in self.taps:
+        for name in self.arrays:
             a = self.split.read_rows(name, start, stop)
             if len(rows) < stop - start:  # a subset: only its rows
                 a = a[rows - start]
             if self.options.check_finite:
-                _check_finite(decode(a, self.cache_dtype), self.split, name, start)
+                _check_finite(decode(a, _stored_dtype(name, self.cache_dtype)), self.split, name, start)
             out[name] = a
         return rows, out
 
@@ -384,7 +377,7 @@ class StreamReader(CacheReader):
         for index, parts in self._windows(self.block_order(epoch)):
             if carry is not None:
                 index, parts = np.concatenate([carry_index, index]), [carry] + parts
-            offsets = np.cumsum([0] + [len(p[self.taps[0]]) for p in parts])  # window position of each part's row 0
+            offsets = np.cumsum([0] + [len(p[self.arrays[0]]) for p in parts])  # window position of each part's row 0
             self.peak_buffered_images = max(self.peak_buffered_images, len(index))
             perm = (torch.randperm(len(index), generator=gen) if self.options.shuffle else torch.arange(len(index))).numpy()
             emit = (len(index) // b) * b
@@ -392,61 +385,24 @@ class StreamReader(CacheReader):
                 sel = np.sort(perm[s:s + b])
                 yield self._window_batch(parts, offsets, sel, index[sel], view_of)
             rest = np.sort(perm[emit:])
-            carry_index, carry = index[rest], _gather_rows(parts, offsets, rest, self.taps)
+            carry_index, carry = index[rest], _gather_rows(parts, offsets, rest, self.arrays)
         if carry is not None and len(carry_index) and not self.options.drop_last:
             yield self._window_batch([carry], np.zeros(1, dtype=np.int64), np.arange(len(carry_index)), carry_index, view_of)
 
     def _window_batch(self, parts: list[dict[str, np.ndarray]], offsets: np.ndarray, sel: np.ndarray,
                       index: np.ndarray, view_of: np.ndarray | None) -> Batch:
         """The batch of window positions ``sel`` (sorted); ``index``: their sample indices."""
-        views = None if view_of is None else view_of[index]
-        if self.options.device.type == "cpu" and self.row_bytes >= ROW_COPY_BYTES:
-            # large rows: one pass per row from the block straight into a training-dtype batch
-            with _one_torch_thread():
-                taps = _gather_converted(parts, offsets, sel, self.taps, self.cache_dtype, self.options.dtype, views)
-        else:
-            rows = _gather_rows(parts, offsets, sel, self.taps)
-            if views is not None:
-                rows = {n: t[np.arange(len(index)), views] for n, t in rows.items()}  # (B, V, T, C) -> (B, T, C)
-            taps = {n: decode(t, self.cache_dtype) for n, t in rows.items()}
-        return self._to_batch(taps, torch.from_numpy(index))  # already the training dtype on CPU: no copy
-
-
-@contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """One torch thread while a CPU batch is assembled (row copies sit just above torch's parallel grain and
-    the read-ahead threads need the cores); the caller's setting comes back."""
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+        rows = _gather_rows(parts, offsets, sel, self.arrays)
+        if view_of is not None:  # (B, V, ...) -> (B, ...): this epoch's view of each sample
+            rows = {n: t[np.arange(len(index)), view_of[index]] for n, t in rows.items()}
+        stored = {n: decode(t, _stored_dtype(n, self.cache_dtype)) for n, t in rows.items()}
+        return self._to_batch(stored, torch.from_numpy(index))
 
 
 def _part_cuts(parts: list[dict[str, np.ndarray]], offsets: np.ndarray, sel: np.ndarray) -> np.ndarray:
     """sel[cuts[p]:cuts[p + 1]] are the (sorted) window positions that lie in part p."""
     part_of = np.searchsorted(offsets, sel, side="right") - 1  # non-decreasing, as sel is sorted
     return np.searchsorted(part_of, np.arange(len(parts) + 1))
-
-
-def _gather_converted(parts: list[dict[str, np.ndarray]], offsets: np.ndarray, sel: np.ndarray, taps: list[str],
-                      cache_dtype: str, dtype: torch.dtype, views: np.ndarray | None) -> dict[str, torch.Tensor]:
-    """Rows ``sel`` as tensors of the training dtype, each row read and converted in one pass."""
-    cuts = _part_cuts(parts, offsets, sel)
-    out = {}
-    for name in taps:
-        srcs = [decode(p[name], cache_dtype) for p in parts]  # views of the blocks, no copy
-        dst = torch.empty((len(sel),) + tuple(srcs[0].shape[1 if views is None else 2:]), dtype=dtype)
-        for p, src in enumerate(srcs):
-            for j in range(cuts[p], cuts[p + 1]):
-                row = src[sel[j] - offsets[p]]
-                dst[j].copy_(row if views is None else row[views[j]])
-        out[name] = dst
-    return out
 
 
 def _gather_rows(parts: list[dict[str, np.ndarray]], offsets: np.ndarray, sel: np.ndarray,
@@ -490,7 +446,7 @@ class TapDataset(torch.utils.data.Dataset):
         self.indices = split.completed_indices()
         self.labels = split.labels()
         self._lock = threading.Lock()
-        self._cached: tuple[int, dict[str, np.ndarray]] | None = None
+        self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -502,27 +458,15 @@ class TapDataset(torch.utils.data.Dataset):
         with self._lock:
             if self._cached is None or self._cached[0] != start:
                 stop = min(start + c, self.split.num_samples)
-                self._cached = (start, {t: self.split.read_rows(t, start, stop) for t in self.taps})
-            rows = {t: a[idx - start] for t, a in self._cached[1].items()}
-        out = {}
-        for t, a in rows.items():
-            if self.split.meta.views > 1:
-                a = a[self.view]
-            out[t] = decode(a, self.split.store.manifest.dtype).float()
+                self._cached = (start, {t: self.split.read_values(t, start, stop) for t in self.taps})
+            rows = {t: a[idx - start] for t, a in self._cached[1].items()}  # (T, C), or (V, T, C) with views
+        out = {t: (a[self.view] if self.split.meta.views > 1 else a).clone() for t, a in rows.items()}
         return out, int(self.labels[idx])
 
 
-def _expansion(options: ReaderOptions, cache_dtype: str) -> float:
-    """How much bigger the ``ram`` reader's resident taps are than the stored ones."""
-    held = resident_dtype("ram", options, cache_dtype)
-    return held.itemsize / TORCH_DTYPES[cache_dtype].itemsize
-
-
-def choose_mode(mode: str, nbytes: int, device: torch.device, ram_expansion: float = 1.0) -> ReaderChoice:
-    """Resolve ``auto`` (and check explicit modes) against free GPU memory and available RAM.
-
-    ``ram_expansion``: the ram reader holds ``nbytes * ram_expansion`` (decoded to the training dtype).
-    """
+def choose_mode(mode: str, nbytes: int, device: torch.device) -> ReaderChoice:
+    """Resolve ``auto`` (and check explicit modes) against free GPU memory and available RAM; ``nbytes``: the
+    stored bytes a resident reader holds."""
     import psutil
 
     if mode not in READER_MODES:
@@ -537,11 +481,10 @@ def choose_mode(mode: str, nbytes: int, device: torch.device, ram_expansion: flo
         free, _total = torch.cuda.mem_get_info(device)
         if nbytes <= MEMORY_MARGIN * free:
             return ReaderChoice("gpu", f"{gb(nbytes)} of taps fit in {gb(free)} of free GPU memory", nbytes)
-    held = int(nbytes * ram_expansion)
-    if held <= MEMORY_MARGIN * ram:
-        return ReaderChoice("ram", f"{gb(held)} of decoded taps fit in {gb(ram)} of available RAM", held)
-    return ReaderChoice("stream", f"{gb(held)} of decoded taps exceed {int(MEMORY_MARGIN * 100)}% of available RAM "
-                        f"({gb(ram)})", held)
+    if nbytes <= MEMORY_MARGIN * ram:
+        return ReaderChoice("ram", f"{gb(nbytes)} of stored taps fit in {gb(ram)} of available RAM", nbytes)
+    return ReaderChoice("stream", f"{gb(nbytes)} of stored taps exceed {int(MEMORY_MARGIN * 100)}% of available RAM "
+                        f"({gb(ram)})", nbytes)
 
 
 def open_reader(split: SplitHandle, taps: list[str], mode: str = "auto", batch_size: int = 32, shuffle: bool = True,
@@ -556,7 +499,7 @@ def open_reader(split: SplitHandle, taps: list[str], mode: str = "auto", batch_s
                             all_views)
     probe = StreamReader.__new__(StreamReader)
     CacheReader.__init__(probe, split, taps, options)
-    choice = choose_mode(mode, probe.nbytes(), options.device, ram_expansion=_expansion(options, probe.cache_dtype))
+    choice = choose_mode(mode, probe.nbytes(), options.device)
     log.debug(f"reader: {choice.mode} for split {split.name!r} ({choice.reason})")
     if choice.mode == "stream":
         reader: CacheReader = StreamReader(split, taps, options, **stream_options)

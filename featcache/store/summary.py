@@ -17,7 +17,7 @@ import torch
 
 from featcache.errors import CorruptionError, StoreError
 
-from .codecs import chunk_codec_labels, storage_dtype
+from .codecs import QERR_SUFFIX, SCALE_SUFFIX, chunk_codec_labels, is_eight_bit, storage_dtype
 from .feature_store import COMPLETE, FeatureStore, SplitHandle
 from .verify import VerifyReport, verify_store
 from .writer import EXTRACTION_ATTR
@@ -72,7 +72,7 @@ def tap_stats(split: SplitHandle, name: str) -> dict[str, Any]:
     for k in np.flatnonzero(split.completed_shards()):
         start, stop = split.meta.shard_bounds(int(k))
         split.require_objects(name, [int(k)])
-        block = split.decode(split.read(name, start, stop)).float()  # damage: CorruptionError
+        block = split.read_values(name, start, stop)  # damage: CorruptionError
         stats.update(block.numpy())
         norms.update(torch.linalg.vector_norm(block, dim=-1).numpy())
     out = stats.to_dict()
@@ -95,21 +95,35 @@ def _completed_shards(split: SplitHandle) -> np.ndarray:
 
 
 def describe_tap(split: SplitHandle, name: str, completed_images: int, stats: bool = False) -> dict[str, Any]:
+    """Shape, layout and sizes of one tap; ``nbytes``/``stored_bytes`` count its 8-bit scales too, and
+    ``float32_bytes`` is what the same values take as float32 (the compact cache's saving)."""
     arr = split.tap(name)
     info = split.store.manifest.tap(name)
-    per_image = arr.nbytes // max(1, arr.shape[0])
-    nbytes, stored = per_image * completed_images, int(arr.nbytes_stored())
+    arrays = [arr] + ([split.array(name + SCALE_SUFFIX)] if is_eight_bit(split.store.manifest.dtype) else [])
+    per_image = sum(a.nbytes // max(1, a.shape[0]) for a in arrays)
+    nbytes, stored = per_image * completed_images, sum(int(a.nbytes_stored()) for a in arrays)
     d: dict[str, Any] = {
         "shape": list(arr.shape), "dtype": split.store.manifest.dtype, "storage_dtype": str(arr.dtype),
         "chunks": list(arr.chunks), "shards": list(arr.shards or arr.chunks), "codecs": chunk_codec_labels(arr),
         "dimension_names": list(arr.metadata.dimension_names or ()),
         "nbytes": nbytes, "stored_bytes": stored, "compression_ratio": nbytes / stored if stored else None,
+        "float32_bytes": info.tokens * info.channels * 4 * split.meta.views * completed_images,
         "position": info.position, "block": info.block, "tokens": info.tokens, "prefix_tokens": info.prefix_tokens,
         "channels": info.channels, "grid": list(info.grid), "pooling": info.pooling,
     }
     if stats:
         d["stats"] = tap_stats(split, name)
     return d
+
+
+def quantization_error(split: SplitHandle, name: str) -> float | None:
+    """Relative RMS error of an 8-bit tap against the float values it was quantized from, over the completed
+    shards: sqrt(sum (decoded - x)^2 / sum x^2), from the sums each shard recorded at extraction."""
+    if not is_eight_bit(split.store.manifest.dtype):
+        return None
+    done = np.flatnonzero(split.completed_shards())
+    sums = np.asarray(split.read(name + QERR_SUFFIX), dtype=np.float64)[done].sum(axis=0) if len(done) else [0, 0]
+    return float(np.sqrt(sums[0] / sums[1])) if sums[1] > 0 else 0.0
 
 
 def _describe_tap_or_error(split: SplitHandle, name: str, completed_images: int, stats: bool) -> dict[str, Any]:
@@ -122,6 +136,8 @@ def _describe_tap_or_error(split: SplitHandle, name: str, completed_images: int,
         return {"error": str(err)}
     if stats:
         d["stats"] = tap_stats(split, name)
+        if is_eight_bit(split.store.manifest.dtype):
+            d["stats"]["quantization_rel_rms"] = quantization_error(split, name)
     return d
 
 
@@ -139,6 +155,8 @@ def describe_split(split: SplitHandle, stats: bool = False) -> dict[str, Any]:
     taps = {name: _describe_tap_or_error(split, name, len(completed), stats) for name in split.store.manifest.tap_names}
     nbytes = sum(t.get("nbytes", 0) for t in taps.values())
     stored = sum(t.get("stored_bytes", 0) for t in taps.values())
+    float32 = sum(t.get("float32_bytes", 0) for t in taps.values())
+    per = max(1, len(completed))
     return {
         "num_samples": meta.num_samples, "complete": bool(done.all()), "completed_samples": int(len(completed)),
         "num_shards": meta.num_shards, "completed_shards": int(done.sum()), "views": meta.views,
@@ -148,6 +166,8 @@ def describe_split(split: SplitHandle, stats: bool = False) -> dict[str, Any]:
         "label_counts": {names[i] if i < len(names) else str(i): int(c) for i, c in enumerate(counts)},
         "unlabelled": int((labels < 0).sum()),
         "nbytes": nbytes, "stored_bytes": stored, "compression_ratio": nbytes / stored if stored else None,
+        "bytes_per_sample": nbytes / per, "stored_bytes_per_sample": stored / per, "float32_bytes_per_sample": float32 / per,
+        "float32_ratio": float32 / stored if stored else None,
         "extraction": split.group.attrs.asdict().get(EXTRACTION_ATTR), "taps": taps,
     }
 
@@ -220,11 +240,14 @@ def _format_split(name: str, s: dict[str, Any]) -> list[str]:
     lines = [f"split {name}: {s['num_samples']} images, {state}, {s['completed_shards']}/{s['num_shards']} shards"
              f"{views}; data {s['data']}" + (f" (--limit {s['limit']})" if s["limit"] else ""),
              f"  stored {_size(s['stored_bytes'])} for {_size(s['nbytes'])} of taps"
-             + (f" (ratio {s['compression_ratio']:.2f})" if s["compression_ratio"] else "")]
+             + (f" (ratio {s['compression_ratio']:.2f})" if s["compression_ratio"] else "")
+             + f"; per sample {_size(s['stored_bytes_per_sample'])} stored for {_size(s['float32_bytes_per_sample'])} "
+             + "as float32" + (f" ({s['float32_ratio']:.1f}x smaller)" if s["float32_ratio"] else "")]
     rows = [["tap", "shape", "dtype", "chunks", "shards", "codec", "stored", "ratio"]]
     has_stats = any("stats" in t for t in s["taps"].values())
+    quantized = any("quantization_rel_rms" in t.get("stats", {}) for t in s["taps"].values())
     if has_stats:
-        rows[0] += ["mean", "std", "min", "max", "nan", "inf"]
+        rows[0] += ["mean", "std", "min", "max", "nan", "inf"] + (["8-bit rel. RMS error"] if quantized else [])
     for tap, t in s["taps"].items():
         if "error" in t:
             rows.append([tap, "ERROR", t["error"][:60] + ("..." if len(t["error"]) > 60 else "")] + [""] * (len(rows[0]) - 3))
@@ -235,6 +258,7 @@ def _format_split(name: str, s: dict[str, Any]) -> list[str]:
         if has_stats:
             st = t["stats"]
             row += [_num(st["mean"]), _num(st["std"]), _num(st["min"]), _num(st["max"]), str(st["nan"]), str(st["inf"])]
+            row += [_num(st.get("quantization_rel_rms"))] if quantized else []
         rows.append(row)
     lines += _table(rows)
     if s["label_counts"]:

@@ -20,8 +20,8 @@ from zarr.core.sync import sync
 from featcache.errors import StoreError
 
 from . import zarr_io
-from .feature_store import BACKBONE_GROUP, COMPLETE, FeatureStore, SplitHandle
-from .codecs import check_codecs, storage_dtype
+from .feature_store import BACKBONE_GROUP, COMPLETE, FeatureStore, SplitHandle, split_array_specs
+from .codecs import check_codecs
 
 
 @dataclass
@@ -126,20 +126,9 @@ class SplitVerifier:
         self.check_leftovers()
 
     # -- metadata
-    def expected_shape(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...] | None, str]:
-        """(shape, chunks, shards, storage dtype) that the layout prescribes for an array."""
-        m = self.meta
-        if name == COMPLETE:
-            return (m.num_shards,), (1,), None, "uint8"
-        if name in ("labels", "ids"):
-            return (m.num_samples,), (m.shard_images,), None, "int64" if name == "labels" else "str"
-        tap = self.split.store.manifest.tap(name)
-        tail = ((m.views,) if m.views > 1 else ()) + (tap.tokens, tap.channels)
-        return ((m.num_samples, *tail), (m.chunk_images, *tail), (m.shard_images, *tail),
-                storage_dtype(self.split.store.manifest.dtype))
-
     def check_metadata(self) -> dict[str, zarr.Array]:
         arrays: dict[str, zarr.Array] = {}
+        self.specs = split_array_specs(self.split.store.manifest, self.meta, self.meta.compressor or "none")
         for name in self.split.array_names():
             try:
                 arr = self.split.group[name]
@@ -157,11 +146,11 @@ class SplitVerifier:
             except StoreError as err:
                 self.problem("error", str(err), name, "metadata")
                 continue
-            shape, chunks, shards, dtype = self.expected_shape(name)
+            spec = self.specs[name]
             found_dtype = "str" if arr.dtype.kind in "OTU" else str(arr.dtype)
-            checks = [("shape", tuple(arr.shape), shape), ("dtype", found_dtype, dtype)]
-            if shards is not None:
-                checks += [("chunks", tuple(arr.chunks), chunks), ("shards", tuple(arr.shards or ()), shards)]
+            checks = [("shape", tuple(arr.shape), spec.shape), ("dtype", found_dtype, spec.dtype)]
+            if spec.shards is not None:
+                checks += [("chunks", tuple(arr.chunks), spec.chunks), ("shards", tuple(arr.shards or ()), spec.shards)]
             bad = [f"{what} {got} (expected {want})" for what, got, want in checks if got != want]
             if bad:
                 self.problem("error", "; ".join(bad), name, "metadata")
@@ -195,8 +184,8 @@ class SplitVerifier:
     def check_data(self, name: str, arr: zarr.Array, done: np.ndarray) -> None:
         for k in np.flatnonzero(done):
             k = int(k)
-            start, stop = self.meta.shard_bounds(k)
-            where = f"shard {k} (images {start}-{stop - 1})"
+            start, stop = (k, k + 1) if self.specs[name].per_shard else self.meta.shard_bounds(k)
+            where = f"shard {k} (images {start}-{stop - 1})" if not self.specs[name].per_shard else f"shard {k}"
             key = f"{arr.path}/{arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))}"
             size = self.object_size(key)
             if size is None:

@@ -33,6 +33,7 @@ import zarr
 from featcache import __version__
 from featcache.errors import StoreError
 
+from .codecs import QERR_SUFFIX
 from .feature_store import COMPLETE, SPLIT_ATTR, FeatureStore, SplitHandle
 from .lock import SplitLock
 from featcache.vocabulary import Manifest, SplitMeta
@@ -369,8 +370,8 @@ def split_totals(split: SplitHandle) -> SplitTotals:
     done = split.completed_shards()
     images = sum(split.meta.shard_bounds(int(k))[1] - split.meta.shard_bounds(int(k))[0] for k in np.flatnonzero(done))
     totals = SplitTotals(completed_shards=int(done.sum()), num_shards=split.meta.num_shards)
-    for name in split.store.manifest.tap_names:
-        arr = split.tap(name)
+    for name in (n for n in split.tap_array_names() if not n.endswith(QERR_SUFFIX)):
+        arr = split.array(name)
         per_image = arr.nbytes // max(1, arr.shape[0])
         nbytes, stored = per_image * images, int(arr.nbytes_stored())
         totals.per_tap[name] = {"nbytes": nbytes, "stored_bytes": stored}
