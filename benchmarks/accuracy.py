@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -30,45 +31,79 @@ from .peers import SIDE_LR, FullFinetunePeer, ImagePeer, LoraPeer, PeerContext
 from .workload import MODELS, ImageBatches, StoreInfo, build_store, data_specs, subset
 
 
-def side_methods(store_path: Path, methods: list[str], epochs: int, batch_size: int, device: str,
+FEATURE_AUG = "frofa+tokendrop"  # the fixed entries' feature augmentation (the sweep entry chooses on validation)
+VIEWS = 4  # augmented views per training image of the *-views entries
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One featcache row of the accuracy table: a method, its settings, a grid (a sweep chooses its member on
+    validation) and the training split it reads."""
+
+    method: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    split: str = "train"
+
+
+ENTRIES: dict[str, Entry] = {
+    "linear": Entry("linear"), "last": Entry("last"), "lst": Entry("lst"),
+    "linear+aug": Entry("linear", {"aug": FEATURE_AUG}), "last+aug": Entry("last", {"aug": FEATURE_AUG}),
+    "lst+aug": Entry("lst", {"aug": FEATURE_AUG}),
+    "last-views4": Entry("last", split=f"train_views{VIEWS}"),
+    "last-sweep": Entry("last", grid={"lr": [1e-3, 3e-3], "aug": ["none", "frofa", "tokendrop", FEATURE_AUG]}),
+}
+
+
+def side_methods(store_path: Path, entries: list[str], epochs: int, batch_size: int, device: str,
                  configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Train each side network from the cache: test accuracy of the epoch chosen on held-out validation data,
-    of the last epoch, and (for comparison only) of the best test epoch; wall time."""
+    """Train each featcache entry from the cache: test accuracy of the epoch (and member) chosen on held-out
+    validation data, of the last epoch, and (for comparison only) of the best test epoch; wall time."""
     from featcache.train import train
 
     rows = {}
-    for method in methods:
-        out = Path(tempfile.mkdtemp(prefix=f"featcache-acc-{method}-"))
+    for name in entries:
+        entry = ENTRIES[name]
+        out = Path(tempfile.mkdtemp(prefix=f"featcache-acc-{name}-"))
+        settings = {"epochs": epochs, "batch_size": batch_size, "lr": SIDE_LR[entry.method],
+                    **configs.get(entry.method, {}), **entry.settings}
+        settings = {k: v for k, v in settings.items() if k not in entry.grid}
         try:
             t0 = time.perf_counter()
-            summary = train(store_path, method, out, eval_split="test", reader="auto", device=device, progress=False,
-                            overwrite=True, settings={"epochs": epochs, "batch_size": batch_size,
-                                                      "lr": SIDE_LR[method], **configs.get(method, {})})
+            summary = train(store_path, entry.method, out, settings, entry.grid, eval_split="test", split=entry.split,
+                            reader="auto", device=device, progress=False, overwrite=True)
             seconds = time.perf_counter() - t0
             history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         finally:
             shutil.rmtree(out, ignore_errors=True)
-        m, best = summary["members"][0], summary["best"]
-        rows[method] = {"test_acc": best["test_acc"], "val_acc": best["val_acc"], "best_epoch": best["epoch"],
-                        "selected_on": best["selected_on"], "heldout": best.get("heldout_size"),
-                        "last_epoch_test_acc": m["metrics"]["test_acc"], "train_acc": m["metrics"]["train_acc"],
-                        "test_selected_acc": max(row["test_acc"] for row in history if "test_acc" in row),
-                        "train_s": seconds, "epochs": epochs, "params": m["params"],
-                        "samples_per_s": summary["samples_per_second"], "lr": SIDE_LR[method]}
-        say(f"  acc {method}: test {rows[method]['test_acc']:.4f} in {seconds:.0f}s")
+        best = summary["best"]
+        m = next(x for x in summary["members"] if x["name"] == best["name"])
+        rows[name] = {"test_acc": best["test_acc"], "val_acc": best["val_acc"], "best_epoch": best["epoch"],
+                      "selected_on": best["selected_on"], "heldout": best.get("heldout_size"),
+                      "members": len(summary["members"]), "selected_member": best["name"],
+                      "last_epoch_test_acc": m["metrics"]["test_acc"], "train_acc": m["metrics"]["train_acc"],
+                      "test_selected_acc": max(row["test_acc"] for row in history if "test_acc" in row),
+                      "train_s": seconds, "epochs": epochs, "params": m["params"], "split": entry.split,
+                      "samples_per_s": summary["samples_per_second"], "lr": m["config"]["lr"],
+                      "aug": m["config"].get("aug", "none")}
+        say(f"  acc {name}: test {rows[name]['test_acc']:.4f} (val {rows[name]['val_acc']:.4f}, {best['name']}) "
+            f"in {seconds:.0f}s")
     return rows
 
 
-def finetune(peer: ImagePeer, budget_s: float, test: ImageBatches, seed: int = 0) -> dict[str, Any]:
-    """Train ``peer`` for ``budget_s`` seconds of wall time (whole steps), then its test accuracy."""
+def finetune(peer: ImagePeer, budget_s: float, test: ImageBatches, seed: int = 0,
+             epochs: int | None = None) -> dict[str, Any]:
+    """Train ``peer`` for ``budget_s`` seconds of wall time (whole steps), or for ``epochs`` epochs (then the
+    cosine schedule spans them), then its test accuracy."""
     assert peer.optimizer is not None
     base_lrs = [g["lr"] for g in peer.optimizer.param_groups]
     t0 = time.perf_counter()
-    samples, epoch, total_steps, losses = 0, 0, None, []
-    while time.perf_counter() - t0 < budget_s:
+    samples, epoch, losses = 0, 0, []
+    total_steps = epochs * peer.images.num_batches if epochs else None
+    while time.perf_counter() - t0 < budget_s and (epochs is None or epoch < epochs):
         for x, y in peer.images.epoch(seed + epoch):
             elapsed = time.perf_counter() - t0
-            if elapsed >= budget_s:
+            if elapsed >= budget_s or (total_steps is not None and peer.steps >= total_steps):
                 break
             if total_steps is None and peer.steps >= 2:  # estimate what the budget allows, then cosine over it
                 total_steps = max(peer.steps + 1, int(budget_s / (elapsed / peer.steps)))
@@ -102,11 +137,13 @@ def measure_accuracy(model: str, train_n: int | None, test_n: int | None, epochs
                      done: Callable[[dict[str, Any]], None] = lambda entry: None) -> dict[str, Any]:
     """The whole accuracy benchmark for one data size; see the module doc.
 
-    ``done(entry)`` is called after the extraction and after every method and peer, with ``complete``
-    false until the last. ``previous``, such an entry of an earlier run of the same size and batch, is
-    continued (the 60k/10k size takes longer than a session here): its rows are kept, its store in
-    ``workdir`` is reused when it is still there (with the extraction time that run measured), and only
-    the methods and peers it lacks are run; the peers' budget is the one it measured."""
+    ``methods``: names of ``ENTRIES`` (featcache rows). ``peers``: fine-tuning peers given the wall-clock
+    budget (extraction included) of the featcache entry with the best validation accuracy; ``<peer>@epochs``
+    trains that peer for the same number of epochs instead. ``done(entry)`` is called after the extraction and
+    after every method and peer, with ``complete`` false until the last. ``previous``, such an entry of an
+    earlier run of the same size and batch, is continued (the 60k/10k size takes longer than a session here):
+    its rows are kept, its store in ``workdir`` is reused when it is still there (with the extraction time that
+    run measured), and only the methods and peers it lacks are run; the peers' budget is the one it measured."""
     spec_train, spec_test, note = data_specs()
     preset = MODELS[model]
     requested = size_key(model, train_n, test_n, epochs, batch_size)
@@ -122,7 +159,14 @@ def measure_accuracy(model: str, train_n: int | None, test_n: int | None, epochs
         store = build_store(preset, {"train": (spec_train, train_n), "test": (spec_test, test_n)}, store_path,
                             torch.device(device), batch_size)
         say(f"  acc: extracted {store.splits} in {sum(store.seconds.values()):.0f}s ({store.extraction})")
-    extraction_s = store.seconds["train"]
+    extra = {ENTRIES[m].split for m in methods} - set(store.splits)  # e.g. augmented views of the training images
+    for split in sorted(extra):
+        views = int(split.rsplit("views", 1)[1])
+        more = build_store(preset, {split: (spec_train, train_n, {"views": views})}, store_path, torch.device(device),
+                           batch_size, fresh=False)
+        store.splits.update(more.splits)
+        store.seconds.update(more.seconds)
+        say(f"  acc: extracted {split} ({views} views per image) in {more.seconds[split]:.0f}s")
     entry: dict[str, Any] = {
         "model": model, "label": preset.label, "data": note, "train_images": store.splits["train"],
         "test_images": store.splits["test"], "epochs": epochs, "batch_size": batch_size, "requested": requested,
@@ -135,25 +179,27 @@ def measure_accuracy(model: str, train_n: int | None, test_n: int | None, epochs
     for method in methods:
         if f"featcache-{method}" not in rows:
             r = side_methods(store.path, [method], epochs, batch_size, device, configs or {})[method]
+            extraction_s = store.seconds[r["split"]]
             rows[f"featcache-{method}"] = {**r, "extraction_s": extraction_s, "total_s": extraction_s + r["train_s"]}
             done(entry)
-    side = {k.removeprefix("featcache-"): r for k, r in rows.items() if k.startswith("featcache-")}
-    budget_method = "last" if "last" in side else max(side, key=lambda m: side[m]["train_s"])
-    entry["budget_s"] = budget = extraction_s + side[budget_method]["train_s"]
-    entry["budget_from"] = f"train extraction + featcache-{budget_method} training"
+    side = {k: r for k, r in rows.items() if k.startswith("featcache-")}
+    chosen = max(side, key=lambda k: side[k]["val_acc"])  # the budget of featcache's entry chosen on validation
+    entry["budget_s"] = budget = entry["budget_s"] or side[chosen]["total_s"]
+    entry["budget_from"] = f"{chosen} (best validation accuracy): its extraction + training"
     from featcache.store.feature_store import FeatureStore
 
     num_classes = len(FeatureStore.open(store.path).split("train").meta.classes) or 10
     for name in (p for p in peers if p not in rows):
+        kind, _, how = name.partition("@")
         ctx = PeerContext(model=model, batch_size=batch_size, device=device, data=spec_train,
                           images=store.splits["train"], num_classes=num_classes, preload=False)
-        peer: ImagePeer = FullFinetunePeer(ctx) if name == "full-ft" else LoraPeer(ctx)
+        peer: ImagePeer = FullFinetunePeer(ctx) if kind == "full-ft" else LoraPeer(ctx)
         peer.images = ImageBatches(subset(spec_train, train_n), peer.images.transform, batch_size, peer.device,
                                    preload=False)
         test = ImageBatches(subset(spec_test, test_n), peer.images.transform, batch_size * 2, peer.device,
                             preload=False)
-        r = finetune(peer, budget, test)
-        rows[name] = {**r, "total_s": r["train_s"], "budget_s": budget}
+        r = finetune(peer, math.inf, test, epochs=epochs) if how == "epochs" else finetune(peer, budget, test)
+        rows[name] = {**r, "total_s": r["train_s"], "budget_s": None if how == "epochs" else budget}
         say(f"  acc {name}: test {r['test_acc']:.4f} after {r['samples']} samples ({r['epochs']:.2f} epochs) "
             f"in {r['train_s']:.0f}s")
         del peer

@@ -200,12 +200,17 @@ def accuracy_table(acc: dict[str, Any]) -> str:
     unfinished = "" if acc.get("complete", True) else " **Incomplete**: the rows below are what it measured so far."
     lines = [f"{acc['label']} on {acc['data']}: {acc['train_images']:,} train / {acc['test_images']:,} test images, "
              f"side networks {acc['epochs']} epochs, {budget}{sessions}.{unfinished}", "",
-             "| method | test accuracy | trainable params | training | total incl. extraction | seen |",
-             "|---|---|---|---|---|---|"]
+             "| method | chosen on validation | val accuracy | test accuracy (chosen epoch) | test-selected (old protocol) "
+             "| trainable params | training | total incl. extraction | seen |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in acc["rows"].items():
         seen = f"{r['epochs']} epochs" if name.startswith("featcache") else f"{r['epochs']:.2f} epochs"
-        lines.append(f"| {name} | {100 * r['test_acc']:.1f}% | {_params(r.get('params'))} | {_fmt_s(r['train_s'])} | "
-                     f"{_fmt_s(r['total_s'])} | {seen} |")
+        chosen = (f"epoch {r['best_epoch']}" + (f", {r['selected_member']} of {r['members']}" if r.get("members", 1) > 1
+                                                else "")) if "best_epoch" in r else "last step"
+        val = f"{100 * r['val_acc']:.1f}%" if r.get("val_acc") is not None else "-"
+        old = f"{100 * r['test_selected_acc']:.1f}%" if r.get("test_selected_acc") is not None else "-"
+        lines.append(f"| {name} | {chosen} | {val} | {100 * r['test_acc']:.1f}% | {old} | {_params(r.get('params'))} | "
+                     f"{_fmt_s(r['train_s'])} | {_fmt_s(r['total_s'])} | {seen} |")
     return "\n".join(lines)
 
 

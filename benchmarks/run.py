@@ -41,6 +41,7 @@ class Preset:
     accuracy: tuple[tuple[int | None, int | None, int], ...]  # (train, test images (None = all), epochs)
     accuracy_model: str
     accuracy_peers: tuple[str, ...] = ("full-ft", "lora")  # fine-tuning peers given featcache's budget
+    accuracy_entries: tuple[str, ...] = ("linear", "last", "lst")  # featcache rows (benchmarks.accuracy.ENTRIES)
     device: str = "cpu"
     threads: int | None = 1  # CPU: torch threads (1: stable on a shared machine); None = torch's default
     min_call_s: float = 1.0
@@ -162,7 +163,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--workdir", type=Path, default=None, help="where stores are written (default: a temp dir)")
     ap.add_argument("--accuracy", default=None, metavar="TRAIN,TEST,EPOCHS",
                     help="one accuracy size instead of the preset's, e.g. 2000,500,10 (0 = all images)")
-    ap.add_argument("--accuracy-peers", default=None, help="comma-separated fine-tuning peers (default: the preset's)")
+    ap.add_argument("--accuracy-peers", default=None,
+                    help="comma-separated fine-tuning peers, PEER@epochs for the same epochs (default: the preset's)")
+    ap.add_argument("--accuracy-entries", default=None,
+                    help="comma-separated featcache rows of benchmarks.accuracy.ENTRIES (default: linear,last,lst)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the backbones and accuracy rows of an existing result file of the same name that this "
                          "run does not redo (to split a long run into several commands); an accuracy size that file "
@@ -176,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p = replace(p, accuracy=((tr or None, te or None, ep),))
     if args.accuracy_peers is not None:
         p = replace(p, accuracy_peers=tuple(filter(None, args.accuracy_peers.split(","))))
+    if args.accuracy_entries is not None:
+        p = replace(p, accuracy_entries=tuple(filter(None, args.accuracy_entries.split(","))))
     models = tuple(args.models.split(",")) if args.models else p.models
     os.environ.setdefault("FEATCACHE_PROGRESS", "0")
     device = setup_torch(p.device, p.threads if p.device == "cpu" else None)
@@ -220,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     save()
 
                 measure_accuracy(p.accuracy_model, tr, te, epochs, p.batch_size, str(device), workdir,
-                                 peers=p.accuracy_peers, previous=previous, done=accuracy_done)
+                                 methods=p.accuracy_entries, peers=p.accuracy_peers, previous=previous,
+                                 done=accuracy_done)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -148,19 +148,21 @@ class StoreInfo:
                    d["nbytes"], d["stored_bytes"])
 
 
-def build_store(preset: ModelPreset, splits: dict[str, tuple[str, int | None]], out: Path, device: torch.device,
-                batch_size: int = 32, progress: bool = False) -> StoreInfo:
-    """Extract ``{split: (data spec, limit)}`` into a fresh store at ``out`` (all taps, float16) with
-    ``featcache.extract.extract``, timing each call as a whole (model loading included)."""
+def build_store(preset: ModelPreset, splits: dict[str, tuple[Any, ...]], out: Path, device: torch.device,
+                batch_size: int = 32, progress: bool = False, fresh: bool = True) -> StoreInfo:
+    """Extract ``{split: (data spec, limit[, extract options])}`` into a fresh store at ``out`` (all taps, float16
+    unless the options say otherwise) with ``featcache.extract.extract``, timing each call as a whole (model
+    loading included). ``fresh=False`` adds splits to an existing store."""
     from featcache.extract import extract
 
-    if out.exists():
+    if out.exists() and fresh:
         shutil.rmtree(out)
     info = StoreInfo(out, {}, "featcache.extract")
-    for split, (spec, limit) in splits.items():
+    for split, (spec, limit, *more) in splits.items():
         t0 = time.perf_counter()
+        options = {"dtype": "float16", **(more[0] if more else {})}
         report = extract(preset.backbone_spec(), spec, out, split=split, limit=limit, batch_size=batch_size,
-                         device=str(device), progress=progress, dtype="float16")
+                         device=str(device), progress=progress, **options)
         info.seconds[split] = time.perf_counter() - t0
         info.loop_seconds[split] = report.loop_seconds
         info.nbytes += report.nbytes
