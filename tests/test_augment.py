@@ -279,11 +279,11 @@ def test_training_with_feature_augmentation_grids_banks_and_resumes_bitwise(tmp_
     and a run interrupted after epoch 2 and resumed equals an uninterrupted one (augmentation seeded per step)."""
     from featcache.backbone import Backbone
     from featcache.errors import Interrupted
-    from featcache.rundir import RunDir
     from featcache.train import train
     from featcache.vocabulary import BackboneSpec
 
     from .conftest import TINY_VIT, make_separable_images, write_tap_store
+    from .helpers.processes import interrupted_run
 
     vit = Backbone(BackboneSpec(**TINY_VIT))
     path = tmp_path / "s.zarr"
@@ -295,16 +295,7 @@ def test_training_with_feature_augmentation_grids_banks_and_resumes_bitwise(tmp_
     assert full["num_banks"] == 2
     losses = {m["name"]: m["metrics"]["train_loss"] for m in full["members"]}
     assert losses["aug=none"] != losses["aug=tokendrop+mixup"]
-    real = RunDir.save_state
-
-    def stop(self, epoch, *a, **kw):
-        real(self, epoch, *a, **kw)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(RunDir, "save_state", stop)
-    with pytest.raises(Interrupted):
+    with interrupted_run(monkeypatch, epochs=2), pytest.raises(Interrupted):
         train(str(path), "last", tmp_path / "part", settings, grid, progress=False)
-    monkeypatch.setattr(RunDir, "save_state", real)
     resumed = train(str(path), "last", tmp_path / "part", settings, grid, resume=True, progress=False)
     assert [m["metrics"] for m in resumed["members"]] == [m["metrics"] for m in full["members"]]

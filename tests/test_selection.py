@@ -12,7 +12,6 @@ import torch
 
 from featcache.backbone import Backbone
 from featcache.errors import ConfigError, Interrupted, StoreError, UsageError
-from featcache.rundir import RunDir
 from featcache.selection import plan_evaluation, stratified_holdout
 from featcache.store.feature_store import FeatureStore
 from featcache.store.reader import open_reader
@@ -20,6 +19,7 @@ from featcache.train import train
 from featcache.vocabulary import BackboneSpec
 
 from .conftest import TINY_VIT, make_separable_images, write_tap_store
+from .helpers.processes import interrupted_run
 from .helpers.stores import run_extract
 
 SETTINGS = {"epochs": 4, "batch_size": 16}
@@ -120,17 +120,8 @@ def test_val_split_by_name_select_on_test_and_no_selection(tmp_path, vit) -> Non
 
 def test_resume_keeps_the_held_out_images(train_test, tmp_path, monkeypatch) -> None:
     full = train(str(train_test), "linear", tmp_path / "full", SETTINGS, progress=False)
-    real = RunDir.save_state
-
-    def stop_after_epoch_2(self, epoch, *a, **kw):
-        real(self, epoch, *a, **kw)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(RunDir, "save_state", stop_after_epoch_2)
-    with pytest.raises(Interrupted):
+    with interrupted_run(monkeypatch, epochs=2), pytest.raises(Interrupted):
         train(str(train_test), "linear", tmp_path / "part", SETTINGS, progress=False)
-    monkeypatch.setattr(RunDir, "save_state", real)
     before = (tmp_path / "part" / "heldout.json").read_text()
     # another --val-seed on resume: the recorded images are used, so the run equals the uninterrupted one
     resumed = train(str(train_test), "linear", tmp_path / "part", SETTINGS, resume=True, val_seed=9, progress=False)

@@ -19,6 +19,7 @@ from featcache.sweep import TrainConfig, expand, load_sweep_file
 from featcache.train import train
 
 from .conftest import TINY_CNN, TINY_VIT, make_separable_images, write_tap_store
+from .helpers.processes import interrupted_run
 
 
 @pytest.fixture(scope="module")
@@ -183,19 +184,8 @@ def test_resume_equals_uninterrupted(vit_store, tmp_path, monkeypatch) -> None:
     settings, grid = {"epochs": 4, "batch_size": 16}, {"lr": [1e-3, 3e-3]}
     full = train(str(path), "last", tmp_path / "full", settings, grid, progress=False)
 
-    from featcache.rundir import RunDir
-
-    real = RunDir.save_state
-
-    def crash_after_epoch_2(self, epoch, *a, **kw):
-        real(self, epoch, *a, **kw)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(RunDir, "save_state", crash_after_epoch_2)
-    with pytest.raises(Interrupted, match="state after epoch 2 of 4.*--resume"):
+    with interrupted_run(monkeypatch, epochs=2), pytest.raises(Interrupted, match="state after epoch 2 of 4.*--resume"):
         train(str(path), "last", tmp_path / "part", settings, grid, progress=False)
-    monkeypatch.setattr(RunDir, "save_state", real)
     resumed = train(str(path), "last", tmp_path / "part", settings, grid, resume=True, progress=False)
     assert [m["metrics"] for m in resumed["members"]] == [m["metrics"] for m in full["members"]]
     for name in ("lr=0.001", "lr=0.003"):

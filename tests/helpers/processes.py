@@ -368,3 +368,27 @@ def child_train(store: str, out: str, point: str) -> None:
 
     install_train_kill_point(point)
     train(store, "last", out, TRAIN_KW["settings"], TRAIN_KW["grid"], progress=False)
+
+
+def interrupted_run(monkeypatch: Any, epochs: int) -> Any:
+    """A context manager: trainings inside it stop with Ctrl-C once ``epochs`` epochs' states are saved."""
+    import contextlib
+
+    from featcache.rundir import RunDir
+
+    @contextlib.contextmanager
+    def stopping() -> Any:
+        real = RunDir.save_state
+
+        def save_then_stop(self: Any, epoch: int, *a: Any, **kw: Any) -> None:
+            real(self, epoch, *a, **kw)
+            if epoch == epochs - 1:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(RunDir, "save_state", save_then_stop)
+        try:
+            yield
+        finally:
+            monkeypatch.setattr(RunDir, "save_state", real)
+
+    return stopping()
