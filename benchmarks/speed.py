@@ -41,12 +41,20 @@ def steps_per_call(peer: Peer, device: torch.device, min_call_s: float, max_step
 
 def measure_steps(names: list[str], ctx: PeerContext, rounds: int, min_call_s: float = 1.0) -> dict[str, Any]:
     """Median seconds per training step of each peer, measured A B A B; plus what each peer is."""
-    device = torch.device(ctx.device)
     peers: dict[str, Peer] = {}
     for name in names:
         t0 = time.perf_counter()
         peers[name] = build_peer(name, ctx)
         say(f"  built {name} in {time.perf_counter() - t0:.1f}s")
+    out = time_peers(peers, ctx.batch_size, torch.device(ctx.device), rounds, min_call_s)
+    del peers
+    return out
+
+
+def time_peers(peers: dict[str, Peer], batch_size: int, device: torch.device, rounds: int,
+               min_call_s: float = 1.0) -> dict[str, Any]:
+    """Time peers that are already built (any contexts: e.g. one store per cache variant) A B A B: per peer its
+    per-round seconds per step, the median, samples/s, and its training FLOPs per sample."""
     calls = {name: steps_per_call(p, device, min_call_s) for name, p in peers.items()}
     say(f"  steps per timed call: {calls}")
 
@@ -62,9 +70,8 @@ def measure_steps(names: list[str], ctx: PeerContext, rounds: int, min_call_s: f
         per_step = [s / calls[name] for s in res.seconds[name]]
         med = statistics.median(per_step)
         out[name] = {**p.describe(), "step_seconds": per_step, "median_step_s": med,
-                     "samples_per_s": ctx.batch_size / med, "steps_per_call": calls[name],
+                     "samples_per_s": batch_size / med, "steps_per_call": calls[name],
                      "train_flops_per_sample": train_flops_per_sample(p)}
-    del peers
     return out
 
 

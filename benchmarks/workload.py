@@ -136,16 +136,17 @@ class StoreInfo:
     loop_seconds: dict[str, float] = field(default_factory=dict)  # per split: the shard loop alone (when reported)
     nbytes: int = 0
     stored_bytes: int = 0
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # per split: ExtractReport.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "splits": self.splits, "extraction": self.extraction,
                 "seconds": self.seconds, "loop_seconds": self.loop_seconds, "nbytes": self.nbytes,
-                "stored_bytes": self.stored_bytes}
+                "stored_bytes": self.stored_bytes, "reports": self.reports}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StoreInfo:
         return cls(Path(d["path"]), dict(d["splits"]), d["extraction"], dict(d["seconds"]), dict(d["loop_seconds"]),
-                   d["nbytes"], d["stored_bytes"])
+                   d["nbytes"], d["stored_bytes"], dict(d.get("reports", {})))
 
 
 def build_store(preset: ModelPreset, splits: dict[str, tuple[Any, ...]], out: Path, device: torch.device,
@@ -168,4 +169,5 @@ def build_store(preset: ModelPreset, splits: dict[str, tuple[Any, ...]], out: Pa
         info.nbytes += report.nbytes
         info.stored_bytes += report.stored_bytes
         info.splits[split] = report.num_samples
+        info.reports[split] = report.to_dict()
     return info
