@@ -28,6 +28,7 @@ import numpy as np
 import psutil
 import torch
 
+from featcache import make_callable
 from featcache.allocator import keep_freed_memory
 from featcache.checkpoint import member_config, safe_member_name, write_json, write_tensors
 from featcache.device import resolve_device
@@ -477,3 +478,6 @@ def gather_parts(out: str | os.PathLike[str], members: list[SweepMember], parts:
     summary.update(extra or {})
     _finish(out, summary, records, progress)
     return summary
+
+
+make_callable(__name__)  # featcache.train(...) calls train() (featcache.CallableModule)

@@ -234,11 +234,11 @@ def test_checkpoint_round_trip_gives_cached_logits(vit_store, tmp_path) -> None:
 def test_predict_live_path_equals_cached_path(vit_store, tmp_path, vit, monkeypatch) -> None:
     from PIL import Image
 
-    from featcache.infer import build_predictor, predict
+    from featcache.infer import load_predictor, predict
 
     path, test_taps, imgs, labels = vit_store
     train(str(path), "last", tmp_path / "p", {"epochs": 4, "batch_size": 16}, progress=False)
-    predictor = build_predictor(tmp_path / "p", device="cpu")
+    predictor = load_predictor(tmp_path / "p", device="cpu")
     x = torch.stack([predictor.transform(Image.fromarray(im)) for im in imgs])
     live = predictor(x)
     with torch.no_grad():
@@ -261,14 +261,14 @@ def test_predict_live_path_equals_cached_path(vit_store, tmp_path, vit, monkeypa
 def test_predict_refuses_other_weights(vit_store, tmp_path) -> None:
     from safetensors.torch import save_file
 
-    from featcache.infer import build_predictor
+    from featcache.infer import load_predictor
 
     path, _, _, _ = vit_store
     train(str(path), "linear", tmp_path / "w", {"epochs": 1}, progress=False)
     other = Backbone(BackboneSpec(**{**TINY_VIT, "seed": 3}))
     save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, str(tmp_path / "other.safetensors"))
     with pytest.raises(CheckpointError, match="not the ones the cache"):
-        build_predictor(tmp_path / "w", device="cpu", weights=str(tmp_path / "other.safetensors"))
+        load_predictor(tmp_path / "w", device="cpu", weights=str(tmp_path / "other.safetensors"))
 
 
 def test_cnn_end_to_end(tmp_path) -> None:
