@@ -42,7 +42,7 @@ def side_methods(store_path: Path, methods: list[str], epochs: int, batch_size: 
         try:
             t0 = time.perf_counter()
             summary = train(store_path, method, out, eval_split="test", reader="auto", device=device, progress=False,
-                            overwrite=True, settings={"epochs": epochs, "batch_size": batch_size,
+                            overwrite=True, tensorboard=False, settings={"epochs": epochs, "batch_size": batch_size,
                                                       "lr": SIDE_LR[method], **configs.get(method, {})})
             seconds = time.perf_counter() - t0
             history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

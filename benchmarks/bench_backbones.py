@@ -257,7 +257,7 @@ def round_trip(case: Case, work: Path, dtype: str = "float16", n_images: int = 1
     shape_problems = [f"{t.name}: stored {tuple(cached[t.name].shape)}, manifest (N, {t.tokens}, {t.channels})"
                       for t in fs.manifest.taps if tuple(cached[t.name].shape) != (n_images, t.tokens, t.channels)]
     summary = train(str(store), METHODS[0], work / "run", dict(SETTINGS), {"method": list(METHODS)}, progress=False,
-                    overwrite=True)
+                    overwrite=True, tensorboard=False)
     source = open_source(str(data))
     members: dict[str, dict[str, float]] = {}
     model = None

@@ -15,6 +15,7 @@ from featcache.errors import Interrupted, MissingDependencyError
 from featcache.train import train
 
 from .helpers.stores import run_extract
+from .helpers.tensorboard_events import read_scalars
 
 pytest.importorskip("tensorboard")  # a [dev] dependency; the missing-package path is tested by monkeypatching
 
@@ -26,20 +27,6 @@ GRID = {"lr": [1e-3, 1e-2]}
 def store(images, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tb") / "cache.zarr"
     run_extract(images, out)
-    return out
-
-
-def events(member_dir: Path) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} of the scalars in a member's event files, read back by TensorBoard itself."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(member_dir))
-    acc.Reload()
-    out: dict[str, dict[int, float]] = {}
-    for tag in acc.Tags()["scalars"]:
-        steps = [e.step for e in acc.Scalars(tag)]
-        assert len(steps) == len(set(steps)), f"{tag}: an epoch logged twice"
-        out[tag] = {e.step: e.value for e in acc.Scalars(tag)}
     return out
 
 
@@ -55,7 +42,7 @@ def assert_events_equal_metrics(run: Path) -> None:
     rows = metrics(run)
     assert sorted(p.name for p in (run / "tensorboard").iterdir()) == sorted(rows)
     for member, history in rows.items():
-        got = events(run / "tensorboard" / member)
+        got = read_scalars(run / "tensorboard" / member)
         keys = {k for row in history for k in row if k not in ("epoch", "status")}
         assert {"train_loss", "train_acc", "val_acc", "val_loss"} <= keys and set(got) == keys | {"lr"}
         for key in keys:  # event files hold float32
