@@ -11,6 +11,7 @@ writes events (it takes about a second), so importing ``featcache.train`` stays 
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from featcache.checkpoint import safe_member_name
 from featcache.errors import MissingDependencyError
 
 TENSORBOARD_DIR = "tensorboard"
+log = logging.getLogger("featcache.train")
 
 
 def tensorboard_installed() -> bool:
@@ -26,14 +28,37 @@ def tensorboard_installed() -> bool:
 
 
 def use_tensorboard(requested: bool | None) -> bool:
-    """Whether a run writes event files: as requested, or (None) when tensorboard is installed."""
+    """Whether a run writes event files: as requested, or (None) when tensorboard is installed. ``True`` checks
+    here, before the run writes anything, that the writer can be imported."""
     if requested is None:
         return tensorboard_installed()
     if requested and not tensorboard_installed():
         raise MissingDependencyError("--tensorboard needs the tensorboard package, which is not installed: pip install "
                                      "tensorboard (or pip install 'featcache[tb]'), or train without --tensorboard "
                                      "(metrics.jsonl holds the same numbers)")
+    if requested:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError as err:
+            raise MissingDependencyError(f"--tensorboard: torch.utils.tensorboard cannot be imported ({err}); reinstall "
+                                         "it with pip install -U tensorboard, or train without --tensorboard") from None
     return bool(requested)
+
+
+def open_tensorboard(requested: bool | None, rundir: str | Path, members: list[str],
+                     first_epoch: int = 0) -> "TensorBoardLog | None":
+    """The run's event-file writer, or None: when off, or when automatic and the writer cannot be imported (a
+    broken tensorboard install never stops a training; it says so once)."""
+    if not use_tensorboard(requested):
+        return None
+    try:
+        return TensorBoardLog(rundir, members, first_epoch)
+    except ImportError as err:
+        if requested:
+            raise
+        log.warning(f"no TensorBoard event files: torch.utils.tensorboard cannot be imported ({err}); metrics.jsonl "
+                    "holds the metrics (pip install -U tensorboard, or --no-tensorboard to silence this)")
+        return None
 
 
 class TensorBoardLog:

@@ -44,7 +44,7 @@ from .bank import MemberBank
 from .rundir import RunDir, holds_run_lock
 from .selection import HELDOUT_FILE, VAL, Evaluation, check_classes, plan_evaluation, record_held_out
 from .sweep import SweepMember, TrainConfig, expand
-from .tensorboard_log import TENSORBOARD_DIR, TensorBoardLog, use_tensorboard
+from .tensorboard_log import TENSORBOARD_DIR, TensorBoardLog, open_tensorboard, use_tensorboard
 
 log = logging.getLogger("featcache.train")
 
@@ -236,8 +236,7 @@ def train(store: str | FeatureStore, method: str | list[SweepMember], out: str |
     say(f"training {len(members)} member(s) in {len(banks)} bank(s) on {train_reader.num_samples} samples "
         f"({', '.join(train_reader.taps)}), reader {train_reader.mode}: {train_reader.choice.reason}; selecting on "
         f"{evaluation.selected_on}", quiet=not opts.progress)
-    tensorboard = TensorBoardLog(rundir.path, [m.name for m in members], rundir.first_epoch) \
-        if use_tensorboard(opts.tensorboard) else None
+    tensorboard = open_tensorboard(opts.tensorboard, rundir.path, [m.name for m in members], rundir.first_epoch)
     loop = EpochLoop(rundir, banks, records, train_reader, eval_readers, evaluation,
                      _member_configs(store, opts.split, banks, records, mi), tensorboard)
     try:

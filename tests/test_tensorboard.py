@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,16 @@ def test_without_the_package(store, tmp_path, monkeypatch) -> None:
     assert r.exit_code == 2 and r.stderr.startswith("Error: ") and "pip install tensorboard" in r.stderr, r.output
     train(str(store), "linear", tmp_path / "auto", {"epochs": 1}, progress=False)  # automatic: off, no error
     assert (tmp_path / "auto" / "metrics.jsonl").is_file() and not (tmp_path / "auto" / "tensorboard").exists()
+
+
+def test_a_broken_install_never_stops_an_automatic_run(store, tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # installed, but its import fails
+    with pytest.raises(MissingDependencyError, match="cannot be imported.*pip install -U tensorboard"):
+        train(str(store), "linear", tmp_path / "asked", {"epochs": 1}, progress=False, tensorboard=True)
+    assert not (tmp_path / "asked").exists()
+    train(str(store), "linear", tmp_path / "auto", {"epochs": 1}, progress=False)
+    assert (tmp_path / "auto" / "metrics.jsonl").is_file() and not (tmp_path / "auto" / "tensorboard").exists()
+    assert "no TensorBoard event files" in caplog.text
 
 
 def test_cli_switches(store, tmp_path) -> None:
