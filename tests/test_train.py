@@ -111,8 +111,9 @@ def test_training_learns_and_writes_the_run(vit_store, tmp_path, method: str) ->
     assert (out / "curves.png").stat().st_size > 1000 and (out / "summary.json").exists()
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == list(range(1, 9)) and all("test_acc" in l for l in lines)
-    files = {p.suffix for p in out.rglob("*") if p.is_file()}
+    files = {p.suffix for p in out.rglob("*") if p.is_file() and p.relative_to(out).parts[0] != "tensorboard"}
     assert files <= {".json", ".jsonl", ".safetensors", ".png"}  # never pickle
+    assert all(p.name.startswith("events.out.tfevents.") for p in (out / "tensorboard").rglob("*") if p.is_file())
 
 
 def test_sweep_members_differ_and_best_is_chosen_on_validation(vit_store, tmp_path) -> None:
