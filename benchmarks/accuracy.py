@@ -71,7 +71,8 @@ def side_methods(store_path: Path, entries: list[str], epochs: int, batch_size: 
         try:
             t0 = time.perf_counter()
             summary = train(store_path, entry.method, out, settings, entry.grid, eval_split="test", split=entry.split,
-                            reader="auto", device=device, progress=False, overwrite=True)
+                            reader="auto", device=device, progress=False, overwrite=True,
+                            tensorboard=False)
             seconds = time.perf_counter() - t0
             history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         finally:

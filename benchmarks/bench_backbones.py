@@ -6,7 +6,7 @@
 Each case is a small variant of one architecture with random weights (``weights="random"``, no network)
 at a small input where the model allows it, run the way a user would: ``extract`` of a dozen synthetic
 images (float16; on a float16 overflow the refusal is recorded and the case reruns with bfloat16), one
-sweep training ``linear``, ``last`` and ``lst`` for one epoch, and ``build_predictor`` for every member.
+sweep training ``linear``, ``last`` and ``lst`` for one epoch, and ``load_predictor`` for every member.
 A row passes when
 - every stored tap has the shape the manifest gives, and its width is the model's real width: the
   ``feature_info`` widths for the stages, ``num_features`` for the final features (``head``);
@@ -231,7 +231,7 @@ def expected_widths(model: torch.nn.Module, infos: list[TapInfo]) -> list[str]:
 
 def round_trip(case: Case, work: Path, dtype: str = "float16", n_images: int = 12,
                device: str = "cpu") -> dict[str, Any]:
-    """extract -> train linear, last, lst (one sweep) -> build_predictor per member; the measurements.
+    """extract -> train linear, last, lst (one sweep) -> load_predictor per member; the measurements.
 
     Extraction and prediction both run on ``device`` (CPU by default: the same kernels on both paths,
     also on a machine with a GPU), so that the live taps must equal the cached ones bit for bit.
@@ -242,7 +242,7 @@ def round_trip(case: Case, work: Path, dtype: str = "float16", n_images: int = 1
     """
     from featcache.data import open_source
     from featcache.extract import ExtractOptions, extract
-    from featcache.infer import build_predictor
+    from featcache.infer import load_predictor
     from featcache.store.codecs import TORCH_DTYPES as CACHE_DTYPES
     from featcache.store.feature_store import FeatureStore
     from featcache.train import train
@@ -257,12 +257,12 @@ def round_trip(case: Case, work: Path, dtype: str = "float16", n_images: int = 1
     shape_problems = [f"{t.name}: stored {tuple(cached[t.name].shape)}, manifest (N, {t.tokens}, {t.channels})"
                       for t in fs.manifest.taps if tuple(cached[t.name].shape) != (n_images, t.tokens, t.channels)]
     summary = train(str(store), METHODS[0], work / "run", dict(SETTINGS), {"method": list(METHODS)}, progress=False,
-                    overwrite=True)
+                    overwrite=True, tensorboard=False)
     source = open_source(str(data))
     members: dict[str, dict[str, float]] = {}
     model = None
     for member in summary["members"]:
-        predictor = build_predictor(work / "run" / "members" / member["name"], device=device)
+        predictor = load_predictor(work / "run" / "members" / member["name"], device=device)
         model = predictor.backbone.model
         x = torch.stack([predictor.transform(source[i].image) for i in range(len(source))])
         x = x.to(predictor.backbone.device)  # (N, 3, H, W)

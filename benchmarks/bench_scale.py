@@ -88,10 +88,11 @@ def time_train(run: str, client: Any, store: Path, out: Path, settings: dict[str
     t0 = time.perf_counter()
     if client is None:
         with torch_threads(cpu_count()):
-            summary = train(str(store), "last", out, settings, grid, overwrite=True, progress=False)
+            summary = train(str(store), "last", out, settings, grid, overwrite=True, progress=False,
+                            tensorboard=False)
     else:
         summary = train_on_cluster(str(store), "last", out, settings, grid, client=client, overwrite=True,
-                                   progress=False, device="cpu")
+                                   progress=False, device="cpu", tensorboard=False)
     wall = time.perf_counter() - t0
     print(f"  train {run}: {wall:.1f} s wall, best {summary['best']['name']}", file=sys.stderr, flush=True)
     return {"wall_seconds": wall, "best_score": summary["best"]["val_acc"]}

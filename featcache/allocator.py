@@ -10,7 +10,7 @@ touch (measurements in docs/store.md, "Runtime settings").
 - ``M_TRIM_THRESHOLD=1 GiB``: freed memory at the top of the heap is kept, not returned to the system;
 - ``M_ARENA_MAX=1``: threads share the main heap, so work on a thread (a dask worker's task) reuses it too.
 The cost: a process keeps the memory of its peak until it exits (its RSS does not shrink after a large
-step). featcache's entry points (``extract``, ``train``, ``build_predictor``, the dask tasks) call it;
+step). featcache's entry points (``extract``, ``train``, ``load_predictor``, the dask tasks) call it;
 ``FEATCACHE_MALLOC=system`` leaves malloc as it is. Where the C library is not glibc nothing is changed.
 """
 

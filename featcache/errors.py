@@ -19,6 +19,10 @@ class UsageError(FeatcacheError):
     exit_code = 2
 
 
+class MissingDependencyError(UsageError):
+    """An optional package that a requested feature needs is not installed; the message names the pip command."""
+
+
 class ModelError(FeatcacheError):
     """Unknown timm model name or bad model keyword arguments."""
 

@@ -1,6 +1,6 @@
 """Backbone + trained side network on raw images: the live path that the cache stands in for.
 
-``build_predictor`` rebuilds the frozen backbone from the checkpoint's store manifest (same timm
+``load_predictor`` rebuilds the frozen backbone from the checkpoint's store manifest (same timm
 name, kwargs, weights and transform), checks that its weights fingerprint matches the one the cache
 was made with, and joins it with the side network into one ``torch.nn.Module``. Taps are rounded
 through the cache dtype, so the live logits equal the cached-path logits to that dtype's precision.
@@ -55,8 +55,11 @@ class Predictor(nn.Module):
             return self.network(taps).float()
 
 
-def build_predictor(checkpoint: str | Path | Checkpoint, device: str = "auto", weights: str | None = None) -> Predictor:
-    """Checkpoint -> Predictor; refuses a backbone whose weights differ from the ones the cache was made with."""
+def load_predictor(checkpoint: str | Path | Checkpoint, device: str = "auto", weights: str | None = None) -> Predictor:
+    """A run directory (its best member), a member directory or its .safetensors -> a ``Predictor`` (images ->
+    logits, with ``.transform`` and ``.classes``); refuses a backbone whose weights differ from the cache's.
+
+    ``weights``: the backbone's weights when the recorded source is not at hand (a local state dict)."""
     keep_freed_memory()  # the backbone's large activations reuse heap pages (allocator.py)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     manifest = Manifest.from_attrs(ckpt.manifest, f"checkpoint {ckpt.path}")
@@ -97,7 +100,7 @@ def predict(checkpoint: str | Path, data: str | DataSource, batch_size: int = 64
     """Predictions for every image of ``data``; accuracy when labels are known."""
     if batch_size < 1:
         raise DataError(f"--batch-size must be >= 1, got {batch_size}")
-    predictor = build_predictor(checkpoint, device, weights)
+    predictor = load_predictor(checkpoint, device, weights)
     source = open_source(data) if isinstance(data, str) else data
     _check_classes(source, predictor.classes)
     if limit is not None:

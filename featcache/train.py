@@ -29,6 +29,7 @@ import numpy as np
 import psutil
 import torch
 
+from featcache import make_callable
 from featcache.allocator import keep_freed_memory
 from featcache.checkpoint import member_config, safe_member_name, write_json, write_tensors
 from featcache.device import resolve_device
@@ -45,6 +46,7 @@ from .rundir import RunDir, holds_run_lock
 from .selection import HELDOUT_FILE, VAL, Evaluation, check_classes, plan_evaluation, record_held_out
 from .augment import AugmentConfig, AugmentedBatch, augment, batch_generator
 from .sweep import SweepMember, TrainConfig, expand
+from .tensorboard_log import TENSORBOARD_DIR, TensorBoardLog, open_tensorboard, use_tensorboard
 
 log = logging.getLogger("featcache.train")
 
@@ -186,8 +188,10 @@ class TrainOptions:
     overwrite: bool = False
     progress: bool = True
     storage_options: dict[str, Any] | None = None  # fsspec options for URL stores
+    tensorboard: bool | None = None  # event files in RUNDIR/tensorboard; None: when tensorboard is installed
 
     def validate(self) -> None:
+        use_tensorboard(self.tensorboard)  # True without the package: MissingDependencyError
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other: resume continues RUNDIR, overwrite "
                              "replaces it")
@@ -250,8 +254,9 @@ def train(store: str | FeatureStore, method: str | list[SweepMember], out: str |
     say(f"training {len(members)} member(s) in {len(banks)} bank(s) on {train_reader.num_samples} samples "
         f"({', '.join(train_reader.taps)}), reader {train_reader.mode}: {train_reader.choice.reason}; selecting on "
         f"{evaluation.selected_on}", quiet=not opts.progress)
+    tensorboard = open_tensorboard(opts.tensorboard, rundir.path, [m.name for m in members], rundir.first_epoch)
     loop = EpochLoop(rundir, banks, records, train_reader, eval_readers, evaluation,
-                     _member_configs(store, opts.split, banks, records, mi))
+                     _member_configs(store, opts.split, banks, records, mi), tensorboard)
     try:
         loop.run(stats, opts.progress)
         summary = _summary(rundir.path, records, banks, stats, evaluation, t_start, rss_base, train_reader, device,
@@ -266,6 +271,9 @@ def train(store: str | FeatureStore, method: str | list[SweepMember], out: str |
                 "no epoch had finished, so it starts from the beginning")
         raise Interrupted(f"interrupted: training in {rundir.path} stopped, {kept}; run the same featcache train "
                           "command with --resume to continue") from None
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
     return summary
 
 
@@ -307,6 +315,7 @@ class EpochLoop:
     eval_readers: dict[str, CacheReader]
     evaluation: Evaluation  # which readers' accuracy picks each member's best epoch
     configs: list[dict[str, Any]]  # per member, for its checkpoint
+    tensorboard: TensorBoardLog | None = None  # the same rows as event files, plus the lr at the epoch's end
 
     def run(self, stats: dict[str, Any], progress: bool) -> None:
         cfg = self.records[0].member.train
@@ -319,6 +328,11 @@ class EpochLoop:
                     _eval_epoch(self.banks, self.records, self.eval_readers, rows)
                 _record_epoch(self.rundir, epoch, self.banks, self.records, rows, self.configs,
                               self.evaluation.selects)
+                # TensorBoard before the commit point: an epoch interrupted after this is logged again on resume and
+                # its first copy dropped (TensorBoardLog's purge_step)
+                for r in self.records if self.tensorboard is not None else ():
+                    lr = self.banks[r.bank].lr[r.slot] * self.banks[r.bank].lr_factor(epoch + 1, cfg.epochs)[r.slot]
+                    self.tensorboard.log_epoch(r.member.name, epoch + 1, {**r.history[-1], "lr": float(lr)})
                 self.rundir.save_state(epoch, self.banks, [{"history": r.history, "best": r.best}
                                                            for r in self.records], stats)  # the epoch's commit point
                 _write_metrics(self.rundir, self.records)
@@ -466,6 +480,8 @@ def gather_parts(out: str | os.PathLike[str], members: list[SweepMember], parts:
             name = safe_member_name(m["name"])  # from a part's summary.json: a name inside RUNDIR, never a path
             entries[name] = {**m, "checkpoint": str(out / "members" / name)}
             shutil.copytree(part / "members" / name, out / "members" / name, dirs_exist_ok=True)
+            if (part / TENSORBOARD_DIR / name).is_dir():  # the part's event files, when its worker wrote them
+                shutil.copytree(part / TENSORBOARD_DIR / name, out / TENSORBOARD_DIR / name, dirs_exist_ok=True)
         for line in (part / "metrics.jsonl").read_text().splitlines():
             row = json.loads(line)
             history.setdefault(row.pop("member"), []).append(row)
@@ -495,3 +511,6 @@ def gather_parts(out: str | os.PathLike[str], members: list[SweepMember], parts:
     summary.update(extra or {})
     _finish(out, summary, records, progress)
     return summary
+
+
+make_callable(__name__)  # featcache.train(...) calls train() (featcache.CallableModule)

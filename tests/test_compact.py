@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from featcache.cli import app
 from featcache.errors import TapOverflowError
-from featcache.infer import build_predictor
+from featcache.infer import load_predictor
 from featcache.methods.last import choose_taps
 from featcache.store.codecs import decode_array, dequantize, quantize
 from featcache.store.feature_store import FeatureStore
@@ -161,7 +161,7 @@ def test_pooled_every_second_int8_store_trains_and_predicts_as_cached(images: Pa
     assert [(t.tokens, t.grid) for t in store.manifest.taps] == [(5, (2, 2))] * 4  # 4x4 patches -> 2x2, + class
     summary = train(str(out), "last", tmp_path / "run", {"epochs": 2, "batch_size": 8, "gap": 2}, progress=False)
     assert summary["best"]["test_acc"] >= 0
-    predictor = build_predictor(tmp_path / "run", device="cpu")
+    predictor = load_predictor(tmp_path / "run", device="cpu")
     split = store.split("test")
     from PIL import Image
 
@@ -196,3 +196,12 @@ def test_cli_compact_options_and_inspect_json(images: Path, tmp_path: Path) -> N
     assert s["float32_bytes_per_sample"] == 3 * 5 * 64 * 4 and s["bytes_per_sample"] == 3 * 5 * (64 + 2)
     assert s["float32_ratio"] == s["float32_bytes_per_sample"] / s["stored_bytes_per_sample"]
     assert all(0 < t["stats"]["quantization_rel_rms"] < 0.05 for t in s["taps"].values())
+
+
+def test_dask_xarray_and_dataset_views_decode_eight_bit_taps(stores: dict) -> None:
+    split = FeatureStore.open(stores["int8"]).split("train")
+    want = split.read_values("block6").numpy()
+    assert np.array_equal(split.to_dask(["block6"])["block6"].compute(), want)
+    assert np.array_equal(split.to_xarray(["block6"])["block6"].values, want)
+    ds = split.dataset(["block6"])
+    assert torch.equal(ds[5][0]["block6"], torch.from_numpy(want[5]))

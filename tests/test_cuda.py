@@ -72,7 +72,7 @@ def test_float32_store_is_predicted_in_float32_on_cuda(stores, tmp_path) -> None
     """A float32 cache is extracted without autocast, and predict recomputes the same taps: cached == live."""
     from PIL import Image
 
-    from featcache.infer import build_predictor
+    from featcache.infer import load_predictor
 
     (_, test_dir) = stores
     path = str(tmp_path / "f32.zarr")
@@ -80,7 +80,7 @@ def test_float32_store_is_predicted_in_float32_on_cuda(stores, tmp_path) -> None
         extract(BackboneSpec(**TINY_VIT), str(test_dir), path, split=split, device="cuda", dtype="float32",
                 progress=False, loader_workers=0)
     train(path, "linear", tmp_path / "run", {"epochs": 2, "batch_size": 16}, device="cuda", progress=False)
-    predictor = build_predictor(tmp_path / "run", device="cuda")
+    predictor = load_predictor(tmp_path / "run", device="cuda")
     assert predictor.autocast.cuda_dtype is None
     split = FeatureStore.open(path).split("test")
     x = torch.stack([predictor.transform(Image.open(test_dir / i).convert("RGB")) for i in split.ids()]).cuda()

@@ -17,7 +17,7 @@ from featcache.backbone import Backbone
 from featcache.cli import app
 from featcache.device import AutocastPolicy
 from featcache.errors import CheckpointError, StoreError, UsageError
-from featcache.infer import build_predictor
+from featcache.infer import load_predictor
 from featcache.store.feature_store import FeatureStore
 from featcache.train import train
 from featcache.vocabulary import BackboneSpec
@@ -56,7 +56,7 @@ def test_the_transform_is_recorded_checked_and_rebuilt_by_predict(images: Path, 
         run_extract(images, out, split="test")  # one store, one transform
     run_extract(images, out, spec={**TINY_VIT, "resize_only": True}, split="test")
     train(str(out), "linear", tmp_path / "run", {"epochs": 2, "batch_size": 8}, progress=False)
-    predictor = build_predictor(tmp_path / "run", device="cpu")
+    predictor = load_predictor(tmp_path / "run", device="cpu")
     assert repr(predictor.transform) == manifest.transform["eval"]
     split = FeatureStore.open(out).split("test")
     ids = split.ids()
@@ -69,7 +69,7 @@ def test_the_transform_is_recorded_checked_and_rebuilt_by_predict(images: Path, 
     config["store"]["manifest"]["transform"]["eval"] = "Compose(Resize(size=40) CenterCrop(size=(32, 32)))"
     config_path.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="eval transform rebuilt for test_vit differs from the one the cache"):
-        build_predictor(config_path.parent, device="cpu")
+        load_predictor(config_path.parent, device="cpu")
 
 
 def test_cli_crop_options_are_exclusive(images: Path, tmp_path: Path) -> None:
@@ -98,7 +98,7 @@ def test_predict_applies_the_policy_the_extraction_recorded(images: Path, tmp_pa
     run_extract(images, out, dtype=dtype)
     assert FeatureStore.open(out).manifest.autocast == {"cuda": None if dtype == "float32" else "bfloat16"}
     train(str(out), "linear", tmp_path / "run", {"epochs": 1, "batch_size": 8}, val_fraction=0, progress=False)
-    predictor = build_predictor(tmp_path / "run", device="cpu")
+    predictor = load_predictor(tmp_path / "run", device="cpu")
     used: list[tuple[str | None, str]] = []
     real = AutocastPolicy.context
     monkeypatch.setattr(AutocastPolicy, "context", lambda self, device: used.append((self.cuda_dtype, device.type))

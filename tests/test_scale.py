@@ -43,11 +43,13 @@ from featcache.store.lock import pid_alive
 from featcache.store.summary import describe_store
 from featcache.store.verify import verify_store
 from featcache.sweep import expand
+from featcache.tensorboard_log import tensorboard_installed
 from featcache.train import train
 
 from .conftest import make_separable_images, write_tap_store
 from .conftest import TINY_VIT
 from .helpers.stores import FAST, assert_same_arrays, read_split, run_extract
+from .helpers.tensorboard_events import read_scalars
 
 SPEC = BackboneSpec(**TINY_VIT)
 BUCKET = "featcache-test"
@@ -375,7 +377,9 @@ def tap_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_files(run: Path) -> list[str]:
-    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and p.relative_to(run).parts[0] != "state")
+    """Files of a run, except resumable state and event files (named by time, host and pid; compared by content)."""
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*")
+                  if p.is_file() and p.relative_to(run).parts[0] not in ("state", "tensorboard"))
 
 
 def assert_same_run(local: Path, dist: Path) -> None:
@@ -408,6 +412,12 @@ def test_sweep_over_two_workers_equals_local_sweep(client: Client, tap_store: Pa
     assert sorted(map(sorted, (p["members"] for p in parts))) == [["lr=0.001-rank=4", "lr=0.003-rank=4"],
                                                                  ["lr=0.001-rank=8", "lr=0.003-rank=8"]]  # banks whole
     assert_same_run(tmp_path / "local", tmp_path / "dist")
+    if tensorboard_installed():  # the parts' event files are gathered into RUNDIR/tensorboard as well
+        members = sorted(p.name for p in (tmp_path / "local" / "tensorboard").iterdir())
+        assert sorted(p.name for p in (tmp_path / "dist" / "tensorboard").iterdir()) == members and len(members) == 4
+        for name in members:
+            local = read_scalars(tmp_path / "local" / "tensorboard" / name)
+            assert read_scalars(tmp_path / "dist" / "tensorboard" / name) == local and set(local["val_acc"]) == {1, 2}
 
 
 def test_part_whose_members_all_diverge_does_not_fail_the_sweep(client: Client, tap_store: Path, tmp_path: Path) -> None:

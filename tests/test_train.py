@@ -112,8 +112,9 @@ def test_training_learns_and_writes_the_run(vit_store, tmp_path, method: str) ->
     assert (out / "curves.png").stat().st_size > 1000 and (out / "summary.json").exists()
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == list(range(1, 9)) and all("test_acc" in l for l in lines)
-    files = {p.suffix for p in out.rglob("*") if p.is_file()}
+    files = {p.suffix for p in out.rglob("*") if p.is_file() and p.relative_to(out).parts[0] != "tensorboard"}
     assert files <= {".json", ".jsonl", ".safetensors", ".png"}  # never pickle
+    assert all(p.name.startswith("events.out.tfevents.") for p in (out / "tensorboard").rglob("*") if p.is_file())
 
 
 def test_sweep_members_differ_and_best_is_chosen_on_validation(vit_store, tmp_path) -> None:
@@ -224,11 +225,11 @@ def test_checkpoint_round_trip_gives_cached_logits(vit_store, tmp_path) -> None:
 def test_predict_live_path_equals_cached_path(vit_store, tmp_path, vit, monkeypatch) -> None:
     from PIL import Image
 
-    from featcache.infer import build_predictor, predict
+    from featcache.infer import load_predictor, predict
 
     path, test_taps, imgs, labels = vit_store
     train(str(path), "last", tmp_path / "p", {"epochs": 4, "batch_size": 16}, progress=False)
-    predictor = build_predictor(tmp_path / "p", device="cpu")
+    predictor = load_predictor(tmp_path / "p", device="cpu")
     x = torch.stack([predictor.transform(Image.fromarray(im)) for im in imgs])
     live = predictor(x)
     with torch.no_grad():
@@ -251,14 +252,14 @@ def test_predict_live_path_equals_cached_path(vit_store, tmp_path, vit, monkeypa
 def test_predict_refuses_other_weights(vit_store, tmp_path) -> None:
     from safetensors.torch import save_file
 
-    from featcache.infer import build_predictor
+    from featcache.infer import load_predictor
 
     path, _, _, _ = vit_store
     train(str(path), "linear", tmp_path / "w", {"epochs": 1}, progress=False)
     other = Backbone(BackboneSpec(**{**TINY_VIT, "seed": 3}))
     save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, str(tmp_path / "other.safetensors"))
     with pytest.raises(CheckpointError, match="not the ones the cache"):
-        build_predictor(tmp_path / "w", device="cpu", weights=str(tmp_path / "other.safetensors"))
+        load_predictor(tmp_path / "w", device="cpu", weights=str(tmp_path / "other.safetensors"))
 
 
 def test_cnn_end_to_end(tmp_path) -> None:

@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +45,12 @@ from . import zarr_io  # noqa: F401  (settles zarr's background tasks at exit)
 from .codecs import (DECODE_HINTS, QERR_SUFFIX, SCALE_SUFFIX, check_codecs, compressor_codecs, decode, dequantize,
                      is_eight_bit, storage_dtype, stored_bytes_per_row)
 from .lock import LOCKS_DIR
+
+if TYPE_CHECKING:
+    import dask.array
+    import xarray
+
+    from .reader import TapDataset
 
 SPLIT_ATTR = "featcache_split"
 DTYPE_ATTR = "featcache_dtype"
@@ -291,6 +297,42 @@ class SplitHandle:
             return codes.float()
         return dequantize(codes, decode(rows(name + SCALE_SUFFIX), "float16"), dtype)
 
+    # -- reading with other tools (docs/api.md): a torch Dataset, dask arrays, an xarray Dataset
+    @property
+    def tap_names(self) -> list[str]:
+        """The stored taps, in backbone order."""
+        return list(self.store.manifest.tap_names)
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names by label (empty for unlabelled data)."""
+        return list(self.meta.classes)
+
+    def dataset(self, taps: list[str] | None = None, view: int = 0) -> "TapDataset":
+        """A map-style ``torch.utils.data.Dataset`` of the completed images: ``ds[i] -> ({tap: (T, C) float32},
+        label)``; picklable (DataLoader workers reopen the store by its URL). ``taps``: default all."""
+        from .reader import TapDataset
+
+        return TapDataset(self, taps, view)
+
+    def to_dask(self, taps: list[str] | None = None) -> "dict[str, dask.array.Array]":
+        """{tap: lazily read and decoded float32 dask array} over the completed images, one block per shard."""
+        from .lazy_views import split_to_dask
+
+        return split_to_dask(self, taps)
+
+    def to_xarray(self, taps: list[str] | None = None) -> "xarray.Dataset":
+        """The completed images as an ``xarray.Dataset``: a lazily decoded float32 variable per tap, coordinates
+        ``image``, ``labels`` and ``ids``, the manifest as attributes. Needs ``pip install xarray``."""
+        from .lazy_views import split_to_xarray
+
+        return split_to_xarray(self, taps)
+
+    def __repr__(self) -> str:
+        views = f", {self.meta.views} views" if self.meta.views > 1 else ""
+        return (f"<SplitHandle {self.name!r} of {self.store.url}: {self.num_samples} images{views}, "
+                f"{len(self.meta.classes)} classes, taps {', '.join(self.tap_names)}>")
+
     # -- writing (one writer per shard; see featcache.store.writer)
     def write_shard(self, shard: int, taps: dict[str, np.ndarray], labels: np.ndarray, ids: list[str]) -> None:
         """Write all arrays of one whole shard (``taps``: every tap array, and with an 8-bit cache its scale rows
@@ -403,6 +445,11 @@ class FeatureStore:
         except StoreError:
             return False
 
+    def __repr__(self) -> str:
+        model = self.manifest.backbone.get("spec", {}).get("model", "?")
+        return (f"<FeatureStore {self.url}: {model}, {len(self.manifest.taps)} taps ({self.manifest.dtype}), "
+                f"splits {', '.join(self.splits()) or 'none'}>")
+
     def splits(self) -> list[str]:
         with warnings.catch_warnings():  # the _locks directory of a running extraction is not a Zarr node
             warnings.filterwarnings("ignore", message=f"Object at {LOCKS_DIR} is not recognized")
@@ -456,3 +503,9 @@ class FeatureStore:
         meta.compressor = compressor
         group.attrs[SPLIT_ATTR] = meta.to_attrs()
         return SplitHandle(self, name, group)
+
+
+def open_store(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> FeatureStore:
+    """Open a featcache store for reading (a local path or an fsspec URL): ``store.splits()``,
+    ``store.split(name)`` -> ``SplitHandle`` (``.dataset()``, ``.to_dask()``, ``.to_xarray()``); docs/api.md."""
+    return FeatureStore.open(url, "r", storage_options)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +37,7 @@ from featcache.vocabulary import READER_MODES
 
 from .codecs import (SCALE_SUFFIX, TORCH_DTYPES, decode, dequantize, is_eight_bit, storage_numpy_dtype, storage_view,
                      stored_bytes_per_row)
-from .feature_store import SplitHandle
+from .feature_store import FeatureStore, SplitHandle
 
 log = logging.getLogger("featcache.reader")
 # stream mode reads whole shards (one zarr request each) up to SHARD_BLOCK_BYTES, else runs of whole chunks of
@@ -436,31 +437,61 @@ class BatchIterable(torch.utils.data.IterableDataset):
 
 
 class TapDataset(torch.utils.data.Dataset):
-    """Map-style dataset: item i -> ({tap: (T, C) float32 tensor}, label), read per chunk with a small cache.
+    """Map-style dataset of a split's completed images: item i -> ({tap: (T, C) float32 tensor}, label).
 
-    For ``DataLoader`` users who shuffle themselves; featcache's own readers are faster.
+    For code that batches and shuffles itself (a ``DataLoader``, PyTorch Lightning); featcache's own readers
+    are faster. Reads one chunk at a time and keeps the last one, so in-order access reads each chunk once.
+    Picklable: zarr objects are never pickled; a worker process (``spawn`` or ``fork``) reopens the store by
+    its URL on first use, so the store must be reachable there (a path or a shared URL, not ``memory://``).
+    ``view``: which cached view to return for a split extracted with ``--views``.
     """
 
-    def __init__(self, split: SplitHandle, taps: list[str], view: int = 0) -> None:
-        self.split, self.taps, self.view = split, list(taps), view
+    def __init__(self, split: SplitHandle, taps: list[str] | None = None, view: int = 0) -> None:
+        self.taps = list(split.tap_names if taps is None else taps)
+        for name in self.taps:
+            split.tap(name)  # an unknown tap or a damaged array: a StoreError now, not in a worker
+        if not 0 <= view < split.meta.views:
+            raise UsageError(f"view {view} does not exist: split {split.name!r} of {split.store.url} holds "
+                             f"{split.meta.views} view(s) per image; pass view=0..{split.meta.views - 1}")
+        self.url, self.storage_options, self.split_name = split.store.url, split.store.storage_options, split.name
+        self.view, self.views, self.cache_dtype = view, split.meta.views, split.store.manifest.dtype
+        self.chunk_images, self.num_samples = split.meta.chunk_images, split.num_samples
         self.indices = split.completed_indices()
         self.labels = split.labels()
+        self._attach(split)
+
+    def _attach(self, split: SplitHandle | None) -> None:
+        self._split, self._pid = split, os.getpid()
         self._lock = threading.Lock()
         self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    @property
+    def split(self) -> SplitHandle:
+        """The open split; opened again in a new process (after unpickling or a fork)."""
+        if self._split is None or self._pid != os.getpid():
+            self._attach(FeatureStore.open(self.url, "r", self.storage_options).split(self.split_name))
+        return self._split  # type: ignore[return-value]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_split", "_lock", "_cached", "_pid")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._attach(None)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
         idx = int(self.indices[i])
-        c = self.split.meta.chunk_images
-        start = (idx // c) * c
+        split = self.split
+        start = (idx // self.chunk_images) * self.chunk_images
         with self._lock:
             if self._cached is None or self._cached[0] != start:
-                stop = min(start + c, self.split.num_samples)
-                self._cached = (start, {t: self.split.read_values(t, start, stop) for t in self.taps})
+                stop = min(start + self.chunk_images, self.num_samples)
+                self._cached = (start, {t: split.read_values(t, start, stop) for t in self.taps})
             rows = {t: a[idx - start] for t, a in self._cached[1].items()}  # (T, C), or (V, T, C) with views
-        out = {t: (a[self.view] if self.split.meta.views > 1 else a).clone() for t, a in rows.items()}
+        out = {t: (a[self.view] if self.views > 1 else a).clone() for t, a in rows.items()}
         return out, int(self.labels[idx])
 
 
