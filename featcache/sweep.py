@@ -36,13 +36,13 @@ class TrainConfig:
     clip_grad: float = 1.0  # max global grad norm per member; 0 = off
     seed: int = 0  # side-network initialisation and batch order
     eval_every: int = 1  # epochs between evaluations
-    # feature-space augmentation of the cached taps per batch (featcache.augment; "none", "tokendrop+frofa", ...)
-    aug: str = "none"
-    tokendrop_rate: float = 0.2
-    mixup_alpha: float = 0.8
-    cutmix_alpha: float = 1.0
-    frofa_brightness: float = 0.1
-    frofa_contrast: float = 0.0
+    # feature-space augmentation of the cached taps per batch (featcache.augment); defaults are AugmentConfig's
+    aug: str = AugmentConfig.aug
+    tokendrop_rate: float = AugmentConfig.tokendrop_rate
+    mixup_alpha: float = AugmentConfig.mixup_alpha
+    cutmix_alpha: float = AugmentConfig.cutmix_alpha
+    frofa_brightness: float = AugmentConfig.frofa_brightness
+    frofa_contrast: float = AugmentConfig.frofa_contrast
 
     def __post_init__(self) -> None:
         checks = [
