@@ -115,6 +115,7 @@ class Settings:
     epochs: int = 4
     acc_batch: int = 64
     seeds: int = 2
+    first_seed: int = 0  # seeds first_seed, first_seed + 1, ... (a later run adds seeds to an earlier one)
     vit: str = "vit_s"  # the backbones the targets are read on
     cnn: str = "effnet"
     device: str = "cpu"
@@ -125,8 +126,11 @@ class Settings:
         """What must agree for ``--resume`` to keep an earlier run's entry of ``stage``."""
         keys = {"speed": ("images", "batch_size", "rounds", "buffer_mb", "device", "threads"),
                 "memory": ("images", "batch_size", "memory_steps", "device", "threads"),
-                "accuracy": ("acc_model", "acc_train", "acc_test", "epochs", "acc_batch", "seeds", "device")}[stage]
-        return {k: getattr(self, k) for k in keys}
+                "accuracy": ("acc_model", "acc_train", "acc_test", "epochs", "acc_batch", "seeds", "first_seed", "device")}[stage]
+        sizes = {k: getattr(self, k) for k in keys}
+        if not sizes.get("first_seed", 1):
+            del sizes["first_seed"]  # runs recorded before first_seed existed started at seed 0 and still match
+        return sizes
 
 
 def smoke_settings(s: Settings, models: list[str] | None = None) -> Settings:
@@ -357,6 +361,12 @@ def memory_mb(row: dict[str, Any] | None) -> float | None:
 # Stage: accuracy
 
 
+def seed_list(s: Settings | dict[str, Any]) -> list[int]:
+    """The accuracy seeds of a run (its settings, or their recorded dict)."""
+    first, n = (s.first_seed, s.seeds) if isinstance(s, Settings) else (s.get("first_seed", 0), s["seeds"])
+    return list(range(first, first + n))
+
+
 def train_last(s: Settings, path: Path) -> dict[str, Any]:
     """LAST with ``seeds`` initialisations as one sweep, epoch chosen per seed on held-out validation; per seed the
     test accuracy of its chosen epoch."""
@@ -369,7 +379,7 @@ def train_last(s: Settings, path: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         summary = train(str(path), "last", out, {"epochs": s.epochs, "batch_size": s.acc_batch, "lr": SIDE_LR["last"],
                                                  **LAST_CONFIG},
-                        {"seed": list(range(s.seeds))}, eval_split="test", reader="auto", device=s.device,
+                        {"seed": seed_list(s)}, eval_split="test", reader="auto", device=s.device,
                         progress=False, overwrite=True)
         seconds = time.perf_counter() - t0
     finally:
@@ -391,7 +401,7 @@ def accuracy_stage(s: Settings, workdir: Path, previous: dict[str, Any] | None,
     model, device = s.acc_model, torch.device(s.device)
     out: dict[str, Any] = {"model": model, "label": MODELS[model].label, "data": note, "train": s.acc_train,
                            "test": s.acc_test, "epochs": s.epochs, "batch_size": s.acc_batch,
-                           "seeds": list(range(s.seeds)), "sizes": s.sizes("accuracy"), "complete": False,
+                           "seeds": seed_list(s), "sizes": s.sizes("accuracy"), "complete": False,
                            "protocol": "epoch chosen per seed on 10% of the training split held out (stratified, "
                                        "seeded); test accuracy of that epoch; seeds = side-network initialisations "
                                        "(one sweep, seed 0's batch order)",
@@ -585,7 +595,7 @@ def render_markdown(r: dict[str, Any]) -> str:
            "split, stored = on disk (lz4, checksums), ratio = fp16-all's over the variant's. Stream: one epoch over "
            f"LAST's taps (gap {LAST_GAP}), {s['buffer_mb']:g} MB window. LAST step: ram reader, gap {LAST_GAP}, "
            f"paired with LoRA (r=8) on the same images. Memory: one subprocess each, {s['memory_steps']} steps, "
-           "LAST with the default reader (auto). Seeds: " + ", ".join(map(str, range(s["seeds"]))) + ".", "",
+           "LAST with the default reader (auto). Seeds: " + ", ".join(map(str, seed_list(s))) + ".", "",
            "Variants: " + "; ".join(f"`{k}` {VARIANTS[k].label}" for k in s["variants"]) + ".", ""]
     shown = list(dict.fromkeys([*r.get("speed", {}), *r.get("memory", {}),
                                 *([r["accuracy"]["model"]] if r.get("accuracy") else [])]))
@@ -608,7 +618,7 @@ def render_markdown(r: dict[str, Any]) -> str:
 
 
 SIZE_OPTIONS = ("images", "batch_size", "rounds", "memory_steps", "memory_jobs", "acc_model", "acc_train", "acc_test",
-                "epochs", "acc_batch", "seeds", "device", "threads")
+                "epochs", "acc_batch", "seeds", "first_seed", "device", "threads")
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
@@ -625,6 +635,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
                              ("acc_model", str, "accuracy backbone"), ("acc_train", int, "accuracy training images"),
                              ("acc_test", int, "accuracy test images"), ("epochs", int, "accuracy epochs"),
                              ("acc_batch", int, "accuracy batch"), ("seeds", int, "accuracy seeds (0, 1, ..)"),
+                             ("first_seed", int, "the first accuracy seed"),
                              ("device", str, "cpu or cuda"), ("threads", int, "CPU torch threads")):
         ap.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                         help=f"{what} (default {getattr(d, name)})")

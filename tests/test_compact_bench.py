@@ -92,3 +92,11 @@ def test_resume_keeps_what_an_earlier_run_of_the_same_sizes_finished(smoke: tupl
     _, same = bench_compact.parse_args(["--smoke", "--models", "tiny_vit"])
     assert bench_compact.kept(again, two_epochs, "accuracy") is None
     assert bench_compact.kept(again, same, "accuracy") == again["accuracy"]
+
+
+def test_first_seed_moves_the_accuracy_seeds() -> None:
+    _, s = bench_compact.parse_args(["--first-seed", "2", "--seeds", "3"])
+    assert bench_compact.seed_list(s) == [2, 3, 4]
+    assert s.sizes("accuracy")["first_seed"] == 2  # a --resume of seeds 0, 1 does not keep them as seeds 2, 3
+    assert bench_compact.seed_list({"seeds": 2}) == [0, 1]  # settings recorded before first_seed existed
+    assert "first_seed" not in bench_compact.parse_args([])[1].sizes("accuracy")  # so their --resume still matches
