@@ -20,7 +20,8 @@ GLIBC = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get
 # output is a fresh mmap whose 16,384 pages fault on first touch. With the settings the heap may still
 # grow by one block now and then (a small allocation lands in a freed 64 MiB chunk, so the next output no
 # longer fits there: 1 run in 5 here, after the warm-up), then reuses it: so the faults are counted per
-# step and the median kept, and the heap may grow by one block over 20 steps, not by one per step.
+# step and the median kept, and the heap may grow by a few blocks over 20 steps (two seen in a fresh-clone CI
+# run), not by one per step (20 blocks, 1,280 MB).
 FAULTS = """
 import resource, torch
 from featcache.allocator import keep_freed_memory
@@ -48,7 +49,7 @@ def faults_per_step(choice: str) -> tuple[bool, int, int]:
 @pytest.mark.skipif(not GLIBC, reason="the settings are glibc's")
 def test_freed_memory_is_reused_without_page_faults_and_the_heap_stops_growing() -> None:
     applied, faults, growth_mb = faults_per_step("keep")
-    assert applied and faults < 1000 and growth_mb <= 64  # the heap hands back the same pages
+    assert applied and faults < 1000 and growth_mb <= 4 * 64  # the heap hands back the same pages
     applied, faults, _ = faults_per_step("system")
     assert not applied and faults >= 16_000  # malloc as it was: every 64 MiB output faults in again
 
