@@ -42,7 +42,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,31 +95,38 @@ TARGETS: dict[str, float] = {"bytes_vit": 8.0, "bytes_cnn": 5.0, "acc_compact_po
                              "memory_vs_lora": 0.30, "stream_vs_base": 4.0, "step_pool_vs_lora": 20.0}
 
 
+def option(default: Any, help: str) -> Any:
+    """A Settings field that is also a command-line option (``--name-with-dashes``, typed like its default)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Settings:
     """The sizes of one run (recorded in the result; ``--resume`` continues only a run of the same sizes)."""
 
     models: list[str]
     variants: list[str]
-    images: int = 256
-    batch_size: int = 32
-    rounds: int = 3
+    images: int = option(256, "images per backbone (speed, memory)")
+    batch_size: int = option(32, "speed and memory batch")
+    rounds: int = option(3, "paired rounds")
     buffer_mb: float = 64.0
     min_call_s: float = 1.0
     memory_models: list[str] | None = None  # None: every backbone of models
-    memory_steps: int = 3
-    memory_jobs: int = 1  # memory workers at once (peak RSS is per process; 1 keeps them off each other's cores)
-    acc_model: str = "effnet"
-    acc_train: int = 10000
-    acc_test: int = 2000
-    epochs: int = 4
-    acc_batch: int = 64
-    seeds: int = 2
-    first_seed: int = 0  # seeds first_seed, first_seed + 1, ... (a later run adds seeds to an earlier one)
+    memory_steps: int = option(3, "training steps per memory subprocess")
+    # memory workers at once (peak RSS is per process; 1 keeps them off each other's cores)
+    memory_jobs: int = option(1, "memory subprocesses at once")
+    acc_model: str = option("effnet", "accuracy backbone")
+    acc_train: int = option(10000, "accuracy training images")
+    acc_test: int = option(2000, "accuracy test images")
+    epochs: int = option(4, "accuracy epochs")
+    acc_batch: int = option(64, "accuracy batch")
+    seeds: int = option(2, "accuracy seeds (0, 1, ..)")
+    # seeds first_seed, first_seed + 1, ... (a later run adds seeds to an earlier one)
+    first_seed: int = option(0, "the first accuracy seed")
     vit: str = "vit_s"  # the backbones the targets are read on
     cnn: str = "effnet"
-    device: str = "cpu"
-    threads: int | None = 1
+    device: str = option("cpu", "cpu or cuda")
+    threads: int | None = option(1, "CPU torch threads")
     smoke: bool = False
 
     def sizes(self, stage: str) -> dict[str, Any]:
@@ -617,8 +624,7 @@ def render_markdown(r: dict[str, Any]) -> str:
 # Entry point
 
 
-SIZE_OPTIONS = ("images", "batch_size", "rounds", "memory_steps", "memory_jobs", "acc_model", "acc_train", "acc_test",
-                "epochs", "acc_batch", "seeds", "first_seed", "device", "threads")
+SIZE_OPTIONS = {f.name: f for f in fields(Settings) if "help" in f.metadata}  # the Settings fields that are options
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
@@ -629,16 +635,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     ap.add_argument("--models", default=None, help=f"backbones of the speed and memory stages (default "
                     f"{','.join(d.models)}; with --smoke tiny_vit,tiny_cnn)")
     ap.add_argument("--variants", default=",".join(d.variants), help=f"of {', '.join(VARIANTS)} ({BASE} is required)")
-    for name, kind, what in (("images", int, "images per backbone (speed, memory)"), ("batch_size", int, "speed and "
-                             "memory batch"), ("rounds", int, "paired rounds"), ("memory_steps", int, "training steps "
-                             "per memory subprocess"), ("memory_jobs", int, "memory subprocesses at once"),
-                             ("acc_model", str, "accuracy backbone"), ("acc_train", int, "accuracy training images"),
-                             ("acc_test", int, "accuracy test images"), ("epochs", int, "accuracy epochs"),
-                             ("acc_batch", int, "accuracy batch"), ("seeds", int, "accuracy seeds (0, 1, ..)"),
-                             ("first_seed", int, "the first accuracy seed"),
-                             ("device", str, "cpu or cuda"), ("threads", int, "CPU torch threads")):
-        ap.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                        help=f"{what} (default {getattr(d, name)})")
+    for name, f in SIZE_OPTIONS.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=None,
+                        help=f"{f.metadata['help']} (default {getattr(d, name)})")
     ap.add_argument("--out", type=Path, default=RESULTS / "compact-cpu", help="result path without suffix: "
                     "<out>.json and <out>.md")
     ap.add_argument("--workdir", type=Path, default=None, help="where stores go (default: a temporary folder)")
