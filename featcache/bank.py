@@ -140,6 +140,10 @@ class MemberBank:
         ramp = torch.where(warm > 0, ((t + 1e-3) / torch.clamp(warm, min=1e-8)).clamp(max=1.0), torch.ones_like(t))
         return torch.where(t < warm, ramp, cosine)
 
+    def lr_at(self, progress: float, total_epochs: int) -> torch.Tensor:
+        """(K,) learning rate of each member at ``progress`` epochs (its lr times the schedule factor)."""
+        return self.lr * self.lr_factor(progress, total_epochs)
+
     def train_step(self, taps: dict[str, torch.Tensor], labels: torch.Tensor, progress: float, total_epochs: int,
                    where: str = "", labels_b: torch.Tensor | None = None,
                    lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +168,7 @@ class MemberBank:
             scale = torch.where(self.clip > 0, torch.clamp(self.clip / (norm + 1e-6), max=1.0), torch.ones_like(norm))
             scale = torch.where(self.alive, scale, torch.zeros_like(scale))
             scale = torch.nan_to_num(scale, nan=0.0, posinf=0.0)
-            lr_now = self.lr * self.lr_factor(progress, total_epochs) * self.alive
+            lr_now = self.lr_at(progress, total_epochs) * self.alive
             self._adamw(grads, scale, lr_now)
             correct = (logits.argmax(-1) == labels.view(1, -1)).sum(dim=1)
         return losses.detach(), correct

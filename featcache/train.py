@@ -330,9 +330,10 @@ class EpochLoop:
                               self.evaluation.selects)
                 # TensorBoard before the commit point: an epoch interrupted after this is logged again on resume and
                 # its first copy dropped (TensorBoardLog's purge_step)
-                for r in self.records if self.tensorboard is not None else ():
-                    lr = self.banks[r.bank].lr[r.slot] * self.banks[r.bank].lr_factor(epoch + 1, cfg.epochs)[r.slot]
-                    self.tensorboard.log_epoch(r.member.name, epoch + 1, {**r.history[-1], "lr": float(lr)})
+                if self.tensorboard is not None:
+                    for r in self.records:
+                        lr = self.banks[r.bank].lr_at(epoch + 1, cfg.epochs)[r.slot]
+                        self.tensorboard.log_epoch(r.member.name, epoch + 1, {**r.history[-1], "lr": float(lr)})
                 self.rundir.save_state(epoch, self.banks, [{"history": r.history, "best": r.best}
                                                            for r in self.records], stats)  # the epoch's commit point
                 _write_metrics(self.rundir, self.records)
