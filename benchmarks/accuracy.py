@@ -2,7 +2,7 @@
 
 ImageNet-pretrained EfficientNet-Lite0 (``pypi:efficientnet-lite0``) and a fixed stratified subset of
 Fashion-MNIST (train from the train files, test from the t10k files; sklearn digits when the files are
-absent). featcache extracts both splits once, then ``featcache.train.train`` trains the linear probe,
+absent). featcache extracts both splits once, then ``featcache.training.train`` trains the linear probe,
 LAST and LST for E epochs each with the honest protocol: the epoch is chosen on validation data held out
 of the training split (10%, stratified, seeded), and the test accuracy of that epoch is reported. The
 test-selected accuracy (the best test epoch: what featcache printed before it selected on validation) is
@@ -59,7 +59,7 @@ def side_methods(store_path: Path, entries: list[str], epochs: int, batch_size: 
                  configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Train each featcache entry from the cache: test accuracy of the epoch (and member) chosen on held-out
     validation data, of the last epoch, and (for comparison only) of the best test epoch; wall time."""
-    from featcache.train import train
+    from featcache.training import train
 
     rows = {}
     for name in entries:

@@ -241,11 +241,11 @@ def round_trip(case: Case, work: Path, dtype: str = "float16", n_images: int = 1
     Raises featcache errors (refusals) as they are.
     """
     from featcache.data import open_source
-    from featcache.extract import ExtractOptions, extract
+    from featcache.extraction import ExtractOptions, extract
     from featcache.infer import load_predictor
     from featcache.store.codecs import TORCH_DTYPES as CACHE_DTYPES
     from featcache.store.feature_store import FeatureStore
-    from featcache.train import train
+    from featcache.training import train
 
     data = write_images(work / "images", n_images)
     store = work / f"cache-{dtype}.zarr"

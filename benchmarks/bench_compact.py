@@ -72,7 +72,7 @@ class Variant:
         return replace(base, spec={**base.spec, "pool_tokens": self.pool_tokens}) if self.pool_tokens > 1 else base
 
     def extract_options(self) -> dict[str, Any]:
-        """``featcache.extract`` options of this variant."""
+        """``featcache.extraction`` options of this variant."""
         return {"dtype": self.dtype, **({"layers": self.layers} if self.layers else {})}
 
     @property
@@ -377,7 +377,7 @@ def seed_list(s: Settings | dict[str, Any]) -> list[int]:
 def train_last(s: Settings, path: Path) -> dict[str, Any]:
     """LAST with ``seeds`` initialisations as one sweep, epoch chosen per seed on held-out validation; per seed the
     test accuracy of its chosen epoch."""
-    from featcache.train import train
+    from featcache.training import train
 
     from .peers import SIDE_LR
 

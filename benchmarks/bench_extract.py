@@ -6,7 +6,7 @@
     ... --tiny                                   # the same code on tiny random models (the smoke test)
 
 ``extract``: A = the bare tapped forward (``Backbone.taps`` in inference mode) over batches that are
-already transformed and in memory; B = ``featcache.extract.extract`` of the same images (decode and
+already transformed and in memory; B = ``featcache.extraction.extract`` of the same images (decode and
 transform in the DataLoader, forward, copy into shard buffers, compress, checksum, write, fsync),
 timed over its shard loop (model construction excluded from both). Rounds alternate A B A B so
 that load from other processes hits both; medians and the ratio B/A go to
@@ -39,7 +39,7 @@ from featcache.backbone import Backbone  # noqa: E402
 from featcache.device import resolve_device  # noqa: E402
 from featcache.vocabulary import BackboneSpec  # noqa: E402
 from featcache.loader import TransformedDataset  # noqa: E402
-from featcache.extract import ExtractOptions, extract, open_split_source  # noqa: E402
+from featcache.extraction import ExtractOptions, extract, open_split_source  # noqa: E402
 from featcache.loader import default_loader_workers  # noqa: E402
 
 from .common import paired_ratio  # noqa: E402
@@ -218,7 +218,7 @@ def bench_codecs(args: argparse.Namespace) -> dict[str, Any]:
 def bench_settings(args: argparse.Namespace) -> dict[str, Any]:
     import zarr
 
-    import featcache.extract as fx
+    import featcache.extraction as fx
 
     models = _models(args)
     name = (args.models or ["vit_small_patch16_224" if not args.tiny else "test_vit"])[0]

@@ -161,7 +161,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="benchmarks/results/reader.json")
     a = p.parse_args()
-    keep_freed_memory()  # as featcache.train does
+    keep_freed_memory()  # as featcache.training does
     res = run(a.images, a.taps, rounds=a.rounds)
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     for k in ("numpy_copy", "numpy_copy_f32", "numpy_copy_f32_freed", "ram", "zarr_direct", "stream"):

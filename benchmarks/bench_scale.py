@@ -3,12 +3,12 @@
     python -m benchmarks.bench_scale                 # ViT-S/16 (random weights), 256 images, 2 rounds
     python -m benchmarks.bench_scale --tiny          # test_vit at 32 px, 32 images: a smoke run
 
-Extraction: the same synthetic images (ImageFolder, 3 classes) extracted by ``featcache.extract.extract``
+Extraction: the same synthetic images (ImageFolder, 3 classes) extracted by ``featcache.extraction.extract``
 in this process (torch threads = all cores) and by ``featcache.scale.extract_on_cluster`` on local
 clusters of N workers (cores / N torch threads each). Clusters are started once and warmed up (torch
 imported, model built on every worker) before timing, so the numbers compare the shard loops; the
 start-up time is reported separately. Training: a 4-member sweep (2 banks) from the extracted cache,
-``featcache.train.train`` here vs ``train_on_cluster`` (wall time, the gather included).
+``featcache.training.train`` here vs ``train_on_cluster`` (wall time, the gather included).
 Configurations alternate within each round so that load from other processes hits all of them;
 medians go to benchmarks/results/scale.json and a markdown table to stdout.
 """
@@ -35,9 +35,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from featcache.vocabulary import BackboneSpec  # noqa: E402
-from featcache.extract import ExtractOptions, extract  # noqa: E402
+from featcache.extraction import ExtractOptions, extract  # noqa: E402
 from featcache.scale import cluster_client, cpu_count, extract_on_cluster, train_on_cluster  # noqa: E402
-from featcache.train import train  # noqa: E402
+from featcache.training import train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL = dict(model="vit_small_patch16_224", weights="random")

@@ -33,7 +33,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def setup_torch(device: str, threads: int | None) -> torch.device:
     """Intra-op threads (CPU), the device, and featcache's malloc settings for every peer alike (the ones
-    ``featcache.extract`` and ``featcache.train`` apply); ``threads=None`` keeps torch's default."""
+    ``featcache.extraction`` and ``featcache.training`` apply); ``threads=None`` keeps torch's default."""
     keep_freed_memory()
     if threads is not None:
         torch.set_num_threads(max(1, threads))

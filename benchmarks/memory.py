@@ -32,7 +32,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     import zarr  # noqa: F401
 
-    import featcache.train  # noqa: F401
+    import featcache.training  # noqa: F401
 
     from .peers import PeerContext, build_peer
 

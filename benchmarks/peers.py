@@ -97,7 +97,7 @@ class Peer:
 
 
 def method_input(store: FeatureStore, split: str = "train") -> MethodInput:
-    """What a side network is built from, as ``featcache.train`` builds it from a store."""
+    """What a side network is built from, as ``featcache.training`` builds it from a store."""
     sp = store.split(split)
     labels = sp.labels()
     num_classes = max(len(sp.meta.classes), int(labels.max()) + 1)

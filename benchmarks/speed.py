@@ -4,7 +4,7 @@ Step: each peer is built once (same backbone, same images, same batch size), war
 rounds that alternate the order of the peers; a timed call runs enough steps to last about
 ``min_call_s`` (one step for the slow peers). samples/s = batch size / median seconds per step.
 
-End to end (E epochs on N images): featcache really runs ``featcache.train.train`` for E epochs from the
+End to end (E epochs on N images): featcache really runs ``featcache.training.train`` for E epochs from the
 store that one extraction wrote, and the extraction's wall time is added. The peers' E epochs are
 extrapolated from their median step time (ceil(N / B) steps per epoch, no data loading counted), which
 favours them; the featcache step extrapolation is reported next to its real run as a check.
@@ -97,7 +97,7 @@ def reader_share(ctx: PeerContext, method: str, rounds: int = 5) -> dict[str, fl
 def end_to_end(store: StoreInfo, ctx: PeerContext, methods: list[str], epochs: int, steps: dict[str, Any],
                real: list[str]) -> dict[str, Any]:
     """E epochs on the store's N training images: featcache real (extraction + train), peers extrapolated."""
-    from featcache.train import train
+    from featcache.training import train
 
     n = store.splits["train"]
     steps_per_epoch = math.ceil(n / ctx.batch_size)
@@ -122,7 +122,7 @@ def end_to_end(store: StoreInfo, ctx: PeerContext, methods: list[str], epochs: i
             finally:
                 shutil.rmtree(out, ignore_errors=True)
             row["total_s"] = extraction_s + row["train_s"]
-            row["how"] = "real: featcache.extract + featcache.train.train"
+            row["how"] = "real: featcache.extraction + featcache.training.train"
         else:
             row["total_s"] = extraction_s + row["train_extrapolated_s"]
             row["how"] = "extraction real, training extrapolated from the median step"

@@ -131,7 +131,7 @@ class StoreInfo:
 
     path: Path
     splits: dict[str, int]
-    extraction: str  # how the store was written ("featcache.extract")
+    extraction: str  # how the store was written ("featcache.extraction")
     seconds: dict[str, float] = field(default_factory=dict)  # per split: wall time of the extraction call
     loop_seconds: dict[str, float] = field(default_factory=dict)  # per split: the shard loop alone (when reported)
     nbytes: int = 0
@@ -152,13 +152,13 @@ class StoreInfo:
 def build_store(preset: ModelPreset, splits: dict[str, tuple[Any, ...]], out: Path, device: torch.device,
                 batch_size: int = 32, progress: bool = False, fresh: bool = True) -> StoreInfo:
     """Extract ``{split: (data spec, limit[, extract options])}`` into a fresh store at ``out`` (all taps, float16
-    unless the options say otherwise) with ``featcache.extract.extract``, timing each call as a whole (model
+    unless the options say otherwise) with ``featcache.extraction.extract``, timing each call as a whole (model
     loading included). ``fresh=False`` adds splits to an existing store."""
-    from featcache.extract import extract
+    from featcache.extraction import extract
 
     if out.exists() and fresh:
         shutil.rmtree(out)
-    info = StoreInfo(out, {}, "featcache.extract")
+    info = StoreInfo(out, {}, "featcache.extraction")
     for split, (spec, limit, *more) in splits.items():
         t0 = time.perf_counter()
         options = {"dtype": "float16", **(more[0] if more else {})}

@@ -68,7 +68,7 @@ def command(model: str, model_kwargs: tuple[str, ...], weights: str, data: str, 
     from featcache.backbone import parse_layers
     from featcache.vocabulary import BackboneSpec
     from featcache.data import spec_with_columns
-    from featcache.extract import ExtractOptions, extract
+    from featcache.extraction import ExtractOptions, extract
 
     data = spec_with_columns(data, image_column, label_column)
     spec = BackboneSpec(model=model, model_kwargs=parse_assignments(model_kwargs, "--model-kwargs"), weights=weights,

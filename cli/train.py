@@ -64,7 +64,7 @@ def command(store: str, method: str, out: str, epochs: int | None, batch_size: i
     """
     from featcache.infer import backbone_state_loader
     from featcache.sweep import load_sweep_file
-    from featcache.train import TrainOptions, train
+    from featcache.training import TrainOptions, train
 
     base, sweep_grid = load_sweep_file(sweep_file) if sweep_file else ({}, {})
     values = {**base, **parse_assignments(settings, "--set")}

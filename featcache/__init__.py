@@ -5,15 +5,13 @@ timm or zarr until a name is used; the CLI's ``--help`` relies on it)::
 
     import featcache
     store = featcache.open_store("cache.zarr")          # featcache.store.feature_store
-    featcache.extract(spec, data, out, ...)             # featcache.extract
-    featcache.train(store, "last", out, ...)            # featcache.train
+    featcache.extract(spec, data, out, ...)             # featcache.extraction
+    featcache.train(store, "last", out, ...)            # featcache.training
     predictor = featcache.load_predictor("runs/last")   # featcache.infer
 """
 
 import importlib as _importlib
 import os as _os
-import sys as _sys
-import types as _types
 from typing import Any as _Any
 
 # OpenMP threads that spin while waiting starve the loader, writer and reader threads on a few shared
@@ -26,48 +24,21 @@ __version__ = "0.1.0"
 # public name -> the module that defines it (imported on first access, PEP 562)
 _API = {
     "open_store": "featcache.store.feature_store",
-    "extract": "featcache.extract",
-    "train": "featcache.train",
+    "extract": "featcache.extraction",
+    "train": "featcache.training",
     "load_predictor": "featcache.infer",
     "BackboneSpec": "featcache.vocabulary",
-    "ExtractOptions": "featcache.extract",
-    "TrainOptions": "featcache.train",
+    "ExtractOptions": "featcache.extraction",
+    "TrainOptions": "featcache.training",
 }
 
 __all__ = list(_API)
-
-
-class CallableModule(_types.ModuleType):
-    """A module that is also its main function: ``featcache.train(...)`` calls ``featcache.train.train(...)``.
-
-    ``featcache.extract`` and ``featcache.train`` name both a submodule and the function the API documents.
-    Python sets a package attribute to the submodule whenever that is first imported (by anyone, in any
-    form), so the attribute cannot stay a plain function; instead the submodule itself is made callable
-    (the documented ``module.__class__`` assignment), and ``import featcache.train as m``, ``mock.patch``
-    targets and ``featcache.train(...)`` all work.
-    """
-
-    def __call__(self, *args: _Any, **kwargs: _Any) -> _Any:
-        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
-
-    @property
-    def __signature__(self) -> _Any:  # inspect.signature(featcache.train) shows the function's
-        import inspect
-
-        return inspect.signature(getattr(self, self.__name__.rpartition(".")[2]))
-
-
-def make_callable(module_name: str) -> None:
-    """Make an imported module callable as its function of the same name (see ``CallableModule``)."""
-    _sys.modules[module_name].__class__ = CallableModule
 
 
 def __getattr__(name: str) -> _Any:
     if name not in _API:
         raise AttributeError(f"module 'featcache' has no attribute {name!r}")
     module = _importlib.import_module(_API[name])
-    if module.__name__ == f"featcache.{name}":  # extract, train: the (callable) submodule itself
-        return module
     value = getattr(module, name)
     globals()[name] = value  # later lookups skip __getattr__
     return value

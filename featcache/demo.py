@@ -90,10 +90,10 @@ def _loop_step_seconds(plan: DemoPlan, store_url: str, steps: int = 3) -> float:
 
 def run_demo(out: str | Path = "demo-out", quick: bool = False, progress: bool = True, plan: DemoPlan | None = None) -> dict[str, Any]:
     """Run the demo into ``out`` (replaced if it exists); returns the results table and paths."""
-    from featcache.extract import extract
+    from featcache.extraction import extract
     from featcache.infer import predict
     from featcache.store.summary import describe_store, format_summary
-    from featcache.train import train
+    from featcache.training import train
 
     plan = plan or default_plan(quick)
     out = Path(out)

@@ -8,18 +8,18 @@ worker and reports completions; featcache supplies the work units and the bookke
   thread each; ``cluster_client(scheduler=ADDRESS)`` connects to a running cluster. Every worker
   gets ``WorkerSettings``: torch threads = the host's cores / its workers, zarr's codec pool and
   concurrency to match, OpenMP threads that sleep while waiting (see docs/scale.md).
-- ``extract_on_cluster``: the extraction pipeline of ``featcache.extract.run_extraction`` (plan, the
+- ``extract_on_cluster``: the extraction pipeline of ``featcache.extraction.run_extraction`` (plan, the
   split's lock, create or check the split, finalize) with ``DaskShardRunner`` running the missing
   shards as tasks of whole, consecutive shards (``plan_tasks``). A task runs
-  ``featcache.extract.extract_shards`` on a worker that keeps the model loaded between tasks (one model
+  ``featcache.extraction.extract_shards`` on a worker that keeps the model loaded between tasks (one model
   per worker process). The completion records in the store say what is done: shards whose task
   failed or whose worker died are submitted again (dask itself reruns a lost worker's task first).
   Batches depend on the shard only, so the arrays equal a one-process extraction on the same device
   with the same threads.
 - ``train_on_cluster``: the sweep's members are split into parts (members of one bank stay in one
   part unless there are fewer banks than workers), each part is trained on a worker by
-  ``featcache.train.train(store, part, tmp, partial=True)`` into a temporary directory whose files
-  come back to the client, and ``featcache.train.gather_parts`` writes one RUNDIR as a local sweep
+  ``featcache.training.train(store, part, tmp, partial=True)`` into a temporary directory whose files
+  come back to the client, and ``featcache.training.gather_parts`` writes one RUNDIR as a local sweep
   writes it. Batch order is a function of (seed, epoch) on every worker, as locally.
 Stores must be reachable from every worker at the same URL: a shared filesystem path or an object
 store URL (s3://). ``memory://`` stores live inside one process and are refused.
@@ -57,13 +57,13 @@ from featcache.data import DataSource, shared_spec
 from featcache.loader import cpu_count
 from featcache.errors import (ClusterError, ConfigError, DataError, FeatcacheError, Interrupted, ModelError, StoreError,
                               UsageError, WeightsError)
-from featcache.extract import (ZARR_CONCURRENCY, ExtractOptions, ExtractReport, ShardRunStats, extract_shards,
+from featcache.extraction import (ZARR_CONCURRENCY, ExtractOptions, ExtractReport, ShardRunStats, extract_shards,
                                open_split_source, resolve_options, run_extraction, runtime_settings)
 from featcache.progress import bar, say
 from featcache.store.feature_store import FeatureStore, SplitHandle
 from featcache.rundir import holds_run_lock
 from featcache.sweep import SweepMember, expand
-from featcache.train import TrainOptions
+from featcache.training import TrainOptions
 
 log = logging.getLogger(__name__)
 
@@ -459,7 +459,7 @@ def plan_tasks(shards: list[int], workers: int, shards_per_task: int | None = No
 
 
 class DaskShardRunner:
-    """``featcache.extract.ShardRunner`` whose shards are dask tasks: the client plans on its CPU (for the
+    """``featcache.extraction.ShardRunner`` whose shards are dask tasks: the client plans on its CPU (for the
     manifest), workers keep the model loaded between tasks, and missing shards are submitted again."""
 
     def __init__(self, client: Client, spec: BackboneSpec, data: str, rounds: int = 3,
@@ -494,7 +494,7 @@ def extract_on_cluster(spec: BackboneSpec, data: str, out: str | os.PathLike[str
                        options: ExtractOptions | None = None, *, client: Client | None = None,
                        workers: int | None = None, scheduler: str | None = None, rounds: int = 3,
                        shards_per_task: int | None = None, **overrides: Any) -> ClusterExtractReport:
-    """``featcache.extract.extract`` with the shards computed by dask workers (see the module docstring).
+    """``featcache.extraction.extract`` with the shards computed by dask workers (see the module docstring).
 
     Pass a ``client``, or ``workers`` (a local cluster started and stopped here) or ``scheduler``.
     ``rounds``: how often shards still incomplete after a round are submitted again;
@@ -633,7 +633,7 @@ class TrainPartJob:
 
 def train_part_task(job: TrainPartJob) -> dict[str, Any]:
     """The work unit on a worker: ``train(store, part, tmp, partial=True)`` in a temporary directory; its files."""
-    from featcache.train import train
+    from featcache.training import train
 
     members = [SweepMember.from_dict(d) for d in job.members]
     t0 = time.perf_counter()
@@ -654,13 +654,13 @@ def train_on_cluster(store: str, method: str | list[SweepMember], out: str | os.
                      workers: int | None = None, scheduler: str | None = None,
                      backbone_state: Callable[[], dict[str, Any]] | None = None, split_banks: bool = True,
                      **overrides: Any) -> dict[str, Any]:
-    """``featcache.train.train`` with the sweep's members spread over dask workers; one RUNDIR as locally.
+    """``featcache.training.train`` with the sweep's members spread over dask workers; one RUNDIR as locally.
 
     Pass a ``client``, or ``workers`` (a local cluster started and stopped here) or ``scheduler``.
     ``options.device`` is resolved on each worker ("auto": its GPU when it has one); --resume is refused
     (a run is resumed in one process). Returns the summary.
     """
-    from featcache.train import gather_parts, prepare_run, resolve_train_options
+    from featcache.training import gather_parts, prepare_run, resolve_train_options
 
     opts = resolve_train_options(options, overrides)
     if opts.resume:

@@ -5,7 +5,7 @@ without ``--tensorboard/--no-tensorboard``), never with ``False``; ``True`` with
 before anything is written. Each member gets its own run directory (TensorBoard shows members side by side),
 with one scalar per metric of metrics.jsonl and epoch (``train_loss``, ``train_acc``, ``val_acc``, ...; step =
 the epoch, 1-based as in metrics.jsonl) plus ``lr``. ``torch.utils.tensorboard`` is imported only when a run
-writes events (it takes about a second), so importing ``featcache.train`` stays fast.
+writes events (it takes about a second), so importing ``featcache.training`` stays fast.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from featcache.checkpoint import safe_member_name
 from featcache.errors import MissingDependencyError
 
 TENSORBOARD_DIR = "tensorboard"
-log = logging.getLogger("featcache.train")
+log = logging.getLogger("featcache.training")
 
 
 def tensorboard_installed() -> bool:

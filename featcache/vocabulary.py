@@ -1,7 +1,7 @@
 """The shared vocabulary: value types and names every part of featcache speaks, with no heavy imports.
 
 The store, the methods, training and the command line all use these; none of them needs torch, timm or
-zarr here, so importing ``featcache.store``, ``featcache.methods`` or ``featcache.train`` never loads timm
+zarr here, so importing ``featcache.store``, ``featcache.methods`` or ``featcache.training`` never loads timm
 and ``featcache --help`` loads neither torch nor timm.
 
 - user-visible choices (cache dtypes, compressors, reader modes);

@@ -30,19 +30,17 @@ N = 24  # the ``images`` fixture; run_extract writes 6 shards of 4 images
 
 def test_import_featcache_loads_nothing_heavy_and_every_name_resolves() -> None:
     code = """
-import inspect, json, sys
+import json, sys
 import featcache
 light = [m for m in ("torch", "timm", "zarr", "dask", "featcache.store") if m in sys.modules]
 names = sorted(featcache.__all__)
 in_dir = all(n in dir(featcache) for n in names)
-import featcache.extract as ex, featcache.infer as inf, featcache.train as tr, featcache.vocabulary as voc
+import featcache.extraction as ex, featcache.infer as inf, featcache.training as tr, featcache.vocabulary as voc
 import featcache.store.feature_store as fs
 same = {"open_store": featcache.open_store is fs.open_store, "load_predictor": featcache.load_predictor is inf.load_predictor,
         "BackboneSpec": featcache.BackboneSpec is voc.BackboneSpec, "ExtractOptions": featcache.ExtractOptions is ex.ExtractOptions,
         "TrainOptions": featcache.TrainOptions is tr.TrainOptions,
-        # extract and train are also submodules: the attribute is the module, callable as its function
-        "extract": featcache.extract is ex and callable(ex) and inspect.signature(ex) == inspect.signature(ex.extract),
-        "train": featcache.train is tr and callable(tr) and inspect.signature(tr) == inspect.signature(tr.train)}
+        "extract": featcache.extract is ex.extract, "train": featcache.train is tr.train}
 try:
     featcache.no_such_name
     missing = "no error"
@@ -60,12 +58,11 @@ print(json.dumps({"light": light, "names": names, "in_dir": in_dir, "same": same
     assert "no attribute 'no_such_name'" in got["missing"]
 
 
-def test_extract_and_train_call_their_functions_however_the_modules_were_imported(monkeypatch, tmp_path) -> None:
-    import featcache.extract as extract_module
-    from featcache.train import TrainOptions  # noqa: F401  (the submodule is imported the usual way first)
+def test_extract_and_train_are_the_functions_however_the_modules_were_imported(tmp_path: Path) -> None:
+    import featcache.extraction as extraction
+    import featcache.training as training
 
-    monkeypatch.setattr(extract_module, "extract", lambda *a, **kw: ("extract called", a, kw))
-    assert featcache.extract(1, "data", out="x") == ("extract called", (1, "data"), {"out": "x"})
+    assert featcache.extract is extraction.extract and featcache.train is training.train
     with pytest.raises(StoreError, match="does not exist"):  # the real train(): it opens the store first
         featcache.train(str(tmp_path / "missing.zarr"), "linear", tmp_path / "run")
 

@@ -28,11 +28,11 @@ def test_import_linter_contracts_are_kept() -> None:
     assert "0 broken" in done.stdout
 
 
-@pytest.mark.parametrize("modules", [["featcache.store"], ["featcache.methods"], ["featcache.train"], ["featcache.augment"],
+@pytest.mark.parametrize("modules", [["featcache.store"], ["featcache.methods"], ["featcache.training"], ["featcache.augment"],
                                      ["featcache.store.reader", "featcache.store.writer", "featcache.checkpoint"]])
 def test_store_methods_and_training_load_no_timm_and_no_backbone(modules: list[str]) -> None:
     code = (f"import sys, json\nfor m in {modules!r}: __import__(m)\n"
-            "print(json.dumps([m for m in ('timm', 'featcache.backbone', 'featcache.extract', 'featcache.cli') "
+            "print(json.dumps([m for m in ('timm', 'featcache.backbone', 'featcache.extraction', 'featcache.cli') "
             "if m in sys.modules]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -279,7 +279,7 @@ def test_training_with_feature_augmentation_grids_banks_and_resumes_bitwise(tmp_
     and a run interrupted after epoch 2 and resumed equals an uninterrupted one (augmentation seeded per step)."""
     from featcache.backbone import Backbone
     from featcache.errors import Interrupted
-    from featcache.train import train
+    from featcache.training import train
     from featcache.vocabulary import BackboneSpec
 
     from .conftest import TINY_VIT, make_separable_images, write_tap_store

@@ -21,12 +21,12 @@ from benchmarks.bench_backbones import METHODS, Case, markdown, round_trip, run_
 from featcache.backbone import Backbone
 from featcache.cli import app
 from featcache.errors import ModelError, TapOverflowError
-from featcache.extract import ExtractOptions, extract
+from featcache.extraction import ExtractOptions, extract
 from featcache.methods import create
 from featcache.methods.base import MethodInput, common_grid, to_grid
 from featcache.store.feature_store import FeatureStore
 from featcache.taps import FEATURE_HOOKS, LayoutError, Taps
-from featcache.train import train
+from featcache.training import train
 from featcache.vocabulary import BackboneSpec, TapInfo
 
 from .conftest import write_image_folder

@@ -27,7 +27,7 @@ from featcache.backbone import Backbone
 
 from featcache.vocabulary import BackboneSpec
 from featcache.cli import app
-from featcache.train import train
+from featcache.training import train
 
 from .conftest import TINY_CNN, write_image_folder
 from .helpers.processes import EXTRACT_KW, assert_one_error_line, cli_env, featcache_cmd

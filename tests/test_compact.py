@@ -23,7 +23,7 @@ from featcache.store.reader import open_reader
 from featcache.store.summary import describe_store
 from featcache.store.verify import verify_store
 from featcache.taps import every_gth, pool_token_grid, pooled_info
-from featcache.train import train
+from featcache.training import train
 from featcache.vocabulary import BackboneSpec, Manifest, TapInfo
 
 from .conftest import TINY_VIT

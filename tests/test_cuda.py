@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from featcache.vocabulary import BackboneSpec
-from featcache.extract import extract
+from featcache.extraction import extract
 from featcache.store.feature_store import FeatureStore
-from featcache.train import train
+from featcache.training import train
 
 from .conftest import TINY_VIT, write_image_folder
 

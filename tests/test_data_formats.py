@@ -29,7 +29,7 @@ from featcache.data import ImageFolderSource, open_source, shared_spec, spec_wit
 from featcache.errors import DataError, UsageError
 from featcache.scale import ShardJob, ids_sha256, worker_source
 from featcache.store.feature_store import FeatureStore
-from featcache.train import train
+from featcache.training import train
 
 from .conftest import TINY_VIT
 from .helpers.processes import assert_one_error_line

@@ -21,7 +21,7 @@ from featcache.vocabulary import BackboneSpec
 from featcache.cli import app
 from featcache.loader import TransformPool
 from featcache.errors import DataError, Interrupted
-from featcache.extract import open_split_source
+from featcache.extraction import open_split_source
 from featcache.loader import AugmentedViews, ShardBatchSampler, default_loader_workers, transform_threads
 from featcache.store.feature_store import FeatureStore
 from featcache.vocabulary import SplitMeta

@@ -19,7 +19,7 @@ from featcache.device import AutocastPolicy
 from featcache.errors import CheckpointError, StoreError, UsageError
 from featcache.infer import load_predictor
 from featcache.store.feature_store import FeatureStore
-from featcache.train import train
+from featcache.training import train
 from featcache.vocabulary import BackboneSpec
 
 from .conftest import TINY_VIT

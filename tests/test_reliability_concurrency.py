@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import featcache.extract as extract_module
+import featcache.extraction as extract_module
 from featcache.cli import app
 from featcache.errors import StoreError
 from featcache.store.feature_store import FeatureStore

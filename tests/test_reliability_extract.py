@@ -22,7 +22,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-import featcache.extract as extract_module
+import featcache.extraction as extract_module
 from featcache.cli import app
 from featcache.errors import CorruptionError
 from featcache.store.feature_store import FeatureStore

@@ -20,7 +20,7 @@ from zarr.codecs import Crc32cCodec
 
 from featcache.cli import app
 from featcache.sweep import expand
-from featcache.train import train
+from featcache.training import train
 
 from .helpers.processes import EXTRACT_KW, ROOT, TINY_ARGS, assert_one_error_line
 from .helpers.stores import hash_tree, run_files, shard_file

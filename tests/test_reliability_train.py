@@ -23,7 +23,7 @@ from featcache.backbone import Backbone
 
 from featcache.vocabulary import BackboneSpec
 from featcache.cli import app
-from featcache.train import train
+from featcache.training import train
 
 from .conftest import TINY_VIT, make_separable_images, write_tap_store
 from .helpers.processes import (TRAIN_KILL_POINTS, TRAIN_KW, assert_one_error_line, child_cli, child_train, popen_cli,

@@ -36,7 +36,7 @@ from featcache.checkpoint import load_checkpoint
 from featcache.cli import app
 from featcache.errors import ClusterError, DataError, StoreLockedError, UsageError
 from featcache import scale
-from featcache.extract import ExtractOptions, open_split_source
+from featcache.extraction import ExtractOptions, open_split_source
 from featcache.scale import cluster_client, extract_on_cluster, plan_parts, train_on_cluster
 from featcache.store.feature_store import FeatureStore
 from featcache.store.lock import pid_alive
@@ -44,7 +44,7 @@ from featcache.store.summary import describe_store
 from featcache.store.verify import verify_store
 from featcache.sweep import expand
 from featcache.tensorboard_log import tensorboard_installed
-from featcache.train import train
+from featcache.training import train
 
 from .conftest import make_separable_images, write_tap_store
 from .conftest import TINY_VIT

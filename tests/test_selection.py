@@ -15,7 +15,7 @@ from featcache.errors import ConfigError, Interrupted, StoreError, UsageError
 from featcache.selection import plan_evaluation, stratified_holdout
 from featcache.store.feature_store import FeatureStore
 from featcache.store.reader import open_reader
-from featcache.train import train
+from featcache.training import train
 from featcache.vocabulary import BackboneSpec
 
 from .conftest import TINY_VIT, make_separable_images, write_tap_store

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from featcache.cli import app
 from featcache.errors import Interrupted, MissingDependencyError
-from featcache.train import train
+from featcache.training import train
 
 from .helpers.stores import run_extract
 from .helpers.tensorboard_events import read_scalars

@@ -16,7 +16,7 @@ from featcache.cli import app
 from featcache.errors import CheckpointError, ConfigError, Interrupted
 from featcache.store.feature_store import FeatureStore
 from featcache.sweep import TrainConfig, expand, load_sweep_file
-from featcache.train import train
+from featcache.training import train
 
 from .conftest import TINY_CNN, TINY_VIT, make_separable_images, write_tap_store
 from .helpers.processes import interrupted_run

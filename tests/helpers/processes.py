@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-PRELOAD = ["torch", "timm", "zarr", "featcache.extract", "featcache.train", "featcache.cli",
+PRELOAD = ["torch", "timm", "zarr", "featcache.extraction", "featcache.training", "featcache.cli",
            "tests.helpers.processes"]
 NOISE = ("Traceback", "Exception ignored", "Task was destroyed", "was never retrieved")
 TINY_ARGS = ["--model", "test_vit", "--model-kwargs", "img_size=32", "--weights", "random"]
@@ -145,7 +145,7 @@ def install_extract_kill_point(point: str) -> None:
     import zarr
     import zarr.storage._local as local
 
-    import featcache.extract as ex
+    import featcache.extraction as ex
     from featcache.backbone import Taps
     from featcache.store.feature_store import FeatureStore, SplitHandle
 
@@ -227,7 +227,7 @@ def child_extract(images: str, out: str, point: str | None, log: str | None = No
     _child_setup(log)
     from featcache.data import open_source
     from featcache.errors import FeatcacheError
-    from featcache.extract import extract
+    from featcache.extraction import extract
     from featcache.vocabulary import BackboneSpec
 
     kw = {**EXTRACT_KW, **(overrides or {})}
@@ -280,7 +280,7 @@ def child_cli(argv: list[str], log: str, setups: list[str] = ()) -> None:  # typ
 
 def _install_setup(setup: str) -> None:
     if setup == "small-shards":  # the tests' chunking (the CLI has no option for it)
-        import featcache.extract as ex
+        import featcache.extraction as ex
 
         ex.choose_chunking = lambda *a, **kw: (2, 4)
     elif setup == "file-size-limit-after-2-shards":  # a real OS error: writes beyond 2 KB fail with EFBIG
@@ -304,7 +304,7 @@ def install_train_kill_point(point: str) -> None:
     """Patch training so that this process SIGKILLs itself at ``point`` (see TRAIN_KILL_POINTS)."""
     import featcache.checkpoint as ck
     import featcache.rundir as rd
-    import featcache.train as tr
+    import featcache.training as tr
     from featcache.bank import MemberBank
     from featcache.rundir import RunDir
 
@@ -364,7 +364,7 @@ TRAIN_KW: dict[str, Any] = dict(settings={"epochs": 4, "batch_size": 16}, grid={
 def child_train(store: str, out: str, point: str) -> None:
     """``train`` of the tests' sweep (LAST, 2 members, 4 epochs); die at ``point``."""
     _child_setup(None)
-    from featcache.train import train
+    from featcache.training import train
 
     install_train_kill_point(point)
     train(store, "last", out, TRAIN_KW["settings"], TRAIN_KW["grid"], progress=False)

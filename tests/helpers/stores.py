@@ -14,7 +14,7 @@ from featcache.backbone import Backbone
 
 from featcache.vocabulary import BackboneSpec
 from featcache.loader import TransformedDataset
-from featcache.extract import ExtractReport, extract, open_split_source
+from featcache.extraction import ExtractReport, extract, open_split_source
 from featcache.store.feature_store import FeatureStore
 
 from ..conftest import TINY_VIT

@@ -29,7 +29,6 @@ import numpy as np
 import psutil
 import torch
 
-from featcache import make_callable
 from featcache.allocator import keep_freed_memory
 from featcache.checkpoint import member_config, safe_member_name, write_json, write_tensors
 from featcache.device import resolve_device
@@ -48,7 +47,7 @@ from .augment import AugmentConfig, AugmentedBatch, augment, batch_generator
 from .sweep import SweepMember, TrainConfig, expand
 from .tensorboard_log import TENSORBOARD_DIR, TensorBoardLog, open_tensorboard, use_tensorboard
 
-log = logging.getLogger("featcache.train")
+log = logging.getLogger("featcache.training")
 
 
 @dataclass
@@ -512,6 +511,3 @@ def gather_parts(out: str | os.PathLike[str], members: list[SweepMember], parts:
     summary.update(extra or {})
     _finish(out, summary, records, progress)
     return summary
-
-
-make_callable(__name__)  # featcache.train(...) calls train() (featcache.CallableModule)

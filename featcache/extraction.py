@@ -30,7 +30,6 @@ import torch
 import zarr
 from dask.utils import format_bytes
 
-from featcache import make_callable
 from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone
 from featcache.device import AutocastPolicy, resolve_device
@@ -536,6 +535,3 @@ def _report(out: str, split: SplitHandle, status: str, stats: ShardRunStats, tot
 __all__ = ["ExtractOptions", "ExtractReport", "InProcessRunner", "ShardRunStats", "ShardRunner", "build_manifest",
            "default_writer_threads", "extract", "extract_shards", "forward_taps", "open_planned_split",
            "open_split_source", "plan_split", "resolve_options", "run_extraction", "runtime_settings"]
-
-
-make_callable(__name__)  # featcache.extract(...) calls extract() (featcache.CallableModule)
