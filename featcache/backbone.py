@@ -218,7 +218,7 @@ class Backbone:
         self.transform = timm.data.create_transform(**self.data_config, is_training=False)
         try:
             self.taps = Taps(self.model, spec.cnn_grid, positions, tuple(self.data_config["input_size"]),
-                             spec.pool_tokens, spec.pool_windows)
+                             spec.pool_tokens)
         except ModelError as err:
             raise ModelError(f"model {spec.model!r}: {err}") from None
         except FeatcacheError:

@@ -191,12 +191,10 @@ class Taps(nn.Module):
     """images (N, 3, H, W) -> {tap name: (N, T, C)} for the selected tap positions (see the module doc)."""
 
     def __init__(self, model: nn.Module, cnn_grid: int = 7, positions: list[int] | str | None = None,
-                 probe_size: tuple[int, int, int] = (3, 224, 224), pool_tokens: int = 1,
-                 pool_windows: str = "adaptive") -> None:
+                 probe_size: tuple[int, int, int] = (3, 224, 224), pool_tokens: int = 1) -> None:
         super().__init__()
         self.model = model
-        self.cnn_grid, self.pool_tokens, self.pool_windows = cnn_grid, pool_tokens, pool_windows
-        self._map_divisor = 1  # map taps are pooled to ceil(grid / this), from the native map (set after the probe)
+        self.cnn_grid, self.pool_tokens = cnn_grid, pool_tokens
         has_fi = callable(getattr(model, "forward_intermediates", None))
         self.source = FORWARD_INTERMEDIATES if has_fi else FEATURE_HOOKS
         self.fallback_reason: str | None = None if has_fi else "the model has no forward_intermediates()"
@@ -207,8 +205,6 @@ class Taps(nn.Module):
         self._hooks: list[tuple[str, str]] = []  # (module name, hook type) per feature_info entry
         self.read_infos = self._probe(probe_size)  # the taps as read, before --pool-tokens
         self.all_infos = [pooled_info(t, pool_tokens) for t in self.read_infos]
-        if self.kind == "cnn" and pool_windows == "adaptive":  # one pooling of the native map, not two
-            self._map_divisor = pool_tokens
         self.select(positions)
 
     @property
@@ -424,9 +420,8 @@ class Taps(nn.Module):
     # -- forward
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         outs = self._forward(images, [self._reads[p] for p in self.positions])
-        if self.pool_tokens > 1 and self._map_divisor == 1:
-            outs = [pool_token_grid(t, self.read_infos[p], self.pool_tokens, self.pool_windows)
-                    for p, t in zip(self.positions, outs)]
+        if self.pool_tokens > 1:
+            outs = [pool_token_grid(t, self.read_infos[p], self.pool_tokens) for p, t in zip(self.positions, outs)]
         return {info.name: t.contiguous() for info, t in zip(self.infos, outs)}
 
     @property
@@ -467,12 +462,10 @@ class Taps(nn.Module):
         return self._tokens(_split(final, read))
 
     def _tokens(self, feat: Feature) -> Tensor:
-        """Feature -> (N, P + h*w, C): flattened (token taps) or pooled to <= cnn_grid (map taps; with adaptive
-        --pool-tokens K to ceil(that / K))."""
+        """Feature -> (N, P + h*w, C): flattened (token taps) or pooled to <= cnn_grid (map taps)."""
         if self.kind == "vit":
             return feat.tokens()
-        k = self._map_divisor
-        fmap = F.adaptive_avg_pool2d(feat.spatial, tuple(-(-min(n, self.cnn_grid) // k) for n in feat.hw))
+        fmap = F.adaptive_avg_pool2d(feat.spatial, (min(feat.hw[0], self.cnn_grid), min(feat.hw[1], self.cnn_grid)))
         return _cat(feat.prefix, fmap.flatten(2).transpose(1, 2))  # (N, P + h*w, C)
 
     def _run_hooks(self, x: Tensor, indices: list[int]) -> tuple[Any, list[Any]]:
@@ -526,19 +519,13 @@ def pooled_info(info: TapInfo, k: int) -> TapInfo:
     return replace(info, grid=grid, tokens=info.prefix_tokens + grid[0] * grid[1], pooling="avg")
 
 
-def pool_token_grid(t: Tensor, info: TapInfo, k: int, windows: str = "adaptive") -> Tensor:
-    """(N, p + h * w, C) -> (N, p + ceil(h/k) * ceil(w/k), C): the patch-token grid average-pooled, prefix tokens
-    kept. Where k divides the grid both window kinds are the k x k windows. Otherwise ``adaptive``
-    (torch's adaptive_avg_pool2d) spreads the rows evenly over the windows (7 rows at k=2: 2, 3, 3, 2, the
-    middle ones overlapping), ``ceil`` (stores written before ``pool_windows`` existed) ends in narrower
-    windows (2, 2, 2, 1). Map taps of CNNs are pooled once, from the native map, to the same grid."""
+def pool_token_grid(t: Tensor, info: TapInfo, k: int) -> Tensor:
+    """(N, p + h * w, C) -> (N, p + ceil(h/k) * ceil(w/k), C): each k x k window of patch tokens averaged, prefix
+    tokens kept. A grid that k does not divide ends in narrower windows (7x7 at k=2: 4x4, the last row and
+    column of windows average 2 or 1 tokens)."""
     p, (h, w) = info.prefix_tokens, info.grid
     fmap = t[:, p:].transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)  # (N, C, h, w)
-    if windows == "adaptive":
-        fmap = F.adaptive_avg_pool2d(fmap, (-(-h // k), -(-w // k)))
-    else:
-        fmap = F.avg_pool2d(fmap, k, k, ceil_mode=True)
-    pooled = fmap.flatten(2).transpose(1, 2)  # (N, h'w', C)
+    pooled = F.avg_pool2d(fmap, k, k, ceil_mode=True).flatten(2).transpose(1, 2)  # (N, h'w', C)
     return torch.cat([t[:, :p], pooled], dim=1) if p else pooled
 
 

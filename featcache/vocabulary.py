@@ -44,7 +44,6 @@ COMPRESSORS = ("lz4", "zstd", "none")  # chunk compressors (crc32c always follow
 DEFAULT_COMPRESSOR = "lz4"  # fastest decode at ~1.9x on post-ReLU taps (docs/store.md)
 DEFAULT_BATCH_SIZE = 32  # backbone inputs per forward pass during extraction
 READER_MODES = ("auto", "gpu", "ram", "stream")
-POOL_WINDOWS = ("adaptive", "ceil")  # --pool-tokens windows on grids K does not divide (taps.pool_token_grid)
 WEIGHT_CHOICES_HELP = "a local .safetensors/.pth state dict, 'pypi:efficientnet-lite0', 'hub' or 'random'"
 
 
@@ -84,7 +83,6 @@ class BackboneSpec:
     crop_pct: float | None = None  # the eval transform's centre crop (resize to size / crop_pct, crop); None: model's
     resize_only: bool = False  # resize to the input size, no crop (the VTAB protocol)
     pool_tokens: int = 1  # average each KxK window of a tap's patch-token grid (prefix tokens kept)
-    pool_windows: str = "adaptive"  # POOL_WINDOWS; stores written before this field pooled "ceil" windows
 
     def __post_init__(self) -> None:
         if self.image_size is not None and self.image_size < 8:
@@ -95,8 +93,6 @@ class BackboneSpec:
             raise UsageError(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
         if not isinstance(self.pool_tokens, int) or self.pool_tokens < 1:
             raise UsageError(f"--pool-tokens must be a whole number >= 1, got {self.pool_tokens}")
-        if self.pool_windows not in POOL_WINDOWS:
-            raise UsageError(f"pool_windows must be one of {', '.join(POOL_WINDOWS)}, got {self.pool_windows!r}")
         if self.crop_pct is not None and self.resize_only:
             raise UsageError("--crop-pct and --resize-only exclude each other: --resize-only means no crop")
 
@@ -105,7 +101,7 @@ class BackboneSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BackboneSpec":
-        return cls(**{"pool_windows": "ceil", **{k: d[k] for k in cls.__dataclass_fields__ if k in d}})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 FORMAT_VERSION = 1
@@ -184,7 +180,6 @@ class Manifest:
             "crop_pct": spec.get("crop_pct"),
             "resize_only": spec.get("resize_only", False),
             "pool_tokens": spec.get("pool_tokens", 1),
-            "pool_windows": spec.get("pool_windows", "ceil") if spec.get("pool_tokens", 1) > 1 else None,
             "weights": self.backbone.get("weights", {}).get("state_sha256"),
             "input_size": self.backbone.get("data_config", {}).get("input_size"),
             "taps": [t.to_dict() for t in self.taps],

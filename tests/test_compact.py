@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from featcache.cli import app
-from featcache.backbone import Backbone
-from featcache.errors import StoreError, TapOverflowError, UsageError
+from featcache.errors import TapOverflowError
 from featcache.infer import load_predictor
 from featcache.methods.last import choose_taps
 from featcache.store.codecs import decode_array, dequantize, quantize
@@ -24,7 +23,7 @@ from featcache.store.summary import describe_store
 from featcache.store.verify import verify_store
 from featcache.taps import every_gth, pool_token_grid, pooled_info
 from featcache.training import train
-from featcache.vocabulary import BackboneSpec, Manifest, TapInfo
+from featcache.vocabulary import TapInfo
 
 from .conftest import TINY_VIT
 from .helpers.stores import read_split, run_extract
@@ -54,55 +53,13 @@ def test_quantize_rows_is_deterministic_bounded_and_keeps_zero_rows(dtype: str) 
 def test_pooling_averages_windows_keeps_prefix_and_handles_odd_grids() -> None:
     info = TapInfo("t", 0, 0, 1 + 49, 1, 4, (7, 7), "none")
     t = torch.arange(2 * 50 * 4, dtype=torch.float32).reshape(2, 50, 4)
+    out = pool_token_grid(t, info, 2)
+    assert out.shape == (2, 1 + 16, 4) and torch.equal(out[:, 0], t[:, 0])  # class token kept
     fmap = t[:, 1:].transpose(1, 2).reshape(2, 4, 7, 7)
-    for windows in ("adaptive", "ceil"):
-        out = pool_token_grid(t, info, 2, windows)
-        assert out.shape == (2, 1 + 16, 4) and torch.equal(out[:, 0], t[:, 0])  # class token kept
-        assert torch.equal(out[:, 1], fmap[:, :, :2, :2].mean((2, 3)))  # the first window is 2 x 2 in both
-    adaptive, ceil = pool_token_grid(t, info, 2), pool_token_grid(t, info, 2, "ceil")
-    assert torch.allclose(adaptive[:, 1 + 5], fmap[:, :, 1:4, 1:4].mean((2, 3)))  # rows 2, 3, 3, 2: overlapping
-    assert torch.allclose(adaptive[:, -1], fmap[:, :, 5:, 5:].mean((2, 3)))
-    assert torch.equal(ceil[:, -1], fmap[:, :, 6, 6])  # ceil: the corner window holds one token
-    assert torch.equal(ceil[:, 4], fmap[:, :, 0:2, 6].mean(2))  # the last column of windows: 2 tokens
-    even = TapInfo("t", 0, 0, 1 + 16, 1, 4, (4, 4), "none")
-    assert torch.equal(pool_token_grid(t[:, :17], even, 2), pool_token_grid(t[:, :17], even, 2, "ceil"))
+    assert torch.equal(out[:, 1], fmap[:, :, :2, :2].mean((2, 3)))
+    assert torch.equal(out[:, -1], fmap[:, :, 6, 6])  # the corner window holds one token
+    assert torch.equal(out[:, 4], fmap[:, :, 0:2, 6].mean(2))  # the last column of windows: 2 tokens
     assert pooled_info(info, 2) == TapInfo("t", 0, 0, 17, 1, 4, (4, 4), "avg")
-
-
-@pytest.mark.parametrize("windows", ["adaptive", "ceil"])
-def test_cnn_maps_pool_once_from_the_native_map(windows: str) -> None:
-    """Adaptive: each stage's native map straight to ceil(min(h, cnn_grid) / K); ceil (older stores): pooled to
-    cnn_grid, then K x K ceil windows, so those stores still predict as they were cached."""
-    spec = BackboneSpec(model="test_resnet", weights="random", image_size=96, cnn_grid=5, pool_tokens=2,
-                        pool_windows=windows)
-    b = Backbone(spec)
-    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        taps = b.taps(x)
-        native = b.model.forward_intermediates(x, intermediates_only=True)  # NCHW maps, 48 .. 3 px
-    for info, fmap in zip(b.taps.infos, native):
-        h = min(fmap.shape[2], 5)
-        if windows == "adaptive":
-            want = F.adaptive_avg_pool2d(fmap, -(-h // 2))
-        else:
-            want = F.avg_pool2d(F.adaptive_avg_pool2d(fmap, h), 2, 2, ceil_mode=True)
-        assert info.grid == (-(-h // 2),) * 2
-        assert torch.allclose(taps[info.name], want.flatten(2).transpose(1, 2), atol=1e-5), info.name
-
-
-def test_stores_from_before_pool_windows_read_as_ceil_and_refuse_mixing() -> None:
-    old = {"model": "test_resnet", "weights": "random", "pool_tokens": 2}  # a manifest spec without the field
-    assert BackboneSpec.from_dict(old).pool_windows == "ceil"
-    assert BackboneSpec.from_dict({**old, "pool_windows": "adaptive"}).pool_windows == "adaptive"
-    assert BackboneSpec(model="m").pool_windows == "adaptive"
-    with pytest.raises(UsageError, match="pool_windows must be one of adaptive, ceil"):
-        BackboneSpec(model="m", pool_windows="max")
-    info = [TapInfo("stem", 0, 0, 4, 0, 8, (2, 2), "avg")]
-    a, b = (Manifest({"spec": {**old, **extra}}, info) for extra in ({}, {"pool_windows": "adaptive"}))
-    with pytest.raises(StoreError, match="pool_windows = 'ceil', but this run uses pool_windows = 'adaptive'"):
-        a.check_compatible(b, "store s.zarr")
-    unpooled = [Manifest({"spec": {"model": "m", **extra}}, info) for extra in ({}, {"pool_windows": "adaptive"})]
-    unpooled[0].check_compatible(unpooled[1], "store s.zarr")  # no pooling: the window kind does not matter
 
 
 def test_every_gth_keeps_what_last_with_that_gap_reads() -> None:
@@ -220,11 +177,11 @@ def test_pooling_equals_pooling_the_full_taps(images: Path, tmp_path: Path) -> N
     run_extract(images, tmp_path / "pooled.zarr", spec={**spec, "pool_tokens": 3}, dtype="float32")
     full, pooled = (FeatureStore.open(tmp_path / n).split("train") for n in ("full.zarr", "pooled.zarr"))
     info = full.store.manifest.tap("block3")
-    want = pool_token_grid(full.read_values("block3"), info, 3)  # 4x4 grid at K=3: ceil(4/3) = 2 per side, windows of 2x2
+    want = pool_token_grid(full.read_values("block3"), info, 3)  # 4x4 grid at K=3: 2x2 windows of 3, 3, 1 tokens
     assert pooled.store.manifest.tap("block3").grid == (2, 2)
     assert torch.allclose(pooled.read_values("block3"), want, atol=1e-6)
-    fmap = full.read_values("block3")[:, 1:].transpose(1, 2).reshape(24, -1, 4, 4)  # (N, C, 4, 4)
-    assert torch.allclose(want[:, 1 + 3], fmap[:, :, 2:, 2:].mean((2, 3)), atol=1e-6)
+    assert torch.allclose(want[:, 1], F.avg_pool2d(full.read_values("block3")[:, 1:].transpose(1, 2).reshape(
+        24, -1, 4, 4), 3, 3, ceil_mode=True).flatten(2)[:, :, 0], atol=1e-6)
 
 
 def test_cli_compact_options_and_inspect_json(images: Path, tmp_path: Path) -> None:
