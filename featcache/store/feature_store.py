@@ -25,6 +25,7 @@ with its data. Tap, labels, ids and ``_complete`` chunks all end in a crc32c che
 
 from __future__ import annotations
 
+import asyncio
 import os
 import warnings
 from collections.abc import Iterable
@@ -140,6 +141,17 @@ def _pow2_ceil(n: int) -> int:
 # Store and split handles
 
 
+async def _object_sizes(store: Any, keys: list[str]) -> list[int]:
+    """Sizes of stored objects, -1 for a missing one; the requests run concurrently."""
+    async def size(key: str) -> int:
+        try:
+            return int(await store.getsize(key))
+        except (FileNotFoundError, KeyError):
+            return -1
+
+    return list(await asyncio.gather(*(size(k) for k in keys)))
+
+
 def _is_url(path: str) -> bool:
     return "://" in path
 
@@ -237,17 +249,13 @@ class SplitHandle:
     def require_objects(self, name: str, shards: Iterable[int]) -> None:
         """The stored objects of these completed shards must exist and hold bytes: zarr reads a missing or
         empty object as fill values, which would pass for data. Checked once per (array, shard) and process."""
-        arr = None
-        for k in shards:
-            k = int(k)
-            if (name, k) in self._present:
-                continue
-            arr = arr if arr is not None else self.array(name)
-            key = f"{arr.path}/{arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))}"
-            try:
-                size = int(sync(self.group.store.getsize(key)))
-            except (FileNotFoundError, KeyError):
-                size = -1
+        todo = sorted({int(k) for k in shards} - {k for n, k in self._present if n == name})
+        if not todo:
+            return
+        arr = self.array(name)
+        keys = [f"{arr.path}/{arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))}" for k in todo]
+        sizes = sync(_object_sizes(self.group.store, keys))  # all requests in flight at once (remote stores)
+        for k, key, size in zip(todo, keys, sizes):
             if size <= 0:
                 start, stop = self.meta.shard_bounds(k)
                 what = "is missing" if size < 0 else "is empty (truncated)"
