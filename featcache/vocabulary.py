@@ -40,8 +40,9 @@ from featcache.errors import FormatVersionError, StoreError, UsageError
 
 # cache dtypes; bfloat16 is stored as uint16, the 8-bit ones as codes plus a float16 scale per token row
 DTYPES = ("float16", "bfloat16", "float32", "int8", "float8_e4m3")
-COMPRESSORS = ("lz4", "zstd", "none")  # chunk compressors (crc32c always follows)
-DEFAULT_COMPRESSOR = "lz4"  # fastest decode at ~1.9x on post-ReLU taps (docs/store.md)
+COMPRESSORS = ("auto", "lz4", "zstd", "none")  # chunk compressors (crc32c always follows)
+# auto: lz4 for the taps that a probe batch shows compressible (post-ReLU maps), none for the rest (docs/store.md)
+DEFAULT_COMPRESSOR = "auto"
 DEFAULT_BATCH_SIZE = 32  # backbone inputs per forward pass during extraction
 READER_MODES = ("auto", "gpu", "ram", "stream")
 WEIGHT_CHOICES_HELP = "a local .safetensors/.pth state dict, 'pypi:efficientnet-lite0', 'hub' or 'random'"
@@ -218,6 +219,7 @@ class SplitMeta:
     limit: int | None = None  # --limit: the split is stratified_subset(labels, limit, seed=0) of the data
     batch_size: int = 0  # backbone inputs per forward pass (0 = unknown); resume reuses it for bitwise equality
     compressor: str = ""  # chunk compressor of this split's tap arrays (COMPRESSORS name)
+    tap_compressors: dict[str, str] = field(default_factory=dict)  # "auto": each tap array's chosen compressor
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:

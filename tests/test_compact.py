@@ -26,7 +26,7 @@ from featcache.training import train
 from featcache.vocabulary import TapInfo
 
 from .conftest import TINY_VIT
-from .helpers.stores import read_split, run_extract
+from .helpers.stores import PROBE_FORWARDS, read_split, run_extract
 
 EIGHT_BIT = ["int8", "float8_e4m3"]
 
@@ -113,7 +113,7 @@ def test_eight_bit_resume_after_an_error_is_bitwise_equal(stores: dict, images: 
 
     def fail_on_the_fourth(self, x):  # one batch per shard: shard 3 fails
         calls[0] += 1
-        if calls[0] == 4:
+        if calls[0] == PROBE_FORWARDS + 4:
             raise RuntimeError("disk on fire")
         return real(self, x)
 

@@ -29,7 +29,7 @@ from featcache.store.verify import verify_store
 
 from .conftest import TINY_VIT
 from .helpers.processes import child_extract, start_child, wait_for
-from .helpers.stores import FAST, assert_same_arrays, read_split, run_extract
+from .helpers.stores import FAST, PROBE_FORWARDS, assert_same_arrays, read_split, run_extract
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ class _FailAfter:
 def test_resume_after_injected_error_equals_clean_run(images: Path, tmp_path: Path, clean_run: dict,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "s.zarr"
-    _FailAfter(monkeypatch, 5, RuntimeError("disk on fire"))  # one batch per shard: fails in shard 4
+    _FailAfter(monkeypatch, PROBE_FORWARDS + 5, RuntimeError("disk on fire"))  # one batch per shard: fails in shard 4
     with pytest.raises(RuntimeError, match="disk on fire"):
         run_extract(images, out, dtype="float32")
     monkeypatch.undo()
@@ -75,7 +75,7 @@ def test_ctrl_c_keeps_completed_shards_and_says_how_to_resume(images: Path, tmp_
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     clean, out = tmp_path / "clean.zarr", tmp_path / "s.zarr"
     run_extract(images, clean, dtype="float32", batch_size=2)
-    _FailAfter(monkeypatch, 6, KeyboardInterrupt())  # batches of 2 images: the 2nd batch of shard 2
+    _FailAfter(monkeypatch, PROBE_FORWARDS + 6, KeyboardInterrupt())  # batches of 2 images: the 2nd batch of shard 2
     with pytest.raises(Interrupted, match=r"2 of 6 shards .* complete, the shard in progress was discarded.*--resume") as info:
         run_extract(images, out, dtype="float32", batch_size=2)
     monkeypatch.undo()
@@ -228,7 +228,10 @@ def test_manifest_records_what_reproduces_the_store(images: Path, tmp_path: Path
     assert len(m.backbone["weights"]["state_sha256"]) == 64
     assert m.tap_names == ["embed", "block3"] and m.dtype == "float16" and m.featcache_format == 1
     assert "Normalize" in m.transform["eval"] and "RandomResizedCrop" in m.transform["train"]
-    assert m.environment["torch"] == torch.__version__ and m.compressor["name"] == "lz4"
+    assert m.environment["torch"] == torch.__version__ and m.compressor["name"] == "auto"
+    meta = FeatureStore.open(tmp_path / "s.zarr").split("train").meta
+    assert meta.compressor == "auto" and m.compressor["configuration"]["arrays"] == meta.tap_compressors
+    assert set(meta.tap_compressors) == {"embed", "block3"}  # the test ViT's taps are dense: no compression
 
 
 # ---------------------------------------------------------------------------------------------

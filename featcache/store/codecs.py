@@ -120,6 +120,27 @@ def decode(a: np.ndarray, dtype: str | torch.dtype) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
+AUTO_MIN_RATIO = 1.5  # "auto" compresses an array when lz4 saves at least a third of its bytes (docs/store.md)
+
+
+def auto_compressors(samples: dict[str, np.ndarray], min_ratio: float = AUTO_MIN_RATIO) -> dict[str, str]:
+    """``--compressor auto``: for each array (a sample of its stored rows), "lz4" when lz4 shrinks it at least
+    ``min_ratio`` times, else "none" (dense activations: decoding would cost CPU and save nothing)."""
+    out = {}
+    for name, rows in samples.items():
+        rows = np.ascontiguousarray(rows)
+        codec = compressor_codecs("lz4")[0]
+        packed = _numcodec_of(codec).encode(rows)
+        out[name] = "lz4" if rows.nbytes >= min_ratio * len(packed) else "none"
+    return out
+
+
+def _numcodec_of(codec: Any) -> Any:
+    import numcodecs
+
+    return numcodecs.Blosc(cname=codec.cname.value, clevel=codec.clevel, shuffle=numcodecs.Blosc.SHUFFLE)
+
+
 def compressor_codecs(name: str) -> list[Any]:
     """The bytes-to-bytes chain of a chunk: compressor, then a crc32c checksum."""
     if name == "lz4":
@@ -131,8 +152,11 @@ def compressor_codecs(name: str) -> list[Any]:
     raise StoreError(f"unknown compressor {name!r}; use one of {', '.join(COMPRESSORS)}")
 
 
-def compressor_record(name: str) -> dict[str, Any]:
-    """``{"name", "configuration"}`` of the compressor, as zarr writes codecs."""
+def compressor_record(name: str, per_array: dict[str, str] | None = None) -> dict[str, Any]:
+    """``{"name", "configuration"}`` of the compressor, as zarr writes codecs; "auto" records each array's choice."""
+    if name == "auto":
+        return {"name": "auto", "configuration": {"min_ratio": AUTO_MIN_RATIO, "arrays": dict(per_array or {}),
+                                                  "codec": compressor_record("lz4")["configuration"]}}
     codecs = compressor_codecs(name)[:-1]
     if not codecs:
         return {"name": "none", "configuration": {}}

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     import xarray
 
     from .reader import TapDataset
+    from .shard_io import ShardIO
 
 SPLIT_ATTR = "featcache_split"
 DTYPE_ATTR = "featcache_dtype"
@@ -102,7 +103,12 @@ class ArraySpec:
 def split_array_specs(manifest: Manifest, meta: SplitMeta, compressor: str) -> dict[str, ArraySpec]:
     """Every array of a split, taps first: a tap (N, [V,] T, C) of the storage dtype; with an 8-bit cache also
     its ``<tap>_scale`` (N, [V,] T) float16 and ``<tap>_qerr`` (shards, 2) float64; labels, ids, completion."""
-    dtype, codecs = manifest.dtype, compressor_codecs(compressor)
+    dtype = manifest.dtype
+
+    def codecs_of(array: str) -> list[Any]:
+        """With "auto", the array's recorded choice (none where nothing was recorded)."""
+        return compressor_codecs(meta.tap_compressors.get(array, "none") if compressor == "auto" else compressor)
+
     lead = (meta.views,) if meta.views > 1 else ()
     specs: dict[str, ArraySpec] = {}
     for tap in manifest.taps:
@@ -112,11 +118,11 @@ def split_array_specs(manifest: Manifest, meta: SplitMeta, compressor: str) -> d
         if is_eight_bit(dtype):
             attrs.update(featcache_scale=tap.name + SCALE_SUFFIX, featcache_decode=DECODE_HINTS[dtype])
         specs[tap.name] = ArraySpec((meta.num_samples, *tail), (meta.chunk_images, *tail), (meta.shard_images, *tail),
-                                    storage_dtype(dtype), dims, codecs, attributes=attrs)
+                                    storage_dtype(dtype), dims, codecs_of(tap.name), attributes=attrs)
         if is_eight_bit(dtype):
             specs[tap.name + SCALE_SUFFIX] = ArraySpec(
                 (meta.num_samples, *tail[:-1]), (meta.chunk_images, *tail[:-1]), (meta.shard_images, *tail[:-1]),
-                "float16", dims[:-1], codecs, attributes={"featcache_scale_of": tap.name})
+                "float16", dims[:-1], codecs_of(tap.name + SCALE_SUFFIX), attributes={"featcache_scale_of": tap.name})
             specs[tap.name + QERR_SUFFIX] = ArraySpec(
                 (meta.num_shards, 2), (1, 2), None, "float64", ("shard", "sum"), [Crc32cCodec()],
                 attributes={"featcache_qerr_of": tap.name, "columns": ["sum of squared errors", "sum of squares"]},
@@ -196,6 +202,7 @@ class SplitHandle:
         self._arrays: dict[str, zarr.Array] = {}
         self.repaired_shards: list[int] = []  # set by extract --resume --repair (featcache.store.repair)
         self._present: set[tuple[str, int]] = set()  # (array, shard) objects found present and non-empty
+        self._shard_io: ShardIO | None = None
 
     def array(self, name: str) -> zarr.Array:
         """An array of the split, its codecs checked once (see ``ALLOWED_CODECS``)."""
@@ -354,9 +361,21 @@ class SplitHandle:
             rows = (shard, shard + 1) if name.endswith(QERR_SUFFIX) else (start, stop)
             if a.shape[0] != rows[1] - rows[0]:
                 raise StoreError(f"shard {shard}: array {name} has {a.shape[0]} rows, expected {rows[1] - rows[0]}")
-            self._writable(name)[rows[0]:rows[1]] = a
+            if self.shard_io.supports(name):  # the shard object written directly, as zarr would write it
+                self.shard_io.write(name, shard, a)
+            else:
+                self._writable(name)[rows[0]:rows[1]] = a
         self._writable("labels")[start:stop] = np.asarray(labels, dtype=np.int64)
         self._writable("ids")[start:stop] = np.asarray(ids, dtype=str)
+
+    @property
+    def shard_io(self) -> "ShardIO":
+        """Direct reads and writes of this split's shard objects (featcache.store.shard_io)."""
+        if self._shard_io is None:
+            from .shard_io import ShardIO
+
+            self._shard_io = ShardIO(self)
+        return self._shard_io
 
     def _writable(self, name: str) -> zarr.Array:
         # every chunk is stored, even one equal to the fill value (e.g. labels -1 of unlabelled images):

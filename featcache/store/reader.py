@@ -40,7 +40,6 @@ from featcache.vocabulary import READER_MODES
 from .codecs import (SCALE_SUFFIX, TORCH_DTYPES, decode, dequantize, is_eight_bit, storage_numpy_dtype, storage_view,
                      stored_bytes_per_row)
 from .feature_store import FeatureStore, SplitHandle
-from .shard_reader import ShardReader
 
 log = logging.getLogger("featcache.reader")
 # stream mode reads whole shards (one zarr request each) up to SHARD_BLOCK_BYTES, else runs of whole chunks of
@@ -63,6 +62,7 @@ class Batch:
     labels: torch.Tensor
     index: torch.Tensor
     views: int = 1
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)  # undecoded 8-bit batches: each tap's row scales
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -88,6 +88,7 @@ class ReaderOptions:
     check_finite: bool = True
     subset: np.ndarray | None = None  # only these sample indices (of completed shards); None: all of them
     all_views: bool = False  # every cached view of each sample (evaluation), not one drawn per epoch
+    decode: bool = True  # False: taps as stored (8-bit codes, with their scales in Batch.scales), for own decoding
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -169,7 +170,7 @@ class CacheReader:
         self.cache_dtype = split.store.manifest.dtype
         # the stored arrays read per tap: the tap itself, and with an 8-bit cache its per-row scales
         self.arrays = [a for t in self.taps for a in ((t, t + SCALE_SUFFIX) if is_eight_bit(self.cache_dtype) else (t,))]
-        self.shard_reader = ShardReader(split)
+        self.shard_io = split.shard_io
 
     @property
     def num_samples(self) -> int:
@@ -231,16 +232,21 @@ class CacheReader:
     def _to_batch(self, stored: dict[str, torch.Tensor], index: torch.Tensor) -> Batch:
         """Stored rows (``self.arrays``) -> a batch of the training dtype on the training device, decoded there."""
         dev, dt = self.options.device, self.options.dtype
-        out = {}
+        out, scales = {}, {}
         for name in self.taps:
             codes = stored[name].to(dev, non_blocking=True)  # the stored bytes over the bus, not float32's
-            if is_eight_bit(self.cache_dtype):
+            if not self.options.decode:
+                out[name] = codes
+                if is_eight_bit(self.cache_dtype):
+                    scales[name] = stored[name + SCALE_SUFFIX].to(dev, non_blocking=True)
+            elif is_eight_bit(self.cache_dtype):
                 out[name] = dequantize(codes, stored[name + SCALE_SUFFIX].to(dev, non_blocking=True), self.cache_dtype, dt)
             else:
                 out[name] = codes if codes.dtype == dt else codes.to(dt)
         if self.out_views > 1:  # (B, V, T, C) -> (B * V, T, C)
             out = {k: v.flatten(0, 1) for k, v in out.items()}
-        return Batch(out, self.labels_all[index].to(dev, non_blocking=True), index, self.out_views)
+            scales = {k: v.flatten(0, 1) for k, v in scales.items()}
+        return Batch(out, self.labels_all[index].to(dev, non_blocking=True), index, self.out_views, scales)
 
     def _as_tensors(self, stored: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {n: decode(a, _stored_dtype(n, self.cache_dtype)) for n, a in stored.items()}
@@ -450,11 +456,11 @@ def _host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 def read_block(reader: CacheReader, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
     """Stored rows [start, stop) of one array (whole chunks of one shard), checked for NaN/Inf: straight into
     ``out`` through the bulk shard reader where the layout allows, else through zarr."""
-    if reader.shard_reader.supports(name):
-        layout = reader.shard_reader.layout(name)
+    if reader.shard_io.supports(name):
+        layout = reader.shard_io.layout(name)
         if out is None:
             out = np.empty((stop - start, *layout.row_shape), dtype=layout.dtype)
-        reader.shard_reader.read_into(name, start, stop, out)
+        reader.shard_io.read_into(name, start, stop, out)
         rows = out
     else:
         rows = reader.split.read_rows(name, start, stop)
@@ -581,7 +587,7 @@ class StreamReader(CacheReader):
         self.prefetch = prefetch  # None: adaptive (ReadAhead)
         self.threads = max(1, threads)
         # a remote store's requests mostly wait on the network: more of them in flight than there are cores
-        self.io_threads = self.threads if self.shard_reader.local else max(self.threads, REMOTE_REQUESTS)
+        self.io_threads = self.threads if self.shard_io.local else max(self.threads, REMOTE_REQUESTS)
         self.blocks = self._make_blocks()
         self.peak_buffered_images = 0  # for tests and benchmarks: the most images held at once
         self.last_read_ahead: ReadAhead | None = None  # the last epoch's read-ahead, for benchmarks and tests
@@ -710,7 +716,7 @@ class ReadAhead:
         return int(min(hi, max(lo, math.ceil(self.read_seconds / max(self.work_seconds, 1e-6)) + 1)))
 
     def _buffer(self, name: str, rows: int) -> np.ndarray | None:
-        layout = self.reader.shard_reader.layout(name)
+        layout = self.reader.shard_io.layout(name)
         if layout is None:
             return None
         with self._lock:
@@ -872,13 +878,16 @@ def choose_mode(mode: str, nbytes: int, device: torch.device) -> ReaderChoice:
 def open_reader(split: SplitHandle, taps: list[str], mode: str = "auto", batch_size: int = 32, shuffle: bool = True,
                 seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                 drop_last: bool = False, check_finite: bool = True, progress: bool = False,
-                subset: np.ndarray | None = None, all_views: bool = False, **stream_options: Any) -> CacheReader:
+                subset: np.ndarray | None = None, all_views: bool = False, decode: bool = True,
+                **stream_options: Any) -> CacheReader:
     """Open a reader over ``split`` for ``taps`` (only these are read); logs the chosen mode and why.
 
     ``subset``: only these sample indices (e.g. a validation set held out of the split); ``all_views``:
-    batches hold every cached view of each sample (``Batch.views``), for test-time augmentation."""
+    batches hold every cached view of each sample (``Batch.views``), for test-time augmentation; ``decode=False``:
+    batches hold the taps as stored (float16, bfloat16 or float32 as cached; 8-bit codes with their row scales in
+    ``Batch.scales``, decode with ``featcache.store.codecs.dequantize``), for loops that decode on their own."""
     options = ReaderOptions(batch_size, shuffle, seed, drop_last, torch.device(device), dtype, check_finite, subset,
-                            all_views)
+                            all_views, decode)
     probe = StreamReader.__new__(StreamReader)
     CacheReader.__init__(probe, split, taps, options)
     choice = choose_mode(mode, probe.nbytes(), options.device)

@@ -264,6 +264,7 @@ class ShardWriter:
         self._error: BaseException | None = None
         self._error_shard = -1
         self._drop = threading.Event()
+        self._failed = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, name=f"featcache-shard-writer-{i}", daemon=True)
                          for i in range(max(1, threads))]
@@ -286,7 +287,7 @@ class ShardWriter:
             item = self._queue.get()
             if item is None:
                 return
-            if self._drop.is_set() or self._error is not None:
+            if self._drop.is_set() or self._failed.is_set():  # after a failure nothing more is written
                 continue
             try:
                 t0 = time.perf_counter()
@@ -299,6 +300,7 @@ class ShardWriter:
                         self.on_written(item, dt)
             except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
                 self._error, self._error_shard = err, item.shard
+                self._failed.set()
 
     def _raise_error(self) -> None:
         if self._error is not None:

@@ -1,22 +1,25 @@
-"""Bulk reads of a split's tap arrays: rows of whole chunks straight from shard objects into numpy buffers.
+"""Shard objects of a split's tap arrays read and written directly: the bulk I/O path of readers and writers.
 
-Hand-written because zarr 3.1 decodes every inner chunk of a shard on its one event-loop thread and copies it
-into a fresh array (about a seventh of the rate of reading the same files here; docs/readers.md); this module
-reads the same bytes itself, for the layout featcache writes, and leaves every other layout to zarr:
-- a shard object is the Zarr v3 ``sharding_indexed`` codec's: the inner chunks' encoded bytes, then the index
-  (``(offset, nbytes)`` as little-endian uint64 per chunk, ``2**64 - 1`` for an absent chunk) followed by the
-  index's crc32c;
+Hand-written because zarr 3.1 decodes (and encodes) every inner chunk of a shard on its one event-loop thread,
+copying each chunk twice, and reads the old shard before a whole-shard write (several times slower than the
+same files read or written plainly here; docs/readers.md). This module handles the layout featcache writes and
+leaves every other layout to zarr; what it writes is byte for byte what zarr writes (tested):
+- a shard object is the Zarr v3 ``sharding_indexed`` codec's: the inner chunks' encoded bytes in order, then the
+  index (``(offset, nbytes)`` as little-endian uint64 per chunk, ``2**64 - 1`` for an absent chunk) and the
+  index's crc32c; a partial last shard is padded with the fill value, as zarr pads it;
 - a chunk's bytes are ``bytes`` (little-endian) -> optional ``blosc`` or ``zstd`` -> ``crc32c``: the checksum of
   every chunk is checked before its rows are used.
-On a local store the rows are read with ``os.preadv``, uncompressed chunk bodies landing directly in the
-destination rows (the kernel's copy is the only one), checksums in a side buffer; any other zarr store (fsspec
-URLs, memory) is read with one ranged ``get`` per run of chunks. Every call is thread-safe, so callers keep
-several reads in flight (the syscalls, checksums and decompressors release the GIL).
+On a local store rows are read with ``os.preadv`` (uncompressed chunk bodies land directly in the destination
+rows, checksums in a side buffer) and written with ``os.writev`` to a temporary file renamed into place (zarr's
+own atomic write); any other zarr store (fsspec URLs, memory) gets one ranged ``get`` per run of chunks and one
+``set`` per shard object. Every call is thread-safe, so callers keep several in flight (the syscalls, checksums
+and codecs release the GIL).
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +65,7 @@ class ShardLayout:
     dtype: np.dtype
     compressor: Any  # a numcodecs codec, or None
     key_of: Any  # shard coordinates -> chunk key
+    fill_value: Any = 0
 
     @property
     def row_bytes(self) -> int:
@@ -103,7 +107,8 @@ def shard_layout(arr: zarr.Array) -> ShardLayout | None:
         return None
     return ShardLayout(arr.path, int(arr.shape[0]), int(shard_shape[0]), int(sharding.chunk_shape[0]),
                        tuple(int(s) for s in arr.shape[1:]), dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype,
-                       _numcodec(inner[1]) if len(inner) == 3 else None, arr.metadata.encode_chunk_key)
+                       _numcodec(inner[1]) if len(inner) == 3 else None, arr.metadata.encode_chunk_key,
+                       arr.metadata.fill_value)
 
 
 def _check_crc(body: np.ndarray, crc: np.ndarray, what: str) -> None:
@@ -143,10 +148,52 @@ def _decode_chunk(layout: ShardLayout, data: np.ndarray, dest: np.ndarray, what:
         raise ChunkDamaged(f"{what} does not decompress ({err})") from None
 
 
-class ShardReader:
-    """Reads rows of whole chunks of one split's arrays into numpy buffers; thread-safe.
+def _write_all(fd: int, pieces: list[np.ndarray]) -> None:
+    """``os.writev`` every piece (IOV_MAX at a time), resuming after short writes."""
+    todo = [memoryview(p).cast("B") for p in pieces if len(p)]
+    while todo:
+        written = os.writev(fd, todo[:1024])
+        while written:
+            if written >= len(todo[0]):
+                written -= len(todo.pop(0))
+            else:
+                todo[0], written = todo[0][written:], 0
 
-    ``supports(name)`` says whether an array has the layout this reader handles (else read it with zarr).
+
+def _crc_bytes(body: np.ndarray) -> np.ndarray:
+    return np.frombuffer(np.uint32(google_crc32c.value(body)).tobytes(), dtype=np.uint8)
+
+
+def encode_shard(layout: ShardLayout, rows: np.ndarray) -> list[np.ndarray]:
+    """The byte pieces (uint8 arrays, in order) of the shard object holding ``rows`` (a whole shard, or the
+    array's partial last one): each chunk's encoded body and crc32c, then the index and its crc32c.
+    Uncompressed bodies are views of ``rows``: nothing is copied until the pieces are written."""
+    rows = np.ascontiguousarray(rows, dtype=layout.dtype)
+    if len(rows) < layout.shard_rows:  # padded to the whole shard, as zarr writes an edge shard
+        full = np.full((layout.shard_rows, *layout.row_shape), layout.fill_value, dtype=layout.dtype)
+        full[:len(rows)] = rows
+        rows = full
+    chunks = rows.reshape(layout.chunks_per_shard, -1)
+    pieces, index, offset = [], np.empty((layout.chunks_per_shard, 2), dtype="<u8"), 0
+    for c in range(layout.chunks_per_shard):
+        body = chunks[c]
+        if layout.compressor is not None:
+            body = np.frombuffer(layout.compressor.encode(rows[c * layout.chunk_rows:(c + 1) * layout.chunk_rows]),
+                                 dtype=np.uint8)
+        else:
+            body = body.view(np.uint8)
+        pieces += [body, _crc_bytes(body)]
+        index[c] = (offset, len(body) + CRC_BYTES)
+        offset += len(body) + CRC_BYTES
+    raw = index.view(np.uint8).reshape(-1)
+    return pieces + [raw, _crc_bytes(raw)]
+
+
+class ShardIO:
+    """Reads rows of whole chunks of one split's arrays into numpy buffers, and writes whole shard objects;
+    thread-safe.
+
+    ``supports(name)`` says whether an array has the layout handled here (else read and write it with zarr).
     Damage (checksum, truncation, a missing or empty object of a completed shard) is a ``CorruptionError``
     worded as the split's own reads word it, naming the array and shard and the repair command.
     """
@@ -170,6 +217,35 @@ class ShardReader:
     @property
     def local(self) -> bool:
         return self.root is not None
+
+    def write(self, name: str, shard: int, rows: np.ndarray) -> None:
+        """Write the whole shard object of array ``name`` holding ``rows`` (all rows of the shard), atomically:
+        a reader sees the old object or the new one, never a part."""
+        layout = self.layout(name)
+        assert layout is not None, f"{name} is written with zarr"
+        first = shard * layout.shard_rows
+        if len(rows) != min(layout.shard_rows, layout.rows - first):
+            raise ValueError(f"shard {shard} of {name} holds {min(layout.shard_rows, layout.rows - first)} rows, "
+                             f"got {len(rows)}")
+        if self.store.read_only:
+            raise ValueError("store was opened in read-only mode and does not support writing")
+        pieces, key = encode_shard(layout, rows), layout.key(shard)
+        if self.root is None:
+            data = np.concatenate(pieces)
+            sync(self.store.set(key, default_buffer_prototype().buffer.from_array_like(data)))
+            return
+        path = os.path.join(self.root, key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.partial"  # the name zarr gives its own temporary files
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _write_all(fd, pieces)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, path)
 
     def read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
         """Rows [start, stop) of array ``name`` into ``out`` (C-contiguous, shape (stop - start, *row_shape)).
@@ -322,4 +398,4 @@ class ShardReader:
             _decode_chunk(layout, data[off:off + nbytes], part, f"chunk {c} of the shard")
 
 
-__all__ = ["ChunkDamaged", "ShardLayout", "ShardReader", "shard_layout"]
+__all__ = ["ChunkDamaged", "ShardIO", "ShardLayout", "encode_shard", "shard_layout"]
