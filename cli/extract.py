@@ -36,7 +36,8 @@ from .options import cluster_options, data_options, storage_option
 @click.option("--repair", is_flag=True,
               help="With --resume: read the whole split first and recompute the shards whose data is damaged.")
 @click.option("--compressor", type=click.Choice(COMPRESSORS), default=None,
-              help=f"Chunk compressor [default: {DEFAULT_COMPRESSOR}, or the split's recorded one with --resume].")
+              help="Chunk compressor; auto: lz4 for the taps that a probe batch shows compressible (post-ReLU maps), "
+                   f"none for dense ones [default: {DEFAULT_COMPRESSOR}, or the split's recorded one with --resume].")
 @click.option("--views", type=int, default=1, show_default=True,
               help="Augmented views per image (training transform, deterministic per image); 1 = eval transform.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Augmentation seed for --views > 1.")

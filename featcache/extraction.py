@@ -38,7 +38,7 @@ from featcache.vocabulary import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRE
 from featcache.data import DataSource, Subset, open_source, stratified_subset, unwrap_worker_error
 from featcache.loader import TransformedDataset, cpu_count, default_loader_workers, make_loader, transform_pool
 from featcache.keyvalue import with_overrides
-from featcache.errors import DataError, Interrupted, StoreError, UsageError
+from featcache.errors import DataError, Interrupted, StoreError, TapOverflowError, UsageError
 from featcache.progress import bar
 from featcache.store.feature_store import FeatureStore, SplitHandle, choose_chunking
 from featcache.store.codecs import auto_compressors, compressor_record, storage_view
@@ -250,10 +250,17 @@ def plan_split(backbone: Backbone, source: DataSource, opts: ExtractOptions, rec
 def probe_compressors(backbone: Backbone, source: DataSource, dtype: str, images: int = PROBE_IMAGES) -> dict[str, str]:
     """``--compressor auto``: each tap array's compressor, from the first images of the split encoded in the cache
     dtype (``featcache.store.codecs.auto_compressors``: lz4 where it saves a third of the bytes, else none)."""
-    dataset = TransformedDataset(source, backbone.transform)
-    x = torch.stack([dataset[i][0] for i in range(min(images, len(source)))])
-    taps = forward_taps(backbone, x, 1, dtype)
-    arrays, _ = encode_taps({k: v.cpu() for k, v in taps.items()}, backbone.taps.infos, dtype, 1, 0)
+    dataset, x = TransformedDataset(source, backbone.transform), []
+    for i in range(min(4 * images, len(source))):  # an unreadable image is the extraction's to report, in context
+        with contextlib.suppress(DataError):
+            x.append(dataset[i][0])
+        if len(x) == images:
+            break
+    try:
+        taps = forward_taps(backbone, torch.stack(x), 1, dtype) if x else {}
+        arrays, _ = encode_taps({k: v.cpu() for k, v in taps.items()}, backbone.taps.infos, dtype, 1, 0)
+    except TapOverflowError:  # the first batch of the extraction reports it, with its images and the fix
+        return {}
     return auto_compressors({name: storage_view(t.contiguous()) for name, t in arrays.items()})
 
 

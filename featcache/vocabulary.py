@@ -6,7 +6,8 @@ and ``featcache --help`` loads neither torch nor timm.
 
 - user-visible choices (cache dtypes, compressors, reader modes);
 - ``TapInfo`` (one tapped activation) and ``BackboneSpec`` (how to rebuild the backbone);
-- ``Manifest`` and ``SplitMeta``: the store's format, version 1, described below.
+- ``Manifest`` and ``SplitMeta``: the store's format, version 2, described below (version 1 still reads:
+  format 2 adds the ``auto`` compressor, whose per-array choice ``SplitMeta.tap_compressors`` records).
 
 Root attributes of a store (a Zarr v3 group):
   featcache_format   int, FORMAT_VERSION
@@ -20,7 +21,8 @@ Root attributes of a store (a Zarr v3 group):
   dtype              "float16" | "bfloat16" | "float32" | "int8" | "float8_e4m3" (bfloat16 is stored as
                      uint16; the 8-bit dtypes as codes plus a float16 scale per token row, store/codecs.py)
   compressor         {"name", "configuration"} of the first split's chunk compressor ("none" = no
-                     compression); every split records its own in SplitMeta.compressor
+                     compression; "auto": {"arrays": {array: "lz4" | "none"}, "min_ratio", "codec"});
+                     every split records its own in SplitMeta.compressor (and .tap_compressors)
   final_norm         true when the group ``_backbone`` holds the ViT's final LayerNorm
   autocast           {"cuda": "bfloat16" | null}: the precision of the backbone pass on a GPU (predict
                      applies the same; stores without it: bfloat16 for 16-bit caches, as extraction ran)
@@ -105,8 +107,8 @@ class BackboneSpec:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMATS = (1,)
+FORMAT_VERSION = 2  # 2: "auto" compressor, per-array compressors (SplitMeta.tap_compressors)
+SUPPORTED_FORMATS = (1, 2)
 
 
 def check_format_version(found: Any, what: str) -> None:

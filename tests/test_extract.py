@@ -226,7 +226,7 @@ def test_manifest_records_what_reproduces_the_store(images: Path, tmp_path: Path
     m = FeatureStore.open(tmp_path / "s.zarr").manifest
     assert m.backbone["spec"]["model"] == "test_vit" and m.backbone["weights"]["source"] == "random"
     assert len(m.backbone["weights"]["state_sha256"]) == 64
-    assert m.tap_names == ["embed", "block3"] and m.dtype == "float16" and m.featcache_format == 1
+    assert m.tap_names == ["embed", "block3"] and m.dtype == "float16" and m.featcache_format == 2
     assert "Normalize" in m.transform["eval"] and "RandomResizedCrop" in m.transform["train"]
     assert m.environment["torch"] == torch.__version__ and m.compressor["name"] == "auto"
     meta = FeatureStore.open(tmp_path / "s.zarr").split("train").meta

@@ -183,7 +183,7 @@ def test_plain_zarr_dask_and_xarray_read_the_store(images: Path, tmp_path: Path)
     run_extract(images, out, dtype="float32", limit=12)
     ref = read_split(out)
     group = zarr.open_group(str(out), mode="r")
-    assert group.attrs["featcache_format"] == 1 and "train" in group
+    assert group.attrs["featcache_format"] == 2 and "train" in group
     assert np.array_equal(group["train/block4"][:], ref["block4"])
     assert group["train/block4"].metadata.dimension_names == ("image", "token", "channel")
     lazy = da.from_zarr(str(out), component="train/block4")

@@ -36,7 +36,7 @@ from featcache.errors import StoreError
 from .codecs import QERR_SUFFIX
 from .feature_store import COMPLETE, SPLIT_ATTR, FeatureStore, SplitHandle
 from .lock import SplitLock
-from featcache.vocabulary import Manifest, SplitMeta
+from featcache.vocabulary import FORMAT_VERSION, Manifest, SplitMeta
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,10 @@ def _open_or_create_store(url: str, manifest: Manifest, final_norm: dict[str, to
         return FeatureStore.create(url, manifest, final_norm, storage_options)
     store = FeatureStore.open(url, "r+", storage_options)
     store.manifest.check_compatible(manifest, f"store {url}")
+    if store.manifest.featcache_format < FORMAT_VERSION:  # the new split may use this format's features: an
+        store.group.attrs["featcache_format"] = FORMAT_VERSION  # older featcache then refuses the store, not misreads it
+        store.manifest.featcache_format = FORMAT_VERSION
+        log.info("store %s is now featcache format %d (its earlier splits read as before)", url, FORMAT_VERSION)
     return store
 
 
