@@ -254,7 +254,9 @@ class CacheReader:
     def _handed_over(self, epoch: int) -> Iterator[Batch]:
         """Batches assembled on a background thread; on a CUDA device they cross in reused pinned buffers."""
         cuda = self.options.device.type == "cuda"
-        slots = PinnedSlots(HANDOVER_DEPTH + 2) if cuda else None
+        batch_bytes = self.nbytes() / max(1, self.num_samples) * self.options.batch_size
+        depth = int(max(1, min(HANDOVER_DEPTH, HANDOVER_BYTES // max(1.0, batch_bytes))))  # bounded memory too
+        slots = PinnedSlots(depth + 2) if cuda else None
 
         def assembled() -> Iterator[Any]:
             if slots is None:
@@ -266,7 +268,7 @@ class CacheReader:
                 yield stored, index, slot
                 slot = slots.acquire()
 
-        handover = Handover(assembled(), HANDOVER_DEPTH, f"featcache-{self.mode}-batches")
+        handover = Handover(assembled(), depth, f"featcache-{self.mode}-batches")
         try:
             for item in handover:
                 if slots is None:
@@ -291,7 +293,8 @@ class CacheReader:
 
 
 BatchBuffers = Callable[[str, tuple[int, ...], np.dtype], np.ndarray]
-HANDOVER_DEPTH = 3  # ready batches queued for the consumer
+HANDOVER_DEPTH = 3  # ready batches queued for the consumer, at most HANDOVER_BYTES of them
+HANDOVER_BYTES = 256 << 20
 
 
 def fresh_buffers(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
