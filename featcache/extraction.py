@@ -65,7 +65,7 @@ class ExtractOptions:
     device: str = "auto"
     dtype: str = "float16"
     compressor: str | None = None  # None: recorded on resume, else DEFAULT_COMPRESSOR
-    views: int = 1  # > 1: augmented views with the training transform, deterministic in (seed, image, view)
+    views: int = 1  # > 1: view 0 the eval transform, views 1.. training-transform draws seeded by (seed, image, view)
     seed: int = 0  # augmentation seed
     limit: int | None = None  # a fixed stratified subset of this many images
     resume: bool = False
@@ -238,7 +238,8 @@ def plan_split(backbone: Backbone, source: DataSource, opts: ExtractOptions, rec
     compressor = opts.compressor or (recorded.compressor if use_recorded and recorded.compressor else DEFAULT_COMPRESSOR)
     classes = list(source.classes)
     return SplitMeta(num_samples=len(source), chunk_images=chunk, shard_images=shard, views=views, classes=classes,
-                     data=source.spec, view_transform="train" if views > 1 else "eval", seed=opts.seed,
+                     data=source.spec, view_transform="eval+train" if views > 1 else "eval", eval_view=0,
+                     seed=opts.seed,
                      limit=opts.limit if opts.limit is not None and opts.limit < _source_size(source) else None,
                      batch_size=batch, compressor=compressor)
 

@@ -42,12 +42,14 @@ from featcache.vocabulary import READER_MODES, TapInfo
 
 from .bank import MemberBank
 from .rundir import RunDir, holds_run_lock
-from .selection import HELDOUT_FILE, VAL, Evaluation, check_classes, plan_evaluation, record_held_out
+from .selection import (HELDOUT_FILE, VAL, Evaluation, ViewScoring, check_classes, old_views_warning, plan_evaluation,
+                        record_held_out, tta_record, view_scoring)
 from .augment import AugmentConfig, AugmentedBatch, augment, batch_generator
 from .sweep import SweepMember, TrainConfig, expand
 from .tensorboard_log import TENSORBOARD_DIR, TensorBoardLog, open_tensorboard, use_tensorboard
 
 log = logging.getLogger("featcache.training")
+RUN_RECORDS = ("evaluation", "tta")  # run-wide records of the summary that every member's config.json repeats
 
 
 @dataclass
@@ -188,6 +190,7 @@ class TrainOptions:
     progress: bool = True
     storage_options: dict[str, Any] | None = None  # fsspec options for URL stores
     tensorboard: bool | None = None  # event files in RUNDIR/tensorboard; None: when tensorboard is installed
+    tta: bool = False  # score multi-view splits on the mean logits of all their views, not on the eval view alone
 
     def validate(self) -> None:
         use_tensorboard(self.tensorboard)  # True without the package: MissingDependencyError
@@ -241,7 +244,8 @@ def train(store: str | FeatureStore, method: str | list[SweepMember], out: str |
     rundir.check_store(store, opts.split)
     banks, records = _build_banks(members, mi, device)
     mi.backbone_state = None  # LST's pruned init is done: free the backbone weights
-    train_reader, eval_readers = _open_readers(store, banks, evaluation, opts, members[0].train, device)
+    train_reader, eval_readers, scorings = _open_readers(store, banks, evaluation, opts, members[0].train, device)
+    record = _evaluation_record(scorings, opts.tta)
     rundir.start()  # the cache read well (resident readers check every chunk): now RUNDIR may change
     record_held_out(evaluation, store.split(opts.split), rundir.path, opts.val_fraction, opts.val_seed)
     stats: dict[str, Any] = {"train_seconds": 0.0, "train_samples": 0, "bank_seconds": [0.0] * len(banks)}
@@ -255,11 +259,12 @@ def train(store: str | FeatureStore, method: str | list[SweepMember], out: str |
         f"{evaluation.selected_on}", quiet=not opts.progress)
     tensorboard = open_tensorboard(opts.tensorboard, rundir.path, [m.name for m in members], rundir.first_epoch)
     loop = EpochLoop(rundir, banks, records, train_reader, eval_readers, evaluation,
-                     _member_configs(store, opts.split, banks, records, mi), tensorboard)
+                     _member_configs(store, opts.split, banks, records, mi, record), tensorboard)
     try:
         loop.run(stats, opts.progress)
         summary = _summary(rundir.path, records, banks, stats, evaluation, t_start, rss_base, train_reader, device,
                            partial)
+        summary.update(record)
         if partial:
             write_json(rundir.path / "summary.json", summary)
         else:
@@ -277,30 +282,49 @@ def train(store: str | FeatureStore, method: str | list[SweepMember], out: str |
 
 
 def _open_readers(store: FeatureStore, banks: list[MemberBank], evaluation: Evaluation, opts: TrainOptions,
-                  cfg: TrainConfig, device: torch.device) -> tuple[CacheReader, dict[str, CacheReader]]:
-    """The training reader (shuffled; held-out samples left out) and the evaluation readers by metric prefix:
-    ``val`` (the validation data) and each eval split, every cached view of a sample (mean logits)."""
+                  cfg: TrainConfig, device: torch.device
+                  ) -> tuple[CacheReader, dict[str, CacheReader], dict[str, ViewScoring]]:
+    """The training reader (shuffled; held-out samples left out; one view per sample and epoch, drawn from all the
+    cached views, the eval view among them) and the evaluation readers by metric prefix: ``val`` (the validation
+    data) and each eval split, each on its eval view or, with ``--tta``, on all its views (``view_scoring``)."""
     needed = sorted({t for b in banks for t in b.required_taps}, key=store.manifest.tap_names.index)
     stream = opts.stream_options()
     train_reader = open_reader(store.split(opts.split), needed, opts.reader, cfg.batch_size, shuffle=True,
                                seed=cfg.seed, device=device, subset=evaluation.train_subset, **stream)
+    scorings: dict[str, ViewScoring] = {}
 
-    def evaluated(split: str, subset: Any = None) -> CacheReader:
+    def evaluated(prefix: str, split: str, subset: Any = None) -> CacheReader:
+        scorings[prefix] = scoring = view_scoring(store.split(split), opts.tta)
+        warning = old_views_warning(scoring, store.url)
+        if warning:
+            log.warning(warning)
         return open_reader(store.split(split), needed, opts.reader, max(cfg.batch_size, 256), shuffle=False,
-                           device=device, subset=subset, all_views=True, **stream)
+                           device=device, subset=subset, **scoring.reader_options(), **stream)
 
-    readers = {VAL: evaluated(evaluation.val_split, evaluation.val_subset)} if evaluation.val_split else {}
-    return train_reader, readers | {name: evaluated(name) for name in evaluation.eval_splits}
+    readers = {VAL: evaluated(VAL, evaluation.val_split, evaluation.val_subset)} if evaluation.val_split else {}
+    readers |= {name: evaluated(name, name) for name in evaluation.eval_splits}
+    if opts.tta and not any(s.views > 1 for s in scorings.values()):
+        log.warning("--tta: no evaluated split holds more than one view per image (extract it with --views K), so "
+                    "there is nothing to average: each is scored on its one view")
+    return train_reader, readers, scorings
+
+
+def _evaluation_record(scorings: dict[str, ViewScoring], tta: bool) -> dict[str, Any]:
+    """What the summary and every member's config record about the views evaluated: per metric prefix the split's
+    views and what was scored, and the views ``predict --tta`` recomputes (``tta``)."""
+    return {"evaluation": {"tta": tta, "splits": {k: s.describe() for k, s in scorings.items()}},
+            "tta": tta_record(scorings)}
 
 
 def _member_configs(store: FeatureStore, split: str, banks: list[MemberBank], records: list[MemberRecord],
-                    mi: MethodInput) -> list[dict[str, Any]]:
+                    mi: MethodInput, extra: dict[str, Any]) -> list[dict[str, Any]]:
     """Each member's checkpoint config: the bank's resolved method config ("auto" widths, heads, ... filled
-    in, so that checkpoints rebuild exactly), its training config, the store it was trained on."""
+    in, so that checkpoints rebuild exactly), its training config, the store it was trained on, and ``extra``
+    (the evaluation record: views scored, what ``predict --tta`` recomputes)."""
     store_record = {"url": store.url, "split": split, "manifest": store.manifest.to_attrs()}
     classes = store.split(split).meta.classes
-    return [member_config(r.member.name, r.member.method, banks[r.bank].template.config.to_dict(),
-                          r.member.train.to_dict(), mi, store_record, classes) for r in records]
+    return [{**member_config(r.member.name, r.member.method, banks[r.bank].template.config.to_dict(),
+                             r.member.train.to_dict(), mi, store_record, classes), **extra} for r in records]
 
 
 @dataclass
@@ -508,6 +532,7 @@ def gather_parts(out: str | os.PathLike[str], members: list[SweepMember], parts:
     cuda = [s["cuda_max_memory_allocated_mb"] for s in summaries if "cuda_max_memory_allocated_mb" in s]
     if cuda:
         summary["cuda_max_memory_allocated_mb"] = max(cuda)
+    summary.update({k: summaries[0][k] for k in RUN_RECORDS if k in summaries[0]})  # the same in every part
     summary.update(extra or {})
     _finish(out, summary, records, progress)
     return summary

@@ -186,7 +186,7 @@ def test_views_differ_and_are_deterministic(images: Path, tmp_path: Path) -> Non
     run_extract(images, b, views=3, limit=6, dtype="float32", loader_workers=1, batch_size=6)
     split = FeatureStore.open(a).split("train")
     x = split.tap("block2")[:]
-    assert x.shape == (6, 3, 5, 64) and split.meta.view_transform == "train" and split.meta.views == 3
+    assert x.shape == (6, 3, 5, 64) and split.meta.view_transform == "eval+train" and split.meta.views == 3
     assert not np.array_equal(x[:, 0], x[:, 1]) and not np.array_equal(x[:, 1], x[:, 2])
     y = FeatureStore.open(b).split("train").tap("block2")[:]
     assert np.allclose(x, y, atol=1e-5)  # same (seed, image, view) -> same augmentation, other batching/workers

@@ -14,7 +14,8 @@ One API, three modes (``open_reader(split, taps, mode=...)``):
 ram when they fit the available RAM with a margin, else stream; the choice and its reason are
 kept in ``reader.choice`` (``featcache train`` prints them). Every mode yields every completed
 sample exactly once per epoch, in an order fixed by (seed, epoch); with several cached views one
-view per sample is drawn per epoch, also fixed by (seed, epoch, sample).
+view per sample is drawn per epoch, also fixed by (seed, epoch, sample), unless the reader is asked for
+one fixed view (``view``, evaluation on the eval view) or for every view (``all_views``, test-time augmentation).
 """
 
 from __future__ import annotations
@@ -83,10 +84,13 @@ class ReaderOptions:
     check_finite: bool = True
     subset: np.ndarray | None = None  # only these sample indices (of completed shards); None: all of them
     all_views: bool = False  # every cached view of each sample (evaluation), not one drawn per epoch
+    view: int | None = None  # this view of every sample (evaluation on the eval view), not one drawn per epoch
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.all_views and self.view is not None:
+            raise UsageError("a reader gives every view of a sample (all_views) or one fixed view, not both")
         self.device = torch.device(self.device)
 
 
@@ -153,6 +157,9 @@ class CacheReader:
                              "extraction (featcache extract --resume) first")
         self.labels_all = torch.from_numpy(split.labels())
         self.views = split.meta.views
+        if options.view is not None and not 0 <= options.view < self.views:
+            raise UsageError(f"view {options.view} does not exist: split {split.name!r} of {split.store.url} holds "
+                             f"{self.views} view(s) per image")
         self.out_views = self.views if options.all_views else 1  # views per sample in a batch
         self.cache_dtype = split.store.manifest.dtype
         # the stored arrays read per tap: the tap itself, and with an 8-bit cache its per-row scales
@@ -178,6 +185,15 @@ class CacheReader:
             return self.indices
         perm = torch.randperm(len(self.indices), generator=_epoch_generator(self.options.seed, epoch))
         return self.indices[perm]
+
+    def epoch_views(self, epoch: int) -> torch.Tensor | None:
+        """The view each usable sample (``self.indices``) gives in this epoch: the fixed ``view``, else one drawn
+        per (seed, epoch, sample); None when batches hold every view (or the split has one)."""
+        if self.out_views == self.views:
+            return None
+        if self.options.view is not None:
+            return torch.full_like(self.indices, self.options.view)
+        return draw_views(self.views, self.indices, self.options.seed, epoch)
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         """All usable samples once, in batches; the order depends only on (seed, epoch)."""
@@ -269,7 +285,7 @@ class ResidentReader(CacheReader):
         order = self.order(epoch)
         b = self.options.batch_size
         stop = (len(order) // b) * b if self.options.drop_last else len(order)
-        views = draw_views(self.views, self.indices, self.options.seed, epoch) if self.out_views < self.views else None
+        views = self.epoch_views(epoch)
         for s in range(0, stop, b):
             index = order[s:s + b].sort().values  # ascending rows: the gather streams through memory
             slot = self._slot[index]
@@ -369,10 +385,10 @@ class StreamReader(CacheReader):
         batch handed out becomes a torch tensor. The window itself is never concatenated.
         """
         gen = _epoch_generator(self.options.seed, epoch, salt=3)
-        view_of = None
-        if self.out_views < self.views:
+        view_of, views = None, self.epoch_views(epoch)
+        if views is not None:
             view_of = np.zeros(self.split.num_samples, dtype=np.int64)
-            view_of[self.indices.numpy()] = draw_views(self.views, self.indices, self.options.seed, epoch).numpy()
+            view_of[self.indices.numpy()] = views.numpy()
         b = self.options.batch_size
         carry_index, carry = np.zeros(0, dtype=np.int64), None  # samples left over from the last window
         for index, parts in self._windows(self.block_order(epoch)):
@@ -521,13 +537,15 @@ def choose_mode(mode: str, nbytes: int, device: torch.device) -> ReaderChoice:
 def open_reader(split: SplitHandle, taps: list[str], mode: str = "auto", batch_size: int = 32, shuffle: bool = True,
                 seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                 drop_last: bool = False, check_finite: bool = True, progress: bool = False,
-                subset: np.ndarray | None = None, all_views: bool = False, **stream_options: Any) -> CacheReader:
+                subset: np.ndarray | None = None, all_views: bool = False, view: int | None = None,
+                **stream_options: Any) -> CacheReader:
     """Open a reader over ``split`` for ``taps`` (only these are read); logs the chosen mode and why.
 
     ``subset``: only these sample indices (e.g. a validation set held out of the split); ``all_views``:
-    batches hold every cached view of each sample (``Batch.views``), for test-time augmentation."""
+    batches hold every cached view of each sample (``Batch.views``), for test-time augmentation; ``view``: this
+    view of every sample (the eval view, for evaluation without it); neither: one view drawn per sample and epoch."""
     options = ReaderOptions(batch_size, shuffle, seed, drop_last, torch.device(device), dtype, check_finite, subset,
-                            all_views)
+                            all_views, view)
     probe = StreamReader.__new__(StreamReader)
     CacheReader.__init__(probe, split, taps, options)
     choice = choose_mode(mode, probe.nbytes(), options.device)
