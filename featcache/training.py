@@ -44,12 +44,13 @@ from .bank import MemberBank
 from .rundir import RunDir, holds_run_lock
 from .selection import (HELDOUT_FILE, VAL, Evaluation, ViewScoring, check_classes, old_views_warning, plan_evaluation,
                         record_held_out, tta_record, view_scoring)
-from .augment import AugmentConfig, AugmentedBatch, augment, batch_generator
+from .augment import AugmentConfig, AugmentedBatch, FeatureStats, augment, batch_generator
+from .feature_stats import STATS_FILE, run_feature_stats, save_feature_stats
 from .sweep import SweepMember, TrainConfig, expand
 from .tensorboard_log import TENSORBOARD_DIR, TensorBoardLog, open_tensorboard, use_tensorboard
 
 log = logging.getLogger("featcache.training")
-RUN_RECORDS = ("evaluation", "tta")  # run-wide records of the summary that every member's config.json repeats
+RUN_RECORDS = ("evaluation", "tta", "feature_stats")  # run-wide records that every member's config.json repeats
 
 
 @dataclass
@@ -121,16 +122,18 @@ def _build_banks(members: list[SweepMember], mi: MethodInput, device: torch.devi
 
 
 def _augmented(batch: Any, cfg: AugmentConfig, infos: dict[str, TapInfo], seed: int, epoch: int, step: int,
-               done: dict[AugmentConfig, AugmentedBatch]) -> AugmentedBatch:
+               done: dict[AugmentConfig, AugmentedBatch], feature_stats: FeatureStats | None) -> AugmentedBatch:
     """The batch as the banks with feature augmentation ``cfg`` see it: drawn once per (cfg, step) from a
-    generator seeded by (seed, epoch, step), so a resumed run sees the same augmented batches."""
+    generator seeded by (seed, epoch, step), so a resumed run sees the same augmented batches; FroFA's channel
+    ranges are the run's ``feature_stats``, never the batch's."""
     if cfg not in done:
-        done[cfg] = augment(batch.taps, batch.labels, infos, cfg, batch_generator(seed, epoch, step))
+        done[cfg] = augment(batch.taps, batch.labels, infos, cfg, batch_generator(seed, epoch, step), feature_stats)
     return done[cfg]
 
 
 def _train_epoch(epoch: int, banks: list[MemberBank], records: list[MemberRecord], reader: CacheReader,
-                 epochs: int, stats: dict[str, Any], pbar: Any) -> dict[str, dict[str, float]]:
+                 epochs: int, stats: dict[str, Any], pbar: Any,
+                 feature_stats: FeatureStats | None = None) -> dict[str, dict[str, float]]:
     """One pass over the cache feeding every bank the same batches (augmented per bank's feature augmentation);
     per-member train loss and accuracy."""
     device = banks[0].device
@@ -142,7 +145,7 @@ def _train_epoch(epoch: int, banks: list[MemberBank], records: list[MemberRecord
         at, done = epoch + step / len(reader), {}
         for i, ((loss_sum, correct_sum), bank) in enumerate(zip(sums, banks)):
             tb = time.perf_counter()
-            ab = _augmented(batch, augs[i], infos, seed, epoch, step, done)
+            ab = _augmented(batch, augs[i], infos, seed, epoch, step, done, feature_stats)
             loss, correct = bank.train_step(ab.taps, ab.labels, at, epochs, where=f"epoch {epoch + 1} step {step + 1}",
                                             labels_b=ab.labels_b, lam=ab.lam)
             if device.type == "cuda":
@@ -246,8 +249,12 @@ def train(store: str | FeatureStore, method: str | list[SweepMember], out: str |
     mi.backbone_state = None  # LST's pruned init is done: free the backbone weights
     train_reader, eval_readers, scorings = _open_readers(store, banks, evaluation, opts, members[0].train, device)
     record = _evaluation_record(scorings, opts.tta)
+    stats_of_features = _frofa_stats(store.split(opts.split), banks, evaluation, rundir, opts)
+    record["feature_stats"] = stats_of_features[1] if stats_of_features is not None else None
     rundir.start()  # the cache read well (resident readers check every chunk): now RUNDIR may change
     record_held_out(evaluation, store.split(opts.split), rundir.path, opts.val_fraction, opts.val_seed)
+    if stats_of_features is not None:
+        save_feature_stats(rundir.path, *stats_of_features)
     stats: dict[str, Any] = {"train_seconds": 0.0, "train_samples": 0, "bank_seconds": [0.0] * len(banks)}
     if rundir.state is not None:
         saved, stats = rundir.load_state(banks)
@@ -259,7 +266,8 @@ def train(store: str | FeatureStore, method: str | list[SweepMember], out: str |
         f"{evaluation.selected_on}", quiet=not opts.progress)
     tensorboard = open_tensorboard(opts.tensorboard, rundir.path, [m.name for m in members], rundir.first_epoch)
     loop = EpochLoop(rundir, banks, records, train_reader, eval_readers, evaluation,
-                     _member_configs(store, opts.split, banks, records, mi, record), tensorboard)
+                     _member_configs(store, opts.split, banks, records, mi, record), tensorboard,
+                     stats_of_features[0] if stats_of_features is not None else None)
     try:
         loop.run(stats, opts.progress)
         summary = _summary(rundir.path, records, banks, stats, evaluation, t_start, rss_base, train_reader, device,
@@ -309,6 +317,17 @@ def _open_readers(store: FeatureStore, banks: list[MemberBank], evaluation: Eval
     return train_reader, readers, scorings
 
 
+def _frofa_stats(split: SplitHandle, banks: list[MemberBank], evaluation: Evaluation, rundir: RunDir,
+                 opts: TrainOptions) -> tuple[FeatureStats, dict[str, Any]] | None:
+    """FroFA's per-channel ranges over the training samples' taps (``featcache.feature_stats``), when a bank uses
+    ``frofa``: computed once before training (a resumed run loads the ones it recorded); None otherwise."""
+    taps = sorted({t for b in banks if "frofa" in b.members[0].train.augment().names for t in b.required_taps},
+                  key=split.store.manifest.tap_names.index)
+    if not taps:
+        return None
+    return run_feature_stats(split, taps, evaluation.train_subset, rundir.path, opts.resume, opts.stream_options())
+
+
 def _evaluation_record(scorings: dict[str, ViewScoring], tta: bool) -> dict[str, Any]:
     """What the summary and every member's config record about the views evaluated: per metric prefix the split's
     views and what was scored, and the views ``predict --tta`` recomputes (``tta``)."""
@@ -339,6 +358,7 @@ class EpochLoop:
     evaluation: Evaluation  # which readers' accuracy picks each member's best epoch
     configs: list[dict[str, Any]]  # per member, for its checkpoint
     tensorboard: TensorBoardLog | None = None  # the same rows as event files, plus the lr at the epoch's end
+    feature_stats: FeatureStats | None = None  # FroFA's channel ranges over the training features (frofa banks)
 
     def run(self, stats: dict[str, Any], progress: bool) -> None:
         cfg = self.records[0].member.train
@@ -346,7 +366,8 @@ class EpochLoop:
         with bar(cfg.epochs * steps, "train", unit="step", progress=progress, initial=first * steps) as pbar:
             for epoch in range(first, cfg.epochs):
                 torch.manual_seed(cfg.seed * 1000 + epoch)  # any randomness inside side networks: fixed per epoch
-                rows = _train_epoch(epoch, self.banks, self.records, self.train_reader, cfg.epochs, stats, pbar)
+                rows = _train_epoch(epoch, self.banks, self.records, self.train_reader, cfg.epochs, stats, pbar,
+                                    self.feature_stats)
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                     _eval_epoch(self.banks, self.records, self.eval_readers, rows)
                 _record_epoch(self.rundir, epoch, self.banks, self.records, rows, self.configs,
@@ -509,8 +530,9 @@ def gather_parts(out: str | os.PathLike[str], members: list[SweepMember], parts:
         for line in (part / "metrics.jsonl").read_text().splitlines():
             row = json.loads(line)
             history.setdefault(row.pop("member"), []).append(row)
-    if (parts[0] / HELDOUT_FILE).is_file():  # every part held out the same images (same seed and store)
-        shutil.copy2(parts[0] / HELDOUT_FILE, out / HELDOUT_FILE)
+    for name in (HELDOUT_FILE, STATS_FILE):  # every part held out the same images, took the same statistics
+        if (parts[0] / name).is_file():
+            shutil.copy2(parts[0] / name, out / name)
     missing = [m.name for m in members if m.name not in entries]
     if missing:
         raise CheckpointError(f"the parts of run {out} lack members {', '.join(missing)}; train again")
