@@ -7,7 +7,7 @@ shards, finalize. Only how the shards run differs, behind ``ShardRunner``: ``InP
 ``extract_shards``: given an open split, a backbone and a data source, compute and write any list of shards.
 
 Inside ``extract_shards`` the images come in shard-aligned batches (``featcache.loader``); the main
-thread runs the frozen backbone (inference mode; ``AutocastPolicy``: bf16 on CUDA for 16-bit caches) and copies
+thread runs the frozen backbone (inference mode; ``AutocastPolicy``: float32, TF32 off, as the store records) and copies
 each batch's taps into the current shard's buffers; finished shards go to a ``ShardWriter`` thread
 (bounded queue) that compresses and writes them, so the backbone never waits for compression or disk.
 Batches never cross a shard boundary and always start at the same images, so a resumed extraction
@@ -317,12 +317,14 @@ class ShardBuffers:
         return self.shard is not None and self.filled == stop - start
 
 
-def forward_taps(backbone: Backbone, images: torch.Tensor, views: int, dtype: str) -> dict[str, torch.Tensor]:
-    """The taps of a DataLoader batch ((B, 3, H, W), or (B, V, 3, H, W) with views), as (B * V, T, C)."""
+def forward_taps(backbone: Backbone, images: torch.Tensor, views: int,
+                 policy: AutocastPolicy) -> dict[str, torch.Tensor]:
+    """The taps of a DataLoader batch ((B, 3, H, W), or (B, V, 3, H, W) with views), as (B * V, T, C), in the
+    precision of ``policy`` (the store's recorded one)."""
     x = images.to(backbone.device, non_blocking=True)
     if views > 1:
         x = x.flatten(0, 1)
-    with torch.inference_mode(), AutocastPolicy.for_cache(dtype).context(backbone.device):
+    with torch.inference_mode(), policy.context(backbone.device):
         return backbone.taps(x)
 
 
@@ -362,6 +364,7 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
     if not todo:
         return stats
     labels, ids = source.labels(), source.ids()
+    policy = AutocastPolicy.from_manifest(split.store.manifest.autocast, dtype)  # one store, one precision
     buffers = ShardBuffers(meta, backbone.taps.infos, dtype)
     workers = default_loader_workers(backbone.device, meta.views) if loader_workers is None else loader_workers
     pool = transform_pool(workers, meta.views)
@@ -382,7 +385,7 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
             if buffers.shard != shard:
                 buffers.start(shard)
             tf = time.perf_counter()
-            n = buffers.put(first - meta.shard_bounds(shard)[0], forward_taps(backbone, images, meta.views, dtype))
+            n = buffers.put(first - meta.shard_bounds(shard)[0], forward_taps(backbone, images, meta.views, policy))
             stats.forward_seconds += time.perf_counter() - tf
             stats.images += n
             stats.nbytes += buffers.bytes_per_image * n

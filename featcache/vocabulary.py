@@ -22,8 +22,10 @@ Root attributes of a store (a Zarr v3 group):
   compressor         {"name", "configuration"} of the first split's chunk compressor ("none" = no
                      compression); every split records its own in SplitMeta.compressor
   final_norm         true when the group ``_backbone`` holds the ViT's final LayerNorm
-  autocast           {"cuda": "bfloat16" | null}: the precision of the backbone pass on a GPU (predict
-                     applies the same; stores without it: bfloat16 for 16-bit caches, as extraction ran)
+  autocast           {"cuda", "cpu": autocast dtype | null, "tf32": bool | null}: the precision of the
+                     backbone pass per device (device.AutocastPolicy; predict applies the same). Written now:
+                     float32 everywhere, TF32 off. Earlier stores: {"cuda": "bfloat16"} for 16-bit caches
+                     (float32 on CPU, TF32 as torch had it); no record at all: the same
   environment        versions of python, torch, timm, zarr and numpy that wrote the store
 Split group attributes: ``featcache_split`` = SplitMeta; ``featcache_extraction`` = {finished,
 featcache_version, nbytes, stored_bytes, seconds} once every shard is complete. A split of K > 1 views holds

@@ -270,7 +270,8 @@ def test_cli_subprocess_prints_summary_line(images: Path, tmp_path: Path) -> Non
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_extraction_matches_cpu(images: Path, tmp_path: Path) -> None:
-    """On CUDA the forward runs under bf16 autocast for 16-bit caches, in float32 for float32 caches."""
+    """On CUDA the forward runs in float32 with TF32 off for every cache dtype: a bfloat16 cache holds the CPU's
+    taps to bfloat16's rounding."""
     run_extract(images, tmp_path / "cpu.zarr", dtype="float32", limit=12)
     run_extract(images, tmp_path / "gpu32.zarr", dtype="float32", limit=12, device="cuda", loader_workers=1)
     run_extract(images, tmp_path / "gpu16.zarr", dtype="bfloat16", limit=12, device="cuda")
@@ -279,6 +280,6 @@ def test_cuda_extraction_matches_cpu(images: Path, tmp_path: Path) -> None:
     gpu16 = FeatureStore.open(tmp_path / "gpu16.zarr").split("train")
     assert np.array_equal(cpu["labels"], gpu32["labels"]) and np.array_equal(cpu["ids"], gpu32["ids"])
     for name in FeatureStore.open(tmp_path / "cpu.zarr").manifest.tap_names:
-        assert np.allclose(gpu32[name], cpu[name], atol=2e-3, rtol=1e-3), name  # TF32 off by default for float32
+        assert np.allclose(gpu32[name], cpu[name], atol=2e-3, rtol=1e-3), name  # float32 with TF32 off during the pass
         got = gpu16.decode(gpu16.tap(name)[:]).float().numpy()
-        assert np.allclose(got, cpu[name], atol=0.1, rtol=0.05), name
+        assert np.allclose(got, cpu[name], atol=1e-4 * np.abs(cpu[name]).max(), rtol=8e-3), name
