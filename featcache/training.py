@@ -249,6 +249,7 @@ def train(store: str | FeatureStore, method: str | list[SweepMember], out: str |
     mi.backbone_state = None  # LST's pruned init is done: free the backbone weights
     train_reader, eval_readers, scorings = _open_readers(store, banks, evaluation, opts, members[0].train, device)
     record = _evaluation_record(scorings, opts.tta)
+    _check_resumed_tta(rundir, opts.tta)
     stats_of_features = _frofa_stats(store.split(opts.split), banks, evaluation, rundir, opts)
     record["feature_stats"] = stats_of_features[1] if stats_of_features is not None else None
     rundir.start()  # the cache read well (resident readers check every chunk): now RUNDIR may change
@@ -326,6 +327,19 @@ def _frofa_stats(split: SplitHandle, banks: list[MemberBank], evaluation: Evalua
     if not taps:
         return None
     return run_feature_stats(split, taps, evaluation.train_subset, rundir.path, opts.resume, opts.stream_options())
+
+
+def _check_resumed_tta(rundir: RunDir, tta: bool) -> None:
+    """A resumed run scores its views as it started (``--tta`` or not): its epochs' accuracies must compare."""
+    if not rundir.resume:
+        return
+    try:
+        was = json.loads((rundir.member_dir(rundir.members[0].name) / "config.json").read_text())["evaluation"]["tta"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no epoch recorded yet, or a run from before the record
+    if was != tta:
+        raise UsageError(f"--resume: {rundir.path} was evaluated {'with' if was else 'without'} --tta; resume it "
+                         f"{'with' if was else 'without'} --tta, or start a new --out")
 
 
 def _evaluation_record(scorings: dict[str, ViewScoring], tta: bool) -> dict[str, Any]:

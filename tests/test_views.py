@@ -120,6 +120,8 @@ def test_tta_scores_every_view_and_predict_tta_recomputes_them(store: Path, test
     cached, live = cached_logits(run, store, tta=True), live_logits(run, test_images, tta=True)
     assert torch.allclose(cached, live, atol=1e-3)
     assert not torch.allclose(cached, cached_logits(run, store, tta=False), atol=1e-3)  # the views do count
+    with pytest.raises(UsageError, match="was evaluated with --tta; resume it with --tta"):
+        train(str(store), "linear", run, SETTINGS, resume=True, progress=False)
 
 
 def test_an_old_multi_view_split_is_scored_on_its_views_with_a_warning(images: Path, test_images: Path,
