@@ -39,7 +39,8 @@ from .options import cluster_options, data_options, storage_option
               help="Chunk compressor; auto: lz4 for the taps that a probe batch shows compressible (post-ReLU maps), "
                    f"none for dense ones [default: {DEFAULT_COMPRESSOR}, or the split's recorded one with --resume].")
 @click.option("--views", type=int, default=1, show_default=True,
-              help="Augmented views per image (training transform, deterministic per image); 1 = eval transform.")
+              help="Views per image: view 0 the eval transform, views 1..K-1 training-transform draws (deterministic per "
+                   "image and view); 1 = the eval transform alone.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Augmentation seed for --views > 1.")
 @click.option("--image-size", type=int, default=None, help="Square input size (overrides the model's).")
 @click.option("--crop-pct", type=float, default=None,

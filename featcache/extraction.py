@@ -7,7 +7,7 @@ shards, finalize. Only how the shards run differs, behind ``ShardRunner``: ``InP
 ``extract_shards``: given an open split, a backbone and a data source, compute and write any list of shards.
 
 Inside ``extract_shards`` the images come in shard-aligned batches (``featcache.loader``); the main
-thread runs the frozen backbone (inference mode; ``AutocastPolicy``: bf16 on CUDA for 16-bit caches) and copies
+thread runs the frozen backbone (inference mode; ``AutocastPolicy``: float32, TF32 off, as the store records) and copies
 each batch's taps into the current shard's buffers; finished shards go to a ``ShardWriter`` thread
 (bounded queue) that compresses and writes them, so the backbone never waits for compression or disk.
 Batches never cross a shard boundary and always start at the same images, so a resumed extraction
@@ -65,7 +65,7 @@ class ExtractOptions:
     device: str = "auto"
     dtype: str = "float16"
     compressor: str | None = None  # None: recorded on resume, else DEFAULT_COMPRESSOR
-    views: int = 1  # > 1: augmented views with the training transform, deterministic in (seed, image, view)
+    views: int = 1  # > 1: view 0 the eval transform, views 1.. training-transform draws seeded by (seed, image, view)
     seed: int = 0  # augmentation seed
     limit: int | None = None  # a fixed stratified subset of this many images
     resume: bool = False
@@ -242,7 +242,8 @@ def plan_split(backbone: Backbone, source: DataSource, opts: ExtractOptions, rec
             probe_compressors(backbone, source, opts.dtype)
     classes = list(source.classes)
     return SplitMeta(num_samples=len(source), chunk_images=chunk, shard_images=shard, views=views, classes=classes,
-                     data=source.spec, view_transform="train" if views > 1 else "eval", seed=opts.seed,
+                     data=source.spec, view_transform="eval+train" if views > 1 else "eval", eval_view=0,
+                     seed=opts.seed,
                      limit=opts.limit if opts.limit is not None and opts.limit < _source_size(source) else None,
                      batch_size=batch, compressor=compressor, tap_compressors=per_array)
 
@@ -257,7 +258,7 @@ def probe_compressors(backbone: Backbone, source: DataSource, dtype: str, images
         if len(x) == images:
             break
     try:
-        taps = forward_taps(backbone, torch.stack(x), 1, dtype) if x else {}
+        taps = forward_taps(backbone, torch.stack(x), 1, AutocastPolicy.for_cache(dtype)) if x else {}
         arrays, _ = encode_taps({k: v.cpu() for k, v in taps.items()}, backbone.taps.infos, dtype, 1, 0)
     except TapOverflowError:  # the first batch of the extraction reports it, with its images and the fix
         return {}
@@ -285,12 +286,14 @@ def _check_out(out: str) -> None:
 # The per-shard work unit
 
 
-def forward_taps(backbone: Backbone, images: torch.Tensor, views: int, dtype: str) -> dict[str, torch.Tensor]:
-    """The taps of a DataLoader batch ((B, 3, H, W), or (B, V, 3, H, W) with views), as (B * V, T, C)."""
+def forward_taps(backbone: Backbone, images: torch.Tensor, views: int,
+                 policy: AutocastPolicy) -> dict[str, torch.Tensor]:
+    """The taps of a DataLoader batch ((B, 3, H, W), or (B, V, 3, H, W) with views), as (B * V, T, C), in the
+    precision of ``policy`` (the store's recorded one)."""
     x = images.to(backbone.device, non_blocking=True)
     if views > 1:
         x = x.flatten(0, 1)
-    with torch.inference_mode(), AutocastPolicy.for_cache(dtype).context(backbone.device):
+    with torch.inference_mode(), policy.context(backbone.device):
         return backbone.taps(x)
 
 
@@ -330,6 +333,7 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
     if not todo:
         return stats
     labels, ids = source.labels(), source.ids()
+    policy = AutocastPolicy.from_manifest(split.store.manifest.autocast, dtype)  # one store, one precision
     workers = default_loader_workers(backbone.device, meta.views) if loader_workers is None else loader_workers
     pool = transform_pool(workers, meta.views)
     loader = make_loader(source, backbone, meta, todo, batch_size or meta.batch_size or DEFAULT_BATCH_SIZE, workers,
@@ -346,7 +350,7 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
         for images, _labels, index in batches:
             stats.startup_seconds = stats.startup_seconds or time.perf_counter() - t0
             tf = time.perf_counter()
-            n = encoder.put(int(index[0]), forward_taps(backbone, images, meta.views, dtype))
+            n = encoder.put(int(index[0]), forward_taps(backbone, images, meta.views, policy))
             stats.forward_seconds += time.perf_counter() - tf
             stats.images += n
             stats.nbytes += encoder.bytes_per_image * n

@@ -24,11 +24,16 @@ Root attributes of a store (a Zarr v3 group):
                      compression; "auto": {"arrays": {array: "lz4" | "none"}, "min_ratio", "codec"});
                      every split records its own in SplitMeta.compressor (and .tap_compressors)
   final_norm         true when the group ``_backbone`` holds the ViT's final LayerNorm
-  autocast           {"cuda": "bfloat16" | null}: the precision of the backbone pass on a GPU (predict
-                     applies the same; stores without it: bfloat16 for 16-bit caches, as extraction ran)
+  autocast           {"cuda", "cpu": autocast dtype | null, "tf32": bool | null}: the precision of the
+                     backbone pass per device (device.AutocastPolicy; predict applies the same). Written now:
+                     float32 everywhere, TF32 off. Earlier stores: {"cuda": "bfloat16"} for 16-bit caches
+                     (float32 on CPU, TF32 as torch had it); no record at all: the same
   environment        versions of python, torch, timm, zarr and numpy that wrote the store
 Split group attributes: ``featcache_split`` = SplitMeta; ``featcache_extraction`` = {finished,
-featcache_version, nbytes, stored_bytes, seconds} once every shard is complete.
+featcache_version, nbytes, stored_bytes, seconds} once every shard is complete. A split of K > 1 views holds
+the eval transform in view ``eval_view`` (0) and training-transform draws in the others (``view_transform``
+"eval+train"); one without ``eval_view`` was written before that layout, and all its K views are training draws
+(``view_transform`` "train").
 """
 
 from __future__ import annotations
@@ -216,12 +221,13 @@ class SplitMeta:
     views: int = 1
     classes: list[str] = field(default_factory=list)
     data: str = ""  # the --data SPEC
-    view_transform: str = "eval"  # "eval" (1 view) or "train" (augmented views)
+    view_transform: str = "eval"  # "eval" (1 view), "eval+train" (view 0 eval, 1.. training draws); "train": old
     seed: int = 0  # augmentation seed when views > 1
     limit: int | None = None  # --limit: the split is stratified_subset(labels, limit, seed=0) of the data
     batch_size: int = 0  # backbone inputs per forward pass (0 = unknown); resume reuses it for bitwise equality
     compressor: str = ""  # chunk compressor of this split's tap arrays (COMPRESSORS name)
     tap_compressors: dict[str, str] = field(default_factory=dict)  # "auto": each tap array's chosen compressor
+    eval_view: int | None = None  # the view holding the eval transform; None: written before it was recorded
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -244,6 +250,13 @@ class SplitMeta:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def eval_view_index(self) -> int | None:
+        """The stored view that holds the eval transform: 0 for a one-view split (always the eval transform), the
+        recorded one for several views, None for a multi-view split written before featcache recorded it (its views
+        are all training-transform draws)."""
+        return 0 if self.views == 1 else self.eval_view
 
     def to_attrs(self) -> dict[str, Any]:
         return asdict(self)

@@ -186,7 +186,7 @@ def test_views_differ_and_are_deterministic(images: Path, tmp_path: Path) -> Non
     run_extract(images, b, views=3, limit=6, dtype="float32", loader_workers=1, batch_size=6)
     split = FeatureStore.open(a).split("train")
     x = split.tap("block2")[:]
-    assert x.shape == (6, 3, 5, 64) and split.meta.view_transform == "train" and split.meta.views == 3
+    assert x.shape == (6, 3, 5, 64) and split.meta.view_transform == "eval+train" and split.meta.views == 3
     assert not np.array_equal(x[:, 0], x[:, 1]) and not np.array_equal(x[:, 1], x[:, 2])
     y = FeatureStore.open(b).split("train").tap("block2")[:]
     assert np.allclose(x, y, atol=1e-5)  # same (seed, image, view) -> same augmentation, other batching/workers
@@ -273,7 +273,8 @@ def test_cli_subprocess_prints_summary_line(images: Path, tmp_path: Path) -> Non
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_extraction_matches_cpu(images: Path, tmp_path: Path) -> None:
-    """On CUDA the forward runs under bf16 autocast for 16-bit caches, in float32 for float32 caches."""
+    """On CUDA the forward runs in float32 with TF32 off for every cache dtype: a bfloat16 cache holds the CPU's
+    taps to bfloat16's rounding."""
     run_extract(images, tmp_path / "cpu.zarr", dtype="float32", limit=12)
     run_extract(images, tmp_path / "gpu32.zarr", dtype="float32", limit=12, device="cuda", loader_workers=1)
     run_extract(images, tmp_path / "gpu16.zarr", dtype="bfloat16", limit=12, device="cuda")
@@ -282,6 +283,6 @@ def test_cuda_extraction_matches_cpu(images: Path, tmp_path: Path) -> None:
     gpu16 = FeatureStore.open(tmp_path / "gpu16.zarr").split("train")
     assert np.array_equal(cpu["labels"], gpu32["labels"]) and np.array_equal(cpu["ids"], gpu32["ids"])
     for name in FeatureStore.open(tmp_path / "cpu.zarr").manifest.tap_names:
-        assert np.allclose(gpu32[name], cpu[name], atol=2e-3, rtol=1e-3), name  # TF32 off by default for float32
+        assert np.allclose(gpu32[name], cpu[name], atol=2e-3, rtol=1e-3), name  # float32 with TF32 off during the pass
         got = gpu16.decode(gpu16.tap(name)[:]).float().numpy()
-        assert np.allclose(got, cpu[name], atol=0.1, rtol=0.05), name
+        assert np.allclose(got, cpu[name], atol=1e-4 * np.abs(cpu[name]).max(), rtol=8e-3), name

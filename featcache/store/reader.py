@@ -14,7 +14,8 @@ One API, three modes (``open_reader(split, taps, mode=...)``):
 ram when they fit the available RAM with a margin, else stream; the choice and its reason are
 kept in ``reader.choice`` (``featcache train`` prints them). Every mode yields every completed
 sample exactly once per epoch, in an order fixed by (seed, epoch); with several cached views one
-view per sample is drawn per epoch, also fixed by (seed, epoch, sample).
+view per sample is drawn per epoch, also fixed by (seed, epoch, sample), unless the reader is asked for
+one fixed view (``view``, evaluation on the eval view) or for every view (``all_views``, test-time augmentation).
 """
 
 from __future__ import annotations
@@ -88,11 +89,14 @@ class ReaderOptions:
     check_finite: bool = True
     subset: np.ndarray | None = None  # only these sample indices (of completed shards); None: all of them
     all_views: bool = False  # every cached view of each sample (evaluation), not one drawn per epoch
+    view: int | None = None  # this view of every sample (evaluation on the eval view), not one drawn per epoch
     decode: bool = True  # False: taps as stored (8-bit codes, with their scales in Batch.scales), for own decoding
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.all_views and self.view is not None:
+            raise UsageError("a reader gives every view of a sample (all_views) or one fixed view, not both")
         self.device = torch.device(self.device)
 
 
@@ -166,6 +170,9 @@ class CacheReader:
                              "extraction (featcache extract --resume) first")
         self.labels_all = torch.from_numpy(split.labels())
         self.views = split.meta.views
+        if options.view is not None and not 0 <= options.view < self.views:
+            raise UsageError(f"view {options.view} does not exist: split {split.name!r} of {split.store.url} holds "
+                             f"{self.views} view(s) per image")
         self.out_views = self.views if options.all_views else 1  # views per sample in a batch
         self.cache_dtype = split.store.manifest.dtype
         # the stored arrays read per tap: the tap itself, and with an 8-bit cache its per-row scales
@@ -192,6 +199,15 @@ class CacheReader:
             return self.indices
         perm = torch.randperm(len(self.indices), generator=_epoch_generator(self.options.seed, epoch))
         return self.indices[perm]
+
+    def epoch_views(self, epoch: int) -> torch.Tensor | None:
+        """The view each usable sample (``self.indices``) gives in this epoch: the fixed ``view``, else one drawn
+        per (seed, epoch, sample); None when batches hold every view (or the split has one)."""
+        if self.out_views == self.views:
+            return None
+        if self.options.view is not None:
+            return torch.full_like(self.indices, self.options.view)
+        return draw_views(self.views, self.indices, self.options.seed, epoch)
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         """All usable samples once, in batches; the order depends only on (seed, epoch).
@@ -222,11 +238,12 @@ class CacheReader:
         return shape[1:] if self.views > 1 and self.out_views == 1 else shape
 
     def _views_of(self, epoch: int) -> np.ndarray | None:
-        """Per sample index: this epoch's view, when one view per sample is drawn (else None)."""
-        if self.out_views == self.views:
+        """Per sample index: this epoch's view (``epoch_views``), when batches hold one view per sample."""
+        views = self.epoch_views(epoch)
+        if views is None:
             return None
         view_of = np.zeros(self.split.num_samples, dtype=np.int64)
-        view_of[self.indices.numpy()] = draw_views(self.views, self.indices, self.options.seed, epoch).numpy()
+        view_of[self.indices.numpy()] = views.numpy()
         return view_of
 
     def _to_batch(self, stored: dict[str, torch.Tensor], index: torch.Tensor) -> Batch:
@@ -881,16 +898,18 @@ def choose_mode(mode: str, nbytes: int, device: torch.device) -> ReaderChoice:
 def open_reader(split: SplitHandle, taps: list[str], mode: str = "auto", batch_size: int = 32, shuffle: bool = True,
                 seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                 drop_last: bool = False, check_finite: bool = True, progress: bool = False,
-                subset: np.ndarray | None = None, all_views: bool = False, decode: bool = True,
+                subset: np.ndarray | None = None, all_views: bool = False, view: int | None = None, decode: bool = True,
                 **stream_options: Any) -> CacheReader:
     """Open a reader over ``split`` for ``taps`` (only these are read); logs the chosen mode and why.
 
     ``subset``: only these sample indices (e.g. a validation set held out of the split); ``all_views``:
-    batches hold every cached view of each sample (``Batch.views``), for test-time augmentation; ``decode=False``:
-    batches hold the taps as stored (float16, bfloat16 or float32 as cached; 8-bit codes with their row scales in
-    ``Batch.scales``, decode with ``featcache.store.codecs.dequantize``), for loops that decode on their own."""
+    batches hold every cached view of each sample (``Batch.views``), for test-time augmentation; ``view``: this
+    view of every sample (the eval view, for evaluation without it); neither: one view drawn per sample and epoch.
+    ``decode=False``: batches hold the taps as stored (float16, bfloat16 or float32 as cached; 8-bit codes with
+    their row scales in ``Batch.scales``, decode with ``featcache.store.codecs.dequantize``), for loops that decode
+    on their own."""
     options = ReaderOptions(batch_size, shuffle, seed, drop_last, torch.device(device), dtype, check_finite, subset,
-                            all_views, decode)
+                            all_views, view, decode)
     probe = StreamReader.__new__(StreamReader)
     CacheReader.__init__(probe, split, taps, options)
     choice = choose_mode(mode, probe.nbytes(), options.device)
