@@ -611,6 +611,9 @@ class StreamReader(CacheReader):
         self.blocks = self._make_blocks()
         self.peak_buffered_images = 0  # for tests and benchmarks: the most images held at once
         self.last_read_ahead: ReadAhead | None = None  # the last epoch's read-ahead, for benchmarks and tests
+        self._gatherers: ThreadPoolExecutor | None = None  # the epoch's batch-gathering threads
+        self.block_pool: dict[tuple[str, int], list[np.ndarray]] = {}  # (array, rows) -> free block buffers
+        self.block_pool_lock = threading.Lock()
 
     def settings(self) -> dict[str, Any]:
         """What this reader was set to, for run summaries."""
@@ -653,8 +656,9 @@ class StreamReader(CacheReader):
         view_of = self._views_of(epoch)
         b = self.options.batch_size
         carry: _Block | None = None  # samples left over from the last window
-        with ReadAhead(self, self.block_order(epoch)) as ahead:
-            self.last_read_ahead = ahead
+        with ReadAhead(self, self.block_order(epoch)) as ahead, \
+                ThreadPoolExecutor(self.threads, thread_name_prefix="featcache-gather") as gatherers:
+            self.last_read_ahead, self._gatherers = ahead, gatherers
             for window in ahead.windows(self.window_sizes(len(ahead.blocks))):
                 parts = ([carry] if carry is not None else []) + window
                 index = np.concatenate([p.index for p in parts])
@@ -669,9 +673,10 @@ class StreamReader(CacheReader):
                 rest = np.sort(perm[emit:])
                 carry = _Block(index[rest], self._gather(parts, offsets, rest, index[rest], None, fresh_buffers, True))
                 ahead.release(window)
-        if carry is not None and len(carry.index) and not self.options.drop_last:
-            sel = np.arange(len(carry.index))
-            yield self._gather([carry], np.zeros(1, dtype=np.int64), sel, carry.index, view_of, buffers), carry.index
+            if carry is not None and len(carry.index) and not self.options.drop_last:
+                sel = np.arange(len(carry.index))
+                yield self._gather([carry], np.zeros(1, dtype=np.int64), sel, carry.index, view_of, buffers), carry.index
+        self._gatherers = None
 
     def _gather(self, parts: list[_Block], offsets: np.ndarray, sel: np.ndarray, index: np.ndarray,
                 view_of: np.ndarray | None, buffers: BatchBuffers, all_views: bool = False) -> dict[str, np.ndarray]:
@@ -684,13 +689,20 @@ class StreamReader(CacheReader):
         for name in self.arrays:
             first = parts[0].arrays[name]
             shape = (len(sel), *(first.shape[1:] if all_views or views is None else first.shape[2:]))
-            dst = buffers(name, shape, first.dtype)
+            out[name] = buffers(name, shape, first.dtype)
+
+        def fill(name: str) -> None:
             for p in range(len(parts)):
                 lo, hi = cuts[p], cuts[p + 1]
                 if hi > lo:
                     take_rows(parts[p].arrays[name], sel[lo:hi] - offsets[p], None if views is None else views[lo:hi],
-                              dst[lo:hi])
-            out[name] = dst
+                              out[name][lo:hi])
+
+        if self._gatherers is not None and len(self.arrays) > 1:  # arrays in parallel: np.take releases the GIL
+            list(self._gatherers.map(fill, self.arrays))
+        else:
+            for name in self.arrays:
+                fill(name)
         return out
 
 
@@ -701,8 +713,8 @@ class ReadAhead:
     beyond the window being consumed = (seconds a block's read takes, submit to done) x (blocks the consumer
     asks for per second of its own work, i.e. excluding the time it waited for a read) + 1, at least 2 and at
     most one window (the memory bound). A slow remote store (long reads) or a fast consumer gets a deeper
-    read-ahead; a consumer that does nothing gets the whole window. Block buffers are pooled and reused (a fresh
-    100 MB buffer would fault in every page)."""
+    read-ahead; a consumer that does nothing gets the whole window. Block buffers are pooled and reused, across
+    epochs too (a fresh 100 MB buffer would fault in every page)."""
 
     def __init__(self, reader: StreamReader, blocks: list[tuple[int, int]]) -> None:
         self.reader, self.blocks = reader, blocks
@@ -710,8 +722,7 @@ class ReadAhead:
         self.pending: collections.deque[tuple[tuple[int, int], dict[str, Future], float]] = collections.deque()
         self.next_block = 0
         self.window_left = 0  # blocks of the current window not taken yet
-        self._free: dict[tuple[str, int], list[np.ndarray]] = {}
-        self._lock = threading.Lock()
+        self._free, self._lock = reader.block_pool, reader.block_pool_lock  # kept across epochs: no new page faults
         self.read_seconds = 0.0  # summed over taken blocks: submit to done
         self.work_seconds = 0.0  # summed: the consumer's own time between takes (its waits excluded)
         self.taken = 0
