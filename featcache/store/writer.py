@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -223,30 +224,42 @@ def _local_root(split: SplitHandle) -> Path | None:
 
 
 def sync_keys(split: SplitHandle, keys: list[str]) -> None:
-    """fsync the files of ``keys`` and their directories (local stores; other stores are durable per write)."""
+    """fsync the files of ``keys`` and their directories (local stores; other stores are durable per write).
+
+    All at once on a few threads: each fsync mostly waits for the disk, and the file system commits concurrent
+    ones together (a shard's 15 files and 46 directories here: 0.27-0.30 s in parallel, 0.41-0.62 s one by one)."""
     root = _local_root(split)
     if root is None:
         return
-    dirs: set[Path] = set()
+    files, dirs = [], {root}
     for key in keys:
         path = root / key
         if not path.exists():  # an all-fill-value chunk that zarr chose not to write
             continue
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        files.append(path)
         parent = path.parent
         while parent != root and root in parent.parents:
             dirs.add(parent)
             parent = parent.parent
-    for d in sorted(dirs, key=lambda p: -len(p.parts)) + [root]:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    list(_sync_pool().map(_fsync, files + sorted(dirs)))  # every one done before the caller goes on
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_SYNC_POOL: list[ThreadPoolExecutor] = []
+SYNC_THREADS = 16
+
+
+def _sync_pool() -> ThreadPoolExecutor:
+    if not _SYNC_POOL:
+        _SYNC_POOL.append(ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="featcache-fsync"))
+    return _SYNC_POOL[0]
 
 
 class ShardWriter:
