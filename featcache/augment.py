@@ -254,6 +254,9 @@ def token_drop(taps: dict[str, Tensor], infos: list[TapInfo], rate: float,
         p = info.prefix_tokens
         patches = x[:, p:].float()  # (B, P, C)
         keep = (~drop).unsqueeze(-1).float()  # (B, P, 1)
+        weights = info.patch_weights()  # pooled windows of different sizes weigh by size
+        if weights is not None:
+            keep = keep * torch.tensor(weights, device=keep.device).view(1, -1, 1)
         mean = (patches * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True)  # (B, 1, C)
         new = torch.where(drop.unsqueeze(-1), mean, patches).to(x.dtype)
         out[info.name] = torch.cat([x[:, :p], new], dim=1) if p else new

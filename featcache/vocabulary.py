@@ -32,7 +32,7 @@ featcache_version, nbytes, stored_bytes, seconds} once every shard is complete.
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from featcache import __version__
@@ -59,15 +59,59 @@ class TapInfo:
     channels: int  # C
     grid: tuple[int, int]  # spatial token grid (h, w); h * w + prefix_tokens == tokens
     pooling: str  # "none" for ViT tokens, "avg" for CNN maps pooled to `grid`
+    # --pool-tokens K: how many rows / columns of the grid before pooling each row / column of `grid`
+    # averages (K, .., K, then what is left); None when the tap was not pooled, or an older store's pooled
+    # tap whose windows cannot be derived (see Manifest.from_attrs)
+    windows: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.windows is not None and tuple(map(len, self.windows)) != tuple(self.grid):
+            raise StoreError(f"tap {self.name!r}: windows {self.windows} do not match its grid {self.grid}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["grid"] = list(self.grid)
+        if self.windows is None:  # unpooled taps are described as before the field existed
+            del d["windows"]
+        else:
+            d["windows"] = [list(w) for w in self.windows]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TapInfo":
-        return cls(**{**d, "grid": tuple(d["grid"])})
+        windows = d.get("windows")
+        return cls(**{**d, "grid": tuple(d["grid"]),
+                      "windows": None if windows is None else (tuple(windows[0]), tuple(windows[1]))})
+
+    def patch_weights(self) -> list[float] | None:
+        """The weight of each patch token (row-major, summing to 1) in a mean over the patch tokens that
+        equals the mean over the grid before --pool-tokens: each token's share of the positions it averages.
+        None when all tokens weigh the same (not pooled, or windows of one size)."""
+        if self.windows is None or (len(set(self.windows[0])) <= 1 and len(set(self.windows[1])) <= 1):
+            return None
+        rows, cols = self.windows
+        total = sum(rows) * sum(cols)
+        return [r * c / total for r in rows for c in cols]
+
+
+def pool_windows(n: int, k: int) -> tuple[int, ...]:
+    """Sizes of the windows that ``--pool-tokens k`` averages along an axis of n tokens (ceil windows)."""
+    return tuple(min(k, n - i) for i in range(0, n, k))
+
+
+def derive_windows(grid: tuple[int, int], k: int, kind: str, cnn_grid: int) -> tuple[tuple[int, ...], ...] | None:
+    """The pooling windows of a pooled tap of a store written before they were recorded, where the manifest
+    determines them: a CNN map is read at min(map, cnn_grid) per axis, so the grid before pooling is the one
+    size in (k (g - 1), min(k g, cnn_grid)] when that range holds one (7 x 7 at k = 2 or 3). None otherwise."""
+    if kind != "cnn" or k <= 1:
+        return None
+    out = []
+    for g in grid:
+        sizes = range(k * (g - 1) + 1, min(k * g, cnn_grid) + 1)
+        if len(sizes) != 1:
+            return None
+        out.append(pool_windows(sizes[0], k))
+    return tuple(out)
 
 
 @dataclass
@@ -155,6 +199,7 @@ class Manifest:
         try:
             d = {k: attrs[k] for k in cls.__dataclass_fields__ if k in attrs}
             d["taps"] = [TapInfo.from_dict(t) for t in attrs["taps"]]
+            d["taps"] = _with_derived_windows(d["taps"], attrs.get("backbone", {}))
             return cls(**d)
         except (KeyError, TypeError) as err:
             raise StoreError(f"{where} has a damaged manifest ({type(err).__name__}: {err}); re-extract it") from None
@@ -182,8 +227,8 @@ class Manifest:
             "pool_tokens": spec.get("pool_tokens", 1),
             "weights": self.backbone.get("weights", {}).get("state_sha256"),
             "input_size": self.backbone.get("data_config", {}).get("input_size"),
-            "taps": [t.to_dict() for t in self.taps],
-            "dtype": self.dtype,
+            "taps": [{k: v for k, v in t.to_dict().items() if k != "windows"} for t in self.taps],  # windows
+            "dtype": self.dtype,  # follow from grid and pool_tokens; older stores may not record them
         }
 
     def check_compatible(self, other: "Manifest", where: str) -> None:
@@ -194,6 +239,17 @@ class Manifest:
                 a, b = _short(mine[key]), _short(theirs[key])
                 raise StoreError(f"{where} was made with {key} = {a}, but this run uses {key} = {b}; a store holds "
                                  "one backbone, weights, taps and dtype: write to a new --out store")
+
+
+def _with_derived_windows(taps: list[TapInfo], backbone: dict[str, Any]) -> list[TapInfo]:
+    """Taps of a store written before pooling windows were recorded, with the windows where the manifest
+    determines them (``derive_windows``); the others are kept as they are (their token means unweighted)."""
+    spec = backbone.get("spec", {}) if isinstance(backbone, dict) else {}
+    k = spec.get("pool_tokens", 1)
+    if not isinstance(k, int) or k <= 1:
+        return taps
+    kind, cnn_grid = backbone.get("kind", ""), spec.get("cnn_grid", 7)
+    return [replace(t, windows=derive_windows(t.grid, k, kind, cnn_grid)) if t.windows is None else t for t in taps]
 
 
 def _short(value: Any) -> str:

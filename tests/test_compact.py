@@ -59,7 +59,7 @@ def test_pooling_averages_windows_keeps_prefix_and_handles_odd_grids() -> None:
     assert torch.equal(out[:, 1], fmap[:, :, :2, :2].mean((2, 3)))
     assert torch.equal(out[:, -1], fmap[:, :, 6, 6])  # the corner window holds one token
     assert torch.equal(out[:, 4], fmap[:, :, 0:2, 6].mean(2))  # the last column of windows: 2 tokens
-    assert pooled_info(info, 2) == TapInfo("t", 0, 0, 17, 1, 4, (4, 4), "avg")
+    assert pooled_info(info, 2) == TapInfo("t", 0, 0, 17, 1, 4, (4, 4), "avg", windows=((2, 2, 2, 1), (2, 2, 2, 1)))
 
 
 def test_every_gth_keeps_what_last_with_that_gap_reads() -> None:
