@@ -42,8 +42,8 @@ from featcache.keyvalue import with_overrides
 from featcache.errors import DataError, Interrupted, StoreError, UsageError
 from featcache.progress import bar
 from featcache.store.feature_store import FeatureStore, SplitHandle, choose_chunking
-from featcache.store.codecs import (QERR_SUFFIX, SCALE_SUFFIX, compressor_record, decode, dequantize, is_eight_bit,
-                                    quantize, storage_dtype)
+from featcache.store.codecs import (QERR_SUFFIX, SCALE_DTYPE, SCALE_SUFFIX, compressor_record, decode, decode_scale,
+                                    dequantize, is_eight_bit, quantize, scale_dtype_name, storage_dtype)
 from featcache.store.lock import SplitLock
 from featcache.vocabulary import Manifest, SplitMeta
 from featcache.store.writer import (ShardData, ShardWriteError, ShardWriter, SplitTotals, describe_os_error,
@@ -268,8 +268,8 @@ class ShardBuffers:
     """Preallocated arrays (storage dtype) of the shard being filled: one per tap, and with an 8-bit cache its
     scale rows and its quantization error (``<tap>_scale``, ``<tap>_qerr``, featcache.store.codecs)."""
 
-    def __init__(self, split_meta: SplitMeta, taps: Sequence[Any], dtype: str) -> None:
-        self.meta, self.taps, self.dtype = split_meta, list(taps), dtype
+    def __init__(self, split_meta: SplitMeta, taps: Sequence[Any], dtype: str, scale_dtype: str = SCALE_DTYPE) -> None:
+        self.meta, self.taps, self.dtype, self.scale_dtype = split_meta, list(taps), dtype, scale_dtype
         self.shard: int | None = None
         self.arrays: dict[str, np.ndarray] = {}
         self.filled = 0
@@ -281,7 +281,7 @@ class ShardBuffers:
         for t in self.taps:
             self.arrays[t.name] = np.empty((*lead, t.tokens, t.channels), dtype=storage_dtype(self.dtype))
             if is_eight_bit(self.dtype):
-                self.arrays[t.name + SCALE_SUFFIX] = np.empty((*lead, t.tokens), dtype=np.float16)
+                self.arrays[t.name + SCALE_SUFFIX] = np.empty((*lead, t.tokens), dtype=storage_dtype(self.scale_dtype))
                 self.arrays[t.name + QERR_SUFFIX] = np.zeros((1, 2), dtype=np.float64)
 
     @property
@@ -301,10 +301,10 @@ class ShardBuffers:
                 check_finite(name, rows, t, self.dtype, first)
                 continue
             x = t.reshape(rows.shape).float()  # (n, [V,] T, C)
-            codes, scale = quantize(x, self.dtype)
-            check_finite(name, scale, t, self.dtype, first)  # a scale beyond float16: values beyond the range
+            codes, scale = quantize(x, self.dtype, self.scale_dtype)
+            check_finite(name, scale, t, self.dtype, first)  # a float16 scale beyond its range, or NaN/Inf taps
             rows.copy_(codes)
-            torch.from_numpy(self.arrays[name + SCALE_SUFFIX][offset:offset + n]).copy_(scale)
+            decode_scale(self.arrays[name + SCALE_SUFFIX][offset:offset + n]).copy_(scale)
             err = dequantize(codes, scale, self.dtype) - x
             self.arrays[name + QERR_SUFFIX][0] += [float(err.double().square().sum()), float(x.double().square().sum())]
         self.filled += n
@@ -361,7 +361,10 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
     if not todo:
         return stats
     labels, ids = source.labels(), source.ids()
-    buffers = ShardBuffers(meta, backbone.taps.infos, dtype)
+    scale_dtype = SCALE_DTYPE  # what the split's scale arrays hold (float16 in stores from before bfloat16)
+    if is_eight_bit(dtype):
+        scale_dtype = scale_dtype_name(split.array(backbone.taps.infos[0].name + SCALE_SUFFIX).dtype)
+    buffers = ShardBuffers(meta, backbone.taps.infos, dtype, scale_dtype)
     workers = default_loader_workers(backbone.device, meta.views) if loader_workers is None else loader_workers
     pool = transform_pool(workers, meta.views)
     loader = make_loader(source, backbone, meta, todo, batch_size or meta.batch_size or DEFAULT_BATCH_SIZE, workers,

@@ -18,7 +18,8 @@ Root attributes of a store (a Zarr v3 group):
   transform          {"eval", "train"}: the eval and training transforms (repr), and their data config
   taps               the stored taps: list of TapInfo dicts
   dtype              "float16" | "bfloat16" | "float32" | "int8" | "float8_e4m3" (bfloat16 is stored as
-                     uint16; the 8-bit dtypes as codes plus a float16 scale per token row, store/codecs.py)
+                     uint16; the 8-bit dtypes as codes plus a bfloat16 scale per token row, float16 in stores
+                     written before: store/codecs.py)
   compressor         {"name", "configuration"} of the first split's chunk compressor ("none" = no
                      compression); every split records its own in SplitMeta.compressor
   final_norm         true when the group ``_backbone`` holds the ViT's final LayerNorm
@@ -38,7 +39,7 @@ from typing import Any
 from featcache import __version__
 from featcache.errors import FormatVersionError, StoreError, UsageError
 
-# cache dtypes; bfloat16 is stored as uint16, the 8-bit ones as codes plus a float16 scale per token row
+# cache dtypes; bfloat16 is stored as uint16, the 8-bit ones as codes plus a 2-byte scale per token row
 DTYPES = ("float16", "bfloat16", "float32", "int8", "float8_e4m3")
 COMPRESSORS = ("lz4", "zstd", "none")  # chunk compressors (crc32c always follows)
 DEFAULT_COMPRESSOR = "lz4"  # fastest decode at ~1.9x on post-ReLU taps (docs/store.md)

@@ -42,8 +42,9 @@ from featcache.errors import CorruptionError, StoreError
 from featcache.vocabulary import DEFAULT_COMPRESSOR, Manifest, SplitMeta
 
 from . import zarr_io  # noqa: F401  (settles zarr's background tasks at exit)
-from .codecs import (DECODE_HINTS, QERR_SUFFIX, SCALE_SUFFIX, check_codecs, compressor_codecs, decode, dequantize,
-                     is_eight_bit, storage_dtype, stored_bytes_per_row)
+from .codecs import (DECODE_HINTS, QERR_SUFFIX, SCALE_DTYPE, SCALE_DTYPE_ATTR, SCALE_SUFFIX, check_codecs,
+                     compressor_codecs, decode, decode_scale, dequantize, is_eight_bit, storage_dtype,
+                     stored_bytes_per_row)
 from .lock import LOCKS_DIR
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ class ArraySpec:
 
 def split_array_specs(manifest: Manifest, meta: SplitMeta, compressor: str) -> dict[str, ArraySpec]:
     """Every array of a split, taps first: a tap (N, [V,] T, C) of the storage dtype; with an 8-bit cache also
-    its ``<tap>_scale`` (N, [V,] T) float16 and ``<tap>_qerr`` (shards, 2) float64; labels, ids, completion."""
+    its ``<tap>_scale`` (N, [V,] T) bfloat16 (as uint16 bits) and ``<tap>_qerr`` (shards, 2) float64; labels, ids, completion."""
     dtype, codecs = manifest.dtype, compressor_codecs(compressor)
     lead = (meta.views,) if meta.views > 1 else ()
     specs: dict[str, ArraySpec] = {}
@@ -115,7 +116,8 @@ def split_array_specs(manifest: Manifest, meta: SplitMeta, compressor: str) -> d
         if is_eight_bit(dtype):
             specs[tap.name + SCALE_SUFFIX] = ArraySpec(
                 (meta.num_samples, *tail[:-1]), (meta.chunk_images, *tail[:-1]), (meta.shard_images, *tail[:-1]),
-                "float16", dims[:-1], codecs, attributes={"featcache_scale_of": tap.name})
+                storage_dtype(SCALE_DTYPE), dims[:-1], codecs,
+                attributes={"featcache_scale_of": tap.name, SCALE_DTYPE_ATTR: SCALE_DTYPE})
             specs[tap.name + QERR_SUFFIX] = ArraySpec(
                 (meta.num_shards, 2), (1, 2), None, "float64", ("shard", "sum"), [Crc32cCodec()],
                 attributes={"featcache_qerr_of": tap.name, "columns": ["sum of squared errors", "sum of squares"]},
@@ -295,7 +297,7 @@ class SplitHandle:
         codes = decode(rows(name), dtype)
         if not is_eight_bit(dtype):
             return codes.float()
-        return dequantize(codes, decode(rows(name + SCALE_SUFFIX), "float16"), dtype)
+        return dequantize(codes, decode_scale(rows(name + SCALE_SUFFIX)), dtype)
 
     # -- reading with other tools (docs/api.md): a torch Dataset, dask arrays, an xarray Dataset
     @property

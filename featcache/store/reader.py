@@ -2,7 +2,7 @@
 
 One API, three modes (``open_reader(split, taps, mode=...)``):
 - ``gpu``: the split's selected taps loaded once onto the CUDA device as stored (float16, bfloat16,
-  float32, or 8-bit codes plus their float16 scales); batches are gathered by index with a per-epoch
+  float32, or 8-bit codes plus their per-row scales); batches are gathered by index with a per-epoch
   permutation and decoded to the training dtype there.
 - ``ram``: the same in host memory (pinned when the batches go to CUDA), decoded per batch on the
   training device: memory is the stored footprint, not float32's.
@@ -35,8 +35,8 @@ import torch
 from featcache.errors import CorruptionError, StoreError, UsageError
 from featcache.vocabulary import READER_MODES
 
-from .codecs import (SCALE_SUFFIX, TORCH_DTYPES, decode, dequantize, is_eight_bit, storage_numpy_dtype, storage_view,
-                     stored_bytes_per_row)
+from .codecs import (SCALE_SUFFIX, TORCH_DTYPES, decode, dequantize, is_eight_bit, scale_torch_dtype,
+                     storage_numpy_dtype, storage_view, stored_bytes_per_row)
 from .feature_store import FeatureStore, SplitHandle
 
 log = logging.getLogger("featcache.reader")
@@ -224,9 +224,10 @@ def gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return decode(np.take(storage_view(t), index.numpy(), axis=0), t.dtype)
 
 
-def _stored_dtype(array: str, cache_dtype: str) -> torch.dtype:
-    """The torch dtype an array of the split is held in: a scale array's float16, else the cache's stored type."""
-    return torch.float16 if array.endswith(SCALE_SUFFIX) else TORCH_DTYPES[cache_dtype]
+def _stored_dtype(array: str, cache_dtype: str, stored: Any) -> torch.dtype:
+    """The torch dtype an array of the split is held in: a scale array's scale type (from its stored numpy dtype
+    ``stored``: bfloat16, or float16 in older stores), else the cache's stored type."""
+    return scale_torch_dtype(stored) if array.endswith(SCALE_SUFFIX) else TORCH_DTYPES[cache_dtype]
 
 
 def _host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -250,7 +251,7 @@ class ResidentReader(CacheReader):
     def _load(self, name: str, pin: bool, progress: bool) -> torch.Tensor:
         """(N_usable, [V,] T[, C]) tensor of one stored array, as stored, filled shard by shard."""
         arr = self.split.array(name)
-        shape, dtype = (self.num_samples, *arr.shape[1:]), _stored_dtype(name, self.cache_dtype)
+        shape, dtype = (self.num_samples, *arr.shape[1:]), _stored_dtype(name, self.cache_dtype, arr.dtype)
         out = torch.empty(shape, dtype=dtype, pin_memory=True) if pin else _host_empty(shape, dtype)
         pos = 0
         for k in self.shards:
@@ -333,7 +334,7 @@ class StreamReader(CacheReader):
             if len(rows) < stop - start:  # a subset: only its rows
                 a = a[rows - start]
             if self.options.check_finite:
-                _check_finite(decode(a, _stored_dtype(name, self.cache_dtype)), self.split, name, start)
+                _check_finite(decode(a, _stored_dtype(name, self.cache_dtype, a.dtype)), self.split, name, start)
             out[name] = a
         return rows, out
 
@@ -396,7 +397,7 @@ class StreamReader(CacheReader):
         rows = _gather_rows(parts, offsets, sel, self.arrays)
         if view_of is not None:  # (B, V, ...) -> (B, ...): this epoch's view of each sample
             rows = {n: t[np.arange(len(index)), view_of[index]] for n, t in rows.items()}
-        stored = {n: decode(t, _stored_dtype(n, self.cache_dtype)) for n, t in rows.items()}
+        stored = {n: decode(t, _stored_dtype(n, self.cache_dtype, t.dtype)) for n, t in rows.items()}
         return self._to_batch(stored, torch.from_numpy(index))
 
 
