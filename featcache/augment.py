@@ -229,7 +229,8 @@ def frofa(x: Tensor, brightness: float, contrast: float, generator: torch.Genera
 
 def token_drop(taps: dict[str, Tensor], infos: list[TapInfo], rate: float,
                generator: torch.Generator) -> dict[str, Tensor]:
-    """Replace round(rate * P) patch tokens per sample by the mean of the kept ones, same positions in every tap."""
+    """Replace round(rate * P) patch tokens per sample by the mean of the kept ones (pooled windows weighing by
+    size), same positions in every tap."""
     ref = _finest_grid(infos)
     p_ref = ref[0] * ref[1]
     k = int(round(rate * p_ref))

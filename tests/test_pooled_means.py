@@ -11,7 +11,7 @@ from PIL import Image
 
 from featcache import methods
 from featcache.infer import load_predictor
-from featcache.methods.base import MethodInput, TokenWeights, pool_tokens
+from featcache.methods.base import MethodInput, TokenWeights, pool_tokens, to_grid
 from featcache.store.feature_store import FeatureStore
 from featcache.taps import pool_token_grid, pooled_info
 from featcache.training import train
@@ -34,6 +34,10 @@ def test_weights_of_a_pooled_grid_are_the_window_sizes() -> None:
     pooled = pool_token_grid(x, TapInfo("t", 0, 0, 50, 1, 4, (7, 7), "none"), 2)
     mean = pool_tokens(pooled, 1, "avg", TokenWeights.of_tap(info))
     assert torch.allclose(mean, x[:, 1:].mean(1), atol=1e-6)
+    fmap = x[:, 1:].reshape(3, 7, 7, 4)
+    assert torch.allclose(to_grid(pooled, info, (1, 1))[:, 1], x[:, 1:].mean(1), atol=1e-6)  # a common grid
+    coarse = to_grid(pooled, info, (2, 2))  # pooled rows 0-1 and 2-3: source rows 0-3 and 4-6
+    assert torch.allclose(coarse[:, 4], fmap[:, 4:, 4:].mean((1, 2)), atol=1e-6)
     assert pooled_info(TapInfo("t", 0, 0, 64, 0, 4, (8, 8), "avg"), 2).patch_weights() is None  # equal windows
 
 
