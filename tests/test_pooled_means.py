@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from featcache import methods
+from featcache.augment import token_drop
 from featcache.infer import load_predictor
 from featcache.methods.base import MethodInput, TokenWeights, pool_tokens, to_grid
 from featcache.store.feature_store import FeatureStore
@@ -102,3 +103,16 @@ def test_an_older_pooled_store_gets_windows_derived_where_the_manifest_determine
     new = pooled_info(TapInfo("stage1", 1, 1, 49, 0, 8, (7, 7), "avg"), 2)
     assert Manifest.from_attrs(attrs("cnn", (4, 4), 2)).identity()["taps"] == [
         {k: v for k, v in new.to_dict().items() if k != "windows"}]  # a new extraction may resume it
+
+
+def test_tokendrop_fills_a_pooled_tap_with_the_weighted_kept_mean() -> None:
+    info = pooled_info(TapInfo("stage1", 1, 1, 49, 0, 4, (7, 7), "avg"), 2)  # 4 x 4, windows of 4, 2, 1
+    x = torch.randn(8, 16, 4, generator=torch.Generator().manual_seed(0))
+    y = token_drop({"stage1": x}, [info], 0.25, torch.Generator().manual_seed(1))["stage1"]
+    side = torch.tensor([2., 2, 2, 1])
+    w = torch.outer(side, side).flatten()  # positions per pooled token
+    for i in range(8):
+        kept = (y[i] == x[i]).all(-1)
+        assert int((~kept).sum()) == 4
+        want = (x[i][kept] * w[kept, None]).sum(0) / w[kept].sum()  # the mean of the kept positions
+        assert torch.allclose(y[i][~kept], want.expand(4, -1), atol=1e-6)
