@@ -100,19 +100,17 @@ def pool_windows(n: int, k: int) -> tuple[int, ...]:
     return tuple(min(k, n - i) for i in range(0, n, k))
 
 
-def derive_windows(grid: tuple[int, int], k: int, kind: str, cnn_grid: int) -> tuple[tuple[int, ...], ...] | None:
+def derive_windows(grid: tuple[int, int], k: int, kind: str,
+                   cnn_grid: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """The pooling windows of a pooled tap of a store written before they were recorded, where the manifest
     determines them: a CNN map is read at min(map, cnn_grid) per axis, so the grid before pooling is the one
     size in (k (g - 1), min(k g, cnn_grid)] when that range holds one (7 x 7 at k = 2 or 3). None otherwise."""
     if kind != "cnn" or k <= 1:
         return None
-    out = []
-    for g in grid:
-        sizes = range(k * (g - 1) + 1, min(k * g, cnn_grid) + 1)
-        if len(sizes) != 1:
-            return None
-        out.append(pool_windows(sizes[0], k))
-    return tuple(out)
+    sizes = [range(k * (g - 1) + 1, min(k * g, cnn_grid) + 1) for g in grid]
+    if any(len(r) != 1 for r in sizes):
+        return None
+    return pool_windows(sizes[0][0], k), pool_windows(sizes[1][0], k)
 
 
 @dataclass
@@ -228,8 +226,9 @@ class Manifest:
             "pool_tokens": spec.get("pool_tokens", 1),
             "weights": self.backbone.get("weights", {}).get("state_sha256"),
             "input_size": self.backbone.get("data_config", {}).get("input_size"),
-            "taps": [{k: v for k, v in t.to_dict().items() if k != "windows"} for t in self.taps],  # windows
-            "dtype": self.dtype,  # follow from grid and pool_tokens; older stores may not record them
+            # a pooled tap's windows follow from its grid and pool_tokens; older stores may not record them
+            "taps": [{k: v for k, v in t.to_dict().items() if k != "windows"} for t in self.taps],
+            "dtype": self.dtype,
         }
 
     def check_compatible(self, other: "Manifest", where: str) -> None:

@@ -458,5 +458,5 @@ def create(name: str, config: MethodConfig | dict[str, Any] | None, tap_info: Me
 
 
 __all__ = ["TRAINING_KEYS", "MethodInput", "MethodConfig", "SideNetwork", "register", "create", "list_methods",
-           "config_class", "check", "check_choice", "normalize_taps", "pool_tokens", "TokenWeights", "common_grid", "to_grid",
-           "init_layernorm", "make_head"]
+           "config_class", "check", "check_choice", "normalize_taps", "pool_tokens", "TokenWeights", "common_grid",
+           "to_grid", "init_layernorm", "make_head"]
