@@ -27,7 +27,7 @@ from .options import cluster_options, data_options, storage_option
                    "split's recorded one with --resume].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True,
-              help="Cache dtype; int8 and float8_e4m3 store 8-bit codes and one float16 scale per token row.")
+              help="Cache dtype; int8 and float8_e4m3 store 8-bit codes and one bfloat16 scale per token row.")
 @click.option("--pool-tokens", type=int, default=1, show_default=True, metavar="K",
               help="Average each KxK window of every tap's patch-token grid (prefix tokens kept); predict does the "
                    "same.")

@@ -297,7 +297,8 @@ def shift_channels(x: Tensor, u: Tensor, brightness: float, contrast: float, spa
 
 def token_drop(taps: dict[str, Tensor], infos: list[TapInfo], rate: float,
                generator: torch.Generator) -> dict[str, Tensor]:
-    """Replace round(rate * P) patch tokens per sample by the mean of the kept ones, same positions in every tap."""
+    """Replace round(rate * P) patch tokens per sample by the mean of the kept ones (pooled windows weighing by
+    size), same positions in every tap."""
     ref = _finest_grid(infos)
     p_ref = ref[0] * ref[1]
     k = int(round(rate * p_ref))
@@ -322,6 +323,9 @@ def token_drop(taps: dict[str, Tensor], infos: list[TapInfo], rate: float,
         p = info.prefix_tokens
         patches = x[:, p:].float()  # (B, P, C)
         keep = (~drop).unsqueeze(-1).float()  # (B, P, 1)
+        weights = info.patch_weights()  # pooled windows of different sizes weigh by size
+        if weights is not None:
+            keep = keep * torch.tensor(weights, device=keep.device).view(1, -1, 1)
         mean = (patches * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True)  # (B, 1, C)
         new = torch.where(drop.unsqueeze(-1), mean, patches).to(x.dtype)
         out[info.name] = torch.cat([x[:, :p], new], dim=1) if p else new

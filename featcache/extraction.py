@@ -41,7 +41,7 @@ from featcache.keyvalue import with_overrides
 from featcache.errors import DataError, Interrupted, StoreError, TapOverflowError, UsageError
 from featcache.progress import bar
 from featcache.store.feature_store import FeatureStore, SplitHandle, choose_chunking
-from featcache.store.codecs import auto_compressors, compressor_record, storage_view
+from featcache.store.codecs import SCALE_DTYPE, auto_compressors, compressor_record, storage_view
 from featcache.store.lock import SplitLock
 from featcache.vocabulary import Manifest, SplitMeta
 from featcache.store.writer import (ShardWriteError, ShardWriter, SplitTotals, describe_os_error, finalize_split,
@@ -334,6 +334,7 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
         return stats
     labels, ids = source.labels(), source.ids()
     policy = AutocastPolicy.from_manifest(split.store.manifest.autocast, dtype)  # one store, one precision
+    scale_dtype = split.scale_dtype or SCALE_DTYPE  # as the split's scale arrays hold them (float16 in older ones)
     workers = default_loader_workers(backbone.device, meta.views) if loader_workers is None else loader_workers
     pool = transform_pool(workers, meta.views)
     loader = make_loader(source, backbone, meta, todo, batch_size or meta.batch_size or DEFAULT_BATCH_SIZE, workers,
@@ -344,7 +345,7 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
     batches = iter(loader)  # fork the DataLoader workers before the writer threads exist
     writer = ShardWriter(split, max_pending=2, durable=durable, threads=default_writer_threads()
                          if writer_threads is None else writer_threads)
-    encoder = TapEncoder(meta, backbone.taps.infos, dtype, writer, labels, ids)
+    encoder = TapEncoder(meta, backbone.taps.infos, dtype, writer, labels, ids, scale_dtype)
     t_drain = t0
     try:
         for images, _labels, index in batches:

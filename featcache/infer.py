@@ -21,7 +21,7 @@ from torch import nn
 from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone, create_model
 from featcache.device import AutocastPolicy, resolve_device
-from featcache.vocabulary import BackboneSpec
+from featcache.vocabulary import BackboneSpec, TapInfo
 from featcache.checkpoint import Checkpoint, load_checkpoint
 from featcache.data import DataSource, Subset, open_source, stratified_subset
 from featcache.loader import default_loader_workers, image_loader, transform_pool, view_dataset
@@ -82,7 +82,7 @@ def load_predictor(checkpoint: str | Path | Checkpoint, device: str = "auto", we
         raise CheckpointError(f"the backbone weights found ({spec.weights}, sha256 {got[:12]}...) are not the ones the "
                               f"cache of this checkpoint was made with (sha256 {str(want)[:12]}...); pass the right "
                               "--weights file for the backbone")
-    if [t.to_dict() for t in backbone.taps.infos] != [t.to_dict() for t in needed]:
+    if [_layout(live, rec) for live, rec in zip(backbone.taps.infos, needed)] != [t.to_dict() for t in needed]:
         raise CheckpointError(f"backbone {spec.model} gives taps that differ from the cache's "
                               f"({[t.name for t in needed]}); timm or model kwargs changed since extraction")
     recorded = manifest.transform.get("eval")
@@ -92,6 +92,13 @@ def load_predictor(checkpoint: str | Path | Checkpoint, device: str = "auto", we
                               f"({manifest.environment.get('timm', 'unknown')})")
     policy = AutocastPolicy.from_manifest(manifest.autocast, manifest.dtype)
     return Predictor(backbone, ckpt.network.to(dev), manifest.dtype, ckpt.classes, policy).eval()
+
+
+def _layout(live: TapInfo, recorded: TapInfo) -> dict[str, Any]:
+    """A live tap's description, compared with the recorded one; an older store's pooled tap may not record its
+    windows (they follow from the grid and --pool-tokens; its side networks were trained with plain means)."""
+    d = live.to_dict()
+    return {k: v for k, v in d.items() if k != "windows"} if recorded.windows is None else d
 
 
 def _check_classes(source: DataSource, classes: list[str]) -> None:

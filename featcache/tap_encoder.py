@@ -19,8 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from featcache.store.codecs import (QERR_SUFFIX, SCALE_SUFFIX, TORCH_DTYPES, decode, dequantize, is_eight_bit,
-                                    quantize, storage_dtype)
+from featcache.store.codecs import (QERR_SUFFIX, SCALE_DTYPE, SCALE_SUFFIX, TORCH_DTYPES, decode, decode_scale,
+                                    dequantize, is_eight_bit, quantize, storage_dtype)
 from featcache.store.reader import PinnedSlots
 from featcache.store.writer import ShardData, ShardWriter
 from featcache.taps import check_finite
@@ -30,12 +30,14 @@ ENCODER_QUEUE = 4  # batches handed over and not yet encoded (bounded memory)
 
 
 def encode_taps(taps: dict[str, torch.Tensor], infos: Sequence[TapInfo], dtype: str, views: int, first: int,
-                out: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                out: dict[str, torch.Tensor] | None = None,
+                scale_dtype: str = SCALE_DTYPE) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A batch of taps (B * V, T, C) in the cache ``dtype``, where the taps are: ({array: rows}, {tap: qerr}).
 
     Rows are (B, [V,] T, C) per tap (8-bit: the codes) and (B, [V,] T) per ``<tap>_scale``; ``qerr`` holds each
     8-bit tap's (sum of squared errors, sum of squares) in float64. ``out``: write the rows into these tensors
-    (the shard's buffers) instead of new ones. Raises ``TapOverflowError`` for NaN/Inf or a value beyond the
+    (the shard's buffers) instead of new ones; ``scale_dtype``: the 8-bit scales' type (bfloat16; float16 in
+    stores from before). Raises ``TapOverflowError`` for NaN/Inf or a value beyond the
     dtype's range; ``first`` is the split index of the batch's first image, for the message."""
     arrays: dict[str, torch.Tensor] = {}
     qerr: dict[str, torch.Tensor] = {}
@@ -50,8 +52,8 @@ def encode_taps(taps: dict[str, torch.Tensor], infos: Sequence[TapInfo], dtype: 
             arrays[name] = rows
             continue
         x = src.float()
-        codes, scale = quantize(x, dtype)
-        check_finite(name, scale, t, dtype, first)  # a scale beyond float16: values beyond the range
+        codes, scale = quantize(x, dtype, scale_dtype)
+        check_finite(name, scale, t, dtype, first)  # a float16 scale beyond its range, or NaN/Inf taps
         if out is not None:
             out[name].copy_(codes)
             out[name + SCALE_SUFFIX].copy_(scale)
@@ -66,8 +68,8 @@ class ShardBuffers:
     """Preallocated arrays (storage dtype) of the shard being filled: one per tap, and with an 8-bit cache its
     scale rows and its quantization error (``<tap>_scale``, ``<tap>_qerr``, featcache.store.codecs)."""
 
-    def __init__(self, split_meta: SplitMeta, taps: Sequence[TapInfo], dtype: str) -> None:
-        self.meta, self.taps, self.dtype = split_meta, list(taps), dtype
+    def __init__(self, split_meta: SplitMeta, taps: Sequence[TapInfo], dtype: str, scale_dtype: str = SCALE_DTYPE) -> None:
+        self.meta, self.taps, self.dtype, self.scale_dtype = split_meta, list(taps), dtype, scale_dtype
         self.shard: int | None = None
         self.arrays: dict[str, np.ndarray] = {}
         self.filled = 0
@@ -79,13 +81,13 @@ class ShardBuffers:
         for t in self.taps:
             self.arrays[t.name] = np.empty((*lead, t.tokens, t.channels), dtype=storage_dtype(self.dtype))
             if is_eight_bit(self.dtype):
-                self.arrays[t.name + SCALE_SUFFIX] = np.empty((*lead, t.tokens), dtype=np.float16)
+                self.arrays[t.name + SCALE_SUFFIX] = np.empty((*lead, t.tokens), dtype=storage_dtype(self.scale_dtype))
                 self.arrays[t.name + QERR_SUFFIX] = np.zeros((1, 2), dtype=np.float64)
 
     def rows(self, offset: int, n: int) -> dict[str, torch.Tensor]:
         """Images [offset, offset + n) of the shard's tap and scale buffers, as tensors viewing them."""
-        return {name: decode(a[offset:offset + n], torch.float16 if name.endswith(SCALE_SUFFIX) else self.dtype)
-                for name, a in self.arrays.items() if not name.endswith(QERR_SUFFIX)}
+        return {name: decode_scale(a[offset:offset + n]) if name.endswith(SCALE_SUFFIX) else
+                decode(a[offset:offset + n], self.dtype) for name, a in self.arrays.items() if not name.endswith(QERR_SUFFIX)}
 
     def add_qerr(self, qerr: dict[str, torch.Tensor]) -> None:
         for name, sums in qerr.items():
@@ -124,10 +126,10 @@ class TapEncoder:
     what is queued and submits the full shards (the last, partial one is dropped); ``abort`` drops the queue."""
 
     def __init__(self, meta: SplitMeta, infos: Sequence[TapInfo], dtype: str, writer: ShardWriter,
-                 labels: np.ndarray, ids: list[str]) -> None:
+                 labels: np.ndarray, ids: list[str], scale_dtype: str = SCALE_DTYPE) -> None:
         self.meta, self.infos, self.dtype, self.writer = meta, list(infos), dtype, writer
-        self.labels, self.ids = labels, ids
-        self.buffers = ShardBuffers(meta, infos, dtype)
+        self.labels, self.ids, self.scale_dtype = labels, ids, scale_dtype
+        self.buffers = ShardBuffers(meta, infos, dtype, scale_dtype)
         self.bytes_per_image = bytes_per_image(infos, dtype, meta.views)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=ENCODER_QUEUE)
         self._slots: PinnedSlots | None = None
@@ -167,13 +169,13 @@ class TapEncoder:
         """Encode on the device, then start the copy into pinned host buffers (the producer does not wait)."""
         if self._slots is None:
             self._slots = PinnedSlots(ENCODER_QUEUE + 2)
-        arrays, qerr = encode_taps(taps, self.infos, self.dtype, self.meta.views, first)
+        arrays, qerr = encode_taps(taps, self.infos, self.dtype, self.meta.views, first, scale_dtype=self.scale_dtype)
         slot = self._slots.acquire()
         host = {}
         for name, t in arrays.items():
-            dst = torch.from_numpy(slot(name, tuple(t.shape), np.dtype(storage_dtype(self.dtype)) if
-                                        not name.endswith(SCALE_SUFFIX) else np.dtype(np.float16)))
-            host[name] = decode(dst.numpy(), torch.float16 if name.endswith(SCALE_SUFFIX) else self.dtype)
+            scale = name.endswith(SCALE_SUFFIX)
+            dst = slot(name, tuple(t.shape), np.dtype(storage_dtype(self.scale_dtype if scale else self.dtype)))
+            host[name] = decode_scale(dst) if scale else decode(dst, self.dtype)
             host[name].copy_(t, non_blocking=True)
         host_qerr = {name: q.to("cpu", non_blocking=True) for name, q in qerr.items()}
         event = torch.cuda.Event()
@@ -210,7 +212,8 @@ class TapEncoder:
                 self._slots.release(item.slot, None)  # type: ignore[union-attr]
             qerr = item.qerr
         else:
-            _, qerr = encode_taps(item[2], self.infos, self.dtype, self.meta.views, first, out=rows)
+            _, qerr = encode_taps(item[2], self.infos, self.dtype, self.meta.views, first, out=rows,
+                                  scale_dtype=self.scale_dtype)
         self.buffers.add_qerr(qerr)
         self.buffers.filled += n
         if self.buffers.full:

@@ -43,8 +43,9 @@ from featcache.errors import CorruptionError, StoreError
 from featcache.vocabulary import DEFAULT_COMPRESSOR, Manifest, SplitMeta
 
 from . import zarr_io  # noqa: F401  (settles zarr's background tasks at exit)
-from .codecs import (DECODE_HINTS, QERR_SUFFIX, SCALE_SUFFIX, check_codecs, compressor_codecs, decode, dequantize,
-                     is_eight_bit, storage_dtype, stored_bytes_per_row)
+from .codecs import (DECODE_HINTS, QERR_SUFFIX, SCALE_DTYPE, SCALE_DTYPE_ATTR, SCALE_SUFFIX, check_codecs,
+                     compressor_codecs, decode, decode_scale, dequantize, is_eight_bit, scale_dtype_name, storage_dtype,
+                     stored_bytes_per_row)
 from .lock import LOCKS_DIR
 
 if TYPE_CHECKING:
@@ -100,10 +101,12 @@ class ArraySpec:
     per_shard: bool = False  # one row per shard (written with the shard) instead of one per image
 
 
-def split_array_specs(manifest: Manifest, meta: SplitMeta, compressor: str) -> dict[str, ArraySpec]:
+def split_array_specs(manifest: Manifest, meta: SplitMeta, compressor: str,
+                      scale_dtype: str | None = None) -> dict[str, ArraySpec]:
     """Every array of a split, taps first: a tap (N, [V,] T, C) of the storage dtype; with an 8-bit cache also
-    its ``<tap>_scale`` (N, [V,] T) float16 and ``<tap>_qerr`` (shards, 2) float64; labels, ids, completion."""
-    dtype = manifest.dtype
+    its ``<tap>_scale`` (N, [V,] T) of ``scale_dtype`` (default bfloat16 as uint16 bits; float16 in older splits)
+    and ``<tap>_qerr`` (shards, 2) float64; labels, ids, completion."""
+    dtype, scale_dtype = manifest.dtype, scale_dtype or SCALE_DTYPE
 
     def codecs_of(array: str) -> list[Any]:
         """With "auto", the array's recorded choice (none where nothing was recorded)."""
@@ -122,7 +125,9 @@ def split_array_specs(manifest: Manifest, meta: SplitMeta, compressor: str) -> d
         if is_eight_bit(dtype):
             specs[tap.name + SCALE_SUFFIX] = ArraySpec(
                 (meta.num_samples, *tail[:-1]), (meta.chunk_images, *tail[:-1]), (meta.shard_images, *tail[:-1]),
-                "float16", dims[:-1], codecs_of(tap.name + SCALE_SUFFIX), attributes={"featcache_scale_of": tap.name})
+                storage_dtype(scale_dtype), dims[:-1], codecs_of(tap.name + SCALE_SUFFIX),
+                attributes={"featcache_scale_of": tap.name,
+                            **({SCALE_DTYPE_ATTR: scale_dtype} if scale_dtype != "float16" else {})})
             specs[tap.name + QERR_SUFFIX] = ArraySpec(
                 (meta.num_shards, 2), (1, 2), None, "float64", ("shard", "sum"), [Crc32cCodec()],
                 attributes={"featcache_qerr_of": tap.name, "columns": ["sum of squared errors", "sum of squares"]},
@@ -310,7 +315,7 @@ class SplitHandle:
         codes = decode(rows(name), dtype)
         if not is_eight_bit(dtype):
             return codes.float()
-        return dequantize(codes, decode(rows(name + SCALE_SUFFIX), "float16"), dtype)
+        return dequantize(codes, decode_scale(rows(name + SCALE_SUFFIX)), dtype)
 
     # -- reading with other tools (docs/api.md): a torch Dataset, dask arrays, an xarray Dataset
     @property
@@ -384,6 +389,14 @@ class SplitHandle:
 
     def set_complete(self, shard: int, done: bool = True) -> None:
         self._writable(COMPLETE)[shard] = 1 if done else 0
+
+    @property
+    def scale_dtype(self) -> str | None:
+        """The type of an 8-bit split's row scales as stored: "bfloat16", or "float16" in splits written before
+        bfloat16 scales; None for other caches."""
+        if not is_eight_bit(self.store.manifest.dtype):
+            return None
+        return scale_dtype_name(self.array(self.store.manifest.tap_names[0] + SCALE_SUFFIX).dtype)
 
     def tap_array_names(self) -> list[str]:
         """The arrays that hold the taps: each tap, and with an 8-bit cache its ``_scale`` and ``_qerr`` arrays."""

@@ -2,7 +2,7 @@
 
 One API, three modes (``open_reader(split, taps, mode=...)``):
 - ``gpu``: the split's selected taps loaded once onto the CUDA device as stored (float16, bfloat16,
-  float32, or 8-bit codes plus their float16 scales); batches are gathered by index with a per-epoch
+  float32, or 8-bit codes plus their per-row scales); batches are gathered by index with a per-epoch
   permutation and decoded to the training dtype there.
 - ``ram``: the same in host memory (pinned when the batches go to CUDA), decoded per batch on the
   training device: memory is the stored footprint, not float32's.
@@ -38,8 +38,8 @@ import torch
 from featcache.errors import CorruptionError, StoreError, UsageError
 from featcache.vocabulary import READER_MODES
 
-from .codecs import (SCALE_SUFFIX, TORCH_DTYPES, decode, dequantize, is_eight_bit, storage_numpy_dtype, storage_view,
-                     stored_bytes_per_row)
+from .codecs import (SCALE_SUFFIX, TORCH_DTYPES, decode, dequantize, is_eight_bit, scale_torch_dtype,
+                     storage_numpy_dtype, storage_view, stored_bytes_per_row)
 from .feature_store import FeatureStore, SplitHandle
 
 log = logging.getLogger("featcache.reader")
@@ -266,7 +266,7 @@ class CacheReader:
         return Batch(out, self.labels_all[index].to(dev, non_blocking=True), index, self.out_views, scales)
 
     def _as_tensors(self, stored: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return {n: decode(a, _stored_dtype(n, self.cache_dtype)) for n, a in stored.items()}
+        return {n: decode(a, _stored_dtype(n, self.cache_dtype, a.dtype)) for n, a in stored.items()}
 
     def _handed_over(self, epoch: int) -> Iterator[Batch]:
         """Batches assembled on a background thread; on a CUDA device they cross in reused pinned buffers."""
@@ -463,9 +463,10 @@ def gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return decode(np.take(storage_view(t), index.numpy(), axis=0), t.dtype)
 
 
-def _stored_dtype(array: str, cache_dtype: str) -> torch.dtype:
-    """The torch dtype an array of the split is held in: a scale array's float16, else the cache's stored type."""
-    return torch.float16 if array.endswith(SCALE_SUFFIX) else TORCH_DTYPES[cache_dtype]
+def _stored_dtype(array: str, cache_dtype: str, stored: Any) -> torch.dtype:
+    """The torch dtype an array of the split is held in: a scale array's scale type (from its stored numpy dtype
+    ``stored``: bfloat16, or float16 in older stores), else the cache's stored type."""
+    return scale_torch_dtype(stored) if array.endswith(SCALE_SUFFIX) else TORCH_DTYPES[cache_dtype]
 
 
 def _host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -488,7 +489,7 @@ def read_block(reader: CacheReader, name: str, start: int, stop: int, out: np.nd
             out[...] = rows
             rows = out
     if reader.options.check_finite:
-        _check_finite(decode(rows, _stored_dtype(name, reader.cache_dtype)), reader.split, name, start)
+        _check_finite(decode(rows, _stored_dtype(name, reader.cache_dtype, rows.dtype)), reader.split, name, start)
     return rows
 
 
@@ -510,7 +511,7 @@ class ResidentReader(CacheReader):
     def _load(self, name: str, pin: bool, pool: ThreadPoolExecutor) -> torch.Tensor:
         """(N_usable, [V,] T[, C]) tensor of one stored array, as stored, read shard by shard (threads in parallel)."""
         arr = self.split.array(name)
-        shape, dtype = (self.num_samples, *arr.shape[1:]), _stored_dtype(name, self.cache_dtype)
+        shape, dtype = (self.num_samples, *arr.shape[1:]), _stored_dtype(name, self.cache_dtype, arr.dtype)
         out = torch.empty(shape, dtype=dtype, pin_memory=True) if pin else _host_empty(shape, dtype)
         dest, pos, jobs = storage_view(out), 0, []
         for k in self.shards:
