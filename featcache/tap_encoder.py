@@ -11,8 +11,6 @@ every shard is filled from the same batches in any run, so a resumed extraction 
 
 from __future__ import annotations
 
-import queue
-import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -22,6 +20,7 @@ import torch
 from featcache.store.codecs import (QERR_SUFFIX, SCALE_DTYPE, SCALE_SUFFIX, TORCH_DTYPES, decode, decode_scale,
                                     dequantize, is_eight_bit, quantize, storage_dtype)
 from featcache.store.reader import PinnedSlots
+from featcache.store.work_queue import WorkQueue
 from featcache.store.writer import ShardData, ShardWriter
 from featcache.taps import check_finite
 from featcache.vocabulary import SplitMeta, TapInfo
@@ -118,7 +117,7 @@ class _Staged:
     event: Any
 
 
-class TapEncoder:
+class TapEncoder(WorkQueue):
     """Fills shards from tap batches on a background thread and submits each full shard to ``writer``.
 
     ``put(first, taps)`` hands a batch over (blocks while ``ENCODER_QUEUE`` batches wait); an error on the
@@ -131,39 +130,30 @@ class TapEncoder:
         self.labels, self.ids, self.scale_dtype = labels, ids, scale_dtype
         self.buffers = ShardBuffers(meta, infos, dtype, scale_dtype)
         self.bytes_per_image = bytes_per_image(infos, dtype, meta.views)
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=ENCODER_QUEUE)
         self._slots: PinnedSlots | None = None
-        self._error: BaseException | None = None
-        self._drop = threading.Event()
         caller = torch.get_num_threads()
-        self._thread = threading.Thread(target=self._run, name="featcache-encoder", daemon=True)
-        self._thread.start()
-        torch.set_num_threads(caller)
+        super().__init__("featcache-encoder", ENCODER_QUEUE)
+        torch.set_num_threads(caller)  # torch takes a new thread's setting as the default for later ones
+
+    def thread_setup(self) -> None:
+        torch.get_num_threads()  # torch sets a thread's count lazily, from the process default: do it first
+        torch.set_num_threads(1)  # encoding must not start an OpenMP team that competes with the forward
 
     def put(self, first: int, taps: dict[str, torch.Tensor]) -> int:
         """Hand over a batch of taps (B * V, T, C) of images [first, first + B); returns B."""
-        self._raise_error()
+        self.raise_error()
         n = next(iter(taps.values())).shape[0] // self.meta.views
         item: Any = (first, n, taps)
         if next(iter(taps.values())).device.type == "cuda":
             item = self._stage(first, n, taps)
-        return self._hand_over(item, n)
+        self.submit(item)
+        return n
 
     def put_encoded(self, first: int, arrays: dict[str, torch.Tensor], qerr: dict[str, torch.Tensor]) -> int:
         """Hand over a batch already encoded (``encode_taps``' output, on the CPU), e.g. by a device; returns B."""
         n = len(next(iter(arrays.values())))
-        return self._hand_over(_Staged(first, n, arrays, qerr, None, None), n)
-
-    def _hand_over(self, item: Any, n: int) -> int:
-        while True:
-            self._raise_error()
-            if not self._thread.is_alive():
-                raise RuntimeError("the tap encoder stopped unexpectedly")
-            try:
-                self._queue.put(item, timeout=0.2)
-                return n
-            except queue.Full:
-                continue
+        self.submit(_Staged(first, n, arrays, qerr, None, None))
+        return n
 
     def _stage(self, first: int, n: int, taps: dict[str, torch.Tensor]) -> _Staged:
         """Encode on the device, then start the copy into pinned host buffers (the producer does not wait)."""
@@ -182,21 +172,7 @@ class TapEncoder:
         event.record()
         return _Staged(first, n, host, host_qerr, slot, event)
 
-    def _run(self) -> None:
-        torch.get_num_threads()  # torch sets a thread's count lazily, from the process default: do it first
-        torch.set_num_threads(1)  # encoding must not start an OpenMP team that competes with the forward
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if self._drop.is_set() or self._error is not None:
-                continue
-            try:
-                self._fill(item)
-            except BaseException as err:  # noqa: BLE001 - handed to the producer's thread
-                self._error = err
-
-    def _fill(self, item: Any) -> None:
+    def handle(self, item: Any) -> None:
         first, n = (item.first, item.n) if isinstance(item, _Staged) else item[:2]
         shard = first // self.meta.shard_images
         if self.buffers.shard != shard:
@@ -221,28 +197,10 @@ class TapEncoder:
             self.writer.submit(ShardData(shard, self.buffers.arrays, self.labels[start:stop], self.ids[start:stop]))
             self.buffers.shard = None
 
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
-
     def _stop(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-        self._thread.join()
+        super()._stop()
         if self._slots is not None:
             self._slots.close()
-
-    def close(self, raise_error: bool = True) -> None:
-        """Encode every queued batch and submit the full shards; raise an encoder error."""
-        self._stop()
-        if raise_error:
-            self._raise_error()
-
-    def abort(self) -> None:
-        """Drop the queued batches and stop."""
-        self._drop.set()
-        self._stop()
 
 
 __all__ = ["ENCODER_QUEUE", "ShardBuffers", "TapEncoder", "bytes_per_image", "encode_taps"]

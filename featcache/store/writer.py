@@ -19,7 +19,6 @@ import datetime as _dt
 import errno
 import logging
 import os
-import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +36,7 @@ from featcache.errors import StoreError
 from .codecs import QERR_SUFFIX
 from .feature_store import COMPLETE, SPLIT_ATTR, FeatureStore, SplitHandle
 from .lock import SplitLock
+from .work_queue import WorkQueue
 from featcache.vocabulary import FORMAT_VERSION, Manifest, SplitMeta
 
 log = logging.getLogger(__name__)
@@ -262,14 +262,14 @@ def _sync_pool() -> ThreadPoolExecutor:
     return _SYNC_POOL[0]
 
 
-class ShardWriter:
+class ShardWriter(WorkQueue):
     """Writes finished shards on background threads while the caller computes the next ones.
 
     Each shard is written whole by one thread (``threads`` > 1 write different shards at once, for
     machines where one thread cannot keep up with a GPU). ``submit`` blocks only when
     ``max_pending`` shards wait (bounded memory); an error on a writer thread is raised by the next
-    ``submit`` or by ``close``. ``close`` writes what is queued; ``abort`` drops it (shards being
-    written are finished, so no completion record lies).
+    ``submit`` or by ``close``, and no shard is written after it. ``close`` writes what is queued; ``abort``
+    drops it (shards being written are finished, so no completion record lies).
     """
 
     def __init__(self, split: SplitHandle, max_pending: int = 2, durable: bool = True,
@@ -277,16 +277,8 @@ class ShardWriter:
         self.split, self.durable, self.on_written = split, durable, on_written
         self.written: list[int] = []
         self.write_seconds = 0.0  # summed over threads
-        self._queue: queue.Queue[ShardData | None] = queue.Queue(maxsize=max(1, max_pending, threads))
-        self._error: BaseException | None = None
-        self._error_shard = -1
-        self._drop = threading.Event()
-        self._failed = threading.Event()
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, name=f"featcache-shard-writer-{i}", daemon=True)
-                         for i in range(max(1, threads))]
-        for t in self._threads:
-            t.start()
+        super().__init__("featcache-shard-writer", max_pending, threads)
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -299,66 +291,24 @@ class ShardWriter:
         else:
             self.abort()
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if self._drop.is_set() or self._failed.is_set():  # after a failure nothing more is written
-                continue
-            try:
-                t0 = time.perf_counter()
-                write_complete_shard(self.split, item, self.durable)
-                dt = time.perf_counter() - t0
-                with self._lock:
-                    self.write_seconds += dt
-                    self.written.append(item.shard)
-                    if self.on_written is not None:
-                        self.on_written(item, dt)
-            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
-                self._error, self._error_shard = err, item.shard
-                self._failed.set()
+    def handle(self, item: ShardData) -> None:
+        t0 = time.perf_counter()
+        write_complete_shard(self.split, item, self.durable)
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self.write_seconds += dt
+            self.written.append(item.shard)
+            if self.on_written is not None:
+                self.on_written(item, dt)
 
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            err, self._error = self._error, None
-            where = f"writing to {self.split.store.url} failed (shard {self._error_shard} of split {self.split.name!r})"
-            if isinstance(err, OSError):
-                what, fix = describe_os_error(err)
-                raise ShardWriteError(f"{where}: {what}", self._error_shard, fix) from err
-            if isinstance(err, StoreError):
-                raise ShardWriteError(f"{where}: {err}", self._error_shard, "fix the cause") from err
-            raise err
-
-    def submit(self, data: ShardData) -> None:
-        """Queue a finished shard; blocks while the queue is full, raises a writer error."""
-        while True:
-            self._raise_error()
-            if not any(t.is_alive() for t in self._threads):
-                raise StoreError("the shard writer stopped unexpectedly")
-            try:
-                self._queue.put(data, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
-    def _stop(self) -> None:
-        for t in self._threads:
-            if t.is_alive():
-                self._queue.put(None)  # one stop mark per thread, after everything queued
-        for t in self._threads:
-            t.join()
-
-    def close(self, raise_error: bool = True) -> None:
-        """Write every queued shard, stop the threads; raise a writer error."""
-        self._stop()
-        if raise_error:
-            self._raise_error()
-
-    def abort(self) -> None:
-        """Drop queued shards, finish the ones being written, stop the threads."""
-        self._drop.set()
-        self._stop()
+    def wrap_error(self, err: BaseException, item: ShardData) -> BaseException:
+        where = f"writing to {self.split.store.url} failed (shard {item.shard} of split {self.split.name!r})"
+        if isinstance(err, OSError):
+            what, fix = describe_os_error(err)
+            return ShardWriteError(f"{where}: {what}", item.shard, fix)
+        if isinstance(err, StoreError):
+            return ShardWriteError(f"{where}: {err}", item.shard, "fix the cause")
+        return err
 
 
 # ---------------------------------------------------------------------------------------------
