@@ -35,8 +35,9 @@ from featcache.backbone import Backbone
 from featcache.device import AutocastPolicy, resolve_device
 from featcache.vocabulary import BackboneSpec
 from featcache.vocabulary import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES
-from featcache.data import DataSource, Subset, open_source, stratified_subset, unwrap_worker_error
-from featcache.loader import TransformedDataset, cpu_count, default_loader_workers, make_loader, transform_pool
+from featcache.data import DataSource, Subset, open_source, stratified_subset
+from featcache.loader import (TransformedDataset, cpu_count, default_loader_workers, make_loader, transform_pool,
+                              unwrap_worker_error)
 from featcache.keyvalue import with_overrides
 from featcache.errors import DataError, Interrupted, StoreError, TapOverflowError, UsageError
 from featcache.progress import bar

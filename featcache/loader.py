@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from featcache.data import DataSource
+from featcache.sources.base import DataSource
 from featcache.vocabulary import SplitMeta
 
 if TYPE_CHECKING:
@@ -227,3 +227,28 @@ def image_loader(source: DataSource, transform: Callable[[Image.Image], torch.Te
     if pool is not None and not workers:
         dataset = PooledItems(dataset, pool)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+
+
+def unwrap_worker_error(err: BaseException) -> BaseException:
+    """The error a DataLoader worker raised, with its own message instead of the traceback text.
+
+    ``torch.utils.data`` re-raises a worker's exception in the main process as the same type with
+    the message ``"Caught DataError in DataLoader worker process 0.\nOriginal Traceback ..."``; a
+    user must see one line (``cannot read image ...``), not a traceback. Other errors come back as they are.
+    """
+    text = str(err)
+    first = text.split("\n", 1)[0]
+    if not (first.startswith("Caught ") and "DataLoader worker" in first):
+        return err
+    lines = [line for line in text.splitlines() if line.strip()]
+    last = lines[-1].strip() if lines else first
+    kind = type(err)
+    for prefix in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: "):
+        if last.startswith(prefix):
+            last = last[len(prefix):]
+            break
+    try:
+        unwrapped = kind(last)
+    except Exception:  # noqa: BLE001 - a type that needs other arguments
+        unwrapped = RuntimeError(last)
+    return unwrapped

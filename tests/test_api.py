@@ -17,6 +17,7 @@ import torch
 
 import featcache
 from featcache.errors import CorruptionError, MissingDependencyError, StoreError, UsageError
+from featcache.store import TapDataset, split_to_dask, split_to_xarray
 from featcache.store.feature_store import FeatureStore, SplitHandle
 
 from .helpers.stores import run_extract, shard_file
@@ -94,21 +95,21 @@ def test_open_store_describes_the_split(store) -> None:
 
 def test_to_dask_equals_the_stored_arrays_one_block_per_shard(store) -> None:
     split = store.split("train")
-    arrays = split.to_dask()
+    arrays = split_to_dask(split)
     assert list(arrays) == split.tap_names
     for tap, x in arrays.items():
         assert x.dtype == np.float32 and x.chunks[0] == (4,) * 6
         assert np.array_equal(x.compute(), stored_float32(split, tap))
     assert store.manifest.dtype != "bfloat16" or not np.array_equal(  # bfloat16 is really not read as float16
         stored_float32(split, "block6"), np.asarray(split.group["block6"][:]).view(np.float16).astype(np.float32))
-    assert list(split.to_dask(["block2"])) == ["block2"]
+    assert list(split_to_dask(split, ["block2"])) == ["block2"]
     with pytest.raises(StoreError, match="block9"):
-        split.to_dask(["block9"])
+        split_to_dask(split, ["block9"])
 
 
 def test_to_xarray_has_taps_labels_ids_and_the_manifest(store) -> None:
     split = store.split("train")
-    ds = split.to_xarray()
+    ds = split_to_xarray(split)
     assert sorted(ds.data_vars) == sorted(split.tap_names)
     assert ds["block3"].dims == ("image", "token", "channel") == tuple(split.group["block3"].metadata.dimension_names)
     assert np.array_equal(ds["block3"].values, stored_float32(split, "block3"))
@@ -125,12 +126,12 @@ def test_to_xarray_has_taps_labels_ids_and_the_manifest(store) -> None:
 def test_to_xarray_without_xarray_names_the_fix(store, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "xarray", None)  # import xarray -> ImportError
     with pytest.raises(MissingDependencyError, match="pip install xarray"):
-        store.split("train").to_xarray()
+        split_to_xarray(store.split("train"))
 
 
 def test_dataset_items_equal_the_stored_rows(store) -> None:
     split = store.split("train")
-    ds = split.dataset()
+    ds = TapDataset(split)
     assert len(ds) == N and ds.taps == split.tap_names
     labels = split.labels()
     for i in (0, 5, 23):
@@ -139,14 +140,14 @@ def test_dataset_items_equal_the_stored_rows(store) -> None:
         for tap, t in taps.items():
             assert t.dtype == torch.float32 and np.array_equal(t.numpy(), stored_float32(split, tap)[i])
     with pytest.raises(StoreError, match="block9"):
-        split.dataset(["block9"])
+        TapDataset(split, ["block9"])
     with pytest.raises(UsageError, match="holds 1 view"):
-        split.dataset(view=1)
+        TapDataset(split, view=1)
 
 
 def test_dataset_pickles_without_zarr_and_feeds_spawned_workers(store) -> None:
     split = store.split("train")
-    ds = split.dataset(["embed", "block6"])
+    ds = TapDataset(split, ["embed", "block6"])
     ds[0]  # a chunk is cached and the split is open: neither may travel
     copy = pickle.loads(pickle.dumps(ds))
     assert copy._split is None and copy._cached is None
@@ -160,7 +161,7 @@ def test_dataset_pickles_without_zarr_and_feeds_spawned_workers(store) -> None:
 
 
 def test_forked_workers_reopen_the_store(store, monkeypatch) -> None:
-    ds = store.split("train").dataset(["block1"])
+    ds = TapDataset(store.split("train"), ["block1"])
     ds[0]  # open in the parent: a forked worker must not reuse its zarr objects
     loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=1, multiprocessing_context="fork")
     taps = torch.cat([b[0]["block1"] for b in loader])
@@ -176,11 +177,11 @@ def test_incomplete_split_gives_only_completed_images(images, tmp_path) -> None:
     FeatureStore.open(out, "r+").split("train").set_complete(1, False)  # images 4..7 as if never written
     split = featcache.open_store(out).split("train")
     done = [i for i in range(N) if not 4 <= i < 8]
-    x = split.to_dask(["block2"])["block2"]
+    x = split_to_dask(split, ["block2"])["block2"]
     assert x.shape[0] == 20 and np.array_equal(x.compute(), stored_float32(split, "block2")[done])
-    ds = split.to_xarray(["block2"])
+    ds = split_to_xarray(split, ["block2"])
     assert ds["image"].values.tolist() == done and ds["labels"].values.tolist() == split.labels()[done].tolist()
-    data = split.dataset(["block2"])
+    data = TapDataset(split, ["block2"])
     assert len(data) == 20 and np.array_equal(data[4][0]["block2"].numpy(), stored_float32(split, "block2")[8])
 
 
@@ -189,9 +190,9 @@ def test_to_dask_refuses_a_completed_shard_whose_object_is_lost(images, tmp_path
     run_extract(images, out)
     shard_file(out, "block2", 3).unlink()  # zarr would read it as zeros
     split = featcache.open_store(out).split("train")
-    split.to_dask(["block1"])  # other taps are fine
+    split_to_dask(split, ["block1"])  # other taps are fine
     with pytest.raises(CorruptionError, match="shard 3 .*is missing.*--repair"):
-        split.to_dask(["block2"])
+        split_to_dask(split, ["block2"])
 
 
 def test_dataset_of_one_view_of_an_augmented_split(images, tmp_path) -> None:
@@ -199,14 +200,14 @@ def test_dataset_of_one_view_of_an_augmented_split(images, tmp_path) -> None:
     run_extract(images, out, views=2, limit=8)
     split = featcache.open_store(out).split("train")
     stored = stored_float32(split, "block1")  # (8, 2, T, C)
-    assert split.to_dask(["block1"])["block1"].shape == stored.shape
-    assert split.to_xarray(["block1"])["block1"].dims == ("image", "view", "token", "channel")
+    assert split_to_dask(split, ["block1"])["block1"].shape == stored.shape
+    assert split_to_xarray(split, ["block1"])["block1"].dims == ("image", "view", "token", "channel")
     for view in (0, 1):
-        got = torch.stack([split.dataset(["block1"], view=view)[i][0]["block1"] for i in range(8)])
+        got = torch.stack([TapDataset(split, ["block1"], view=view)[i][0]["block1"] for i in range(8)])
         assert np.array_equal(got.numpy(), stored[:, view])
     assert not np.array_equal(stored[:, 0], stored[:, 1])
     with pytest.raises(UsageError, match="view=0..1"):
-        split.dataset(view=2)
+        TapDataset(split, view=2)
 
 
 # -- docs/api.md runs as written ------------------------------------------------------------------

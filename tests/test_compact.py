@@ -17,6 +17,7 @@ from featcache.cli import app
 from featcache.errors import TapOverflowError
 from featcache.infer import load_predictor
 from featcache.methods.last import choose_taps
+from featcache.store import TapDataset, split_to_dask, split_to_xarray
 from featcache.store.codecs import decode_array, dequantize, quantize, storage_view
 from featcache.store.feature_store import FeatureStore
 from featcache.store.reader import open_reader
@@ -262,7 +263,7 @@ def test_cli_compact_options_and_inspect_json(images: Path, tmp_path: Path) -> N
 def test_dask_xarray_and_dataset_views_decode_eight_bit_taps(stores: dict) -> None:
     split = FeatureStore.open(stores["int8"]).split("train")
     want = split.read_values("block6").numpy()
-    assert np.array_equal(split.to_dask(["block6"])["block6"].compute(), want)
-    assert np.array_equal(split.to_xarray(["block6"])["block6"].values, want)
-    ds = split.dataset(["block6"])
+    assert np.array_equal(split_to_dask(split, ["block6"])["block6"].compute(), want)
+    assert np.array_equal(split_to_xarray(split, ["block6"])["block6"].values, want)
+    ds = TapDataset(split, ["block6"])
     assert torch.equal(ds[5][0]["block6"], torch.from_numpy(want[5]))

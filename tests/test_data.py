@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featcache.data import ImageFolderSource, Subset, open_source, read_idx, stratified_subset
+from featcache.data import Subset, open_source, stratified_subset
+from featcache.sources.idx import read_idx
+from featcache.sources.image_folder import ImageFolderSource
 from featcache.errors import DataError
 
 from .conftest import write_idx

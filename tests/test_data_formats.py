@@ -25,7 +25,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from featcache.cli import app
-from featcache.data import ImageFolderSource, open_source, shared_spec, spec_with_columns, split_spec_options
+from featcache.data import open_source, shared_spec, spec_with_columns, split_spec_options
+from featcache.sources.image_folder import ImageFolderSource
 from featcache.errors import DataError, UsageError
 from featcache.scale import ShardJob, ids_sha256, worker_source
 from featcache.store.feature_store import FeatureStore

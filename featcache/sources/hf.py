@@ -22,10 +22,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from featcache.data import Sample, spec_with_columns
+from .base import Sample, require, spec_with_columns
 from featcache.errors import DataError
 
-from . import require
 from .labels import encode_labels
 from .path_list import LABEL_COLUMNS
 

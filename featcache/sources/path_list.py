@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from featcache.data import Sample, read_rgb, spec_with_columns
+from .base import Sample, read_rgb, spec_with_columns
 from featcache.errors import DataError
 
 from .labels import encode_labels

@@ -25,10 +25,9 @@ import tarfile
 
 import numpy as np
 
-from featcache.data import IMAGE_EXTENSIONS, Sample, read_rgb
+from .base import IMAGE_EXTENSIONS, Sample, read_rgb, require
 from featcache.errors import DataError
 
-from . import require
 from .labels import encode_labels
 
 IMAGE_SUFFIXES = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # preferred first: jpg, jpeg, png, ...

@@ -52,7 +52,6 @@ if TYPE_CHECKING:
     import dask.array
     import xarray
 
-    from .reader import TapDataset
     from .shard_io import ShardIO
 
 SPLIT_ATTR = "featcache_split"
@@ -327,26 +326,6 @@ class SplitHandle:
     def classes(self) -> list[str]:
         """Class names by label (empty for unlabelled data)."""
         return list(self.meta.classes)
-
-    def dataset(self, taps: list[str] | None = None, view: int = 0) -> "TapDataset":
-        """A map-style ``torch.utils.data.Dataset`` of the completed images: ``ds[i] -> ({tap: (T, C) float32},
-        label)``; picklable (DataLoader workers reopen the store by its URL). ``taps``: default all."""
-        from .reader import TapDataset
-
-        return TapDataset(self, taps, view)
-
-    def to_dask(self, taps: list[str] | None = None) -> "dict[str, dask.array.Array]":
-        """{tap: lazily read and decoded float32 dask array} over the completed images, one block per shard."""
-        from .lazy_views import split_to_dask
-
-        return split_to_dask(self, taps)
-
-    def to_xarray(self, taps: list[str] | None = None) -> "xarray.Dataset":
-        """The completed images as an ``xarray.Dataset``: a lazily decoded float32 variable per tap, coordinates
-        ``image``, ``labels`` and ``ids``, the manifest as attributes. Needs ``pip install xarray``."""
-        from .lazy_views import split_to_xarray
-
-        return split_to_xarray(self, taps)
 
     def __repr__(self) -> str:
         views = f", {self.meta.views} views" if self.meta.views > 1 else ""

@@ -1,4 +1,4 @@
-"""Lazy, decoded views of a split for dask and xarray (``SplitHandle.to_dask``, ``SplitHandle.to_xarray``).
+"""Lazy, decoded views of a split for dask and xarray: ``split_to_dask(split)``, ``split_to_xarray(split)``.
 
 Only the images of completed shards are included, as for the readers and training: an incomplete split
 gives shorter arrays, and xarray's ``image`` coordinate holds the stored image indices. Each dask block is
