@@ -546,6 +546,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=256, help="batch size (writer and readers)")
     p.add_argument("--latency-ms", type=float, default=20.0, help="added to every request of the remote store")
     p.add_argument("--remote-stores", default="vit_s-compact,effnet-compact", help="store kinds of the remote stage")
+    p.add_argument("--delivery-stores", default="vit_s-fp16,vit_s-compact,vit_b-compact,effnet-compact",
+                   help="store kinds of the delivery stage (vit_b-fp16's float32 rows hold ~4x its 2 GB in RAM: on "
+                        "24 GiB shared with other work the process was OOM-killed)")
     p.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold-cache rows")
     p.add_argument("--device", default="cpu", help="the readers' device (cuda: host-to-device copies included)")
     p.add_argument("--workdir", default=None, help="where the stores go (default: a temporary directory)")
@@ -573,7 +576,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for key in kinds:
             if "ingest" in stages or not (work / f"{key}.zarr").exists():
                 r["ingest"].update(ingest_stage([key], s, work))
-            if "delivery" in stages:
+            if "delivery" in stages and key in s.delivery_stores.split(","):
                 r["delivery"].update(delivery_stage([key], s, work, device))
             if "remote" in stages and key in remote:
                 r["remote"].update(remote_stage([key], s, work))
@@ -582,6 +585,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if not s.keep:
                 shutil.rmtree(work / f"{key}.zarr", ignore_errors=True)
             say(f"{key} done")
+            if not s.smoke:  # after every store: a crash later keeps what was measured
+                write_json(RESULTS / f"{s.name}.json", r)
         r["extraction_cores"] = cores_for_extraction(r["ingest"])
     finally:
         if not s.workdir:
