@@ -6,7 +6,6 @@ state), 2 (usage) or 130 (interrupted); tracebacks only with ``FEATCACHE_DEBUG=1
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -17,8 +16,7 @@ import click
 from featcache import __version__
 from featcache.errors import FeatcacheError
 
-COMMAND_MODULES = ("extract", "inspect", "train", "predict", "demo")
-
+from . import demo, extract, inspect, predict, train
 
 def debug_enabled() -> bool:
     return os.environ.get("FEATCACHE_DEBUG", "") not in ("", "0")
@@ -75,13 +73,7 @@ def app() -> None:
     logging.getLogger("timm").setLevel(logging.WARNING)  # "Loading pretrained weights from file ..." is noise here
 
 
-for _name in COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(f"{__name__.rsplit('.', 1)[0]}.{_name}")
-    except ModuleNotFoundError as _err:  # a command not built yet in this checkout
-        if _err.name != f"{__name__.rsplit('.', 1)[0]}.{_name}":
-            raise
-        continue
+for _module in (extract, inspect, train, predict, demo):
     app.add_command(_module.command)
 
 

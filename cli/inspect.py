@@ -9,14 +9,14 @@ import click
 
 from featcache.keyvalue import parse_assignments
 
-from .options import storage_option
+from .options import json_option, storage_option
 
 
 @click.command("inspect")
 @click.argument("store", metavar="STORE")
 @click.option("--verify", is_flag=True, help="Read every chunk: checksums, shapes, completion records, labels.")
 @click.option("--stats", is_flag=True, help="Per-tap mean, std, min, max, NaN/Inf counts (reads all data).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout and nothing else there.")
+@json_option
 @click.option("--split", default=None, help="Only this split.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Draw per-tap token norms and the label histogram into this PNG (implies --stats).")

@@ -1,21 +1,64 @@
-"""Options shared by several commands."""
+"""Options shared by several commands, and the options generated from the library's option sets."""
 
 from __future__ import annotations
 
 import json
 import sys
+import typing
 from typing import Any, Callable
 
 import click
 
+from featcache.config import choices_of, fields
+from featcache.options import TrainOptions
+
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars or summaries on stderr (errors still print).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout and nothing else there.")
-device_option = click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
+_CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
 
-def storage_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
-                        help="fsspec storage option for remote stores (repeatable), e.g. endpoint_url=http://...")(f)
+def config_option(cls: type, key: str, unset: bool = False) -> Callable[[Any], Any]:
+    """The click option of field ``key`` of the ``@config`` class ``cls``: its flag, type, choices, default, help and
+    metavar from the field. ``unset``: default None (the field's default shown in the help), so that a value given
+    elsewhere (``--set``, a sweep file) is not overridden by the option's default."""
+    info = fields(cls)[key]
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    flag, members = str(extra.get("flag", f"--{key.replace('_', '-')}")), choices_of(info.annotation)
+    default = None if unset or info.is_required() else info.get_default(call_default_factory=True)
+    help = f"{info.description}  [default: {info.get_default()}]" if unset else info.description
+    kw: dict[str, Any] = {"default": default, "help": help, "metavar": extra.get("metavar"), "required":
+                          info.is_required(), "show_default": not (default is None or isinstance(default, (bool, dict)))}
+    if members == (bool,) and info.get_default() is None:
+        return click.option(f"{flag}/--no-{flag[2:]}", key, **kw)
+    if members == (bool,):
+        return click.option(flag, key, is_flag=True, **kw)
+    if any(typing.get_origin(m) is dict for m in members):  # KEY=VALUE items
+        return click.option(flag, key, multiple=True, **{**kw, "default": (), "show_default": False})
+    if all(isinstance(m, str) for m in members):  # a Literal
+        kw["type"] = click.Choice([str(m) for m in members])
+    else:
+        kw["type"] = _CLICK_TYPES.get(members[0], click.STRING) if len(members) == 1 else click.STRING
+    return click.option(flag, key, **kw)
+
+
+def config_options(cls: type, *keys: str, unset: bool = False) -> Callable[[Any], Any]:
+    """The click options of the fields ``keys`` of ``cls`` (default: every field with a help text), in that order."""
+    keys = keys or tuple(k for k, info in fields(cls).items() if info.description)
+
+    def decorate(f: Any) -> Any:
+        for key in reversed(keys):
+            f = config_option(cls, key, unset)(f)
+        return f
+
+    return decorate
+
+
+storage_option = config_option(TrainOptions, "storage_options")  # the same on every command
+
+
+def take(cls: type, values: dict[str, Any], **extra: Any) -> Any:
+    """``cls`` built from the command's parsed ``values`` of its options (removed from ``values``) and ``extra``."""
+    return cls(**{k: values.pop(k) for k in list(values) if k in fields(cls) and fields(cls)[k].description}, **extra)
 
 
 def print_json(data: Any) -> None:

@@ -28,8 +28,8 @@ _API = {
     "train": "featcache.training",
     "load_predictor": "featcache.infer",
     "BackboneSpec": "featcache.vocabulary",
-    "ExtractOptions": "featcache.extraction",
-    "TrainOptions": "featcache.training",
+    "ExtractOptions": "featcache.options",
+    "TrainOptions": "featcache.options",
 }
 
 __all__ = list(_API)

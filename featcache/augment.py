@@ -57,12 +57,10 @@ this strength per data set); ``frofa_contrast`` 0 (off).
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -70,83 +68,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import ConfigError
+from .options import AUG_KEYS, AUGMENTATIONS, AugmentConfig
 from .vocabulary import TapInfo
 
-AUGMENTATIONS = ("none", "frofa", "tokendrop", "mixup", "cutmix")  # "none" aside: the order they are applied in
-AUG_KEYS = ("aug", "tokendrop_rate", "mixup_alpha", "cutmix_alpha", "frofa_brightness", "frofa_contrast")
-
-
-def _number(key: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    try:
-        out = float(value.strip()) if isinstance(value, str) else float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be a number, got {value!r}") from None
-    if not math.isfinite(out):
-        raise ConfigError(f"{key} must be a finite number, got {value!r}")
-    return out
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Which feature augmentations to apply and how strongly (module doc); hashable, for grouping members.
-
-    ``aug`` is normalised to the application order ("tokendrop+frofa" -> "frofa+tokendrop"), so equal
-    augmentations compare equal. Values may arrive as text (``--set tokendrop_rate=0.1``).
-    """
-
-    aug: str = "none"
-    tokendrop_rate: float = 0.2
-    mixup_alpha: float = 0.8
-    cutmix_alpha: float = 1.0
-    frofa_brightness: float = 0.1
-    frofa_contrast: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.aug, str):
-            raise ConfigError(f"aug must be text such as 'none', 'tokendrop' or 'tokendrop+frofa', got {self.aug!r}")
-        names = [n.strip().lower() for n in self.aug.split("+")]
-        for n in names:
-            if n not in AUGMENTATIONS:
-                close = difflib.get_close_matches(n, AUGMENTATIONS, n=2)
-                hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-                raise ConfigError(f"aug: unknown augmentation {n!r}{hint}; choose from {', '.join(AUGMENTATIONS)}, "
-                                  "several joined by '+' (e.g. tokendrop+frofa)")
-        if len(set(names)) != len(names):
-            raise ConfigError(f"aug: {self.aug!r} names an augmentation twice")
-        if "none" in names and len(names) > 1:
-            raise ConfigError(f"aug: 'none' cannot be combined with others, got {self.aug!r}")
-        object.__setattr__(self, "aug", "+".join(n for n in AUGMENTATIONS if n in names))
-        for key in AUG_KEYS[1:]:
-            object.__setattr__(self, key, _number(key, getattr(self, key)))
-        checks = [("tokendrop_rate", 0 <= self.tokendrop_rate < 1, "in [0, 1) (the fraction of patch tokens replaced)"),
-                  ("mixup_alpha", self.mixup_alpha > 0, "> 0 (lam ~ Beta(alpha, alpha))"),
-                  ("cutmix_alpha", self.cutmix_alpha > 0, "> 0 (lam ~ Beta(alpha, alpha))"),
-                  ("frofa_brightness", 0 <= self.frofa_brightness <= 1,
-                   "in [0, 1] (the largest shift, as a fraction of the channel's range)"),
-                  ("frofa_contrast", 0 <= self.frofa_contrast < 1, "in [0, 1) (gamma ~ U(1 - k, 1 + k))")]
-        for key, ok, what in checks:
-            if not ok:
-                raise ConfigError(f"{key} must be {what}, got {getattr(self, key)!r}")
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """The augmentations in application order; () for "none"."""
-        return () if self.aug == "none" else tuple(self.aug.split("+"))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "AugmentConfig":
-        """From a dict of ``AUG_KEYS`` (e.g. the member's training config); unknown keys are an error."""
-        d = dict(d or {})
-        unknown = sorted(set(d) - set(AUG_KEYS))
-        if unknown:
-            raise ConfigError(f"unknown augmentation key(s) {', '.join(map(repr, unknown))}; valid keys: "
-                              f"{', '.join(AUG_KEYS)}")
-        return cls(**d)
 
 
 @dataclass

@@ -9,7 +9,6 @@ The model is always in eval mode with gradients off: the same image gives the sa
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import os
 from pathlib import Path
@@ -20,7 +19,8 @@ import timm.data
 import torch
 from torch import nn
 
-from .errors import FeatcacheError, ModelError, UsageError, WeightsError
+from .config import did_you_mean
+from .errors import FeatcacheError, ModelError, WeightsError
 from .taps import SUPPORTED, Taps
 from .vocabulary import WEIGHT_CHOICES_HELP, BackboneSpec
 
@@ -127,8 +127,7 @@ def _create(name: str, kwargs: dict[str, Any], **extra: Any) -> nn.Module:
 def create_model(spec: BackboneSpec) -> tuple[nn.Module, dict[str, Any]]:
     """Build the timm model with the spec's weights; returns (model in eval mode, weights record)."""
     if not timm.is_model(spec.model.split(".", 1)[0]):  # "arch" or "arch.pretrained_tag"
-        close = difflib.get_close_matches(spec.model, timm.list_models(), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        hint = did_you_mean(spec.model, timm.list_models(), cutoff=0.6) or "; see timm.list_models()"
         raise ModelError(f"unknown timm model {spec.model!r}{hint}")
     weights = spec.weights
     record: dict[str, Any] = {"source": weights}
@@ -286,16 +285,3 @@ class Backbone:
             "taps": [info.to_dict() for info in self.taps.all_infos],
         }
 
-
-def parse_layers(text: str | None) -> list[int] | str | None:
-    """``--layers``: ``all`` (None), ``every:G`` (kept as text: resolved against the model's taps, see
-    ``taps.every_gth``) or comma-separated tap positions, e.g. ``0,4,8,12``."""
-    if text is None or text.strip().lower() == "all":
-        return None
-    if text.strip().lower().startswith("every"):
-        return text.strip().lower()
-    try:
-        return [int(p) for p in text.split(",") if p.strip() != ""]
-    except ValueError:
-        raise UsageError(f"--layers expects 'all', every:G or comma-separated tap indices like 0,4,8, got "
-                         f"{text!r}") from None

@@ -16,6 +16,7 @@ computes every shard from exactly the same batches as an uninterrupted one: the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import platform
@@ -33,13 +34,12 @@ from dask.utils import format_bytes
 from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone
 from featcache.device import AutocastPolicy, resolve_device
-from featcache.vocabulary import BackboneSpec
-from featcache.vocabulary import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES
+from featcache.vocabulary import DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, BackboneSpec
 from featcache.data import DataSource, Subset, open_source, stratified_subset
 from featcache.loader import (TransformedDataset, cpu_count, default_loader_workers, make_loader, transform_pool,
                               unwrap_worker_error)
-from featcache.keyvalue import with_overrides
-from featcache.errors import DataError, Interrupted, StoreError, TapOverflowError, UsageError
+from featcache.options import ExtractOptions
+from featcache.errors import DataError, Interrupted, StoreError, TapOverflowError
 from featcache.progress import bar
 from featcache.store.feature_store import FeatureStore, SplitHandle, choose_chunking
 from featcache.store.codecs import SCALE_DTYPE, auto_compressors, compressor_record, storage_view
@@ -54,52 +54,6 @@ log = logging.getLogger(__name__)
 # Measured on 2 CPU cores (docs/store.md, benchmarks/bench_extract.py settings): see runtime_settings()
 ZARR_CONCURRENCY = 4
 PROBE_IMAGES = 8  # images forwarded to choose each tap's compressor (--compressor auto)
-
-
-@dataclass
-class ExtractOptions:
-    """Everything about one extraction except the backbone, the data and the store."""
-
-    split: str = "train"
-    layers: list[int] | str | None = None  # tap positions; None = all; "every:G" (taps.every_gth)
-    batch_size: int | None = None  # backbone inputs per forward (images x views); None: recorded on resume, else 32
-    device: str = "auto"
-    dtype: str = "float16"
-    compressor: str | None = None  # None: recorded on resume, else DEFAULT_COMPRESSOR
-    views: int = 1  # > 1: view 0 the eval transform, views 1.. training-transform draws seeded by (seed, image, view)
-    seed: int = 0  # augmentation seed
-    limit: int | None = None  # a fixed stratified subset of this many images
-    resume: bool = False
-    overwrite: bool = False
-    repair: bool = False  # with resume: verify the split first and recompute the shards found damaged
-    progress: bool = True
-    chunk_images: int | None = None  # overrides of feature_store.choose_chunking (tests, tuning)
-    shard_images: int | None = None
-    loader_workers: int | None = None  # DataLoader processes; None = default_loader_workers()
-    writer_threads: int | None = None  # shard writer threads; None = default_writer_threads()
-    durable: bool = True  # fsync each shard before its completion record (local paths)
-    storage_options: dict[str, Any] | None = None  # fsspec options for URL stores
-
-    def validate(self) -> None:
-        if not self.split or self.split.startswith("_") or "/" in self.split or "://" in self.split:
-            raise UsageError(f"--split {self.split!r} is not allowed: use letters, digits, '-' or '.' (not a leading "
-                             "'_', no '/')")
-        if self.resume and self.overwrite:
-            raise UsageError("--resume and --overwrite exclude each other: resume continues a split, overwrite "
-                             "replaces it")
-        if self.repair and not self.resume:
-            raise UsageError("--repair needs --resume: it continues the split and recomputes the shards that "
-                             "featcache inspect --verify finds damaged")
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.compressor is not None and self.compressor not in COMPRESSORS:
-            raise UsageError(f"--compressor must be one of {', '.join(COMPRESSORS)}, got {self.compressor!r}")
-        for name in ("batch_size", "views", "limit", "chunk_images", "shard_images"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.loader_workers is not None and self.loader_workers < 0:
-            raise UsageError(f"loader_workers must be >= 0, got {self.loader_workers}")
 
 
 @dataclass
@@ -435,10 +389,8 @@ class InProcessRunner:
 
 
 def resolve_options(options: ExtractOptions | None, overrides: dict[str, Any]) -> ExtractOptions:
-    """``options`` with ``overrides`` replacing fields, validated (a bad name is a TypeError, as for a call)."""
-    opts = with_overrides(options or ExtractOptions(), overrides, "extract")
-    opts.validate()
-    return opts
+    """``options`` with ``overrides`` replacing fields, validated (an unknown name: an error listing the valid ones)."""
+    return dataclasses.replace(options or ExtractOptions(), **overrides)
 
 
 def open_planned_split(out: str, backbone: Backbone, source: DataSource, opts: ExtractOptions) -> tuple[SplitHandle, str]:

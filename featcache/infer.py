@@ -26,6 +26,7 @@ from featcache.checkpoint import Checkpoint, load_checkpoint
 from featcache.data import DataSource, Subset, open_source, stratified_subset
 from featcache.loader import default_loader_workers, image_loader, transform_pool, view_dataset
 from featcache.errors import CheckpointError, DataError
+from featcache.options import PredictOptions
 from featcache.methods.base import SideNetwork
 from featcache.progress import bar, say
 from featcache.store.codecs import round_trip
@@ -135,36 +136,35 @@ def tta_views(ckpt: Checkpoint, predictor: Predictor) -> TTAViews:
     return TTAViews(int(record["views"]), int(record["seed"]), record.get("eval_view"))
 
 
-def predict(checkpoint: str | Path, data: str | DataSource, batch_size: int = 64, device: str = "auto",
-            weights: str | None = None, limit: int | None = None, csv_path: str | Path | None = None,
-            progress: bool = True, num_workers: int | None = None, tta: bool = False) -> dict[str, Any]:
-    """Predictions for every image of ``data``; accuracy when labels are known.
+def predict(checkpoint: str | Path, data: str | DataSource, options: PredictOptions | None = None,
+            **overrides: Any) -> dict[str, Any]:
+    """Predictions for every image of ``data``; accuracy when labels are known. ``overrides`` replace fields of
+    ``options`` (``predict(run, data, device="cpu")``).
 
     ``tta``: each image's logits are the mean over the views the checkpoint's run evaluated (``tta_views``): the
     same views of the same images as the cached split, so the accuracy equals the cached ``--tta`` accuracy."""
-    if batch_size < 1:
-        raise DataError(f"--batch-size must be >= 1, got {batch_size}")
+    opts = replace(options or PredictOptions(), **overrides)
     ckpt = load_checkpoint(checkpoint)
-    predictor = load_predictor(ckpt, device, weights)
-    views = tta_views(ckpt, predictor) if tta else None
+    predictor = load_predictor(ckpt, opts.device, opts.weights)
+    views = tta_views(ckpt, predictor) if opts.tta else None
     source = open_source(data) if isinstance(data, str) else data
     _check_classes(source, predictor.classes)
-    if limit is not None:
-        source = Subset(source, stratified_subset(source.labels(), limit))
+    if opts.limit is not None:
+        source = Subset(source, stratified_subset(source.labels(), opts.limit))
     dev = predictor.backbone.device
     k = views.views if views is not None else 1
-    workers = num_workers if num_workers is not None else default_loader_workers(dev, views=k)
+    workers = opts.num_workers if opts.num_workers is not None else default_loader_workers(dev, views=k)
     if views is not None:  # seeded per (image, view) through the global RNGs: worker processes, not threads
         pool = None
         loader = torch.utils.data.DataLoader(view_dataset(source, predictor.backbone, views.views, views.seed,
                                                           views.eval_view),
-                                             batch_size=max(1, batch_size // k), num_workers=workers)
+                                             batch_size=max(1, opts.batch_size // k), num_workers=workers)
     else:
         pool = transform_pool(workers, views=1)  # as in extraction: on a CPU, transform between forwards
-        loader = image_loader(source, predictor.transform, batch_size, workers, pool)
+        loader = image_loader(source, predictor.transform, opts.batch_size, workers, pool)
     ids = source.ids()
     preds, probs, labels = [], [], []
-    with pool or contextlib.nullcontext(), bar(len(source), "predict", progress=progress) as pbar:
+    with pool or contextlib.nullcontext(), bar(len(source), "predict", progress=opts.progress) as pbar:
         for images, y, _ in loader:
             images = images.to(dev)
             logits = predictor.forward_views(images) if views is not None else predictor(images)
@@ -185,13 +185,13 @@ def predict(checkpoint: str | Path, data: str | DataSource, batch_size: int = 64
     if known.any():
         result["accuracy"] = float(np.mean(pred[known] == label[known]))
     result["predictions"] = rows
-    if csv_path is not None:
-        with open(csv_path, "w", newline="") as f:
+    if opts.csv_path is not None:
+        with open(opts.csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["id", "label", "pred", "pred_class", "prob"])
             writer.writeheader()
             writer.writerows(rows)
     acc = f", accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
-    say(f"predicted {len(rows)} images{acc}", quiet=not progress)
+    say(f"predicted {len(rows)} images{acc}", quiet=not opts.progress)
     return result
 
 

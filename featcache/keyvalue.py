@@ -1,11 +1,10 @@
-"""``KEY=VALUE`` assignments to Python values: command-line ones (``--model-kwargs``, ``--set``, ``--grid``) and
-keyword overrides of an options dataclass (``extract(spec, data, out, split="val")``)."""
+"""Command-line ``KEY=VALUE`` assignments (``--model-kwargs``, ``--storage-option``, ``--set``, ``--grid``) to Python
+values."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from typing import Any, TypeVar
+from typing import Any
 
 from .errors import UsageError
 
@@ -55,14 +54,3 @@ def parse_grid(items: tuple[str, ...] | list[str], option: str = "--grid") -> di
         out[key] = [parse_value(p) for p in parts]
     return out
 
-
-Options = TypeVar("Options")
-
-
-def with_overrides(options: Options, overrides: dict[str, Any], what: str) -> Options:
-    """A copy of the dataclass ``options`` with ``overrides`` replacing fields; an unknown name is a TypeError,
-    as for a function call (``what`` names the call in the message)."""
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(options)}  # type: ignore[arg-type]
-    if unknown:
-        raise TypeError(f"unknown {what} options: {', '.join(sorted(unknown))}")
-    return dataclasses.replace(options, **overrides)  # type: ignore[type-var]

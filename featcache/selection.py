@@ -61,8 +61,6 @@ def plan_evaluation(store: FeatureStore, train_split: str, *, val_split: str | N
                     resume: bool) -> Evaluation:
     """Resolve the validation data and the eval splits of a run (refusals before anything is written)."""
     have = store.splits()
-    if not 0 <= val_fraction < 1:
-        raise UsageError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if select_on is not None and val_split is not None:
         raise UsageError("--select-on and --val-split both name the selection split; give one")
     if val_split == "test":

@@ -7,75 +7,18 @@ share a method and an architecture (same method config) are trained as one stack
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import itertools
 import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from featcache import methods
-from featcache.augment import AUG_KEYS, AugmentConfig
+from featcache.config import did_you_mean
+from featcache.options import TRAIN_KEYS, TrainConfig
 from featcache.errors import ConfigError
 
 SWEEP_GLOBAL = ("epochs", "batch_size", "eval_every")  # all members see the same batches and evaluations
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings of one member (defaults documented in docs/training.md)."""
-
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05  # AdamW, on weight matrices only (not biases, norms, gates)
-    warmup_epochs: float = 1.0  # linear warmup, then cosine decay to 0
-    label_smoothing: float = 0.0
-    clip_grad: float = 1.0  # max global grad norm per member; 0 = off
-    seed: int = 0  # side-network initialisation and batch order
-    eval_every: int = 1  # epochs between evaluations
-    # feature-space augmentation of the cached taps per batch (featcache.augment); defaults are AugmentConfig's
-    aug: str = AugmentConfig.aug
-    tokendrop_rate: float = AugmentConfig.tokendrop_rate
-    mixup_alpha: float = AugmentConfig.mixup_alpha
-    cutmix_alpha: float = AugmentConfig.cutmix_alpha
-    frofa_brightness: float = AugmentConfig.frofa_brightness
-    frofa_contrast: float = AugmentConfig.frofa_contrast
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("epochs", self.epochs >= 1, "a positive integer"),
-            ("batch_size", self.batch_size >= 1, "a positive integer"),
-            ("lr", isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0, "a positive number"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
-            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
-            ("clip_grad", self.clip_grad >= 0, ">= 0 (0 = off)"),
-            ("eval_every", self.eval_every >= 1, "a positive integer"),
-        ]
-        for key, ok, what in checks:
-            if not ok:
-                raise ConfigError(f"{key} must be {what}, got {getattr(self, key)!r}")
-        self.aug = self.augment().aug  # validated and in application order
-        for key in ("epochs", "batch_size", "eval_every", "seed"):
-            if not isinstance(getattr(self, key), int) or isinstance(getattr(self, key), bool):
-                raise ConfigError(f"{key} must be an integer, got {getattr(self, key)!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return cls(**d)
-
-    def augment(self) -> AugmentConfig:
-        """This member's feature augmentation."""
-        return AugmentConfig.from_dict({k: getattr(self, k) for k in AUG_KEYS})
-
-
-TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 
 @dataclass
@@ -103,7 +46,7 @@ class SweepMember:
 
 
 def _method_keys(method: str) -> list[str]:
-    return [f.name for f in dataclasses.fields(methods.config_class(method))]
+    return methods.config_class(method).keys()
 
 
 def _route(method: str, values: dict[str, Any], others: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -121,9 +64,8 @@ def _route(method: str, values: dict[str, Any], others: tuple[str, ...] = ()) ->
         elif any(key in _method_keys(o) for o in others):
             continue
         else:
-            close = difflib.get_close_matches(key, list(TRAIN_KEYS) + method_keys, n=2)
-            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise ConfigError(f"unknown setting {key!r} for method {method!r}{hint}; training keys: "
+            raise ConfigError(f"unknown setting {key!r} for method {method!r}"
+                              f"{did_you_mean(key, list(TRAIN_KEYS) + method_keys)} Training keys: "
                               f"{', '.join(TRAIN_KEYS)}; {method} keys: {', '.join(method_keys)}")
     return train, meth
 

@@ -12,6 +12,7 @@ local sweep of all members writes it).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -32,13 +33,13 @@ import torch
 from featcache.allocator import keep_freed_memory
 from featcache.checkpoint import member_config, safe_member_name, write_json, write_tensors
 from featcache.device import resolve_device
-from featcache.keyvalue import with_overrides
 from featcache.errors import CheckpointError, ConfigError, Interrupted, StoreError, UsageError
 from featcache.methods.base import MethodInput
 from featcache.progress import bar, say
 from featcache.store.feature_store import FeatureStore, SplitHandle
+from featcache.options import TrainOptions
 from featcache.store.reader import CacheReader, open_reader
-from featcache.vocabulary import READER_MODES, TapInfo
+from featcache.vocabulary import TapInfo
 
 from .bank import MemberBank
 from .rundir import RunDir, holds_run_lock
@@ -173,44 +174,10 @@ def _eval_epoch(banks: list[MemberBank], records: list[MemberRecord], readers: d
             rows[r.member.name][f"{name}_loss"] = float(res[r.bank][0][r.slot] / rd.num_samples)
 
 
-@dataclass
-class TrainOptions:
-    """How a sweep is trained, besides the sweep itself: the splits, how taps are read, the device and what
-    happens to RUNDIR. What ``featcache train`` parses apart from --method, --set and --grid."""
-
-    split: str = "train"
-    val_fraction: float = 0.1  # held out of the training split for selection when no val split is given
-    val_split: str | None = None  # a stored split that selects (default: the store's "val" split, if any)
-    select_on: str | None = None  # an explicit selection split, e.g. "test" (the summary then says so)
-    val_seed: int = 0  # seeds the held-out draw
-    eval_split: str | None = None  # reported each evaluation, never selecting; None: test when the store has one
-    reader: str = "auto"  # auto | gpu | ram | stream (featcache.store.reader)
-    stream_buffer_mb: float | None = None  # stream reader: the shuffle window, also the largest read
-    prefetch: int | None = None  # stream reader: blocks read ahead
-    device: str | torch.device = "auto"
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    storage_options: dict[str, Any] | None = None  # fsspec options for URL stores
-    tensorboard: bool | None = None  # event files in RUNDIR/tensorboard; None: when tensorboard is installed
-    tta: bool = False  # score multi-view splits on the mean logits of all their views, not on the eval view alone
-
-    def validate(self) -> None:
-        use_tensorboard(self.tensorboard)  # True without the package: MissingDependencyError
-        if self.resume and self.overwrite:
-            raise UsageError("--resume and --overwrite exclude each other: resume continues RUNDIR, overwrite "
-                             "replaces it")
-        if self.reader not in READER_MODES:
-            raise UsageError(f"--reader must be one of {', '.join(READER_MODES)}, got {self.reader!r}")
-
-    def stream_options(self) -> dict[str, Any]:
-        return {k: v for k, v in (("buffer_mb", self.stream_buffer_mb), ("prefetch", self.prefetch)) if v is not None}
-
-
 def resolve_train_options(options: TrainOptions | None, overrides: dict[str, Any]) -> TrainOptions:
-    """``options`` with ``overrides`` replacing fields, validated (a bad name is a TypeError, as for a call)."""
-    opts = with_overrides(options or TrainOptions(), overrides, "train")
-    opts.validate()
+    """``options`` with ``overrides`` replacing fields, validated (an unknown name: an error listing the valid ones)."""
+    opts = dataclasses.replace(options or TrainOptions(), **overrides)
+    use_tensorboard(opts.tensorboard)  # True without the package: MissingDependencyError
     return opts
 
 

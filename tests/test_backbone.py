@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from featcache.backbone import Backbone, convert_efficientnet_lite0, parse_layers, pypi_weights_file
+from featcache.backbone import Backbone, convert_efficientnet_lite0, pypi_weights_file
+from featcache.options import parse_layers
 
 from featcache.vocabulary import BackboneSpec
 from featcache.errors import ModelError, UsageError, WeightsError

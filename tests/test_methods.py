@@ -207,24 +207,24 @@ def test_config_unknown_key_lists_valid_keys(method: str) -> None:
 
 
 @pytest.mark.parametrize("method, values, pattern", [
-    ("last", {"rank": 0}, r"rank: must be >= 1"),
+    ("last", {"rank": 0}, r"rank must be a positive integer, got 0"),
     ("last", {"rank": 6, "heads": 4}, r"rank: rank 6 must be a multiple of heads 4"),
-    ("last", {"gap": 0}, r"gap: must be >= 1"),
-    ("last", {"depth": -1}, r"depth: must be >= 1"),
-    ("last", {"pool": "agv"}, r"pool: must be one of avg, cls.*did you mean avg"),
+    ("last", {"gap": 0}, r"gap must be a positive integer, got 0"),
+    ("last", {"depth": -1}, r"depth must be a positive integer, got -1"),
+    ("last", {"pool": "agv"}, r"pool must be one of avg, cls, got 'agv'; did you mean avg\?"),
     ("last", {"rank": "abc"}, r"rank must be an integer, got 'abc'"),
     ("last", {"rank": 2.5}, r"rank must be an integer"),
     ("last", {"heads": True}, r"heads must be an integer"),
     ("last", {"taps": []}, r"taps: must be 'auto' or a non-empty list"),
-    ("lst", {"reduction": 0}, r"reduction: must be >= 1"),
-    ("lst", {"init": "fisher"}, r"init: must be one of auto, random, prune"),
-    ("lst", {"dropout": 1.0}, r"dropout: must be in \[0, 1\)"),
-    ("lst", {"dropout": -0.1}, r"dropout: must be in \[0, 1\)"),
-    ("lst", {"attn_scale": 0}, r"attn_scale: must be a positive number or null"),
-    ("lst", {"heads": 0}, r"heads: must be >= 1 or null"),
+    ("lst", {"reduction": 0}, r"reduction must be a positive integer, got 0"),
+    ("lst", {"init": "fisher"}, r"init must be one of auto, random, prune, got 'fisher'"),
+    ("lst", {"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+    ("lst", {"dropout": -0.1}, r"dropout must be in \[0, 1\), got -0.1"),
+    ("lst", {"attn_scale": 0}, r"attn_scale must be a positive number or null, got 0"),
+    ("lst", {"heads": 0}, r"heads must be a positive integer or null, got 0"),
     ("lst", {"taps": ["block1", "block1"]}, r"taps: lists a tap twice"),
-    ("linear", {"norm": "batchnorm"}, r"norm: must be one of layernorm, none"),
-    ("linear", {"pool": "max"}, r"pool: must be one of avg, cls"),
+    ("linear", {"norm": "batchnorm"}, r"norm must be one of layernorm, none, got 'batchnorm'"),
+    ("linear", {"pool": "max"}, r"pool must be one of avg, cls, got 'max'"),
 ])
 def test_config_rejects_bad_values_naming_the_key(method: str, values: dict, pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):

@@ -14,38 +14,26 @@ eval mode for evaluation; checkpoints load in eval mode.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
-import types
-import typing
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import TypeAdapter, ValidationError
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ..vocabulary import TapInfo
+from ..config import Config, config, did_you_mean
 from ..errors import ConfigError
+from ..options import TRAIN_KEYS
+from ..vocabulary import TapInfo
 
-# Keys the trainer owns; ``--set KEY=VALUE`` is routed by name, so no method config may use them.
-TRAINING_KEYS = frozenset({"lr", "weight_decay", "epochs", "batch_size", "warmup_epochs", "label_smoothing",
-                           "seed", "clip_grad", "eval_every", "aug", "tokendrop_rate", "mixup_alpha", "cutmix_alpha",
-                           "frofa_brightness", "frofa_contrast"})
+TRAINING_KEYS = frozenset(TRAIN_KEYS)  # the trainer's (--set routes keys by name): no method config may use them
 BACKBONE_KINDS = ("vit", "cnn")
 
 # On CPU, vmap over F.scaled_dot_product_attention falls back to a per-member loop (correct, and the
 # same FLOPs) and warns about it on every new shape; the warning is about torch internals, not the user.
 warnings.filterwarnings("ignore", message=r".*batching rule for aten::_scaled_dot_product", category=UserWarning)
-
-
-def close_matches(word: str, choices: list[str]) -> str:
-    """'; did you mean X?' when something in ``choices`` is close to ``word``, else ''."""
-    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
-    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +86,7 @@ class MethodInput:
         for t in self.taps:
             if t.name == name:
                 return t
-        raise ConfigError(f"{key}: the store has no tap {name!r}{close_matches(name, self.tap_names)} "
+        raise ConfigError(f"{key}: the store has no tap {name!r}{did_you_mean(name, self.tap_names)} "
                           f"(it holds {', '.join(self.tap_names)}); choose among those")
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,53 +109,14 @@ class MethodInput:
 # Config base class
 
 
-def _describe_type(hint: Any) -> str:
-    if hint is bool:
-        return "true or false"
-    if hint is int:
-        return "an integer"
-    if hint is float:
-        return "a number"
-    if hint is str:
-        return "a text value"
-    if typing.get_origin(hint) is list:
-        return "a list (or comma-separated text)"
-    if hint is type(None):
-        return "null"
-    return str(hint)
-
-
-@functools.lru_cache(maxsize=None)
-def _adapter(hint: Any) -> TypeAdapter:
-    return TypeAdapter(hint)
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """``value`` as the field type ``hint``, by pydantic's lax validation (the text forms ``--set`` gives:
-    "8" -> 8, "true" -> True, "null" -> None); a bool is never taken for a number."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    if isinstance(value, str) and value.strip().lower() in ("none", "null") and type(None) in options:
-        return None
-    if isinstance(value, bool) and bool not in options:
-        raise ConfigError(f"{key} must be {' or '.join(map(_describe_type, options))}, got {value!r}")
-    try:
-        return _adapter(hint).validate_python(value)
-    except ValidationError:
-        raise ConfigError(f"{key} must be {' or '.join(map(_describe_type, options))}, got {value!r}") from None
-
-
-@dataclass
-class MethodConfig:
-    """Base of the per-method config dataclasses: type coercion, validation, JSON round trip.
-
-    Subclasses declare fields with defaults and override ``validate()`` (raise ``ConfigError`` naming the
-    key and the fix). Values may arrive as text (``--set rank=8``) and are coerced to the field types.
+@config()
+class MethodConfig(Config):
+    """Base of the per-method configs (``@config()`` classes too): fields with defaults, coerced to their types
+    (values may arrive as text: ``--set rank=8``, "null" for None) and checked by ``featcache.config``, then by
+    ``validate()`` (raise ``ConfigError`` naming the key and the fix); JSON round trip.
     """
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
         self.validate()
 
     def validate(self) -> None:
@@ -181,27 +130,11 @@ class MethodConfig:
         return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in
                 ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "MethodConfig":
-        """Build from a (JSON) dict; unknown keys are an error that lists the valid ones."""
-        d = dict(d or {})
-        unknown = [k for k in d if k not in cls.keys()]
-        if unknown:
-            hints = "".join(close_matches(k, cls.keys()) for k in unknown)
-            raise ConfigError(f"unknown {cls.__name__} key(s) {', '.join(map(repr, unknown))}{hints}; valid keys: "
-                              f"{', '.join(cls.keys())}")
-        return cls(**d)
-
 
 def check(ok: bool, key: str, message: str) -> None:
     """Raise ``ConfigError('<key>: <message>')`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}: {message}")
-
-
-def check_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
-    hint = close_matches(value, list(choices))
-    check(value in choices, key, f"must be one of {', '.join(choices)}, got {value!r}{hint}")
 
 
 def normalize_taps(value: str | list[str], key: str, keywords: tuple[str, ...]) -> str | list[str]:
@@ -435,7 +368,7 @@ def list_methods() -> list[str]:
 
 def _entry(name: str) -> _Entry:
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown method {name!r}{close_matches(name, list(_REGISTRY))}; "
+        raise ConfigError(f"unknown method {name!r}{did_you_mean(name, list(_REGISTRY))}; "
                           f"available: {', '.join(list_methods())}")
     return _REGISTRY[name]
 
@@ -458,5 +391,5 @@ def create(name: str, config: MethodConfig | dict[str, Any] | None, tap_info: Me
 
 
 __all__ = ["TRAINING_KEYS", "MethodInput", "MethodConfig", "SideNetwork", "register", "create", "list_methods",
-           "config_class", "check", "check_choice", "normalize_taps", "pool_tokens", "TokenWeights", "common_grid",
+           "config_class", "check", "normalize_taps", "pool_tokens", "TokenWeights", "common_grid",
            "to_grid", "init_layernorm", "make_head"]

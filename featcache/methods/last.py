@@ -33,44 +33,38 @@ zero tokens in front so that every tap has the same token layout).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from ..vocabulary import TapInfo
-from .base import (MethodConfig, MethodInput, SideNetwork, TokenWeights, check, check_choice, common_grid,
+from ..config import config
+from .base import (MethodConfig, MethodInput, SideNetwork, TokenWeights, check, common_grid,
                    init_layernorm, make_head, normalize_taps, pool_tokens, register, to_grid)
 from .linear import POOLS, resolve_pool
 
 
-@dataclass
+@config()
 class LASTConfig(MethodConfig):
     """rank r of Q, K, V; heads h (r % h == 0); gap g in blocks; depth T = low-rank attention layers per
     side block; pool "avg"|"cls"; width of the side network (None = the last tap's width); taps "auto"
     (every g-th block, see the module doc) or explicit tap names."""
 
-    rank: int = 32  # defaults: chosen by measurement, see docs/methods.md
-    heads: int = 4
-    gap: int = 2
-    depth: int = 2
-    pool: str = "avg"
-    width: int | None = None
+    rank: int = Field(32, ge=1)  # defaults: chosen by measurement, see docs/methods.md
+    heads: int = Field(4, ge=1)
+    gap: int = Field(2, ge=1)  # blocks between tapped outputs
+    depth: int = Field(2, ge=1)  # attention layers per side block
+    pool: Literal[POOLS] = "avg"
+    width: int | None = Field(None, ge=1)  # None: the last tap's width
     taps: str | list[str] = "auto"
 
     def validate(self) -> None:
-        check(self.rank >= 1, "rank", f"must be >= 1, got {self.rank}")
-        check(self.heads >= 1, "heads", f"must be >= 1, got {self.heads}")
         check(self.rank % self.heads == 0, "rank",
               f"rank {self.rank} must be a multiple of heads {self.heads} (each head gets rank/heads dims); "
               f"change rank or heads")
-        check(self.gap >= 1, "gap", f"must be >= 1 (blocks between tapped outputs), got {self.gap}")
-        check(self.depth >= 1, "depth", f"must be >= 1 (attention layers per side block), got {self.depth}")
-        check(self.width is None or self.width >= 1, "width",
-              f"must be >= 1 or null (= the last tap's width), got {self.width}")
-        check_choice(self.pool, "pool", POOLS)
         self.taps = normalize_taps(self.taps, "taps", ("auto",))
 
 

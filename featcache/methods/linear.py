@@ -14,34 +14,32 @@ shared batch is computed once for all members instead of once per member at full
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import (MethodConfig, MethodInput, SideNetwork, TokenWeights, check, check_choice, init_layernorm,
+from ..config import config
+from .base import (MethodConfig, MethodInput, SideNetwork, TokenWeights, check, init_layernorm,
                    make_head, normalize_taps, pool_tokens, register)
 
 POOLS = ("avg", "cls")
 NORMS = ("layernorm", "none")
 
 
-@dataclass
+@config()
 class LinearConfig(MethodConfig):
     """taps: "last" (the store's last tap), "all", or tap names (pooled features are concatenated);
     pool: "avg" (mean of patch tokens) or "cls" (first token; ViTs only); norm: per-token LayerNorm before
     pooling ("layernorm") or none."""
 
     taps: str | list[str] = "last"
-    pool: str = "avg"
-    norm: str = "layernorm"
+    pool: Literal[POOLS] = "avg"
+    norm: Literal[NORMS] = "layernorm"
 
     def validate(self) -> None:
         self.taps = normalize_taps(self.taps, "taps", ("last", "all"))
-        check_choice(self.pool, "pool", POOLS)
-        check_choice(self.norm, "norm", NORMS)
 
 
 def resolve_pool(pool: str, prefix_tokens: int, key: str = "pool") -> None:

@@ -54,17 +54,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from ..vocabulary import TapInfo
 from ..errors import ConfigError, FeatcacheError
-from .base import (MethodConfig, MethodInput, SideNetwork, TokenWeights, check, check_choice, common_grid,
+from ..config import config
+from .base import (MethodConfig, MethodInput, SideNetwork, TokenWeights, check, common_grid,
                    init_layernorm, make_head, normalize_taps, pool_tokens, register, to_grid)
 from .linear import POOLS, resolve_pool
 
@@ -79,7 +79,7 @@ BLOCK_KEYS = frozenset({"norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.q
 OPTIONAL_BLOCK_KEYS = frozenset({"attn.qkv.bias", "ls1.gamma", "ls2.gamma"})
 
 
-@dataclass
+@config()
 class LSTConfig(MethodConfig):
     """reduction r (side width d/r); heads (None: the backbone's with init="prune", else d // 64, see module
     doc); mlp_ratio (None = 4, or the backbone's own ratio with init="prune"); pool "avg"|"cls"; taps "all" or
@@ -87,25 +87,16 @@ class LSTConfig(MethodConfig):
     blocks and after the final norm; attn_scale (None = 1/sqrt(backbone head dim) when pruned, else
     1/sqrt(side head dim))."""
 
-    reduction: int = 8
-    heads: int | None = None
-    mlp_ratio: float | None = None
-    pool: str = "avg"
+    reduction: int = Field(8, ge=1)  # side width = backbone width / reduction
+    heads: int | None = Field(None, ge=1)
+    mlp_ratio: float | None = Field(None, gt=0)
+    pool: Literal[POOLS] = "avg"
     taps: str | list[str] = "all"
-    init: str = "auto"
-    dropout: float = 0.1
-    attn_scale: float | None = None
+    init: Literal[INITS] = "auto"
+    dropout: float = Field(0.1, ge=0, lt=1)  # 0 = off
+    attn_scale: float | None = Field(None, gt=0, allow_inf_nan=False)
 
     def validate(self) -> None:
-        check(self.reduction >= 1, "reduction",
-              f"must be >= 1 (side width = backbone width / reduction), got {self.reduction}")
-        check(self.heads is None or self.heads >= 1, "heads", f"must be >= 1 or null (automatic), got {self.heads}")
-        check(self.mlp_ratio is None or self.mlp_ratio > 0, "mlp_ratio", f"must be > 0 or null, got {self.mlp_ratio}")
-        check_choice(self.pool, "pool", POOLS)
-        check_choice(self.init, "init", INITS)
-        check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1) (0 = off), got {self.dropout}")
-        check(self.attn_scale is None or (math.isfinite(self.attn_scale) and self.attn_scale > 0), "attn_scale",
-              f"must be a positive number or null (automatic), got {self.attn_scale}")
         self.taps = normalize_taps(self.taps, "taps", ("all",))
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from featcache.errors import CorruptionError, StoreError, UsageError
-from featcache.vocabulary import READER_MODES
+from featcache.vocabulary import READER_MODES, STREAM_BUFFER_MB
 
 from .codecs import (SCALE_SUFFIX, TORCH_DTYPES, decode, dequantize, is_eight_bit, scale_torch_dtype,
                      storage_numpy_dtype, storage_view, stored_bytes_per_row)
@@ -584,7 +584,7 @@ class StreamReader(CacheReader):
 
     mode = "stream"
 
-    def __init__(self, split: SplitHandle, taps: list[str], options: ReaderOptions, buffer_mb: float = 512.0,
+    def __init__(self, split: SplitHandle, taps: list[str], options: ReaderOptions, buffer_mb: float = STREAM_BUFFER_MB,
                  prefetch: int | None = None, threads: int = 2, block_images: int | None = None) -> None:
         super().__init__(split, taps, options)
         meta = split.meta
