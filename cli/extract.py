@@ -80,7 +80,7 @@ def command(model: str, model_kwargs: tuple[str, ...], weights: str, data: str, 
                              overwrite=overwrite, repair=repair, progress=not quiet,
                              storage_options=parse_assignments(storage_options, "--storage-option") or None)
     if workers is not None or scheduler is not None:
-        from featcache.scale import extract_on_cluster
+        from featcache.distributed.extraction import extract_on_cluster
 
         report = extract_on_cluster(spec, data, out, options, workers=workers, scheduler=scheduler)
     else:

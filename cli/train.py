@@ -66,7 +66,7 @@ def command(store: str, method: str, out: str, epochs: int | None, batch_size: i
     featcache train cache.zarr --out runs/both --grid method=last,linear
     featcache train cache.zarr --out runs/sweep --grid lr=1e-3,3e-3 --grid rank=4,8 --workers 2
     """
-    from featcache.infer import backbone_state_loader
+    from featcache.backbone import backbone_state_loader
     from featcache.sweep import load_sweep_file
     from featcache.training import TrainOptions, train
 
@@ -82,7 +82,7 @@ def command(store: str, method: str, out: str, epochs: int | None, batch_size: i
                            prefetch=prefetch, device=device, resume=resume, overwrite=overwrite, progress=not quiet,
                            storage_options=storage, tensorboard=tensorboard, tta=tta)
     if workers is not None or scheduler is not None:
-        from featcache.scale import train_on_cluster
+        from featcache.distributed.training import train_on_cluster
 
         shared = store if "://" in store else os.path.abspath(store)  # workers have their own working directory
         summary = train_on_cluster(store, method, out, values, grids, options, workers=workers, scheduler=scheduler,

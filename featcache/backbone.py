@@ -13,7 +13,7 @@ import difflib
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import timm
 import timm.data
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import FeatcacheError, ModelError, UsageError, WeightsError
+from .store.feature_store import FeatureStore
 from .taps import SUPPORTED, Taps
 from .vocabulary import WEIGHT_CHOICES_HELP, BackboneSpec
 
@@ -299,3 +300,13 @@ def parse_layers(text: str | None) -> list[int] | str | None:
     except ValueError:
         raise UsageError(f"--layers expects 'all', every:G or comma-separated tap indices like 0,4,8, got "
                          f"{text!r}") from None
+
+
+def backbone_state_loader(store: str, storage_options: dict[str, Any] | None = None) -> Callable[[], dict[str, Any]]:
+    """A callable that rebuilds the backbone a store was extracted with (its manifest's spec) and returns its
+    state dict, only when called (LST's pruned initialisation copies backbone blocks; most runs never need it)."""
+    def load() -> dict[str, Any]:
+        manifest = FeatureStore.open(store, "r", storage_options).manifest
+        model, _ = create_model(BackboneSpec.from_dict(manifest.backbone["spec"]))
+        return model.state_dict()
+    return load
