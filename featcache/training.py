@@ -245,6 +245,7 @@ class PlannedRun:
 def plan_run(store: str | FeatureStore, members: list[SweepMember], out: str | os.PathLike[str],
              opts: TrainOptions, backbone_state: Callable[[], dict] | None = None) -> PlannedRun:
     """Every check of the store, the sweep and RUNDIR that needs no training; nothing is written."""
+    keep_freed_memory()  # large tensors reuse heap pages instead of faulting fresh ones (allocator.py)
     started, rss_base = time.perf_counter(), rss_mb()
     store = store if isinstance(store, FeatureStore) else FeatureStore.open(store, "r", opts.storage_options)
     store.split(opts.split)  # an unknown training split: StoreError
@@ -269,7 +270,6 @@ def train_members(run: PlannedRun) -> TrainedMembers:
     """
     store, members, rundir, evaluation, mi, opts = (run.store, run.members, run.rundir, run.evaluation,
                                                     run.method_input, run.options)
-    keep_freed_memory()  # large tensors reuse heap pages instead of faulting fresh ones (allocator.py)
     device = resolve_device(opts.device)
     banks, records = _build_banks(members, mi, device)
     mi.backbone_state = None  # LST's pruned init is done: free the backbone weights
