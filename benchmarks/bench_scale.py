@@ -4,8 +4,8 @@
     python -m benchmarks.bench_scale --tiny          # test_vit at 32 px, 32 images: a smoke run
 
 Extraction: the same synthetic images (ImageFolder, 3 classes) extracted by ``featcache.extraction.extract``
-in this process (torch threads = all cores) and by ``featcache.scale.extract_on_cluster`` on local
-clusters of N workers (cores / N torch threads each). Clusters are started once and warmed up (torch
+in this process (torch threads = all cores) and by ``featcache.distributed.extraction.extract_on_cluster``
+on local clusters of N workers (cores / N torch threads each). Clusters are started once and warmed up (torch
 imported, model built on every worker) before timing, so the numbers compare the shard loops; the
 start-up time is reported separately. Training: a 4-member sweep (2 banks) from the extracted cache,
 ``featcache.training.train`` here vs ``train_on_cluster`` (wall time, the gather included).
@@ -36,7 +36,10 @@ import torch  # noqa: E402
 
 from featcache.vocabulary import BackboneSpec  # noqa: E402
 from featcache.extraction import ExtractOptions, extract  # noqa: E402
-from featcache.scale import cluster_client, cpu_count, extract_on_cluster, train_on_cluster  # noqa: E402
+from featcache.loader import cpu_count  # noqa: E402
+from featcache.distributed.cluster import cluster_client  # noqa: E402
+from featcache.distributed.extraction import extract_on_cluster  # noqa: E402
+from featcache.distributed.training import train_on_cluster  # noqa: E402
 from featcache.training import train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -39,7 +39,7 @@ def command(data: str, image_column: str | None, label_column: str | None, out: 
     data = spec_with_columns(data, image_column, label_column)
     spec, options = take(BackboneSpec, values), take(ExtractOptions, values, progress=not quiet)
     if workers is not None or scheduler is not None:
-        from featcache.scale import extract_on_cluster
+        from featcache.distributed.extraction import extract_on_cluster
 
         report = extract_on_cluster(spec, data, out, options, workers=workers, scheduler=scheduler)
     else:

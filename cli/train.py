@@ -39,7 +39,7 @@ def command(store: str, method: str, out: str, settings: tuple[str, ...], grid: 
     featcache train cache.zarr --out runs/both --grid method=last,linear
     featcache train cache.zarr --out runs/sweep --grid lr=1e-3,3e-3 --grid rank=4,8 --workers 2
     """
-    from featcache.infer import backbone_state_loader
+    from featcache.backbone import backbone_state_loader
     from featcache.sweep import load_sweep_file
     from featcache.training import train
 
@@ -49,7 +49,7 @@ def command(store: str, method: str, out: str, settings: tuple[str, ...], grid: 
     grids = {**sweep_grid, **parse_grid(grid, "--grid")}
     options = take(TrainOptions, values, progress=not quiet)
     if workers is not None or scheduler is not None:
-        from featcache.scale import train_on_cluster
+        from featcache.distributed.training import train_on_cluster
 
         shared = store if "://" in store else os.path.abspath(store)  # workers have their own working directory
         summary = train_on_cluster(store, method, out, settings_, grids, options, workers=workers, scheduler=scheduler,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import timm
 import timm.data
@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import did_you_mean
 from .errors import FeatcacheError, ModelError, WeightsError
+from .store.feature_store import FeatureStore
 from .taps import SUPPORTED, Taps
 from .vocabulary import WEIGHT_CHOICES_HELP, BackboneSpec
 
@@ -285,3 +286,13 @@ class Backbone:
             "taps": [info.to_dict() for info in self.taps.all_infos],
         }
 
+
+
+def backbone_state_loader(store: str, storage_options: dict[str, Any] | None = None) -> Callable[[], dict[str, Any]]:
+    """A callable that rebuilds the backbone a store was extracted with (its manifest's spec) and returns its
+    state dict, only when called (LST's pruned initialisation copies backbone blocks; most runs never need it)."""
+    def load() -> dict[str, Any]:
+        manifest = FeatureStore.open(store, "r", storage_options).manifest
+        model, _ = create_model(BackboneSpec.from_dict(manifest.backbone["spec"]))
+        return model.state_dict()
+    return load

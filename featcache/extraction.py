@@ -3,8 +3,9 @@
 Every extraction runs one pipeline, ``run_extraction``: plan the split, take its lock, create it (or
 check that it can be resumed) with ``featcache.store.writer.open_split_for_writing``, run its missing
 shards, finalize. Only how the shards run differs, behind ``ShardRunner``: ``InProcessRunner`` here
-(``extract``), the dask runner in ``featcache.scale`` (``extract_on_cluster``). Both run the work unit
-``extract_shards``: given an open split, a backbone and a data source, compute and write any list of shards.
+(``extract``), the dask runner in ``featcache.distributed.extraction`` (``extract_on_cluster``). Both run
+the work unit ``extract_shards``: given an open split, a backbone and a data source, compute and write any
+list of shards.
 
 Inside ``extract_shards`` the images come in shard-aligned batches (``featcache.loader``); the main
 thread runs the frozen backbone (inference mode; ``AutocastPolicy``: float32, TF32 off, as the store records) and copies
@@ -359,7 +360,7 @@ def _kept(split: Any) -> str:
 
 
 class ShardRunner(Protocol):
-    """How the shards of a planned split are computed: in this process, or as dask tasks (featcache.scale)."""
+    """How the shards of a planned split are computed: in this process, or as dask tasks (featcache.distributed)."""
 
     def backbone_device(self, opts: ExtractOptions) -> torch.device:
         """Where the planning process puts its backbone (the one that also computes shards in-process)."""

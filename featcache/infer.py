@@ -12,14 +12,14 @@ import contextlib
 import csv
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from featcache.allocator import keep_freed_memory
-from featcache.backbone import Backbone, create_model
+from featcache.backbone import Backbone
 from featcache.device import AutocastPolicy, resolve_device
 from featcache.vocabulary import BackboneSpec, TapInfo
 from featcache.checkpoint import Checkpoint, load_checkpoint
@@ -30,7 +30,6 @@ from featcache.options import PredictOptions
 from featcache.methods.base import SideNetwork
 from featcache.progress import bar, say
 from featcache.store.codecs import round_trip
-from featcache.store.feature_store import FeatureStore
 from featcache.vocabulary import Manifest
 
 class Predictor(nn.Module):
@@ -193,13 +192,3 @@ def predict(checkpoint: str | Path, data: str | DataSource, options: PredictOpti
     acc = f", accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
     say(f"predicted {len(rows)} images{acc}", quiet=not opts.progress)
     return result
-
-
-def backbone_state_loader(store: str, storage_options: dict[str, Any] | None = None) -> Callable[[], dict[str, Any]]:
-    """A callable that rebuilds the store's backbone and returns its state dict, only when called (LST's
-    pruned initialisation copies backbone blocks; most runs never need the backbone)."""
-    def load() -> dict[str, Any]:
-        manifest = FeatureStore.open(store, "r", storage_options).manifest
-        model, _ = create_model(BackboneSpec.from_dict(manifest.backbone["spec"]))
-        return model.state_dict()
-    return load

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -187,16 +186,14 @@ def _read_json(path: Path) -> Any:
 
 class RunLock(SplitLock):
     """One ``featcache train`` per run directory: ``.<RUNDIR name>.lock`` beside RUNDIR (so that
-    ``--overwrite`` may delete RUNDIR itself), held with flock like a split's lock. Re-entrant within
-    a thread (a cluster sweep locks RUNDIR once for all its steps); another thread is refused."""
+    ``--overwrite`` may delete RUNDIR itself), held with flock like a split's lock."""
 
-    _held: set[tuple[str, int]] = set()
     holder, work = "run directory's parent", "train"
 
     def __init__(self, rundir: str | os.PathLike[str]) -> None:
         rundir = Path(rundir).absolute()
         super().__init__(rundir.parent, rundir.name)
-        self.rundir, self._reentered = rundir, False
+        self.rundir = rundir
 
     @property
     def where(self) -> str:
@@ -207,24 +204,6 @@ class RunLock(SplitLock):
 
     def _emptied_dirs(self, path: Path) -> tuple[Path, ...]:
         return ()
-
-    def acquire(self) -> None:
-        if self._key() in RunLock._held:
-            self._reentered = True
-            return
-        super().acquire()
-        RunLock._held.add(self._key())
-
-    def release(self) -> None:
-        if self._reentered:
-            self._reentered = False
-            return
-        if self.held:
-            RunLock._held.discard(self._key())
-        super().release()
-
-    def _key(self) -> tuple[str, int]:
-        return str(self.rundir), threading.get_ident()
 
     def _refuse(self, owner: LockOwner | None, extra: str = "") -> StoreLockedError:
         who = owner.describe() if owner else "another process"

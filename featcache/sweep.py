@@ -45,6 +45,15 @@ class SweepMember:
         return json.dumps([self.method, self.method_config, self.train.augment().to_dict()], sort_keys=True, default=str)
 
 
+def group_banks(members: list[SweepMember]) -> list[list[SweepMember]]:
+    """The members that train together in one bank (equal ``arch_key``), in member order; banks in the order
+    of their first member."""
+    banks: dict[str, list[SweepMember]] = {}
+    for m in members:
+        banks.setdefault(m.arch_key(), []).append(m)
+    return list(banks.values())
+
+
 def _method_keys(method: str) -> list[str]:
     return methods.config_class(method).keys()
 

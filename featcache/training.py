@@ -4,10 +4,9 @@ Never loads or runs the backbone. ``train(store, method, out, settings, grid, op
 members of the sweep (``featcache.sweep``) on the taps of ``options.split`` and writes RUNDIR
 (``featcache.rundir``: checkpoints, metrics, best member, curves, summary, resumable state).
 
-Runs whose members train elsewhere (``featcache.scale``: members spread over dask workers) use three
-hooks: ``prepare_run`` (the checks and a fresh RUNDIR, before any training), ``train(store, members,
-part_dir, partial=True)`` into a part directory per worker, and ``gather_parts`` (one RUNDIR, as a
-local sweep of all members writes it).
+``train`` is three steps, public so that a sweep spread over dask workers runs the same ones
+(``featcache.distributed.training``): ``plan_run`` (every check, nothing written), ``train_members``
+(the epochs, into RUNDIR) and ``finish_run`` (the best member and the summary, over one or more parts).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import logging
 import math
 import os
 import resource
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +29,7 @@ import psutil
 import torch
 
 from featcache.allocator import keep_freed_memory
-from featcache.checkpoint import member_config, safe_member_name, write_json, write_tensors
+from featcache.checkpoint import member_config, write_json, write_tensors
 from featcache.device import resolve_device
 from featcache.errors import CheckpointError, ConfigError, Interrupted, StoreError, UsageError
 from featcache.methods.base import MethodInput
@@ -43,15 +41,14 @@ from featcache.vocabulary import TapInfo
 
 from .bank import MemberBank
 from .rundir import RunDir, holds_run_lock
-from .selection import (HELDOUT_FILE, VAL, Evaluation, ViewScoring, check_classes, old_views_warning, plan_evaluation,
+from .selection import (VAL, Evaluation, ViewScoring, check_classes, old_views_warning, plan_evaluation,
                         record_held_out, tta_record, view_scoring)
 from .augment import AugmentConfig, AugmentedBatch, FeatureStats, augment, batch_generator
-from .feature_stats import STATS_FILE, run_feature_stats, save_feature_stats
-from .sweep import SweepMember, TrainConfig, expand
-from .tensorboard_log import TENSORBOARD_DIR, TensorBoardLog, open_tensorboard, use_tensorboard
+from .feature_stats import run_feature_stats, save_feature_stats
+from .sweep import SweepMember, TrainConfig, expand, group_banks
+from .tensorboard_log import TensorBoardLog, open_tensorboard, use_tensorboard
 
 log = logging.getLogger("featcache.training")
-RUN_RECORDS = ("evaluation", "tta", "feature_stats")  # run-wide records that every member's config.json repeats
 
 
 @dataclass
@@ -112,12 +109,10 @@ def _evaluate(banks: list[MemberBank], reader: CacheReader) -> list[tuple[torch.
 
 
 def _build_banks(members: list[SweepMember], mi: MethodInput, device: torch.device) -> tuple[list[MemberBank], list[MemberRecord]]:
-    """One bank per (method, architecture); records in member order point to their bank and slot."""
-    groups: dict[str, list[int]] = {}
-    for i, m in enumerate(members):
-        groups.setdefault(m.arch_key(), []).append(i)
-    banks = [MemberBank([members[i] for i in idx], mi, device) for idx in groups.values()]
-    records = [MemberRecord(members[i], b, s) for b, idx in enumerate(groups.values()) for s, i in enumerate(idx)]
+    """One bank per (method, architecture) (``group_banks``); records in member order point to their bank and slot."""
+    groups = group_banks(members)
+    banks = [MemberBank(group, mi, device) for group in groups]
+    records = [MemberRecord(m, b, s) for b, group in enumerate(groups) for s, m in enumerate(group)]
     records.sort(key=lambda r: members.index(r.member))
     return banks, records
 
@@ -185,22 +180,42 @@ def resolve_train_options(options: TrainOptions | None, overrides: dict[str, Any
 def train(store: str | FeatureStore, method: str | list[SweepMember], out: str | os.PathLike[str],
           settings: dict[str, Any] | None = None, grid: dict[str, list[Any]] | None = None,
           options: TrainOptions | None = None, *, backbone_state: Callable[[], dict] | None = None,
-          partial: bool = False, **overrides: Any) -> dict[str, Any]:
+          **overrides: Any) -> dict[str, Any]:
     """Train every member of the sweep from the cache; returns the summary (also RUNDIR/summary.json).
 
     ``method`` with ``settings`` and ``grid`` makes the sweep (``featcache.sweep.expand``), or ``method``
-    is the list of members itself (e.g. a part of a sweep). ``overrides`` replace fields of ``options``
+    is the list of members itself. ``overrides`` replace fields of ``options``
     (``train(store, "last", out, progress=False)``). ``backbone_state``: a callable returning the
-    backbone's state dict, for initialisations that copy it (LST's pruning). ``partial``: RUNDIR is one
-    part of a larger sweep: no best member is chosen, no best.json or curves.png are written, and a part
-    whose members all diverged is no error (``gather_parts`` decides over all parts).
+    backbone's state dict, for initialisations that copy it (LST's pruning).
     """
     opts = resolve_train_options(options, overrides)
+    members = method if isinstance(method, list) else expand(method, settings, grid)
+    run = plan_run(store, members, out, opts, backbone_state)
+    return finish_run(run, [train_members(run)])
+
+
+@dataclass
+class PlannedRun:
+    """A run checked before anything is written (``plan_run``): ``train_members`` trains it (or parts of it,
+    each planned on its own), ``finish_run`` summarizes it."""
+
+    store: FeatureStore
+    members: list[SweepMember]
+    rundir: RunDir
+    evaluation: Evaluation
+    method_input: MethodInput
+    options: TrainOptions
+    started: float  # time.perf_counter() at the start of the checks: wall_seconds count from here
+    rss_baseline_mb: float
+
+
+def plan_run(store: str | FeatureStore, members: list[SweepMember], out: str | os.PathLike[str],
+             opts: TrainOptions, backbone_state: Callable[[], dict] | None = None) -> PlannedRun:
+    """Every check of the store, the sweep and RUNDIR that needs no training; nothing is written."""
     keep_freed_memory()  # large tensors reuse heap pages instead of faulting fresh ones (allocator.py)
-    t_start, rss_base, device = time.perf_counter(), rss_mb(), resolve_device(opts.device)
+    started, rss_base = time.perf_counter(), rss_mb()
     store = store if isinstance(store, FeatureStore) else FeatureStore.open(store, "r", opts.storage_options)
     store.split(opts.split)  # an unknown training split: StoreError
-    members = method if isinstance(method, list) else expand(method, settings, grid)
     rundir = RunDir(out, members, opts.resume, opts.overwrite)  # every refusal first, nothing written
     evaluation = plan_evaluation(store, opts.split, val_split=opts.val_split, val_fraction=opts.val_fraction,
                                  select_on=opts.select_on, eval_split=opts.eval_split, seed=opts.val_seed,
@@ -212,6 +227,17 @@ def train(store: str | FeatureStore, method: str | list[SweepMember], out: str |
                                       if n not in (None, opts.split)])
     mi = _method_input(store, store.split(opts.split), backbone_state)
     rundir.check_store(store, opts.split)
+    return PlannedRun(store, members, rundir, evaluation, mi, opts, started, rss_base)
+
+
+def train_members(run: PlannedRun) -> TrainedMembers:
+    """Train the run's members into RUNDIR: member checkpoints and configs, metrics.jsonl, resumable state.
+
+    Chooses no best member: ``finish_run`` does, over every part of a run (a run in one process is one part).
+    """
+    store, members, rundir, evaluation, mi, opts = (run.store, run.members, run.rundir, run.evaluation,
+                                                    run.method_input, run.options)
+    device = resolve_device(opts.device)
     banks, records = _build_banks(members, mi, device)
     mi.backbone_state = None  # LST's pruned init is done: free the backbone weights
     train_reader, eval_readers, scorings = _open_readers(store, banks, evaluation, opts, members[0].train, device)
@@ -238,13 +264,6 @@ def train(store: str | FeatureStore, method: str | list[SweepMember], out: str |
                      stats_of_features[0] if stats_of_features is not None else None)
     try:
         loop.run(stats, opts.progress)
-        summary = _summary(rundir.path, records, banks, stats, evaluation, t_start, rss_base, train_reader, device,
-                           partial)
-        summary.update(record)
-        if partial:
-            write_json(rundir.path / "summary.json", summary)
-        else:
-            _finish(rundir.path, summary, records, opts.progress)
     except KeyboardInterrupt:
         saved_epochs, epochs = rundir.saved_epochs(), members[0].train.epochs
         kept = (f"it holds the state after epoch {saved_epochs} of {epochs}" if saved_epochs else
@@ -254,7 +273,7 @@ def train(store: str | FeatureStore, method: str | list[SweepMember], out: str |
     finally:
         if tensorboard is not None:
             tensorboard.close()
-    return summary
+    return _trained(run, records, banks, stats, train_reader, device, record)
 
 
 def _open_readers(store: FeatureStore, banks: list[MemberBank], evaluation: Evaluation, opts: TrainOptions,
@@ -365,22 +384,6 @@ class EpochLoop:
                 pbar.set_postfix_str(_postfix(self.records), refresh=True)
 
 
-def _finish(out: Path, summary: dict[str, Any], records: list[MemberRecord], progress: bool) -> None:
-    """summary.json, curves.png and the closing line."""
-    write_json(out / "summary.json", summary)
-    try:
-        from featcache.plots import plot_curves
-
-        plot_curves(records_history(records), out / "curves.png", VAL)
-    except Exception as err:  # a plot must never fail a finished run
-        log.warning(f"could not draw curves.png: {err}")
-    best = summary["best"]
-    scores = "; ".join(f"{k}={v:.4f}" for k, v in best.items() if k.endswith("_acc") and k != "train_acc")
-    say(f"trained {summary['num_members']} member(s) in {summary['wall_seconds']:.1f}s "
-        f"({summary['samples_per_second']:.0f} samples/s); best {best['name']} epoch {best['epoch']} (selected on "
-        f"{best['selected_on']}){': ' + scores if scores else ''} -> {out}", quiet=not progress)
-
-
 def _postfix(records: list[MemberRecord]) -> str:
     scored = [(r.best or {}).get("score") for r in records]
     scored = sorted((s for s in scored if s is not None and not math.isnan(s)), reverse=True)[:3]
@@ -412,18 +415,31 @@ def _record_epoch(rundir: RunDir, epoch: int, banks: list[MemberBank], records: 
                                           "diverged_at": bank.diverged_at[rec.slot]})
 
 
-def records_history(records: list[MemberRecord]) -> dict[str, list[dict[str, Any]]]:
-    return {r.member.name: r.history for r in records}
-
-
 def _write_metrics(rundir: RunDir, records: list[MemberRecord]) -> None:
     rundir.write_metrics([{"member": r.member.name, **row} for r in records for row in r.history])
 
 
-def _summary(out: Path, records: list[MemberRecord], banks: list[MemberBank], stats: dict[str, Any],
-             evaluation: Evaluation,
-             t_start: float, rss_base: float, reader: CacheReader, device: torch.device,
-             partial: bool = False) -> dict[str, Any]:
+@dataclass
+class TrainedMembers:
+    """What ``train_members`` measured over its members, before a best member is chosen: the input of
+    ``finish_run`` (picklable: parts trained on dask workers send it back, featcache.distributed.training)."""
+
+    members: list[dict[str, Any]]  # the summary's member entries, in member order
+    history: dict[str, list[dict[str, Any]]]  # per member, its metrics.jsonl rows
+    selection: dict[str, Any]  # how the best epoch and member are chosen (Evaluation.describe)
+    records: dict[str, Any]  # evaluation, tta, feature_stats: run-wide, every member's config.json repeats them
+    train_samples: int
+    train_seconds: float
+    num_banks: int
+    reader: dict[str, Any]
+    device: str
+    peak_rss_mb: float
+    rss_baseline_mb: float
+    cuda_max_memory_allocated_mb: float | None = None
+
+
+def _trained(run: PlannedRun, records: list[MemberRecord], banks: list[MemberBank], stats: dict[str, Any],
+             reader: CacheReader, device: torch.device, record: dict[str, Any]) -> TrainedMembers:
     members = []
     for r in records:
         last = r.history[-1] if r.history else {}
@@ -433,26 +449,58 @@ def _summary(out: Path, records: list[MemberRecord], banks: list[MemberBank], st
             "config": {**r.member.method_config, **r.member.train.to_dict()},
             "metrics": {k: v for k, v in last.items() if k not in ("epoch", "status")},
             "best": r.best, "status": last.get("status", "ok"), "diverged_at": bank.diverged_at[r.slot],
-            "params": bank.param_count(), "checkpoint": str(out / "members" / safe_member_name(r.member.name)),
+            "params": bank.param_count(), "checkpoint": str(run.rundir.member_dir(r.member.name)),
             "train_seconds": stats["bank_seconds"][r.bank], "bank_size": len(bank),
         })
-    selection = {**evaluation.describe(), "selects": evaluation.selects}
-    best = None if partial else select_best(out, members, selection)
-    secs = max(stats["train_seconds"], 1e-9)
+    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return TrainedMembers(members, {r.member.name: r.history for r in records},
+                          {**run.evaluation.describe(), "selects": run.evaluation.selects}, record,
+                          stats["train_samples"], stats["train_seconds"], len(banks),
+                          {"mode": reader.mode, "reason": reader.choice.reason, **reader.settings()}, str(device),
+                          peak_rss_mb(), run.rss_baseline_mb, cuda)
+
+
+def finish_run(run: PlannedRun, parts: list[TrainedMembers], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """RUNDIR's metrics.jsonl (member order), best.json, summary.json and curves.png from the trained parts
+    of ``run`` (one for a run in one process); returns the summary.
+
+    Parts run in parallel: samples per second are all parts' samples over the longest part's training time,
+    memory the largest part's. ``extra`` is added to the summary.
+    """
+    out = run.rundir.path
+    entries = {m["name"]: m for p in parts for m in p.members}
+    missing = [m.name for m in run.members if m.name not in entries]
+    if missing:
+        raise CheckpointError(f"the parts of run {out} lack members {', '.join(missing)}; train again")
+    history = {name: rows for p in parts for name, rows in p.history.items()}
+    run.rundir.write_metrics([{"member": m.name, **row} for m in run.members for row in history[m.name]])
+    ordered = [{**entries[m.name], "checkpoint": str(run.rundir.member_dir(m.name))} for m in run.members]
+    peak = max(parts, key=lambda p: p.peak_rss_mb)
     summary = {
-        "members": members, "best": best,
-        "samples_per_second": stats["train_samples"] / secs,
-        "wall_seconds": time.perf_counter() - t_start,
-        "peak_rss_mb": peak_rss_mb(), "rss_baseline_mb": rss_base,
-        "peak_rss_above_baseline_mb": peak_rss_mb() - rss_base,
-        "reader": {"mode": reader.mode, "reason": reader.choice.reason, **reader.settings()},
-        "device": str(device), "num_members": len(members), "num_banks": len(banks),
+        "members": ordered, "best": select_best(out, ordered, parts[0].selection),
+        "samples_per_second": sum(p.train_samples for p in parts) / max(max(p.train_seconds for p in parts), 1e-9),
+        "wall_seconds": time.perf_counter() - run.started,
+        "peak_rss_mb": peak.peak_rss_mb, "rss_baseline_mb": peak.rss_baseline_mb,
+        "peak_rss_above_baseline_mb": max(p.peak_rss_mb - p.rss_baseline_mb for p in parts),
+        "reader": parts[0].reader, "device": parts[0].device, "num_members": len(run.members),
+        "num_banks": sum(p.num_banks for p in parts),
     }
-    if device.type == "cuda":
-        summary["cuda_max_memory_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    if partial:
-        summary["part"] = {"selection": selection, "train_samples": stats["train_samples"],
-                           "train_seconds": stats["train_seconds"]}
+    cuda = [p.cuda_max_memory_allocated_mb for p in parts if p.cuda_max_memory_allocated_mb is not None]
+    if cuda:
+        summary["cuda_max_memory_allocated_mb"] = max(cuda)
+    summary.update({**parts[0].records, **(extra or {})})  # the run records are the same in every part
+    write_json(out / "summary.json", summary)
+    try:
+        from featcache.plots import plot_curves
+
+        plot_curves({m.name: history[m.name] for m in run.members}, out / "curves.png", VAL)
+    except Exception as err:  # a plot must never fail a finished run
+        log.warning(f"could not draw curves.png: {err}")
+    best = summary["best"]
+    scores = "; ".join(f"{k}={v:.4f}" for k, v in best.items() if k.endswith("_acc") and k != "train_acc")
+    say(f"trained {summary['num_members']} member(s) in {summary['wall_seconds']:.1f}s "
+        f"({summary['samples_per_second']:.0f} samples/s); best {best['name']} epoch {best['epoch']} (selected on "
+        f"{best['selected_on']}){': ' + scores if scores else ''} -> {out}", quiet=not run.options.progress)
     return summary
 
 
@@ -469,73 +517,3 @@ def select_best(out: Path, members: list[dict[str, Any]], selection: dict[str, A
             "checkpoint": top["checkpoint"]}
     write_json(out / "best.json", best)
     return best
-
-
-# ---------------------------------------------------------------------------------------------
-# Runs trained in parts (featcache.scale): prepare, then gather
-
-
-def prepare_run(store: str | FeatureStore, members: list[SweepMember], out: str | os.PathLike[str],
-                options: TrainOptions) -> FeatureStore:
-    """The checks ``train`` makes before writing anything, then a fresh RUNDIR holding sweep.json."""
-    store = store if isinstance(store, FeatureStore) else FeatureStore.open(store, "r", options.storage_options)
-    rundir = RunDir(out, members, resume=False, overwrite=options.overwrite)
-    plan_evaluation(store, options.split, val_split=options.val_split, val_fraction=options.val_fraction,
-                    select_on=options.select_on, eval_split=options.eval_split, seed=options.val_seed,
-                    rundir=rundir.path, resume=False)
-    _method_input(store, store.split(options.split), None)
-    rundir.start()
-    return store
-
-
-def gather_parts(out: str | os.PathLike[str], members: list[SweepMember], parts: list[Path], t_start: float,
-                 progress: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Merge part directories written by ``train(store, part_members, part_dir, partial=True)`` into RUNDIR.
-
-    RUNDIR (made by ``prepare_run``) then holds what one local sweep of ``members`` writes: member
-    directories, metrics.jsonl in member order, best.json, summary.json, curves.png (no state/).
-    Timing and memory are aggregated over the parts (which ran in parallel); ``extra`` is added to
-    the summary. Returns the summary.
-    """
-    out = Path(out)
-    summaries = [json.loads((p / "summary.json").read_text()) for p in parts]
-    entries: dict[str, dict[str, Any]] = {}
-    history: dict[str, list[dict[str, Any]]] = {}
-    for part, summary in zip(parts, summaries):
-        for m in summary["members"]:
-            name = safe_member_name(m["name"])  # from a part's summary.json: a name inside RUNDIR, never a path
-            entries[name] = {**m, "checkpoint": str(out / "members" / name)}
-            shutil.copytree(part / "members" / name, out / "members" / name, dirs_exist_ok=True)
-            if (part / TENSORBOARD_DIR / name).is_dir():  # the part's event files, when its worker wrote them
-                shutil.copytree(part / TENSORBOARD_DIR / name, out / TENSORBOARD_DIR / name, dirs_exist_ok=True)
-        for line in (part / "metrics.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            history.setdefault(row.pop("member"), []).append(row)
-    for name in (HELDOUT_FILE, STATS_FILE):  # every part held out the same images, took the same statistics
-        if (parts[0] / name).is_file():
-            shutil.copy2(parts[0] / name, out / name)
-    missing = [m.name for m in members if m.name not in entries]
-    if missing:
-        raise CheckpointError(f"the parts of run {out} lack members {', '.join(missing)}; train again")
-    records = [MemberRecord(m, -1, -1, history.get(m.name, []), entries[m.name]["best"]) for m in members]
-    _write_metrics(RunDir(out, members, resume=True), records)
-    selection = summaries[0]["part"]["selection"]
-    ordered = [entries[m.name] for m in members]
-    peak = max(summaries, key=lambda s: s["peak_rss_mb"])
-    secs = max(max(s["part"]["train_seconds"] for s in summaries), 1e-9)
-    summary = {
-        "members": ordered, "best": select_best(out, ordered, selection),
-        "samples_per_second": sum(s["part"]["train_samples"] for s in summaries) / secs,
-        "wall_seconds": time.perf_counter() - t_start,
-        "peak_rss_mb": peak["peak_rss_mb"], "rss_baseline_mb": peak["rss_baseline_mb"],
-        "peak_rss_above_baseline_mb": max(s["peak_rss_above_baseline_mb"] for s in summaries),
-        "reader": summaries[0]["reader"], "device": summaries[0]["device"], "num_members": len(members),
-        "num_banks": sum(s["num_banks"] for s in summaries),
-    }
-    cuda = [s["cuda_max_memory_allocated_mb"] for s in summaries if "cuda_max_memory_allocated_mb" in s]
-    if cuda:
-        summary["cuda_max_memory_allocated_mb"] = max(cuda)
-    summary.update({k: summaries[0][k] for k in RUN_RECORDS if k in summaries[0]})  # the same in every part
-    summary.update(extra or {})
-    _finish(out, summary, records, progress)
-    return summary

@@ -1,4 +1,4 @@
-"""Dependencies point one way (DESIGN.md): cli -> scale -> extract / train / infer -> backbone, store, methods, data.
+"""Dependencies point one way (DESIGN.md): cli -> distributed -> extract / train / infer -> backbone, store, methods, data.
 
 The import-linter contracts live in pyproject.toml ([tool.importlinter]); these tests run them and check
 the two rules a static graph cannot see: what a fresh interpreter really loads, and the CLI package,

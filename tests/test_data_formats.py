@@ -28,7 +28,7 @@ from featcache.cli import app
 from featcache.data import open_source, shared_spec, spec_with_columns, split_spec_options
 from featcache.sources.image_folder import ImageFolderSource
 from featcache.errors import DataError, UsageError
-from featcache.scale import ShardJob, ids_sha256, worker_source
+from featcache.distributed.extraction import ShardJob, ids_sha256, worker_source
 from featcache.store.feature_store import FeatureStore
 from featcache.training import train
 
@@ -433,7 +433,8 @@ def test_plain_specs_keep_their_meaning_when_shared(images: Path, monkeypatch: p
 def test_cluster_extraction_of_each_new_form_equals_the_image_folder(forms: dict, reference: tuple,
                                                                      tmp_path: Path) -> None:
     """Dask workers (spawned processes) re-open every form from its spec and write the ImageFolder's arrays."""
-    from featcache.scale import cluster_client, extract_on_cluster
+    from featcache.distributed.cluster import cluster_client
+    from featcache.distributed.extraction import extract_on_cluster
     from featcache.vocabulary import BackboneSpec
 
     with cluster_client(workers=1, device="cpu", torch_threads=1) as client:

@@ -109,16 +109,16 @@ def test_url_lock_live_and_stale(tmp_path: Path) -> None:
 
 
 
-def test_run_lock_is_reentrant_in_its_thread_and_refuses_other_threads(tmp_path) -> None:
+def test_run_lock_refuses_a_second_holder_in_this_thread_and_in_others(tmp_path) -> None:
     import threading
 
     from featcache.rundir import RunLock
 
     run = tmp_path / "runs" / "a"
     with RunLock(run):
-        with RunLock(run):  # the same thread again (a cluster sweep's nested call): no conflict
-            pass
-        assert (run.parent / ".a.lock").exists()  # the inner release did not drop the outer lock
+        with pytest.raises(StoreLockedError, match="is being trained into by process"):
+            RunLock(run).acquire()  # the same thread again: a plain lock, no re-entrance
+        assert (run.parent / ".a.lock").exists()  # the refusal did not drop the held lock
         errors: list[Exception] = []
 
         def other() -> None:

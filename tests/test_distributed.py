@@ -1,5 +1,5 @@
-"""Scale-out on dask.distributed: cluster extraction equals one process, lost workers, s3:// stores, sweeps,
-CLI, errors.
+"""featcache.distributed (cluster, extraction, training): cluster extraction equals one process, lost workers,
+s3:// stores, sweeps, CLI, errors.
 
 One local cluster of 2 spawned worker processes serves the whole module (starting one costs seconds);
 it starts after the module's S3 server (moto on 127.0.0.1, a free port), so that the workers inherit
@@ -34,10 +34,14 @@ from featcache.backbone import Backbone
 from featcache.vocabulary import BackboneSpec
 from featcache.checkpoint import load_checkpoint
 from featcache.cli import app
-from featcache.errors import ClusterError, DataError, StoreLockedError, UsageError
-from featcache import scale
+from featcache.errors import ClusterError, ConfigError, DataError, StoreLockedError, UsageError
+from featcache.distributed import cluster as dist_cluster
+from featcache.distributed import extraction as dist_extraction
+from featcache.distributed.cluster import cluster_client
+from featcache.distributed.extraction import extract_on_cluster, plan_tasks
+from featcache.distributed.training import plan_parts, train_on_cluster
 from featcache.extraction import ExtractOptions, open_split_source
-from featcache.scale import cluster_client, extract_on_cluster, plan_parts, train_on_cluster
+from featcache.loader import cpu_count
 from featcache.store.feature_store import FeatureStore
 from featcache.store.lock import pid_alive
 from featcache.store.summary import describe_store
@@ -174,8 +178,8 @@ def test_task_skips_shards_whose_record_is_set(images: Path, reference: dict, tm
     split = FeatureStore.open(out, "r+").split("train")
     split.set_complete(1, False)
     opts = ExtractOptions(**{**FAST, "dtype": "float32"})
-    job = scale._shard_job(SPEC, Backbone(SPEC), open_split_source(str(images)), split, str(out), str(images), opts)
-    result = scale.extract_shards_task(job, [0, 1, 2])  # in this process: the task function itself
+    job = dist_extraction._shard_job(SPEC, Backbone(SPEC), open_split_source(str(images)), split, str(out), str(images), opts)
+    result = dist_extraction.extract_shards_task(job, [0, 1, 2])  # in this process: the task function itself
     assert result["skipped"] == [0, 2] and result["shards"] == [1] and result["images"] == 4
     assert_same_arrays(read_split(out), reference)
 
@@ -189,7 +193,7 @@ def _worker_settings() -> dict[str, Any]:
 
 
 def test_workers_get_their_share_of_the_machine(client: Client) -> None:
-    share = max(1, scale.cpu_count() // 2)
+    share = max(1, cpu_count() // 2)
     expected = {"torch": share, "omp": str(share), "zarr_pool": share, "zarr_concurrency": 4, "malloc_trim": None,
                 "wait": "PASSIVE"}
     assert list(client.run(_worker_settings).values()) == [expected, expected]
@@ -197,17 +201,19 @@ def test_workers_get_their_share_of_the_machine(client: Client) -> None:
 
 
 def test_plan_tasks_groups_consecutive_shards() -> None:
-    assert scale.plan_tasks(list(range(6)), workers=2) == [[0], [1], [2], [3], [4], [5]]
-    assert scale.plan_tasks(list(range(20)), workers=2) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11],
-                                                             [12, 13, 14], [15, 16, 17], [18, 19]]
-    assert scale.plan_tasks([1, 4, 5], workers=1, shards_per_task=2) == [[1, 4], [5]]
+    assert plan_tasks(list(range(6)), workers=2) == [[0], [1], [2], [3], [4], [5]]
+    assert plan_tasks(list(range(20)), workers=2) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11],
+                                                       [12, 13, 14], [15, 16, 17], [18, 19]]
+    assert plan_tasks([1, 4, 5], workers=1, shards_per_task=2) == [[1, 4], [5]]
 
 
-class FailOnce(WorkerPlugin):
-    """Inside the worker: shard ``shard`` raises OSError the first time (a transient storage error)."""
+class ShardFault(WorkerPlugin):
+    """Inside the worker, once (``marker`` records it): writing shard ``shard`` raises OSError (a transient
+    storage error), or with ``kill`` the worker SIGKILLs itself after the shard's arrays are written and
+    before its completion record (``marker`` then holds the killed pid)."""
 
-    def __init__(self, marker: str, shard: int) -> None:
-        self.marker, self.shard = marker, shard
+    def __init__(self, marker: str, shard: int, kill: bool = False) -> None:
+        self.marker, self.shard, self.kill = marker, shard, kill
 
     def setup(self, worker: Any) -> None:
         import featcache.store.writer as writer
@@ -217,8 +223,12 @@ class FailOnce(WorkerPlugin):
 
         def write(split: Any, data: Any, durable: bool = True) -> None:
             if data.shard == self.shard and not os.path.exists(self.marker):
-                Path(self.marker).write_text("failed")
-                raise OSError("injected: connection reset by peer")
+                if not self.kill:
+                    Path(self.marker).write_text("failed")
+                    raise OSError("injected: connection reset by peer")
+                split.write_shard(data.shard, data.taps, data.labels, data.ids)
+                Path(self.marker).write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
             real(split, data, durable)
 
         writer.write_complete_shard = write
@@ -246,7 +256,7 @@ def plugin(client: Client) -> Iterator[Any]:
 def test_failed_shard_is_submitted_again(client: Client, plugin: Any, images: Path, reference: dict,
                                          tmp_path: Path) -> None:
     marker, out = tmp_path / "failed", tmp_path / "s.zarr"
-    plugin(FailOnce(str(marker), shard=2))
+    plugin(ShardFault(str(marker), shard=2))
     report = cluster_extract(client, images, out)
     assert marker.exists(), "the fault was not injected"
     assert report.complete and report.rounds == 2 and 2 in report.shard_workers  # submitted again in round 2
@@ -274,12 +284,12 @@ def test_ctrl_c_cancels_drains_and_resume_completes(client: Client, images: Path
                 raise KeyboardInterrupt
 
     out = tmp_path / "s.zarr"
-    monkeypatch.setattr(scale, "bar", InterruptedBar)
+    monkeypatch.setattr(dist_extraction, "bar", InterruptedBar)
     with pytest.raises(Interrupted, match="--resume") as info:
         cluster_extract(client, images, out)
     monkeypatch.undo()
     assert info.value.exit_code == 130 and not (out / "_locks").exists()  # the lock was released ...
-    assert all(ks == [] for ks in client.run(scale._executing_keys).values())  # ... after the tasks stopped
+    assert all(ks == [] for ks in client.run(dist_cluster._executing_keys).values())  # ... after the tasks stopped
     assert 2 <= FeatureStore.open(out).split("train").completed_shards().sum() <= 6
     report = cluster_extract(client, images, out, resume=True)
     assert report.complete
@@ -431,6 +441,17 @@ def test_part_whose_members_all_diverge_does_not_fail_the_sweep(client: Client, 
     assert_same_run(tmp_path / "local", tmp_path / "dist")
 
 
+def test_sweep_without_validation_data_is_refused_as_locally(client: Client, tap_store: Path, tmp_path: Path) -> None:
+    """The client checks the whole sweep as ``train`` does: parts of one member each would not refuse it."""
+    settings, grid = {"epochs": 1, "batch_size": 16}, {"lr": [1e-3, 1e-2]}  # one bank, halved over 2 workers
+    with pytest.raises(ConfigError, match="a sweep of 2 members needs validation data"):
+        train(str(tap_store), "linear", tmp_path / "local", settings, grid, progress=False, val_fraction=0)
+    with pytest.raises(ConfigError, match="a sweep of 2 members needs validation data"):
+        train_on_cluster(str(tap_store), "linear", tmp_path / "dist", settings, grid, client=client, progress=False,
+                         val_fraction=0)
+    assert not (tmp_path / "dist").exists()  # refused before RUNDIR was created
+
+
 def test_plan_parts_keeps_banks_together() -> None:
     members = expand("last", {}, {"rank": [4, 8, 16], "lr": [1e-3, 3e-3]})  # 3 banks of 2
     parts = plan_parts(members, 2)
@@ -483,38 +504,10 @@ def test_cluster_option_errors(images: Path, tmp_path: Path) -> None:
 # Last: a killed worker (its nanny restarts it seconds later, after the module's other tests)
 
 
-class KillWorkerOnce(WorkerPlugin):
-    """Inside the worker: after shard ``shard``'s arrays are written and before its completion record,
-    SIGKILL this worker process, once (``marker`` records the pid)."""
-
-    def __init__(self, marker: str, shard: int) -> None:
-        self.marker, self.shard = marker, shard
-
-    def setup(self, worker: Any) -> None:
-        import featcache.store.writer as writer
-
-        real = writer.write_complete_shard
-        self.real = real
-
-        def write(split: Any, data: Any, durable: bool = True) -> None:
-            if data.shard == self.shard and not os.path.exists(self.marker):
-                split.write_shard(data.shard, data.taps, data.labels, data.ids)
-                Path(self.marker).write_text(str(os.getpid()))
-                os.kill(os.getpid(), signal.SIGKILL)
-            real(split, data, durable)
-
-        writer.write_complete_shard = write
-
-    def teardown(self, worker: Any) -> None:
-        import featcache.store.writer as writer
-
-        writer.write_complete_shard = self.real
-
-
 def test_killed_worker_shard_is_recomputed(client: Client, plugin: Any, images: Path, reference: dict,
                                            tmp_path: Path) -> None:
     marker, out = tmp_path / "killed", tmp_path / "s.zarr"
-    plugin(KillWorkerOnce(str(marker), shard=3))
+    plugin(ShardFault(str(marker), shard=3, kill=True))
     report = cluster_extract(client, images, out)
     assert marker.exists(), "the fault was not injected"
     killed = int(marker.read_text())
