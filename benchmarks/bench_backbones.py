@@ -40,7 +40,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from featcache.errors import FeatcacheError, TapOverflowError  # noqa: E402
-from featcache.vocabulary import BackboneSpec, TapInfo  # noqa: E402
+from featcache.manifest import BackboneSpec, TapInfo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "backbones.md"

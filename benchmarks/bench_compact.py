@@ -160,7 +160,7 @@ def store_path(workdir: Path, model: str, variant: str) -> Path:
 def store_size(path: Path, variant: Variant) -> dict[str, Any]:
     """Bytes per sample of the train split (``describe_store``), per-tap tokens, and for 8-bit caches each tap's
     relative RMS quantization error (recorded by extraction)."""
-    from featcache.store.summary import describe_store
+    from featcache.store.describe import describe_store
 
     sp = describe_store(str(path), split="train", stats=variant.eight_bit)["splits"]["train"]
     out = {k: sp[k] for k in ("num_samples", "complete", "bytes_per_sample", "stored_bytes_per_sample",

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from featcache.allocator import keep_freed_memory  # noqa: E402
 from featcache.backbone import Backbone  # noqa: E402
 from featcache.device import resolve_device  # noqa: E402
-from featcache.vocabulary import BackboneSpec  # noqa: E402
+from featcache.manifest import BackboneSpec  # noqa: E402
 from featcache.loader import TransformedDataset  # noqa: E402
 from featcache.extraction import ExtractOptions, extract, open_split_source  # noqa: E402
 from featcache.loader import default_loader_workers  # noqa: E402
@@ -158,7 +158,7 @@ def run_extract(args: argparse.Namespace) -> dict[str, Any]:
 def bench_codecs(args: argparse.Namespace) -> dict[str, Any]:
     from featcache.store.codecs import auto_compressors
     from featcache.store.feature_store import FeatureStore
-    from featcache.vocabulary import COMPRESSORS
+    from featcache.manifest import COMPRESSORS
     from featcache.store.writer import ShardData, finalize_split, write_complete_shard
 
     models = TINY_MODELS if args.tiny else MODELS

@@ -45,7 +45,7 @@ from featcache.store.reader import open_reader
 from featcache.store.shard_io import _decode_chunk, _parse_index
 from featcache.store.writer import ShardWriter, open_split_for_writing
 from featcache.tap_encoder import TapEncoder, bytes_per_image, encode_taps
-from featcache.vocabulary import Manifest, SplitMeta, TapInfo
+from featcache.manifest import Manifest, SplitMeta, TapInfo
 
 from . import latency_fs
 from .common import RESULTS, machine, paired_ratio, say, setup_torch, write_json
@@ -396,7 +396,7 @@ def remote_stage(kinds: list[str], s: argparse.Namespace, work: Path) -> dict[st
 def stall_stage(kinds: list[str], s: argparse.Namespace, work: Path, device: torch.device) -> dict[str, Any]:
     """The share of a LAST training epoch spent waiting for the next batch, fed by ``stream`` and by ``ram``
     (``--stall-images`` samples of the store, batches decoded on the training device)."""
-    from featcache.bank import MemberBank
+    from featcache.member_bank import MemberBank
     from featcache.methods.base import MethodInput
     from featcache.sweep import expand
 

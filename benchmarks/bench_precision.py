@@ -25,7 +25,7 @@ import torch
 
 from featcache.backbone import Backbone
 from featcache.store.codecs import round_trip
-from featcache.vocabulary import DTYPES
+from featcache.manifest import DTYPES
 
 from .common import RESULTS, machine, setup_torch
 from .workload import MODELS, data_specs, subset

@@ -34,7 +34,7 @@ from typing import Any, Iterator  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from featcache.vocabulary import BackboneSpec  # noqa: E402
+from featcache.manifest import BackboneSpec  # noqa: E402
 from featcache.extraction import ExtractOptions, extract  # noqa: E402
 from featcache.loader import cpu_count  # noqa: E402
 from featcache.distributed.cluster import cluster_client  # noqa: E402

@@ -3,10 +3,10 @@
 Usage: python benchmarks/gpu_sweep_ratio.py [cuda|cpu] [BATCH]. Results: benchmarks/results/gpu-h100-sweep.md.
 """
 import sys, time, torch
-from featcache.vocabulary import TapInfo
+from featcache.manifest import TapInfo
 from featcache.methods.base import MethodInput
 from featcache.sweep import expand
-from featcache.bank import MemberBank
+from featcache.member_bank import MemberBank
 
 dev = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")
 T, C, L, B = 197, 768, 12, int(sys.argv[2]) if len(sys.argv) > 2 else 64

@@ -61,7 +61,7 @@ def compute_limit(ctx: PeerContext, method: str, rounds: int = 5, n: int | None 
 
     Interleaving puts the step and the reference product under the same load from other processes. The
     reference is a float32 product: on CUDA with TF32 tensor cores allowed, as the bank computes there
-    (float32 + TF32: bf16 autocast does not run under vmap in torch 2.11, see featcache/bank.py).
+    (float32 + TF32: bf16 autocast does not run under vmap in torch 2.11, see featcache/member_bank.py).
     """
     device = torch.device(ctx.device)
     peer = FeatcachePeer(ctx, method)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from featcache.backbone import Backbone
 
-from featcache.vocabulary import BackboneSpec, TapInfo
+from featcache.manifest import BackboneSpec, TapInfo
 from featcache.data import open_source, stratified_subset
 from featcache.methods import MethodInput, create
 
@@ -76,7 +76,7 @@ EXTRA: list[tuple[str, str, dict[str, Any], float, int]] = [
 
 def split_indices(labels: np.ndarray, train: int, val: int) -> tuple[np.ndarray, np.ndarray]:
     """Disjoint stratified train and validation subsets of the training files' images."""
-    from featcache.selection import stratified_holdout
+    from featcache.evaluation_plan import stratified_holdout
 
     both = stratified_subset(labels, train + val, seed=0)
     held = stratified_holdout(labels[both], val / (train + val), seed=0)

@@ -23,7 +23,7 @@ from torch import nn
 
 from featcache import methods
 from featcache.backbone import Backbone
-from featcache.bank import MemberBank
+from featcache.member_bank import MemberBank
 from featcache.methods.base import MethodInput
 from featcache.store.feature_store import FeatureStore
 from featcache.store.reader import Batch, CacheReader, open_reader

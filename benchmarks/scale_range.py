@@ -25,7 +25,7 @@ import torch
 from featcache.backbone import Backbone
 from featcache.loader import image_loader
 from featcache.store.codecs import EIGHT_BIT, dequantize, quantize
-from featcache.vocabulary import BackboneSpec
+from featcache.manifest import BackboneSpec
 
 from .common import machine, setup_torch, write_json
 from .workload import data_specs, subset

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from featcache.vocabulary import BackboneSpec
+from featcache.manifest import BackboneSpec
 from featcache.data import DataSource, Subset, open_source, stratified_subset
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")

@@ -8,7 +8,7 @@ import click
 
 from featcache.options import ExtractOptions
 from featcache.progress import say
-from featcache.vocabulary import BackboneSpec
+from featcache.manifest import BackboneSpec
 
 from .options import cluster_options, config_options, data_options, quiet_option, take
 

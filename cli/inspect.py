@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from featcache.keyvalue import parse_assignments
+from featcache.assignments import parse_assignments
 
 from .options import json_option, storage_option
 
@@ -27,7 +27,7 @@ def command(store: str, verify: bool, stats: bool, as_json: bool, split: str | N
 
     Exit code 1 when --verify finds a problem; each problem names its array and chunk.
     """
-    from featcache.store.summary import describe_store, format_summary
+    from featcache.store.describe import describe_store, format_summary
 
     d = describe_store(store, split=split, stats=stats or plot_path is not None, verify=verify,
                        storage_options=parse_assignments(storage_options, "--storage-option") or None)

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from featcache.keyvalue import parse_assignments, parse_grid
+from featcache.assignments import parse_assignments, parse_grid
 from featcache.options import TrainConfig, TrainOptions
 
 from .options import cluster_options, config_options, json_option, print_json, quiet_option, take

@@ -27,7 +27,7 @@ _API = {
     "extract": "featcache.extraction",
     "train": "featcache.training",
     "load_predictor": "featcache.infer",
-    "BackboneSpec": "featcache.vocabulary",
+    "BackboneSpec": "featcache.manifest",
     "ExtractOptions": "featcache.options",
     "TrainOptions": "featcache.options",
 }

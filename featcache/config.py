@@ -19,7 +19,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from pydantic.fields import FieldInfo
 
 from .errors import ConfigError, FeatcacheError
-from .keyvalue import parse_assignments
+from .assignments import parse_assignments
 
 T = TypeVar("T")
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "text", bool: "true or false"}

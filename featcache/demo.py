@@ -22,7 +22,7 @@ import torch
 
 from featcache.backbone import Backbone
 
-from featcache.vocabulary import BackboneSpec
+from featcache.manifest import BackboneSpec
 from featcache.progress import say
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -92,7 +92,7 @@ def run_demo(out: str | Path = "demo-out", quick: bool = False, progress: bool =
     """Run the demo into ``out`` (replaced if it exists); returns the results table and paths."""
     from featcache.extraction import extract
     from featcache.infer import predict
-    from featcache.store.summary import describe_store, format_summary
+    from featcache.store.describe import describe_store, format_summary
     from featcache.training import train
 
     plan = plan or default_plan(quick)

@@ -35,7 +35,7 @@ from dask.utils import format_bytes
 from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone
 from featcache.device import AutocastPolicy, resolve_device
-from featcache.vocabulary import DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, BackboneSpec
+from featcache.manifest import DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, BackboneSpec
 from featcache.data import DataSource, Subset, open_source, stratified_subset
 from featcache.loader import (TransformedDataset, cpu_count, default_loader_workers, make_loader, transform_pool,
                               unwrap_worker_error)
@@ -45,7 +45,7 @@ from featcache.progress import bar
 from featcache.store.feature_store import FeatureStore, SplitHandle, choose_chunking
 from featcache.store.codecs import SCALE_DTYPE, auto_compressors, compressor_record, storage_view
 from featcache.store.lock import SplitLock
-from featcache.vocabulary import Manifest, SplitMeta
+from featcache.manifest import Manifest, SplitMeta
 from featcache.store.writer import (ShardWriteError, ShardWriter, SplitTotals, describe_os_error, finalize_split,
                                     open_split_for_writing)
 from featcache.tap_encoder import TapEncoder, encode_taps

@@ -21,7 +21,7 @@ from torch import nn
 from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone
 from featcache.device import AutocastPolicy, resolve_device
-from featcache.vocabulary import BackboneSpec, TapInfo
+from featcache.manifest import BackboneSpec, TapInfo
 from featcache.checkpoint import Checkpoint, load_checkpoint
 from featcache.data import DataSource, Subset, open_source, stratified_subset
 from featcache.loader import default_loader_workers, image_loader, transform_pool, view_dataset
@@ -30,7 +30,7 @@ from featcache.options import PredictOptions
 from featcache.methods.base import SideNetwork
 from featcache.progress import bar, say
 from featcache.store.codecs import round_trip
-from featcache.vocabulary import Manifest
+from featcache.manifest import Manifest
 
 class Predictor(nn.Module):
     """images (N, 3, H, W) -> logits (N, classes): frozen taps in the precision the extraction used (``autocast``),

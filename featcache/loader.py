@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from featcache.sources.base import DataSource
-from featcache.vocabulary import SplitMeta
+from featcache.manifest import SplitMeta
 
 if TYPE_CHECKING:
     from featcache.backbone import Backbone

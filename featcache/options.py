@@ -1,7 +1,7 @@
 """Every stage's options, one typed and validated set each (``featcache.config``), with no heavy imports: the command
 line is generated from them (cli/options.py) and ``featcache --help`` loads no torch.
 
-``ExtractOptions`` (``extract``; the backbone's own, ``BackboneSpec``, live in vocabulary.py, part of the store
+``ExtractOptions`` (``extract``; the backbone's own, ``BackboneSpec``, live in manifest.py, part of the store
 format), ``TrainOptions`` (``train``), ``TrainConfig`` (one sweep member: the training keys of ``--set`` / ``--grid``;
 its feature augmentation is an ``AugmentConfig``, featcache.augment) and ``PredictOptions`` (``predict``).
 """
@@ -15,7 +15,7 @@ from pydantic import Field, field_validator
 
 from .config import DEVICE_HELP, STORAGE_HELP, Config, StorageOptions, config, did_you_mean, fields, option
 from .errors import ConfigError, UsageError
-from .vocabulary import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES, READER_MODES, STREAM_BUFFER_MB
+from .manifest import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES, READER_MODES, STREAM_BUFFER_MB
 
 AUGMENTATIONS = ("none", "frofa", "tokendrop", "mixup", "cutmix")  # "none" aside: the order they are applied in
 AUG_KEYS = ("aug", "tokendrop_rate", "mixup_alpha", "cutmix_alpha", "frofa_brightness", "frofa_contrast")

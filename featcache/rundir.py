@@ -33,9 +33,9 @@ from featcache.checkpoint import (SUPPORTED_CHECKPOINT_FORMATS, read_tensors, sa
 from featcache.errors import CheckpointError, FeatcacheError, FormatVersionError, StoreLockedError
 from featcache.store.feature_store import FeatureStore
 from featcache.store.lock import LockOwner, SplitLock
-from featcache.vocabulary import Manifest
+from featcache.manifest import Manifest
 
-from .bank import MemberBank
+from .member_bank import MemberBank
 from .sweep import SweepMember
 
 

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import FeatcacheError, ModelError, TapOverflowError, UsageError
-from .vocabulary import TapInfo, pool_windows
+from .errors import FeatcacheError, ModelError, UsageError
+from .manifest import TapInfo, pool_windows
 
 log = logging.getLogger(__name__)
 
@@ -469,7 +469,10 @@ class Taps(nn.Module):
         return _cat(feat.prefix, fmap.flatten(2).transpose(1, 2))  # (N, P + h*w, C)
 
     def _run_hooks(self, x: Tensor, indices: list[int]) -> tuple[Any, list[Any]]:
-        """Forward hooks at the feature_info modules ``indices``; returns (forward_features output, hooked outputs)."""
+        """Forward hooks at the feature_info modules ``indices``; returns (forward_features output, hooked outputs).
+
+        Not timm's ``FeatureHooks``: those stay registered for the model's life and collect on every forward
+        (the plain forwards of predict and the tests included); these exist for one call."""
         got: dict[int, Any] = {}
         handles = []
         try:
@@ -561,33 +564,5 @@ class _Capture:
             self.handle.remove()
 
 
-# ---------------------------------------------------------------------------------------------
-# Range of the cache dtype
-
-
-def check_finite(name: str, stored: Tensor, source: Tensor, dtype: str, first_image: int) -> None:
-    """Raise ``TapOverflowError`` when a batch of tap ``name`` holds NaN/Inf once cast to the cache ``dtype``.
-
-    ``stored``: the batch as stored (n, [V,] T, C) in ``dtype``; ``source``: the backbone's tensor before the
-    cast; ``first_image``: the split index of the batch's first image. Found at extraction, per batch, so
-    that a float16 overflow is reported with its fix instead of as NaN losses at train time.
-    """
-    lo, hi = torch.aminmax(stored)  # one vectorised pass (isfinite().all() is ~40x slower); NaN propagates
-    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
-        return
-    rows = (~torch.isfinite(stored)).reshape(stored.shape[0], -1).any(dim=1).nonzero().flatten()  # bad images
-    more = f" and {len(rows) - 1} more in its batch" if len(rows) > 1 else ""
-    images = f"image {first_image + int(rows[0])}{more}"
-    if bool(torch.isfinite(source).all()):
-        peak = float(source.abs().max())
-        raise TapOverflowError(
-            f"tap {name!r} overflows {dtype} at {images}: its values reach {peak:.4g}, beyond {dtype}'s range "
-            f"(largest float16: 65504); extract again with --dtype bfloat16 (float32's range in 16 bits) or "
-            f"--dtype float32, into a new --out or with --overwrite")
-    raise TapOverflowError(
-        f"the backbone itself gives NaN or Inf in tap {name!r} at {images} (before any cast to {dtype}); "
-        "check the weights (--weights) and those images")
-
-
-__all__ = ["FEATURE_HOOKS", "FORWARD_INTERMEDIATES", "LayoutError", "SUPPORTED", "Taps", "check_finite", "every_gth",
+__all__ = ["FEATURE_HOOKS", "FORWARD_INTERMEDIATES", "LayoutError", "SUPPORTED", "Taps", "every_gth",
            "map_layout", "pool_token_grid", "pooled_info"]

@@ -37,11 +37,11 @@ from featcache.progress import bar, say
 from featcache.store.feature_store import FeatureStore, SplitHandle
 from featcache.options import TrainOptions
 from featcache.store.reader import CacheReader, open_reader
-from featcache.vocabulary import TapInfo
+from featcache.manifest import TapInfo
 
-from .bank import MemberBank
+from .member_bank import MemberBank
 from .rundir import RunDir, holds_run_lock
-from .selection import (VAL, Evaluation, ViewScoring, check_classes, old_views_warning, plan_evaluation,
+from .evaluation_plan import (VAL, Evaluation, ViewScoring, check_classes, old_views_warning, plan_evaluation,
                         record_held_out, tta_record, view_scoring)
 from .augment import AugmentConfig, AugmentedBatch, FeatureStats, augment, batch_generator
 from .feature_stats import run_feature_stats, save_feature_stats

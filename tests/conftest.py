@@ -63,11 +63,21 @@ def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
 @pytest.fixture(autouse=True)
 def one_torch_thread() -> Iterator[None]:
     """Tiny models gain nothing from 2 threads, and on 2 busy cores OpenMP's spinning makes each small op
-    cost milliseconds; subprocesses in these tests use 1 thread too (bitwise comparisons)."""
+    cost milliseconds; subprocesses in these tests use 1 thread too (bitwise comparisons). With the module-level
+    setting above, every test and every fixture (built between tests) runs on one thread: no module sets it again."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def vit():
+    """The tiny random-weight ViT (``TINY_VIT``), one per test module."""
+    from featcache.backbone import Backbone
+    from featcache.manifest import BackboneSpec
+
+    return Backbone(BackboneSpec(**TINY_VIT))
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +99,7 @@ def write_tap_store(path: Path, backbone, images: np.ndarray, labels: np.ndarray
     from featcache.store.feature_store import FeatureStore
 
     from featcache.store.codecs import encode
-    from featcache.vocabulary import Manifest, SplitMeta
+    from featcache.manifest import Manifest, SplitMeta
 
     if FeatureStore.exists(str(path)):
         store = FeatureStore.open(str(path), "r+")

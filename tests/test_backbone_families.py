@@ -27,7 +27,7 @@ from featcache.methods.base import MethodInput, common_grid, to_grid
 from featcache.store.feature_store import FeatureStore
 from featcache.taps import FEATURE_HOOKS, LayoutError, Taps
 from featcache.training import train
-from featcache.vocabulary import BackboneSpec, TapInfo
+from featcache.manifest import BackboneSpec, TapInfo
 
 from .conftest import write_image_folder
 from .helpers.processes import assert_one_error_line

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from featcache.backbone import Backbone
 
-from featcache.vocabulary import BackboneSpec
+from featcache.manifest import BackboneSpec
 from featcache.cli import app
 from featcache.training import train
 
@@ -41,7 +41,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("world")
     images = write_image_folder(root / "images", n=12, classes=3)
     store, run = root / "s.zarr", root / "run"
-    torch.set_num_threads(1)
     run_extract(images, store, **{**EXTRACT_KW, "dtype": "float16"})
     train(str(store), "linear", run, {"epochs": 1, "batch_size": 8}, progress=False)
     cnn = Backbone(BackboneSpec(**TINY_CNN))

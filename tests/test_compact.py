@@ -21,11 +21,11 @@ from featcache.store import TapDataset, split_to_dask, split_to_xarray
 from featcache.store.codecs import decode_array, dequantize, quantize, storage_view
 from featcache.store.feature_store import FeatureStore
 from featcache.store.reader import open_reader
-from featcache.store.summary import describe_store
+from featcache.store.describe import describe_store
 from featcache.store.verify import verify_store
 from featcache.taps import every_gth, pool_token_grid, pooled_info
 from featcache.training import train
-from featcache.vocabulary import TapInfo
+from featcache.manifest import TapInfo
 
 from .conftest import TINY_VIT
 from .helpers.stores import PROBE_FORWARDS, read_split, run_extract

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.vocabulary import BackboneSpec
+from featcache.manifest import BackboneSpec
 from featcache.extraction import extract
 from featcache.store.feature_store import FeatureStore
 from featcache.training import train

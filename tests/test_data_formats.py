@@ -435,7 +435,7 @@ def test_cluster_extraction_of_each_new_form_equals_the_image_folder(forms: dict
     """Dask workers (spawned processes) re-open every form from its spec and write the ImageFolder's arrays."""
     from featcache.distributed.cluster import cluster_client
     from featcache.distributed.extraction import extract_on_cluster
-    from featcache.vocabulary import BackboneSpec
+    from featcache.manifest import BackboneSpec
 
     with cluster_client(workers=1, device="cpu", torch_threads=1) as client:
         for form in ("wds", "csv", "jsonl", "hf-saved", "hf-parquet"):

@@ -31,7 +31,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from featcache.backbone import Backbone
 
-from featcache.vocabulary import BackboneSpec
+from featcache.manifest import BackboneSpec
 from featcache.checkpoint import load_checkpoint
 from featcache.cli import app
 from featcache.errors import ClusterError, ConfigError, DataError, StoreLockedError, UsageError
@@ -44,7 +44,7 @@ from featcache.extraction import ExtractOptions, open_split_source
 from featcache.loader import cpu_count
 from featcache.store.feature_store import FeatureStore
 from featcache.store.lock import pid_alive
-from featcache.store.summary import describe_store
+from featcache.store.describe import describe_store
 from featcache.store.verify import verify_store
 from featcache.sweep import expand
 from featcache.tensorboard_log import tensorboard_installed

@@ -17,14 +17,14 @@ from click.testing import CliRunner
 
 from featcache.backbone import Backbone, Taps
 
-from featcache.vocabulary import BackboneSpec
+from featcache.manifest import BackboneSpec
 from featcache.cli import app
 from featcache.loader import TransformPool
 from featcache.errors import DataError, Interrupted
 from featcache.extraction import open_split_source
 from featcache.loader import AugmentedViews, ShardBatchSampler, default_loader_workers, transform_threads
 from featcache.store.feature_store import FeatureStore
-from featcache.vocabulary import SplitMeta
+from featcache.manifest import SplitMeta
 from featcache.store.verify import verify_store
 
 from .conftest import TINY_VIT

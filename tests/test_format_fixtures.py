@@ -15,7 +15,7 @@ from featcache.store.feature_store import FeatureStore
 from featcache.store.reader import open_reader
 from featcache.store.verify import verify_store
 from featcache.training import train
-from featcache.vocabulary import BackboneSpec
+from featcache.manifest import BackboneSpec
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format1-stores.tar.gz"
 KW = dict(progress=False, loader_workers=0, device="cpu", batch_size=4, durable=False)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from featcache.cli import app
 from featcache.errors import StoreError
-from featcache.store.summary import RunningStats, describe_store, format_summary
+from featcache.store.describe import RunningStats, describe_store, format_summary
 from featcache.store.verify import verify_store
 
 from .conftest import TINY_CNN

@@ -21,7 +21,7 @@ from featcache.infer import load_predictor
 from featcache.infer import predict as featcache_predict
 from featcache.store.feature_store import FeatureStore
 from featcache.training import train
-from featcache.vocabulary import DTYPES, BackboneSpec
+from featcache.manifest import DTYPES, BackboneSpec
 
 from .conftest import TINY_VIT
 from .helpers.stores import run_extract

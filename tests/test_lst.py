@@ -15,7 +15,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from featcache.errors import ConfigError
 from featcache.methods import MethodInput, create
 from featcache.methods.lst import SideBlock
-from featcache.vocabulary import TapInfo
+from featcache.manifest import TapInfo
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:There is a performance drop because we have not yet implemented the batching rule:UserWarning")
@@ -288,7 +288,7 @@ def test_vmap_members_draw_their_own_dropout_masks() -> None:
 
 
 def test_bank_trains_with_dropout_and_evaluates_without() -> None:
-    from featcache.bank import MemberBank
+    from featcache.member_bank import MemberBank
     from featcache.sweep import SweepMember, TrainConfig
 
     taps = _taps(64, blocks=2)
@@ -316,7 +316,7 @@ def test_bank_trains_with_dropout_and_evaluates_without() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bank_draws_dropout_per_member_under_vmap_and_evaluates_without() -> None:
     """On CUDA the bank vmaps (randomness="different"): identical members still get their own masks."""
-    from featcache.bank import MemberBank
+    from featcache.member_bank import MemberBank
     from featcache.sweep import SweepMember, TrainConfig
 
     taps = _taps(64, blocks=2)

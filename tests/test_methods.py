@@ -14,7 +14,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from featcache.backbone import Backbone
 
-from featcache.vocabulary import BackboneSpec, TapInfo
+from featcache.manifest import BackboneSpec, TapInfo
 from featcache.errors import ConfigError
 from featcache.methods import (TRAINING_KEYS, MethodConfig, MethodInput, SideNetwork, config_class, create,
                                list_methods, register)
@@ -26,15 +26,6 @@ METHODS = list_methods()
 # vmap over SDPA on CPU loops over members and says so; featcache.methods filters it, pytest resets filters
 pytestmark = pytest.mark.filterwarnings(
     "ignore:There is a performance drop because we have not yet implemented the batching rule:UserWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: on a loaded 2-core machine two threads made the training tests 30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @dataclass
@@ -56,7 +47,8 @@ def _fixture(spec: dict) -> Fixture:
 
 
 @pytest.fixture(scope="module")
-def vit() -> Fixture:
+def vit_taps() -> Fixture:
+    """A tiny ViT with its taps of 4 random images and its MethodInput."""
     return _fixture(TINY_VIT)
 
 
@@ -66,8 +58,8 @@ def cnn() -> Fixture:
 
 
 @pytest.fixture(scope="module", params=["vit", "cnn"])
-def backbone_fx(request, vit: Fixture, cnn: Fixture) -> Fixture:
-    return vit if request.param == "vit" else cnn
+def backbone_fx(request, vit_taps: Fixture, cnn: Fixture) -> Fixture:
+    return vit_taps if request.param == "vit" else cnn
 
 
 def _perturb(net: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
@@ -88,9 +80,9 @@ def test_registry_lists_the_three_methods() -> None:
     assert [config_class(m).__name__ for m in METHODS] == ["LASTConfig", "LinearConfig", "LSTConfig"]
 
 
-def test_unknown_method_suggests_close_names(vit: Fixture) -> None:
+def test_unknown_method_suggests_close_names(vit_taps: Fixture) -> None:
     with pytest.raises(ConfigError, match="unknown method 'lats'.*did you mean last"):
-        create("lats", None, vit.info)
+        create("lats", None, vit_taps.info)
     with pytest.raises(ConfigError, match="unknown method"):
         config_class("ladder")
 
@@ -119,51 +111,51 @@ def test_contract_forward_backward(method: str, backbone_fx: Fixture) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_batch_missing_a_required_tap_is_a_clear_error(method: str, vit: Fixture) -> None:
-    net = create(method, None, vit.info)
+def test_batch_missing_a_required_tap_is_a_clear_error(method: str, vit_taps: Fixture) -> None:
+    net = create(method, None, vit_taps.info)
     missing = net.required_taps[-1]
     with pytest.raises(ConfigError, match=f"lacks tap '{missing}'"):
-        net({k: v for k, v in vit.taps.items() if k != missing})
-    bad = dict(vit.taps)
+        net({k: v for k, v in vit_taps.taps.items() if k != missing})
+    bad = dict(vit_taps.taps)
     bad[missing] = bad[missing][:, :2]
     with pytest.raises(ConfigError, match="has shape"):
         net(bad)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_store_with_a_subset_of_taps_builds(method: str, vit: Fixture) -> None:
+def test_store_with_a_subset_of_taps_builds(method: str, vit_taps: Fixture) -> None:
     keep = ["embed", "block3", "block6"]
-    info = MethodInput([t for t in vit.info.taps if t.name in keep], 5, vit.info.final_norm, "vit")
+    info = MethodInput([t for t in vit_taps.info.taps if t.name in keep], 5, vit_taps.info.final_norm, "vit")
     net = create(method, None, info)
     assert set(net.required_taps) <= set(keep)
-    out = net({k: vit.taps[k] for k in keep})
+    out = net({k: vit_taps.taps[k] for k in keep})
     assert out.shape == (4, 5) and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_half_precision_taps_are_cast_when_not_autocasting(method: str, vit: Fixture) -> None:
-    net = create(method, None, vit.info).eval()
-    out = net({k: v.half() for k, v in vit.taps.items()})
+def test_half_precision_taps_are_cast_when_not_autocasting(method: str, vit_taps: Fixture) -> None:
+    net = create(method, None, vit_taps.info).eval()
+    out = net({k: v.half() for k, v in vit_taps.taps.items()})
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, net({k: v.half().float() for k, v in vit.taps.items()}))
+    torch.testing.assert_close(out, net({k: v.half().float() for k, v in vit_taps.taps.items()}))
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_bfloat16_taps_under_autocast(method: str, vit: Fixture) -> None:
+def test_bfloat16_taps_under_autocast(method: str, vit_taps: Fixture) -> None:
     """The trainer feeds bf16 batches under autocast (CUDA); CPU autocast exercises the same path."""
-    net = create(method, None, vit.info).eval()
-    ref = net(vit.taps)
+    net = create(method, None, vit_taps.info).eval()
+    ref = net(vit_taps.taps)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = net({k: v.bfloat16() for k, v in vit.taps.items()})
+        out = net({k: v.bfloat16() for k, v in vit_taps.taps.items()})
     out.float().sum().backward()
     assert out.dtype == torch.bfloat16 and net.head.weight.grad is not None
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=5e-2)
 
 
-def test_flops_are_counted_analytically_right(vit: Fixture) -> None:
-    lin = create("linear", None, vit.info)
+def test_flops_are_counted_analytically_right(vit_taps: Fixture) -> None:
+    lin = create("linear", None, vit_taps.info)
     assert lin.flops_per_sample() == 2 * 64 * 5  # one (64 -> 5) matmul
-    net = create("last", {"rank": 16, "heads": 2, "gap": 3, "depth": 2}, vit.info)
+    net = create("last", {"rank": 16, "heads": 2, "gap": 3, "depth": 2}, vit_taps.info)
     t, d, r, h = 5, 64, 16, 2
     layer = 2 * t * d * 3 * r + 2 * t * r * d + 2 * (2 * h * t * t * (r // h))  # qkv, out, QK^T and AV
     assert net.flops_per_sample() == 2 * 2 * layer + 2 * d * 5  # 2 side blocks (block3, block6) x depth 2 + head
@@ -231,17 +223,17 @@ def test_config_rejects_bad_values_naming_the_key(method: str, values: dict, pat
         config_class(method).from_dict(values)
 
 
-def test_config_values_checked_against_the_store(vit: Fixture, cnn: Fixture) -> None:
+def test_config_values_checked_against_the_store(vit_taps: Fixture, cnn: Fixture) -> None:
     with pytest.raises(ConfigError, match=r"taps: the store has no tap 'blok3'; did you mean block3"):
-        create("linear", {"taps": ["blok3"]}, vit.info)
+        create("linear", {"taps": ["blok3"]}, vit_taps.info)
     with pytest.raises(ConfigError, match=r"pool: 'cls' needs a CLS token.*use pool=avg"):
         create("last", {"pool": "cls"}, cnn.info)
     with pytest.raises(ConfigError, match=r"heads: 3 does not divide the side width 8"):
-        create("lst", {"heads": 3}, vit.info)
+        create("lst", {"heads": 3}, vit_taps.info)
     with pytest.raises(ConfigError, match=r"reduction: 128 leaves no side width"):
-        create("lst", {"reduction": 128}, vit.info)
+        create("lst", {"reduction": 128}, vit_taps.info)
     with pytest.raises(ConfigError, match=r"takes a LASTConfig"):
-        create("last", config_class("lst")(), vit.info)
+        create("last", config_class("lst")(), vit_taps.info)
 
 
 def test_config_fields_never_clash_with_training_keys() -> None:
@@ -260,21 +252,21 @@ def test_config_fields_never_clash_with_training_keys() -> None:
     assert "clashing" not in list_methods()
 
 
-def test_method_input_round_trip_rebuilds_a_checkpointed_network(vit: Fixture) -> None:
-    d = json.loads(json.dumps(vit.info.to_dict()))
+def test_method_input_round_trip_rebuilds_a_checkpointed_network(vit_taps: Fixture) -> None:
+    d = json.loads(json.dumps(vit_taps.info.to_dict()))
     assert d["has_final_norm"] is True and d["backbone_kind"] == "vit"
     back = MethodInput.from_dict(d)
-    assert back.taps == vit.info.taps and back.num_classes == 5 and back.from_checkpoint
+    assert back.taps == vit_taps.info.taps and back.num_classes == 5 and back.from_checkpoint
     assert back.final_norm is None and back.backbone_state is None
     for method, cfg in [("last", None), ("lst", {"init": "prune", "heads": 2}), ("linear", None)]:
-        net = _perturb(create(method, cfg, vit.info), seed=3).eval()
+        net = _perturb(create(method, cfg, vit_taps.info), seed=3).eval()
         again = create(method, net.config.to_dict(), back).eval()  # no backbone weights needed to restore
         again.load_state_dict(net.state_dict())
-        torch.testing.assert_close(again(vit.taps), net(vit.taps))
+        torch.testing.assert_close(again(vit_taps.taps), net(vit_taps.taps))
     with pytest.raises(ConfigError, match="num_classes"):
-        MethodInput(vit.info.taps, 0)
+        MethodInput(vit_taps.info.taps, 0)
     with pytest.raises(ConfigError, match="backbone_kind"):
-        MethodInput(vit.info.taps, 3, backbone_kind="rnn")
+        MethodInput(vit_taps.info.taps, 3, backbone_kind="rnn")
     with pytest.raises(ConfigError, match="malformed"):
         MethodInput.from_dict({"num_classes": 3})
 
@@ -283,15 +275,15 @@ def test_method_input_round_trip_rebuilds_a_checkpointed_network(vit: Fixture) -
 # LAST
 
 
-def test_last_at_init_reproduces_the_frozen_backbone_feature(vit: Fixture) -> None:
-    b, taps = vit.backbone, vit.taps
-    net = create("last", {"pool": "cls"}, vit.info)
+def test_last_at_init_reproduces_the_frozen_backbone_feature(vit_taps: Fixture) -> None:
+    b, taps = vit_taps.backbone, vit_taps.taps
+    net = create("last", {"pool": "cls"}, vit_taps.info)
     assert net.norm_from_backbone and net.rung_taps[-1] == "block6"
     with torch.no_grad():
         ref = b.model.forward_head(b.model.norm(taps["block6"]), pre_logits=True)  # (N, 64)
         torch.testing.assert_close(net.features(taps), ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(net(taps), net.head(ref), atol=1e-5, rtol=1e-5)
-        avg = create("last", {"pool": "avg"}, vit.info)
+        avg = create("last", {"pool": "avg"}, vit_taps.info)
         ref_avg = b.model.norm(taps["block6"])[:, 1:].mean(1)  # mean of the normalised patch tokens
         torch.testing.assert_close(avg.features(taps), ref_avg, atol=1e-5, rtol=1e-5)
         # the side network's output projections are what moves it off the backbone's feature
@@ -306,12 +298,12 @@ def test_last_bias_correction_cancels_cnn_projections(cnn: Fixture) -> None:
         torch.testing.assert_close(net.corrected(cnn.taps), cnn.taps["head"], atol=1e-4, rtol=1e-5)
 
 
-def test_last_tap_choice_follows_the_gap_rule(vit: Fixture, cnn: Fixture) -> None:
+def test_last_tap_choice_follows_the_gap_rule(vit_taps: Fixture, cnn: Fixture) -> None:
     def names(taps: list[TapInfo], gap: int) -> tuple[str | None, list[str]]:
         base, rungs = choose_taps(taps, gap)
         return (base.name if base else None), [t.name for t in rungs]
 
-    full = vit.info.taps  # embed, block1..block6
+    full = vit_taps.info.taps  # embed, block1..block6
     assert names(full, 1) == ("embed", ["block1", "block2", "block3", "block4", "block5", "block6"])
     assert names(full, 2) == ("embed", ["block2", "block4", "block6"])
     assert names(full, 4) == ("embed", ["block2", "block6"])  # 6 not divisible by 4: shorter first group
@@ -322,7 +314,7 @@ def test_last_tap_choice_follows_the_gap_rule(vit: Fixture, cnn: Fixture) -> Non
     assert names(subset, 4) == ("embed", ["block6"])
     assert names([t for t in full if t.name in ("block3", "block6")], 3) == (None, ["block3", "block6"])
     assert names(cnn.info.taps, 2) == ("stem", ["stage2", "stage4", "stage6", "head"])
-    net = create("last", {"taps": ["embed", "block1", "block5"]}, vit.info)
+    net = create("last", {"taps": ["embed", "block1", "block5"]}, vit_taps.info)
     assert (net.base_tap, net.rung_taps) == ("embed", ["block1", "block5"])
 
 
@@ -330,19 +322,19 @@ def test_last_tap_choice_follows_the_gap_rule(vit: Fixture, cnn: Fixture) -> Non
 # LST
 
 
-def test_lst_gates_start_at_one_half(vit: Fixture, cnn: Fixture) -> None:
-    for fx in (vit, cnn):
+def test_lst_gates_start_at_one_half(vit_taps: Fixture, cnn: Fixture) -> None:
+    for fx in (vit_taps, cnn):
         net = create("lst", None, fx.info)
         mu = net.gates()
         assert mu.shape == (len(fx.info.taps) - 1,)  # one gate per side block (all taps but the embedding)
         torch.testing.assert_close(mu, torch.full_like(mu, 0.5))
-    net = create("lst", {"taps": ["embed", "block2", "block4", "block6"]}, vit.info)  # layer dropping
+    net = create("lst", {"taps": ["embed", "block2", "block4", "block6"]}, vit_taps.info)  # layer dropping
     assert net.rung_taps == ["block2", "block4", "block6"] and len(net.blocks) == 3
 
 
-def _planted_state(vit: Fixture) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+def _planted_state(vit_taps: Fixture) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
     """test_vit weights (d=64, 2 heads of 32, MLP 192) with known largest-norm dims planted."""
-    state = {k: v.clone() for k, v in vit.backbone.model.state_dict().items()}
+    state = {k: v.clone() for k, v in vit_taps.backbone.model.state_dict().items()}
     res = [3, 11, 17, 30, 41, 50, 58, 63]  # d / r = 8 residual dims
     qk = [2, 9, 20, 31, 32 + 5, 32 + 6, 32 + 18, 32 + 30]  # 4 per head (side width 8 / 2 heads)
     v = [0, 7, 13, 25, 32 + 1, 32 + 2, 32 + 3, 32 + 29]
@@ -360,9 +352,9 @@ def _planted_state(vit: Fixture) -> tuple[dict[str, torch.Tensor], dict[str, lis
     return state, {"res": res, "qk": qk, "v": v, "mlp": mlp}
 
 
-def test_lst_pruned_init_copies_the_largest_norm_dims(vit: Fixture) -> None:
-    state, idx = _planted_state(vit)
-    info = MethodInput(vit.info.taps, 5, vit.info.final_norm, "vit", lambda: state, backbone_heads=2)
+def test_lst_pruned_init_copies_the_largest_norm_dims(vit_taps: Fixture) -> None:
+    state, idx = _planted_state(vit_taps)
+    info = MethodInput(vit_taps.info.taps, 5, vit_taps.info.final_norm, "vit", lambda: state, backbone_heads=2)
     net = create("lst", {"init": "prune", "heads": 2}, info)
     res, qk, v, mlp = (torch.tensor(idx[k]) for k in ("res", "qk", "v", "mlp"))
     assert net.kept_dims == idx["res"] and net.hidden == 24 and net.pruned_from == [0, 1, 2, 3, 4, 5]
@@ -377,8 +369,8 @@ def test_lst_pruned_init_copies_the_largest_norm_dims(vit: Fixture) -> None:
         torch.testing.assert_close(block.mlp.fc1.weight, state[p + "mlp.fc1.weight"][mlp][:, res])
         torch.testing.assert_close(block.mlp.fc2.weight, state[p + "mlp.fc2.weight"][res][:, mlp])
         torch.testing.assert_close(block.mlp.fc2.bias, state[p + "mlp.fc2.bias"][res])
-    torch.testing.assert_close(net.norm.weight, vit.info.final_norm["weight"][res])
-    x = vit.taps["block3"]
+    torch.testing.assert_close(net.norm.weight, vit_taps.info.final_norm["weight"][res])
+    x = vit_taps.taps["block3"]
     torch.testing.assert_close(net.down["block3"](x), x[..., res])  # ladders start as the kept-dim selection
     auto = create("lst", None, info)  # init="auto" prunes a ViT whose weights it has
     assert auto.kept_dims == idx["res"] and auto.config.init == "prune" and auto.config.heads == 2
@@ -387,15 +379,15 @@ def test_lst_pruned_init_copies_the_largest_norm_dims(vit: Fixture) -> None:
     assert not torch.allclose(random.blocks[0].attn.qkv.weight, net.blocks[0].attn.qkv.weight)
 
 
-def test_lst_pruned_init_errors(vit: Fixture, cnn: Fixture) -> None:
+def test_lst_pruned_init_errors(vit_taps: Fixture, cnn: Fixture) -> None:
     with pytest.raises(ConfigError, match=r"init: 'prune' copies ViT blocks.*use init=random"):
         create("lst", {"init": "prune"}, cnn.info)
-    no_state = MethodInput(vit.info.taps, 5, None, "vit")
+    no_state = MethodInput(vit_taps.info.taps, 5, None, "vit")
     with pytest.raises(ConfigError, match=r"init: 'prune' needs the backbone's weights"):
         create("lst", {"init": "prune"}, no_state)
     with pytest.raises(ConfigError, match=r"mlp_ratio: 4.0 differs from the backbone's MLP ratio 3"):
-        create("lst", {"init": "prune", "heads": 2, "mlp_ratio": 4}, vit.info)
-    wrong = MethodInput(vit.info.taps, 5, None, "vit", lambda: {"foo": torch.zeros(1)})
+        create("lst", {"init": "prune", "heads": 2, "mlp_ratio": 4}, vit_taps.info)
+    wrong = MethodInput(vit_taps.info.taps, 5, None, "vit", lambda: {"foo": torch.zeros(1)})
     with pytest.raises(ConfigError, match=r"no 'patch_embed.proj.weight'"):
         create("lst", {"init": "prune"}, wrong)
 

@@ -8,9 +8,9 @@ from click.testing import CliRunner
 
 from featcache.backbone import Backbone
 
-from featcache.vocabulary import BackboneSpec
+from featcache.manifest import BackboneSpec
 from featcache.cli import app
-from featcache.store.summary import describe_store
+from featcache.store.describe import describe_store
 
 from .conftest import TINY_VIT, make_separable_images, write_tap_store
 

@@ -16,7 +16,7 @@ from featcache.methods.base import MethodInput, TokenWeights, pool_tokens, to_gr
 from featcache.store.feature_store import FeatureStore
 from featcache.taps import pool_token_grid, pooled_info
 from featcache.training import train
-from featcache.vocabulary import Manifest, TapInfo
+from featcache.manifest import Manifest, TapInfo
 
 from .conftest import TINY_CNN, TINY_VIT
 from .helpers.stores import run_extract

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.vocabulary import TapInfo
+from featcache.manifest import TapInfo
 from featcache.errors import CorruptionError, StoreError, UsageError
 from featcache.store.feature_store import FeatureStore
 from featcache.store.codecs import encode
-from featcache.vocabulary import Manifest, SplitMeta
+from featcache.manifest import Manifest, SplitMeta
 from featcache.store.reader import TapDataset, choose_mode, open_reader
 
 N = 50

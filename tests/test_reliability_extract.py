@@ -294,7 +294,7 @@ _LEFT_RUNNING = textwrap.dedent("""
     atexit.register(lambda: print("sibling read at exit:", "done" if left[0].done() else "pending"))
     import asyncio
     if sys.argv[1] == "featcache":
-        import featcache.store.zarr_io  # noqa: F401
+        import featcache.store.zarr_shutdown  # noqa: F401
     from zarr.core.sync import sync
 
     async def bad_chunk():
@@ -333,7 +333,7 @@ def test_settle_pending_io_waits_for_reads_left_running(clean_store: Path, tmp_p
 
     from zarr.core.sync import sync
 
-    from featcache.store.zarr_io import settle_pending_io
+    from featcache.store.zarr_shutdown import settle_pending_io
 
     store = Path(shutil.copytree(clean_store, tmp_path / "s.zarr"))
     for k in range(6):

@@ -21,7 +21,7 @@ from zarr.codecs import Crc32cCodec
 from featcache.cli import app
 from featcache.sweep import expand
 from featcache.training import train
-from featcache.vocabulary import FORMAT_VERSION
+from featcache.manifest import FORMAT_VERSION
 
 from .helpers.processes import EXTRACT_KW, ROOT, TINY_ARGS, assert_one_error_line
 from .helpers.stores import hash_tree, run_files, shard_file

@@ -15,13 +15,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 import zarr
 from click.testing import CliRunner
 
 from featcache.backbone import Backbone
 
-from featcache.vocabulary import BackboneSpec
+from featcache.manifest import BackboneSpec
 from featcache.cli import app
 from featcache.training import train
 
@@ -33,24 +32,10 @@ from .helpers.stores import flip_byte, hash_tree, leftovers, run_files, shard_fi
 LONG_EPOCHS = 40  # long enough that an outside kill lands mid-run (well under 0.1 s per epoch here)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # every run of this module, in-process or not, on one thread: bitwise-comparable
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def vit() -> Backbone:
-    return Backbone(BackboneSpec(**TINY_VIT))
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory, vit: Backbone) -> Path:
     """96 training and 48 test images, 3 classes, shards of 16."""
     path = tmp_path_factory.mktemp("cache") / "cache.zarr"
-    torch.set_num_threads(1)
     for split, n, seed in (("train", 96, 0), ("test", 48, 1)):
         imgs, labels = make_separable_images(n, classes=3, seed=seed)
         write_tap_store(path, vit, imgs, labels, split)
@@ -61,7 +46,6 @@ def store(tmp_path_factory: pytest.TempPathFactory, vit: Backbone) -> Path:
 def short_run(store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """The uninterrupted run of the kill-point tests: LAST, lr 1e-3 and 3e-3, 4 epochs."""
     out = tmp_path_factory.mktemp("short") / "run"
-    torch.set_num_threads(1)
     train(str(store), "last", out, TRAIN_KW["settings"], TRAIN_KW["grid"], progress=False)
     return run_files(out)
 
@@ -75,7 +59,6 @@ def train_args(store: Path, out: Path, epochs: int = LONG_EPOCHS) -> list[str]:
 def long_run(store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """The uninterrupted run of the outside-kill tests, through the CLI."""
     out = tmp_path_factory.mktemp("long") / "run"
-    torch.set_num_threads(1)
     r = CliRunner().invoke(app, train_args(store, out))
     assert r.exit_code == 0, r.output
     return run_files(out)
@@ -156,7 +139,7 @@ def test_ctrl_c_in_a_real_train_process_says_how_to_resume(store: Path, tmp_path
 
 def test_ctrl_c_before_the_first_epoch_ends(store: Path, tmp_path: Path, short_run: dict,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import featcache.bank as bank
+    import featcache.member_bank as bank
 
     real = bank.MemberBank.train_step
 

@@ -12,22 +12,16 @@ import torch
 
 from featcache.backbone import Backbone
 from featcache.errors import ConfigError, Interrupted, StoreError, UsageError
-from featcache.selection import plan_evaluation, stratified_holdout
+from featcache.evaluation_plan import plan_evaluation, stratified_holdout
 from featcache.store.feature_store import FeatureStore
 from featcache.store.reader import open_reader
 from featcache.training import train
-from featcache.vocabulary import BackboneSpec
 
-from .conftest import TINY_VIT, make_separable_images, write_tap_store
+from .conftest import make_separable_images, write_tap_store
 from .helpers.processes import interrupted_run
 from .helpers.stores import run_extract
 
 SETTINGS = {"epochs": 4, "batch_size": 16}
-
-
-@pytest.fixture(scope="module")
-def vit() -> Backbone:
-    return Backbone(BackboneSpec(**TINY_VIT))
 
 
 def _store(path: Path, vit: Backbone, splits: dict[str, int], test_seed: int = 1, shuffle_test: bool = False,
@@ -150,7 +144,7 @@ def test_an_eval_split_with_views_is_scored_on_mean_logits(images: Path, tmp_pat
     stored = torch.from_numpy(np.asarray(split.read("block6"))).float()  # (12, 2, T, C)
     assert torch.equal(batches[0].taps["block6"], stored[:5].flatten(0, 1))  # both views of a sample, in order
 
-    from featcache.bank import MemberBank
+    from featcache.member_bank import MemberBank
     from featcache.methods.base import MethodInput
     from featcache.sweep import expand
 

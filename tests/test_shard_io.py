@@ -12,7 +12,7 @@ import pytest
 from featcache.errors import CorruptionError
 from featcache.store.feature_store import FeatureStore, SplitHandle
 from featcache.store.shard_io import ShardIO
-from featcache.vocabulary import Manifest, SplitMeta, TapInfo
+from featcache.manifest import Manifest, SplitMeta, TapInfo
 
 N, CHUNK, SHARD = 45, 4, 16  # 3 shards, the last one partial; chunks of 4, the array's last chunk padded
 RUNS = [(0, 16), (16, 32), (32, 45), (4, 12), (36, 45), (40, 45), (20, 24)]

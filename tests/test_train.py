@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from featcache.backbone import Backbone
 
-from featcache.vocabulary import BackboneSpec
+from featcache.manifest import BackboneSpec
 from featcache.checkpoint import load_checkpoint
 from featcache.cli import app
 from featcache.errors import CheckpointError, ConfigError, Interrupted
@@ -20,11 +20,6 @@ from featcache.training import train
 
 from .conftest import TINY_CNN, TINY_VIT, make_separable_images, write_tap_store
 from .helpers.processes import interrupted_run
-
-
-@pytest.fixture(scope="module")
-def vit() -> Backbone:
-    return Backbone(BackboneSpec(**TINY_VIT))
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +137,7 @@ def test_bank_member_equals_member_trained_alone(vit_store, tmp_path) -> None:
 @pytest.mark.parametrize("method", ["last", "lst"])
 def test_bank_member_loop_equals_vmap(vit, method) -> None:
     """CPU runs attention methods member by member; the result equals the vmapped bank, divergence included."""
-    from featcache.bank import MemberBank
+    from featcache.member_bank import MemberBank
     from featcache.methods.base import MethodInput
     from featcache.sweep import SweepMember
 

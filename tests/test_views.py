@@ -20,7 +20,7 @@ from featcache.errors import CheckpointError, UsageError
 from featcache.infer import load_predictor, predict
 from featcache.loader import view_dataset
 from featcache.data import open_source
-from featcache.selection import view_scoring
+from featcache.evaluation_plan import view_scoring
 from featcache.store.feature_store import FeatureStore
 from featcache.store.reader import open_reader
 from featcache.training import train

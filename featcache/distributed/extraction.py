@@ -34,7 +34,7 @@ from featcache.extraction import (ExtractOptions, ExtractReport, ShardRunStats, 
                                   resolve_options, run_extraction, runtime_settings)
 from featcache.progress import bar, say
 from featcache.store.feature_store import FeatureStore, SplitHandle
-from featcache.vocabulary import BackboneSpec
+from featcache.manifest import BackboneSpec
 
 from .cluster import check_shared_url, client_for, drain, shared_path, task_resources, worker_name
 

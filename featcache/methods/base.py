@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from ..config import Config, config, did_you_mean
 from ..errors import ConfigError
 from ..options import TRAIN_KEYS
-from ..vocabulary import TapInfo
+from ..manifest import TapInfo
 
 TRAINING_KEYS = frozenset(TRAIN_KEYS)  # the trainer's (--set routes keys by name): no method config may use them
 BACKBONE_KINDS = ("vit", "cnn")

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..vocabulary import TapInfo
+from ..manifest import TapInfo
 from ..config import config
 from .base import (MethodConfig, MethodInput, SideNetwork, TokenWeights, check, common_grid,
                    init_layernorm, make_head, normalize_taps, pool_tokens, register, to_grid)

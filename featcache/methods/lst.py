@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..vocabulary import TapInfo
+from ..manifest import TapInfo
 from ..errors import ConfigError, FeatcacheError
 from ..config import config
 from .base import (MethodConfig, MethodInput, SideNetwork, TokenWeights, check, common_grid,

@@ -27,7 +27,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from featcache.errors import StoreError
-from featcache.vocabulary import COMPRESSORS
+from featcache.manifest import COMPRESSORS
 
 # Codecs featcache reads. Each only reshapes, compresses or checksums bytes; anything else (an
 # object codec that unpickles, say, registered by some installed package) is refused before a

@@ -40,9 +40,9 @@ from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync
 
 from featcache.errors import CorruptionError, StoreError
-from featcache.vocabulary import DEFAULT_COMPRESSOR, Manifest, SplitMeta
+from featcache.manifest import DEFAULT_COMPRESSOR, Manifest, SplitMeta
 
-from . import zarr_io  # noqa: F401  (settles zarr's background tasks at exit)
+from . import zarr_shutdown  # noqa: F401  (settles zarr's background tasks at exit)
 from .codecs import (DECODE_HINTS, QERR_SUFFIX, SCALE_DTYPE, SCALE_DTYPE_ATTR, SCALE_SUFFIX, check_codecs,
                      compressor_codecs, decode, decode_scale, dequantize, is_eight_bit, scale_dtype_name, storage_dtype,
                      stored_bytes_per_row)
@@ -232,7 +232,7 @@ class SplitHandle:
         try:
             return arr[slice(start, stop)]
         except (ValueError, OSError, KeyError, RuntimeError, TypeError) as err:
-            zarr_io.settle_pending_io()
+            zarr_shutdown.settle_pending_io()
             last = (stop if stop is not None else arr.shape[0]) - 1
             rows = f"images {start or 0}..{last}"
             if name == COMPLETE:
@@ -496,7 +496,7 @@ class FeatureStore:
             except StoreError:
                 raise
             except Exception as err:  # missing (a crash while creating the store) or damaged  # noqa: BLE001
-                zarr_io.settle_pending_io()
+                zarr_shutdown.settle_pending_io()
                 raise CorruptionError(f"the backbone's final norm ({BACKBONE_GROUP}/norm_{k}) in {self.url} cannot be "
                                       f"read ({type(err).__name__}: {str(err)[:120]}); run featcache extract --resume "
                                       "--repair on this store") from None

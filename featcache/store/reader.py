@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from featcache.errors import CorruptionError, StoreError, UsageError
-from featcache.vocabulary import READER_MODES, STREAM_BUFFER_MB
+from featcache.manifest import READER_MODES, STREAM_BUFFER_MB
 
 from .codecs import (SCALE_SUFFIX, TORCH_DTYPES, decode, dequantize, is_eight_bit, scale_torch_dtype,
                      storage_numpy_dtype, storage_view, stored_bytes_per_row)

@@ -19,7 +19,7 @@ from zarr.core.sync import sync
 
 from featcache.errors import StoreError
 
-from . import zarr_io
+from . import zarr_shutdown
 from .feature_store import BACKBONE_GROUP, COMPLETE, FeatureStore, SplitHandle, split_array_specs
 from .codecs import SCALE_DTYPE, check_codecs
 
@@ -171,7 +171,7 @@ class SplitVerifier:
                 value = int(arr[k])
                 self.report.chunks_read += 1
             except Exception as err:  # noqa: BLE001
-                zarr_io.settle_pending_io()
+                zarr_shutdown.settle_pending_io()
                 self.problem("error", _describe(err), COMPLETE, f"chunk {k} (record of shard {k})", shard=k)
                 continue
             if value not in (0, 1):
@@ -201,7 +201,7 @@ class SplitVerifier:
             try:
                 values = arr[start:stop]
             except Exception as err:  # noqa: BLE001
-                zarr_io.settle_pending_io()
+                zarr_shutdown.settle_pending_io()
                 self.locate_damage(name, arr, k, err)
                 continue
             self.report.chunks_read += max(1, -(-(stop - start) // arr.chunks[0]))
@@ -221,7 +221,7 @@ class SplitVerifier:
             try:
                 arr[c0:min(c0 + step, stop)]
             except Exception as chunk_err:  # noqa: BLE001
-                zarr_io.settle_pending_io()
+                zarr_shutdown.settle_pending_io()
                 bad.append((c0 // step, c0, min(c0 + step, stop), chunk_err))
         total = -(-(stop - start) // step)
         if len(bad) == total and total > 1:

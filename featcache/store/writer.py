@@ -37,7 +37,7 @@ from .codecs import QERR_SUFFIX
 from .feature_store import COMPLETE, SPLIT_ATTR, FeatureStore, SplitHandle
 from .lock import SplitLock
 from .work_queue import WorkQueue
-from featcache.vocabulary import FORMAT_VERSION, Manifest, SplitMeta
+from featcache.manifest import FORMAT_VERSION, Manifest, SplitMeta
 
 log = logging.getLogger(__name__)
 

@@ -225,7 +225,7 @@ def child_extract(images: str, out: str, point: str | None, log: str | None = No
     from featcache.data import open_source
     from featcache.errors import FeatcacheError
     from featcache.extraction import extract
-    from featcache.vocabulary import BackboneSpec
+    from featcache.manifest import BackboneSpec
 
     kw = {**EXTRACT_KW, **(overrides or {})}
     threads = kw.pop("transform_threads", None)
@@ -302,7 +302,7 @@ def install_train_kill_point(point: str) -> None:
     import featcache.checkpoint as ck
     import featcache.rundir as rd
     import featcache.training as tr
-    from featcache.bank import MemberBank
+    from featcache.member_bank import MemberBank
     from featcache.rundir import RunDir
 
     if point == "mid-epoch":  # epoch 3, step 4: two epochs' state saved

@@ -12,7 +12,7 @@ import torch
 
 from featcache.backbone import Backbone
 
-from featcache.vocabulary import BackboneSpec
+from featcache.manifest import BackboneSpec
 from featcache.loader import TransformedDataset
 from featcache.extraction import ExtractReport, extract, open_split_source
 from featcache.store.feature_store import FeatureStore

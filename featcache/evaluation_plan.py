@@ -1,4 +1,4 @@
-"""Which data chooses, and which is only reported: validation for selection, the eval split for the record.
+"""The evaluation plan of a run: which data chooses (validation) and which is only reported (the eval split).
 
 Every choice a run makes (each member's best epoch, the sweep's best member) is made on validation data:
 - ``--val-split NAME``: a stored split; else the store's ``val`` split when it has one; else

@@ -1,4 +1,6 @@
-"""The shared vocabulary: value types and names every part of featcache speaks, with no heavy imports.
+"""The store format's manifest and split metadata, the value types they record, and the user-visible choices.
+
+No heavy imports: every part of featcache speaks these types.
 
 The store, the methods, training and the command line all use these; none of them needs torch, timm or
 zarr here, so importing ``featcache.store``, ``featcache.methods`` or ``featcache.training`` never loads timm

@@ -1,4 +1,4 @@
-"""A bank of K same-shaped side networks trained as one stacked module.
+"""A member bank: K same-shaped side networks trained as one stacked module.
 
 ``torch.func.stack_module_state`` stacks the K members' parameters into (K, ...) tensors and
 ``vmap(functional_call)`` runs all members on the same batch in shared kernels. Each member keeps its

@@ -1,4 +1,4 @@
-"""Keep zarr's background I/O tasks from printing tracebacks at interpreter exit.
+"""Shutting zarr down quietly: its background I/O tasks settle instead of printing tracebacks at interpreter exit.
 
 zarr 3.1 runs its I/O on an event loop in a daemon thread. When one chunk of a multi-chunk read
 fails (a checksum mismatch), ``asyncio.gather`` hands the error back at once but leaves the

@@ -1,4 +1,4 @@
-"""``describe_store``: what a store holds, as one JSON-ready dict, and its human rendering.
+"""Describing a store for ``inspect``: what it holds, as one JSON-ready dict, and its human rendering.
 
 The dict is what ``featcache inspect --json`` prints: ``{"featcache_format", "featcache_version",
 "store", "backbone", "dtype", "splits": {NAME: {"num_samples", "complete", "taps": {...}, ...}},

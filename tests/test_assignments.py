@@ -1,7 +1,7 @@
 import pytest
 
 from featcache.errors import UsageError
-from featcache.keyvalue import parse_assignments, parse_grid, parse_value
+from featcache.assignments import parse_assignments, parse_grid, parse_value
 
 
 @pytest.mark.parametrize("text,value", [("224", 224), ("1e-3", 1e-3), ("0.5", 0.5), ("true", True), ("False", False),
