@@ -137,15 +137,17 @@ def score_test(store: Path, checkpoint: Path, batch_size: int = 256) -> tuple[fl
     return correct / total, time.perf_counter() - t0
 
 
-def run_entry(name: str, entry: Entry, store: Path, epochs: int, seed: int, extra: dict[str, Any]) -> dict[str, Any]:
-    """Train one entry from the cache (val selects the epoch), then score its chosen epoch on test once."""
+def run_entry(name: str, entry: Entry, store: Path, epochs: int, seed: int, extra: dict[str, Any],
+              grid: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Train one entry from the cache (val selects the epoch, and the member of a ``grid``), then score the chosen
+    epoch of the chosen member on test once."""
     from featcache.infer import backbone_state_loader
     from featcache.training import train
 
     settings = {"epochs": epochs, "seed": seed, **entry.settings, **extra}
     out = Path(tempfile.mkdtemp(prefix=f"lst-vit-{name}-"))
     try:
-        summary = train(str(train_val_view(store)), entry.method, out, settings, val_split="val", progress=False,
+        summary = train(str(train_val_view(store)), entry.method, out, settings, grid, val_split="val", progress=False,
                         reader="stream",  # resident taps (5 GB for train + val) got OOM-killed on the shared machine
                         overwrite=True, tensorboard=False, backbone_state=backbone_state_loader(str(store)))
         best = summary["best"]
@@ -159,7 +161,13 @@ def run_entry(name: str, entry: Entry, store: Path, epochs: int, seed: int, extr
            "val_acc": best["val_acc"], "epoch": best["epoch"], "epochs": epochs, "test_acc": test_acc,
            "train_wall_s": summary["wall_seconds"], "test_eval_s": test_s, "params": member["params"],
            "samples_per_s": summary["samples_per_second"],
-           "val_curve": [r.get("val_acc") for r in history], "train_loss": [r.get("train_loss") for r in history]}
+           "member": best["name"], "grid": grid or {},
+           "val_curve": [r.get("val_acc") for r in history if r["member"] == best["name"]],
+           "train_loss": [r.get("train_loss") for r in history if r["member"] == best["name"]],
+           "members": {m["name"]: {"val_acc": m["best"]["val_acc"] if m["best"] else None,
+                                   "epoch": m["best"]["epoch"] if m["best"] else None, "status": m["status"],
+                                   "val_curve": [r.get("val_acc") for r in history if r["member"] == m["name"]]}
+                       for m in summary["members"]}}
     say(f"  lst-vit {name}: val {row['val_acc']:.4f} (epoch {row['epoch']}), test {test_acc:.4f}, "
         f"{row['train_wall_s']:.0f}s, {row['params']:,} params")
     return row
@@ -224,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     rn.add_argument("--epochs", type=int, default=10)
     rn.add_argument("--seed", type=int, default=0)
     rn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="added to every entry")
+    rn.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a sweep; val chooses")
     rn.add_argument("--tag", default="", help="suffix of the row names (e.g. for --set variants)")
     rn.add_argument("--name", default="lst-vit-cpu")
     lo = sub.add_parser("lora", help="LoRA on the same images and epochs")
@@ -246,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
                         f"test {TEST_N} (--limit)", "threads": torch.get_num_threads(),
                 "protocol": "epoch chosen on val; test scored once (the chosen epoch's checkpoint)"}
         for name in args.entries.split(","):
-            row = run_entry(name, ENTRIES[name], args.store, args.epochs, args.seed, extra)
+            grid = {k: v.split(",") for k, v in (kv.split("=", 1) for kv in args.grid)}
+            row = run_entry(name, ENTRIES[name], args.store, args.epochs, args.seed, extra, grid)
             row["command"] = " ".join(["python -m benchmarks.lst_vit", *(argv if argv is not None else sys.argv[1:])])
             row["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
             save(RESULTS / f"{args.name}.json", {name + args.tag: row}, meta)
