@@ -161,7 +161,7 @@ def run_entry(name: str, entry: Entry, store: Path, epochs: int, seed: int, extr
            "val_acc": best["val_acc"], "epoch": best["epoch"], "epochs": epochs, "test_acc": test_acc,
            "train_wall_s": summary["wall_seconds"], "test_eval_s": test_s, "params": member["params"],
            "samples_per_s": summary["samples_per_second"],
-           "member": best["name"], "grid": grid or {},
+           "member": best["name"], "grid": grid or {}, "lr": member["config"]["lr"],
            "val_curve": [r.get("val_acc") for r in history if r["member"] == best["name"]],
            "train_loss": [r.get("train_loss") for r in history if r["member"] == best["name"]],
            "members": {m["name"]: {"val_acc": m["best"]["val_acc"] if m["best"] else None,
@@ -221,6 +221,29 @@ def save(path: Path, rows: dict[str, Any], meta: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
+def describe_init(row: dict[str, Any]) -> str:
+    """The init column: what the resolved config says (LoRA and the probe: '-')."""
+    cfg = row.get("resolved_config") or {}
+    if row["method"] != "lst":
+        return "-"
+    return f"pruned ({cfg.get('prune_by', 'magnitude')})" if cfg.get("init") == "prune" else cfg.get("init", "?")
+
+
+def table(path: Path) -> str:
+    """The results as a Markdown table (rows in file order)."""
+    data = json.loads(path.read_text())
+    lines = ["| row | method | init | lr | val acc (chooses) | test acc (once) | epoch chosen | train wall | "
+             "trainable params |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in data["rows"].items():
+        lr = r.get("lr") or r.get("settings", {}).get("lr", 1e-3)  # rows written before "lr" was recorded: the default
+        epoch = f"{r['epoch']} of {r.get('epochs', r.get('epochs_requested'))}"
+        if r["method"] == "lora":
+            epoch = f"last ({r['epoch']})"
+        lines.append(f"| {name} | {r['method']} | {describe_init(r)} | {lr} | {100 * r['val_acc']:.1f}% | "
+                     f"{100 * r['test_acc']:.1f}% | {epoch} | {r['train_wall_s'] / 60:.0f} min | {r['params']:,} |")
+    return "\n".join(lines)
+
+
 def number(text: str) -> Any:
     """'3e-3' -> 0.003, '8' -> 8, anything else unchanged (training keys are not coerced from text)."""
     for kind in (int, float):
@@ -245,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     rn.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a sweep; val chooses")
     rn.add_argument("--tag", default="", help="suffix of the row names (e.g. for --set variants)")
     rn.add_argument("--name", default="lst-vit-cpu")
+    tb = sub.add_parser("table", help="print the results as a Markdown table")
+    tb.add_argument("--name", default="lst-vit-cpu")
     lo = sub.add_parser("lora", help="LoRA on the same images and epochs")
     lo.add_argument("--epochs", type=int, default=10)
     lo.add_argument("--batch-size", type=int, default=32)
@@ -270,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
             row["command"] = " ".join(["python -m benchmarks.lst_vit", *(argv if argv is not None else sys.argv[1:])])
             row["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
             save(RESULTS / f"{args.name}.json", {name + args.tag: row}, meta)
+    elif args.command == "table":
+        print(table(RESULTS / f"{args.name}.json"))
     elif args.command == "lora":
         row = run_lora(args.epochs, args.batch_size, args.seed, args.lr, args.rank)
         row["command"] = " ".join(["python -m benchmarks.lst_vit", *(argv if argv is not None else sys.argv[1:])])
