@@ -126,7 +126,7 @@ def score_test(store: Path, checkpoint: Path, batch_size: int = 256) -> tuple[fl
     t0 = time.perf_counter()
     net = load_checkpoint(checkpoint).network.eval()
     split = FeatureStore.open(str(store)).split("test")
-    if not split.complete():
+    if not split.complete:
         raise SystemExit(f"the test split of {store} is incomplete: finish it (python -m benchmarks.lst_vit extract)")
     reader = open_reader(split, net.required_taps, "stream", batch_size, shuffle=False)
     correct = total = 0
@@ -146,17 +146,18 @@ def run_entry(name: str, entry: Entry, store: Path, epochs: int, seed: int, extr
 
     settings = {"epochs": epochs, "seed": seed, **entry.settings, **extra}
     out = Path(tempfile.mkdtemp(prefix=f"lst-vit-{name}-"))
-    try:
-        summary = train(str(train_val_view(store)), entry.method, out, settings, grid, val_split="val", progress=False,
-                        reader="stream",  # resident taps (5 GB for train + val) got OOM-killed on the shared machine
-                        overwrite=True, tensorboard=False, backbone_state=backbone_state_loader(str(store)))
-        best = summary["best"]
-        member = next(m for m in summary["members"] if m["name"] == best["name"])
-        test_acc, test_s = score_test(store, Path(member["checkpoint"]))
-        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        config = json.loads((Path(member["checkpoint"]) / "config.json").read_text())["method_config"]
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+    summary = train(str(train_val_view(store)), entry.method, out, settings, grid, val_split="val", progress=False,
+                    reader="stream",  # resident taps (5 GB for train + val) got OOM-killed on the shared machine
+                    overwrite=True, tensorboard=False, backbone_state=backbone_state_loader(str(store)))
+    best = summary["best"]
+    member = next(m for m in summary["members"] if m["name"] == best["name"])
+    test_acc, test_s = score_test(store, Path(member["checkpoint"]))
+    # each member's own val-chosen epoch, scored once: a row of its own in the table, never a choice among members
+    tests = {m["name"]: score_test(store, Path(m["checkpoint"]))[0] if m["name"] != member["name"] else test_acc
+             for m in summary["members"] if m["best"] is not None}
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    config = json.loads((Path(member["checkpoint"]) / "config.json").read_text())["method_config"]
+    shutil.rmtree(out, ignore_errors=True)  # kept when anything above failed (the run can be scored again)
     row = {"method": entry.method, "settings": settings, "note": entry.note, "resolved_config": config,
            "val_acc": best["val_acc"], "epoch": best["epoch"], "epochs": epochs, "test_acc": test_acc,
            "train_wall_s": summary["wall_seconds"], "test_eval_s": test_s, "params": member["params"],
@@ -166,6 +167,7 @@ def run_entry(name: str, entry: Entry, store: Path, epochs: int, seed: int, extr
            "train_loss": [r.get("train_loss") for r in history if r["member"] == best["name"]],
            "members": {m["name"]: {"val_acc": m["best"]["val_acc"] if m["best"] else None,
                                    "epoch": m["best"]["epoch"] if m["best"] else None, "status": m["status"],
+                                   "lr": m["config"]["lr"], "test_acc": tests.get(m["name"]),
                                    "val_curve": [r.get("val_acc") for r in history if r["member"] == m["name"]]}
                        for m in summary["members"]}}
     say(f"  lst-vit {name}: val {row['val_acc']:.4f} (epoch {row['epoch']}), test {test_acc:.4f}, "
