@@ -216,11 +216,16 @@ def run_lora(epochs: int, batch_size: int, seed: int, lr: float, rank: int) -> d
 
 
 def save(path: Path, rows: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Merge ``rows`` into the result file (earlier rows of other entries are kept)."""
-    data = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
-    data.update(meta)
-    data["rows"].update(rows)
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    """Merge ``rows`` into the result file (earlier rows of other entries are kept; runs in parallel processes
+    take turns through a lock file)."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+        data.update(meta)
+        data["rows"].update(rows)
+        path.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def describe_init(row: dict[str, Any]) -> str:
