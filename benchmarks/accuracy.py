@@ -38,19 +38,24 @@ VIEWS = 4  # augmented views per training image of the *-views entries
 @dataclass(frozen=True)
 class Entry:
     """One featcache row of the accuracy table: a method, its settings, a grid (a sweep chooses its member on
-    validation) and the training split it reads."""
+    validation), the training split it reads, the split it is tested on and whether both validation and test are
+    scored on the mean logits of all cached views (``tta``, ``featcache train --tta``). A split named
+    ``<train|test>_views<K>`` holds K views of the training (test) images: view 0 the eval transform."""
 
     method: str
     settings: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
     split: str = "train"
+    eval_split: str = "test"
+    tta: bool = False
 
 
 ENTRIES: dict[str, Entry] = {
     "linear": Entry("linear"), "last": Entry("last"), "lst": Entry("lst"),
     "linear+aug": Entry("linear", {"aug": FEATURE_AUG}), "last+aug": Entry("last", {"aug": FEATURE_AUG}),
     "lst+aug": Entry("lst", {"aug": FEATURE_AUG}),
-    "last-views4": Entry("last", split=f"train_views{VIEWS}"),
+    "last-views4": Entry("last", split=f"train_views{VIEWS}"),  # tested on the eval transform (= view 0)
+    "last-views4-tta": Entry("last", split=f"train_views{VIEWS}", eval_split=f"test_views{VIEWS}", tta=True),
     "last-sweep": Entry("last", grid={"lr": [1e-3, 3e-3], "aug": ["none", FEATURE_AUG]}),
 }
 
@@ -70,21 +75,23 @@ def side_methods(store_path: Path, entries: list[str], epochs: int, batch_size: 
         settings = {k: v for k, v in settings.items() if k not in entry.grid}
         try:
             t0 = time.perf_counter()
-            summary = train(store_path, entry.method, out, settings, entry.grid, eval_split="test", split=entry.split,
-                            reader="auto", device=device, progress=False, overwrite=True,
-                            tensorboard=False)
+            summary = train(store_path, entry.method, out, settings, entry.grid, eval_split=entry.eval_split,
+                            split=entry.split, reader="auto", device=device, progress=False, overwrite=True,
+                            tensorboard=False, tta=entry.tta)
             seconds = time.perf_counter() - t0
             history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         finally:
             shutil.rmtree(out, ignore_errors=True)
-        best = summary["best"]
+        best, test = summary["best"], f"{entry.eval_split}_acc"
         m = next(x for x in summary["members"] if x["name"] == best["name"])
-        rows[name] = {"test_acc": best["test_acc"], "val_acc": best["val_acc"], "best_epoch": best["epoch"],
+        rows[name] = {"test_acc": best[test], "val_acc": best["val_acc"], "best_epoch": best["epoch"],
                       "selected_on": best["selected_on"], "heldout": best.get("heldout_size"),
                       "members": len(summary["members"]), "selected_member": best["name"],
-                      "last_epoch_test_acc": m["metrics"]["test_acc"], "train_acc": m["metrics"]["train_acc"],
-                      "test_selected_acc": max(row["test_acc"] for row in history if "test_acc" in row),
+                      "last_epoch_test_acc": m["metrics"][test], "train_acc": m["metrics"]["train_acc"],
+                      "test_selected_acc": max(row[test] for row in history if test in row),
                       "train_s": seconds, "epochs": epochs, "params": m["params"], "split": entry.split,
+                      "eval_split": entry.eval_split, "tta": entry.tta,
+                      "scored_on": {k: v["scored_on"] for k, v in summary["evaluation"]["splits"].items()},
                       "samples_per_s": summary["samples_per_second"], "lr": m["config"]["lr"],
                       "aug": m["config"].get("aug", "none")}
         say(f"  acc {name}: test {rows[name]['test_acc']:.4f} (val {rows[name]['val_acc']:.4f}, {best['name']}) "
@@ -160,10 +167,11 @@ def measure_accuracy(model: str, train_n: int | None, test_n: int | None, epochs
         store = build_store(preset, {"train": (spec_train, train_n), "test": (spec_test, test_n)}, store_path,
                             torch.device(device), batch_size)
         say(f"  acc: extracted {store.splits} in {sum(store.seconds.values()):.0f}s ({store.extraction})")
-    extra = {ENTRIES[m].split for m in methods} - set(store.splits)  # e.g. augmented views of the training images
-    for split in sorted(extra):
+    extra = {s for m in methods for s in (ENTRIES[m].split, ENTRIES[m].eval_split)} - set(store.splits)
+    for split in sorted(extra):  # views of the training (test) images: <train|test>_views<K>
         views = int(split.rsplit("views", 1)[1])
-        more = build_store(preset, {split: (spec_train, train_n, {"views": views})}, store_path, torch.device(device),
+        spec, n = (spec_test, test_n) if split.startswith("test") else (spec_train, train_n)
+        more = build_store(preset, {split: (spec, n, {"views": views})}, store_path, torch.device(device),
                            batch_size, fresh=False)
         store.splits.update(more.splits)
         store.seconds.update(more.seconds)

@@ -1,7 +1,7 @@
 """Compact caches side by side (issue 21): what 8-bit codes, token pooling and fewer taps cost and save.
 
 The same images are extracted once per cache variant (``VARIANTS``): ``fp16-all`` (float16, every tap: the
-cache as it was), ``int8`` (int8 codes and one float16 scale per token row), ``pool2`` (float16, each 2x2
+cache as it was), ``int8`` (int8 codes and one bfloat16 scale per token row), ``pool2`` (float16, each 2x2
 window of patch tokens averaged), ``every2`` (float16, only LAST's inputs at gap 2: ``--layers every:2``) and
 ``compact`` (all three); ``fp8`` (float8_e4m3 codes) on request (``--variants ...,fp8``). Then, per stage:
 
@@ -82,11 +82,11 @@ class Variant:
 
 VARIANTS: dict[str, Variant] = {v.key: v for v in (
     Variant(BASE, "float16, every tap"),
-    Variant("int8", "int8 codes + a float16 scale per token row", dtype="int8"),
+    Variant("int8", "int8 codes + a bfloat16 scale per token row", dtype="int8"),
     Variant("pool2", "float16, 2x2 windows of patch tokens averaged", pool_tokens=2),
     Variant("every2", f"float16, LAST's inputs only (--layers every:{LAST_GAP})", layers=f"every:{LAST_GAP}"),
     Variant("compact", f"int8 + pool 2 + every:{LAST_GAP}", dtype="int8", pool_tokens=2, layers=f"every:{LAST_GAP}"),
-    Variant("fp8", "float8_e4m3 codes + a float16 scale per token row", dtype="float8_e4m3"),
+    Variant("fp8", "float8_e4m3 codes + a bfloat16 scale per token row", dtype="float8_e4m3"),
 )}
 DEFAULT_VARIANTS = ("fp16-all", "int8", "pool2", "every2", "compact")
 

@@ -27,7 +27,7 @@ from .options import cluster_options, data_options, storage_option
                    "split's recorded one with --resume].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True,
-              help="Cache dtype; int8 and float8_e4m3 store 8-bit codes and one float16 scale per token row.")
+              help="Cache dtype; int8 and float8_e4m3 store 8-bit codes and one bfloat16 scale per token row.")
 @click.option("--pool-tokens", type=int, default=1, show_default=True, metavar="K",
               help="Average each KxK window of every tap's patch-token grid (prefix tokens kept); predict does the "
                    "same.")
@@ -36,9 +36,11 @@ from .options import cluster_options, data_options, storage_option
 @click.option("--repair", is_flag=True,
               help="With --resume: read the whole split first and recompute the shards whose data is damaged.")
 @click.option("--compressor", type=click.Choice(COMPRESSORS), default=None,
-              help=f"Chunk compressor [default: {DEFAULT_COMPRESSOR}, or the split's recorded one with --resume].")
+              help="Chunk compressor; auto: lz4 for the taps that a probe batch shows compressible (post-ReLU maps), "
+                   f"none for dense ones [default: {DEFAULT_COMPRESSOR}, or the split's recorded one with --resume].")
 @click.option("--views", type=int, default=1, show_default=True,
-              help="Augmented views per image (training transform, deterministic per image); 1 = eval transform.")
+              help="Views per image: view 0 the eval transform, views 1..K-1 training-transform draws (deterministic per "
+                   "image and view); 1 = the eval transform alone.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Augmentation seed for --views > 1.")
 @click.option("--image-size", type=int, default=None, help="Square input size (overrides the model's).")
 @click.option("--crop-pct", type=float, default=None,

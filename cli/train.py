@@ -40,6 +40,10 @@ from .options import cluster_options, device_option, json_option, print_json, qu
 @click.option("--tensorboard/--no-tensorboard", default=None,
               help="Also write the metrics as TensorBoard event files in RUNDIR/tensorboard/MEMBER (default: when the "
                    "tensorboard package is installed).")
+@click.option("--tta", is_flag=True,
+              help="Test-time augmentation: score splits extracted with --views K on the mean logits of all K views "
+                   "(view 0 eval transform, the others training draws) instead of view 0 alone; predict --tta "
+                   "computes the same.")
 @device_option
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in RUNDIR from its last finished epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
@@ -50,8 +54,8 @@ from .options import cluster_options, device_option, json_option, print_json, qu
 def command(store: str, method: str, out: str, epochs: int | None, batch_size: int | None, lr: float | None,
             settings: tuple[str, ...], grid: tuple[str, ...], sweep_file: str | None, split: str, val_fraction: float,
             val_split: str | None, select_on: str | None, eval_split: str | None,
-            reader: str, stream_buffer_mb: float | None, prefetch: int | None, tensorboard: bool | None, device: str,
-            resume: bool,
+            reader: str, stream_buffer_mb: float | None, prefetch: int | None, tensorboard: bool | None, tta: bool,
+            device: str, resume: bool,
             overwrite: bool, workers: int | None, scheduler: str | None,
             storage_options: tuple[str, ...], as_json: bool, quiet: bool) -> None:
     """Train side networks on the cached taps in STORE; never runs the backbone.
@@ -76,7 +80,7 @@ def command(store: str, method: str, out: str, epochs: int | None, batch_size: i
     options = TrainOptions(split=split, val_fraction=val_fraction, val_split=val_split, select_on=select_on,
                            eval_split=eval_split, reader=reader, stream_buffer_mb=stream_buffer_mb,
                            prefetch=prefetch, device=device, resume=resume, overwrite=overwrite, progress=not quiet,
-                           storage_options=storage, tensorboard=tensorboard)
+                           storage_options=storage, tensorboard=tensorboard, tta=tta)
     if workers is not None or scheduler is not None:
         from featcache.scale import train_on_cluster
 

@@ -14,8 +14,12 @@ order of the names, per-sample ones before the batch mixing, as image pipelines 
   maps back. Brightness adds delta ~ U(-b, b), drawn per sample and per channel; mapped back this is
   x + delta * (max_c - min_c). Contrast (off by default) scales around the sample's channel mean,
   m + gamma (x - m), gamma ~ U(1 - k, 1 + k). Brightness was the paper's best single augmentation and the
-  per-channel draws its best variant. min_c / max_c: over the batch's tokens and samples (an in-batch
-  estimate of the data set's range, one per tap and channel). Every token, prefix tokens included.
+  per-channel draws its best variant. min_c / max_c are statistics of the training features, as in the
+  paper: computed once per run over every token, sample and view of the training split (``FeatureStats``,
+  ``feature_stats``; featcache.training records them in RUNDIR), never from the batch, so a sample's
+  augmentation does not depend on the other samples of its batch or on the batch size. Every token, prefix
+  tokens included. A sample's draws (gamma and delta of every tap) are row i of one (B, 2, sum of C) draw:
+  the same for sample 0 whatever the batch size.
 - ``tokendrop``: round(rate * P) of a sample's P patch tokens are replaced by the mean of its kept patch
   tokens; prefix (CLS, register) tokens are kept. Replacing (instead of removing, which changes T and
   breaks batched shapes, or zeroing with a 1/(1 - p) rescale as dropout does, which puts constant
@@ -56,7 +60,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -171,6 +176,54 @@ class AugmentedBatch:
         return t * (1 - smoothing) + smoothing / num_classes
 
 
+@dataclass
+class FeatureStats:
+    """FroFA's x_min and x_max: per tap, the per-channel minimum and maximum of the training features (every token,
+    sample and view), computed once before training (``feature_stats``)."""
+
+    low: dict[str, Tensor]  # tap -> (C,) float32
+    high: dict[str, Tensor]  # tap -> (C,) float32
+    samples: int = 0  # feature rows (samples x views) the statistics were taken over
+    _spans: dict[tuple[str, str], Tensor] = field(default_factory=dict, repr=False)
+
+    def span(self, name: str, device: torch.device | str = "cpu") -> Tensor:
+        """(C,) max_c - min_c of tap ``name`` on ``device`` (moved there once)."""
+        if name not in self.low:
+            raise ConfigError(f"frofa: the feature statistics hold no tap {name!r} (they have "
+                              f"{', '.join(self.low) or 'none'}); compute them over every tap the batch holds")
+        key = (name, str(device))
+        if key not in self._spans:
+            self._spans[key] = (self.high[name] - self.low[name]).to(device)
+        return self._spans[key]
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """{"<tap>/min": (C,), "<tap>/max": (C,)} for a safetensors file."""
+        return {**{f"{k}/min": v for k, v in self.low.items()}, **{f"{k}/max": v for k, v in self.high.items()}}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], samples: int = 0) -> "FeatureStats":
+        taps = sorted({k.rsplit("/", 1)[0] for k in tensors})
+        return cls({t: tensors[f"{t}/min"].float() for t in taps}, {t: tensors[f"{t}/max"].float() for t in taps},
+                   samples)
+
+
+def feature_stats(batches: Iterable[dict[str, Tensor]]) -> FeatureStats:
+    """Per tap and channel, the minimum and maximum over every token of every batch ({tap: (N, T, C)}): one pass."""
+    low: dict[str, Tensor] = {}
+    high: dict[str, Tensor] = {}
+    rows = 0
+    for taps in batches:
+        for name, x in taps.items():
+            lo, hi = torch.aminmax(x.float().reshape(-1, x.shape[-1]), dim=0)
+            lo, hi = lo.cpu(), hi.cpu()
+            low[name] = torch.minimum(low[name], lo) if name in low else lo
+            high[name] = torch.maximum(high[name], hi) if name in high else hi
+        rows += next(iter(taps.values())).shape[0] if taps else 0
+    if not low:
+        raise ConfigError("frofa: no training features to take the channel statistics from")
+    return FeatureStats(low, high, rows)
+
+
 def batch_generator(seed: int, epoch: int, step: int) -> torch.Generator:
     """A CPU generator seeded from (seed, epoch, step): the same batch augments alike in a resumed run."""
     state = np.random.SeedSequence([int(seed) & (2**63 - 1), int(epoch), int(step)]).generate_state(1, np.uint64)[0]
@@ -178,8 +231,9 @@ def batch_generator(seed: int, epoch: int, step: int) -> torch.Generator:
 
 
 def augment(taps: dict[str, Tensor], labels: Tensor, infos: dict[str, TapInfo], cfg: AugmentConfig,
-            generator: torch.Generator) -> AugmentedBatch:
-    """Augment one batch (module doc). ``infos``: the TapInfo of every tap in ``taps`` (grids, prefix tokens).
+            generator: torch.Generator, stats: FeatureStats | None = None) -> AugmentedBatch:
+    """Augment one batch (module doc). ``infos``: the TapInfo of every tap in ``taps`` (grids, prefix tokens);
+    ``stats``: the training features' channel ranges (``feature_stats``), which ``frofa`` needs.
 
     The input tensors are never modified; ``aug="none"`` returns them as they are.
     """
@@ -188,8 +242,13 @@ def augment(taps: dict[str, Tensor], labels: Tensor, infos: dict[str, TapInfo], 
     order = _check(taps, labels, infos)
     out = dict(taps)
     if "frofa" in cfg.names:
-        for n in order:
-            out[n] = frofa(out[n], cfg.frofa_brightness, cfg.frofa_contrast, generator)
+        if stats is None:
+            raise ConfigError("frofa needs the per-channel minimum and maximum of the training features "
+                              "(augment(..., stats=feature_stats(...))); featcache train computes them once per run")
+        widths = [out[n].shape[-1] for n in order]  # one draw for every tap: sample i's draws are row i, whatever B
+        draws = (2 * _rand((labels.shape[0], 2, sum(widths)), generator) - 1).split(widths, dim=-1)
+        for n, u in zip(order, draws):
+            out[n] = shift_channels(out[n], u, cfg.frofa_brightness, cfg.frofa_contrast, stats.span(n, out[n].device))
     if "tokendrop" in cfg.names:
         out = token_drop(out, [infos[n] for n in order], cfg.tokendrop_rate, generator)
     mix = [n for n in ("mixup", "cutmix") if n in cfg.names]
@@ -211,25 +270,35 @@ def augment(taps: dict[str, Tensor], labels: Tensor, infos: dict[str, TapInfo], 
 # The augmentations
 
 
-def frofa(x: Tensor, brightness: float, contrast: float, generator: torch.Generator) -> Tensor:
-    """Channel-wise FroFA on (B, T, C): m + gamma (x - m) + delta (max_c - min_c), per sample and channel."""
+def frofa(x: Tensor, brightness: float, contrast: float, generator: torch.Generator, span: Tensor) -> Tensor:
+    """Channel-wise FroFA on (B, T, C): m + gamma (x - m) + delta span, per sample and channel; ``span`` (C,): the
+    training features' max_c - min_c (``FeatureStats.span``)."""
     b, _, c = x.shape
+    return shift_channels(x, 2 * _rand((b, 2, c), generator) - 1, brightness, contrast, span)
+
+
+def shift_channels(x: Tensor, u: Tensor, brightness: float, contrast: float, span: Tensor) -> Tensor:
+    """FroFA on (B, T, C) with the draws ``u`` (B, 2, C) in [-1, 1): gamma = 1 + u[:, 0] contrast, delta =
+    u[:, 1] brightness."""
+    c = x.shape[-1]
+    if span.shape != (c,):
+        raise ConfigError(f"frofa: the channel span has shape {tuple(span.shape)}, the tap has {c} channels")
+    u = u.to(x.device)
     xf = x.float()
     out = xf
     if contrast > 0:
-        gamma = 1 + (2 * _rand((b, 1, c), generator) - 1).to(x.device) * contrast  # (B, 1, C)
+        gamma = 1 + u[:, :1] * contrast  # (B, 1, C)
         mean = xf.mean(dim=1, keepdim=True)  # (B, 1, C)
         out = mean + gamma * (xf - mean)
     if brightness > 0:
-        span = xf.amax(dim=(0, 1), keepdim=True) - xf.amin(dim=(0, 1), keepdim=True)  # (1, 1, C)
-        delta = (2 * _rand((b, 1, c), generator) - 1).to(x.device) * brightness  # (B, 1, C)
-        out = out + delta * span
+        out = out + u[:, 1:] * brightness * span.to(x.device, torch.float32)  # (B, 1, C) x (C,)
     return out.to(x.dtype)
 
 
 def token_drop(taps: dict[str, Tensor], infos: list[TapInfo], rate: float,
                generator: torch.Generator) -> dict[str, Tensor]:
-    """Replace round(rate * P) patch tokens per sample by the mean of the kept ones, same positions in every tap."""
+    """Replace round(rate * P) patch tokens per sample by the mean of the kept ones (pooled windows weighing by
+    size), same positions in every tap."""
     ref = _finest_grid(infos)
     p_ref = ref[0] * ref[1]
     k = int(round(rate * p_ref))
@@ -254,6 +323,9 @@ def token_drop(taps: dict[str, Tensor], infos: list[TapInfo], rate: float,
         p = info.prefix_tokens
         patches = x[:, p:].float()  # (B, P, C)
         keep = (~drop).unsqueeze(-1).float()  # (B, P, 1)
+        weights = info.patch_weights()  # pooled windows of different sizes weigh by size
+        if weights is not None:
+            keep = keep * torch.tensor(weights, device=keep.device).view(1, -1, 1)
         mean = (patches * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True)  # (B, 1, C)
         new = torch.where(drop.unsqueeze(-1), mean, patches).to(x.dtype)
         out[info.name] = torch.cat([x[:, :p], new], dim=1) if p else new
@@ -330,5 +402,5 @@ def _overlap(n: int, n_ref: int, lo: int, hi: int) -> Tensor:
     return covered / n_ref
 
 
-__all__ = ["AUGMENTATIONS", "AUG_KEYS", "AugmentConfig", "AugmentedBatch", "augment", "batch_generator", "frofa",
-           "token_drop", "cutmix"]
+__all__ = ["AUGMENTATIONS", "AUG_KEYS", "AugmentConfig", "AugmentedBatch", "FeatureStats", "augment", "batch_generator",
+           "feature_stats", "frofa", "token_drop", "cutmix"]

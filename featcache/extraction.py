@@ -7,7 +7,7 @@ shards, finalize. Only how the shards run differs, behind ``ShardRunner``: ``InP
 ``extract_shards``: given an open split, a backbone and a data source, compute and write any list of shards.
 
 Inside ``extract_shards`` the images come in shard-aligned batches (``featcache.loader``); the main
-thread runs the frozen backbone (inference mode; ``AutocastPolicy``: bf16 on CUDA for 16-bit caches) and copies
+thread runs the frozen backbone (inference mode; ``AutocastPolicy``: float32, TF32 off, as the store records) and copies
 each batch's taps into the current shard's buffers; finished shards go to a ``ShardWriter`` thread
 (bounded queue) that compresses and writes them, so the backbone never waits for compression or disk.
 Batches never cross a shard boundary and always start at the same images, so a resumed extraction
@@ -33,26 +33,26 @@ from dask.utils import format_bytes
 from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone
 from featcache.device import AutocastPolicy, resolve_device
-from featcache.taps import check_finite
 from featcache.vocabulary import BackboneSpec
 from featcache.vocabulary import COMPRESSORS, DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, DTYPES
 from featcache.data import DataSource, Subset, open_source, stratified_subset, unwrap_worker_error
-from featcache.loader import cpu_count, default_loader_workers, make_loader, transform_pool
+from featcache.loader import TransformedDataset, cpu_count, default_loader_workers, make_loader, transform_pool
 from featcache.keyvalue import with_overrides
-from featcache.errors import DataError, Interrupted, StoreError, UsageError
+from featcache.errors import DataError, Interrupted, StoreError, TapOverflowError, UsageError
 from featcache.progress import bar
 from featcache.store.feature_store import FeatureStore, SplitHandle, choose_chunking
-from featcache.store.codecs import (QERR_SUFFIX, SCALE_SUFFIX, compressor_record, decode, dequantize, is_eight_bit,
-                                    quantize, storage_dtype)
+from featcache.store.codecs import SCALE_DTYPE, auto_compressors, compressor_record, storage_view
 from featcache.store.lock import SplitLock
 from featcache.vocabulary import Manifest, SplitMeta
-from featcache.store.writer import (ShardData, ShardWriteError, ShardWriter, SplitTotals, describe_os_error,
-                                    finalize_split, open_split_for_writing)
+from featcache.store.writer import (ShardWriteError, ShardWriter, SplitTotals, describe_os_error, finalize_split,
+                                    open_split_for_writing)
+from featcache.tap_encoder import TapEncoder, encode_taps
 
 log = logging.getLogger(__name__)
 
 # Measured on 2 CPU cores (docs/store.md, benchmarks/bench_extract.py settings): see runtime_settings()
 ZARR_CONCURRENCY = 4
+PROBE_IMAGES = 8  # images forwarded to choose each tap's compressor (--compressor auto)
 
 
 @dataclass
@@ -65,7 +65,7 @@ class ExtractOptions:
     device: str = "auto"
     dtype: str = "float16"
     compressor: str | None = None  # None: recorded on resume, else DEFAULT_COMPRESSOR
-    views: int = 1  # > 1: augmented views with the training transform, deterministic in (seed, image, view)
+    views: int = 1  # > 1: view 0 the eval transform, views 1.. training-transform draws seeded by (seed, image, view)
     seed: int = 0  # augmentation seed
     limit: int | None = None  # a fixed stratified subset of this many images
     resume: bool = False
@@ -214,11 +214,11 @@ def open_split_source(data: str | DataSource, limit: int | None = None) -> DataS
 # Plan
 
 
-def build_manifest(backbone: Backbone, dtype: str, compressor: str) -> Manifest:
+def build_manifest(backbone: Backbone, dtype: str, compressor: str, per_array: dict[str, str] | None = None) -> Manifest:
     """The store manifest of an extraction with this backbone."""
     return Manifest(
         backbone=backbone.describe(), taps=list(backbone.taps.infos), dtype=dtype,
-        compressor=compressor_record(compressor), autocast=AutocastPolicy.for_cache(dtype).to_dict(),
+        compressor=compressor_record(compressor, per_array), autocast=AutocastPolicy.for_cache(dtype).to_dict(),
         transform={"eval": repr(backbone.transform), "train": repr(backbone.train_transform()),
                    "data_config": backbone.describe()["data_config"]},
         environment={"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
@@ -236,11 +236,33 @@ def plan_split(backbone: Backbone, source: DataSource, opts: ExtractOptions, rec
     use_recorded = recorded is not None and opts.resume
     batch = opts.batch_size or (recorded.batch_size if use_recorded and recorded.batch_size else DEFAULT_BATCH_SIZE)
     compressor = opts.compressor or (recorded.compressor if use_recorded and recorded.compressor else DEFAULT_COMPRESSOR)
+    per_array: dict[str, str] = {}
+    if compressor == "auto":  # the recorded choice on resume; else measured on a probe batch
+        per_array = dict(recorded.tap_compressors) if use_recorded and recorded.compressor == "auto" else \
+            probe_compressors(backbone, source, opts.dtype)
     classes = list(source.classes)
     return SplitMeta(num_samples=len(source), chunk_images=chunk, shard_images=shard, views=views, classes=classes,
-                     data=source.spec, view_transform="train" if views > 1 else "eval", seed=opts.seed,
+                     data=source.spec, view_transform="eval+train" if views > 1 else "eval", eval_view=0,
+                     seed=opts.seed,
                      limit=opts.limit if opts.limit is not None and opts.limit < _source_size(source) else None,
-                     batch_size=batch, compressor=compressor)
+                     batch_size=batch, compressor=compressor, tap_compressors=per_array)
+
+
+def probe_compressors(backbone: Backbone, source: DataSource, dtype: str, images: int = PROBE_IMAGES) -> dict[str, str]:
+    """``--compressor auto``: each tap array's compressor, from the first images of the split encoded in the cache
+    dtype (``featcache.store.codecs.auto_compressors``: lz4 where it saves a third of the bytes, else none)."""
+    dataset, x = TransformedDataset(source, backbone.transform), []
+    for i in range(min(4 * images, len(source))):  # an unreadable image is the extraction's to report, in context
+        with contextlib.suppress(DataError):
+            x.append(dataset[i][0])
+        if len(x) == images:
+            break
+    try:
+        taps = forward_taps(backbone, torch.stack(x), 1, AutocastPolicy.for_cache(dtype)) if x else {}
+        arrays, _ = encode_taps({k: v.cpu() for k, v in taps.items()}, backbone.taps.infos, dtype, 1, 0)
+    except TapOverflowError:  # the first batch of the extraction reports it, with its images and the fix
+        return {}
+    return auto_compressors({name: storage_view(t.contiguous()) for name, t in arrays.items()})
 
 
 def _source_size(source: DataSource) -> int:
@@ -264,64 +286,14 @@ def _check_out(out: str) -> None:
 # The per-shard work unit
 
 
-class ShardBuffers:
-    """Preallocated arrays (storage dtype) of the shard being filled: one per tap, and with an 8-bit cache its
-    scale rows and its quantization error (``<tap>_scale``, ``<tap>_qerr``, featcache.store.codecs)."""
-
-    def __init__(self, split_meta: SplitMeta, taps: Sequence[Any], dtype: str) -> None:
-        self.meta, self.taps, self.dtype = split_meta, list(taps), dtype
-        self.shard: int | None = None
-        self.arrays: dict[str, np.ndarray] = {}
-        self.filled = 0
-
-    def start(self, shard: int) -> None:
-        start, stop = self.meta.shard_bounds(shard)
-        lead = (stop - start, *((self.meta.views,) if self.meta.views > 1 else ()))
-        self.shard, self.filled, self.arrays = shard, 0, {}
-        for t in self.taps:
-            self.arrays[t.name] = np.empty((*lead, t.tokens, t.channels), dtype=storage_dtype(self.dtype))
-            if is_eight_bit(self.dtype):
-                self.arrays[t.name + SCALE_SUFFIX] = np.empty((*lead, t.tokens), dtype=np.float16)
-                self.arrays[t.name + QERR_SUFFIX] = np.zeros((1, 2), dtype=np.float64)
-
-    @property
-    def bytes_per_image(self) -> int:
-        return sum(int(np.prod(a.shape[1:])) * a.itemsize for name, a in self.arrays.items()
-                   if not name.endswith(QERR_SUFFIX))
-
-    def put(self, offset: int, taps: dict[str, torch.Tensor]) -> int:
-        """Copy a batch of taps (B * V, T, C) into images [offset, offset + B) of the shard; returns B."""
-        n, first = 0, self.meta.shard_bounds(self.shard)[0] + offset
-        for t_info in self.taps:
-            name, t = t_info.name, taps[t_info.name]
-            n = t.shape[0] // self.meta.views
-            rows = decode(self.arrays[name][offset:offset + n], self.dtype)  # a view of the shard buffer
-            if not is_eight_bit(self.dtype):
-                rows.copy_(t.reshape(rows.shape))  # one pass: dtype conversion (and device-to-host) into the shard
-                check_finite(name, rows, t, self.dtype, first)
-                continue
-            x = t.reshape(rows.shape).float()  # (n, [V,] T, C)
-            codes, scale = quantize(x, self.dtype)
-            check_finite(name, scale, t, self.dtype, first)  # a scale beyond float16: values beyond the range
-            rows.copy_(codes)
-            torch.from_numpy(self.arrays[name + SCALE_SUFFIX][offset:offset + n]).copy_(scale)
-            err = dequantize(codes, scale, self.dtype) - x
-            self.arrays[name + QERR_SUFFIX][0] += [float(err.double().square().sum()), float(x.double().square().sum())]
-        self.filled += n
-        return n
-
-    @property
-    def full(self) -> bool:
-        start, stop = self.meta.shard_bounds(self.shard) if self.shard is not None else (0, 0)
-        return self.shard is not None and self.filled == stop - start
-
-
-def forward_taps(backbone: Backbone, images: torch.Tensor, views: int, dtype: str) -> dict[str, torch.Tensor]:
-    """The taps of a DataLoader batch ((B, 3, H, W), or (B, V, 3, H, W) with views), as (B * V, T, C)."""
+def forward_taps(backbone: Backbone, images: torch.Tensor, views: int,
+                 policy: AutocastPolicy) -> dict[str, torch.Tensor]:
+    """The taps of a DataLoader batch ((B, 3, H, W), or (B, V, 3, H, W) with views), as (B * V, T, C), in the
+    precision of ``policy`` (the store's recorded one)."""
     x = images.to(backbone.device, non_blocking=True)
     if views > 1:
         x = x.flatten(0, 1)
-    with torch.inference_mode(), AutocastPolicy.for_cache(dtype).context(backbone.device):
+    with torch.inference_mode(), policy.context(backbone.device):
         return backbone.taps(x)
 
 
@@ -361,7 +333,8 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
     if not todo:
         return stats
     labels, ids = source.labels(), source.ids()
-    buffers = ShardBuffers(meta, backbone.taps.infos, dtype)
+    policy = AutocastPolicy.from_manifest(split.store.manifest.autocast, dtype)  # one store, one precision
+    scale_dtype = split.scale_dtype or SCALE_DTYPE  # as the split's scale arrays hold them (float16 in older ones)
     workers = default_loader_workers(backbone.device, meta.views) if loader_workers is None else loader_workers
     pool = transform_pool(workers, meta.views)
     loader = make_loader(source, backbone, meta, todo, batch_size or meta.batch_size or DEFAULT_BATCH_SIZE, workers,
@@ -372,38 +345,35 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
     batches = iter(loader)  # fork the DataLoader workers before the writer threads exist
     writer = ShardWriter(split, max_pending=2, durable=durable, threads=default_writer_threads()
                          if writer_threads is None else writer_threads)
+    encoder = TapEncoder(meta, backbone.taps.infos, dtype, writer, labels, ids, scale_dtype)
     t_drain = t0
     try:
         for images, _labels, index in batches:
             stats.startup_seconds = stats.startup_seconds or time.perf_counter() - t0
-            first = int(index[0])
-            shard = first // meta.shard_images
-            if buffers.shard != shard:
-                buffers.start(shard)
             tf = time.perf_counter()
-            n = buffers.put(first - meta.shard_bounds(shard)[0], forward_taps(backbone, images, meta.views, dtype))
+            n = encoder.put(int(index[0]), forward_taps(backbone, images, meta.views, policy))
             stats.forward_seconds += time.perf_counter() - tf
             stats.images += n
-            stats.nbytes += buffers.bytes_per_image * n
-            pbar.update(n, buffers.bytes_per_image * n)
-            if buffers.full:
-                start, stop = meta.shard_bounds(shard)
-                writer.submit(ShardData(shard, buffers.arrays, labels[start:stop], ids[start:stop]))
-                buffers.shard = None
+            stats.nbytes += encoder.bytes_per_image * n
+            pbar.update(n, encoder.bytes_per_image * n)
         t_drain = time.perf_counter()
-        writer.close()  # the queued shards; a write error is raised here or by submit
+        encoder.close()  # the queued batches: an overflow or a write error is raised here or by put
+        writer.close()  # the queued shards
     except KeyboardInterrupt:
+        encoder.close(raise_error=False)  # batches already computed fill their shards
         writer.close(raise_error=False)  # computed shards are whole: keep them; the partial one is dropped
         pbar.close()
         raise Interrupted(f"interrupted: {int(split.completed_shards().sum())} of {meta.num_shards} shards of split "
                           f"{split.name!r} in {split.store.url} are complete, the shard in progress was discarded; "
                           "run the same featcache extract command with --resume to continue") from None
     except ShardWriteError as err:
+        encoder.abort()
         writer.close(raise_error=False)  # the shards written before the failure are complete: keep them
         pbar.close()
         raise StoreError(f"{err}; {_kept(split)}: {err.fix}, then run the same featcache extract command with "
                          "--resume") from err
     except BaseException as err:
+        encoder.abort()
         writer.close(raise_error=False)  # shards computed before the error are whole: keep them
         pbar.close()
         unwrapped = unwrap_worker_error(err)  # an error in a DataLoader worker: its own type and message
@@ -477,7 +447,7 @@ def open_planned_split(out: str, backbone: Backbone, source: DataSource, opts: E
     """
     recorded = _recorded_meta(out, opts.split, opts.storage_options)
     meta = plan_split(backbone, source, opts, recorded)
-    manifest = build_manifest(backbone, opts.dtype, meta.compressor)
+    manifest = build_manifest(backbone, opts.dtype, meta.compressor, meta.tap_compressors)
     return open_split_for_writing(out, manifest, opts.split, meta, ids=source.ids(), resume=opts.resume,
                                   overwrite=opts.overwrite, repair=opts.repair, final_norm=backbone.final_norm_state(),
                                   storage_options=opts.storage_options)

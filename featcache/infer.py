@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,10 +21,10 @@ from torch import nn
 from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone, create_model
 from featcache.device import AutocastPolicy, resolve_device
-from featcache.vocabulary import BackboneSpec
+from featcache.vocabulary import BackboneSpec, TapInfo
 from featcache.checkpoint import Checkpoint, load_checkpoint
 from featcache.data import DataSource, Subset, open_source, stratified_subset
-from featcache.loader import default_loader_workers, image_loader, transform_pool
+from featcache.loader import default_loader_workers, image_loader, transform_pool, view_dataset
 from featcache.errors import CheckpointError, DataError
 from featcache.methods.base import SideNetwork
 from featcache.progress import bar, say
@@ -54,6 +54,12 @@ class Predictor(nn.Module):
         with torch.inference_mode():
             return self.network(taps).float()
 
+    def forward_views(self, views: torch.Tensor) -> torch.Tensor:
+        """(N, V, 3, H, W) views of each image -> (N, classes): the mean of the views' logits, as training scores
+        a split's cached views with ``--tta``."""
+        n, v = views.shape[:2]
+        return self(views.flatten(0, 1)).reshape(n, v, -1).mean(dim=1)
+
 
 def load_predictor(checkpoint: str | Path | Checkpoint, device: str = "auto", weights: str | None = None) -> Predictor:
     """A run directory (its best member), a member directory or its .safetensors -> a ``Predictor`` (images ->
@@ -76,7 +82,7 @@ def load_predictor(checkpoint: str | Path | Checkpoint, device: str = "auto", we
         raise CheckpointError(f"the backbone weights found ({spec.weights}, sha256 {got[:12]}...) are not the ones the "
                               f"cache of this checkpoint was made with (sha256 {str(want)[:12]}...); pass the right "
                               "--weights file for the backbone")
-    if [t.to_dict() for t in backbone.taps.infos] != [t.to_dict() for t in needed]:
+    if [_layout(live, rec) for live, rec in zip(backbone.taps.infos, needed)] != [t.to_dict() for t in needed]:
         raise CheckpointError(f"backbone {spec.model} gives taps that differ from the cache's "
                               f"({[t.name for t in needed]}); timm or model kwargs changed since extraction")
     recorded = manifest.transform.get("eval")
@@ -88,32 +94,80 @@ def load_predictor(checkpoint: str | Path | Checkpoint, device: str = "auto", we
     return Predictor(backbone, ckpt.network.to(dev), manifest.dtype, ckpt.classes, policy).eval()
 
 
+def _layout(live: TapInfo, recorded: TapInfo) -> dict[str, Any]:
+    """A live tap's description, compared with the recorded one; an older store's pooled tap may not record its
+    windows (they follow from the grid and --pool-tokens; its side networks were trained with plain means)."""
+    d = live.to_dict()
+    return {k: v for k, v in d.items() if k != "windows"} if recorded.windows is None else d
+
+
 def _check_classes(source: DataSource, classes: list[str]) -> None:
     if source.classes and classes and list(source.classes) != list(classes):
         raise DataError(f"the data's classes {source.classes[:5]}... differ from the checkpoint's {classes[:5]}...; "
                         "predict needs the same class folders as training (or an unlabelled flat folder)")
 
 
+@dataclass(frozen=True)
+class TTAViews:
+    """The views ``predict --tta`` averages per image (``featcache.loader.view_dataset``)."""
+
+    views: int
+    seed: int
+    eval_view: int | None  # 0: view 0 the eval transform; None: all training draws (a split of the old layout)
+
+
+def tta_views(ckpt: Checkpoint, predictor: Predictor) -> TTAViews:
+    """The views ``predict --tta`` computes for each image, as the checkpoint's run recorded them (``tta``: the
+    views of the evaluated split with several): view 0 the eval transform and views 1..K-1 training-transform draws
+    seeded by (seed, image index, view), or all K training draws for a split written before the eval view was kept.
+    Refuses a checkpoint whose evaluated splits hold one view, or whose training transform rebuilds differently."""
+    record = ckpt.config.get("tta")
+    if not record:
+        raise CheckpointError(f"--tta: the splits checkpoint {ckpt.path.parent} was evaluated on hold one view per "
+                              "image, so there are no views to average; extract the evaluated split with --views K "
+                              "and train again, or predict without --tta")
+    recorded = Manifest.from_attrs(ckpt.manifest, f"checkpoint {ckpt.path}").transform.get("train")
+    rebuilt = repr(predictor.backbone.train_transform())
+    if recorded is not None and recorded != rebuilt:
+        raise CheckpointError(f"--tta: the training transform rebuilt for this backbone differs from the one the "
+                              f"cache's views were drawn with ({' '.join(recorded.split())[:160]}...); use the timm "
+                              "version that extracted them")
+    return TTAViews(int(record["views"]), int(record["seed"]), record.get("eval_view"))
+
+
 def predict(checkpoint: str | Path, data: str | DataSource, batch_size: int = 64, device: str = "auto",
             weights: str | None = None, limit: int | None = None, csv_path: str | Path | None = None,
-            progress: bool = True, num_workers: int | None = None) -> dict[str, Any]:
-    """Predictions for every image of ``data``; accuracy when labels are known."""
+            progress: bool = True, num_workers: int | None = None, tta: bool = False) -> dict[str, Any]:
+    """Predictions for every image of ``data``; accuracy when labels are known.
+
+    ``tta``: each image's logits are the mean over the views the checkpoint's run evaluated (``tta_views``): the
+    same views of the same images as the cached split, so the accuracy equals the cached ``--tta`` accuracy."""
     if batch_size < 1:
         raise DataError(f"--batch-size must be >= 1, got {batch_size}")
-    predictor = load_predictor(checkpoint, device, weights)
+    ckpt = load_checkpoint(checkpoint)
+    predictor = load_predictor(ckpt, device, weights)
+    views = tta_views(ckpt, predictor) if tta else None
     source = open_source(data) if isinstance(data, str) else data
     _check_classes(source, predictor.classes)
     if limit is not None:
         source = Subset(source, stratified_subset(source.labels(), limit))
     dev = predictor.backbone.device
-    workers = num_workers if num_workers is not None else default_loader_workers(dev)
-    pool = transform_pool(workers, views=1)  # as in extraction: on a CPU, transform between forwards
-    loader = image_loader(source, predictor.transform, batch_size, workers, pool)
+    k = views.views if views is not None else 1
+    workers = num_workers if num_workers is not None else default_loader_workers(dev, views=k)
+    if views is not None:  # seeded per (image, view) through the global RNGs: worker processes, not threads
+        pool = None
+        loader = torch.utils.data.DataLoader(view_dataset(source, predictor.backbone, views.views, views.seed,
+                                                          views.eval_view),
+                                             batch_size=max(1, batch_size // k), num_workers=workers)
+    else:
+        pool = transform_pool(workers, views=1)  # as in extraction: on a CPU, transform between forwards
+        loader = image_loader(source, predictor.transform, batch_size, workers, pool)
     ids = source.ids()
     preds, probs, labels = [], [], []
     with pool or contextlib.nullcontext(), bar(len(source), "predict", progress=progress) as pbar:
         for images, y, _ in loader:
-            logits = predictor(images.to(dev))
+            images = images.to(dev)
+            logits = predictor.forward_views(images) if views is not None else predictor(images)
             p = logits.softmax(-1)
             preds.append(p.argmax(-1).cpu())
             probs.append(p.max(-1).values.cpu())
@@ -125,6 +179,8 @@ def predict(checkpoint: str | Path, data: str | DataSource, batch_size: int = 64
              "pred_class": names[pred[i]] if pred[i] < len(names) else str(pred[i]), "prob": float(prob[i])}
             for i in range(len(pred))]
     result: dict[str, Any] = {"num_images": len(rows)}
+    if views is not None:
+        result["tta"] = {"views": views.views, "seed": views.seed, "eval_view": views.eval_view}
     known = label >= 0
     if known.any():
         result["accuracy"] = float(np.mean(pred[known] == label[known]))

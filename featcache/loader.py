@@ -153,10 +153,15 @@ def seeded_rng(seed: int, index: int, view: int) -> Iterator[None]:
 
 
 class AugmentedViews(torch.utils.data.Dataset):
-    """(views (V, 3, H, W), label, index) items: V draws of the training transform, deterministic per image."""
+    """(views (V, 3, H, W), label, index) items: view 0 the eval transform (``eval_transform``), views 1..V-1 draws
+    of the training transform seeded by (seed, index, view), so the same image at the same index gets the same
+    views in extraction and in ``predict --tta``. Without ``eval_transform`` every view is a training draw (the
+    layout of splits written before the eval view was kept)."""
 
-    def __init__(self, source: DataSource, transform: Callable[[Any], torch.Tensor], views: int, seed: int) -> None:
+    def __init__(self, source: DataSource, transform: Callable[[Any], torch.Tensor], views: int, seed: int,
+                 eval_transform: Callable[[Any], torch.Tensor] | None = None) -> None:
         self.source, self.transform, self.views, self.seed = source, transform, views, seed
+        self.eval_transform = eval_transform
 
     def __len__(self) -> int:
         return len(self.source)
@@ -165,9 +170,21 @@ class AugmentedViews(torch.utils.data.Dataset):
         sample = self.source[index]
         out = []
         for view in range(self.views):
+            if view == 0 and self.eval_transform is not None:
+                out.append(self.eval_transform(sample.image))
+                continue
             with seeded_rng(self.seed, index, view):
                 out.append(self.transform(sample.image))
         return torch.stack(out), sample.label, index
+
+
+def view_dataset(source: DataSource, backbone: Backbone, views: int, seed: int, eval_view: int | None) -> AugmentedViews:
+    """The views a multi-view split stores (or ``predict --tta`` recomputes) in its recorded layout: ``eval_view``
+    0 (the eval transform first), or None for a split written before the eval view was kept (all training draws)."""
+    if eval_view not in (0, None):
+        raise ValueError(f"the eval view is view 0 (or None for an old split), got {eval_view}")
+    eval_transform = backbone.transform if eval_view == 0 else None
+    return AugmentedViews(source, backbone.train_transform(), views, seed, eval_transform)
 
 
 class ShardBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -189,10 +206,10 @@ class ShardBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 def make_loader(source: DataSource, backbone: Backbone, meta: SplitMeta, shards: Sequence[int], batch_size: int,
                 workers: int, pool: TransformPool | None = None) -> torch.utils.data.DataLoader:
-    """A DataLoader over the given shards' images (eval transform, or ``meta.views`` augmented views);
+    """A DataLoader over the given shards' images (eval transform, or ``meta.views`` views: ``view_dataset``);
     with ``pool`` (and no workers) each batch is transformed on the pool's threads."""
     if meta.views > 1:
-        dataset: torch.utils.data.Dataset = AugmentedViews(source, backbone.train_transform(), meta.views, meta.seed)
+        dataset: torch.utils.data.Dataset = view_dataset(source, backbone, meta.views, meta.seed, meta.eval_view_index)
     else:
         dataset = TransformedDataset(source, backbone.transform)
         if pool is not None and not workers:

@@ -8,6 +8,10 @@ Every choice a run makes (each member's best epoch, the sweep's best member) is 
 The eval split (``--eval-split``, default ``test`` when the store has it) is evaluated every epoch and
 reported for the selected epoch, never used to choose. Choosing on a split named ``test`` takes an explicit
 ``--select-on test``, and the summary then says so.
+
+A split with several cached views (``extract --views K``) is scored on its eval view (view 0, the eval transform:
+what ``predict`` computes), or with ``--tta`` on the mean logits of all K views (what ``predict --tta`` computes):
+``view_scoring``.
 """
 
 from __future__ import annotations
@@ -81,6 +85,70 @@ def plan_evaluation(store: FeatureStore, train_split: str, *, val_split: str | N
                          f"({evaluation.selected_on}); rename the split or pass it as --val-split {VAL}")
     evaluation.eval_splits = evals
     return evaluation
+
+
+@dataclass(frozen=True)
+class ViewScoring:
+    """How an evaluated split's cached views are scored: its eval view alone, or the mean logits of all its views
+    (test-time augmentation, ``--tta``; the only choice for a multi-view split written before the eval view was
+    kept, whose views are all training-transform draws)."""
+
+    split: str
+    views: int
+    eval_view: int | None  # the view holding the eval transform; None: an old multi-view split (all training draws)
+    seed: int  # the views' augmentation seed (what predict --tta draws with)
+    all_views: bool  # True: mean logits over every view; False: the eval view alone
+
+    def reader_options(self) -> dict[str, Any]:
+        """``open_reader`` keywords that give this scoring's views."""
+        if self.all_views:
+            return {"all_views": True}
+        return {"view": self.eval_view} if self.views > 1 else {}
+
+    @property
+    def scored_on(self) -> str:
+        if self.views == 1:
+            return "its one view (eval transform)"
+        if not self.all_views:
+            return f"view {self.eval_view} of {self.views} (eval transform)"
+        if self.eval_view is None:
+            return (f"mean logits of {self.views} training-transform views (split written before featcache kept an "
+                    "eval view)")
+        return f"mean logits of {self.views} views (view {self.eval_view} eval transform, the others training draws)"
+
+    def describe(self) -> dict[str, Any]:
+        """For the summary and member configs: the split's views and what the accuracy was measured on."""
+        return {"split": self.split, "views": self.views, "eval_view": self.eval_view, "seed": self.seed,
+                "tta": self.all_views and self.views > 1, "scored_on": self.scored_on}
+
+
+def view_scoring(split: SplitHandle, tta: bool) -> ViewScoring:
+    """The eval view of ``split`` (view 0), or with ``tta`` the mean over all its views; an old multi-view split
+    (no eval view recorded) is scored on the mean of its training-transform views either way."""
+    meta = split.meta
+    eval_view = meta.eval_view_index
+    return ViewScoring(split.name, meta.views, eval_view, meta.seed,
+                       all_views=meta.views > 1 and (tta or eval_view is None))
+
+
+def old_views_warning(scoring: ViewScoring, store_url: str) -> str | None:
+    """The warning for a multi-view split without an eval view (what its accuracy means, how to fix it), or None."""
+    if scoring.views == 1 or scoring.eval_view is not None:
+        return None
+    return (f"split {scoring.split!r} of {store_url} was extracted before featcache kept an eval-transform view: its "
+            f"{scoring.views} views are all training-transform draws, so it is scored on the mean of their logits, "
+            "which `featcache predict --tta` reproduces; `featcache predict` without --tta uses the eval transform "
+            "and will differ from it. Extract the split again (--overwrite) to get view 0 in the eval transform")
+
+
+def tta_record(scorings: dict[str, ViewScoring]) -> dict[str, Any] | None:
+    """The views ``predict --tta`` recomputes: those of the first reported split with several views, else of the
+    validation data's split; None when no evaluated split has more than one view."""
+    ordered = [s for name, s in scorings.items() if name != VAL] + [s for name, s in scorings.items() if name == VAL]
+    for s in ordered:
+        if s.views > 1:
+            return {"split": s.split, "views": s.views, "seed": s.seed, "eval_view": s.eval_view}
+    return None
 
 
 def _require_split(store: FeatureStore, name: str, train_split: str, option: str) -> None:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import FeatcacheError, ModelError, TapOverflowError, UsageError
-from .vocabulary import TapInfo
+from .vocabulary import TapInfo, pool_windows
 
 log = logging.getLogger(__name__)
 
@@ -512,11 +512,13 @@ class Taps(nn.Module):
 
 
 def pooled_info(info: TapInfo, k: int) -> TapInfo:
-    """The TapInfo of ``info`` after ``pool_token_grid(.., k)``: the patch grid ceil-divided by k, prefix kept."""
+    """The TapInfo of ``info`` after ``pool_token_grid(.., k)``: the patch grid ceil-divided by k, prefix kept,
+    and the window sizes recorded (``windows``) so that token means can weigh each token by what it averages."""
     if k == 1:
         return info
-    grid = (-(-info.grid[0] // k), -(-info.grid[1] // k))
-    return replace(info, grid=grid, tokens=info.prefix_tokens + grid[0] * grid[1], pooling="avg")
+    windows = (pool_windows(info.grid[0], k), pool_windows(info.grid[1], k))
+    grid = (len(windows[0]), len(windows[1]))
+    return replace(info, grid=grid, tokens=info.prefix_tokens + grid[0] * grid[1], pooling="avg", windows=windows)
 
 
 def pool_token_grid(t: Tensor, info: TapInfo, k: int) -> Tensor:

@@ -42,12 +42,15 @@ from featcache.vocabulary import READER_MODES, TapInfo
 
 from .bank import MemberBank
 from .rundir import RunDir, holds_run_lock
-from .selection import HELDOUT_FILE, VAL, Evaluation, check_classes, plan_evaluation, record_held_out
-from .augment import AugmentConfig, AugmentedBatch, augment, batch_generator
+from .selection import (HELDOUT_FILE, VAL, Evaluation, ViewScoring, check_classes, old_views_warning, plan_evaluation,
+                        record_held_out, tta_record, view_scoring)
+from .augment import AugmentConfig, AugmentedBatch, FeatureStats, augment, batch_generator
+from .feature_stats import STATS_FILE, run_feature_stats, save_feature_stats
 from .sweep import SweepMember, TrainConfig, expand
 from .tensorboard_log import TENSORBOARD_DIR, TensorBoardLog, open_tensorboard, use_tensorboard
 
 log = logging.getLogger("featcache.training")
+RUN_RECORDS = ("evaluation", "tta", "feature_stats")  # run-wide records that every member's config.json repeats
 
 
 @dataclass
@@ -132,16 +135,18 @@ def _build_banks(members: list[SweepMember], mi: MethodInput, device: torch.devi
 
 
 def _augmented(batch: Any, cfg: AugmentConfig, infos: dict[str, TapInfo], seed: int, epoch: int, step: int,
-               done: dict[AugmentConfig, AugmentedBatch]) -> AugmentedBatch:
+               done: dict[AugmentConfig, AugmentedBatch], feature_stats: FeatureStats | None) -> AugmentedBatch:
     """The batch as the banks with feature augmentation ``cfg`` see it: drawn once per (cfg, step) from a
-    generator seeded by (seed, epoch, step), so a resumed run sees the same augmented batches."""
+    generator seeded by (seed, epoch, step), so a resumed run sees the same augmented batches; FroFA's channel
+    ranges are the run's ``feature_stats``, never the batch's."""
     if cfg not in done:
-        done[cfg] = augment(batch.taps, batch.labels, infos, cfg, batch_generator(seed, epoch, step))
+        done[cfg] = augment(batch.taps, batch.labels, infos, cfg, batch_generator(seed, epoch, step), feature_stats)
     return done[cfg]
 
 
 def _train_epoch(epoch: int, banks: list[MemberBank], records: list[MemberRecord], reader: CacheReader,
-                 epochs: int, stats: dict[str, Any], pbar: Any) -> dict[str, dict[str, float]]:
+                 epochs: int, stats: dict[str, Any], pbar: Any,
+                 feature_stats: FeatureStats | None = None) -> dict[str, dict[str, float]]:
     """One pass over the cache feeding every bank the same batches (augmented per bank's feature augmentation);
     per-member train loss and accuracy."""
     device = banks[0].device
@@ -153,7 +158,7 @@ def _train_epoch(epoch: int, banks: list[MemberBank], records: list[MemberRecord
         at, done = epoch + step / len(reader), {}
         for i, ((loss_sum, correct_sum), bank) in enumerate(zip(sums, banks)):
             tb = time.perf_counter()
-            ab = _augmented(batch, augs[i], infos, seed, epoch, step, done)
+            ab = _augmented(batch, augs[i], infos, seed, epoch, step, done, feature_stats)
             loss, correct = bank.train_step(ab.taps, ab.labels, at, epochs, where=f"epoch {epoch + 1} step {step + 1}",
                                             labels_b=ab.labels_b, lam=ab.lam)
             if device.type == "cuda":
@@ -201,6 +206,7 @@ class TrainOptions:
     progress: bool = True
     storage_options: dict[str, Any] | None = None  # fsspec options for URL stores
     tensorboard: bool | None = None  # event files in RUNDIR/tensorboard; None: when tensorboard is installed
+    tta: bool = False  # score multi-view splits on the mean logits of all their views, not on the eval view alone
 
     def validate(self) -> None:
         use_tensorboard(self.tensorboard)  # True without the package: MissingDependencyError
@@ -255,9 +261,15 @@ def train(store: str | FeatureStore, method: str | list[SweepMember], out: str |
     banks, records = _build_banks(members, mi, device)
     mi.backbone_state, mi.training_sample = None, None  # LST's pruned init is done: free what it read
     mi.memo.clear()
-    train_reader, eval_readers = _open_readers(store, banks, evaluation, opts, members[0].train, device)
+    train_reader, eval_readers, scorings = _open_readers(store, banks, evaluation, opts, members[0].train, device)
+    record = _evaluation_record(scorings, opts.tta)
+    _check_resumed_tta(rundir, opts.tta)
+    stats_of_features = _frofa_stats(store.split(opts.split), banks, evaluation, rundir, opts)
+    record["feature_stats"] = stats_of_features[1] if stats_of_features is not None else None
     rundir.start()  # the cache read well (resident readers check every chunk): now RUNDIR may change
     record_held_out(evaluation, store.split(opts.split), rundir.path, opts.val_fraction, opts.val_seed)
+    if stats_of_features is not None:
+        save_feature_stats(rundir.path, *stats_of_features)
     stats: dict[str, Any] = {"train_seconds": 0.0, "train_samples": 0, "bank_seconds": [0.0] * len(banks)}
     if rundir.state is not None:
         saved, stats = rundir.load_state(banks)
@@ -269,11 +281,13 @@ def train(store: str | FeatureStore, method: str | list[SweepMember], out: str |
         f"{evaluation.selected_on}", quiet=not opts.progress)
     tensorboard = open_tensorboard(opts.tensorboard, rundir.path, [m.name for m in members], rundir.first_epoch)
     loop = EpochLoop(rundir, banks, records, train_reader, eval_readers, evaluation,
-                     _member_configs(store, opts.split, banks, records, mi), tensorboard)
+                     _member_configs(store, opts.split, banks, records, mi, record), tensorboard,
+                     stats_of_features[0] if stats_of_features is not None else None)
     try:
         loop.run(stats, opts.progress)
         summary = _summary(rundir.path, records, banks, stats, evaluation, t_start, rss_base, train_reader, device,
                            partial)
+        summary.update(record)
         if partial:
             write_json(rundir.path / "summary.json", summary)
         else:
@@ -291,30 +305,73 @@ def train(store: str | FeatureStore, method: str | list[SweepMember], out: str |
 
 
 def _open_readers(store: FeatureStore, banks: list[MemberBank], evaluation: Evaluation, opts: TrainOptions,
-                  cfg: TrainConfig, device: torch.device) -> tuple[CacheReader, dict[str, CacheReader]]:
-    """The training reader (shuffled; held-out samples left out) and the evaluation readers by metric prefix:
-    ``val`` (the validation data) and each eval split, every cached view of a sample (mean logits)."""
+                  cfg: TrainConfig, device: torch.device
+                  ) -> tuple[CacheReader, dict[str, CacheReader], dict[str, ViewScoring]]:
+    """The training reader (shuffled; held-out samples left out; one view per sample and epoch, drawn from all the
+    cached views, the eval view among them) and the evaluation readers by metric prefix: ``val`` (the validation
+    data) and each eval split, each on its eval view or, with ``--tta``, on all its views (``view_scoring``)."""
     needed = sorted({t for b in banks for t in b.required_taps}, key=store.manifest.tap_names.index)
     stream = opts.stream_options()
     train_reader = open_reader(store.split(opts.split), needed, opts.reader, cfg.batch_size, shuffle=True,
                                seed=cfg.seed, device=device, subset=evaluation.train_subset, **stream)
+    scorings: dict[str, ViewScoring] = {}
 
-    def evaluated(split: str, subset: Any = None) -> CacheReader:
+    def evaluated(prefix: str, split: str, subset: Any = None) -> CacheReader:
+        scorings[prefix] = scoring = view_scoring(store.split(split), opts.tta)
+        warning = old_views_warning(scoring, store.url)
+        if warning:
+            log.warning(warning)
         return open_reader(store.split(split), needed, opts.reader, max(cfg.batch_size, 256), shuffle=False,
-                           device=device, subset=subset, all_views=True, **stream)
+                           device=device, subset=subset, **scoring.reader_options(), **stream)
 
-    readers = {VAL: evaluated(evaluation.val_split, evaluation.val_subset)} if evaluation.val_split else {}
-    return train_reader, readers | {name: evaluated(name) for name in evaluation.eval_splits}
+    readers = {VAL: evaluated(VAL, evaluation.val_split, evaluation.val_subset)} if evaluation.val_split else {}
+    readers |= {name: evaluated(name, name) for name in evaluation.eval_splits}
+    if opts.tta and not any(s.views > 1 for s in scorings.values()):
+        log.warning("--tta: no evaluated split holds more than one view per image (extract it with --views K), so "
+                    "there is nothing to average: each is scored on its one view")
+    return train_reader, readers, scorings
+
+
+def _frofa_stats(split: SplitHandle, banks: list[MemberBank], evaluation: Evaluation, rundir: RunDir,
+                 opts: TrainOptions) -> tuple[FeatureStats, dict[str, Any]] | None:
+    """FroFA's per-channel ranges over the training samples' taps (``featcache.feature_stats``), when a bank uses
+    ``frofa``: computed once before training (a resumed run loads the ones it recorded); None otherwise."""
+    taps = sorted({t for b in banks if "frofa" in b.members[0].train.augment().names for t in b.required_taps},
+                  key=split.store.manifest.tap_names.index)
+    if not taps:
+        return None
+    return run_feature_stats(split, taps, evaluation.train_subset, rundir.path, opts.resume, opts.stream_options())
+
+
+def _check_resumed_tta(rundir: RunDir, tta: bool) -> None:
+    """A resumed run scores its views as it started (``--tta`` or not): its epochs' accuracies must compare."""
+    if not rundir.resume:
+        return
+    try:
+        was = json.loads((rundir.member_dir(rundir.members[0].name) / "config.json").read_text())["evaluation"]["tta"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no epoch recorded yet, or a run from before the record
+    if was != tta:
+        raise UsageError(f"--resume: {rundir.path} was evaluated {'with' if was else 'without'} --tta; resume it "
+                         f"{'with' if was else 'without'} --tta, or start a new --out")
+
+
+def _evaluation_record(scorings: dict[str, ViewScoring], tta: bool) -> dict[str, Any]:
+    """What the summary and every member's config record about the views evaluated: per metric prefix the split's
+    views and what was scored, and the views ``predict --tta`` recomputes (``tta``)."""
+    return {"evaluation": {"tta": tta, "splits": {k: s.describe() for k, s in scorings.items()}},
+            "tta": tta_record(scorings)}
 
 
 def _member_configs(store: FeatureStore, split: str, banks: list[MemberBank], records: list[MemberRecord],
-                    mi: MethodInput) -> list[dict[str, Any]]:
+                    mi: MethodInput, extra: dict[str, Any]) -> list[dict[str, Any]]:
     """Each member's checkpoint config: the bank's resolved method config ("auto" widths, heads, ... filled
-    in, so that checkpoints rebuild exactly), its training config, the store it was trained on."""
+    in, so that checkpoints rebuild exactly), its training config, the store it was trained on, and ``extra``
+    (the evaluation record: views scored, what ``predict --tta`` recomputes)."""
     store_record = {"url": store.url, "split": split, "manifest": store.manifest.to_attrs()}
     classes = store.split(split).meta.classes
-    return [member_config(r.member.name, r.member.method, banks[r.bank].template.config.to_dict(),
-                          r.member.train.to_dict(), mi, store_record, classes) for r in records]
+    return [{**member_config(r.member.name, r.member.method, banks[r.bank].template.config.to_dict(),
+                             r.member.train.to_dict(), mi, store_record, classes), **extra} for r in records]
 
 
 @dataclass
@@ -329,6 +386,7 @@ class EpochLoop:
     evaluation: Evaluation  # which readers' accuracy picks each member's best epoch
     configs: list[dict[str, Any]]  # per member, for its checkpoint
     tensorboard: TensorBoardLog | None = None  # the same rows as event files, plus the lr at the epoch's end
+    feature_stats: FeatureStats | None = None  # FroFA's channel ranges over the training features (frofa banks)
 
     def run(self, stats: dict[str, Any], progress: bool) -> None:
         cfg = self.records[0].member.train
@@ -336,7 +394,8 @@ class EpochLoop:
         with bar(cfg.epochs * steps, "train", unit="step", progress=progress, initial=first * steps) as pbar:
             for epoch in range(first, cfg.epochs):
                 torch.manual_seed(cfg.seed * 1000 + epoch)  # any randomness inside side networks: fixed per epoch
-                rows = _train_epoch(epoch, self.banks, self.records, self.train_reader, cfg.epochs, stats, pbar)
+                rows = _train_epoch(epoch, self.banks, self.records, self.train_reader, cfg.epochs, stats, pbar,
+                                    self.feature_stats)
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                     _eval_epoch(self.banks, self.records, self.eval_readers, rows)
                 _record_epoch(self.rundir, epoch, self.banks, self.records, rows, self.configs,
@@ -499,8 +558,9 @@ def gather_parts(out: str | os.PathLike[str], members: list[SweepMember], parts:
         for line in (part / "metrics.jsonl").read_text().splitlines():
             row = json.loads(line)
             history.setdefault(row.pop("member"), []).append(row)
-    if (parts[0] / HELDOUT_FILE).is_file():  # every part held out the same images (same seed and store)
-        shutil.copy2(parts[0] / HELDOUT_FILE, out / HELDOUT_FILE)
+    for name in (HELDOUT_FILE, STATS_FILE):  # every part held out the same images, took the same statistics
+        if (parts[0] / name).is_file():
+            shutil.copy2(parts[0] / name, out / name)
     missing = [m.name for m in members if m.name not in entries]
     if missing:
         raise CheckpointError(f"the parts of run {out} lack members {', '.join(missing)}; train again")
@@ -522,6 +582,7 @@ def gather_parts(out: str | os.PathLike[str], members: list[SweepMember], parts:
     cuda = [s["cuda_max_memory_allocated_mb"] for s in summaries if "cuda_max_memory_allocated_mb" in s]
     if cuda:
         summary["cuda_max_memory_allocated_mb"] = max(cuda)
+    summary.update({k: summaries[0][k] for k in RUN_RECORDS if k in summaries[0]})  # the same in every part
     summary.update(extra or {})
     _finish(out, summary, records, progress)
     return summary

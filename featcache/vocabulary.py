@@ -6,7 +6,10 @@ and ``featcache --help`` loads neither torch nor timm.
 
 - user-visible choices (cache dtypes, compressors, reader modes);
 - ``TapInfo`` (one tapped activation) and ``BackboneSpec`` (how to rebuild the backbone);
-- ``Manifest`` and ``SplitMeta``: the store's format, version 1, described below.
+- ``Manifest`` and ``SplitMeta``: the store's format, version 2, described below (version 1 still reads:
+  format 2 adds the ``auto`` compressor, whose per-array choice ``SplitMeta.tap_compressors`` records, 8-bit
+  scales stored as bfloat16 bits (uint16, attribute ``featcache_scale_dtype``) instead of float16, and the
+  window sizes of pooled taps, ``TapInfo.windows``).
 
 Root attributes of a store (a Zarr v3 group):
   featcache_format   int, FORMAT_VERSION
@@ -18,30 +21,38 @@ Root attributes of a store (a Zarr v3 group):
   transform          {"eval", "train"}: the eval and training transforms (repr), and their data config
   taps               the stored taps: list of TapInfo dicts
   dtype              "float16" | "bfloat16" | "float32" | "int8" | "float8_e4m3" (bfloat16 is stored as
-                     uint16; the 8-bit dtypes as codes plus a float16 scale per token row, store/codecs.py)
+                     uint16; the 8-bit dtypes as codes plus a bfloat16 scale per token row, float16 in stores
+                     written before: store/codecs.py)
   compressor         {"name", "configuration"} of the first split's chunk compressor ("none" = no
-                     compression); every split records its own in SplitMeta.compressor
+                     compression; "auto": {"arrays": {array: "lz4" | "none"}, "min_ratio", "codec"});
+                     every split records its own in SplitMeta.compressor (and .tap_compressors)
   final_norm         true when the group ``_backbone`` holds the ViT's final LayerNorm
-  autocast           {"cuda": "bfloat16" | null}: the precision of the backbone pass on a GPU (predict
-                     applies the same; stores without it: bfloat16 for 16-bit caches, as extraction ran)
+  autocast           {"cuda", "cpu": autocast dtype | null, "tf32": bool | null}: the precision of the
+                     backbone pass per device (device.AutocastPolicy; predict applies the same). Written now:
+                     float32 everywhere, TF32 off. Earlier stores: {"cuda": "bfloat16"} for 16-bit caches
+                     (float32 on CPU, TF32 as torch had it); no record at all: the same
   environment        versions of python, torch, timm, zarr and numpy that wrote the store
 Split group attributes: ``featcache_split`` = SplitMeta; ``featcache_extraction`` = {finished,
-featcache_version, nbytes, stored_bytes, seconds} once every shard is complete.
+featcache_version, nbytes, stored_bytes, seconds} once every shard is complete. A split of K > 1 views holds
+the eval transform in view ``eval_view`` (0) and training-transform draws in the others (``view_transform``
+"eval+train"); one without ``eval_view`` was written before that layout, and all its K views are training draws
+(``view_transform`` "train").
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from featcache import __version__
 from featcache.errors import FormatVersionError, StoreError, UsageError
 
-# cache dtypes; bfloat16 is stored as uint16, the 8-bit ones as codes plus a float16 scale per token row
+# cache dtypes; bfloat16 is stored as uint16, the 8-bit ones as codes plus a 2-byte scale per token row
 DTYPES = ("float16", "bfloat16", "float32", "int8", "float8_e4m3")
-COMPRESSORS = ("lz4", "zstd", "none")  # chunk compressors (crc32c always follows)
-DEFAULT_COMPRESSOR = "lz4"  # fastest decode at ~1.9x on post-ReLU taps (docs/store.md)
+COMPRESSORS = ("auto", "lz4", "zstd", "none")  # chunk compressors (crc32c always follows)
+# auto: lz4 for the taps that a probe batch shows compressible (post-ReLU maps), none for the rest (docs/store.md)
+DEFAULT_COMPRESSOR = "auto"
 DEFAULT_BATCH_SIZE = 32  # backbone inputs per forward pass during extraction
 READER_MODES = ("auto", "gpu", "ram", "stream")
 WEIGHT_CHOICES_HELP = "a local .safetensors/.pth state dict, 'pypi:efficientnet-lite0', 'hub' or 'random'"
@@ -59,15 +70,57 @@ class TapInfo:
     channels: int  # C
     grid: tuple[int, int]  # spatial token grid (h, w); h * w + prefix_tokens == tokens
     pooling: str  # "none" for ViT tokens, "avg" for CNN maps pooled to `grid`
+    # --pool-tokens K: how many rows / columns of the grid before pooling each row / column of `grid`
+    # averages (K, .., K, then what is left); None when the tap was not pooled, or an older store's pooled
+    # tap whose windows cannot be derived (see Manifest.from_attrs)
+    windows: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.windows is not None and tuple(map(len, self.windows)) != tuple(self.grid):
+            raise StoreError(f"tap {self.name!r}: windows {self.windows} do not match its grid {self.grid}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["grid"] = list(self.grid)
+        if self.windows is None:  # unpooled taps are described as before the field existed
+            del d["windows"]
+        else:
+            d["windows"] = [list(w) for w in self.windows]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TapInfo":
-        return cls(**{**d, "grid": tuple(d["grid"])})
+        windows = d.get("windows")
+        return cls(**{**d, "grid": tuple(d["grid"]),
+                      "windows": None if windows is None else (tuple(windows[0]), tuple(windows[1]))})
+
+    def patch_weights(self) -> list[float] | None:
+        """The weight of each patch token (row-major, summing to 1) in a mean over the patch tokens that
+        equals the mean over the grid before --pool-tokens: each token's share of the positions it averages.
+        None when all tokens weigh the same (not pooled, or windows of one size)."""
+        if self.windows is None or (len(set(self.windows[0])) <= 1 and len(set(self.windows[1])) <= 1):
+            return None
+        rows, cols = self.windows
+        total = sum(rows) * sum(cols)
+        return [r * c / total for r in rows for c in cols]
+
+
+def pool_windows(n: int, k: int) -> tuple[int, ...]:
+    """Sizes of the windows that ``--pool-tokens k`` averages along an axis of n tokens (ceil windows)."""
+    return tuple(min(k, n - i) for i in range(0, n, k))
+
+
+def derive_windows(grid: tuple[int, int], k: int, kind: str,
+                   cnn_grid: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The pooling windows of a pooled tap of a store written before they were recorded, where the manifest
+    determines them: a CNN map is read at min(map, cnn_grid) per axis, so the grid before pooling is the one
+    size in (k (g - 1), min(k g, cnn_grid)] when that range holds one (7 x 7 at k = 2 or 3). None otherwise."""
+    if kind != "cnn" or k <= 1:
+        return None
+    sizes = [range(k * (g - 1) + 1, min(k * g, cnn_grid) + 1) for g in grid]
+    if any(len(r) != 1 for r in sizes):
+        return None
+    return pool_windows(sizes[0][0], k), pool_windows(sizes[1][0], k)
 
 
 @dataclass
@@ -104,8 +157,8 @@ class BackboneSpec:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMATS = (1,)
+FORMAT_VERSION = 2  # 2: "auto" and per-array compressors, bfloat16 8-bit scales, pooled taps' windows
+SUPPORTED_FORMATS = (1, 2)
 
 
 def check_format_version(found: Any, what: str) -> None:
@@ -155,6 +208,7 @@ class Manifest:
         try:
             d = {k: attrs[k] for k in cls.__dataclass_fields__ if k in attrs}
             d["taps"] = [TapInfo.from_dict(t) for t in attrs["taps"]]
+            d["taps"] = _with_derived_windows(d["taps"], attrs.get("backbone", {}))
             return cls(**d)
         except (KeyError, TypeError) as err:
             raise StoreError(f"{where} has a damaged manifest ({type(err).__name__}: {err}); re-extract it") from None
@@ -182,7 +236,8 @@ class Manifest:
             "pool_tokens": spec.get("pool_tokens", 1),
             "weights": self.backbone.get("weights", {}).get("state_sha256"),
             "input_size": self.backbone.get("data_config", {}).get("input_size"),
-            "taps": [t.to_dict() for t in self.taps],
+            # a pooled tap's windows follow from its grid and pool_tokens; older stores may not record them
+            "taps": [{k: v for k, v in t.to_dict().items() if k != "windows"} for t in self.taps],
             "dtype": self.dtype,
         }
 
@@ -194,6 +249,17 @@ class Manifest:
                 a, b = _short(mine[key]), _short(theirs[key])
                 raise StoreError(f"{where} was made with {key} = {a}, but this run uses {key} = {b}; a store holds "
                                  "one backbone, weights, taps and dtype: write to a new --out store")
+
+
+def _with_derived_windows(taps: list[TapInfo], backbone: dict[str, Any]) -> list[TapInfo]:
+    """Taps of a store written before pooling windows were recorded, with the windows where the manifest
+    determines them (``derive_windows``); the others are kept as they are (their token means unweighted)."""
+    spec = backbone.get("spec", {}) if isinstance(backbone, dict) else {}
+    k = spec.get("pool_tokens", 1)
+    if not isinstance(k, int) or k <= 1:
+        return taps
+    kind, cnn_grid = backbone.get("kind", ""), spec.get("cnn_grid", 7)
+    return [replace(t, windows=derive_windows(t.grid, k, kind, cnn_grid)) if t.windows is None else t for t in taps]
 
 
 def _short(value: Any) -> str:
@@ -213,11 +279,13 @@ class SplitMeta:
     views: int = 1
     classes: list[str] = field(default_factory=list)
     data: str = ""  # the --data SPEC
-    view_transform: str = "eval"  # "eval" (1 view) or "train" (augmented views)
+    view_transform: str = "eval"  # "eval" (1 view), "eval+train" (view 0 eval, 1.. training draws); "train": old
     seed: int = 0  # augmentation seed when views > 1
     limit: int | None = None  # --limit: the split is stratified_subset(labels, limit, seed=0) of the data
     batch_size: int = 0  # backbone inputs per forward pass (0 = unknown); resume reuses it for bitwise equality
     compressor: str = ""  # chunk compressor of this split's tap arrays (COMPRESSORS name)
+    tap_compressors: dict[str, str] = field(default_factory=dict)  # "auto": each tap array's chosen compressor
+    eval_view: int | None = None  # the view holding the eval transform; None: written before it was recorded
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -240,6 +308,13 @@ class SplitMeta:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def eval_view_index(self) -> int | None:
+        """The stored view that holds the eval transform: 0 for a one-view split (always the eval transform), the
+        recorded one for several views, None for a multi-view split written before featcache recorded it (its views
+        are all training-transform draws)."""
+        return 0 if self.views == 1 else self.eval_view
 
     def to_attrs(self) -> dict[str, Any]:
         return asdict(self)

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from featcache.augment import (AUG_KEYS, AugmentConfig, _overlap, augment, batch_generator, cutmix, frofa,
-                               token_drop)
+from featcache.augment import (AUG_KEYS, AugmentConfig, FeatureStats, _overlap, augment, batch_generator, cutmix,
+                               feature_stats, frofa, token_drop)
 from featcache.errors import ConfigError
 from featcache.vocabulary import TapInfo
 
@@ -94,9 +94,10 @@ def test_same_generator_state_gives_bitwise_equal_batches(aug: str, kind: str) -
     before = {k: v.clone() for k, v in taps.items()}
     rng = torch.get_rng_state()
     cfg = AugmentConfig(aug=aug, tokendrop_rate=0.25, frofa_contrast=0.2)
-    a = augment(taps, y, infos, cfg, batch_generator(7, 2, 5))
-    b = augment(taps, y, infos, cfg, batch_generator(7, 2, 5))
-    c = augment(taps, y, infos, cfg, batch_generator(7, 2, 6))
+    stats = feature_stats([taps])
+    a = augment(taps, y, infos, cfg, batch_generator(7, 2, 5), stats)
+    b = augment(taps, y, infos, cfg, batch_generator(7, 2, 5), stats)
+    c = augment(taps, y, infos, cfg, batch_generator(7, 2, 6), stats)
     assert torch.equal(torch.get_rng_state(), rng)  # the global generator is neither used nor moved
     assert all(torch.equal(taps[k], before[k]) for k in taps)  # inputs untouched
     assert a.lam == b.lam and (a.labels_b is None) == (b.labels_b is None)
@@ -127,7 +128,8 @@ def test_bad_batches_are_clear_errors() -> None:
 def test_half_precision_taps_stay_half() -> None:
     infos = _vit_infos()
     taps = {k: v.half() for k, v in _batch(infos).items()}
-    out = augment(taps, torch.arange(6), infos, AugmentConfig(aug="frofa+tokendrop+mixup"), batch_generator(0, 0, 0))
+    out = augment(taps, torch.arange(6), infos, AugmentConfig(aug="frofa+tokendrop+mixup"), batch_generator(0, 0, 0),
+                  feature_stats([taps]))
     assert all(v.dtype == torch.float16 and torch.isfinite(v).all() for v in out.taps.values())
 
 
@@ -253,8 +255,8 @@ def test_mixed_targets_and_the_loss_the_trainer_uses() -> None:
 def test_frofa_brightness_shifts_each_channel_by_a_fraction_of_its_range() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 10, 6, generator=g) * torch.tensor([1.0, 2, 5, 0.1, 1, 3])  # channels of different ranges
-    y = frofa(x, 0.3, 0.0, batch_generator(0, 0, 0))
-    span = x.amax(dim=(0, 1)) - x.amin(dim=(0, 1))  # (C,) over the batch and tokens
+    span = torch.tensor([6.0, 12, 30, 0.6, 6, 18])  # (C,) the training features' max_c - min_c
+    y = frofa(x, 0.3, 0.0, batch_generator(0, 0, 0), span)
     delta = (y - x) / span  # (B, T, C)
     torch.testing.assert_close(delta, delta[:, :1].expand_as(delta))  # one shift per sample and channel
     d = delta[:, 0]  # (B, C)
@@ -264,12 +266,45 @@ def test_frofa_brightness_shifts_each_channel_by_a_fraction_of_its_range() -> No
 
 def test_frofa_contrast_scales_around_the_sample_channel_mean() -> None:
     x = torch.randn(8, 10, 6, generator=torch.Generator().manual_seed(1))
-    y = frofa(x, 0.0, 0.4, batch_generator(0, 0, 0))
+    y = frofa(x, 0.0, 0.4, batch_generator(0, 0, 0), torch.ones(6))
     torch.testing.assert_close(y.mean(1), x.mean(1))  # the mean of every sample's channel is kept
     mean = x.mean(1, keepdim=True)
     gamma = (y - mean) / (x - mean)
     torch.testing.assert_close(gamma, gamma[:, :1].expand_as(gamma), atol=1e-4, rtol=1e-4)
     assert ((gamma >= 0.6 - 1e-5) & (gamma <= 1.4 + 1e-5)).all() and gamma.std() > 0.05
+
+
+def test_frofa_of_a_sample_depends_neither_on_its_batch_nor_on_the_batch_size() -> None:
+    """The channel range is the training features' (recorded once), not the batch's: sample 0 is augmented alike
+    alone, in a batch of four, and next to other samples of a wider range (before, the range was the batch's)."""
+    infos = _vit_infos()
+    taps, y = _batch(infos, n=8), torch.arange(8) % 3
+    stats = feature_stats([taps])  # the training features
+    cfg = AugmentConfig(aug="frofa", frofa_contrast=0.2)
+    batches = [{k: v[:1] for k, v in taps.items()}, {k: v[:4] for k, v in taps.items()},
+               {k: torch.cat([v[:1], 5 * v[5:8]]) for k, v in taps.items()}]
+    outs = [augment(b, y[:len(b["embed"])], infos, cfg, batch_generator(0, 0, 0), stats).taps for b in batches]
+    for k in taps:
+        assert not torch.equal(outs[0][k][0], taps[k][0])
+        assert torch.equal(outs[0][k][0], outs[1][k][0]) and torch.equal(outs[0][k][0], outs[2][k][0]), k
+
+
+def test_feature_stats_are_the_channel_range_over_every_token_and_sample() -> None:
+    infos = _vit_infos()
+    parts = [_batch(infos, n=3, seed=s) for s in range(3)]
+    stats = feature_stats(parts)
+    for k in infos:
+        every = torch.cat([p[k] for p in parts]).reshape(-1, 8)
+        assert torch.equal(stats.low[k], every.amin(0)) and torch.equal(stats.high[k], every.amax(0))
+        assert torch.equal(stats.span(k), every.amax(0) - every.amin(0))
+    assert stats.samples == 9
+    again = FeatureStats.from_tensors(stats.to_tensors(), 9)
+    assert all(torch.equal(again.low[k], stats.low[k]) and torch.equal(again.high[k], stats.high[k]) for k in infos)
+    with pytest.raises(ConfigError, match="frofa needs the per-channel minimum and maximum of the training features"):
+        augment(parts[0], torch.arange(3), infos, AugmentConfig(aug="frofa"), batch_generator(0, 0, 0))
+    with pytest.raises(ConfigError, match="the feature statistics hold no tap 'block1'"):
+        augment(parts[0], torch.arange(3), infos, AugmentConfig(aug="frofa"), batch_generator(0, 0, 0),
+                FeatureStats({"embed": stats.low["embed"]}, {"embed": stats.high["embed"]}))
 
 
 # -- in the trainer ----------------------------------------------------------------------------------------------
@@ -298,4 +333,45 @@ def test_training_with_feature_augmentation_grids_banks_and_resumes_bitwise(tmp_
     with interrupted_run(monkeypatch, epochs=2), pytest.raises(Interrupted):
         train(str(path), "last", tmp_path / "part", settings, grid, progress=False)
     resumed = train(str(path), "last", tmp_path / "part", settings, grid, resume=True, progress=False)
+    assert [m["metrics"] for m in resumed["members"]] == [m["metrics"] for m in full["members"]]
+
+
+def test_frofa_statistics_are_computed_once_over_the_training_samples_and_recorded(
+        images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pass over every view of the samples that train (the held-out ones excluded) before the first step; the
+    numbers are written to RUNDIR and named in the summary and the checkpoints, and --resume loads them."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    import featcache.feature_stats
+    from featcache.errors import Interrupted
+    from featcache.store.feature_store import FeatureStore
+    from featcache.training import train
+
+    from .helpers.processes import interrupted_run
+    from .helpers.stores import run_extract
+
+    store = tmp_path / "s.zarr"
+    run_extract(images, store, views=2)
+    settings = {"epochs": 3, "batch_size": 8, "aug": "frofa", "frofa_brightness": 0.3}
+    calls: list[int] = []
+    real = featcache.feature_stats.feature_stats
+    monkeypatch.setattr(featcache.feature_stats, "feature_stats", lambda b: calls.append(1) or real(b))
+    full = train(str(store), "linear", tmp_path / "full", settings, val_fraction=0.25, progress=False)
+    assert calls == [1]
+    held = json.loads((tmp_path / "full" / "heldout.json").read_text())["ids"]
+    split = FeatureStore.open(store).split("train")
+    keep = np.asarray([i for i, name in enumerate(split.ids()) if name not in held])
+    saved = load_file(str(tmp_path / "full" / "feature_stats.safetensors"))
+    for tap in full["feature_stats"]["taps"]:
+        x = split.read_values(tap, 0, 24)[keep].float()  # (18, 2 views, T, C)
+        assert torch.equal(saved[f"{tap}/min"], x.reshape(-1, x.shape[-1]).amin(0)), tap
+        assert torch.equal(saved[f"{tap}/max"], x.reshape(-1, x.shape[-1]).amax(0)), tap
+    assert full["feature_stats"]["samples"] == 18 and full["feature_stats"]["views"] == 2
+    member = json.loads((tmp_path / "full" / "members" / full["best"]["name"] / "config.json").read_text())
+    assert member["feature_stats"] == full["feature_stats"]
+    with interrupted_run(monkeypatch, epochs=1), pytest.raises(Interrupted):
+        train(str(store), "linear", tmp_path / "part", settings, val_fraction=0.25, progress=False)
+    monkeypatch.setattr(featcache.feature_stats, "feature_stats", lambda b: pytest.fail("recomputed on resume"))
+    resumed = train(str(store), "linear", tmp_path / "part", settings, val_fraction=0.25, resume=True, progress=False)
     assert [m["metrics"] for m in resumed["members"]] == [m["metrics"] for m in full["members"]]

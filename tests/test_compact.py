@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import zarr
 from click.testing import CliRunner
 
 from featcache.cli import app
 from featcache.errors import TapOverflowError
 from featcache.infer import load_predictor
 from featcache.methods.last import choose_taps
-from featcache.store.codecs import decode_array, dequantize, quantize
+from featcache.store.codecs import decode_array, dequantize, quantize, storage_view
 from featcache.store.feature_store import FeatureStore
 from featcache.store.reader import open_reader
 from featcache.store.summary import describe_store
@@ -26,7 +27,7 @@ from featcache.training import train
 from featcache.vocabulary import TapInfo
 
 from .conftest import TINY_VIT
-from .helpers.stores import read_split, run_extract
+from .helpers.stores import PROBE_FORWARDS, read_split, run_extract
 
 EIGHT_BIT = ["int8", "float8_e4m3"]
 
@@ -38,7 +39,7 @@ def test_quantize_rows_is_deterministic_bounded_and_keeps_zero_rows(dtype: str) 
     codes, scale = quantize(x, dtype)
     again = quantize(x.clone(), dtype)
     assert torch.equal(codes, again[0]) and torch.equal(scale, again[1])
-    assert scale.shape == (3, 7) and scale.dtype == torch.float16 and codes.dtype == (
+    assert scale.shape == (3, 7) and scale.dtype == torch.bfloat16 and codes.dtype == (
         torch.int8 if dtype == "int8" else torch.uint8)
     y = dequantize(codes, scale, dtype)
     assert torch.equal(y[1, 2], torch.zeros(64))
@@ -46,7 +47,7 @@ def test_quantize_rows_is_deterministic_bounded_and_keeps_zero_rows(dtype: str) 
     err = (y - x).abs() / torch.where(amax > 0, amax, 1)
     bound = 0.5 / 127 + 1e-3 if dtype == "int8" else 2 ** -4 + 1e-3  # half a step (int8), half an fp8 ulp
     assert float(err.max()) <= bound
-    as_numpy = decode_array(codes.numpy(), dtype, scale.numpy())  # what plain zarr users get
+    as_numpy = decode_array(codes.numpy(), dtype, storage_view(scale))  # what plain zarr users get
     assert np.array_equal(as_numpy, y.numpy())
 
 
@@ -59,7 +60,7 @@ def test_pooling_averages_windows_keeps_prefix_and_handles_odd_grids() -> None:
     assert torch.equal(out[:, 1], fmap[:, :, :2, :2].mean((2, 3)))
     assert torch.equal(out[:, -1], fmap[:, :, 6, 6])  # the corner window holds one token
     assert torch.equal(out[:, 4], fmap[:, :, 0:2, 6].mean(2))  # the last column of windows: 2 tokens
-    assert pooled_info(info, 2) == TapInfo("t", 0, 0, 17, 1, 4, (4, 4), "avg")
+    assert pooled_info(info, 2) == TapInfo("t", 0, 0, 17, 1, 4, (4, 4), "avg", windows=((2, 2, 2, 1), (2, 2, 2, 1)))
 
 
 def test_every_gth_keeps_what_last_with_that_gap_reads() -> None:
@@ -113,7 +114,7 @@ def test_eight_bit_resume_after_an_error_is_bitwise_equal(stores: dict, images: 
 
     def fail_on_the_fourth(self, x):  # one batch per shard: shard 3 fails
         calls[0] += 1
-        if calls[0] == 4:
+        if calls[0] == PROBE_FORWARDS + 4:
             raise RuntimeError("disk on fire")
         return real(self, x)
 
@@ -129,13 +130,73 @@ def test_eight_bit_resume_after_an_error_is_bitwise_equal(stores: dict, images: 
         assert np.array_equal(a[name], b[name]), name
 
 
-def test_scale_overflow_is_refused_at_extraction(images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", EIGHT_BIT)
+def test_rows_of_tiny_and_huge_values_round_trip_with_bounded_relative_error(dtype: str) -> None:
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    x = x / x.abs().amax(-1, keepdim=True) * torch.tensor([1e-2, 1e-3, 1e-5, 1e-7, 1e-30, 1e9]).view(6, 1)
+    codes, scale = quantize(x, dtype)
+    y = dequantize(codes, scale, dtype)
+    err = ((y - x).abs() / x.abs().amax(-1, keepdim=True)).amax(-1)  # per row, relative to its max
+    bound = 0.5 / 127 * (1 + 2 ** -8) + 1e-6 if dtype == "int8" else 2 ** -4 + 1e-6  # half a step (of bfloat16's s)
+    assert float(err.max()) <= bound, err
+    assert decode_array(codes.numpy(), dtype, storage_view(scale)).tolist() == y.tolist()  # as stored: uint16 bits
+
+
+def _scaled_taps(monkeypatch: pytest.MonkeyPatch, factor: float) -> None:
     from featcache.taps import Taps
 
     real = Taps.forward
-    monkeypatch.setattr(Taps, "forward", lambda self, x: {k: v * 1e9 for k, v in real(self, x).items()})
+    monkeypatch.setattr(Taps, "forward", lambda self, x: {k: v * factor for k, v in real(self, x).items()})
+
+
+def test_a_store_of_tiny_taps_keeps_them(stores: dict, images: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    _scaled_taps(monkeypatch, 1e-6)  # row maxima ~1e-6..1e-5: float16 scales were zero or subnormal
+    run_extract(images, tmp_path / "s.zarr", dtype="int8")
+    ref = FeatureStore.open(stores["float32"]).split("train")
+    split = FeatureStore.open(tmp_path / "s.zarr").split("train")
+    for tap in split.store.manifest.tap_names:
+        x, y = ref.read_values(tap) * 1e-6, split.read_values(tap)
+        assert float(((y - x).double().norm() / x.double().norm())) < 0.01, tap
+    assert split.array("block6_scale").attrs["featcache_scale_dtype"] == "bfloat16"
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")  # plain numpy, as docs/store.md decodes it
+    scale = (g["train/block6_scale"][:].astype(np.uint32) << 16).view(np.float32)
+    assert np.array_equal(g["train/block6"][:].astype(np.float32) * scale[..., None], split.read_values("block6").numpy())
+
+
+def test_a_float16_scale_store_reads_resumes_and_refuses_overflow(stores: dict, images: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from featcache.store import feature_store
+    from featcache.taps import Taps
+
+    monkeypatch.setattr(feature_store, "SCALE_DTYPE", "float16")  # the layout of stores before bfloat16 scales
+    real, calls = Taps.forward, [0]
+
+    def fail_on_the_fourth(self, x):  # one batch per shard: shard 3 fails
+        calls[0] += 1
+        if calls[0] == PROBE_FORWARDS + 4:
+            raise RuntimeError("disk on fire")
+        return real(self, x)
+
+    monkeypatch.setattr(Taps, "forward", fail_on_the_fourth)
+    out = tmp_path / "old.zarr"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        run_extract(images, out, dtype="int8")
+    monkeypatch.undo()  # today's code resumes it, writing float16 scales into its float16 arrays
+    run_extract(images, out, dtype="int8", resume=True)
+    split = FeatureStore.open(out).split("train")
+    assert split.array("block6_scale").dtype == np.float16
+    ref = FeatureStore.open(stores["float32"]).split("train")
+    for tap in split.store.manifest.tap_names:
+        x = ref.read_values(tap)
+        assert torch.equal(split.read_values(tap), dequantize(*quantize(x, "int8", "float16"), "int8")), tap
+    reader = open_reader(split, ["block6"], "ram", batch_size=24, shuffle=False)
+    assert reader.data["block6_scale"].dtype == torch.float16
+    assert torch.equal(next(iter(reader.epoch(0))).taps["block6"], split.read_values("block6"))
+    monkeypatch.setattr(feature_store, "SCALE_DTYPE", "float16")
+    _scaled_taps(monkeypatch, 1e9)  # a scale beyond float16's range: refused, with the fix
     with pytest.raises(TapOverflowError, match="overflows int8"):
-        run_extract(images, tmp_path / "s.zarr", dtype="int8")
+        run_extract(images, tmp_path / "big.zarr", dtype="int8")
 
 
 @pytest.mark.parametrize("mode", ["ram", "stream"])
@@ -143,7 +204,7 @@ def test_readers_hold_codes_and_decode_per_batch(stores: dict, mode: str) -> Non
     split = FeatureStore.open(stores["int8"]).split("train")
     reader = open_reader(split, ["embed", "block6"], mode, batch_size=5, shuffle=False)
     if mode == "ram":
-        assert reader.data["block6"].dtype == torch.int8 and reader.data["block6_scale"].dtype == torch.float16
+        assert reader.data["block6"].dtype == torch.int8 and reader.data["block6_scale"].dtype == torch.bfloat16
     t = split.store.manifest.tap("block6")
     assert reader.nbytes() == 2 * 24 * t.tokens * (t.channels + 2)  # the stored footprint, not float32's
     batches = list(reader.epoch(0))

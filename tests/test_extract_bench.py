@@ -24,5 +24,5 @@ def test_codecs_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "codecs.json"
     bench_extract.main(["codecs", "--tiny", "--images", "8", "--rounds", "1", "--out", str(out)])
     rows = json.loads(out.read_text())["results"]
-    assert set(rows) == {"none", "lz4", "zstd"}
+    assert set(rows) == {"auto", "none", "lz4", "zstd"}
     assert all(r["write_mb_s"] > 0 and r["read_mb_s"] > 0 and r["ratio"] > 0 for r in rows.values())

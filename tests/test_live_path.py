@@ -18,9 +18,10 @@ from featcache.cli import app
 from featcache.device import AutocastPolicy
 from featcache.errors import CheckpointError, StoreError, UsageError
 from featcache.infer import load_predictor
+from featcache.infer import predict as featcache_predict
 from featcache.store.feature_store import FeatureStore
 from featcache.training import train
-from featcache.vocabulary import BackboneSpec
+from featcache.vocabulary import DTYPES, BackboneSpec
 
 from .conftest import TINY_VIT
 from .helpers.stores import run_extract
@@ -80,28 +81,87 @@ def test_cli_crop_options_are_exclusive(images: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "s.zarr").exists()
 
 
-def test_autocast_policy_follows_the_cache_dtype_and_the_record() -> None:
-    assert AutocastPolicy.for_cache("float32").cuda_dtype is None
-    assert AutocastPolicy.for_cache("float16").cuda_dtype == AutocastPolicy.for_cache("bfloat16").cuda_dtype == "bfloat16"
-    assert AutocastPolicy.from_manifest({"cuda": None}, "float16").cuda_dtype is None  # the record wins
-    assert AutocastPolicy.from_manifest({}, "float32") == AutocastPolicy(None)  # older stores: as extraction ran
-    assert AutocastPolicy.from_manifest({}, "float16") == AutocastPolicy("bfloat16")
-    cpu = AutocastPolicy("bfloat16").context(torch.device("cpu"))
-    with cpu:
+def test_every_cache_is_extracted_in_float32_and_old_records_keep_their_meaning() -> None:
+    for dtype in DTYPES:
+        assert AutocastPolicy.for_cache(dtype) == AutocastPolicy(None, None, tf32=False), dtype
+    new = AutocastPolicy.for_cache("float16")
+    assert new.to_dict() == {"cuda": None, "cpu": None, "tf32": False}
+    assert AutocastPolicy.from_manifest(new.to_dict(), "float16") == new
+    # what earlier featcache recorded: bf16 autocast on CUDA for 16-bit caches, float32 on CPU, TF32 untouched
+    assert AutocastPolicy.from_manifest({"cuda": "bfloat16"}, "float16") == AutocastPolicy("bfloat16", None, None)
+    assert AutocastPolicy.from_manifest({"cuda": None}, "float32") == AutocastPolicy(None, None, None)
+    assert AutocastPolicy.from_manifest({}, "float16") == AutocastPolicy("bfloat16", None, None)  # no record at all
+    assert AutocastPolicy.from_manifest({}, "float32") == AutocastPolicy(None, None, None)
+    with AutocastPolicy("bfloat16").context(torch.device("cpu")):
         assert not torch.is_autocast_enabled("cuda") and not torch.is_autocast_enabled("cpu")
+    with AutocastPolicy(None, "bfloat16").context(torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_predict_applies_the_policy_the_extraction_recorded(images: Path, tmp_path: Path, dtype: str,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_the_extraction_policy_stays_within_the_cache_dtype_rounding(images: Path, dtype: str) -> None:
+    """The pass a GPU extraction runs (``for_cache(dtype)``'s CUDA setting, forced onto the CPU, whose autocast
+    exists for bfloat16) must give the taps a float32 pass gives, to the cache dtype's own rounding: what a CPU
+    predict recomputes. Under bfloat16 autocast (before) the taps moved by ~1%: 50x float16's rounding."""
+    from contextlib import nullcontext
+
+    from featcache.store.codecs import round_trip
+
+    backbone = Backbone(BackboneSpec(**TINY_VIT))
+    x = torch.stack([backbone.transform(Image.open(p).convert("RGB")) for p in sorted(images.rglob("*.png"))[:8]])
+    gpu_dtype = AutocastPolicy.for_cache(dtype).cuda_dtype
+    with torch.inference_mode():
+        reference = backbone.taps(x)
+        with torch.autocast("cpu", dtype=getattr(torch, gpu_dtype)) if gpu_dtype else nullcontext():
+            made = backbone.taps(x)
+    for tap, ref in reference.items():
+        rounding = _relative(round_trip(ref, dtype), ref)  # the cache dtype's own error
+        assert _relative(round_trip(made[tap].float(), dtype), round_trip(ref, dtype)) <= 0.5 * rounding, tap
+
+
+def test_predict_applies_the_recorded_policy_on_the_cpu_too(images: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store made under an autocast pass (here bfloat16 autocast forced onto the CPU, as a GPU's pass would be)
+    records it, and predict recomputes its taps under the same pass: cached == live; a float32 pass would not."""
+    monkeypatch.setattr(AutocastPolicy, "for_cache", classmethod(lambda cls, dtype: cls(None, "bfloat16", False)))
     out = tmp_path / "s.zarr"
-    run_extract(images, out, dtype=dtype)
-    assert FeatureStore.open(out).manifest.autocast == {"cuda": None if dtype == "float32" else "bfloat16"}
+    run_extract(images, out)
+    run_extract(images, out, split="test")
+    monkeypatch.undo()
+    assert FeatureStore.open(out).manifest.autocast == {"cuda": None, "cpu": "bfloat16", "tf32": False}
+    summary = train(str(out), "linear", tmp_path / "run", {"epochs": 2, "batch_size": 8}, progress=False)
+    predictor = load_predictor(tmp_path / "run", device="cpu")
+    assert predictor.autocast == AutocastPolicy(None, "bfloat16", False)
+    split = FeatureStore.open(out).split("test")
+    x = torch.stack([predictor.transform(Image.open(images / i).convert("RGB")) for i in split.ids()])
+    cached = {t: split.read_values(t).float() for t in predictor.network.required_taps}
+    with torch.no_grad():
+        assert torch.allclose(predictor(x), predictor.network(cached), atol=1e-4)  # cached == live
+        with torch.inference_mode():
+            live = predictor.taps(x)
+        for tap, t in cached.items():
+            assert _relative(live[tap].to(torch.float16).float(), t) > 1e-3  # float32 alone: not the cache
+    result = featcache_predict(tmp_path / "run", str(images), device="cpu", progress=False, num_workers=0)
+    assert result["accuracy"] == pytest.approx(summary["best"]["test_acc"], abs=1e-6)
+
+
+def test_a_store_with_the_old_autocast_record_is_still_reproduced(images: Path, tmp_path: Path) -> None:
+    """Stores written before this policy record ``{"cuda": "bfloat16"}`` for 16-bit caches (a CPU extraction ran
+    float32 all the same): they load, and predict on the CPU runs float32 as their extraction did."""
+    out = tmp_path / "s.zarr"
+    run_extract(images, out)
+    group = FeatureStore.open(out, "r+").group
+    group.attrs.update({"autocast": {"cuda": "bfloat16"}})  # today's record, as older featcache wrote it
+    assert FeatureStore.open(out).manifest.autocast == {"cuda": "bfloat16"}
     train(str(out), "linear", tmp_path / "run", {"epochs": 1, "batch_size": 8}, val_fraction=0, progress=False)
     predictor = load_predictor(tmp_path / "run", device="cpu")
-    used: list[tuple[str | None, str]] = []
-    real = AutocastPolicy.context
-    monkeypatch.setattr(AutocastPolicy, "context", lambda self, device: used.append((self.cuda_dtype, device.type))
-                        or real(self, device))
-    predictor(torch.zeros(2, 3, 32, 32))
-    assert used == [(None if dtype == "float32" else "bfloat16", "cpu")]
+    assert predictor.autocast == AutocastPolicy("bfloat16", None, None)
+    split = FeatureStore.open(out).split("train")
+    x = torch.stack([predictor.transform(Image.open(images / i).convert("RGB")) for i in split.ids()])
+    cached = {t: split.read_values(t).float() for t in predictor.network.required_taps}
+    with torch.no_grad():
+        assert torch.allclose(predictor(x), predictor.network(cached), atol=1e-5)

@@ -114,20 +114,30 @@ def test_write_failure_keeps_completed_shards_and_resumes(images: Path, tmp_path
     """A store whose disk fills up (or turns read-only) at shard 2: one clear error, shards 0-1 intact, resumable."""
     import zarr.storage._local as local
 
-    real_put = local._put
+    import featcache.store.shard_io as shard_io
+
+    real_put, real_write_all = local._put, shard_io._write_all
 
     def failing_put(path: Path, value: Any, exclusive: bool = False) -> int:
         if "/train/" in Path(path).as_posix() and "/c/2" in Path(path).as_posix():  # any object of shard 2
             raise OSError(code, os.strerror(code), str(path))
         return real_put(path, value, exclusive)
 
+    def failing_write_all(fd: int, pieces: list[Any]) -> None:  # the tap shards, written directly
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if "/train/" in path and "/c/2/" in path:
+            raise OSError(code, os.strerror(code), path)
+        real_write_all(fd, pieces)
+
     monkeypatch.setattr(local, "_put", failing_put)
+    monkeypatch.setattr(shard_io, "_write_all", failing_write_all)
     out = tmp_path / "s.zarr"
     r = CliRunner().invoke(app, cli_extract(images, out))
     assert r.exit_code == 1, r.output
     assert_one_error_line(r.stderr, "(shard 2 of split 'train')", says, "2 of 6 shards of split 'train' are complete "
                           "and kept", "then run the same featcache extract command with --resume")
     monkeypatch.setattr(local, "_put", real_put)  # space freed, permissions fixed
+    monkeypatch.setattr(shard_io, "_write_all", real_write_all)
     split = FeatureStore.open(out).split("train")
     assert split.completed_shards().tolist() == [True, True, False, False, False, False]
     assert verify_store(str(out)).ok and leftovers(out) == []  # no lock, no temporary files

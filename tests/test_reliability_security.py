@@ -21,6 +21,7 @@ from zarr.codecs import Crc32cCodec
 from featcache.cli import app
 from featcache.sweep import expand
 from featcache.training import train
+from featcache.vocabulary import FORMAT_VERSION
 
 from .helpers.processes import EXTRACT_KW, ROOT, TINY_ARGS, assert_one_error_line
 from .helpers.stores import hash_tree, run_files, shard_file
@@ -67,7 +68,7 @@ def invoke(*args: str) -> Any:
 
 
 @pytest.mark.parametrize("version,says", [
-    (2, "uses featcache format 2, newer than this featcache"),
+    (FORMAT_VERSION + 1, f"uses featcache format {FORMAT_VERSION + 1}, newer than this featcache"),
     (0, "uses featcache format 0, which this featcache"),
     ("1", "has no valid featcache format version ('1')"),
 ])
@@ -76,7 +77,8 @@ def test_store_format_versions_through_the_cli(world: dict, tmp_path: Path, vers
     store = copy(world["store"], tmp_path / "s.zarr")
     set_root_attr(store, "featcache_format", version)
     before = hash_tree(store)
-    fix = {2: "upgrade featcache to read it", 0: "re-extract it", "1": "not written by featcache or is damaged"}[version]
+    fix = {FORMAT_VERSION + 1: "upgrade featcache to read it", 0: "re-extract it",
+           "1": "not written by featcache or is damaged"}[version]
     for args in (["inspect", str(store)], ["inspect", str(store), "--verify", "--json"],
                  ["train", str(store), "--method", "linear", "--out", str(tmp_path / "run")],
                  ["extract", *TINY_ARGS, "--data", str(world["images"]), "--out", str(store), "--resume"]):
@@ -90,7 +92,7 @@ def test_store_format_versions_through_the_cli(world: dict, tmp_path: Path, vers
 @pytest.mark.parametrize("where,version,says", [
     ("checkpoint", 2, "uses checkpoint format 2, newer than this featcache"),
     ("checkpoint", 0, "uses checkpoint format 0, which this featcache"),
-    ("manifest", 2, "uses featcache format 2, newer than this featcache"),
+    ("manifest", FORMAT_VERSION + 1, f"uses featcache format {FORMAT_VERSION + 1}, newer than this featcache"),
 ])
 def test_checkpoint_format_versions_through_the_cli(world: dict, tmp_path: Path, where: str, version: int,
                                                     says: str) -> None:
@@ -102,17 +104,18 @@ def test_checkpoint_format_versions_through_the_cli(world: dict, tmp_path: Path,
     before = hash_tree(run)
     r = invoke("predict", str(run), "--data", str(world["images"]), "--device", "cpu", "--quiet")
     assert r.exit_code == 1, r.output
-    fix = {2: "upgrade featcache", 0: "retrain it with this featcache"}[version]
+    fix = {2: "upgrade featcache", FORMAT_VERSION + 1: "upgrade featcache", 0: "retrain it with this featcache"}[version]
     assert_one_error_line(r.stderr, says, fix, "checkpoint")
     assert hash_tree(run) == before
 
 
 @pytest.mark.parametrize("field,says", [("featcache_checkpoint", "was written with checkpoint format 2"),
-                                         ("manifest", "uses featcache format 2, newer than this featcache")])
+                                         ("manifest", f"uses featcache format {FORMAT_VERSION + 1}, newer than this "
+                                                      "featcache")])
 def test_resuming_a_run_of_a_newer_format_is_refused(world: dict, tmp_path: Path, field: str, says: str) -> None:
     run = copy(world["run"], tmp_path / "run")
     if field == "manifest":
-        edit_config(member_of(run), lambda c: c["store"]["manifest"].update(featcache_format=2))
+        edit_config(member_of(run), lambda c: c["store"]["manifest"].update(featcache_format=FORMAT_VERSION + 1))
     else:
         edit_config(member_of(run), lambda c: c.update(featcache_checkpoint=2))
     before = hash_tree(run)

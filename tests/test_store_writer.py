@@ -183,7 +183,7 @@ def test_plain_zarr_dask_and_xarray_read_the_store(images: Path, tmp_path: Path)
     run_extract(images, out, dtype="float32", limit=12)
     ref = read_split(out)
     group = zarr.open_group(str(out), mode="r")
-    assert group.attrs["featcache_format"] == 1 and "train" in group
+    assert group.attrs["featcache_format"] == 2 and "train" in group
     assert np.array_equal(group["train/block4"][:], ref["block4"])
     assert group["train/block4"].metadata.dimension_names == ("image", "token", "channel")
     lazy = da.from_zarr(str(out), component="train/block4")
@@ -243,3 +243,29 @@ def test_bad_split_names_are_refused_before_anything_is_written(images: Path, tm
         with pytest.raises(Exception, match="is not allowed"):
             run_extract(images, tmp_path / "s.zarr", split=name)
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_auto_compressor_compresses_only_what_lz4_shrinks() -> None:
+    from featcache.store.codecs import auto_compressors
+
+    rng = np.random.default_rng(0)
+    dense = rng.standard_normal((8, 49, 64)).astype(np.float16)
+    relu = np.maximum(dense, 0) * (rng.random((8, 49, 64)) < 0.2)  # mostly zeros, as after a ReLU
+    assert auto_compressors({"dense": dense, "relu": relu.astype(np.float16), "codes": (dense * 40).astype(np.int8)}) \
+        == {"dense": "none", "relu": "lz4", "codes": "none"}
+
+
+def test_auto_compressor_choice_is_recorded_applied_and_kept_on_resume(images: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import featcache.extraction as extraction
+
+    monkeypatch.setattr(extraction, "probe_compressors", lambda *a, **kw: {"embed": "lz4", "block3": "none"})
+    out = tmp_path / "s.zarr"
+    run_extract(images, out, limit=12, layers=[0, 3])
+    split = FeatureStore.open(out).split("train")
+    assert split.meta.compressor == "auto" and split.meta.tap_compressors == {"embed": "lz4", "block3": "none"}
+    assert [c.to_dict()["name"] for c in split.array("embed").metadata.codecs[0].codecs] == ["bytes", "blosc", "crc32c"]
+    assert [c.to_dict()["name"] for c in split.array("block3").metadata.codecs[0].codecs] == ["bytes", "crc32c"]
+    monkeypatch.setattr(extraction, "probe_compressors", lambda *a, **kw: pytest.fail("resume must not probe again"))
+    report = run_extract(images, out, limit=12, layers=[0, 3], resume=True)
+    assert report.complete and verify_store(str(out)).ok

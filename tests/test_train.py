@@ -214,7 +214,7 @@ def test_checkpoint_round_trip_gives_cached_logits(vit_store, tmp_path) -> None:
     path, test_taps, _, labels = vit_store
     train(str(path), "last", tmp_path / "ck", {"epochs": 2}, progress=False)
     ckpt = load_checkpoint(tmp_path / "ck")
-    assert ckpt.config["method"] == "last" and ckpt.config["store"]["manifest"]["featcache_format"] == 1
+    assert ckpt.config["method"] == "last" and ckpt.config["store"]["manifest"]["featcache_format"] == 2
     cached = {k: v.to(torch.float16).float() for k, v in test_taps.items()}
     with torch.no_grad():
         logits = ckpt.network(cached)

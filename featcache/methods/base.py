@@ -315,11 +315,46 @@ class SideNetwork(nn.Module):
                 **self.describe_extra()}
 
 
-def pool_tokens(x: Tensor, prefix_tokens: int, mode: str) -> Tensor:
-    """(N, T, C) -> (N, C): the first (CLS) token, or the mean of the patch tokens (prefix tokens excluded)."""
+class TokenWeights:
+    """The weights of a grid's patch tokens in their mean (``TapInfo.patch_weights``: a token pooled from fewer
+    positions weighs less), or None for a plain mean. Derived from the taps, so not module state (checkpoints
+    and a bank's stacked member states stay as they are); copied once per device and dtype."""
+
+    def __init__(self, weights: list[float] | None) -> None:
+        self.weights = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+        self._copies: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    @classmethod
+    def of_tap(cls, info: TapInfo) -> "TokenWeights":
+        return cls(info.patch_weights())
+
+    @classmethod
+    def of_grid(cls, infos: list[TapInfo], grid: tuple[int, int]) -> "TokenWeights":
+        """The weights of the common grid (``common_grid``, ``to_grid``): those of the deepest tap on that grid,
+        so that the mean covers the image as the unpooled map does; a plain mean when no tap lies on it."""
+        on_grid = [t for t in infos if tuple(t.grid) == tuple(grid)]
+        return cls(max(on_grid, key=lambda t: t.position).patch_weights() if on_grid else None)
+
+    def like(self, x: Tensor) -> Tensor | None:
+        """The weights on x's device in x's dtype (None: a plain mean)."""
+        if self.weights is None:
+            return None
+        key = (x.device, x.dtype)
+        if key not in self._copies:
+            self._copies[key] = self.weights.to(x.device, x.dtype)
+        return self._copies[key]
+
+
+def pool_tokens(x: Tensor, prefix_tokens: int, mode: str, weights: TokenWeights | None = None) -> Tensor:
+    """(N, T, C) -> (N, C): the first (CLS) token, or the mean of the patch tokens (prefix tokens excluded),
+    weighted by ``weights`` where tokens were pooled from windows of different sizes (then it equals the mean
+    over the grid before pooling)."""
     if mode == "cls":
         return x[:, 0]
-    return x[:, prefix_tokens:].mean(dim=1)
+    w = weights.like(x) if weights is not None else None
+    if w is None:
+        return x[:, prefix_tokens:].mean(dim=1)
+    return torch.einsum("ntc,t->nc", x[:, prefix_tokens:], w)
 
 
 def common_grid(infos: list[TapInfo], key: str) -> tuple[int, tuple[int, int]]:
@@ -344,7 +379,13 @@ def to_grid(x: Tensor, info: TapInfo, grid: tuple[int, int], prefix_tokens: int 
     if tuple(info.grid) != tuple(grid):
         n, _, c = x.shape
         fmap = x[:, p:].transpose(1, 2).reshape(n, c, *info.grid)  # (N, C, h, w)
-        pooled = F.adaptive_avg_pool2d(fmap, grid).flatten(2).transpose(1, 2)  # (N, h'*w', C)
+        weights = info.patch_weights()
+        if weights is None:
+            pooled = F.adaptive_avg_pool2d(fmap, grid)
+        else:  # tokens pooled from fewer positions weigh less, as in the mean over the unpooled map
+            w = torch.tensor(weights, device=x.device, dtype=x.dtype).view(1, 1, *info.grid)
+            pooled = F.adaptive_avg_pool2d(fmap * w, grid) / F.adaptive_avg_pool2d(w, grid)
+        pooled = pooled.flatten(2).transpose(1, 2)  # (N, h'*w', C)
         x = torch.cat([x[:, :p], pooled], dim=1) if p else pooled
     return F.pad(x, (0, 0, missing, 0)) if missing > 0 else x  # (N, P' + h'*w', C)
 
@@ -422,5 +463,5 @@ def create(name: str, config: MethodConfig | dict[str, Any] | None, tap_info: Me
 
 
 __all__ = ["TRAINING_KEYS", "MethodInput", "MethodConfig", "SideNetwork", "register", "create", "list_methods",
-           "config_class", "check", "check_choice", "normalize_taps", "pool_tokens", "common_grid", "to_grid",
-           "init_layernorm", "make_head"]
+           "config_class", "check", "check_choice", "normalize_taps", "pool_tokens", "TokenWeights", "common_grid",
+           "to_grid", "init_layernorm", "make_head"]

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..vocabulary import TapInfo
-from .base import (MethodConfig, MethodInput, SideNetwork, check, check_choice, common_grid, init_layernorm,
-                   make_head, normalize_taps, pool_tokens, register, to_grid)
+from .base import (MethodConfig, MethodInput, SideNetwork, TokenWeights, check, check_choice, common_grid,
+                   init_layernorm, make_head, normalize_taps, pool_tokens, register, to_grid)
 from .linear import POOLS, resolve_pool
 
 
@@ -155,6 +155,7 @@ class LAST(SideNetwork):
             base, rungs = choose_taps(chosen, gap=1)
         used = ([base] if base is not None else []) + rungs
         self.prefix_tokens, self.grid = common_grid(used, "taps")
+        self.token_weights = TokenWeights.of_grid(used, self.grid)  # pooled windows weigh by size
         resolve_pool(config.pool, self.prefix_tokens)
         self.base_tap = base.name if base is not None else None
         self.rung_taps = [t.name for t in rungs]
@@ -185,7 +186,8 @@ class LAST(SideNetwork):
         return u if skipped is None else u - skipped
 
     def features(self, taps: dict[str, Tensor]) -> Tensor:
-        return pool_tokens(self.norm(self.corrected(taps)), self.prefix_tokens, self.config.pool)  # (N, d)
+        h = self.norm(self.corrected(taps))  # (N, T', d)
+        return pool_tokens(h, self.prefix_tokens, self.config.pool, self.token_weights)  # (N, d)
 
     def describe_extra(self) -> dict[str, Any]:
         return {"z0_tap": self.base_tap, "side_block_taps": self.rung_taps, "width": self.width,

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import (MethodConfig, MethodInput, SideNetwork, check, check_choice, init_layernorm, make_head,
-                   normalize_taps, pool_tokens, register)
+from .base import (MethodConfig, MethodInput, SideNetwork, TokenWeights, check, check_choice, init_layernorm,
+                   make_head, normalize_taps, pool_tokens, register)
 
 POOLS = ("avg", "cls")
 NORMS = ("layernorm", "none")
@@ -65,6 +65,7 @@ class LinearProbe(SideNetwork):
         for t in infos:
             resolve_pool(config.pool, t.prefix_tokens)
         self.required_taps = [t.name for t in infos]
+        self.token_weights = {t.name: TokenWeights.of_tap(t) for t in infos}  # pooled windows weigh by size
         last = tap_info.taps[-1].name
         self.norms = nn.ModuleDict()
         self.norm_from_backbone: list[str] = []
@@ -82,7 +83,8 @@ class LinearProbe(SideNetwork):
             norm = self.norms[name] if name in self.norms else None
             if norm is not None:  # normalise per token; the affine part commutes with pooling, so it comes after
                 x = F.layer_norm(x, norm.normalized_shape, None, None, norm.eps)
-            x = pool_tokens(x, self.tap_infos[name].prefix_tokens, self.config.pool)  # (N, C)
+            x = pool_tokens(x, self.tap_infos[name].prefix_tokens, self.config.pool,
+                            self.token_weights[name])  # (N, C)
             pooled.append(x if norm is None else x * norm.weight + norm.bias)
         return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)  # (N, sum C)
 

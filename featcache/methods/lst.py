@@ -64,8 +64,8 @@ from torch import Tensor, nn
 
 from ..vocabulary import TapInfo
 from ..errors import ConfigError, FeatcacheError
-from .base import (MethodConfig, MethodInput, SideNetwork, check, check_choice, common_grid, init_layernorm,
-                   make_head, normalize_taps, pool_tokens, register, to_grid)
+from .base import (MethodConfig, MethodInput, SideNetwork, TokenWeights, check, check_choice, common_grid,
+                   init_layernorm, make_head, normalize_taps, pool_tokens, register, to_grid)
 from .fisher import fisher_information
 from .linear import POOLS, resolve_pool
 
@@ -190,6 +190,7 @@ class LST(SideNetwork):
         base = infos[0] if infos[0].block == 0 and len(infos) > 1 else None
         rungs = [t for t in infos if t is not base]
         self.prefix_tokens, self.grid = common_grid(infos, "taps")
+        self.token_weights = TokenWeights.of_grid(infos, self.grid)  # pooled windows weigh by size
         resolve_pool(config.pool, self.prefix_tokens)
         self.base_tap = base.name if base is not None else None
         self.rung_taps = [t.name for t in rungs]
@@ -340,7 +341,7 @@ class LST(SideNetwork):
             ladder = (1 - mu[i]) * self._ladder(taps, name)
             h = block(ladder if h is None else mu[i] * h + ladder)
         h = F.dropout(self.norm(h), self.dropout, self.training)  # (N, T', s): dropout after the final side norm
-        return pool_tokens(h, self.prefix_tokens, self.config.pool)  # (N, s)
+        return pool_tokens(h, self.prefix_tokens, self.config.pool, self.token_weights)  # (N, s)
 
     def describe_extra(self) -> dict[str, Any]:
         scale = self.attn_scale if self.attn_scale is not None else (self.side_width / self.heads) ** -0.5

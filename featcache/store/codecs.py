@@ -2,11 +2,15 @@
 
 Cache dtypes (attribute ``featcache_dtype`` on each tap array):
 - ``float16``, ``float32``; ``bfloat16`` stored as uint16 bits (zarr has no bfloat16);
-- ``int8`` and ``float8_e4m3``: 8-bit codes plus one float16 scale per token row in the sibling array
+- ``int8`` and ``float8_e4m3``: 8-bit codes plus one scale per token row in the sibling array
   ``<tap>_scale`` (shape without the channel axis). A row x of C channels is stored as
-  ``codes = round(x / s)`` (int8, |codes| <= 127) or ``codes = fp8_e4m3(x / s)`` (uint8 bits, |x/s| <= 448)
-  with ``s = float16(max|x| / 127)`` (or ``/ 448``), and read back as ``x ~ codes * s``. Deterministic, so a
-  resumed or repaired shard is bitwise equal. Each shard also records its quantization error in
+  ``codes = round(x / s)`` (int8, clamped to |codes| <= 127) or ``codes = fp8_e4m3(x / s)`` (uint8 bits,
+  |x/s| <= 448) with ``s = bfloat16(max|x| / 127)`` (or ``/ 448``), and read back as ``x ~ codes * s``.
+  The scale is bfloat16 (float32's exponent range: a row of values down to ~1e-36 keeps its precision),
+  stored as uint16 bits with the array attribute ``featcache_scale_dtype: "bfloat16"``; stores written
+  before hold float16 scales (no attribute; subnormal below max|x| ~7.8e-3, zero below ~3.8e-6), which are
+  still read, and resumed with float16 scales. The stored numpy dtype tells them apart (``decode_scale``).
+  Deterministic, so a resumed or repaired shard is bitwise equal. Each shard also records its quantization error in
   ``<tap>_qerr`` (shard, [sum of squared errors, sum of squared values]), which ``inspect --stats`` reports.
 ``encode`` / ``decode`` / ``quantize`` / ``dequantize`` are the only places that know these layouts; plain
 numpy users decode with ``decode_array``. Every chunk ends in a crc32c checksum; only the codecs in
@@ -35,10 +39,17 @@ TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
                 "float8_e4m3": torch.uint8}
 EIGHT_BIT = {"int8": (torch.int8, 127.0), "float8_e4m3": (torch.float8_e4m3fn, 448.0)}  # code type, largest code
 SCALE_SUFFIX, QERR_SUFFIX = "_scale", "_qerr"
+# the type of the per-row scales of 8-bit caches: bfloat16 (float32's exponent range; stored as uint16 bits,
+# array attribute featcache_scale_dtype), or float16 in stores written before (no attribute)
+SCALE_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+SCALE_DTYPE = "bfloat16"
+SCALE_DTYPE_ATTR = "featcache_scale_dtype"
 # recorded on each 8-bit tap array for plain zarr / dask / xarray users (docs/store.md)
-DECODE_HINTS = {"int8": "x = codes.astype(float32) * scale[..., None]  (scale: the <tap>_scale array)",
+_SCALE_HINT = ("scale: the <tap>_scale array as float32, (s.astype(uint32) << 16).view(float32) for its bfloat16 bits "
+               "(uint16; float16 in older stores: s.astype(float32))")
+DECODE_HINTS = {"int8": f"x = codes.astype(float32) * scale[..., None]  ({_SCALE_HINT})",
                 "float8_e4m3": "x = codes.view(float8_e4m3fn).astype(float32) * scale[..., None]  (ml_dtypes, or "
-                               "torch.from_numpy(codes).view(torch.float8_e4m3fn).float(); scale: the <tap>_scale array)"}
+                               f"torch.from_numpy(codes).view(torch.float8_e4m3fn).float(); {_SCALE_HINT})"}
 
 
 def storage_dtype(dtype: str) -> str:
@@ -51,17 +62,35 @@ def is_eight_bit(dtype: str) -> bool:
     return dtype in EIGHT_BIT
 
 
+def decode_scale(a: np.ndarray) -> torch.Tensor:
+    """Stored scale rows -> a tensor of the scale's type, known from the stored numpy dtype: uint16 holds
+    bfloat16 bits, float16 is a store's from before bfloat16 scales."""
+    return decode(a, scale_torch_dtype(a.dtype))
+
+
+def scale_dtype_name(stored: Any) -> str:
+    """The scale type of a scale array stored as numpy dtype ``stored``: "bfloat16" (uint16 bits) or "float16"."""
+    return "bfloat16" if np.dtype(stored) == np.uint16 else "float16"
+
+
+def scale_torch_dtype(stored: Any) -> torch.dtype:
+    """The torch dtype scales stored as numpy dtype ``stored`` are held in (bfloat16 for uint16 bits, else float16)."""
+    return SCALE_TORCH_DTYPES[scale_dtype_name(stored)]
+
+
 def stored_bytes_per_row(channels: int, dtype: str) -> int:
-    """Bytes one token row of C channels takes in a cache of ``dtype`` (8-bit: codes plus its float16 scale)."""
+    """Bytes one token row of C channels takes in a cache of ``dtype`` (8-bit: codes plus its 2-byte scale)."""
     return channels + 2 if is_eight_bit(dtype) else channels * np.dtype(storage_dtype(dtype)).itemsize
 
 
-def quantize(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, scale) of tap rows x (..., C) on x's device: codes (..., C) int8 or uint8 (fp8 bits), one float16
-    scale per row (...,). A scale that overflows float16 comes back as inf (the caller reports it)."""
+def quantize(x: torch.Tensor, dtype: str, scale_dtype: str = SCALE_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale) of tap rows x (..., C) on x's device: codes (..., C) int8 or uint8 (fp8 bits), one scale
+    per row (...,) of ``scale_dtype`` (bfloat16; float16 in stores written before), max|x| / top rounded to
+    nearest; codes are clamped to +-top (where the scale rounded down, the largest |x| moves by at most half a
+    code step). A float16 scale that overflows comes back as inf (the caller reports it)."""
     code_type, top = EIGHT_BIT[dtype]
     x = x.float()
-    scale = (x.abs().amax(dim=-1) / top).to(torch.float16)  # (...,)
+    scale = (x.abs().amax(dim=-1) / top).to(SCALE_TORCH_DTYPES[scale_dtype])  # (...,)
     s = scale.float().unsqueeze(-1)
     y = torch.where(s > 0, x / torch.where(s > 0, s, 1.0), 0.0).clamp(-top, top)
     if dtype == "int8":
@@ -87,7 +116,7 @@ def decode_array(codes: np.ndarray, dtype: str, scale: np.ndarray | None = None)
     for plain zarr, dask or xarray users (docs/store.md)."""
     t = decode(codes, dtype)
     if is_eight_bit(dtype):
-        return dequantize(t, torch.from_numpy(np.ascontiguousarray(scale)), dtype).numpy()
+        return dequantize(t, decode_scale(np.asarray(scale)), dtype).numpy()
     return t.float().numpy()
 
 
@@ -120,6 +149,27 @@ def decode(a: np.ndarray, dtype: str | torch.dtype) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
+AUTO_MIN_RATIO = 1.5  # "auto" compresses an array when lz4 saves at least a third of its bytes (docs/store.md)
+
+
+def auto_compressors(samples: dict[str, np.ndarray], min_ratio: float = AUTO_MIN_RATIO) -> dict[str, str]:
+    """``--compressor auto``: for each array (a sample of its stored rows), "lz4" when lz4 shrinks it at least
+    ``min_ratio`` times, else "none" (dense activations: decoding would cost CPU and save nothing)."""
+    out = {}
+    for name, rows in samples.items():
+        rows = np.ascontiguousarray(rows)
+        codec = compressor_codecs("lz4")[0]
+        packed = _numcodec_of(codec).encode(rows)
+        out[name] = "lz4" if rows.nbytes >= min_ratio * len(packed) else "none"
+    return out
+
+
+def _numcodec_of(codec: Any) -> Any:
+    import numcodecs
+
+    return numcodecs.Blosc(cname=codec.cname.value, clevel=codec.clevel, shuffle=numcodecs.Blosc.SHUFFLE)
+
+
 def compressor_codecs(name: str) -> list[Any]:
     """The bytes-to-bytes chain of a chunk: compressor, then a crc32c checksum."""
     if name == "lz4":
@@ -131,8 +181,11 @@ def compressor_codecs(name: str) -> list[Any]:
     raise StoreError(f"unknown compressor {name!r}; use one of {', '.join(COMPRESSORS)}")
 
 
-def compressor_record(name: str) -> dict[str, Any]:
-    """``{"name", "configuration"}`` of the compressor, as zarr writes codecs."""
+def compressor_record(name: str, per_array: dict[str, str] | None = None) -> dict[str, Any]:
+    """``{"name", "configuration"}`` of the compressor, as zarr writes codecs; "auto" records each array's choice."""
+    if name == "auto":
+        return {"name": "auto", "configuration": {"min_ratio": AUTO_MIN_RATIO, "arrays": dict(per_array or {}),
+                                                  "codec": compressor_record("lz4")["configuration"]}}
     codecs = compressor_codecs(name)[:-1]
     if not codecs:
         return {"name": "none", "configuration": {}}

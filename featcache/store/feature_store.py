@@ -25,6 +25,7 @@ with its data. Tap, labels, ids and ``_complete`` chunks all end in a crc32c che
 
 from __future__ import annotations
 
+import asyncio
 import os
 import warnings
 from collections.abc import Iterable
@@ -42,8 +43,9 @@ from featcache.errors import CorruptionError, StoreError
 from featcache.vocabulary import DEFAULT_COMPRESSOR, Manifest, SplitMeta
 
 from . import zarr_io  # noqa: F401  (settles zarr's background tasks at exit)
-from .codecs import (DECODE_HINTS, QERR_SUFFIX, SCALE_SUFFIX, check_codecs, compressor_codecs, decode, dequantize,
-                     is_eight_bit, storage_dtype, stored_bytes_per_row)
+from .codecs import (DECODE_HINTS, QERR_SUFFIX, SCALE_DTYPE, SCALE_DTYPE_ATTR, SCALE_SUFFIX, check_codecs,
+                     compressor_codecs, decode, decode_scale, dequantize, is_eight_bit, scale_dtype_name, storage_dtype,
+                     stored_bytes_per_row)
 from .lock import LOCKS_DIR
 
 if TYPE_CHECKING:
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
     import xarray
 
     from .reader import TapDataset
+    from .shard_io import ShardIO
 
 SPLIT_ATTR = "featcache_split"
 DTYPE_ATTR = "featcache_dtype"
@@ -98,10 +101,17 @@ class ArraySpec:
     per_shard: bool = False  # one row per shard (written with the shard) instead of one per image
 
 
-def split_array_specs(manifest: Manifest, meta: SplitMeta, compressor: str) -> dict[str, ArraySpec]:
+def split_array_specs(manifest: Manifest, meta: SplitMeta, compressor: str,
+                      scale_dtype: str | None = None) -> dict[str, ArraySpec]:
     """Every array of a split, taps first: a tap (N, [V,] T, C) of the storage dtype; with an 8-bit cache also
-    its ``<tap>_scale`` (N, [V,] T) float16 and ``<tap>_qerr`` (shards, 2) float64; labels, ids, completion."""
-    dtype, codecs = manifest.dtype, compressor_codecs(compressor)
+    its ``<tap>_scale`` (N, [V,] T) of ``scale_dtype`` (default bfloat16 as uint16 bits; float16 in older splits)
+    and ``<tap>_qerr`` (shards, 2) float64; labels, ids, completion."""
+    dtype, scale_dtype = manifest.dtype, scale_dtype or SCALE_DTYPE
+
+    def codecs_of(array: str) -> list[Any]:
+        """With "auto", the array's recorded choice (none where nothing was recorded)."""
+        return compressor_codecs(meta.tap_compressors.get(array, "none") if compressor == "auto" else compressor)
+
     lead = (meta.views,) if meta.views > 1 else ()
     specs: dict[str, ArraySpec] = {}
     for tap in manifest.taps:
@@ -111,11 +121,13 @@ def split_array_specs(manifest: Manifest, meta: SplitMeta, compressor: str) -> d
         if is_eight_bit(dtype):
             attrs.update(featcache_scale=tap.name + SCALE_SUFFIX, featcache_decode=DECODE_HINTS[dtype])
         specs[tap.name] = ArraySpec((meta.num_samples, *tail), (meta.chunk_images, *tail), (meta.shard_images, *tail),
-                                    storage_dtype(dtype), dims, codecs, attributes=attrs)
+                                    storage_dtype(dtype), dims, codecs_of(tap.name), attributes=attrs)
         if is_eight_bit(dtype):
             specs[tap.name + SCALE_SUFFIX] = ArraySpec(
                 (meta.num_samples, *tail[:-1]), (meta.chunk_images, *tail[:-1]), (meta.shard_images, *tail[:-1]),
-                "float16", dims[:-1], codecs, attributes={"featcache_scale_of": tap.name})
+                storage_dtype(scale_dtype), dims[:-1], codecs_of(tap.name + SCALE_SUFFIX),
+                attributes={"featcache_scale_of": tap.name,
+                            **({SCALE_DTYPE_ATTR: scale_dtype} if scale_dtype != "float16" else {})})
             specs[tap.name + QERR_SUFFIX] = ArraySpec(
                 (meta.num_shards, 2), (1, 2), None, "float64", ("shard", "sum"), [Crc32cCodec()],
                 attributes={"featcache_qerr_of": tap.name, "columns": ["sum of squared errors", "sum of squares"]},
@@ -138,6 +150,17 @@ def _pow2_ceil(n: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Store and split handles
+
+
+async def _object_sizes(store: Any, keys: list[str]) -> list[int]:
+    """Sizes of stored objects, -1 for a missing one; the requests run concurrently."""
+    async def size(key: str) -> int:
+        try:
+            return int(await store.getsize(key))
+        except (FileNotFoundError, KeyError):
+            return -1
+
+    return list(await asyncio.gather(*(size(k) for k in keys)))
 
 
 def _is_url(path: str) -> bool:
@@ -184,6 +207,7 @@ class SplitHandle:
         self._arrays: dict[str, zarr.Array] = {}
         self.repaired_shards: list[int] = []  # set by extract --resume --repair (featcache.store.repair)
         self._present: set[tuple[str, int]] = set()  # (array, shard) objects found present and non-empty
+        self._shard_io: ShardIO | None = None
 
     def array(self, name: str) -> zarr.Array:
         """An array of the split, its codecs checked once (see ``ALLOWED_CODECS``)."""
@@ -237,17 +261,13 @@ class SplitHandle:
     def require_objects(self, name: str, shards: Iterable[int]) -> None:
         """The stored objects of these completed shards must exist and hold bytes: zarr reads a missing or
         empty object as fill values, which would pass for data. Checked once per (array, shard) and process."""
-        arr = None
-        for k in shards:
-            k = int(k)
-            if (name, k) in self._present:
-                continue
-            arr = arr if arr is not None else self.array(name)
-            key = f"{arr.path}/{arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))}"
-            try:
-                size = int(sync(self.group.store.getsize(key)))
-            except (FileNotFoundError, KeyError):
-                size = -1
+        todo = sorted({int(k) for k in shards} - {k for n, k in self._present if n == name})
+        if not todo:
+            return
+        arr = self.array(name)
+        keys = [f"{arr.path}/{arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))}" for k in todo]
+        sizes = sync(_object_sizes(self.group.store, keys))  # all requests in flight at once (remote stores)
+        for k, key, size in zip(todo, keys, sizes):
             if size <= 0:
                 start, stop = self.meta.shard_bounds(k)
                 what = "is missing" if size < 0 else "is empty (truncated)"
@@ -295,7 +315,7 @@ class SplitHandle:
         codes = decode(rows(name), dtype)
         if not is_eight_bit(dtype):
             return codes.float()
-        return dequantize(codes, decode(rows(name + SCALE_SUFFIX), "float16"), dtype)
+        return dequantize(codes, decode_scale(rows(name + SCALE_SUFFIX)), dtype)
 
     # -- reading with other tools (docs/api.md): a torch Dataset, dask arrays, an xarray Dataset
     @property
@@ -346,9 +366,21 @@ class SplitHandle:
             rows = (shard, shard + 1) if name.endswith(QERR_SUFFIX) else (start, stop)
             if a.shape[0] != rows[1] - rows[0]:
                 raise StoreError(f"shard {shard}: array {name} has {a.shape[0]} rows, expected {rows[1] - rows[0]}")
-            self._writable(name)[rows[0]:rows[1]] = a
+            if self.shard_io.supports(name):  # the shard object written directly, as zarr would write it
+                self.shard_io.write(name, shard, a)
+            else:
+                self._writable(name)[rows[0]:rows[1]] = a
         self._writable("labels")[start:stop] = np.asarray(labels, dtype=np.int64)
         self._writable("ids")[start:stop] = np.asarray(ids, dtype=str)
+
+    @property
+    def shard_io(self) -> "ShardIO":
+        """Direct reads and writes of this split's shard objects (featcache.store.shard_io)."""
+        if self._shard_io is None:
+            from .shard_io import ShardIO
+
+            self._shard_io = ShardIO(self)
+        return self._shard_io
 
     def _writable(self, name: str) -> zarr.Array:
         # every chunk is stored, even one equal to the fill value (e.g. labels -1 of unlabelled images):
@@ -357,6 +389,14 @@ class SplitHandle:
 
     def set_complete(self, shard: int, done: bool = True) -> None:
         self._writable(COMPLETE)[shard] = 1 if done else 0
+
+    @property
+    def scale_dtype(self) -> str | None:
+        """The type of an 8-bit split's row scales as stored: "bfloat16", or "float16" in splits written before
+        bfloat16 scales; None for other caches."""
+        if not is_eight_bit(self.store.manifest.dtype):
+            return None
+        return scale_dtype_name(self.array(self.store.manifest.tap_names[0] + SCALE_SUFFIX).dtype)
 
     def tap_array_names(self) -> list[str]:
         """The arrays that hold the taps: each tap, and with an 8-bit cache its ``_scale`` and ``_qerr`` arrays."""

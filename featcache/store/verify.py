@@ -21,7 +21,7 @@ from featcache.errors import StoreError
 
 from . import zarr_io
 from .feature_store import BACKBONE_GROUP, COMPLETE, FeatureStore, SplitHandle, split_array_specs
-from .codecs import check_codecs
+from .codecs import SCALE_DTYPE, check_codecs
 
 
 @dataclass
@@ -128,7 +128,11 @@ class SplitVerifier:
     # -- metadata
     def check_metadata(self) -> dict[str, zarr.Array]:
         arrays: dict[str, zarr.Array] = {}
-        self.specs = split_array_specs(self.split.store.manifest, self.meta, self.meta.compressor or "none")
+        try:  # the scales' type as stored: bfloat16, or float16 in splits written before (both valid)
+            scale_dtype = self.split.scale_dtype or SCALE_DTYPE
+        except StoreError:  # a missing scale array: reported below against today's layout
+            scale_dtype = SCALE_DTYPE
+        self.specs = split_array_specs(self.split.store.manifest, self.meta, self.meta.compressor or "none", scale_dtype)
         for name in self.split.array_names():
             try:
                 arr = self.split.group[name]

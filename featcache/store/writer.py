@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,7 +37,7 @@ from featcache.errors import StoreError
 from .codecs import QERR_SUFFIX
 from .feature_store import COMPLETE, SPLIT_ATTR, FeatureStore, SplitHandle
 from .lock import SplitLock
-from featcache.vocabulary import Manifest, SplitMeta
+from featcache.vocabulary import FORMAT_VERSION, Manifest, SplitMeta
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,10 @@ def _open_or_create_store(url: str, manifest: Manifest, final_norm: dict[str, to
         return FeatureStore.create(url, manifest, final_norm, storage_options)
     store = FeatureStore.open(url, "r+", storage_options)
     store.manifest.check_compatible(manifest, f"store {url}")
+    if store.manifest.featcache_format < FORMAT_VERSION:  # the new split may use this format's features: an
+        store.group.attrs["featcache_format"] = FORMAT_VERSION  # older featcache then refuses the store, not misreads it
+        store.manifest.featcache_format = FORMAT_VERSION
+        log.info("store %s is now featcache format %d (its earlier splits read as before)", url, FORMAT_VERSION)
     return store
 
 
@@ -219,30 +224,42 @@ def _local_root(split: SplitHandle) -> Path | None:
 
 
 def sync_keys(split: SplitHandle, keys: list[str]) -> None:
-    """fsync the files of ``keys`` and their directories (local stores; other stores are durable per write)."""
+    """fsync the files of ``keys`` and their directories (local stores; other stores are durable per write).
+
+    All at once on a few threads: each fsync mostly waits for the disk, and the file system commits concurrent
+    ones together (a shard's 15 files and 46 directories here: 0.27-0.30 s in parallel, 0.41-0.62 s one by one)."""
     root = _local_root(split)
     if root is None:
         return
-    dirs: set[Path] = set()
+    files, dirs = [], {root}
     for key in keys:
         path = root / key
         if not path.exists():  # an all-fill-value chunk that zarr chose not to write
             continue
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        files.append(path)
         parent = path.parent
         while parent != root and root in parent.parents:
             dirs.add(parent)
             parent = parent.parent
-    for d in sorted(dirs, key=lambda p: -len(p.parts)) + [root]:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    list(_sync_pool().map(_fsync, files + sorted(dirs)))  # every one done before the caller goes on
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_SYNC_POOL: list[ThreadPoolExecutor] = []
+SYNC_THREADS = 16
+
+
+def _sync_pool() -> ThreadPoolExecutor:
+    if not _SYNC_POOL:
+        _SYNC_POOL.append(ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="featcache-fsync"))
+    return _SYNC_POOL[0]
 
 
 class ShardWriter:
@@ -264,6 +281,7 @@ class ShardWriter:
         self._error: BaseException | None = None
         self._error_shard = -1
         self._drop = threading.Event()
+        self._failed = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, name=f"featcache-shard-writer-{i}", daemon=True)
                          for i in range(max(1, threads))]
@@ -286,7 +304,7 @@ class ShardWriter:
             item = self._queue.get()
             if item is None:
                 return
-            if self._drop.is_set() or self._error is not None:
+            if self._drop.is_set() or self._failed.is_set():  # after a failure nothing more is written
                 continue
             try:
                 t0 = time.perf_counter()
@@ -299,6 +317,7 @@ class ShardWriter:
                         self.on_written(item, dt)
             except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
                 self._error, self._error_shard = err, item.shard
+                self._failed.set()
 
     def _raise_error(self) -> None:
         if self._error is not None:

@@ -143,11 +143,11 @@ def _child_setup(log: str | None) -> None:
 def install_extract_kill_point(point: str) -> None:
     """Patch the extraction so that this process SIGKILLs itself at ``point`` (see EXTRACT_KILL_POINTS)."""
     import zarr
-    import zarr.storage._local as local
 
     import featcache.extraction as ex
     from featcache.backbone import Taps
     from featcache.store.feature_store import FeatureStore, SplitHandle
+    from .stores import PROBE_FORWARDS
 
     if point == "store-created":  # root group written, the backbone's final norm not yet
         FeatureStore.write_final_norm = lambda self, final_norm: _die()  # type: ignore[method-assign]
@@ -160,43 +160,40 @@ def install_extract_kill_point(point: str) -> None:
             return real_create(self, name, *a, **kw)
 
         zarr.Group.create_array = create_array  # type: ignore[method-assign]
-    elif point == "mid-shard-compute":  # the 6th forward: the second batch of shard 2
+    elif point == "mid-shard-compute":  # the 6th extraction forward: the second batch of shard 2
         real_forward, calls = Taps.forward, [0]
 
         def forward(self: Any, images: Any) -> Any:
             calls[0] += 1
-            if calls[0] == 6:
+            if calls[0] == PROBE_FORWARDS + 6:
                 _die()
             return real_forward(self, images)
 
         Taps.forward = forward  # type: ignore[method-assign]
     elif point == "shard-half-written":  # shard 2: taps embed..block2 written, block3.., labels, ids not
-        real_write, current = SplitHandle.write_shard, threading.local()
+        from featcache.store.shard_io import ShardIO
 
-        def write_shard(self: Any, shard: int, *a: Any, **kw: Any) -> Any:
-            current.shard = shard
-            return real_write(self, shard, *a, **kw)
+        real_write = ShardIO.write
 
-        real_writable = SplitHandle._writable
-
-        def writable(self: Any, name: str) -> Any:
-            if getattr(current, "shard", None) == 2 and name == "block3":
+        def write(self: Any, name: str, shard: int, rows: Any) -> None:
+            if shard == 2 and name == "block3":
                 _die()
-            return real_writable(self, name)
+            real_write(self, name, shard, rows)
 
-        SplitHandle.write_shard, SplitHandle._writable = write_shard, writable  # type: ignore[method-assign]
-    elif point == "mid-file-write":  # half of shard 2's block4 object in zarr's temporary file, then death
-        real_put = local._put
+        ShardIO.write = write  # type: ignore[method-assign]
+    elif point == "mid-file-write":  # half of shard 2's block4 object in its temporary file, then death
+        import featcache.store.shard_io as shard_io
 
-        def put(path: Path, value: Any, exclusive: bool = False) -> int:
-            if "block4/c/2/" in Path(path).as_posix():
-                data = bytes(value.as_buffer_like())
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                Path(path).with_suffix(".deadbeef.partial").write_bytes(data[: len(data) // 2])
+        real_write_all = shard_io._write_all
+
+        def write_all(fd: int, pieces: list[Any]) -> None:
+            if "block4/c/2/" in os.readlink(f"/proc/self/fd/{fd}"):
+                data = b"".join(bytes(p) for p in pieces)
+                os.write(fd, data[: len(data) // 2])
                 _die()
-            return real_put(path, value, exclusive)
+            real_write_all(fd, pieces)
 
-        local._put = put
+        shard_io._write_all = write_all
     elif point == "before-record":  # shard 2's data durable, its completion record not yet set
         real_set = SplitHandle.set_complete
 

@@ -19,6 +19,7 @@ from featcache.store.feature_store import FeatureStore
 
 from ..conftest import TINY_VIT
 
+PROBE_FORWARDS = 1  # the forward of --compressor auto's probe batch, before the extraction's own
 FAST = dict(loader_workers=0, progress=False, chunk_images=2, shard_images=4, batch_size=4, durable=False, device="cpu")
 
 
