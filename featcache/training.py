@@ -70,7 +70,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _method_input(store: FeatureStore, split: SplitHandle, backbone_state: Callable[[], dict] | None) -> MethodInput:
+def training_sampler(split: SplitHandle, subset: np.ndarray | None,
+                     seed: int = 0) -> Callable[[list[str], int], tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """``(taps, n) -> ({tap: (n, T, C)}, labels)``: n training samples of ``split`` (only rows of ``subset`` when
+    given, i.e. never held-out validation rows), shuffled by ``seed``; read only when called (LST's Fisher init)."""
+    def sample(taps: list[str], n: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        reader = open_reader(split, taps, "stream", batch_size=n, shuffle=True, seed=seed, subset=subset)
+        batch = next(iter(reader.epoch(0)))
+        return batch.taps, batch.labels
+    return sample
+
+
+def _method_input(store: FeatureStore, split: SplitHandle, backbone_state: Callable[[], dict] | None,
+                  train_subset: np.ndarray | None = None) -> MethodInput:
     done = split.completed_indices()  # readers use completed shards only; the others hold no labels yet
     if len(done) == 0:
         raise StoreError(f"split {split.name!r} of {store.url} has no completed shard yet; finish the extraction "
@@ -94,7 +106,8 @@ def _method_input(store: FeatureStore, split: SplitHandle, backbone_state: Calla
     return MethodInput(taps=store.manifest.taps, num_classes=num_classes, final_norm=store.final_norm(),
                        backbone_kind=store.manifest.backbone.get("kind", "vit"),
                        backbone_state=functools.cache(backbone_state) if backbone_state else None,
-                       backbone_heads=store.manifest.backbone.get("num_heads"))
+                       backbone_heads=store.manifest.backbone.get("num_heads"),
+                       training_sample=training_sampler(split, train_subset))
 
 
 def _evaluate(banks: list[MemberBank], reader: CacheReader) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -225,7 +238,7 @@ def plan_run(store: str | FeatureStore, members: list[SweepMember], out: str | o
                           "--val-fraction above 0, or pass --val-split")
     check_classes(store, opts.split, [n for n in [evaluation.val_split, *evaluation.eval_splits]
                                       if n not in (None, opts.split)])
-    mi = _method_input(store, store.split(opts.split), backbone_state)
+    mi = _method_input(store, store.split(opts.split), backbone_state, evaluation.train_subset)
     rundir.check_store(store, opts.split)
     return PlannedRun(store, members, rundir, evaluation, mi, opts, started, rss_base)
 
@@ -239,7 +252,8 @@ def train_members(run: PlannedRun) -> TrainedMembers:
                                                     run.method_input, run.options)
     device = resolve_device(opts.device)
     banks, records = _build_banks(members, mi, device)
-    mi.backbone_state = None  # LST's pruned init is done: free the backbone weights
+    mi.backbone_state, mi.training_sample = None, None  # LST's pruned init is done: free what it read
+    mi.memo.clear()
     train_reader, eval_readers, scorings = _open_readers(store, banks, evaluation, opts, members[0].train, device)
     record = _evaluation_record(scorings, opts.tta)
     _check_resumed_tta(rundir, opts.tta)

@@ -332,3 +332,131 @@ def test_cuda_bank_draws_dropout_per_member_under_vmap_and_evaluates_without() -
     assert torch.isfinite(losses).all()
     a, b = bank.evaluate(x, y)[0], bank.evaluate(x, y)[0]
     assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fisher-ranked pruning (prune_by="fisher")
+
+
+def _timm_vit(width: int = 16, heads: int = 2, blocks: int = 2) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A tiny timm ViT (LayerScale, final norm) and its state dict, random weights."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=8, patch_size=4, embed_dim=width, depth=blocks, num_heads=heads, mlp_ratio=2.0,
+                            init_values=0.5, num_classes=0).eval()
+    return vit, {k: v.detach().clone() for k, v in vit.state_dict().items()}
+
+
+def test_vit_block_equals_timms_block() -> None:
+    from featcache.methods.fisher import vit_block
+
+    vit, state = _timm_vit()
+    x = torch.randn(3, 5, 16)
+    p = {k[len("blocks.1."):]: v for k, v in state.items() if k.startswith("blocks.1.")}
+    with torch.no_grad():
+        torch.testing.assert_close(vit_block(p, x, heads=2), vit.blocks[1](x), atol=1e-5, rtol=1e-5)
+
+
+def test_fisher_information_is_the_sum_of_per_sample_squared_gradients() -> None:
+    """Against autograd through timm's own blocks, final norm and the fitted probe, one sample at a time."""
+    from featcache.methods.fisher import fisher_information, fit_probe
+
+    vit, state = _timm_vit()
+    x, y = torch.randn(6, 5, 16), torch.tensor([0, 1, 2, 0, 1, 2])
+    residual, fisher = fisher_information(state, x, y, first_block=0, heads=2, num_classes=3)
+    assert sorted(fisher) == sorted(f"blocks.{k}.{n}" for k in (0, 1) for n in
+                                    ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"))
+
+    def pooled(z: torch.Tensor) -> torch.Tensor:
+        return vit.norm(vit.blocks(z))[:, 1:].mean(1)
+
+    with torch.no_grad():
+        w, b = fit_probe(pooled(x), y, 3)
+    vit.requires_grad_(True)
+    want = {k: torch.zeros_like(v) for k, v in fisher.items()}
+    want_residual = torch.zeros(16)
+    for n in range(6):
+        xn = x[n:n + 1].clone().requires_grad_(True)
+        vit.zero_grad()
+        loss = F.cross_entropy(F.linear(pooled(xn), w, b), y[n:n + 1])
+        loss.backward()
+        want_residual += xn.grad.square().sum((0, 1))
+        for k in want:
+            want[k] += dict(vit.named_parameters())[k].grad.square()
+    torch.testing.assert_close(residual, want_residual, rtol=1e-4, atol=1e-9)
+    for k in want:
+        torch.testing.assert_close(fisher[k], want[k], rtol=1e-4, atol=1e-9)
+        assert fisher[k].abs().sum() > 0
+    # a batch's squared mean gradient is not the Fisher sum (the per-sample loop matters)
+    _, from_first = fisher_information(state, x[:1], y[:1], 0, 2, 3)
+    assert not torch.allclose(from_first["blocks.0.mlp.fc1.weight"], fisher["blocks.0.mlp.fc1.weight"])
+
+
+def test_pruning_ranks_by_the_importance_given_instead_of_the_magnitude() -> None:
+    """Equal-magnitude rows: the importance decides which query/key, value, hidden and residual dims are kept."""
+    from featcache.methods.lst import prune_residual_dims, pruned_block_state
+
+    d, hidden = 8, 16
+    state = {"patch_embed.proj.weight": torch.ones(d, 3, 1, 1)}
+    for k, shape in (("attn.qkv.weight", (3 * d, d)), ("attn.proj.weight", (d, d)), ("mlp.fc1.weight", (hidden, d)),
+                     ("mlp.fc2.weight", (d, hidden))):
+        state[f"blocks.0.{k}"] = torch.arange(1, 1 + math.prod(shape), dtype=torch.float).reshape(shape).sin().sign()
+    for k, n in (("attn.qkv.bias", 3 * d), ("attn.proj.bias", d), ("mlp.fc1.bias", hidden), ("mlp.fc2.bias", d),
+                 ("norm1.weight", d), ("norm1.bias", d), ("norm2.weight", d), ("norm2.bias", d)):
+        state[f"blocks.0.{k}"] = torch.arange(n, dtype=torch.float)
+    residual = torch.zeros(d)
+    residual[[1, 6, 7, 2]] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    keep = prune_residual_dims(state, 4, residual)
+    assert keep.tolist() == [1, 2, 6, 7]
+    importance = {k: torch.zeros_like(v) for k, v in state.items() if k.endswith("weight") and "blocks" in k}
+    qkv = importance["blocks.0.attn.qkv.weight"]
+    qkv[[2, 3, 5, 7]] = 1.0  # query rows: head 0 dims 2, 3; head 1 dims 5, 7 (4 dims per head, 2 kept)
+    qkv[[d + 2, d + 3, d + 5, d + 7]] = 1.0  # the matching key rows
+    qkv[[2 * d + 0, 2 * d + 1, 2 * d + 4, 2 * d + 6]] = 1.0  # value rows
+    importance["blocks.0.attn.proj.weight"][:, [0, 1, 4, 6]] = 1.0
+    importance["blocks.0.mlp.fc1.weight"][[3, 9, 10, 15]] = 1.0
+    importance["blocks.0.mlp.fc2.weight"][:, [3, 9, 10, 15]] = 1.0
+    out = pruned_block_state(state, 0, keep, heads=2, hidden=4, importance=importance)
+    torch.testing.assert_close(out["attn.qkv.bias"], torch.tensor([2.0, 3, 5, 7, 10, 11, 13, 15, 16, 17, 20, 22]))
+    torch.testing.assert_close(out["mlp.fc1.bias"], torch.tensor([3.0, 9, 10, 15]))
+    torch.testing.assert_close(out["norm1.bias"], keep.float())
+    magnitude = pruned_block_state(state, 0, keep, heads=2, hidden=4)  # |W| is 1 everywhere: ties, not these rows
+    assert not torch.equal(magnitude["attn.qkv.bias"], out["attn.qkv.bias"])
+
+
+def test_lst_prune_by_fisher_keeps_the_dims_with_the_largest_squared_gradients() -> None:
+    from featcache.methods.fisher import fisher_information
+
+    vit, state = _timm_vit(width=16, heads=2, blocks=2)
+    taps = _taps(16, tokens=5, blocks=2)
+    data = _batch(taps, 12, seed=3)
+    labels = torch.arange(12) % 3
+    calls: list[tuple[list[str], int]] = []
+
+    def sample(names: list[str], n: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        calls.append((names, n))
+        return {k: data[k][:n] for k in names}, labels[:n]
+
+    info = MethodInput(taps, 3, None, "vit", lambda: state, backbone_heads=2, training_sample=sample)
+    cfg = {"reduction": 2, "prune_by": "fisher", "fisher_samples": 10}
+    net = create("lst", cfg, info)
+    residual, fisher = fisher_information(state, data["embed"][:10], labels[:10], 0, 2, 3)
+    assert calls == [(["embed"], 10)] and net.config.init == "prune"
+    assert net.kept_dims == sorted(residual.topk(8).indices.tolist())
+    magnitude = create("lst", {"reduction": 2}, MethodInput(taps, 3, None, "vit", lambda: state, backbone_heads=2))
+    assert magnitude.kept_dims != net.kept_dims  # the ranking changed what is kept
+    create("lst", cfg, info)
+    assert len(calls) == 1  # a second member built from the same input reuses the Fisher information
+    saved = net.config.to_dict()
+    assert (saved["prune_by"], saved["fisher_samples"]) == ("fisher", 10)
+    again = create("lst", saved, MethodInput.from_dict(net.input_description))  # a checkpoint: no samples needed
+    assert again.config.to_dict() == saved
+    with pytest.raises(ConfigError, match=r"prune_by: 'fisher' needs training samples"):
+        create("lst", cfg, MethodInput(taps, 3, None, "vit", lambda: state, backbone_heads=2))
+    with pytest.raises(ConfigError, match=r"prune_by must be one of magnitude, fisher, got 'fischer'"):
+        create("lst", {"prune_by": "fischer"}, info)
+    no_embed = [t for t in taps if t.name != "embed"]
+    with pytest.raises(ConfigError, match=r"runs the backbone's blocks from the tap that feeds block 0"):
+        create("lst", {**cfg, "taps": "block1,block2"}, MethodInput(no_embed, 3, None, "vit", lambda: state,
+                                                                     backbone_heads=2, training_sample=sample))

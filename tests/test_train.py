@@ -350,3 +350,30 @@ def test_rundir_under_a_file_is_one_clear_error(vit_store, tmp_path) -> None:
     r = CliRunner().invoke(app, ["train", str(path), "--method", "linear", "--out", str(tmp_path / "f" / "run")])
     assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.output
     assert "run directory's parent path" in r.stderr and "is a file, not a directory" in r.stderr
+
+
+def test_lst_fisher_init_reads_training_rows_only(vit_store, tmp_path, vit, monkeypatch) -> None:
+    """prune_by=fisher sums over training samples of the embedding tap: never a held-out validation row."""
+    from featcache.methods import lst
+
+    path, _, _, _ = vit_store
+    state, seen = vit.model.state_dict(), []
+    real = lst.fisher_information
+
+    def spy(state: dict, x: torch.Tensor, labels: torch.Tensor, *args: object, **kw: object) -> object:
+        seen.append(x)
+        return real(state, x, labels, *args, **kw)
+
+    monkeypatch.setattr(lst, "fisher_information", spy)
+    out = tmp_path / "fisher"
+    train(str(path), "lst", out, {"epochs": 1, "init": "prune", "prune_by": "fisher", "fisher_samples": 500},
+          progress=False, backbone_state=lambda: state)
+    split = FeatureStore.open(str(path)).split("train")
+    held_ids = set(json.loads((out / "heldout.json").read_text())["ids"])
+    held = [i for i, name in enumerate(split.ids()) if name in held_ids]
+    rows = split.read_values("embed")  # (96, T, C)
+    train_rows = [i for i in range(len(rows)) if i not in held]
+    assert len(seen) == 1 and len(seen[0]) == len(train_rows) == 96 - len(held) and len(held) > 0
+    match = torch.cdist(seen[0].flatten(1).float(), rows.flatten(1)).argmin(1)  # the stored row each sample is
+    assert sorted(match.tolist()) == train_rows
+    assert load_checkpoint(out).config["method_config"]["prune_by"] == "fisher"

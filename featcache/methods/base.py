@@ -46,8 +46,11 @@ class MethodInput:
 
     ``final_norm`` (the ViT's final LayerNorm ``weight``/``bias``), ``backbone_state`` (a zero-argument
     callable returning the backbone's state dict; LST's pruned init) and ``backbone_heads`` (the ViT's
-    attention head count, which a state dict does not show; the manifest's ``backbone.num_heads``) are used
-    only at initialisation and are not serialised. ``from_checkpoint`` is set by ``from_dict``: the weights
+    attention head count, which a state dict does not show; the manifest's ``backbone.num_heads``) and
+    ``training_sample`` (``(tap names, n) -> ({tap: (n, T, C)}, labels (n,))``: n seeded training samples, never
+    validation or test rows; LST's Fisher pruning) are used only at initialisation and are not serialised;
+    ``memo`` keeps what an initialiser computed from them for the other members built from the same input.
+    ``from_checkpoint`` is set by ``from_dict``: the weights
     will be loaded from a checkpoint, so initialisers that need backbone weights are skipped instead of failing.
     """
 
@@ -58,6 +61,8 @@ class MethodInput:
     backbone_state: Callable[[], dict[str, Tensor]] | None = None
     from_checkpoint: bool = False
     backbone_heads: int | None = None
+    training_sample: Callable[[list[str], int], tuple[dict[str, Tensor], Tensor]] | None = None
+    memo: dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         taps = [TapInfo.from_dict(t) if isinstance(t, dict) else t for t in self.taps]

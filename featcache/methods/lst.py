@@ -66,12 +66,14 @@ from ..errors import ConfigError, FeatcacheError
 from ..config import config
 from .base import (MethodConfig, MethodInput, SideNetwork, TokenWeights, check, common_grid,
                    init_layernorm, make_head, normalize_taps, pool_tokens, register, to_grid)
+from .fisher import fisher_information
 from .linear import POOLS, resolve_pool
 
 log = logging.getLogger("featcache.methods")
 
 GATE_TEMPERATURE = 0.1
 INITS = ("auto", "random", "prune")
+PRUNE_BY = ("magnitude", "fisher")
 # the parameters of one timm ViT block that pruning knows how to copy (anything else: not a plain block)
 BLOCK_KEYS = frozenset({"norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
                         "attn.proj.bias", "ls1.gamma", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
@@ -85,7 +87,8 @@ class LSTConfig(MethodConfig):
     doc); mlp_ratio (None = 4, or the backbone's own ratio with init="prune"); pool "avg"|"cls"; taps "all" or
     the tap names the ladder uses (layer dropping); init "auto"|"prune"|"random"; dropout p in the side
     blocks and after the final norm; attn_scale (None = 1/sqrt(backbone head dim) when pruned, else
-    1/sqrt(side head dim))."""
+    1/sqrt(side head dim)); prune_by "magnitude"|"fisher" (what ranks the pruned dims) and fisher_samples
+    (training samples the Fisher information is summed over)."""
 
     reduction: int = Field(8, ge=1)  # side width = backbone width / reduction
     heads: int | None = Field(None, ge=1)
@@ -95,6 +98,8 @@ class LSTConfig(MethodConfig):
     init: Literal[INITS] = "auto"
     dropout: float = Field(0.1, ge=0, lt=1)  # 0 = off
     attn_scale: float | None = Field(None, gt=0, allow_inf_nan=False)
+    prune_by: Literal[PRUNE_BY] = "magnitude"  # what ranks the pruned dims
+    fisher_samples: int = Field(256, ge=1)  # training samples the Fisher information is summed over
 
     def validate(self) -> None:
         self.taps = normalize_taps(self.taps, "taps", ("all",))
@@ -199,7 +204,7 @@ class LST(SideNetwork):
         self.pruned_from: list[int] = []
         self.kept_dims: list[int] = []
         if state is not None:
-            self._prune_init(state, infos, rungs, tap_info.final_norm)
+            self._prune_init(state, infos, rungs, tap_info)
 
     # -- construction
     def _resolve_init(self, tap_info: MethodInput, rungs: list[TapInfo]) -> dict[str, Tensor] | None:
@@ -270,14 +275,37 @@ class LST(SideNetwork):
         self.config = dataclasses.replace(self.config, attn_scale=scale)
         return scale
 
+    def _fisher(self, state: dict[str, Tensor], rungs: list[TapInfo],
+                tap_info: MethodInput) -> tuple[Tensor, dict[str, Tensor]]:
+        """Fisher information of the pruned blocks (``featcache.methods.fisher``), from ``fisher_samples`` training
+        samples of the tap that feeds the first pruned block; computed once per MethodInput (sweep members share it)."""
+        first = min(t.block for t in rungs) - 1
+        source = next((t for t in tap_info.taps if t.block == first), None)
+        check(source is not None, "prune_by", f"'fisher' runs the backbone's blocks from the tap that feeds block "
+              f"{first} (the first pruned one), which the store lacks; extract it, or use prune_by=magnitude")
+        check(tap_info.training_sample is not None, "prune_by", "'fisher' needs training samples "
+              "(MethodInput.training_sample), which were not provided; use prune_by=magnitude")
+        key = ("fisher", source.name, self.config.fisher_samples, self.config.pool, self.heads)
+        if key not in tap_info.memo:
+            taps, labels = tap_info.training_sample([source.name], self.config.fisher_samples)
+            log.info("lst: Fisher information of blocks %d.. from %d samples of %s", first, len(labels), source.name)
+            tap_info.memo[key] = fisher_information(state, taps[source.name], labels, first, self.heads,
+                                                    tap_info.num_classes, self.config.pool, source.prefix_tokens)
+        return tap_info.memo[key]
+
     @torch.no_grad()
     def _prune_init(self, state: dict[str, Tensor], infos: list[TapInfo], rungs: list[TapInfo],
-                    final_norm: dict[str, Tensor] | None) -> None:
-        keep = prune_residual_dims(state, self.side_width)
+                    tap_info: MethodInput) -> None:
+        residual, importance = None, None
+        if self.config.prune_by == "fisher":
+            with torch.enable_grad():
+                residual, importance = self._fisher(state, rungs, tap_info)
+        keep = prune_residual_dims(state, self.side_width, residual)
         self.kept_dims = keep.tolist()
         for t, block in zip(rungs, self.blocks):
-            block.load_state_dict(pruned_block_state(state, t.block - 1, keep, self.heads, self.hidden))
+            block.load_state_dict(pruned_block_state(state, t.block - 1, keep, self.heads, self.hidden, importance))
             self.pruned_from.append(t.block - 1)
+        final_norm = tap_info.final_norm
         for t in infos:  # ladders start as the selection of the kept dims
             if t.channels == self.backbone_width:
                 self.down[t.name].weight.zero_()
@@ -345,18 +373,23 @@ def _top(scores: Tensor, k: int) -> Tensor:
     return torch.topk(scores, k).indices.sort().values
 
 
-def prune_residual_dims(state: dict[str, Tensor], keep: int) -> Tensor:
-    """The ``keep`` residual-stream dims with the largest L1 norm of their patch-embedding weights."""
-    w = _get(state, "patch_embed.proj.weight")  # (d, 3, p, p) conv, or (d, in) linear
-    return _top(w.abs().flatten(1).sum(1), keep)
+def prune_residual_dims(state: dict[str, Tensor], keep: int, scores: Tensor | None = None) -> Tensor:
+    """The ``keep`` residual-stream dims with the largest ``scores`` (d,); default: the L1 norm of their
+    patch-embedding weights (magnitude pruning)."""
+    if scores is None:
+        w = _get(state, "patch_embed.proj.weight")  # (d, 3, p, p) conv, or (d, in) linear
+        scores = w.abs().flatten(1).sum(1)
+    return _top(scores.float(), keep)
 
 
-def pruned_block_state(state: dict[str, Tensor], block: int, keep: Tensor, heads: int,
-                       hidden: int) -> dict[str, Tensor]:
+def pruned_block_state(state: dict[str, Tensor], block: int, keep: Tensor, heads: int, hidden: int,
+                       importance: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """State dict of a ``SideBlock`` cut from backbone block ``block`` (0-based) on residual dims ``keep``.
 
     Heads are pruned one by one (s/h query/key and s/h value dims kept inside each of the ``heads`` heads),
     so side head j is a pruned copy of backbone head j. LayerScale gammas are folded into the output rows.
+    Rows are ranked by ``importance`` (state key -> a non-negative tensor of the weight's shape, e.g. Fisher
+    information); the absolute weights where it has no entry (magnitude pruning).
     """
     p = f"blocks.{block}."
     qkv = _get(state, p + "attn.qkv.weight")  # (3d, d)
@@ -367,15 +400,19 @@ def pruned_block_state(state: dict[str, Tensor], block: int, keep: Tensor, heads
     check(d % heads == 0, "heads",
           f"{heads} does not divide the backbone width {d}; set heads to the backbone's head count")
     wq, wk, wv = qkv.split(d)
+    fc1, fc2 = _get(state, p + "mlp.fc1.weight"), _get(state, p + "mlp.fc2.weight")  # (H, d), (d, H)
+    imp = {k: (importance or {}).get(p + k, w.abs()) for k, w in
+           (("attn.qkv.weight", qkv), ("attn.proj.weight", o), ("mlp.fc1.weight", fc1), ("mlp.fc2.weight", fc2))}
+    iq, ik, iv = imp["attn.qkv.weight"].float().split(d)
+    io, i1, i2 = imp["attn.proj.weight"].float(), imp["mlp.fc1.weight"].float(), imp["mlp.fc2.weight"].float()
     hd, hs = d // heads, (keep.numel() // heads)
     qk_idx, v_idx = [], []
     for h in range(heads):  # per head: best query/key dims and best value dims
         rows = slice(h * hd, (h + 1) * hd)
-        qk_idx.append(h * hd + _top(wq[rows].abs().sum(1) * wk[rows].abs().sum(1), hs))
-        v_idx.append(h * hd + _top(wv[rows].abs().sum(1) * o[:, rows].abs().sum(0), hs))
+        qk_idx.append(h * hd + _top(iq[rows].sum(1) * ik[rows].sum(1), hs))
+        v_idx.append(h * hd + _top(iv[rows].sum(1) * io[:, rows].sum(0), hs))
     qk, v = torch.cat(qk_idx), torch.cat(v_idx)
-    fc1, fc2 = _get(state, p + "mlp.fc1.weight"), _get(state, p + "mlp.fc2.weight")  # (H, d), (d, H)
-    mlp = _top(fc1.abs().sum(1) * fc2.abs().sum(0), hidden)
+    mlp = _top(i1.sum(1) * i2.sum(0), hidden)
     ones = torch.ones(d)
     ls1 = _get(state, p + "ls1.gamma") if p + "ls1.gamma" in state else ones  # (d,) LayerScale, or 1
     ls2 = _get(state, p + "ls2.gamma") if p + "ls2.gamma" in state else ones

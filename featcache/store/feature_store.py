@@ -49,8 +49,6 @@ from .codecs import (DECODE_HINTS, QERR_SUFFIX, SCALE_DTYPE, SCALE_DTYPE_ATTR, S
 from .lock import LOCKS_DIR
 
 if TYPE_CHECKING:
-    import dask.array
-    import xarray
 
     from .shard_io import ShardIO
 
