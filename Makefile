@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # The exact torch/torchvision this offline machine has (pyproject.toml holds only the supported ranges).
 PIP_CONSTRAINTS ?= constraints/offline-machine.txt
 
-.PHONY: demo test test-fast bench bench-full install clean
+.PHONY: demo test test-fast lint bench bench-full install clean
 
 $(STAMP): pyproject.toml $(PIP_CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -47,8 +47,15 @@ DOC = ROOT / "docs" / "backbones.md"
 RESULTS = Path(__file__).resolve().parent / "results" / "backbones.json"
 METHODS = ("linear", "last", "lst")
 # small side networks: the point is that they train on these taps, not how well
-SETTINGS = {"epochs": 1, "batch_size": 8, "last.rank": 8, "last.heads": 2, "last.gap": 4, "last.depth": 1,
-            "lst.reduction": 16}
+SETTINGS = {
+    "epochs": 1,
+    "batch_size": 8,
+    "last.rank": 8,
+    "last.heads": 2,
+    "last.gap": 4,
+    "last.depth": 1,
+    "lst.reduction": 16,
+}
 
 
 @dataclass(frozen=True)
@@ -59,8 +66,9 @@ class Case:
     image_size: int | None = None  # None: the model's own input size
 
     def spec(self) -> BackboneSpec:
-        return BackboneSpec(model=self.model, model_kwargs=dict(self.model_kwargs), weights="random",
-                            image_size=self.image_size)
+        return BackboneSpec(
+            model=self.model, model_kwargs=dict(self.model_kwargs), weights="random", image_size=self.image_size
+        )
 
     @property
     def input_size(self) -> int | None:
@@ -202,7 +210,7 @@ def write_images(root: Path, n: int = 12, classes: int = 3, size: int = 48, seed
         y = i % classes
         img = rng.integers(0, 40, size=(size, size, 3), dtype=np.uint8)
         x0, y0 = rng.integers(0, size // 2, size=2)
-        img[y0:y0 + size // 2, x0:x0 + size // 2, y % 3] = 230
+        img[y0 : y0 + size // 2, x0 : x0 + size // 2, y % 3] = 230
         (root / f"class_{y}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(root / f"class_{y}" / f"img_{i:03d}.png")
     return root
@@ -229,8 +237,9 @@ def expected_widths(model: torch.nn.Module, infos: list[TapInfo]) -> list[str]:
     return problems
 
 
-def round_trip(case: Case, work: Path, dtype: str = "float16", n_images: int = 12,
-               device: str = "cpu") -> dict[str, Any]:
+def round_trip(
+    case: Case, work: Path, dtype: str = "float16", n_images: int = 12, device: str = "cpu"
+) -> dict[str, Any]:
     """extract -> train linear, last, lst (one sweep) -> load_predictor per member; the measurements.
 
     Extraction and prediction both run on ``device`` (CPU by default: the same kernels on both paths,
@@ -249,15 +258,32 @@ def round_trip(case: Case, work: Path, dtype: str = "float16", n_images: int = 1
 
     data = write_images(work / "images", n_images)
     store = work / f"cache-{dtype}.zarr"
-    report = extract(case.spec(), str(data), store, ExtractOptions(dtype=dtype, progress=False, batch_size=n_images,
-                                                                   overwrite=True, loader_workers=0, device=device))
+    report = extract(
+        case.spec(),
+        str(data),
+        store,
+        ExtractOptions(
+            dtype=dtype, progress=False, batch_size=n_images, overwrite=True, loader_workers=0, device=device
+        ),
+    )
     fs = FeatureStore.open(str(store))
     split = fs.split("train")
     cached = {t.name: split.decode(split.read(t.name)).float() for t in fs.manifest.taps}  # (N, T, C)
-    shape_problems = [f"{t.name}: stored {tuple(cached[t.name].shape)}, manifest (N, {t.tokens}, {t.channels})"
-                      for t in fs.manifest.taps if tuple(cached[t.name].shape) != (n_images, t.tokens, t.channels)]
-    summary = train(str(store), METHODS[0], work / "run", dict(SETTINGS), {"method": list(METHODS)}, progress=False,
-                    overwrite=True, tensorboard=False)
+    shape_problems = [
+        f"{t.name}: stored {tuple(cached[t.name].shape)}, manifest (N, {t.tokens}, {t.channels})"
+        for t in fs.manifest.taps
+        if tuple(cached[t.name].shape) != (n_images, t.tokens, t.channels)
+    ]
+    summary = train(
+        str(store),
+        METHODS[0],
+        work / "run",
+        dict(SETTINGS),
+        {"method": list(METHODS)},
+        progress=False,
+        overwrite=True,
+        tensorboard=False,
+    )
     source = open_source(str(data))
     members: dict[str, dict[str, float]] = {}
     model = None
@@ -272,18 +298,27 @@ def round_trip(case: Case, work: Path, dtype: str = "float16", n_images: int = 1
             on_cache = predictor.network({k: cached[k].to(x.device) for k in predictor.network.required_taps}).float()
         rounded = {k: v.to(CACHE_DTYPES[dtype]).float().cpu() for k, v in live_taps.items()}
         live, on_cache = live.cpu(), on_cache.cpu()
-        tap_diff = max(float(((rounded[k] - cached[k]).abs() / cached[k].abs().amax().clamp_min(1e-30)).max())
-                       for k in rounded)
+        tap_diff = max(
+            float(((rounded[k] - cached[k]).abs() / cached[k].abs().amax().clamp_min(1e-30)).max()) for k in rounded
+        )
         method = member["config"].get("method", member["name"].split("=")[-1])
-        members[method] = {"train_loss": float(member["metrics"]["train_loss"]), "tap_diff": tap_diff,
-                           "logit_diff": float((live - on_cache).abs().max()),
-                           "logit_scale": float(on_cache.abs().max())}
+        members[method] = {
+            "train_loss": float(member["metrics"]["train_loss"]),
+            "tap_diff": tap_diff,
+            "logit_diff": float((live - on_cache).abs().max()),
+            "logit_scale": float(on_cache.abs().max()),
+        }
     manifest = fs.manifest
-    return {"taps": [t.to_dict() for t in manifest.taps], "kind": manifest.backbone["kind"],
-            "tap_source": manifest.backbone.get("tap_source"), "dtype": dtype,
-            "bytes_per_image": report.nbytes / report.num_samples,
-            "width_problems": expected_widths(model, manifest.taps), "shape_problems": shape_problems,
-            "members": members}
+    return {
+        "taps": [t.to_dict() for t in manifest.taps],
+        "kind": manifest.backbone["kind"],
+        "tap_source": manifest.backbone.get("tap_source"),
+        "dtype": dtype,
+        "bytes_per_image": report.nbytes / report.num_samples,
+        "width_problems": expected_widths(model, manifest.taps),
+        "shape_problems": shape_problems,
+        "members": members,
+    }
 
 
 def verdict(result: dict[str, Any]) -> list[str]:
@@ -357,7 +392,7 @@ def markdown(rows: list[dict[str, Any]], seconds: float, cpus: int | None = None
         "",
         f"**{passed} pass, {refused} refused by design, {failed} fail.**",
         "",
-        "Each row: a small variant with random weights (`weights=\"random\"`), a small input where the model allows",
+        'Each row: a small variant with random weights (`weights="random"`), a small input where the model allows',
         "(column *input*; the model's own size otherwise), a dozen synthetic images extracted as float16, one sweep",
         "training `linear`, `last` and `lst` for one epoch, then `predict`'s backbone rebuilt from each checkpoint.",
         "*pass* means: every stored tap has the manifest's shape and the model's real width (`feature_info` for",
@@ -376,8 +411,13 @@ def markdown(rows: list[dict[str, Any]], seconds: float, cpus: int | None = None
         size = case["model_kwargs"].get("img_size", case["image_size"]) or "own"
         if "taps" in r:
             taps = r["taps"]
-            cells = [r["kind"], str(len(taps)), _tokens(taps), _compact([t["channels"] for t in taps]),
-                     f"{r['bytes_per_image'] / 1e3:,.0f} kB"]
+            cells = [
+                r["kind"],
+                str(len(taps)),
+                _tokens(taps),
+                _compact([t["channels"] for t in taps]),
+                f"{r['bytes_per_image'] / 1e3:,.0f} kB",
+            ]
         else:
             cells = ["", "", "", "", ""]
         result = r["result"].replace("|", "/")
@@ -388,7 +428,7 @@ def markdown(rows: list[dict[str, Any]], seconds: float, cpus: int | None = None
         "",
         "How taps are found (featcache/taps.py): `forward_intermediates` gives every intermediate as a map; the",
         "width that `feature_info` declares for it tells NCHW from NHWC. An isotropic model (one width, one grid",
-        "in every block) whose `forward_intermediates` also speaks `output_fmt=\"NLC\"` with the same values is",
+        'in every block) whose `forward_intermediates` also speaks `output_fmt="NLC"` with the same values is',
         "read as tokens, with its prefix tokens (`return_prefix_tokens`) and the input of `blocks[0]` as `embed`;",
         "every other model as maps. The final features become the `head` tap when they differ from the last",
         "tap: a norm or head convolution (Swin, EfficientNet), tokens added after the blocks (CaiT's and XCiT's",
@@ -425,8 +465,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows.append(row)
     seconds, cpus = time.perf_counter() - t0, len(os.sched_getaffinity(0))
     Path(args.out).write_text(markdown(rows, seconds, cpus))
-    write_json(Path(args.json), {"timm": timm.__version__, "torch": torch.__version__, "seconds": seconds,
-                                 "cpus": cpus}, rows)
+    write_json(
+        Path(args.json), {"timm": timm.__version__, "torch": torch.__version__, "seconds": seconds, "cpus": cpus}, rows
+    )
     return rows
 
 

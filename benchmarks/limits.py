@@ -22,20 +22,26 @@ from .common import interleave, sync, timed
 from .peers import FeatcachePeer, ImagePeer, Peer, PeerContext
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None,
-                reps: int = 5) -> dict[str, Any]:
+def matmul_rate(
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None, reps: int = 5
+) -> dict[str, Any]:
     """GFLOP/s of an n x n x n matrix product (median of ``reps``)."""
     n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
     secs = [timed(lambda: a @ b, device) for _ in range(reps)]
-    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "gflops": 2 * n**3 / statistics.median(secs) / 1e9,
-            "seconds": secs}
+    return {
+        "n": n,
+        "dtype": str(dtype).replace("torch.", ""),
+        "gflops": 2 * n**3 / statistics.median(secs) / 1e9,
+        "seconds": secs,
+    }
 
 
-def _cpu_sdpa_backward_flops(grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None,
-                             **kwargs: Any) -> int:
+def _cpu_sdpa_backward_flops(
+    grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
@@ -44,8 +50,10 @@ def flop_mapping() -> dict[Any, Any]:
     which torch's FlopCounterMode does not know either: without it, attention's backward is not counted."""
     from featcache.methods.base import _EXTRA_FLOPS
 
-    return {**_EXTRA_FLOPS,
-            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops}
+    return {
+        **_EXTRA_FLOPS,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+    }
 
 
 def step_flops(peer: FeatcachePeer) -> int:
@@ -75,12 +83,18 @@ def compute_limit(ctx: PeerContext, method: str, rounds: int = 5, n: int | None 
     res = interleave({"step": peer.step, "matmul": lambda: a @ b}, rounds, device, warmup=1)
     step_s, mm_s = res.median("step"), res.median("matmul")
     achieved, peak = counted / step_s / 1e9, 2 * n**3 / mm_s / 1e9
-    return {"method": method, "step_s": step_s, "flops_per_step_counted": counted,
-            "flops_per_step_3x_forward": 3 * fwd, "achieved_gflops": achieved,
-            "achieved_gflops_3x_forward": 3 * fwd / step_s / 1e9, "matmul_gflops": peak,
-            "matmul": {"n": n, "dtype": "float32 (TF32)" if device.type == "cuda" else "float32"},
-            "fraction_of_matmul": achieved / peak,
-            "rounds": res.seconds}
+    return {
+        "method": method,
+        "step_s": step_s,
+        "flops_per_step_counted": counted,
+        "flops_per_step_3x_forward": 3 * fwd,
+        "achieved_gflops": achieved,
+        "achieved_gflops_3x_forward": 3 * fwd / step_s / 1e9,
+        "matmul_gflops": peak,
+        "matmul": {"n": n, "dtype": "float32 (TF32)" if device.type == "cuda" else "float32"},
+        "fraction_of_matmul": achieved / peak,
+        "rounds": res.seconds,
+    }
 
 
 def reader_limit(ctx: PeerContext, method: str, epochs: int = 2) -> dict[str, Any]:
@@ -116,10 +130,18 @@ def reader_limit(ctx: PeerContext, method: str, epochs: int = 2) -> dict[str, An
     copy_s = min(timed(lambda: copy_all(src32), device) for _ in range(3))
     convert_s = min(timed(lambda: copy_all(src16), device) for _ in range(3))
     mb = out_bytes / 2**20
-    return {"reader": reader.mode, "taps": list(reader.taps), "epoch_mb_float32": mb, "batches": batches,
-            "reader_mb_s": mb / epoch_s, "memcpy_mb_s": mb / copy_s, "convert_copy_mb_s": mb / convert_s,
-            "reader_vs_memcpy": copy_s / epoch_s, "reader_vs_convert_copy": convert_s / epoch_s,
-            "epoch_seconds": secs}
+    return {
+        "reader": reader.mode,
+        "taps": list(reader.taps),
+        "epoch_mb_float32": mb,
+        "batches": batches,
+        "reader_mb_s": mb / epoch_s,
+        "memcpy_mb_s": mb / copy_s,
+        "convert_copy_mb_s": mb / convert_s,
+        "reader_vs_memcpy": copy_s / epoch_s,
+        "reader_vs_convert_copy": convert_s / epoch_s,
+        "epoch_seconds": secs,
+    }
 
 
 def step_profile(ctx: PeerContext, method: str, top: int = 8) -> list[dict[str, Any]]:

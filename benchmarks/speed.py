@@ -51,8 +51,9 @@ def measure_steps(names: list[str], ctx: PeerContext, rounds: int, min_call_s: f
     return out
 
 
-def time_peers(peers: dict[str, Peer], batch_size: int, device: torch.device, rounds: int,
-               min_call_s: float = 1.0) -> dict[str, Any]:
+def time_peers(
+    peers: dict[str, Peer], batch_size: int, device: torch.device, rounds: int, min_call_s: float = 1.0
+) -> dict[str, Any]:
     """Time peers that are already built (any contexts: e.g. one store per cache variant) A B A B: per peer its
     per-round seconds per step, the median, samples/s, and its training FLOPs per sample."""
     calls = {name: steps_per_call(p, device, min_call_s) for name, p in peers.items()}
@@ -61,17 +62,23 @@ def time_peers(peers: dict[str, Peer], batch_size: int, device: torch.device, ro
     def call(peer: Peer, n: int) -> Any:
         return lambda: [peer.step() for _ in range(n)]
 
-    res = interleave({n: call(p, calls[n]) for n, p in peers.items()}, rounds, device, warmup=0,
-                     log=lambda m: say("  " + m))
+    res = interleave(
+        {n: call(p, calls[n]) for n, p in peers.items()}, rounds, device, warmup=0, log=lambda m: say("  " + m)
+    )
     from .limits import train_flops_per_sample
 
     out: dict[str, Any] = {}
     for name, p in peers.items():
         per_step = [s / calls[name] for s in res.seconds[name]]
         med = statistics.median(per_step)
-        out[name] = {**p.describe(), "step_seconds": per_step, "median_step_s": med,
-                     "samples_per_s": batch_size / med, "steps_per_call": calls[name],
-                     "train_flops_per_sample": train_flops_per_sample(p)}
+        out[name] = {
+            **p.describe(),
+            "step_seconds": per_step,
+            "median_step_s": med,
+            "samples_per_s": batch_size / med,
+            "steps_per_call": calls[name],
+            "train_flops_per_sample": train_flops_per_sample(p),
+        }
     return out
 
 
@@ -94,8 +101,9 @@ def reader_share(ctx: PeerContext, method: str, rounds: int = 5) -> dict[str, fl
     return {"read_s": statistics.median(read), "train_step_s": statistics.median(train)}
 
 
-def end_to_end(store: StoreInfo, ctx: PeerContext, methods: list[str], epochs: int, steps: dict[str, Any],
-               real: list[str]) -> dict[str, Any]:
+def end_to_end(
+    store: StoreInfo, ctx: PeerContext, methods: list[str], epochs: int, steps: dict[str, Any], real: list[str]
+) -> dict[str, Any]:
     """E epochs on the store's N training images: featcache real (extraction + train), peers extrapolated."""
     from featcache.training import train
 
@@ -112,11 +120,22 @@ def end_to_end(store: StoreInfo, ctx: PeerContext, methods: list[str], epochs: i
             out = Path(tempfile.mkdtemp(prefix=f"featcache-bench-{method}-"))
             try:
                 t0 = time.perf_counter()
-                summary = train(store.path, method, out, settings={"epochs": epochs, "batch_size": ctx.batch_size,
-                                                                   "lr": SIDE_LR[method],
-                                                                   **ctx.method_config.get(method, {})},
-                                reader=ctx.reader, device=ctx.device, progress=False, overwrite=True,
-                                tensorboard=False)  # timed: no event files (importing them takes ~1 s)
+                summary = train(
+                    store.path,
+                    method,
+                    out,
+                    settings={
+                        "epochs": epochs,
+                        "batch_size": ctx.batch_size,
+                        "lr": SIDE_LR[method],
+                        **ctx.method_config.get(method, {}),
+                    },
+                    reader=ctx.reader,
+                    device=ctx.device,
+                    progress=False,
+                    overwrite=True,
+                    tensorboard=False,
+                )  # timed: no event files (importing them takes ~1 s)
                 row["train_s"] = time.perf_counter() - t0
                 row["train_samples_per_s"] = summary["samples_per_second"]
             finally:
@@ -131,7 +150,14 @@ def end_to_end(store: StoreInfo, ctx: PeerContext, methods: list[str], epochs: i
     for name, s in steps.items():
         if name.startswith("featcache-"):
             continue
-        rows[name] = {"total_s": s["median_step_s"] * steps_per_epoch * epochs,
-                      "how": f"extrapolated: median step x {steps_per_epoch} steps/epoch x {epochs} epochs"}
-    return {"images": n, "epochs": epochs, "batch_size": ctx.batch_size, "steps_per_epoch": steps_per_epoch,
-            "rows": rows}
+        rows[name] = {
+            "total_s": s["median_step_s"] * steps_per_epoch * epochs,
+            "how": f"extrapolated: median step x {steps_per_epoch} steps/epoch x {epochs} epochs",
+        }
+    return {
+        "images": n,
+        "epochs": epochs,
+        "batch_size": ctx.batch_size,
+        "steps_per_epoch": steps_per_epoch,
+        "rows": rows,
+    }

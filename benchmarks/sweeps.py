@@ -41,6 +41,7 @@ def profile_step(step: Any, device: torch.device, top: int = 8) -> list[dict[str
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
     def self_us(e: Any) -> float:
         if device.type == "cuda":  # renamed from *_cuda_* to *_device_* in recent torch
             return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
@@ -50,8 +51,9 @@ def profile_step(step: Any, device: torch.device, top: int = 8) -> list[dict[str
     return [{"op": e.key[:60], "self_ms": self_us(e) / 1e3, "calls": e.count} for e in rows]
 
 
-def measure_sweep(ctx: PeerContext, k: int, rounds: int, target: float, method: str = "last",
-                  loop: bool = True) -> dict[str, Any]:
+def measure_sweep(
+    ctx: PeerContext, k: int, rounds: int, target: float, method: str = "last", loop: bool = True
+) -> dict[str, Any]:
     """Step time of K=1 and K=k (and the loop diagnostic), their ratio, and a profile when it misses."""
     device = torch.device(ctx.device)
     one = FeatcachePeer(ctx, method, 1)
@@ -63,9 +65,14 @@ def measure_sweep(ctx: PeerContext, k: int, rounds: int, target: float, method: 
     res = interleave(contenders, rounds, device, warmup=1, log=lambda m: say("  sweep " + m))
     base = res.median("K1")
     out: dict[str, Any] = {
-        "method": method, "members": k, "batch_size": ctx.batch_size, "reader": one.reader.mode,
-        "step_s": {n: res.median(n) for n in contenders}, "rounds": res.seconds,
-        "ratio": res.median(f"K{k}") / base, "target_ratio": target,
+        "method": method,
+        "members": k,
+        "batch_size": ctx.batch_size,
+        "reader": one.reader.mode,
+        "step_s": {n: res.median(n) for n in contenders},
+        "rounds": res.seconds,
+        "ratio": res.median(f"K{k}") / base,
+        "target_ratio": target,
         "per_member_samples_per_s": {n: ctx.batch_size * (k if n != "K1" else 1) / res.median(n) for n in contenders},
     }
     if looped is not None:
@@ -73,6 +80,8 @@ def measure_sweep(ctx: PeerContext, k: int, rounds: int, target: float, method: 
     out["met"] = out["ratio"] <= target
     if not out["met"]:
         out["profile"] = {"K1": profile_step(one.step, device), f"K{k}": profile_step(many.step, device)}
-    say(f"  sweep: K={k} costs {out['ratio']:.2f}x one member (target <= {target}x)"
-        + (f", {k} separate banks {out['loop_ratio']:.2f}x" if looped is not None else ""))
+    say(
+        f"  sweep: K={k} costs {out['ratio']:.2f}x one member (target <= {target}x)"
+        + (f", {k} separate banks {out['loop_ratio']:.2f}x" if looped is not None else "")
+    )
     return out

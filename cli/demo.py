@@ -8,7 +8,9 @@ from .options import json_option, print_json, quiet_option
 
 
 @click.command("demo")
-@click.option("--out", default="demo-out", show_default=True, help="Directory for the store, the run and the plots (replaced).")
+@click.option(
+    "--out", default="demo-out", show_default=True, help="Directory for the store, the run and the plots (replaced)."
+)
 @click.option("--quick", is_flag=True, help="A tiny version (a few images, small size, 3 epochs): a smoke test.")
 @json_option
 @quiet_option

@@ -6,9 +6,9 @@ from typing import Any
 
 import click
 
+from featcache.manifest import BackboneSpec
 from featcache.options import ExtractOptions
 from featcache.progress import say
-from featcache.manifest import BackboneSpec
 
 from .options import cluster_options, config_options, data_options, quiet_option, take
 
@@ -23,8 +23,16 @@ CONFIGS = (BackboneSpec, ExtractOptions)  # the option sets whose fields are thi
 @config_options(BackboneSpec, "pool_tokens", "image_size", "crop_pct", "resize_only")
 @quiet_option
 @cluster_options
-def command(data: str, image_column: str | None, label_column: str | None, out: str, quiet: bool, workers: int | None,
-            scheduler: str | None, **values: Any) -> None:
+def command(
+    data: str,
+    image_column: str | None,
+    label_column: str | None,
+    out: str,
+    quiet: bool,
+    workers: int | None,
+    scheduler: str | None,
+    **values: Any,
+) -> None:
     """Run a frozen timm backbone once over --data and store every tapped activation in --out.
 
     \b

@@ -18,19 +18,36 @@ from .options import json_option, storage_option
 @click.option("--stats", is_flag=True, help="Per-tap mean, std, min, max, NaN/Inf counts (reads all data).")
 @json_option
 @click.option("--split", default=None, help="Only this split.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
-              help="Draw per-tap token norms and the label histogram into this PNG (implies --stats).")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Draw per-tap token norms and the label histogram into this PNG (implies --stats).",
+)
 @storage_option
-def command(store: str, verify: bool, stats: bool, as_json: bool, split: str | None, plot_path: str | None,
-            storage_options: tuple[str, ...]) -> None:
+def command(
+    store: str,
+    verify: bool,
+    stats: bool,
+    as_json: bool,
+    split: str | None,
+    plot_path: str | None,
+    storage_options: tuple[str, ...],
+) -> None:
     """Describe STORE: backbone, splits, taps (shapes, chunks, codecs, sizes), labels.
 
     Exit code 1 when --verify finds a problem; each problem names its array and chunk.
     """
     from featcache.store.describe import describe_store, format_summary
 
-    d = describe_store(store, split=split, stats=stats or plot_path is not None, verify=verify,
-                       storage_options=parse_assignments(storage_options, "--storage-option") or None)
+    d = describe_store(
+        store,
+        split=split,
+        stats=stats or plot_path is not None,
+        verify=verify,
+        storage_options=parse_assignments(storage_options, "--storage-option") or None,
+    )
     if plot_path is not None:
         from featcache.plots import plot_store_stats
 

@@ -12,8 +12,12 @@ import click
 from featcache.config import choices_of, fields
 from featcache.options import TrainOptions
 
-quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars or summaries on stderr (errors still print).")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout and nothing else there.")
+quiet_option = click.option(
+    "--quiet", "-q", is_flag=True, help="No progress bars or summaries on stderr (errors still print)."
+)
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object on stdout and nothing else there."
+)
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
 
@@ -26,8 +30,13 @@ def config_option(cls: type, key: str, unset: bool = False) -> Callable[[Any], A
     flag, members = str(extra.get("flag", f"--{key.replace('_', '-')}")), choices_of(info.annotation)
     default = None if unset or info.is_required() else info.get_default(call_default_factory=True)
     help = f"{info.description}  [default: {info.get_default()}]" if unset else info.description
-    kw: dict[str, Any] = {"default": default, "help": help, "metavar": extra.get("metavar"), "required":
-                          info.is_required(), "show_default": not (default is None or isinstance(default, (bool, dict)))}
+    kw: dict[str, Any] = {
+        "default": default,
+        "help": help,
+        "metavar": extra.get("metavar"),
+        "required": info.is_required(),
+        "show_default": not (default is None or isinstance(default, (bool, dict))),
+    }
     if members == (bool,) and info.get_default() is None:
         return click.option(f"{flag}/--no-{flag[2:]}", key, **kw)
     if members == (bool,):
@@ -69,21 +78,40 @@ def print_json(data: Any) -> None:
 
 def cluster_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """``--workers N`` (a local dask cluster) and ``--scheduler ADDRESS`` (a running one); see docs/scale.md."""
-    f = click.option("--scheduler", default=None, metavar="ADDRESS",
-                     help="Run on the dask cluster whose scheduler is at ADDRESS (e.g. tcp://host:8786).")(f)
-    return click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
-                        help="Run on a local dask cluster of N worker processes (one per GPU when GPUs exist).")(f)
+    f = click.option(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="Run on the dask cluster whose scheduler is at ADDRESS (e.g. tcp://host:8786).",
+    )(f)
+    return click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="Run on a local dask cluster of N worker processes (one per GPU when GPUs exist).",
+    )(f)
 
 
-DATA_HELP = ("Images: an ImageFolder DIR, sklearn:digits[:train|:test], idx:DIR[:test], torchvision:NAME[:ROOT], "
-             "wds:PATTERN (WebDataset tar shards), hf:PATH[:split] (Hugging Face dataset on disk), csv:FILE or "
-             "jsonl:FILE (image paths and labels); docs/data.md.")
+DATA_HELP = (
+    "Images: an ImageFolder DIR, sklearn:digits[:train|:test], idx:DIR[:test], torchvision:NAME[:ROOT], "
+    "wds:PATTERN (WebDataset tar shards), hf:PATH[:split] (Hugging Face dataset on disk), csv:FILE or "
+    "jsonl:FILE (image paths and labels); docs/data.md."
+)
 
 
 def data_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """``--data SPEC`` and the column choices for hf:, csv: and jsonl: data (written into the spec by the library)."""
-    f = click.option("--label-column", default=None, metavar="NAME",
-                     help="hf:/csv:/jsonl: data: the column of labels [default: detected].")(f)
-    f = click.option("--image-column", default=None, metavar="NAME",
-                     help="hf:/csv:/jsonl: data: the column of images or image paths [default: detected].")(f)
+    f = click.option(
+        "--label-column",
+        default=None,
+        metavar="NAME",
+        help="hf:/csv:/jsonl: data: the column of labels [default: detected].",
+    )(f)
+    f = click.option(
+        "--image-column",
+        default=None,
+        metavar="NAME",
+        help="hf:/csv:/jsonl: data: the column of images or image paths [default: detected].",
+    )(f)
     return click.option("--data", required=True, metavar="SPEC", help=DATA_HELP)(f)

@@ -19,8 +19,15 @@ CONFIGS = (PredictOptions,)  # the option set whose fields are this command's op
 @config_options(PredictOptions)
 @json_option
 @quiet_option
-def command(checkpoint: str, data: str, image_column: str | None, label_column: str | None, as_json: bool,
-            quiet: bool, **values: Any) -> None:
+def command(
+    checkpoint: str,
+    data: str,
+    image_column: str | None,
+    label_column: str | None,
+    as_json: bool,
+    quiet: bool,
+    **values: Any,
+) -> None:
     """Run the frozen backbone and a trained side network on the images of --data.
 
     RUNDIR_OR_CHECKPOINT is a run directory (its best member), RUNDIR/members/NAME, or a .safetensors file.

@@ -20,13 +20,21 @@ def _help(command: click.Command, name: str, parent: click.Context | None = None
 
 def render_reference() -> str:
     """Markdown: the top-level help, then every command's --help text."""
-    parts = ["# featcache command-line reference", "",
-             "Generated from the commands' own help (`python -m featcache.cli.reference > docs/cli.md`); "
-             "a test keeps it in sync.", "",
-             "Every command prints errors as one `Error: ...` line on stderr (exit code 1, or 2 for usage "
-             "errors, no traceback unless `FEATCACHE_DEBUG=1`); `--json` prints one JSON object on stdout and "
-             "nothing else there; progress and logs go to stderr (`--quiet` silences them).", "",
-             "```", _help(app, "featcache"), "```", ""]
+    parts = [
+        "# featcache command-line reference",
+        "",
+        "Generated from the commands' own help (`python -m featcache.cli.reference > docs/cli.md`); "
+        "a test keeps it in sync.",
+        "",
+        "Every command prints errors as one `Error: ...` line on stderr (exit code 1, or 2 for usage "
+        "errors, no traceback unless `FEATCACHE_DEBUG=1`); `--json` prints one JSON object on stdout and "
+        "nothing else there; progress and logs go to stderr (`--quiet` silences them).",
+        "",
+        "```",
+        _help(app, "featcache"),
+        "```",
+        "",
+    ]
     root = click.Context(app, info_name="featcache")
     for name in sorted(app.commands):
         parts += [f"## featcache {name}", "", "```", _help(app.commands[name], name, root), "```", ""]

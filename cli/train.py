@@ -18,19 +18,43 @@ SETTINGS = ("epochs", "batch_size", "lr")  # TrainConfig fields with an option o
 
 @click.command("train")
 @click.argument("store")
-@click.option("--method", default="last", show_default=True, help="Side network: linear, last or lst (or --grid method=...).")
-@click.option("--out", required=True, metavar="RUNDIR", help="Run directory for checkpoints, metrics, plots and summary.")
+@click.option(
+    "--method", default="last", show_default=True, help="Side network: linear, last or lst (or --grid method=...)."
+)
+@click.option(
+    "--out", required=True, metavar="RUNDIR", help="Run directory for checkpoints, metrics, plots and summary."
+)
 @config_options(TrainConfig, *SETTINGS, unset=True)
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any training or method setting (repeatable); METHOD.KEY=VALUE sets KEY for one method of a --grid method=... sweep.")
-@click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,..", help="Sweep a setting: K members = product of all grids.")
-@click.option("--sweep", "sweep_file", type=click.Path(dir_okay=False), help="JSON/YAML sweep file: {set: {...}, grid: {...}}.")
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any training or method setting (repeatable); METHOD.KEY=VALUE sets KEY for one method of a --grid method=... sweep.",
+)
+@click.option(
+    "--grid", "grid", multiple=True, metavar="KEY=V1,V2,..", help="Sweep a setting: K members = product of all grids."
+)
+@click.option(
+    "--sweep", "sweep_file", type=click.Path(dir_okay=False), help="JSON/YAML sweep file: {set: {...}, grid: {...}}."
+)
 @config_options(TrainOptions)
 @cluster_options
 @json_option
 @quiet_option
-def command(store: str, method: str, out: str, settings: tuple[str, ...], grid: tuple[str, ...],
-            sweep_file: str | None, workers: int | None, scheduler: str | None, as_json: bool, quiet: bool,
-            **values: Any) -> None:
+def command(
+    store: str,
+    method: str,
+    out: str,
+    settings: tuple[str, ...],
+    grid: tuple[str, ...],
+    sweep_file: str | None,
+    workers: int | None,
+    scheduler: str | None,
+    as_json: bool,
+    quiet: bool,
+    **values: Any,
+) -> None:
     """Train side networks on the cached taps in STORE; never runs the backbone.
 
     \b
@@ -52,10 +76,26 @@ def command(store: str, method: str, out: str, settings: tuple[str, ...], grid: 
         from featcache.distributed.training import train_on_cluster
 
         shared = store if "://" in store else os.path.abspath(store)  # workers have their own working directory
-        summary = train_on_cluster(store, method, out, settings_, grids, options, workers=workers, scheduler=scheduler,
-                                   backbone_state=backbone_state_loader(shared, options.storage_options))
+        summary = train_on_cluster(
+            store,
+            method,
+            out,
+            settings_,
+            grids,
+            options,
+            workers=workers,
+            scheduler=scheduler,
+            backbone_state=backbone_state_loader(shared, options.storage_options),
+        )
     else:
-        summary = train(store, method, out, settings_, grids, options,
-                        backbone_state=backbone_state_loader(store, options.storage_options))
+        summary = train(
+            store,
+            method,
+            out,
+            settings_,
+            grids,
+            options,
+            backbone_state=backbone_state_loader(store, options.storage_options),
+        )
     if as_json:
         print_json(summary)

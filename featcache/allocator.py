@@ -41,7 +41,9 @@ class MallocSettings:
     reason: str
 
     def describe(self) -> str:
-        return f"glibc malloc keeps freed memory ({self.reason})" if self.applied else f"malloc unchanged ({self.reason})"
+        return (
+            f"glibc malloc keeps freed memory ({self.reason})" if self.applied else f"malloc unchanged ({self.reason})"
+        )
 
 
 _done: MallocSettings | None = None

@@ -53,4 +53,3 @@ def parse_grid(items: tuple[str, ...] | list[str], option: str = "--grid") -> di
             raise UsageError(f"{option} sets {key!r} twice; list all its values once: {key}=V1,V2")
         out[key] = [parse_value(p) for p in parts]
     return out
-

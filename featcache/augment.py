@@ -68,9 +68,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import ConfigError
-from .options import AUG_KEYS, AUGMENTATIONS, AugmentConfig
 from .manifest import TapInfo
-
+from .options import AUG_KEYS, AUGMENTATIONS, AugmentConfig
 
 
 @dataclass
@@ -113,8 +112,10 @@ class FeatureStats:
     def span(self, name: str, device: torch.device | str = "cpu") -> Tensor:
         """(C,) max_c - min_c of tap ``name`` on ``device`` (moved there once)."""
         if name not in self.low:
-            raise ConfigError(f"frofa: the feature statistics hold no tap {name!r} (they have "
-                              f"{', '.join(self.low) or 'none'}); compute them over every tap the batch holds")
+            raise ConfigError(
+                f"frofa: the feature statistics hold no tap {name!r} (they have "
+                f"{', '.join(self.low) or 'none'}); compute them over every tap the batch holds"
+            )
         key = (name, str(device))
         if key not in self._spans:
             self._spans[key] = (self.high[name] - self.low[name]).to(device)
@@ -127,8 +128,9 @@ class FeatureStats:
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor], samples: int = 0) -> "FeatureStats":
         taps = sorted({k.rsplit("/", 1)[0] for k in tensors})
-        return cls({t: tensors[f"{t}/min"].float() for t in taps}, {t: tensors[f"{t}/max"].float() for t in taps},
-                   samples)
+        return cls(
+            {t: tensors[f"{t}/min"].float() for t in taps}, {t: tensors[f"{t}/max"].float() for t in taps}, samples
+        )
 
 
 def feature_stats(batches: Iterable[dict[str, Tensor]]) -> FeatureStats:
@@ -154,8 +156,14 @@ def batch_generator(seed: int, epoch: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 
-def augment(taps: dict[str, Tensor], labels: Tensor, infos: dict[str, TapInfo], cfg: AugmentConfig,
-            generator: torch.Generator, stats: FeatureStats | None = None) -> AugmentedBatch:
+def augment(
+    taps: dict[str, Tensor],
+    labels: Tensor,
+    infos: dict[str, TapInfo],
+    cfg: AugmentConfig,
+    generator: torch.Generator,
+    stats: FeatureStats | None = None,
+) -> AugmentedBatch:
     """Augment one batch (module doc). ``infos``: the TapInfo of every tap in ``taps`` (grids, prefix tokens);
     ``stats``: the training features' channel ranges (``feature_stats``), which ``frofa`` needs.
 
@@ -167,8 +175,10 @@ def augment(taps: dict[str, Tensor], labels: Tensor, infos: dict[str, TapInfo], 
     out = dict(taps)
     if "frofa" in cfg.names:
         if stats is None:
-            raise ConfigError("frofa needs the per-channel minimum and maximum of the training features "
-                              "(augment(..., stats=feature_stats(...))); featcache train computes them once per run")
+            raise ConfigError(
+                "frofa needs the per-channel minimum and maximum of the training features "
+                "(augment(..., stats=feature_stats(...))); featcache train computes them once per run"
+            )
         widths = [out[n].shape[-1] for n in order]  # one draw for every tap: sample i's draws are row i, whatever B
         draws = (2 * _rand((labels.shape[0], 2, sum(widths)), generator) - 1).split(widths, dim=-1)
         for n, u in zip(order, draws):
@@ -219,8 +229,9 @@ def shift_channels(x: Tensor, u: Tensor, brightness: float, contrast: float, spa
     return out.to(x.dtype)
 
 
-def token_drop(taps: dict[str, Tensor], infos: list[TapInfo], rate: float,
-               generator: torch.Generator) -> dict[str, Tensor]:
+def token_drop(
+    taps: dict[str, Tensor], infos: list[TapInfo], rate: float, generator: torch.Generator
+) -> dict[str, Tensor]:
     """Replace round(rate * P) patch tokens per sample by the mean of the kept ones (pooled windows weighing by
     size), same positions in every tap."""
     ref = _finest_grid(infos)
@@ -256,8 +267,9 @@ def token_drop(taps: dict[str, Tensor], infos: list[TapInfo], rate: float,
     return out
 
 
-def cutmix(taps: dict[str, Tensor], infos: list[TapInfo], perm: Tensor, lam0: float,
-           generator: torch.Generator) -> tuple[dict[str, Tensor], float]:
+def cutmix(
+    taps: dict[str, Tensor], infos: list[TapInfo], perm: Tensor, lam0: float, generator: torch.Generator
+) -> tuple[dict[str, Tensor], float]:
     """A rectangle of area ~(1 - lam0) of the patch grid from sample perm[i]; returns the taps and the exact lam."""
     hr, wr = _finest_grid(infos)
     cut = math.sqrt(1 - lam0)
@@ -289,15 +301,19 @@ def _check(taps: dict[str, Tensor], labels: Tensor, infos: dict[str, TapInfo]) -
     """Tap names in a fixed order (by position); shapes checked against the infos."""
     missing = [n for n in taps if n not in infos]
     if missing:
-        raise ConfigError(f"augment: no TapInfo for tap(s) {', '.join(map(repr, missing))}; pass the store's tap "
-                          "infos for every tap in the batch")
+        raise ConfigError(
+            f"augment: no TapInfo for tap(s) {', '.join(map(repr, missing))}; pass the store's tap "
+            "infos for every tap in the batch"
+        )
     if labels.dim() != 1:
         raise ConfigError(f"augment: labels must be (B,), got shape {tuple(labels.shape)}")
     for n, x in taps.items():
         info = infos[n]
         if x.dim() != 3 or tuple(x.shape[1:]) != (info.tokens, info.channels) or x.shape[0] != labels.shape[0]:
-            raise ConfigError(f"augment: tap {n!r} has shape {tuple(x.shape)}, expected ({labels.shape[0]}, "
-                              f"{info.tokens}, {info.channels}) from the labels and the store's manifest")
+            raise ConfigError(
+                f"augment: tap {n!r} has shape {tuple(x.shape)}, expected ({labels.shape[0]}, "
+                f"{info.tokens}, {info.channels}) from the labels and the store's manifest"
+            )
     return sorted(taps, key=lambda n: (infos[n].position, n))
 
 
@@ -321,10 +337,23 @@ def _overlap(n: int, n_ref: int, lo: int, hi: int) -> Tensor:
     """(n,) fraction of each of n equal cells covered by [lo, hi) of n_ref cells (exact integer arithmetic)."""
     i = torch.arange(n, dtype=torch.float64)
     # in units of 1 / (n * n_ref): cell i spans [i n_ref, (i + 1) n_ref), the interval [lo n, hi n)
-    covered = (torch.minimum((i + 1) * n_ref, torch.tensor(float(hi * n))) -
-               torch.maximum(i * n_ref, torch.tensor(float(lo * n)))).clamp(min=0)
+    covered = (
+        torch.minimum((i + 1) * n_ref, torch.tensor(float(hi * n)))
+        - torch.maximum(i * n_ref, torch.tensor(float(lo * n)))
+    ).clamp(min=0)
     return covered / n_ref
 
 
-__all__ = ["AUGMENTATIONS", "AUG_KEYS", "AugmentConfig", "AugmentedBatch", "FeatureStats", "augment", "batch_generator",
-           "feature_stats", "frofa", "token_drop", "cutmix"]
+__all__ = [
+    "AUGMENTATIONS",
+    "AUG_KEYS",
+    "AugmentConfig",
+    "AugmentedBatch",
+    "FeatureStats",
+    "augment",
+    "batch_generator",
+    "feature_stats",
+    "frofa",
+    "token_drop",
+    "cutmix",
+]

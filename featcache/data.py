@@ -32,13 +32,22 @@ from .sources.digits import digits_source
 from .sources.idx import idx_source
 from .sources.image_folder import ImageFolderSource
 
-__all__ = ["DataSource", "Sample", "Subset", "open_source", "shared_spec", "spec_with_columns", "split_spec_options",
-           "stratified_subset"]
+__all__ = [
+    "DataSource",
+    "Sample",
+    "Subset",
+    "open_source",
+    "shared_spec",
+    "spec_with_columns",
+    "split_spec_options",
+    "stratified_subset",
+]
 
 
 def shared_spec(spec: str) -> str:
     """``spec`` with its local paths made absolute: the same data for a process that has another working
     directory (a dask worker). URLs, ``sklearn:`` and ``torchvision:`` specs come back unchanged."""
+
     def absolute(path: str) -> str:
         return path if "://" in path or path.startswith("pipe:") else os.path.abspath(path)
 

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from featcache.backbone import Backbone
-
 from featcache.manifest import BackboneSpec
 from featcache.progress import say
 
@@ -88,7 +87,9 @@ def _loop_step_seconds(plan: DemoPlan, store_url: str, steps: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run_demo(out: str | Path = "demo-out", quick: bool = False, progress: bool = True, plan: DemoPlan | None = None) -> dict[str, Any]:
+def run_demo(
+    out: str | Path = "demo-out", quick: bool = False, progress: bool = True, plan: DemoPlan | None = None
+) -> dict[str, Any]:
     """Run the demo into ``out`` (replaced if it exists); returns the results table and paths."""
     from featcache.extraction import extract
     from featcache.infer import predict
@@ -102,8 +103,11 @@ def run_demo(out: str | Path = "demo-out", quick: bool = False, progress: bool =
     out.mkdir(parents=True)
     store = str(out / "cache.zarr")
     spec = BackboneSpec(plan.model, weights=plan.weights, image_size=plan.image_size)
-    say(f"featcache demo: {plan.model} (ImageNet weights from {plan.weights}) on {plan.train_data} "
-        f"({plan.train_images} train / {plan.test_images} test images, {plan.image_size} px)", not progress)
+    say(
+        f"featcache demo: {plan.model} (ImageNet weights from {plan.weights}) on {plan.train_data} "
+        f"({plan.train_images} train / {plan.test_images} test images, {plan.image_size} px)",
+        not progress,
+    )
     t0 = time.perf_counter()
     for split, data, n in (("train", plan.train_data, plan.train_images), ("test", plan.test_data, plan.test_images)):
         extract(spec, data, store, split=split, limit=n, batch_size=plan.batch_size, progress=progress)
@@ -111,25 +115,56 @@ def run_demo(out: str | Path = "demo-out", quick: bool = False, progress: bool =
     if progress:
         print(format_summary(describe_store(store)))
     run = out / "run"
-    settings = {"epochs": plan.epochs, "batch_size": plan.batch_size, "last.lr": plan.last_lr,
-                "last.width": plan.last_width, "linear.lr": plan.linear_lr}
+    settings = {
+        "epochs": plan.epochs,
+        "batch_size": plan.batch_size,
+        "last.lr": plan.last_lr,
+        "last.width": plan.last_width,
+        "linear.lr": plan.linear_lr,
+    }
     summary = train(store, "last", run, settings, {"method": ["last", "linear"]}, eval_split="test", progress=progress)
-    pred = predict(run, plan.test_data, limit=plan.test_images, batch_size=plan.batch_size, device="cpu",
-                   csv_path=out / "predictions.csv", progress=progress)
+    pred = predict(
+        run,
+        plan.test_data,
+        limit=plan.test_images,
+        batch_size=plan.batch_size,
+        device="cpu",
+        csv_path=out / "predictions.csv",
+        progress=progress,
+    )
     step_s = _loop_step_seconds(plan, store, steps=1 if quick else 3)
     steps = plan.epochs * -(-plan.train_images // plan.batch_size)
     rows = []
     for m in summary["members"]:
-        rows.append({"method": m["method"], "test_acc": m["best"]["test_acc"], "val_acc": m["best"]["val_acc"],
-                     "best_epoch": m["best"]["epoch"],
-                     "params": m["params"], "train_seconds": m.get("train_seconds", float("nan")),
-                     "state_mb": m["params"] * 4 * 4 / 2**20})
-    result = {"plan": plan.__dict__, "extract_seconds": extract_s, "rows": rows,
-              "train_wall_seconds": summary["wall_seconds"], "peak_rss_mb": summary["peak_rss_mb"],
-              "backbone_in_loop_seconds": step_s * steps, "backbone_in_loop_step_seconds": step_s,
-              "predict_accuracy": pred.get("accuracy"), "best": summary["best"],
-              "paths": {"store": store, "run": str(run), "curves": str(run / "curves.png"),
-                        "checkpoint": summary["best"]["checkpoint"], "predictions": str(out / "predictions.csv")}}
+        rows.append(
+            {
+                "method": m["method"],
+                "test_acc": m["best"]["test_acc"],
+                "val_acc": m["best"]["val_acc"],
+                "best_epoch": m["best"]["epoch"],
+                "params": m["params"],
+                "train_seconds": m.get("train_seconds", float("nan")),
+                "state_mb": m["params"] * 4 * 4 / 2**20,
+            }
+        )
+    result = {
+        "plan": plan.__dict__,
+        "extract_seconds": extract_s,
+        "rows": rows,
+        "train_wall_seconds": summary["wall_seconds"],
+        "peak_rss_mb": summary["peak_rss_mb"],
+        "backbone_in_loop_seconds": step_s * steps,
+        "backbone_in_loop_step_seconds": step_s,
+        "predict_accuracy": pred.get("accuracy"),
+        "best": summary["best"],
+        "paths": {
+            "store": store,
+            "run": str(run),
+            "curves": str(run / "curves.png"),
+            "checkpoint": summary["best"]["checkpoint"],
+            "predictions": str(out / "predictions.csv"),
+        },
+    }
     if progress:
         print(format_table(result))
     return result
@@ -138,12 +173,17 @@ def run_demo(out: str | Path = "demo-out", quick: bool = False, progress: bool =
 def format_table(r: dict[str, Any]) -> str:
     """The demo's closing table and where things are."""
     plan = r["plan"]
-    lines = ["", f"Results ({plan['epochs']} epochs on {plan['train_images']} images; epoch and member chosen on "
-             f"{r['best']['selected_on']}, test on {plan['test_images']} reported once):",
-             f"{'method':<8} {'val acc':>8} {'test acc':>9} {'epoch':>6} {'params':>9} {'train s':>8} {'opt. state MB':>14}"]
+    lines = [
+        "",
+        f"Results ({plan['epochs']} epochs on {plan['train_images']} images; epoch and member chosen on "
+        f"{r['best']['selected_on']}, test on {plan['test_images']} reported once):",
+        f"{'method':<8} {'val acc':>8} {'test acc':>9} {'epoch':>6} {'params':>9} {'train s':>8} {'opt. state MB':>14}",
+    ]
     for row in r["rows"]:
-        lines.append(f"{row['method']:<8} {row['val_acc']:>8.4f} {row['test_acc']:>9.4f} {row['best_epoch']:>6} "
-                     f"{row['params']:>9,} {row['train_seconds']:>8.1f} {row['state_mb']:>14.2f}")
+        lines.append(
+            f"{row['method']:<8} {row['val_acc']:>8.4f} {row['test_acc']:>9.4f} {row['best_epoch']:>6} "
+            f"{row['params']:>9,} {row['train_seconds']:>8.1f} {row['state_mb']:>14.2f}"
+        )
     cached = r["extract_seconds"] + r["train_wall_seconds"]
     lines += [
         f"one extraction: {r['extract_seconds']:.1f} s; training all methods from the cache: {r['train_wall_seconds']:.1f} s "
@@ -152,8 +192,11 @@ def format_table(r: dict[str, Any]) -> str:
         f"(measured {r['backbone_in_loop_step_seconds']:.2f} s/step) vs {cached:.0f} s with the cache "
         f"({r['backbone_in_loop_seconds'] / max(cached, 1e-9):.1f}x)",
         f"predict (backbone + best side network, live path) on the test images: accuracy {r['predict_accuracy']:.4f}",
-        "", f"store:       {r['paths']['store']}", f"run:         {r['paths']['run']}",
-        f"curves:      {r['paths']['curves']}", f"best model:  {r['paths']['checkpoint']}",
+        "",
+        f"store:       {r['paths']['store']}",
+        f"run:         {r['paths']['run']}",
+        f"curves:      {r['paths']['curves']}",
+        f"best model:  {r['paths']['checkpoint']}",
         f"predictions: {r['paths']['predictions']}",
     ]
     return "\n".join(lines)

@@ -51,21 +51,34 @@ class Evaluation:
         if self.val_subset is not None:
             out["heldout_size"] = int(len(self.val_subset))
         if self.selected_on == "test":
-            out["warning"] = ("selected on the test split (--select-on test): its accuracy is an optimistic "
-                              "estimate, not a held-out result")
+            out["warning"] = (
+                "selected on the test split (--select-on test): its accuracy is an optimistic "
+                "estimate, not a held-out result"
+            )
         return out
 
 
-def plan_evaluation(store: FeatureStore, train_split: str, *, val_split: str | None, val_fraction: float,
-                    select_on: str | None, eval_split: str | None, seed: int, rundir: Path,
-                    resume: bool) -> Evaluation:
+def plan_evaluation(
+    store: FeatureStore,
+    train_split: str,
+    *,
+    val_split: str | None,
+    val_fraction: float,
+    select_on: str | None,
+    eval_split: str | None,
+    seed: int,
+    rundir: Path,
+    resume: bool,
+) -> Evaluation:
     """Resolve the validation data and the eval splits of a run (refusals before anything is written)."""
     have = store.splits()
     if select_on is not None and val_split is not None:
         raise UsageError("--select-on and --val-split both name the selection split; give one")
     if val_split == "test":
-        raise UsageError("choosing epochs and members on the split named 'test' makes its accuracy optimistic; "
-                         "pass --select-on test if you mean it, or hold out validation data (--val-fraction)")
+        raise UsageError(
+            "choosing epochs and members on the split named 'test' makes its accuracy optimistic; "
+            "pass --select-on test if you mean it, or hold out validation data (--val-fraction)"
+        )
     chosen = select_on or val_split or (VAL if VAL in have and VAL != train_split else None)
     for option, name in (("--select-on", select_on), ("--val-split", val_split), ("--eval-split", eval_split)):
         if name is not None:
@@ -75,12 +88,15 @@ def plan_evaluation(store: FeatureStore, train_split: str, *, val_split: str | N
         split = store.split(train_split)
         held = _held_out(split, val_fraction, seed, rundir, resume)
         rest = np.setdiff1d(split.completed_indices(), held)
-        evaluation = Evaluation(val_split=train_split, val_subset=held, selected_on=f"{train_split}[held-out]",
-                                train_subset=rest)
+        evaluation = Evaluation(
+            val_split=train_split, val_subset=held, selected_on=f"{train_split}[held-out]", train_subset=rest
+        )
     evals = [eval_split] if eval_split is not None else (["test"] if "test" in have and train_split != "test" else [])
     if VAL in evals and evaluation.val_split not in (None, VAL):
-        raise UsageError(f"--eval-split {VAL} would be reported as val_acc, the name of the validation data "
-                         f"({evaluation.selected_on}); rename the split or pass it as --val-split {VAL}")
+        raise UsageError(
+            f"--eval-split {VAL} would be reported as val_acc, the name of the validation data "
+            f"({evaluation.selected_on}); rename the split or pass it as --val-split {VAL}"
+        )
     evaluation.eval_splits = evals
     return evaluation
 
@@ -110,14 +126,22 @@ class ViewScoring:
         if not self.all_views:
             return f"view {self.eval_view} of {self.views} (eval transform)"
         if self.eval_view is None:
-            return (f"mean logits of {self.views} training-transform views (split written before featcache kept an "
-                    "eval view)")
+            return (
+                f"mean logits of {self.views} training-transform views (split written before featcache kept an "
+                "eval view)"
+            )
         return f"mean logits of {self.views} views (view {self.eval_view} eval transform, the others training draws)"
 
     def describe(self) -> dict[str, Any]:
         """For the summary and member configs: the split's views and what the accuracy was measured on."""
-        return {"split": self.split, "views": self.views, "eval_view": self.eval_view, "seed": self.seed,
-                "tta": self.all_views and self.views > 1, "scored_on": self.scored_on}
+        return {
+            "split": self.split,
+            "views": self.views,
+            "eval_view": self.eval_view,
+            "seed": self.seed,
+            "tta": self.all_views and self.views > 1,
+            "scored_on": self.scored_on,
+        }
 
 
 def view_scoring(split: SplitHandle, tta: bool) -> ViewScoring:
@@ -125,18 +149,21 @@ def view_scoring(split: SplitHandle, tta: bool) -> ViewScoring:
     (no eval view recorded) is scored on the mean of its training-transform views either way."""
     meta = split.meta
     eval_view = meta.eval_view_index
-    return ViewScoring(split.name, meta.views, eval_view, meta.seed,
-                       all_views=meta.views > 1 and (tta or eval_view is None))
+    return ViewScoring(
+        split.name, meta.views, eval_view, meta.seed, all_views=meta.views > 1 and (tta or eval_view is None)
+    )
 
 
 def old_views_warning(scoring: ViewScoring, store_url: str) -> str | None:
     """The warning for a multi-view split without an eval view (what its accuracy means, how to fix it), or None."""
     if scoring.views == 1 or scoring.eval_view is not None:
         return None
-    return (f"split {scoring.split!r} of {store_url} was extracted before featcache kept an eval-transform view: its "
-            f"{scoring.views} views are all training-transform draws, so it is scored on the mean of their logits, "
-            "which `featcache predict --tta` reproduces; `featcache predict` without --tta uses the eval transform "
-            "and will differ from it. Extract the split again (--overwrite) to get view 0 in the eval transform")
+    return (
+        f"split {scoring.split!r} of {store_url} was extracted before featcache kept an eval-transform view: its "
+        f"{scoring.views} views are all training-transform draws, so it is scored on the mean of their logits, "
+        "which `featcache predict --tta` reproduces; `featcache predict` without --tta uses the eval transform "
+        "and will differ from it. Extract the split again (--overwrite) to get view 0 in the eval transform"
+    )
 
 
 def tta_record(scorings: dict[str, ViewScoring]) -> dict[str, Any] | None:
@@ -151,11 +178,15 @@ def tta_record(scorings: dict[str, ViewScoring]) -> dict[str, Any] | None:
 
 def _require_split(store: FeatureStore, name: str, train_split: str, option: str) -> None:
     if name not in store.splits():
-        raise StoreError(f"{option} {name!r} is not in {store.url} (splits: {', '.join(store.splits())}); extract "
-                         f"it with featcache extract ... --split {name}")
+        raise StoreError(
+            f"{option} {name!r} is not in {store.url} (splits: {', '.join(store.splits())}); extract "
+            f"it with featcache extract ... --split {name}"
+        )
     if name == train_split:
-        raise UsageError(f"{option} {name!r} is the training split; evaluate on another one (or hold out validation "
-                         "data with --val-fraction)")
+        raise UsageError(
+            f"{option} {name!r} is the training split; evaluate on another one (or hold out validation "
+            "data with --val-fraction)"
+        )
 
 
 def check_classes(store: FeatureStore, train_split: str, others: list[str]) -> None:
@@ -164,8 +195,10 @@ def check_classes(store: FeatureStore, train_split: str, others: list[str]) -> N
     for name in others:
         have = store.split(name).meta.classes
         if want and have and list(want) != list(have):
-            raise StoreError(f"split {name!r} has classes {have} but the training split {train_split!r} has {want}; "
-                             "its labels mean other classes: extract both from data with the same class folders")
+            raise StoreError(
+                f"split {name!r} has classes {have} but the training split {train_split!r} has {want}; "
+                "its labels mean other classes: extract both from data with the same class folders"
+            )
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -190,8 +223,10 @@ def _held_out(split: SplitHandle, fraction: float, seed: int, rundir: Path, resu
     done = split.completed_indices()
     held = done[stratified_holdout(split.labels()[done], fraction, seed)]
     if len(held) == 0:
-        raise UsageError(f"--val-fraction {fraction} of the {len(done)} training images holds out none; raise it, "
-                         "pass --val-split, or --val-fraction 0 to train without selection")
+        raise UsageError(
+            f"--val-fraction {fraction} of the {len(done)} training images holds out none; raise it, "
+            "pass --val-split, or --val-fraction 0 to train without selection"
+        )
     return held
 
 
@@ -204,8 +239,10 @@ def _recorded_held_out(split: SplitHandle, path: Path) -> np.ndarray:
     position = {v: i for i, v in enumerate(split.ids())}
     missing = [i for i in ids if i not in position]
     if missing:
-        raise ConfigError(f"--resume: the held-out images recorded in {path} (e.g. {missing[0]!r}) are not in split "
-                          f"{split.name!r}; resume with the store the run started on")
+        raise ConfigError(
+            f"--resume: the held-out images recorded in {path} (e.g. {missing[0]!r}) are not in split "
+            f"{split.name!r}; resume with the store the run started on"
+        )
     return np.sort(np.asarray([position[i] for i in ids], dtype=np.int64))
 
 
@@ -214,6 +251,13 @@ def record_held_out(evaluation: Evaluation, split: SplitHandle, rundir: Path, fr
     if evaluation.val_subset is None or (rundir / HELDOUT_FILE).is_file():  # a resumed run keeps its record
         return
     ids = split.ids()
-    write_json(rundir / HELDOUT_FILE, {"split": split.name, "fraction": fraction, "seed": seed,
-                                       "size": int(len(evaluation.val_subset)),
-                                       "ids": [ids[int(i)] for i in evaluation.val_subset]})
+    write_json(
+        rundir / HELDOUT_FILE,
+        {
+            "split": split.name,
+            "fraction": fraction,
+            "seed": seed,
+            "size": int(len(evaluation.val_subset)),
+            "ids": [ids[int(i)] for i in evaluation.val_subset],
+        },
+    )

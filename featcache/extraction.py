@@ -14,6 +14,7 @@ each batch's taps into the current shard's buffers; finished shards go to a ``Sh
 Batches never cross a shard boundary and always start at the same images, so a resumed extraction
 computes every shard from exactly the same batches as an uninterrupted one: the arrays are bitwise equal.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,20 +35,31 @@ from dask.utils import format_bytes
 
 from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone
-from featcache.device import AutocastPolicy, resolve_device
-from featcache.manifest import DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, BackboneSpec
 from featcache.data import DataSource, Subset, open_source, stratified_subset
-from featcache.loader import (TransformedDataset, cpu_count, default_loader_workers, make_loader, transform_pool,
-                              unwrap_worker_error)
-from featcache.options import ExtractOptions
+from featcache.device import AutocastPolicy, resolve_device
 from featcache.errors import DataError, Interrupted, StoreError, TapOverflowError
+from featcache.loader import (
+    TransformedDataset,
+    cpu_count,
+    default_loader_workers,
+    make_loader,
+    transform_pool,
+    unwrap_worker_error,
+)
+from featcache.manifest import DEFAULT_BATCH_SIZE, DEFAULT_COMPRESSOR, BackboneSpec, Manifest, SplitMeta
+from featcache.options import ExtractOptions
 from featcache.progress import bar
-from featcache.store.feature_store import FeatureStore, SplitHandle, choose_chunking
 from featcache.store.codecs import SCALE_DTYPE, auto_compressors, compressor_record, storage_view
+from featcache.store.feature_store import FeatureStore, SplitHandle, choose_chunking
 from featcache.store.lock import SplitLock
-from featcache.manifest import Manifest, SplitMeta
-from featcache.store.writer import (ShardWriteError, ShardWriter, SplitTotals, describe_os_error, finalize_split,
-                                    open_split_for_writing)
+from featcache.store.writer import (
+    ShardWriteError,
+    ShardWriter,
+    SplitTotals,
+    describe_os_error,
+    finalize_split,
+    open_split_for_writing,
+)
 from featcache.tap_encoder import TapEncoder, encode_taps
 
 log = logging.getLogger(__name__)
@@ -114,18 +126,28 @@ class ExtractReport:
 
     def summary_line(self) -> str:
         """The one-line summary the CLI prints on stderr."""
-        done = "" if self.status != "resumed" else f", resumed: {self.shards_written} of {self.shards_total} shards redone"
+        done = (
+            "" if self.status != "resumed" else f", resumed: {self.shards_written} of {self.shards_total} shards redone"
+        )
         if self.shards_repaired:
-            done += f" ({len(self.shards_repaired)} damaged shard(s) repaired: {', '.join(map(str, self.shards_repaired))})"
+            done += (
+                f" ({len(self.shards_repaired)} damaged shard(s) repaired: {', '.join(map(str, self.shards_repaired))})"
+            )
         views = f" x {self.views} views" if self.views > 1 else ""
-        return (f"extracted {self.num_samples} images{views} x {len(self.taps)} taps into {self.store} "
-                f"[{self.split}]{done}: {format_bytes(self.nbytes)} {self.dtype} stored as {format_bytes(self.stored_bytes)} "
-                f"({self.compressor}, ratio {self.compression_ratio:.2f}) in {self.seconds:.1f} s "
-                f"({self.images_per_second:.1f} images/s)")
+        return (
+            f"extracted {self.num_samples} images{views} x {len(self.taps)} taps into {self.store} "
+            f"[{self.split}]{done}: {format_bytes(self.nbytes)} {self.dtype} stored as {format_bytes(self.stored_bytes)} "
+            f"({self.compressor}, ratio {self.compression_ratio:.2f}) in {self.seconds:.1f} s "
+            f"({self.images_per_second:.1f} images/s)"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "images_per_second": self.images_per_second,
-                "steady_images_per_second": self.steady_images_per_second, "compression_ratio": self.compression_ratio}
+        return {
+            **asdict(self),
+            "images_per_second": self.images_per_second,
+            "steady_images_per_second": self.steady_images_per_second,
+            "compression_ratio": self.compression_ratio,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,18 +192,35 @@ def open_split_source(data: str | DataSource, limit: int | None = None) -> DataS
 # Plan
 
 
-def build_manifest(backbone: Backbone, dtype: str, compressor: str, per_array: dict[str, str] | None = None) -> Manifest:
+def build_manifest(
+    backbone: Backbone, dtype: str, compressor: str, per_array: dict[str, str] | None = None
+) -> Manifest:
     """The store manifest of an extraction with this backbone."""
     return Manifest(
-        backbone=backbone.describe(), taps=list(backbone.taps.infos), dtype=dtype,
-        compressor=compressor_record(compressor, per_array), autocast=AutocastPolicy.for_cache(dtype).to_dict(),
-        transform={"eval": repr(backbone.transform), "train": repr(backbone.train_transform()),
-                   "data_config": backbone.describe()["data_config"]},
-        environment={"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-                     "zarr": zarr.__version__, "numpy": np.__version__, "platform": sys.platform})
+        backbone=backbone.describe(),
+        taps=list(backbone.taps.infos),
+        dtype=dtype,
+        compressor=compressor_record(compressor, per_array),
+        autocast=AutocastPolicy.for_cache(dtype).to_dict(),
+        transform={
+            "eval": repr(backbone.transform),
+            "train": repr(backbone.train_transform()),
+            "data_config": backbone.describe()["data_config"],
+        },
+        environment={
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "zarr": zarr.__version__,
+            "numpy": np.__version__,
+            "platform": sys.platform,
+        },
+    )
 
 
-def plan_split(backbone: Backbone, source: DataSource, opts: ExtractOptions, recorded: SplitMeta | None = None) -> SplitMeta:
+def plan_split(
+    backbone: Backbone, source: DataSource, opts: ExtractOptions, recorded: SplitMeta | None = None
+) -> SplitMeta:
     """The split's metadata: sizes, chunking, views; batch size and compressor default to the recorded ones."""
     views = opts.views
     chunk, shard = choose_chunking(backbone.taps.infos, opts.dtype, views, len(source))
@@ -191,17 +230,32 @@ def plan_split(backbone: Backbone, source: DataSource, opts: ExtractOptions, rec
         shard = -(-shard // chunk) * chunk
     use_recorded = recorded is not None and opts.resume
     batch = opts.batch_size or (recorded.batch_size if use_recorded and recorded.batch_size else DEFAULT_BATCH_SIZE)
-    compressor = opts.compressor or (recorded.compressor if use_recorded and recorded.compressor else DEFAULT_COMPRESSOR)
+    compressor = opts.compressor or (
+        recorded.compressor if use_recorded and recorded.compressor else DEFAULT_COMPRESSOR
+    )
     per_array: dict[str, str] = {}
     if compressor == "auto":  # the recorded choice on resume; else measured on a probe batch
-        per_array = dict(recorded.tap_compressors) if use_recorded and recorded.compressor == "auto" else \
-            probe_compressors(backbone, source, opts.dtype)
+        per_array = (
+            dict(recorded.tap_compressors)
+            if use_recorded and recorded.compressor == "auto"
+            else probe_compressors(backbone, source, opts.dtype)
+        )
     classes = list(source.classes)
-    return SplitMeta(num_samples=len(source), chunk_images=chunk, shard_images=shard, views=views, classes=classes,
-                     data=source.spec, view_transform="eval+train" if views > 1 else "eval", eval_view=0,
-                     seed=opts.seed,
-                     limit=opts.limit if opts.limit is not None and opts.limit < _source_size(source) else None,
-                     batch_size=batch, compressor=compressor, tap_compressors=per_array)
+    return SplitMeta(
+        num_samples=len(source),
+        chunk_images=chunk,
+        shard_images=shard,
+        views=views,
+        classes=classes,
+        data=source.spec,
+        view_transform="eval+train" if views > 1 else "eval",
+        eval_view=0,
+        seed=opts.seed,
+        limit=opts.limit if opts.limit is not None and opts.limit < _source_size(source) else None,
+        batch_size=batch,
+        compressor=compressor,
+        tap_compressors=per_array,
+    )
 
 
 def probe_compressors(backbone: Backbone, source: DataSource, dtype: str, images: int = PROBE_IMAGES) -> dict[str, str]:
@@ -242,8 +296,9 @@ def _check_out(out: str) -> None:
 # The per-shard work unit
 
 
-def forward_taps(backbone: Backbone, images: torch.Tensor, views: int,
-                 policy: AutocastPolicy) -> dict[str, torch.Tensor]:
+def forward_taps(
+    backbone: Backbone, images: torch.Tensor, views: int, policy: AutocastPolicy
+) -> dict[str, torch.Tensor]:
     """The taps of a DataLoader batch ((B, 3, H, W), or (B, V, 3, H, W) with views), as (B * V, T, C), in the
     precision of ``policy`` (the store's recorded one)."""
     x = images.to(backbone.device, non_blocking=True)
@@ -271,9 +326,18 @@ class _RateBar:
         self.bar.close()
 
 
-def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: Sequence[int], *,
-                   batch_size: int | None = None, loader_workers: int | None = None, progress: bool = True,
-                   durable: bool = True, writer_threads: int | None = None) -> ShardRunStats:
+def extract_shards(
+    split: Any,
+    backbone: Backbone,
+    source: DataSource,
+    shards: Sequence[int],
+    *,
+    batch_size: int | None = None,
+    loader_workers: int | None = None,
+    progress: bool = True,
+    durable: bool = True,
+    writer_threads: int | None = None,
+) -> ShardRunStats:
     """Compute and write the given shards of an open split (the work unit; any subset, any order).
 
     ``split`` is a ``SplitHandle`` opened for writing; ``source`` gives the split's images in split
@@ -283,8 +347,9 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
     """
     meta, dtype = split.meta, split.store.manifest.dtype
     if len(source) != meta.num_samples:
-        raise DataError(f"the data source has {len(source)} images but split {split.name!r} was planned for "
-                        f"{meta.num_samples}")
+        raise DataError(
+            f"the data source has {len(source)} images but split {split.name!r} was planned for {meta.num_samples}"
+        )
     stats, todo = ShardRunStats(), sorted(int(k) for k in shards)
     if not todo:
         return stats
@@ -293,14 +358,20 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
     scale_dtype = split.scale_dtype or SCALE_DTYPE  # as the split's scale arrays hold them (float16 in older ones)
     workers = default_loader_workers(backbone.device, meta.views) if loader_workers is None else loader_workers
     pool = transform_pool(workers, meta.views)
-    loader = make_loader(source, backbone, meta, todo, batch_size or meta.batch_size or DEFAULT_BATCH_SIZE, workers,
-                         pool)
-    pbar = _RateBar(sum(stop - start for start, stop in map(meta.shard_bounds, todo)), f"extract {split.name}",
-                    progress)
+    loader = make_loader(
+        source, backbone, meta, todo, batch_size or meta.batch_size or DEFAULT_BATCH_SIZE, workers, pool
+    )
+    pbar = _RateBar(
+        sum(stop - start for start, stop in map(meta.shard_bounds, todo)), f"extract {split.name}", progress
+    )
     t0 = time.perf_counter()
     batches = iter(loader)  # fork the DataLoader workers before the writer threads exist
-    writer = ShardWriter(split, max_pending=2, durable=durable, threads=default_writer_threads()
-                         if writer_threads is None else writer_threads)
+    writer = ShardWriter(
+        split,
+        max_pending=2,
+        durable=durable,
+        threads=default_writer_threads() if writer_threads is None else writer_threads,
+    )
     encoder = TapEncoder(meta, backbone.taps.infos, dtype, writer, labels, ids, scale_dtype)
     t_drain = t0
     try:
@@ -319,15 +390,18 @@ def extract_shards(split: Any, backbone: Backbone, source: DataSource, shards: S
         encoder.close(raise_error=False)  # batches already computed fill their shards
         writer.close(raise_error=False)  # computed shards are whole: keep them; the partial one is dropped
         pbar.close()
-        raise Interrupted(f"interrupted: {int(split.completed_shards().sum())} of {meta.num_shards} shards of split "
-                          f"{split.name!r} in {split.store.url} are complete, the shard in progress was discarded; "
-                          "run the same featcache extract command with --resume to continue") from None
+        raise Interrupted(
+            f"interrupted: {int(split.completed_shards().sum())} of {meta.num_shards} shards of split "
+            f"{split.name!r} in {split.store.url} are complete, the shard in progress was discarded; "
+            "run the same featcache extract command with --resume to continue"
+        ) from None
     except ShardWriteError as err:
         encoder.abort()
         writer.close(raise_error=False)  # the shards written before the failure are complete: keep them
         pbar.close()
-        raise StoreError(f"{err}; {_kept(split)}: {err.fix}, then run the same featcache extract command with "
-                         "--resume") from err
+        raise StoreError(
+            f"{err}; {_kept(split)}: {err.fix}, then run the same featcache extract command with --resume"
+        ) from err
     except BaseException as err:
         encoder.abort()
         writer.close(raise_error=False)  # shards computed before the error are whole: keep them
@@ -365,8 +439,9 @@ class ShardRunner(Protocol):
     def backbone_device(self, opts: ExtractOptions) -> torch.device:
         """Where the planning process puts its backbone (the one that also computes shards in-process)."""
 
-    def run(self, split: SplitHandle, backbone: Backbone, source: DataSource, shards: list[int],
-            opts: ExtractOptions) -> ShardRunStats:
+    def run(
+        self, split: SplitHandle, backbone: Backbone, source: DataSource, shards: list[int], opts: ExtractOptions
+    ) -> ShardRunStats:
         """Compute and write ``shards`` of the open split; completed shards are kept on any error."""
 
     def report(self, report: ExtractReport, stats: ShardRunStats) -> ExtractReport:
@@ -379,11 +454,20 @@ class InProcessRunner:
     def backbone_device(self, opts: ExtractOptions) -> torch.device:
         return resolve_device(opts.device)
 
-    def run(self, split: SplitHandle, backbone: Backbone, source: DataSource, shards: list[int],
-            opts: ExtractOptions) -> ShardRunStats:
-        return extract_shards(split, backbone, source, shards, batch_size=split.meta.batch_size,
-                              loader_workers=opts.loader_workers, progress=opts.progress, durable=opts.durable,
-                              writer_threads=opts.writer_threads)
+    def run(
+        self, split: SplitHandle, backbone: Backbone, source: DataSource, shards: list[int], opts: ExtractOptions
+    ) -> ShardRunStats:
+        return extract_shards(
+            split,
+            backbone,
+            source,
+            shards,
+            batch_size=split.meta.batch_size,
+            loader_workers=opts.loader_workers,
+            progress=opts.progress,
+            durable=opts.durable,
+            writer_threads=opts.writer_threads,
+        )
 
     def report(self, report: ExtractReport, stats: ShardRunStats) -> ExtractReport:
         return report
@@ -394,7 +478,9 @@ def resolve_options(options: ExtractOptions | None, overrides: dict[str, Any]) -
     return dataclasses.replace(options or ExtractOptions(), **overrides)
 
 
-def open_planned_split(out: str, backbone: Backbone, source: DataSource, opts: ExtractOptions) -> tuple[SplitHandle, str]:
+def open_planned_split(
+    out: str, backbone: Backbone, source: DataSource, opts: ExtractOptions
+) -> tuple[SplitHandle, str]:
     """Plan the split (recorded settings on --resume), then create it or check it can be resumed.
 
     The caller holds the split's lock. Returns (split, "created" | "resumed" | "replaced").
@@ -402,13 +488,23 @@ def open_planned_split(out: str, backbone: Backbone, source: DataSource, opts: E
     recorded = _recorded_meta(out, opts.split, opts.storage_options)
     meta = plan_split(backbone, source, opts, recorded)
     manifest = build_manifest(backbone, opts.dtype, meta.compressor, meta.tap_compressors)
-    return open_split_for_writing(out, manifest, opts.split, meta, ids=source.ids(), resume=opts.resume,
-                                  overwrite=opts.overwrite, repair=opts.repair, final_norm=backbone.final_norm_state(),
-                                  storage_options=opts.storage_options)
+    return open_split_for_writing(
+        out,
+        manifest,
+        opts.split,
+        meta,
+        ids=source.ids(),
+        resume=opts.resume,
+        overwrite=opts.overwrite,
+        repair=opts.repair,
+        final_norm=backbone.final_norm_state(),
+        storage_options=opts.storage_options,
+    )
 
 
-def run_extraction(spec: BackboneSpec, data: str | DataSource, out: str, opts: ExtractOptions,
-                   runner: ShardRunner) -> ExtractReport:
+def run_extraction(
+    spec: BackboneSpec, data: str | DataSource, out: str, opts: ExtractOptions, runner: ShardRunner
+) -> ExtractReport:
     """The one pipeline of every extraction: plan -> lock -> open the split -> run its missing shards -> finalize."""
     keep_freed_memory()  # large activations reuse heap pages instead of faulting fresh ones (allocator.py)
     _check_out(out)
@@ -420,20 +516,28 @@ def run_extraction(spec: BackboneSpec, data: str | DataSource, out: str, opts: E
             with SplitLock(out, opts.split, opts.storage_options):
                 split, status = open_planned_split(out, backbone, source, opts)
                 done = split.completed_shards()
-                stats = runner.run(split, backbone, source, [k for k in range(split.meta.num_shards) if not done[k]],
-                                   opts)
+                stats = runner.run(
+                    split, backbone, source, [k for k in range(split.meta.num_shards) if not done[k]], opts
+                )
                 seconds = time.perf_counter() - t0
                 totals = finalize_split(split, seconds)
         except OSError as err:  # outside the shard writer: creating the store or split, finalizing, the lock
             what, fix = describe_os_error(err)
-            raise StoreError(f"cannot write store {out}: {what}; completed shards are kept: {fix}, then run the same "
-                             "featcache extract command with --resume") from err
+            raise StoreError(
+                f"cannot write store {out}: {what}; completed shards are kept: {fix}, then run the same "
+                "featcache extract command with --resume"
+            ) from err
     report = _report(out, split, status, stats, totals, seconds)
     return runner.report(report, stats)
 
 
-def extract(spec: BackboneSpec, data: str | DataSource, out: str | os.PathLike[str],
-            options: ExtractOptions | None = None, **overrides: Any) -> ExtractReport:
+def extract(
+    spec: BackboneSpec,
+    data: str | DataSource,
+    out: str | os.PathLike[str],
+    options: ExtractOptions | None = None,
+    **overrides: Any,
+) -> ExtractReport:
     """One backbone pass over ``data`` into split ``options.split`` of the store ``out``, in this process.
 
     ``overrides`` replace fields of ``options`` (``extract(spec, data, out, split="val")``).
@@ -443,19 +547,50 @@ def extract(spec: BackboneSpec, data: str | DataSource, out: str | os.PathLike[s
     return run_extraction(spec, data, str(out), resolve_options(options, overrides), InProcessRunner())
 
 
-def _report(out: str, split: SplitHandle, status: str, stats: ShardRunStats, totals: SplitTotals,
-            seconds: float) -> ExtractReport:
+def _report(
+    out: str, split: SplitHandle, status: str, stats: ShardRunStats, totals: SplitTotals, seconds: float
+) -> ExtractReport:
     manifest = split.store.manifest
     return ExtractReport(
-        store=out, split=split.name, status=status, num_samples=split.meta.num_samples, views=split.meta.views,
-        taps=manifest.tap_names, dtype=manifest.dtype, compressor=split.meta.compressor,
-        shards_total=split.meta.num_shards, shards_written=len(stats.shards), images_written=stats.images,
-        complete=totals.complete, nbytes=totals.nbytes, stored_bytes=totals.stored_bytes, seconds=seconds,
-        loop_seconds=stats.seconds, forward_seconds=stats.forward_seconds, write_seconds=stats.write_seconds,
-        startup_seconds=stats.startup_seconds, drain_seconds=stats.drain_seconds,
-        shards_repaired=list(split.repaired_shards))
+        store=out,
+        split=split.name,
+        status=status,
+        num_samples=split.meta.num_samples,
+        views=split.meta.views,
+        taps=manifest.tap_names,
+        dtype=manifest.dtype,
+        compressor=split.meta.compressor,
+        shards_total=split.meta.num_shards,
+        shards_written=len(stats.shards),
+        images_written=stats.images,
+        complete=totals.complete,
+        nbytes=totals.nbytes,
+        stored_bytes=totals.stored_bytes,
+        seconds=seconds,
+        loop_seconds=stats.seconds,
+        forward_seconds=stats.forward_seconds,
+        write_seconds=stats.write_seconds,
+        startup_seconds=stats.startup_seconds,
+        drain_seconds=stats.drain_seconds,
+        shards_repaired=list(split.repaired_shards),
+    )
 
 
-__all__ = ["ExtractOptions", "ExtractReport", "InProcessRunner", "ShardRunStats", "ShardRunner", "build_manifest",
-           "default_writer_threads", "extract", "extract_shards", "forward_taps", "open_planned_split",
-           "open_split_source", "plan_split", "resolve_options", "run_extraction", "runtime_settings"]
+__all__ = [
+    "ExtractOptions",
+    "ExtractReport",
+    "InProcessRunner",
+    "ShardRunStats",
+    "ShardRunner",
+    "build_manifest",
+    "default_writer_threads",
+    "extract",
+    "extract_shards",
+    "forward_taps",
+    "open_planned_split",
+    "open_split_source",
+    "plan_split",
+    "resolve_options",
+    "run_extraction",
+    "runtime_settings",
+]

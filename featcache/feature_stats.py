@@ -24,21 +24,36 @@ from featcache.store.feature_store import SplitHandle
 from featcache.store.reader import open_reader
 
 STATS_FILE = "feature_stats.safetensors"
-WHAT = ("FroFA's x_min and x_max: per tap, the per-channel minimum and maximum over every token, sample and view "
-        "of the training samples (held-out validation samples excluded)")
+WHAT = (
+    "FroFA's x_min and x_max: per tap, the per-channel minimum and maximum over every token, sample and view "
+    "of the training samples (held-out validation samples excluded)"
+)
 
 
-def run_feature_stats(split: SplitHandle, taps: list[str], subset: np.ndarray | None, rundir: Path, resume: bool,
-                      stream_options: dict[str, Any] | None = None) -> tuple[FeatureStats, dict[str, Any]]:
+def run_feature_stats(
+    split: SplitHandle,
+    taps: list[str],
+    subset: np.ndarray | None,
+    rundir: Path,
+    resume: bool,
+    stream_options: dict[str, Any] | None = None,
+) -> tuple[FeatureStats, dict[str, Any]]:
     """The run's statistics and their record: loaded from RUNDIR on resume when it holds them, else computed."""
     path = rundir / STATS_FILE
     if resume and path.is_file():
         return load_feature_stats(path, taps)
-    reader = open_reader(split, taps, "stream", batch_size=256, shuffle=False, subset=subset, all_views=True,
-                         **(stream_options or {}))
+    reader = open_reader(
+        split, taps, "stream", batch_size=256, shuffle=False, subset=subset, all_views=True, **(stream_options or {})
+    )
     stats = feature_stats(batch.taps for batch in reader.epoch(0))
-    record = {"file": STATS_FILE, "what": WHAT, "split": split.name, "samples": reader.num_samples,
-              "views": split.meta.views, "taps": list(taps)}
+    record = {
+        "file": STATS_FILE,
+        "what": WHAT,
+        "split": split.name,
+        "samples": reader.num_samples,
+        "views": split.meta.views,
+        "taps": list(taps),
+    }
     return stats, record
 
 
@@ -60,8 +75,10 @@ def load_feature_stats(path: Path, taps: list[str]) -> tuple[FeatureStats, dict[
     stats = FeatureStats.from_tensors(tensors, int(record.get("samples", 0)))
     missing = [t for t in taps if t not in stats.low]
     if missing:
-        raise CheckpointError(f"{path} holds no statistics for tap(s) {', '.join(missing)}; it belongs to another "
-                              "sweep: start a new --out")
+        raise CheckpointError(
+            f"{path} holds no statistics for tap(s) {', '.join(missing)}; it belongs to another "
+            "sweep: start a new --out"
+        )
     return stats, record
 
 

@@ -20,24 +20,30 @@ from torch import nn
 
 from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone
-from featcache.device import AutocastPolicy, resolve_device
-from featcache.manifest import BackboneSpec, TapInfo
 from featcache.checkpoint import Checkpoint, load_checkpoint
 from featcache.data import DataSource, Subset, open_source, stratified_subset
-from featcache.loader import default_loader_workers, image_loader, transform_pool, view_dataset
+from featcache.device import AutocastPolicy, resolve_device
 from featcache.errors import CheckpointError, DataError
-from featcache.options import PredictOptions
+from featcache.loader import default_loader_workers, image_loader, transform_pool, view_dataset
+from featcache.manifest import BackboneSpec, Manifest, TapInfo
 from featcache.methods.base import SideNetwork
+from featcache.options import PredictOptions
 from featcache.progress import bar, say
 from featcache.store.codecs import round_trip
-from featcache.manifest import Manifest
+
 
 class Predictor(nn.Module):
     """images (N, 3, H, W) -> logits (N, classes): frozen taps in the precision the extraction used (``autocast``),
     rounded to the cache dtype, then the side network."""
 
-    def __init__(self, backbone: Backbone, network: SideNetwork, cache_dtype: str, classes: list[str],
-                 autocast: AutocastPolicy | None = None) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        network: SideNetwork,
+        cache_dtype: str,
+        classes: list[str],
+        autocast: AutocastPolicy | None = None,
+    ) -> None:
         super().__init__()
         self.backbone, self.taps, self.network = backbone, backbone.taps, network
         self.cache_dtype, self.classes = cache_dtype, classes
@@ -79,17 +85,23 @@ def load_predictor(checkpoint: str | Path | Checkpoint, device: str = "auto", we
     want = manifest.backbone.get("weights", {}).get("state_sha256")
     got = backbone.weights["state_sha256"]
     if want != got:
-        raise CheckpointError(f"the backbone weights found ({spec.weights}, sha256 {got[:12]}...) are not the ones the "
-                              f"cache of this checkpoint was made with (sha256 {str(want)[:12]}...); pass the right "
-                              "--weights file for the backbone")
+        raise CheckpointError(
+            f"the backbone weights found ({spec.weights}, sha256 {got[:12]}...) are not the ones the "
+            f"cache of this checkpoint was made with (sha256 {str(want)[:12]}...); pass the right "
+            "--weights file for the backbone"
+        )
     if [_layout(live, rec) for live, rec in zip(backbone.taps.infos, needed)] != [t.to_dict() for t in needed]:
-        raise CheckpointError(f"backbone {spec.model} gives taps that differ from the cache's "
-                              f"({[t.name for t in needed]}); timm or model kwargs changed since extraction")
+        raise CheckpointError(
+            f"backbone {spec.model} gives taps that differ from the cache's "
+            f"({[t.name for t in needed]}); timm or model kwargs changed since extraction"
+        )
     recorded = manifest.transform.get("eval")
     if recorded is not None and recorded != repr(backbone.transform):
-        raise CheckpointError(f"the eval transform rebuilt for {spec.model} differs from the one the cache was made "
-                              f"with ({' '.join(recorded.split())[:160]}...); use the timm version that extracted it "
-                              f"({manifest.environment.get('timm', 'unknown')})")
+        raise CheckpointError(
+            f"the eval transform rebuilt for {spec.model} differs from the one the cache was made "
+            f"with ({' '.join(recorded.split())[:160]}...); use the timm version that extracted it "
+            f"({manifest.environment.get('timm', 'unknown')})"
+        )
     policy = AutocastPolicy.from_manifest(manifest.autocast, manifest.dtype)
     return Predictor(backbone, ckpt.network.to(dev), manifest.dtype, ckpt.classes, policy).eval()
 
@@ -103,8 +115,10 @@ def _layout(live: TapInfo, recorded: TapInfo) -> dict[str, Any]:
 
 def _check_classes(source: DataSource, classes: list[str]) -> None:
     if source.classes and classes and list(source.classes) != list(classes):
-        raise DataError(f"the data's classes {source.classes[:5]}... differ from the checkpoint's {classes[:5]}...; "
-                        "predict needs the same class folders as training (or an unlabelled flat folder)")
+        raise DataError(
+            f"the data's classes {source.classes[:5]}... differ from the checkpoint's {classes[:5]}...; "
+            "predict needs the same class folders as training (or an unlabelled flat folder)"
+        )
 
 
 @dataclass(frozen=True)
@@ -123,20 +137,25 @@ def tta_views(ckpt: Checkpoint, predictor: Predictor) -> TTAViews:
     Refuses a checkpoint whose evaluated splits hold one view, or whose training transform rebuilds differently."""
     record = ckpt.config.get("tta")
     if not record:
-        raise CheckpointError(f"--tta: the splits checkpoint {ckpt.path.parent} was evaluated on hold one view per "
-                              "image, so there are no views to average; extract the evaluated split with --views K "
-                              "and train again, or predict without --tta")
+        raise CheckpointError(
+            f"--tta: the splits checkpoint {ckpt.path.parent} was evaluated on hold one view per "
+            "image, so there are no views to average; extract the evaluated split with --views K "
+            "and train again, or predict without --tta"
+        )
     recorded = Manifest.from_attrs(ckpt.manifest, f"checkpoint {ckpt.path}").transform.get("train")
     rebuilt = repr(predictor.backbone.train_transform())
     if recorded is not None and recorded != rebuilt:
-        raise CheckpointError(f"--tta: the training transform rebuilt for this backbone differs from the one the "
-                              f"cache's views were drawn with ({' '.join(recorded.split())[:160]}...); use the timm "
-                              "version that extracted them")
+        raise CheckpointError(
+            f"--tta: the training transform rebuilt for this backbone differs from the one the "
+            f"cache's views were drawn with ({' '.join(recorded.split())[:160]}...); use the timm "
+            "version that extracted them"
+        )
     return TTAViews(int(record["views"]), int(record["seed"]), record.get("eval_view"))
 
 
-def predict(checkpoint: str | Path, data: str | DataSource, options: PredictOptions | None = None,
-            **overrides: Any) -> dict[str, Any]:
+def predict(
+    checkpoint: str | Path, data: str | DataSource, options: PredictOptions | None = None, **overrides: Any
+) -> dict[str, Any]:
     """Predictions for every image of ``data``; accuracy when labels are known. ``overrides`` replace fields of
     ``options`` (``predict(run, data, device="cpu")``).
 
@@ -155,9 +174,11 @@ def predict(checkpoint: str | Path, data: str | DataSource, options: PredictOpti
     workers = opts.num_workers if opts.num_workers is not None else default_loader_workers(dev, views=k)
     if views is not None:  # seeded per (image, view) through the global RNGs: worker processes, not threads
         pool = None
-        loader = torch.utils.data.DataLoader(view_dataset(source, predictor.backbone, views.views, views.seed,
-                                                          views.eval_view),
-                                             batch_size=max(1, opts.batch_size // k), num_workers=workers)
+        loader = torch.utils.data.DataLoader(
+            view_dataset(source, predictor.backbone, views.views, views.seed, views.eval_view),
+            batch_size=max(1, opts.batch_size // k),
+            num_workers=workers,
+        )
     else:
         pool = transform_pool(workers, views=1)  # as in extraction: on a CPU, transform between forwards
         loader = image_loader(source, predictor.transform, opts.batch_size, workers, pool)
@@ -174,9 +195,16 @@ def predict(checkpoint: str | Path, data: str | DataSource, options: PredictOpti
             pbar.update(len(y))
     pred, prob, label = torch.cat(preds).numpy(), torch.cat(probs).numpy(), torch.cat(labels).numpy()
     names = predictor.classes
-    rows = [{"id": ids[i], "label": int(label[i]), "pred": int(pred[i]),
-             "pred_class": names[pred[i]] if pred[i] < len(names) else str(pred[i]), "prob": float(prob[i])}
-            for i in range(len(pred))]
+    rows = [
+        {
+            "id": ids[i],
+            "label": int(label[i]),
+            "pred": int(pred[i]),
+            "pred_class": names[pred[i]] if pred[i] < len(names) else str(pred[i]),
+            "prob": float(prob[i]),
+        }
+        for i in range(len(pred))
+    ]
     result: dict[str, Any] = {"num_images": len(rows)}
     if views is not None:
         result["tta"] = {"views": views.views, "seed": views.seed, "eval_view": views.eval_view}

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from featcache.sources.base import DataSource
 from featcache.manifest import SplitMeta
+from featcache.sources.base import DataSource
 
 if TYPE_CHECKING:
     from featcache.backbone import Backbone
@@ -84,8 +84,9 @@ class TransformPool:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = threads
         caller = torch.get_num_threads()
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="featcache-transform",
-                                        initializer=_one_intraop_thread)
+        self._pool = ThreadPoolExecutor(
+            threads, thread_name_prefix="featcache-transform", initializer=_one_intraop_thread
+        )
         # start every thread now: each sets its own intra-op threads to 1 (torch keeps that per thread,
         # and also as the default for threads started later, which the caller's setting then restores)
         started = threading.Barrier(threads + 1, timeout=60)
@@ -158,8 +159,14 @@ class AugmentedViews(torch.utils.data.Dataset):
     views in extraction and in ``predict --tta``. Without ``eval_transform`` every view is a training draw (the
     layout of splits written before the eval view was kept)."""
 
-    def __init__(self, source: DataSource, transform: Callable[[Any], torch.Tensor], views: int, seed: int,
-                 eval_transform: Callable[[Any], torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        source: DataSource,
+        transform: Callable[[Any], torch.Tensor],
+        views: int,
+        seed: int,
+        eval_transform: Callable[[Any], torch.Tensor] | None = None,
+    ) -> None:
         self.source, self.transform, self.views, self.seed = source, transform, views, seed
         self.eval_transform = eval_transform
 
@@ -178,7 +185,9 @@ class AugmentedViews(torch.utils.data.Dataset):
         return torch.stack(out), sample.label, index
 
 
-def view_dataset(source: DataSource, backbone: Backbone, views: int, seed: int, eval_view: int | None) -> AugmentedViews:
+def view_dataset(
+    source: DataSource, backbone: Backbone, views: int, seed: int, eval_view: int | None
+) -> AugmentedViews:
     """The views a multi-view split stores (or ``predict --tta`` recomputes) in its recorded layout: ``eval_view``
     0 (the eval transform first), or None for a split written before the eval view was kept (all training draws)."""
     if eval_view not in (0, None):
@@ -200,12 +209,21 @@ class ShardBatchSampler(torch.utils.data.Sampler[list[int]]):
                 yield list(range(b, min(b + self.images_per_batch, stop)))
 
     def __len__(self) -> int:
-        return sum(-(-(stop - start) // self.images_per_batch)
-                   for start, stop in (self.meta.shard_bounds(k) for k in self.shards))
+        return sum(
+            -(-(stop - start) // self.images_per_batch)
+            for start, stop in (self.meta.shard_bounds(k) for k in self.shards)
+        )
 
 
-def make_loader(source: DataSource, backbone: Backbone, meta: SplitMeta, shards: Sequence[int], batch_size: int,
-                workers: int, pool: TransformPool | None = None) -> torch.utils.data.DataLoader:
+def make_loader(
+    source: DataSource,
+    backbone: Backbone,
+    meta: SplitMeta,
+    shards: Sequence[int],
+    batch_size: int,
+    workers: int,
+    pool: TransformPool | None = None,
+) -> torch.utils.data.DataLoader:
     """A DataLoader over the given shards' images (eval transform, or ``meta.views`` views: ``view_dataset``);
     with ``pool`` (and no workers) each batch is transformed on the pool's threads."""
     if meta.views > 1:
@@ -216,12 +234,21 @@ def make_loader(source: DataSource, backbone: Backbone, meta: SplitMeta, shards:
             dataset = PooledItems(dataset, pool)
     images_per_batch = max(1, batch_size // meta.views)
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=ShardBatchSampler(meta, shards, images_per_batch), num_workers=workers,
-        pin_memory=backbone.device.type == "cuda", prefetch_factor=4 if workers else None)
+        dataset,
+        batch_sampler=ShardBatchSampler(meta, shards, images_per_batch),
+        num_workers=workers,
+        pin_memory=backbone.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
 
 
-def image_loader(source: DataSource, transform: Callable[[Image.Image], torch.Tensor], batch_size: int,
-                 workers: int, pool: TransformPool | None) -> torch.utils.data.DataLoader:
+def image_loader(
+    source: DataSource,
+    transform: Callable[[Image.Image], torch.Tensor],
+    batch_size: int,
+    workers: int,
+    pool: TransformPool | None,
+) -> torch.utils.data.DataLoader:
     """(images, labels, indices) batches of ``source`` in order, transformed on ``pool`` or by ``workers``."""
     dataset: torch.utils.data.Dataset = TransformedDataset(source, transform)
     if pool is not None and not workers:
@@ -245,7 +272,7 @@ def unwrap_worker_error(err: BaseException) -> BaseException:
     kind = type(err)
     for prefix in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: "):
         if last.startswith(prefix):
-            last = last[len(prefix):]
+            last = last[len(prefix) :]
             break
     try:
         unwrapped = kind(last)

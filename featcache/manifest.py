@@ -47,9 +47,9 @@ import datetime as _dt
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from featcache import __version__
 from pydantic import Field
 
+from featcache import __version__
 from featcache.config import Config, config, key_values, option
 from featcache.errors import FormatVersionError, StoreError, UsageError
 
@@ -98,8 +98,13 @@ class TapInfo:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TapInfo":
         windows = d.get("windows")
-        return cls(**{**d, "grid": tuple(d["grid"]),
-                      "windows": None if windows is None else (tuple(windows[0]), tuple(windows[1]))})
+        return cls(
+            **{
+                **d,
+                "grid": tuple(d["grid"]),
+                "windows": None if windows is None else (tuple(windows[0]), tuple(windows[1])),
+            }
+        )
 
     def patch_weights(self) -> list[float] | None:
         """The weight of each patch token (row-major, summing to 1) in a mean over the patch tokens that
@@ -117,8 +122,9 @@ def pool_windows(n: int, k: int) -> tuple[int, ...]:
     return tuple(min(k, n - i) for i in range(0, n, k))
 
 
-def derive_windows(grid: tuple[int, int], k: int, kind: str,
-                   cnn_grid: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+def derive_windows(
+    grid: tuple[int, int], k: int, kind: str, cnn_grid: int
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """The pooling windows of a pooled tap of a store written before they were recorded, where the manifest
     determines them: a CNN map is read at min(map, cnn_grid) per axis, so the grid before pooling is the one
     size in (k (g - 1), min(k g, cnn_grid)] when that range holds one (7 x 7 at k = 2 or 3). None otherwise."""
@@ -135,18 +141,27 @@ class BackboneSpec(Config):
     """Everything needed to rebuild the same frozen backbone; recorded in every store manifest."""
 
     model: str = option(..., "timm model name, e.g. vit_small_patch16_224.")
-    model_kwargs: ModelKwargs = option({}, "Keyword argument for timm.create_model (repeatable), e.g. img_size=224.",
-                                     metavar="KEY=VALUE")
+    model_kwargs: ModelKwargs = option(
+        {}, "Keyword argument for timm.create_model (repeatable), e.g. img_size=224.", metavar="KEY=VALUE"
+    )
     weights: str = option("hub", f"Weights: {WEIGHT_CHOICES_HELP}.")
     image_size: int | None = option(None, "Square input size (overrides the model's).", ge=8)
     cnn_grid: int = Field(7, ge=1)  # CNN feature maps are pooled to at most cnn_grid x cnn_grid tokens
     seed: int = 0  # initialisation seed for weights="random"
-    crop_pct: float | None = option(None, "Eval transform: resize to size / F, then centre-crop (default: the model's "
-                                    "own crop_pct).", gt=0, le=1)
-    resize_only: bool = option(False, "Eval transform: resize to the input size, no crop (the VTAB protocol). "
-                               "Recorded in the store; predict applies the same.")
-    pool_tokens: int = option(1, "Average each KxK window of every tap's patch-token grid (prefix tokens kept); "
-                              "predict does the same.", metavar="K", ge=1)
+    crop_pct: float | None = option(
+        None, "Eval transform: resize to size / F, then centre-crop (default: the model's own crop_pct).", gt=0, le=1
+    )
+    resize_only: bool = option(
+        False,
+        "Eval transform: resize to the input size, no crop (the VTAB protocol). "
+        "Recorded in the store; predict applies the same.",
+    )
+    pool_tokens: int = option(
+        1,
+        "Average each KxK window of every tap's patch-token grid (prefix tokens kept); predict does the same.",
+        metavar="K",
+        ge=1,
+    )
 
     def __post_init__(self) -> None:
         if self.crop_pct is not None and self.resize_only:
@@ -164,14 +179,19 @@ SUPPORTED_FORMATS = (1, 2)
 def check_format_version(found: Any, what: str) -> None:
     """Refuse a store or checkpoint of an unknown format version, with what to do."""
     if not isinstance(found, int):
-        raise FormatVersionError(f"{what} has no valid featcache format version ({found!r}); it was not written "
-                                 "by featcache or is damaged")
+        raise FormatVersionError(
+            f"{what} has no valid featcache format version ({found!r}); it was not written by featcache or is damaged"
+        )
     if found > FORMAT_VERSION:
-        raise FormatVersionError(f"{what} uses featcache format {found}, newer than this featcache "
-                                 f"({__version__}, format {FORMAT_VERSION}): upgrade featcache to read it")
+        raise FormatVersionError(
+            f"{what} uses featcache format {found}, newer than this featcache "
+            f"({__version__}, format {FORMAT_VERSION}): upgrade featcache to read it"
+        )
     if found not in SUPPORTED_FORMATS:
-        raise FormatVersionError(f"{what} uses featcache format {found}, which this featcache ({__version__}) "
-                                 f"no longer reads (supported: {SUPPORTED_FORMATS}); re-extract it")
+        raise FormatVersionError(
+            f"{what} uses featcache format {found}, which this featcache ({__version__}) "
+            f"no longer reads (supported: {SUPPORTED_FORMATS}); re-extract it"
+        )
 
 
 @dataclass
@@ -247,8 +267,10 @@ class Manifest:
         for key in mine:
             if mine[key] != theirs[key]:
                 a, b = _short(mine[key]), _short(theirs[key])
-                raise StoreError(f"{where} was made with {key} = {a}, but this run uses {key} = {b}; a store holds "
-                                 "one backbone, weights, taps and dtype: write to a new --out store")
+                raise StoreError(
+                    f"{where} was made with {key} = {a}, but this run uses {key} = {b}; a store holds "
+                    "one backbone, weights, taps and dtype: write to a new --out store"
+                )
 
 
 def _with_derived_windows(taps: list[TapInfo], backbone: dict[str, Any]) -> list[TapInfo]:
@@ -291,8 +313,9 @@ class SplitMeta:
         if self.num_samples < 1:
             raise StoreError("a split needs at least one image")
         if self.chunk_images < 1 or self.shard_images < self.chunk_images or self.shard_images % self.chunk_images:
-            raise StoreError(f"shard_images ({self.shard_images}) must be a positive multiple of chunk_images "
-                             f"({self.chunk_images})")
+            raise StoreError(
+                f"shard_images ({self.shard_images}) must be a positive multiple of chunk_images ({self.chunk_images})"
+            )
         if self.views < 1:
             raise StoreError(f"views must be >= 1, got {self.views}")
 

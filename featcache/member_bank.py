@@ -73,8 +73,9 @@ class MemberBank:
     def __len__(self) -> int:
         return len(self.members)
 
-    def _member_forward(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-                        taps: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _member_forward(
+        self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], taps: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         return functional_call(self.template, (params, buffers), (taps,))
 
     def member_logits(self, k: int, taps: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -125,7 +126,7 @@ class MemberBank:
         logits, losses = [], []
         for k in range(len(self)):  # one member's activations alive at a time
             lk = self.member_logits(k, taps)  # (B, classes)
-            loss = self.mixed_losses(lk[None], target, self.smoothing[k:k + 1])  # (1,)
+            loss = self.mixed_losses(lk[None], target, self.smoothing[k : k + 1])  # (1,)
             loss.sum().backward()
             logits.append(lk.detach())
             losses.append(loss.detach())
@@ -144,9 +145,16 @@ class MemberBank:
         """(K,) learning rate of each member at ``progress`` epochs (its lr times the schedule factor)."""
         return self.lr * self.lr_factor(progress, total_epochs)
 
-    def train_step(self, taps: dict[str, torch.Tensor], labels: torch.Tensor, progress: float, total_epochs: int,
-                   where: str = "", labels_b: torch.Tensor | None = None,
-                   lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(
+        self,
+        taps: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        progress: float,
+        total_epochs: int,
+        where: str = "",
+        labels_b: torch.Tensor | None = None,
+        lam: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One AdamW step for every live member; returns per-member (loss, correct count) on this batch.
 
         ``labels_b`` and ``lam``: a mixed batch (featcache.augment) whose target is
@@ -177,7 +185,7 @@ class MemberBank:
         """Decoupled-weight-decay Adam on the stacked tensors with per-member lr, decay and grad scale."""
         self.step += 1
         b1, b2 = BETAS
-        bc1, bc2 = 1 - b1 ** self.step, 1 - b2 ** self.step
+        bc1, bc2 = 1 - b1**self.step, 1 - b2**self.step
         for name, p in self.params.items():
             shape = (len(self),) + (1,) * (p.ndim - 1)
             g = torch.nan_to_num(grads[name]) * scale.view(shape)
@@ -190,8 +198,9 @@ class MemberBank:
             p.sub_(lr / bc1 * m / ((v / bc2).sqrt() + EPS))
 
     @torch.no_grad()
-    def evaluate(self, taps: dict[str, torch.Tensor], labels: torch.Tensor,
-                 views: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def evaluate(
+        self, taps: dict[str, torch.Tensor], labels: torch.Tensor, views: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-member (summed loss, correct count) and the (K, B) predictions on one batch (eval mode: no dropout).
 
         ``views`` > 1: the taps hold V views of each sample, (B * V, T, C); a sample's logits are the mean of
@@ -214,19 +223,26 @@ class MemberBank:
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, json) of the whole bank for resuming: parameters, optimizer moments, alive mask."""
         tensors = {}
-        for prefix, group in (("param", self.params), ("buffer", self.buffers), ("exp_avg", self.exp_avg),
-                              ("exp_avg_sq", self.exp_avg_sq)):
+        for prefix, group in (
+            ("param", self.params),
+            ("buffer", self.buffers),
+            ("exp_avg", self.exp_avg),
+            ("exp_avg_sq", self.exp_avg_sq),
+        ):
             tensors.update({f"{prefix}/{k}": v.detach().cpu().contiguous() for k, v in group.items()})
         tensors["alive"] = self.alive.cpu().to(torch.uint8)
         return tensors, {"step": self.step, "diverged_at": self.diverged_at, "members": [m.name for m in self.members]}
 
     def load_state(self, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
         with torch.no_grad():
-            for prefix, group in (("param", self.params), ("buffer", self.buffers), ("exp_avg", self.exp_avg),
-                                  ("exp_avg_sq", self.exp_avg_sq)):
+            for prefix, group in (
+                ("param", self.params),
+                ("buffer", self.buffers),
+                ("exp_avg", self.exp_avg),
+                ("exp_avg_sq", self.exp_avg_sq),
+            ):
                 for k, v in group.items():
                     v.copy_(tensors[f"{prefix}/{k}"].to(self.device))
         self.alive = tensors["alive"].to(self.device).bool()
         self.step = int(info["step"])
         self.diverged_at = list(info["diverged_at"])
-

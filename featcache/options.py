@@ -31,8 +31,9 @@ def parse_layers(text: str | None) -> list[int] | str | None:
     try:
         return [int(p) for p in text.split(",") if p.strip() != ""]
     except ValueError:
-        raise UsageError(f"--layers expects 'all', every:G or comma-separated tap indices like 0,4,8, got "
-                         f"{text!r}") from None
+        raise UsageError(
+            f"--layers expects 'all', every:G or comma-separated tap indices like 0,4,8, got {text!r}"
+        ) from None
 
 
 @config(UsageError, cli=True)
@@ -41,22 +42,38 @@ class ExtractOptions(Config):
 
     split: str = option("train", "Split name inside the store.")
     layers: list[int] | str | None = option(
-        "all", "Taps to store: all, every:G (the embedding, the last block and every G-th block counted back from it: "
-        "what LAST with gap G reads), or tap positions.", metavar="all|every:G|N,M,..", validate_default=True)
-    batch_size: int | None = option(None, "Backbone inputs per forward pass (images x views) [default: "
-                                    f"{DEFAULT_BATCH_SIZE}, or the split's recorded one with --resume].", ge=1)
+        "all",
+        "Taps to store: all, every:G (the embedding, the last block and every G-th block counted back from it: "
+        "what LAST with gap G reads), or tap positions.",
+        metavar="all|every:G|N,M,..",
+        validate_default=True,
+    )
+    batch_size: int | None = option(
+        None,
+        "Backbone inputs per forward pass (images x views) [default: "
+        f"{DEFAULT_BATCH_SIZE}, or the split's recorded one with --resume].",
+        ge=1,
+    )
     device: str = option("auto", DEVICE_HELP)
-    dtype: Literal[DTYPES] = option("float16", "Cache dtype; int8 and float8_e4m3 store 8-bit codes and one bfloat16 "
-                                    "scale per token row.")
+    dtype: Literal[DTYPES] = option(
+        "float16", "Cache dtype; int8 and float8_e4m3 store 8-bit codes and one bfloat16 scale per token row."
+    )
     resume: bool = option(False, "Continue an interrupted extraction of this split.")
     overwrite: bool = option(False, "Replace an existing split of the same name.")
-    repair: bool = option(False, "With --resume: read the whole split first and recompute the shards whose data is "
-                          "damaged.")
+    repair: bool = option(
+        False, "With --resume: read the whole split first and recompute the shards whose data is damaged."
+    )
     compressor: Literal[COMPRESSORS] | None = option(
-        None, "Chunk compressor; auto: lz4 for the taps that a probe batch shows compressible (post-ReLU maps), none "
-        f"for dense ones [default: {DEFAULT_COMPRESSOR}, or the split's recorded one with --resume].")
-    views: int = option(1, "Views per image: view 0 the eval transform, views 1..K-1 training-transform draws "
-                        "(deterministic per image and view); 1 = the eval transform alone.", ge=1)
+        None,
+        "Chunk compressor; auto: lz4 for the taps that a probe batch shows compressible (post-ReLU maps), none "
+        f"for dense ones [default: {DEFAULT_COMPRESSOR}, or the split's recorded one with --resume].",
+    )
+    views: int = option(
+        1,
+        "Views per image: view 0 the eval transform, views 1..K-1 training-transform draws "
+        "(deterministic per image and view); 1 = the eval transform alone.",
+        ge=1,
+    )
     seed: int = option(0, "Augmentation seed for --views > 1.")
     limit: int | None = option(None, "Use a fixed stratified subset of N images.", ge=1)
     progress: bool = True
@@ -74,14 +91,18 @@ class ExtractOptions(Config):
 
     def __post_init__(self) -> None:
         if not self.split or self.split.startswith("_") or "/" in self.split or "://" in self.split:
-            raise UsageError(f"--split {self.split!r} is not allowed: use letters, digits, '-' or '.' (not a leading "
-                             "'_', no '/')")
+            raise UsageError(
+                f"--split {self.split!r} is not allowed: use letters, digits, '-' or '.' (not a leading '_', no '/')"
+            )
         if self.resume and self.overwrite:
-            raise UsageError("--resume and --overwrite exclude each other: resume continues a split, overwrite "
-                             "replaces it")
+            raise UsageError(
+                "--resume and --overwrite exclude each other: resume continues a split, overwrite replaces it"
+            )
         if self.repair and not self.resume:
-            raise UsageError("--repair needs --resume: it continues the split and recomputes the shards that "
-                             "featcache inspect --verify finds damaged")
+            raise UsageError(
+                "--repair needs --resume: it continues the split and recomputes the shards that "
+                "featcache inspect --verify finds damaged"
+            )
 
 
 @config(UsageError, cli=True)
@@ -90,35 +111,60 @@ class TrainOptions(Config):
     happens to RUNDIR. What ``featcache train`` parses apart from --method, --set and --grid."""
 
     split: str = option("train", "Split to train on.")
-    val_fraction: float = option(0.1, "Without a val split: a stratified, seeded share of --split held out to choose "
-                                 "epochs and members (0: no selection, the last epoch is taken).", ge=0, lt=1)
-    val_split: str | None = option(None, "A stored split that chooses epochs and members (default: 'val' when the "
-                                   "store has one).")
-    select_on: str | None = option(None, "Choose on this split even if it is the test split (the summary says so).",
-                                   metavar="NAME")
+    val_fraction: float = option(
+        0.1,
+        "Without a val split: a stratified, seeded share of --split held out to choose "
+        "epochs and members (0: no selection, the last epoch is taken).",
+        ge=0,
+        lt=1,
+    )
+    val_split: str | None = option(
+        None, "A stored split that chooses epochs and members (default: 'val' when the store has one)."
+    )
+    select_on: str | None = option(
+        None, "Choose on this split even if it is the test split (the summary says so).", metavar="NAME"
+    )
     val_seed: int = 0  # seeds the held-out draw
-    eval_split: str | None = option(None, "Split reported each evaluation and for the chosen epoch, never used to "
-                                    "choose (default: test when the store has one).")
-    reader: Literal[READER_MODES] = option("auto", "How taps are fed: resident on GPU, in RAM, or streamed from the "
-                                           "store.")
-    stream_buffer_mb: float = option(STREAM_BUFFER_MB, "stream reader: shuffle window in MB; no single read is "
-                                     "larger.", metavar="MB", ge=1)
-    prefetch: int | None = option(None, "stream reader: blocks read ahead by background threads (default: as many "
-                                  "as the measured read time needs, at least 2).", metavar="N", ge=1)
-    tensorboard: bool | None = option(None, "Also write the metrics as TensorBoard event files in "
-                                      "RUNDIR/tensorboard/MEMBER (default: when the tensorboard package is installed).")
-    tta: bool = option(False, "Test-time augmentation: score splits extracted with --views K on the mean logits of all "
-                       "K views (view 0 eval transform, the others training draws) instead of view 0 alone; predict "
-                       "--tta computes the same.")
+    eval_split: str | None = option(
+        None,
+        "Split reported each evaluation and for the chosen epoch, never used to "
+        "choose (default: test when the store has one).",
+    )
+    reader: Literal[READER_MODES] = option(
+        "auto", "How taps are fed: resident on GPU, in RAM, or streamed from the store."
+    )
+    stream_buffer_mb: float = option(
+        STREAM_BUFFER_MB, "stream reader: shuffle window in MB; no single read is larger.", metavar="MB", ge=1
+    )
+    prefetch: int | None = option(
+        None,
+        "stream reader: blocks read ahead by background threads (default: as many "
+        "as the measured read time needs, at least 2).",
+        metavar="N",
+        ge=1,
+    )
+    tensorboard: bool | None = option(
+        None,
+        "Also write the metrics as TensorBoard event files in "
+        "RUNDIR/tensorboard/MEMBER (default: when the tensorboard package is installed).",
+    )
+    tta: bool = option(
+        False,
+        "Test-time augmentation: score splits extracted with --views K on the mean logits of all "
+        "K views (view 0 eval transform, the others training draws) instead of view 0 alone; predict "
+        "--tta computes the same.",
+    )
     device: Any = option("auto", DEVICE_HELP)  # or a torch.device
     resume: bool = option(False, "Continue an interrupted run in RUNDIR from its last finished epoch.")
     overwrite: bool = option(False, "Replace an existing run directory.")
     progress: bool = True
     storage_options: StorageOptions = option(None, STORAGE_HELP, flag="--storage-option", metavar="KEY=VALUE")
+
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:  # (plan_evaluation checks the splits against the store)
-            raise UsageError("--resume and --overwrite exclude each other: resume continues RUNDIR, overwrite "
-                             "replaces it")
+            raise UsageError(
+                "--resume and --overwrite exclude each other: resume continues RUNDIR, overwrite replaces it"
+            )
 
     def stream_options(self) -> dict[str, Any]:
         return {k: v for k, v in (("buffer_mb", self.stream_buffer_mb), ("prefetch", self.prefetch)) if v is not None}
@@ -143,8 +189,10 @@ class AugmentConfig(Config):
         names = [n.strip().lower() for n in self.aug.split("+")]
         for n in names:
             if n not in AUGMENTATIONS:
-                raise ConfigError(f"aug: unknown augmentation {n!r}{did_you_mean(n, AUGMENTATIONS)} Choose from "
-                                  f"{', '.join(AUGMENTATIONS)}, several joined by '+' (e.g. tokendrop+frofa)")
+                raise ConfigError(
+                    f"aug: unknown augmentation {n!r}{did_you_mean(n, AUGMENTATIONS)} Choose from "
+                    f"{', '.join(AUGMENTATIONS)}, several joined by '+' (e.g. tokendrop+frofa)"
+                )
         if len(set(names)) != len(names):
             raise ConfigError(f"aug: {self.aug!r} names an augmentation twice")
         if "none" in names and len(names) > 1:
@@ -155,7 +203,6 @@ class AugmentConfig(Config):
     def names(self) -> tuple[str, ...]:
         """The augmentations in application order; () for "none"."""
         return () if self.aug == "none" else tuple(self.aug.split("+"))
-
 
 
 _AUG = fields(AugmentConfig)
@@ -179,8 +226,9 @@ class TrainConfig(Config):
     tokendrop_rate: float = option(_AUG["tokendrop_rate"].default, "tokendrop: the fraction of patch tokens replaced.")
     mixup_alpha: float = option(_AUG["mixup_alpha"].default, "mixup: lam ~ Beta(alpha, alpha).")
     cutmix_alpha: float = option(_AUG["cutmix_alpha"].default, "cutmix: lam ~ Beta(alpha, alpha).")
-    frofa_brightness: float = option(_AUG["frofa_brightness"].default, "frofa: the largest shift, a fraction of the "
-                                     "channel's range.")
+    frofa_brightness: float = option(
+        _AUG["frofa_brightness"].default, "frofa: the largest shift, a fraction of the channel's range."
+    )
     frofa_contrast: float = option(_AUG["frofa_contrast"].default, "frofa: contrast gamma ~ U(1 - k, 1 + k).")
 
     def __post_init__(self) -> None:
@@ -202,8 +250,11 @@ class PredictOptions(Config):
     device: str = option("auto", DEVICE_HELP)
     weights: str | None = option(None, "Backbone weights, when the cache's weights source is not at hand here.")
     limit: int | None = option(None, "Predict a fixed stratified subset of N images.", ge=1)
-    tta: bool = option(False, "Average each image's logits over the views the run evaluated with train --tta (view 0 "
-                       "eval transform, the others the cached training-transform draws, seeded per image and view).")
+    tta: bool = option(
+        False,
+        "Average each image's logits over the views the run evaluated with train --tta (view 0 "
+        "eval transform, the others the cached training-transform draws, seeded per image and view).",
+    )
     csv_path: str | Path | None = option(None, "Also write predictions as CSV.", flag="--csv", metavar="FILE")
     progress: bool = True
     num_workers: int | None = None  # DataLoader processes; None = default_loader_workers()

@@ -19,8 +19,18 @@ def progress_enabled(progress: bool = True) -> bool:
 
 def bar(total: int | None, desc: str, unit: str = "img", progress: bool = True, **kwargs: Any) -> tqdm:
     """A tqdm bar on stderr showing rate (unit/s) and ETA; a no-op bar when progress is off."""
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=False, dynamic_ncols=True, file=sys.stderr,
-                disable=not progress_enabled(progress), leave=True, smoothing=0.1, **kwargs)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=False,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        disable=not progress_enabled(progress),
+        leave=True,
+        smoothing=0.1,
+        **kwargs,
+    )
 
 
 def say(message: str, quiet: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""Training configuration and sweeps: ``--set`` / ``--grid`` / sweep files -> K members.
+"""Sweeps: ``--set`` / ``--grid`` / sweep files -> K members, and members grouped into banks.
 
 A key goes to the training config when it is a ``TrainConfig`` field and to the method's config
 otherwise; ``method`` itself may be a grid key (e.g. ``--grid method=last,linear``). Members that
@@ -15,8 +15,8 @@ from typing import Any
 
 from featcache import methods
 from featcache.config import did_you_mean
-from featcache.options import TRAIN_KEYS, TrainConfig
 from featcache.errors import ConfigError
+from featcache.options import TRAIN_KEYS, TrainConfig
 
 SWEEP_GLOBAL = ("epochs", "batch_size", "eval_every")  # all members see the same batches and evaluations
 
@@ -32,17 +32,26 @@ class SweepMember:
     overrides: dict[str, Any] = field(default_factory=dict)  # what the grid set for this member
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "method": self.method, "method_config": self.method_config,
-                "train": self.train.to_dict(), "overrides": self.overrides}
+        return {
+            "name": self.name,
+            "method": self.method,
+            "method_config": self.method_config,
+            "train": self.train.to_dict(),
+            "overrides": self.overrides,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SweepMember":
-        return cls(d["name"], d["method"], d["method_config"], TrainConfig.from_dict(d["train"]), d.get("overrides", {}))
+        return cls(
+            d["name"], d["method"], d["method_config"], TrainConfig.from_dict(d["train"]), d.get("overrides", {})
+        )
 
     def arch_key(self) -> str:
         """Members with equal keys have identically shaped parameters and the same inputs (the same feature
         augmentation), so they share a bank."""
-        return json.dumps([self.method, self.method_config, self.train.augment().to_dict()], sort_keys=True, default=str)
+        return json.dumps(
+            [self.method, self.method_config, self.train.augment().to_dict()], sort_keys=True, default=str
+        )
 
 
 def group_banks(members: list[SweepMember]) -> list[list[SweepMember]]:
@@ -73,9 +82,11 @@ def _route(method: str, values: dict[str, Any], others: tuple[str, ...] = ()) ->
         elif any(key in _method_keys(o) for o in others):
             continue
         else:
-            raise ConfigError(f"unknown setting {key!r} for method {method!r}"
-                              f"{did_you_mean(key, list(TRAIN_KEYS) + method_keys)} Training keys: "
-                              f"{', '.join(TRAIN_KEYS)}; {method} keys: {', '.join(method_keys)}")
+            raise ConfigError(
+                f"unknown setting {key!r} for method {method!r}"
+                f"{did_you_mean(key, list(TRAIN_KEYS) + method_keys)} Training keys: "
+                f"{', '.join(TRAIN_KEYS)}; {method} keys: {', '.join(method_keys)}"
+            )
     return train, meth
 
 
@@ -87,8 +98,10 @@ def _for_method(method: str, values: dict[str, Any], methods_used: list[str]) ->
             continue
         prefix, plain = key.split(".", 1)
         if prefix not in methods_used:
-            raise ConfigError(f"setting {key!r}: {prefix!r} is not a method of this sweep ({', '.join(methods_used)}); "
-                              f"METHOD.KEY=VALUE sets KEY for one method of a multi-method sweep, e.g. linear.lr=0.01")
+            raise ConfigError(
+                f"setting {key!r}: {prefix!r} is not a method of this sweep ({', '.join(methods_used)}); "
+                f"METHOD.KEY=VALUE sets KEY for one method of a multi-method sweep, e.g. linear.lr=0.01"
+            )
         if prefix == method:
             out[plain] = value
     return out
@@ -102,13 +115,17 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def expand(method: str, settings: dict[str, Any] | None = None, grid: dict[str, list[Any]] | None = None) -> list[SweepMember]:
+def expand(
+    method: str, settings: dict[str, Any] | None = None, grid: dict[str, list[Any]] | None = None
+) -> list[SweepMember]:
     """The members of ``settings`` x the Cartesian product of ``grid`` (K = product of the value counts)."""
     settings, grid = dict(settings or {}), dict(grid or {})
     for key in SWEEP_GLOBAL:
         if key in grid and len(grid[key]) > 1:
-            raise ConfigError(f"{key} cannot vary inside one sweep (all members share batches and evaluations); "
-                              f"use --set {key}=N or run separate sweeps")
+            raise ConfigError(
+                f"{key} cannot vary inside one sweep (all members share batches and evaluations); "
+                f"use --set {key}=N or run separate sweeps"
+            )
     for key, values in grid.items():
         if not values:
             raise ConfigError(f"--grid {key} has no values")
@@ -126,9 +143,17 @@ def expand(method: str, settings: dict[str, Any] | None = None, grid: dict[str, 
     for m in methods_used:
         others = tuple(o for o in methods_used if o != m)
         # in a multi-method sweep, another method's grid keys do not multiply this method's members
-        keys = [k for k in grid if not (others and k not in TRAIN_KEYS and k not in _method_keys(m)
-                                        and any(k in _method_keys(o) for o in others))
-                and ("." not in k or k.startswith(m + "."))]  # another method's METHOD.KEY: not this one's
+        keys = [
+            k
+            for k in grid
+            if not (
+                others
+                and k not in TRAIN_KEYS
+                and k not in _method_keys(m)
+                and any(k in _method_keys(o) for o in others)
+            )
+            and ("." not in k or k.startswith(m + "."))
+        ]  # another method's METHOD.KEY: not this one's
         for combo in itertools.product(*(grid[k] for k in keys)):
             over = dict(zip(keys, combo))
             train_kw, meth_kw = _route(m, _for_method(m, {**settings, **over}, methods_used), others)
@@ -137,7 +162,9 @@ def expand(method: str, settings: dict[str, Any] | None = None, grid: dict[str, 
             shown = ([("method", m)] if len(methods_used) > 1 else []) + list(over.items())
             name = "-".join(f"{k}={_fmt(v)}" for k, v in shown) or m
             name = name.replace("/", "_").replace("\\", "_").replace("\0", "_")  # one directory: RUNDIR/members/NAME
-            members.append(SweepMember(name, m, meth_cfg, train_cfg, ({"method": m} if len(methods_used) > 1 else {}) | over))
+            members.append(
+                SweepMember(name, m, meth_cfg, train_cfg, ({"method": m} if len(methods_used) > 1 else {}) | over)
+            )
     names = [mem.name for mem in members]
     if len(set(names)) != len(names):
         raise ConfigError(f"sweep member names collide: {names}")
@@ -162,12 +189,20 @@ def load_sweep_file(path: str | Path) -> tuple[dict[str, Any], dict[str, list[An
         else:
             data = json.loads(text)
     except Exception as err:
-        raise ConfigError(f"sweep file {path} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {err}") from None
+        raise ConfigError(
+            f"sweep file {path} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {err}"
+        ) from None
     if not isinstance(data, dict) or set(data) - {"set", "grid"}:
-        raise ConfigError(f"sweep file {path} must be a mapping with keys 'set' and/or 'grid', e.g. "
-                          '{"set": {"epochs": 20}, "grid": {"lr": [1e-3, 3e-3], "rank": [4, 8]}}')
+        raise ConfigError(
+            f"sweep file {path} must be a mapping with keys 'set' and/or 'grid', e.g. "
+            '{"set": {"epochs": 20}, "grid": {"lr": [1e-3, 3e-3], "rank": [4, 8]}}'
+        )
     settings = data.get("set") or {}
     grid = data.get("grid") or {}
-    if not isinstance(settings, dict) or not isinstance(grid, dict) or not all(isinstance(v, list) for v in grid.values()):
+    if (
+        not isinstance(settings, dict)
+        or not isinstance(grid, dict)
+        or not all(isinstance(v, list) for v in grid.values())
+    ):
         raise ConfigError(f"sweep file {path}: 'set' maps keys to values and 'grid' maps keys to lists of values")
     return settings, grid

@@ -17,20 +17,36 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from featcache.store.codecs import (QERR_SUFFIX, SCALE_DTYPE, SCALE_SUFFIX, TORCH_DTYPES, decode, decode_scale,
-                                    dequantize, is_eight_bit, quantize, storage_dtype)
+from featcache.errors import TapOverflowError
+from featcache.manifest import SplitMeta, TapInfo
+from featcache.store.codecs import (
+    QERR_SUFFIX,
+    SCALE_DTYPE,
+    SCALE_SUFFIX,
+    TORCH_DTYPES,
+    decode,
+    decode_scale,
+    dequantize,
+    is_eight_bit,
+    quantize,
+    storage_dtype,
+)
 from featcache.store.reader import PinnedSlots
 from featcache.store.work_queue import WorkQueue
 from featcache.store.writer import ShardData, ShardWriter
-from featcache.errors import TapOverflowError
-from featcache.manifest import SplitMeta, TapInfo
 
 ENCODER_QUEUE = 4  # batches handed over and not yet encoded (bounded memory)
 
 
-def encode_taps(taps: dict[str, torch.Tensor], infos: Sequence[TapInfo], dtype: str, views: int, first: int,
-                out: dict[str, torch.Tensor] | None = None,
-                scale_dtype: str = SCALE_DTYPE) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def encode_taps(
+    taps: dict[str, torch.Tensor],
+    infos: Sequence[TapInfo],
+    dtype: str,
+    views: int,
+    first: int,
+    out: dict[str, torch.Tensor] | None = None,
+    scale_dtype: str = SCALE_DTYPE,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A batch of taps (B * V, T, C) in the cache ``dtype``, where the taps are: ({array: rows}, {tap: qerr}).
 
     Rows are (B, [V,] T, C) per tap (8-bit: the codes) and (B, [V,] T) per ``<tap>_scale``; ``qerr`` holds each
@@ -63,7 +79,6 @@ def encode_taps(taps: dict[str, torch.Tensor], infos: Sequence[TapInfo], dtype: 
     return arrays, qerr
 
 
-
 def check_finite(name: str, stored: torch.Tensor, source: torch.Tensor, dtype: str, first_image: int) -> None:
     """Raise ``TapOverflowError`` when a batch of tap ``name`` holds NaN/Inf once cast to the cache ``dtype``.
 
@@ -82,17 +97,21 @@ def check_finite(name: str, stored: torch.Tensor, source: torch.Tensor, dtype: s
         raise TapOverflowError(
             f"tap {name!r} overflows {dtype} at {images}: its values reach {peak:.4g}, beyond {dtype}'s range "
             f"(largest float16: 65504); extract again with --dtype bfloat16 (float32's range in 16 bits) or "
-            f"--dtype float32, into a new --out or with --overwrite")
+            f"--dtype float32, into a new --out or with --overwrite"
+        )
     raise TapOverflowError(
         f"the backbone itself gives NaN or Inf in tap {name!r} at {images} (before any cast to {dtype}); "
-        "check the weights (--weights) and those images")
+        "check the weights (--weights) and those images"
+    )
 
 
 class ShardBuffers:
     """Preallocated arrays (storage dtype) of the shard being filled: one per tap, and with an 8-bit cache its
     scale rows and its quantization error (``<tap>_scale``, ``<tap>_qerr``, featcache.store.codecs)."""
 
-    def __init__(self, split_meta: SplitMeta, taps: Sequence[TapInfo], dtype: str, scale_dtype: str = SCALE_DTYPE) -> None:
+    def __init__(
+        self, split_meta: SplitMeta, taps: Sequence[TapInfo], dtype: str, scale_dtype: str = SCALE_DTYPE
+    ) -> None:
         self.meta, self.taps, self.dtype, self.scale_dtype = split_meta, list(taps), dtype, scale_dtype
         self.shard: int | None = None
         self.arrays: dict[str, np.ndarray] = {}
@@ -110,8 +129,13 @@ class ShardBuffers:
 
     def rows(self, offset: int, n: int) -> dict[str, torch.Tensor]:
         """Images [offset, offset + n) of the shard's tap and scale buffers, as tensors viewing them."""
-        return {name: decode_scale(a[offset:offset + n]) if name.endswith(SCALE_SUFFIX) else
-                decode(a[offset:offset + n], self.dtype) for name, a in self.arrays.items() if not name.endswith(QERR_SUFFIX)}
+        return {
+            name: decode_scale(a[offset : offset + n])
+            if name.endswith(SCALE_SUFFIX)
+            else decode(a[offset : offset + n], self.dtype)
+            for name, a in self.arrays.items()
+            if not name.endswith(QERR_SUFFIX)
+        }
 
     def add_qerr(self, qerr: dict[str, torch.Tensor]) -> None:
         for name, sums in qerr.items():
@@ -149,8 +173,16 @@ class TapEncoder(WorkQueue):
     encoder thread (an overflow, a failed write) is raised by the next ``put`` or by ``close``. ``close`` encodes
     what is queued and submits the full shards (the last, partial one is dropped); ``abort`` drops the queue."""
 
-    def __init__(self, meta: SplitMeta, infos: Sequence[TapInfo], dtype: str, writer: ShardWriter,
-                 labels: np.ndarray, ids: list[str], scale_dtype: str = SCALE_DTYPE) -> None:
+    def __init__(
+        self,
+        meta: SplitMeta,
+        infos: Sequence[TapInfo],
+        dtype: str,
+        writer: ShardWriter,
+        labels: np.ndarray,
+        ids: list[str],
+        scale_dtype: str = SCALE_DTYPE,
+    ) -> None:
         self.meta, self.infos, self.dtype, self.writer = meta, list(infos), dtype, writer
         self.labels, self.ids, self.scale_dtype = labels, ids, scale_dtype
         self.buffers = ShardBuffers(meta, infos, dtype, scale_dtype)
@@ -213,8 +245,9 @@ class TapEncoder(WorkQueue):
                 self._slots.release(item.slot, None)  # type: ignore[union-attr]
             qerr = item.qerr
         else:
-            _, qerr = encode_taps(item[2], self.infos, self.dtype, self.meta.views, first, out=rows,
-                                  scale_dtype=self.scale_dtype)
+            _, qerr = encode_taps(
+                item[2], self.infos, self.dtype, self.meta.views, first, out=rows, scale_dtype=self.scale_dtype
+            )
         self.buffers.add_qerr(qerr)
         self.buffers.filled += n
         if self.buffers.full:

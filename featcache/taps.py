@@ -44,8 +44,10 @@ log = logging.getLogger(__name__)
 FORWARD_INTERMEDIATES = "forward_intermediates"
 FEATURE_HOOKS = "feature_info hooks"
 MAX_PREFIX_TOKENS = 16  # class + distillation + register tokens; more leading tokens is not a prefix
-SUPPORTED = ("timm models with forward_intermediates() (every timm >= 1.0 model: ViTs, CNNs, hierarchical "
-             "transformers) or with feature_info (read through forward hooks, like features_only=True)")
+SUPPORTED = (
+    "timm models with forward_intermediates() (every timm >= 1.0 model: ViTs, CNNs, hierarchical "
+    "transformers) or with feature_info (read through forward hooks, like features_only=True)"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +112,7 @@ def _split(item: Any, read: _Read) -> Feature:
     spatial, prefix = _unpair(item)
     if read.layout == "NLC":
         if read.prefix:
-            prefix, spatial = spatial[:, :read.prefix], spatial[:, read.prefix:]
+            prefix, spatial = spatial[:, : read.prefix], spatial[:, read.prefix :]
         n, _, c = spatial.shape
         return Feature(spatial.transpose(1, 2).reshape(n, c, *read.hw), prefix)
     return Feature(_nchw(spatial, read.layout), prefix)
@@ -139,7 +141,7 @@ def _unpair(item: Any) -> tuple[Tensor, Tensor | None]:
 
 
 def map_layout(t: Tensor, channels: int | None, declared: str | None = "NCHW") -> str:
-    """"NCHW" or "NHWC": which dimension of the 4-D map ``t`` holds the ``channels`` the model declares.
+    """ "NCHW" or "NHWC": which dimension of the 4-D map ``t`` holds the ``channels`` the model declares.
 
     When both could (a 16x16 map of 16 channels), ``declared`` decides: the layout asked of timm, or the
     model's own ``output_fmt``; with ``declared=None`` the answer is then "either" (the caller decides).
@@ -154,8 +156,10 @@ def map_layout(t: Tensor, channels: int | None, declared: str | None = "NCHW") -
         return declared or "either"
     if first or last:
         return "NCHW" if first else "NHWC"
-    raise LayoutError(f"a feature map of shape {tuple(t.shape)} has no dimension of {channels} channels, the width "
-                      "the model declares for it")
+    raise LayoutError(
+        f"a feature map of shape {tuple(t.shape)} has no dimension of {channels} channels, the width "
+        "the model declares for it"
+    )
 
 
 def _nchw(t: Tensor, layout: str) -> Tensor:
@@ -190,8 +194,14 @@ def _first_block(model: nn.Module) -> nn.Module | None:
 class Taps(nn.Module):
     """images (N, 3, H, W) -> {tap name: (N, T, C)} for the selected tap positions (see the module doc)."""
 
-    def __init__(self, model: nn.Module, cnn_grid: int = 7, positions: list[int] | str | None = None,
-                 probe_size: tuple[int, int, int] = (3, 224, 224), pool_tokens: int = 1) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cnn_grid: int = 7,
+        positions: list[int] | str | None = None,
+        probe_size: tuple[int, int, int] = (3, 224, 224),
+        pool_tokens: int = 1,
+    ) -> None:
         super().__init__()
         self.model = model
         self.cnn_grid, self.pool_tokens = cnn_grid, pool_tokens
@@ -240,8 +250,10 @@ class Taps(nn.Module):
                 if isinstance(err, FeatcacheError):
                     raise
                 if fi_error is not None:
-                    raise LayoutError(f"{self.fallback_reason}; the feature_info hooks failed too "
-                                      f"({type(err).__name__}: {str(err)[:120]})") from None
+                    raise LayoutError(
+                        f"{self.fallback_reason}; the feature_info hooks failed too "
+                        f"({type(err).__name__}: {str(err)[:120]})"
+                    ) from None
                 raise
 
     def _expected_channels(self, n: int) -> list[int | None]:
@@ -259,8 +271,14 @@ class Taps(nn.Module):
 
     def _call(self, x: Tensor, indices: list[int] | None, head: bool, fmt: str) -> tuple[Any, list[Any]]:
         """forward_intermediates -> (final features or None, intermediates)."""
-        kw = dict(indices=indices, norm=False, stop_early=not head, intermediates_only=not head, output_fmt=fmt,
-                  **self._fi_kwargs)
+        kw = dict(
+            indices=indices,
+            norm=False,
+            stop_early=not head,
+            intermediates_only=not head,
+            output_fmt=fmt,
+            **self._fi_kwargs,
+        )
         if fmt != "NCHW":
             kw.pop("extra_blocks", None)
         res = self.model.forward_intermediates(x, **kw)
@@ -303,8 +321,10 @@ class Taps(nn.Module):
         """The fallback: forward hooks at the feature_info modules, as timm's features_only=True uses them."""
         info = getattr(self.model, "feature_info", None)
         if not isinstance(info, list) or not info:
-            raise ModelError(f"{type(self.model).__name__} has no usable forward_intermediates() "
-                             f"({self.fallback_reason}) and no feature_info to hook; featcache supports {SUPPORTED}")
+            raise ModelError(
+                f"{type(self.model).__name__} has no usable forward_intermediates() "
+                f"({self.fallback_reason}) and no feature_info to hook; featcache supports {SUPPORTED}"
+            )
         self._hooks = [(str(d["module"]), str(d.get("hook_type", "forward"))) for d in info]
         final, raw = self._run_hooks(x, list(range(len(info))))
         reads = []
@@ -323,8 +343,10 @@ class Taps(nn.Module):
             read = _Read("inter", read.index, fallback) if read.layout == "either" else read
             feat = _split(item, read)
             if feat.spatial.shape[1] != int(d["num_chs"]):
-                raise LayoutError(f"feature_info module {d['module']!r} gives {feat.spatial.shape[1]} channels, "
-                                  f"not the declared {d['num_chs']}")
+                raise LayoutError(
+                    f"feature_info module {d['module']!r} gives {feat.spatial.shape[1]} channels, "
+                    f"not the declared {d['num_chs']}"
+                )
             self._reads.append(read)
             feats.append(feat)
         return feats, final
@@ -342,8 +364,18 @@ class Taps(nn.Module):
             name, block = self._name(pos, read, len(feats))
             if not 0 <= prefix <= MAX_PREFIX_TOKENS or t.dim() != 3:
                 raise LayoutError(f"tap {name} of shape {tuple(t.shape)} is not a {grid} grid plus prefix tokens")
-            infos.append(TapInfo(name=name, position=pos, block=block, tokens=t.shape[1], prefix_tokens=prefix,
-                                 channels=t.shape[2], grid=grid, pooling="none" if self.kind == "vit" else "avg"))
+            infos.append(
+                TapInfo(
+                    name=name,
+                    position=pos,
+                    block=block,
+                    tokens=t.shape[1],
+                    prefix_tokens=prefix,
+                    channels=t.shape[2],
+                    grid=grid,
+                    pooling="none" if self.kind == "vit" else "avg",
+                )
+            )
         return infos
 
     def _name(self, pos: int, read: _Read, n_inter: int) -> tuple[str, int]:
@@ -409,9 +441,11 @@ class Taps(nn.Module):
         positions = list(range(n)) if positions is None else list(positions)
         bad = [p for p in positions if not 0 <= p < n]
         if bad or not positions:
-            raise UsageError(f"--layers {','.join(map(str, positions)) or '(none)'} is out of range: this "
-                             f"{self.kind.upper()} has taps 0..{n - 1} ({self.all_infos[0].name} .. "
-                             f"{self.all_infos[-1].name}); use --layers all or indices in that range")
+            raise UsageError(
+                f"--layers {','.join(map(str, positions)) or '(none)'} is out of range: this "
+                f"{self.kind.upper()} has taps 0..{n - 1} ({self.all_infos[0].name} .. "
+                f"{self.all_infos[-1].name}); use --layers all or indices in that range"
+            )
         if len(set(positions)) != len(positions):
             raise UsageError(f"--layers lists a tap twice: {positions}")
         self.positions = sorted(positions)
@@ -556,7 +590,8 @@ class _Capture:
     def __enter__(self) -> list[Tensor]:
         if self.module is not None:
             self.handle = self.module.register_forward_pre_hook(
-                lambda _m, args: self.got.append(args[0]) if args and not self.got else None)
+                lambda _m, args: self.got.append(args[0]) if args and not self.got else None
+            )
         return self.got
 
     def __exit__(self, *exc: Any) -> None:
@@ -564,5 +599,14 @@ class _Capture:
             self.handle.remove()
 
 
-__all__ = ["FEATURE_HOOKS", "FORWARD_INTERMEDIATES", "LayoutError", "SUPPORTED", "Taps", "every_gth",
-           "map_layout", "pool_token_grid", "pooled_info"]
+__all__ = [
+    "FEATURE_HOOKS",
+    "FORWARD_INTERMEDIATES",
+    "LayoutError",
+    "SUPPORTED",
+    "Taps",
+    "every_gth",
+    "map_layout",
+    "pool_token_grid",
+    "pooled_info",
+]

@@ -33,20 +33,25 @@ def use_tensorboard(requested: bool | None) -> bool:
     if requested is None:
         return tensorboard_installed()
     if requested and not tensorboard_installed():
-        raise MissingDependencyError("--tensorboard needs the tensorboard package, which is not installed: pip install "
-                                     "tensorboard (or pip install 'featcache[tb]'), or train without --tensorboard "
-                                     "(metrics.jsonl holds the same numbers)")
+        raise MissingDependencyError(
+            "--tensorboard needs the tensorboard package, which is not installed: pip install "
+            "tensorboard (or pip install 'featcache[tb]'), or train without --tensorboard "
+            "(metrics.jsonl holds the same numbers)"
+        )
     if requested:
         try:
             import torch.utils.tensorboard  # noqa: F401
         except ImportError as err:
-            raise MissingDependencyError(f"--tensorboard: torch.utils.tensorboard cannot be imported ({err}); reinstall "
-                                         "it with pip install -U tensorboard, or train without --tensorboard") from None
+            raise MissingDependencyError(
+                f"--tensorboard: torch.utils.tensorboard cannot be imported ({err}); reinstall "
+                "it with pip install -U tensorboard, or train without --tensorboard"
+            ) from None
     return bool(requested)
 
 
-def open_tensorboard(requested: bool | None, rundir: str | Path, members: list[str],
-                     first_epoch: int = 0) -> "TensorBoardLog | None":
+def open_tensorboard(
+    requested: bool | None, rundir: str | Path, members: list[str], first_epoch: int = 0
+) -> "TensorBoardLog | None":
     """The run's event-file writer, or None: when off, or when automatic and the writer cannot be imported (a
     broken tensorboard install never stops a training; it says so once)."""
     if not use_tensorboard(requested):
@@ -56,8 +61,10 @@ def open_tensorboard(requested: bool | None, rundir: str | Path, members: list[s
     except ImportError as err:
         if requested:
             raise
-        log.warning(f"no TensorBoard event files: torch.utils.tensorboard cannot be imported ({err}); metrics.jsonl "
-                    "holds the metrics (pip install -U tensorboard, or --no-tensorboard to silence this)")
+        log.warning(
+            f"no TensorBoard event files: torch.utils.tensorboard cannot be imported ({err}); metrics.jsonl "
+            "holds the metrics (pip install -U tensorboard, or --no-tensorboard to silence this)"
+        )
         return None
 
 

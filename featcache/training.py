@@ -32,19 +32,28 @@ from featcache.allocator import keep_freed_memory
 from featcache.checkpoint import member_config, write_json, write_tensors
 from featcache.device import resolve_device
 from featcache.errors import CheckpointError, ConfigError, Interrupted, StoreError, UsageError
+from featcache.manifest import TapInfo
 from featcache.methods.base import MethodInput
+from featcache.options import TrainOptions
 from featcache.progress import bar, say
 from featcache.store.feature_store import FeatureStore, SplitHandle
-from featcache.options import TrainOptions
 from featcache.store.reader import CacheReader, open_reader
-from featcache.manifest import TapInfo
 
+from .augment import AugmentConfig, AugmentedBatch, FeatureStats, augment, batch_generator
+from .evaluation_plan import (
+    VAL,
+    Evaluation,
+    ViewScoring,
+    check_classes,
+    old_views_warning,
+    plan_evaluation,
+    record_held_out,
+    tta_record,
+    view_scoring,
+)
+from .feature_stats import run_feature_stats, save_feature_stats
 from .member_bank import MemberBank
 from .rundir import RunDir, holds_run_lock
-from .evaluation_plan import (VAL, Evaluation, ViewScoring, check_classes, old_views_warning, plan_evaluation,
-                        record_held_out, tta_record, view_scoring)
-from .augment import AugmentConfig, AugmentedBatch, FeatureStats, augment, batch_generator
-from .feature_stats import run_feature_stats, save_feature_stats
 from .sweep import SweepMember, TrainConfig, expand, group_banks
 from .tensorboard_log import TensorBoardLog, open_tensorboard, use_tensorboard
 
@@ -70,26 +79,37 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def training_sampler(split: SplitHandle, subset: np.ndarray | None,
-                     seed: int = 0) -> Callable[[list[str], int], tuple[dict[str, torch.Tensor], torch.Tensor]]:
+def training_sampler(
+    split: SplitHandle, subset: np.ndarray | None, seed: int = 0
+) -> Callable[[list[str], int], tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """``(taps, n) -> ({tap: (n, T, C)}, labels)``: n training samples of ``split`` (only rows of ``subset`` when
     given, i.e. never held-out validation rows), shuffled by ``seed``; read only when called (LST's Fisher init)."""
+
     def sample(taps: list[str], n: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         reader = open_reader(split, taps, "stream", batch_size=n, shuffle=True, seed=seed, subset=subset)
         batch = next(iter(reader.epoch(0)))
         return batch.taps, batch.labels
+
     return sample
 
 
-def _method_input(store: FeatureStore, split: SplitHandle, backbone_state: Callable[[], dict] | None,
-                  train_subset: np.ndarray | None = None) -> MethodInput:
+def _method_input(
+    store: FeatureStore,
+    split: SplitHandle,
+    backbone_state: Callable[[], dict] | None,
+    train_subset: np.ndarray | None = None,
+) -> MethodInput:
     done = split.completed_indices()  # readers use completed shards only; the others hold no labels yet
     if len(done) == 0:
-        raise StoreError(f"split {split.name!r} of {store.url} has no completed shard yet; finish the extraction "
-                         "(featcache extract --resume) first")
+        raise StoreError(
+            f"split {split.name!r} of {store.url} has no completed shard yet; finish the extraction "
+            "(featcache extract --resume) first"
+        )
     if len(done) < split.num_samples:
-        log.warning(f"split {split.name!r} of {store.url} is incomplete: training on the {len(done)} of "
-                    f"{split.num_samples} images in completed shards; finish it with featcache extract --resume")
+        log.warning(
+            f"split {split.name!r} of {store.url} is incomplete: training on the {len(done)} of "
+            f"{split.num_samples} images in completed shards; finish it with featcache extract --resume"
+        )
     split.require_objects("labels", np.unique(done // split.meta.shard_images))
     labels = split.labels()[done]
     if labels.min() < 0:
@@ -97,17 +117,23 @@ def _method_input(store: FeatureStore, split: SplitHandle, backbone_state: Calla
     classes = split.meta.classes
     if classes and labels.max() >= len(classes):
         first = int(done[int(labels.argmax())])
-        raise StoreError(f"split {split.name!r} of {store.url} holds label {int(labels.max())} (image {first}) but "
-                         f"has {len(classes)} classes; the store is damaged: run featcache inspect --verify, then "
-                         "featcache extract --resume --repair")
+        raise StoreError(
+            f"split {split.name!r} of {store.url} holds label {int(labels.max())} (image {first}) but "
+            f"has {len(classes)} classes; the store is damaged: run featcache inspect --verify, then "
+            "featcache extract --resume --repair"
+        )
     num_classes = max(len(classes), int(labels.max()) + 1)
     if num_classes < 2:
         raise StoreError(f"split {split.name!r} has {num_classes} class(es); training a classifier needs at least 2")
-    return MethodInput(taps=store.manifest.taps, num_classes=num_classes, final_norm=store.final_norm(),
-                       backbone_kind=store.manifest.backbone.get("kind", "vit"),
-                       backbone_state=functools.cache(backbone_state) if backbone_state else None,
-                       backbone_heads=store.manifest.backbone.get("num_heads"),
-                       training_sample=training_sampler(split, train_subset))
+    return MethodInput(
+        taps=store.manifest.taps,
+        num_classes=num_classes,
+        final_norm=store.final_norm(),
+        backbone_kind=store.manifest.backbone.get("kind", "vit"),
+        backbone_state=functools.cache(backbone_state) if backbone_state else None,
+        backbone_heads=store.manifest.backbone.get("num_heads"),
+        training_sample=training_sampler(split, train_subset),
+    )
 
 
 def _evaluate(banks: list[MemberBank], reader: CacheReader) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -121,7 +147,9 @@ def _evaluate(banks: list[MemberBank], reader: CacheReader) -> list[tuple[torch.
     return sums
 
 
-def _build_banks(members: list[SweepMember], mi: MethodInput, device: torch.device) -> tuple[list[MemberBank], list[MemberRecord]]:
+def _build_banks(
+    members: list[SweepMember], mi: MethodInput, device: torch.device
+) -> tuple[list[MemberBank], list[MemberRecord]]:
     """One bank per (method, architecture) (``group_banks``); records in member order point to their bank and slot."""
     groups = group_banks(members)
     banks = [MemberBank(group, mi, device) for group in groups]
@@ -130,8 +158,16 @@ def _build_banks(members: list[SweepMember], mi: MethodInput, device: torch.devi
     return banks, records
 
 
-def _augmented(batch: Any, cfg: AugmentConfig, infos: dict[str, TapInfo], seed: int, epoch: int, step: int,
-               done: dict[AugmentConfig, AugmentedBatch], feature_stats: FeatureStats | None) -> AugmentedBatch:
+def _augmented(
+    batch: Any,
+    cfg: AugmentConfig,
+    infos: dict[str, TapInfo],
+    seed: int,
+    epoch: int,
+    step: int,
+    done: dict[AugmentConfig, AugmentedBatch],
+    feature_stats: FeatureStats | None,
+) -> AugmentedBatch:
     """The batch as the banks with feature augmentation ``cfg`` see it: drawn once per (cfg, step) from a
     generator seeded by (seed, epoch, step), so a resumed run sees the same augmented batches; FroFA's channel
     ranges are the run's ``feature_stats``, never the batch's."""
@@ -140,9 +176,16 @@ def _augmented(batch: Any, cfg: AugmentConfig, infos: dict[str, TapInfo], seed: 
     return done[cfg]
 
 
-def _train_epoch(epoch: int, banks: list[MemberBank], records: list[MemberRecord], reader: CacheReader,
-                 epochs: int, stats: dict[str, Any], pbar: Any,
-                 feature_stats: FeatureStats | None = None) -> dict[str, dict[str, float]]:
+def _train_epoch(
+    epoch: int,
+    banks: list[MemberBank],
+    records: list[MemberRecord],
+    reader: CacheReader,
+    epochs: int,
+    stats: dict[str, Any],
+    pbar: Any,
+    feature_stats: FeatureStats | None = None,
+) -> dict[str, dict[str, float]]:
     """One pass over the cache feeding every bank the same batches (augmented per bank's feature augmentation);
     per-member train loss and accuracy."""
     device = banks[0].device
@@ -155,8 +198,15 @@ def _train_epoch(epoch: int, banks: list[MemberBank], records: list[MemberRecord
         for i, ((loss_sum, correct_sum), bank) in enumerate(zip(sums, banks)):
             tb = time.perf_counter()
             ab = _augmented(batch, augs[i], infos, seed, epoch, step, done, feature_stats)
-            loss, correct = bank.train_step(ab.taps, ab.labels, at, epochs, where=f"epoch {epoch + 1} step {step + 1}",
-                                            labels_b=ab.labels_b, lam=ab.lam)
+            loss, correct = bank.train_step(
+                ab.taps,
+                ab.labels,
+                at,
+                epochs,
+                where=f"epoch {epoch + 1} step {step + 1}",
+                labels_b=ab.labels_b,
+                lam=ab.lam,
+            )
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             stats["bank_seconds"][i] += time.perf_counter() - tb
@@ -168,12 +218,21 @@ def _train_epoch(epoch: int, banks: list[MemberBank], records: list[MemberRecord
             pbar.set_postfix_str(_postfix(records), refresh=False)
     stats["train_seconds"] += time.perf_counter() - t0
     stats["train_samples"] += seen
-    return {r.member.name: {"train_loss": float(sums[r.bank][0][r.slot] / seen),
-                            "train_acc": float(sums[r.bank][1][r.slot] / seen)} for r in records}
+    return {
+        r.member.name: {
+            "train_loss": float(sums[r.bank][0][r.slot] / seen),
+            "train_acc": float(sums[r.bank][1][r.slot] / seen),
+        }
+        for r in records
+    }
 
 
-def _eval_epoch(banks: list[MemberBank], records: list[MemberRecord], readers: dict[str, CacheReader],
-                rows: dict[str, dict[str, float]]) -> None:
+def _eval_epoch(
+    banks: list[MemberBank],
+    records: list[MemberRecord],
+    readers: dict[str, CacheReader],
+    rows: dict[str, dict[str, float]],
+) -> None:
     """Add ``<split>_acc`` and ``<split>_loss`` of every member to ``rows``."""
     for name, rd in readers.items():
         res = _evaluate(banks, rd)
@@ -190,10 +249,17 @@ def resolve_train_options(options: TrainOptions | None, overrides: dict[str, Any
 
 
 @holds_run_lock
-def train(store: str | FeatureStore, method: str | list[SweepMember], out: str | os.PathLike[str],
-          settings: dict[str, Any] | None = None, grid: dict[str, list[Any]] | None = None,
-          options: TrainOptions | None = None, *, backbone_state: Callable[[], dict] | None = None,
-          **overrides: Any) -> dict[str, Any]:
+def train(
+    store: str | FeatureStore,
+    method: str | list[SweepMember],
+    out: str | os.PathLike[str],
+    settings: dict[str, Any] | None = None,
+    grid: dict[str, list[Any]] | None = None,
+    options: TrainOptions | None = None,
+    *,
+    backbone_state: Callable[[], dict] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
     """Train every member of the sweep from the cache; returns the summary (also RUNDIR/summary.json).
 
     ``method`` with ``settings`` and ``grid`` makes the sweep (``featcache.sweep.expand``), or ``method``
@@ -222,22 +288,38 @@ class PlannedRun:
     rss_baseline_mb: float
 
 
-def plan_run(store: str | FeatureStore, members: list[SweepMember], out: str | os.PathLike[str],
-             opts: TrainOptions, backbone_state: Callable[[], dict] | None = None) -> PlannedRun:
+def plan_run(
+    store: str | FeatureStore,
+    members: list[SweepMember],
+    out: str | os.PathLike[str],
+    opts: TrainOptions,
+    backbone_state: Callable[[], dict] | None = None,
+) -> PlannedRun:
     """Every check of the store, the sweep and RUNDIR that needs no training; nothing is written."""
     keep_freed_memory()  # large tensors reuse heap pages instead of faulting fresh ones (allocator.py)
     started, rss_base = time.perf_counter(), rss_mb()
     store = store if isinstance(store, FeatureStore) else FeatureStore.open(store, "r", opts.storage_options)
     store.split(opts.split)  # an unknown training split: StoreError
     rundir = RunDir(out, members, opts.resume, opts.overwrite)  # every refusal first, nothing written
-    evaluation = plan_evaluation(store, opts.split, val_split=opts.val_split, val_fraction=opts.val_fraction,
-                                 select_on=opts.select_on, eval_split=opts.eval_split, seed=opts.val_seed,
-                                 rundir=rundir.path, resume=opts.resume)
+    evaluation = plan_evaluation(
+        store,
+        opts.split,
+        val_split=opts.val_split,
+        val_fraction=opts.val_fraction,
+        select_on=opts.select_on,
+        eval_split=opts.eval_split,
+        seed=opts.val_seed,
+        rundir=rundir.path,
+        resume=opts.resume,
+    )
     if not evaluation.selects and len(members) > 1:
-        raise ConfigError(f"a sweep of {len(members)} members needs validation data to choose one: keep "
-                          "--val-fraction above 0, or pass --val-split")
-    check_classes(store, opts.split, [n for n in [evaluation.val_split, *evaluation.eval_splits]
-                                      if n not in (None, opts.split)])
+        raise ConfigError(
+            f"a sweep of {len(members)} members needs validation data to choose one: keep "
+            "--val-fraction above 0, or pass --val-split"
+        )
+    check_classes(
+        store, opts.split, [n for n in [evaluation.val_split, *evaluation.eval_splits] if n not in (None, opts.split)]
+    )
     mi = _method_input(store, store.split(opts.split), backbone_state, evaluation.train_subset)
     rundir.check_store(store, opts.split)
     return PlannedRun(store, members, rundir, evaluation, mi, opts, started, rss_base)
@@ -248,8 +330,14 @@ def train_members(run: PlannedRun) -> TrainedMembers:
 
     Chooses no best member: ``finish_run`` does, over every part of a run (a run in one process is one part).
     """
-    store, members, rundir, evaluation, mi, opts = (run.store, run.members, run.rundir, run.evaluation,
-                                                    run.method_input, run.options)
+    store, members, rundir, evaluation, mi, opts = (
+        run.store,
+        run.members,
+        run.rundir,
+        run.evaluation,
+        run.method_input,
+        run.options,
+    )
     device = resolve_device(opts.device)
     banks, records = _build_banks(members, mi, device)
     mi.backbone_state, mi.training_sample = None, None  # LST's pruned init is done: free what it read
@@ -269,37 +357,67 @@ def train_members(run: PlannedRun) -> TrainedMembers:
         for rec, rec_saved in zip(records, saved):
             rec.history, rec.best = rec_saved["history"], rec_saved["best"]
         say(f"resuming {rundir.path} after epoch {rundir.first_epoch}", quiet=not opts.progress)
-    say(f"training {len(members)} member(s) in {len(banks)} bank(s) on {train_reader.num_samples} samples "
+    say(
+        f"training {len(members)} member(s) in {len(banks)} bank(s) on {train_reader.num_samples} samples "
         f"({', '.join(train_reader.taps)}), reader {train_reader.mode}: {train_reader.choice.reason}; selecting on "
-        f"{evaluation.selected_on}", quiet=not opts.progress)
+        f"{evaluation.selected_on}",
+        quiet=not opts.progress,
+    )
     tensorboard = open_tensorboard(opts.tensorboard, rundir.path, [m.name for m in members], rundir.first_epoch)
-    loop = EpochLoop(rundir, banks, records, train_reader, eval_readers, evaluation,
-                     _member_configs(store, opts.split, banks, records, mi, record), tensorboard,
-                     stats_of_features[0] if stats_of_features is not None else None)
+    loop = EpochLoop(
+        rundir,
+        banks,
+        records,
+        train_reader,
+        eval_readers,
+        evaluation,
+        _member_configs(store, opts.split, banks, records, mi, record),
+        tensorboard,
+        stats_of_features[0] if stats_of_features is not None else None,
+    )
     try:
         loop.run(stats, opts.progress)
     except KeyboardInterrupt:
         saved_epochs, epochs = rundir.saved_epochs(), members[0].train.epochs
-        kept = (f"it holds the state after epoch {saved_epochs} of {epochs}" if saved_epochs else
-                "no epoch had finished, so it starts from the beginning")
-        raise Interrupted(f"interrupted: training in {rundir.path} stopped, {kept}; run the same featcache train "
-                          "command with --resume to continue") from None
+        kept = (
+            f"it holds the state after epoch {saved_epochs} of {epochs}"
+            if saved_epochs
+            else "no epoch had finished, so it starts from the beginning"
+        )
+        raise Interrupted(
+            f"interrupted: training in {rundir.path} stopped, {kept}; run the same featcache train "
+            "command with --resume to continue"
+        ) from None
     finally:
         if tensorboard is not None:
             tensorboard.close()
     return _trained(run, records, banks, stats, train_reader, device, record)
 
 
-def _open_readers(store: FeatureStore, banks: list[MemberBank], evaluation: Evaluation, opts: TrainOptions,
-                  cfg: TrainConfig, device: torch.device
-                  ) -> tuple[CacheReader, dict[str, CacheReader], dict[str, ViewScoring]]:
+def _open_readers(
+    store: FeatureStore,
+    banks: list[MemberBank],
+    evaluation: Evaluation,
+    opts: TrainOptions,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> tuple[CacheReader, dict[str, CacheReader], dict[str, ViewScoring]]:
     """The training reader (shuffled; held-out samples left out; one view per sample and epoch, drawn from all the
     cached views, the eval view among them) and the evaluation readers by metric prefix: ``val`` (the validation
     data) and each eval split, each on its eval view or, with ``--tta``, on all its views (``view_scoring``)."""
     needed = sorted({t for b in banks for t in b.required_taps}, key=store.manifest.tap_names.index)
     stream = opts.stream_options()
-    train_reader = open_reader(store.split(opts.split), needed, opts.reader, cfg.batch_size, shuffle=True,
-                               seed=cfg.seed, device=device, subset=evaluation.train_subset, **stream)
+    train_reader = open_reader(
+        store.split(opts.split),
+        needed,
+        opts.reader,
+        cfg.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        device=device,
+        subset=evaluation.train_subset,
+        **stream,
+    )
     scorings: dict[str, ViewScoring] = {}
 
     def evaluated(prefix: str, split: str, subset: Any = None) -> CacheReader:
@@ -307,23 +425,37 @@ def _open_readers(store: FeatureStore, banks: list[MemberBank], evaluation: Eval
         warning = old_views_warning(scoring, store.url)
         if warning:
             log.warning(warning)
-        return open_reader(store.split(split), needed, opts.reader, max(cfg.batch_size, 256), shuffle=False,
-                           device=device, subset=subset, **scoring.reader_options(), **stream)
+        return open_reader(
+            store.split(split),
+            needed,
+            opts.reader,
+            max(cfg.batch_size, 256),
+            shuffle=False,
+            device=device,
+            subset=subset,
+            **scoring.reader_options(),
+            **stream,
+        )
 
     readers = {VAL: evaluated(VAL, evaluation.val_split, evaluation.val_subset)} if evaluation.val_split else {}
     readers |= {name: evaluated(name, name) for name in evaluation.eval_splits}
     if opts.tta and not any(s.views > 1 for s in scorings.values()):
-        log.warning("--tta: no evaluated split holds more than one view per image (extract it with --views K), so "
-                    "there is nothing to average: each is scored on its one view")
+        log.warning(
+            "--tta: no evaluated split holds more than one view per image (extract it with --views K), so "
+            "there is nothing to average: each is scored on its one view"
+        )
     return train_reader, readers, scorings
 
 
-def _frofa_stats(split: SplitHandle, banks: list[MemberBank], evaluation: Evaluation, rundir: RunDir,
-                 opts: TrainOptions) -> tuple[FeatureStats, dict[str, Any]] | None:
+def _frofa_stats(
+    split: SplitHandle, banks: list[MemberBank], evaluation: Evaluation, rundir: RunDir, opts: TrainOptions
+) -> tuple[FeatureStats, dict[str, Any]] | None:
     """FroFA's per-channel ranges over the training samples' taps (``featcache.feature_stats``), when a bank uses
     ``frofa``: computed once before training (a resumed run loads the ones it recorded); None otherwise."""
-    taps = sorted({t for b in banks if "frofa" in b.members[0].train.augment().names for t in b.required_taps},
-                  key=split.store.manifest.tap_names.index)
+    taps = sorted(
+        {t for b in banks if "frofa" in b.members[0].train.augment().names for t in b.required_taps},
+        key=split.store.manifest.tap_names.index,
+    )
     if not taps:
         return None
     return run_feature_stats(split, taps, evaluation.train_subset, rundir.path, opts.resume, opts.stream_options())
@@ -338,26 +470,49 @@ def _check_resumed_tta(rundir: RunDir, tta: bool) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         return  # no epoch recorded yet, or a run from before the record
     if was != tta:
-        raise UsageError(f"--resume: {rundir.path} was evaluated {'with' if was else 'without'} --tta; resume it "
-                         f"{'with' if was else 'without'} --tta, or start a new --out")
+        raise UsageError(
+            f"--resume: {rundir.path} was evaluated {'with' if was else 'without'} --tta; resume it "
+            f"{'with' if was else 'without'} --tta, or start a new --out"
+        )
 
 
 def _evaluation_record(scorings: dict[str, ViewScoring], tta: bool) -> dict[str, Any]:
     """What the summary and every member's config record about the views evaluated: per metric prefix the split's
     views and what was scored, and the views ``predict --tta`` recomputes (``tta``)."""
-    return {"evaluation": {"tta": tta, "splits": {k: s.describe() for k, s in scorings.items()}},
-            "tta": tta_record(scorings)}
+    return {
+        "evaluation": {"tta": tta, "splits": {k: s.describe() for k, s in scorings.items()}},
+        "tta": tta_record(scorings),
+    }
 
 
-def _member_configs(store: FeatureStore, split: str, banks: list[MemberBank], records: list[MemberRecord],
-                    mi: MethodInput, extra: dict[str, Any]) -> list[dict[str, Any]]:
+def _member_configs(
+    store: FeatureStore,
+    split: str,
+    banks: list[MemberBank],
+    records: list[MemberRecord],
+    mi: MethodInput,
+    extra: dict[str, Any],
+) -> list[dict[str, Any]]:
     """Each member's checkpoint config: the bank's resolved method config ("auto" widths, heads, ... filled
     in, so that checkpoints rebuild exactly), its training config, the store it was trained on, and ``extra``
     (the evaluation record: views scored, what ``predict --tta`` recomputes)."""
     store_record = {"url": store.url, "split": split, "manifest": store.manifest.to_attrs()}
     classes = store.split(split).meta.classes
-    return [{**member_config(r.member.name, r.member.method, banks[r.bank].template.config.to_dict(),
-                             r.member.train.to_dict(), mi, store_record, classes), **extra} for r in records]
+    return [
+        {
+            **member_config(
+                r.member.name,
+                r.member.method,
+                banks[r.bank].template.config.to_dict(),
+                r.member.train.to_dict(),
+                mi,
+                store_record,
+                classes,
+            ),
+            **extra,
+        }
+        for r in records
+    ]
 
 
 @dataclass
@@ -380,20 +535,21 @@ class EpochLoop:
         with bar(cfg.epochs * steps, "train", unit="step", progress=progress, initial=first * steps) as pbar:
             for epoch in range(first, cfg.epochs):
                 torch.manual_seed(cfg.seed * 1000 + epoch)  # any randomness inside side networks: fixed per epoch
-                rows = _train_epoch(epoch, self.banks, self.records, self.train_reader, cfg.epochs, stats, pbar,
-                                    self.feature_stats)
+                rows = _train_epoch(
+                    epoch, self.banks, self.records, self.train_reader, cfg.epochs, stats, pbar, self.feature_stats
+                )
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                     _eval_epoch(self.banks, self.records, self.eval_readers, rows)
-                _record_epoch(self.rundir, epoch, self.banks, self.records, rows, self.configs,
-                              self.evaluation.selects)
+                _record_epoch(self.rundir, epoch, self.banks, self.records, rows, self.configs, self.evaluation.selects)
                 # TensorBoard before the commit point: an epoch interrupted after this is logged again on resume and
                 # its first copy dropped (TensorBoardLog's purge_step)
                 if self.tensorboard is not None:
                     for r in self.records:
                         lr = self.banks[r.bank].lr_at(epoch + 1, cfg.epochs)[r.slot]
                         self.tensorboard.log_epoch(r.member.name, epoch + 1, {**r.history[-1], "lr": float(lr)})
-                self.rundir.save_state(epoch, self.banks, [{"history": r.history, "best": r.best}
-                                                           for r in self.records], stats)  # the epoch's commit point
+                self.rundir.save_state(
+                    epoch, self.banks, [{"history": r.history, "best": r.best} for r in self.records], stats
+                )  # the epoch's commit point
                 _write_metrics(self.rundir, self.records)
                 pbar.set_postfix_str(_postfix(self.records), refresh=True)
 
@@ -404,8 +560,15 @@ def _postfix(records: list[MemberRecord]) -> str:
     return "best val " + ", ".join(f"{s:.3f}" for s in scored) if scored else ""
 
 
-def _record_epoch(rundir: RunDir, epoch: int, banks: list[MemberBank], records: list[MemberRecord],
-                  rows: dict[str, dict[str, float]], configs: list[dict[str, Any]], selects: bool) -> None:
+def _record_epoch(
+    rundir: RunDir,
+    epoch: int,
+    banks: list[MemberBank],
+    records: list[MemberRecord],
+    rows: dict[str, dict[str, float]],
+    configs: list[dict[str, Any]],
+    selects: bool,
+) -> None:
     """Append metrics, update best epochs (by val_acc; without validation data the latest epoch) and write the
     member checkpoints."""
     for rec, config in zip(records, configs):
@@ -423,10 +586,16 @@ def _record_epoch(rundir: RunDir, epoch: int, banks: list[MemberBank], records: 
         if alive:
             write_tensors(mdir / "last.safetensors", weights, meta)
         if alive and better:
-            rec.best = {"epoch": epoch + 1, "score": score, **{k: v for k, v in row.items() if k not in ("epoch", "status")}}
+            rec.best = {
+                "epoch": epoch + 1,
+                "score": score,
+                **{k: v for k, v in row.items() if k not in ("epoch", "status")},
+            }
             write_tensors(mdir / "best.safetensors", weights, meta)
-        write_json(mdir / "config.json", {**config, "best": rec.best, "status": row["status"],
-                                          "diverged_at": bank.diverged_at[rec.slot]})
+        write_json(
+            mdir / "config.json",
+            {**config, "best": rec.best, "status": row["status"], "diverged_at": bank.diverged_at[rec.slot]},
+        )
 
 
 def _write_metrics(rundir: RunDir, records: list[MemberRecord]) -> None:
@@ -452,26 +621,49 @@ class TrainedMembers:
     cuda_max_memory_allocated_mb: float | None = None
 
 
-def _trained(run: PlannedRun, records: list[MemberRecord], banks: list[MemberBank], stats: dict[str, Any],
-             reader: CacheReader, device: torch.device, record: dict[str, Any]) -> TrainedMembers:
+def _trained(
+    run: PlannedRun,
+    records: list[MemberRecord],
+    banks: list[MemberBank],
+    stats: dict[str, Any],
+    reader: CacheReader,
+    device: torch.device,
+    record: dict[str, Any],
+) -> TrainedMembers:
     members = []
     for r in records:
         last = r.history[-1] if r.history else {}
         bank = banks[r.bank]
-        members.append({
-            "name": r.member.name, "method": r.member.method,
-            "config": {**r.member.method_config, **r.member.train.to_dict()},
-            "metrics": {k: v for k, v in last.items() if k not in ("epoch", "status")},
-            "best": r.best, "status": last.get("status", "ok"), "diverged_at": bank.diverged_at[r.slot],
-            "params": bank.param_count(), "checkpoint": str(run.rundir.member_dir(r.member.name)),
-            "train_seconds": stats["bank_seconds"][r.bank], "bank_size": len(bank),
-        })
+        members.append(
+            {
+                "name": r.member.name,
+                "method": r.member.method,
+                "config": {**r.member.method_config, **r.member.train.to_dict()},
+                "metrics": {k: v for k, v in last.items() if k not in ("epoch", "status")},
+                "best": r.best,
+                "status": last.get("status", "ok"),
+                "diverged_at": bank.diverged_at[r.slot],
+                "params": bank.param_count(),
+                "checkpoint": str(run.rundir.member_dir(r.member.name)),
+                "train_seconds": stats["bank_seconds"][r.bank],
+                "bank_size": len(bank),
+            }
+        )
     cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return TrainedMembers(members, {r.member.name: r.history for r in records},
-                          {**run.evaluation.describe(), "selects": run.evaluation.selects}, record,
-                          stats["train_samples"], stats["train_seconds"], len(banks),
-                          {"mode": reader.mode, "reason": reader.choice.reason, **reader.settings()}, str(device),
-                          peak_rss_mb(), run.rss_baseline_mb, cuda)
+    return TrainedMembers(
+        members,
+        {r.member.name: r.history for r in records},
+        {**run.evaluation.describe(), "selects": run.evaluation.selects},
+        record,
+        stats["train_samples"],
+        stats["train_seconds"],
+        len(banks),
+        {"mode": reader.mode, "reason": reader.choice.reason, **reader.settings()},
+        str(device),
+        peak_rss_mb(),
+        run.rss_baseline_mb,
+        cuda,
+    )
 
 
 def finish_run(run: PlannedRun, parts: list[TrainedMembers], extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -491,12 +683,16 @@ def finish_run(run: PlannedRun, parts: list[TrainedMembers], extra: dict[str, An
     ordered = [{**entries[m.name], "checkpoint": str(run.rundir.member_dir(m.name))} for m in run.members]
     peak = max(parts, key=lambda p: p.peak_rss_mb)
     summary = {
-        "members": ordered, "best": select_best(out, ordered, parts[0].selection),
+        "members": ordered,
+        "best": select_best(out, ordered, parts[0].selection),
         "samples_per_second": sum(p.train_samples for p in parts) / max(max(p.train_seconds for p in parts), 1e-9),
         "wall_seconds": time.perf_counter() - run.started,
-        "peak_rss_mb": peak.peak_rss_mb, "rss_baseline_mb": peak.rss_baseline_mb,
+        "peak_rss_mb": peak.peak_rss_mb,
+        "rss_baseline_mb": peak.rss_baseline_mb,
         "peak_rss_above_baseline_mb": max(p.peak_rss_mb - p.rss_baseline_mb for p in parts),
-        "reader": parts[0].reader, "device": parts[0].device, "num_members": len(run.members),
+        "reader": parts[0].reader,
+        "device": parts[0].device,
+        "num_members": len(run.members),
         "num_banks": sum(p.num_banks for p in parts),
     }
     cuda = [p.cuda_max_memory_allocated_mb for p in parts if p.cuda_max_memory_allocated_mb is not None]
@@ -512,9 +708,12 @@ def finish_run(run: PlannedRun, parts: list[TrainedMembers], extra: dict[str, An
         log.warning(f"could not draw curves.png: {err}")
     best = summary["best"]
     scores = "; ".join(f"{k}={v:.4f}" for k, v in best.items() if k.endswith("_acc") and k != "train_acc")
-    say(f"trained {summary['num_members']} member(s) in {summary['wall_seconds']:.1f}s "
+    say(
+        f"trained {summary['num_members']} member(s) in {summary['wall_seconds']:.1f}s "
         f"({summary['samples_per_second']:.0f} samples/s); best {best['name']} epoch {best['epoch']} (selected on "
-        f"{best['selected_on']}){': ' + scores if scores else ''} -> {out}", quiet=not run.options.progress)
+        f"{best['selected_on']}){': ' + scores if scores else ''} -> {out}",
+        quiet=not run.options.progress,
+    )
     return summary
 
 
@@ -526,8 +725,13 @@ def select_best(out: Path, members: list[dict[str, Any]], selection: dict[str, A
         raise ConfigError(f"every member diverged (loss became NaN/Inf); see {out}/metrics.jsonl and lower --lr")
     top = max(alive, key=lambda m: m["best"]["score"]) if selection["selects"] else alive[0]
     scores = {k: v for k, v in top["best"].items() if k.endswith("_acc")}
-    best = {"name": top["name"], "epoch": top["best"]["epoch"], **{k: v for k, v in selection.items() if k != "selects"},
-            "selected_by": f"{VAL}_acc" if selection["selects"] else "last epoch", **scores,
-            "checkpoint": top["checkpoint"]}
+    best = {
+        "name": top["name"],
+        "epoch": top["best"]["epoch"],
+        **{k: v for k, v in selection.items() if k != "selects"},
+        "selected_by": f"{VAL}_acc" if selection["selects"] else "last epoch",
+        **scores,
+        "checkpoint": top["checkpoint"],
+    }
     write_json(out / "best.json", best)
     return best

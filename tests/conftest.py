@@ -30,7 +30,7 @@ def make_separable_images(n: int, classes: int = 3, size: int = 32, seed: int = 
     images = rng.integers(0, 40, size=(n, size, size, 3), dtype=np.uint8)
     for i, y in enumerate(labels):
         x0, y0 = rng.integers(0, size // 2, size=2)
-        images[i, y0:y0 + size // 2, x0:x0 + size // 2, y % 3] = 230
+        images[i, y0 : y0 + size // 2, x0 : x0 + size // 2, y % 3] = 230
         if y >= 3:
             images[i, :, :, (y + 1) % 3] //= 2
     return images, labels
@@ -91,15 +91,22 @@ def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "images")
 
 
-def write_tap_store(path: Path, backbone, images: np.ndarray, labels: np.ndarray, split: str = "train",
-                    dtype: str = "float16", classes: list[str] | None = None, shard_images: int = 16):
+def write_tap_store(
+    path: Path,
+    backbone,
+    images: np.ndarray,
+    labels: np.ndarray,
+    split: str = "train",
+    dtype: str = "float16",
+    classes: list[str] | None = None,
+    shard_images: int = 16,
+):
     """A store written straight from ``Backbone.taps`` (no extract pipeline): for trainer and reader tests."""
     from PIL import Image
 
-    from featcache.store.feature_store import FeatureStore
-
-    from featcache.store.codecs import encode
     from featcache.manifest import Manifest, SplitMeta
+    from featcache.store.codecs import encode
+    from featcache.store.feature_store import FeatureStore
 
     if FeatureStore.exists(str(path)):
         store = FeatureStore.open(str(path), "r+")
@@ -114,6 +121,8 @@ def write_tap_store(path: Path, backbone, images: np.ndarray, labels: np.ndarray
         taps = backbone.taps(x)
     for k in range(meta.num_shards):
         s, e = meta.shard_bounds(k)
-        sp.write_shard(k, {n: encode(t[s:e], dtype) for n, t in taps.items()}, labels[s:e], [f"{split}:{i}" for i in range(s, e)])
+        sp.write_shard(
+            k, {n: encode(t[s:e], dtype) for n, t in taps.items()}, labels[s:e], [f"{split}:{i}" for i in range(s, e)]
+        )
         sp.set_complete(k)
     return store, taps

@@ -62,16 +62,18 @@ def test_bad_setting_is_a_usage_error() -> None:
 
 def test_entry_points_apply_the_settings_first(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """extract, train and load_predictor call keep_freed_memory before anything else (a bad value stops them)."""
-    from featcache.manifest import BackboneSpec
     from featcache.extraction import extract
     from featcache.infer import load_predictor
+    from featcache.manifest import BackboneSpec
     from featcache.training import train
 
     monkeypatch.setattr(allocator, "_done", None)
     monkeypatch.setenv(allocator.ENV, "fast")
-    for call in (lambda: extract(BackboneSpec(model="test_vit"), "sklearn:digits", tmp_path / "s.zarr"),
-                 lambda: train(tmp_path / "missing.zarr", "linear", tmp_path / "run"),
-                 lambda: load_predictor(tmp_path / "missing-run")):
+    for call in (
+        lambda: extract(BackboneSpec(model="test_vit"), "sklearn:digits", tmp_path / "s.zarr"),
+        lambda: train(tmp_path / "missing.zarr", "linear", tmp_path / "run"),
+        lambda: load_predictor(tmp_path / "missing-run"),
+    ):
         with pytest.raises(UsageError, match="FEATCACHE_MALLOC"):
             call()
     assert not (tmp_path / "s.zarr").exists()

@@ -29,6 +29,7 @@ N = 24  # the ``images`` fixture; run_extract writes 6 shards of 4 images
 
 # -- featcache: light import, lazy names ---------------------------------------------------------
 
+
 def test_import_featcache_loads_nothing_heavy_and_every_name_resolves() -> None:
     code = """
 import json, sys
@@ -53,8 +54,9 @@ print(json.dumps({"light": light, "names": names, "in_dir": in_dir, "same": same
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout)
     assert got["light"] == []
-    assert got["names"] == sorted(["open_store", "extract", "train", "load_predictor", "BackboneSpec", "ExtractOptions",
-                                   "TrainOptions"])
+    assert got["names"] == sorted(
+        ["open_store", "extract", "train", "load_predictor", "BackboneSpec", "ExtractOptions", "TrainOptions"]
+    )
     assert got["in_dir"] and got["same"] == {name: True for name in got["same"]} and len(got["same"]) == 7
     assert "no attribute 'no_such_name'" in got["missing"]
 
@@ -69,6 +71,7 @@ def test_extract_and_train_are_the_functions_however_the_modules_were_imported(t
 
 
 # -- a split as a Dataset, dask arrays and xarray ------------------------------------------------
+
 
 @pytest.fixture(scope="module", params=["float16", "bfloat16"])
 def store(request, images, tmp_path_factory) -> FeatureStore:
@@ -101,7 +104,8 @@ def test_to_dask_equals_the_stored_arrays_one_block_per_shard(store) -> None:
         assert x.dtype == np.float32 and x.chunks[0] == (4,) * 6
         assert np.array_equal(x.compute(), stored_float32(split, tap))
     assert store.manifest.dtype != "bfloat16" or not np.array_equal(  # bfloat16 is really not read as float16
-        stored_float32(split, "block6"), np.asarray(split.group["block6"][:]).view(np.float16).astype(np.float32))
+        stored_float32(split, "block6"), np.asarray(split.group["block6"][:]).view(np.float16).astype(np.float32)
+    )
     assert list(split_to_dask(split, ["block2"])) == ["block2"]
     with pytest.raises(StoreError, match="block9"):
         split_to_dask(split, ["block9"])
@@ -211,6 +215,7 @@ def test_dataset_of_one_view_of_an_augmented_split(images, tmp_path) -> None:
 
 
 # -- docs/api.md runs as written ------------------------------------------------------------------
+
 
 def api_doc_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)

@@ -1,4 +1,4 @@
-"""Dependencies point one way (DESIGN.md): cli -> distributed -> extract / train / infer -> backbone, store, methods, data.
+"""Dependencies point one way (docs/design.md, "Layers"): cli -> distributed -> extract / train / infer -> backbone, store, methods, data.
 
 The import-linter contracts live in pyproject.toml ([tool.importlinter]); these tests run them and check
 the two rules a static graph cannot see: what a fresh interpreter really loads, and the CLI package,
@@ -22,18 +22,29 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_import_linter_contracts_are_kept() -> None:
     exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
     assert exe is not None, "import-linter is a dev dependency: pip install -e '.[dev]'"
-    done = subprocess.run([exe, "--config", str(ROOT / "pyproject.toml")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [exe, "--config", str(ROOT / "pyproject.toml")], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "0 broken" in done.stdout
 
 
-@pytest.mark.parametrize("modules", [["featcache.store"], ["featcache.methods"], ["featcache.training"], ["featcache.augment"],
-                                     ["featcache.store.reader", "featcache.store.writer", "featcache.checkpoint"]])
+@pytest.mark.parametrize(
+    "modules",
+    [
+        ["featcache.store"],
+        ["featcache.methods"],
+        ["featcache.training"],
+        ["featcache.augment"],
+        ["featcache.store.reader", "featcache.store.writer", "featcache.checkpoint"],
+    ],
+)
 def test_store_methods_and_training_load_no_timm_and_no_backbone(modules: list[str]) -> None:
-    code = (f"import sys, json\nfor m in {modules!r}: __import__(m)\n"
-            "print(json.dumps([m for m in ('timm', 'featcache.backbone', 'featcache.extraction', 'featcache.cli') "
-            "if m in sys.modules]))")
+    code = (
+        f"import sys, json\nfor m in {modules!r}: __import__(m)\n"
+        "print(json.dumps([m for m in ('timm', 'featcache.backbone', 'featcache.extraction', 'featcache.cli') "
+        "if m in sys.modules]))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == []
@@ -54,6 +65,8 @@ def test_no_library_module_imports_the_cli(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"  # the scan itself sees both import forms
     probe.write_text("import featcache.cli.app\nfrom featcache.cli.options import print_json\n")
     assert _imported_modules(probe) == {"featcache.cli.app", "featcache.cli.options"}
-    offenders = {str(p.relative_to(ROOT)): sorted(m for m in _imported_modules(p) if m.startswith("featcache.cli"))
-                 for p in (ROOT / "featcache").rglob("*.py")}
+    offenders = {
+        str(p.relative_to(ROOT)): sorted(m for m in _imported_modules(p) if m.startswith("featcache.cli"))
+        for p in (ROOT / "featcache").rglob("*.py")
+    }
     assert {k: v for k, v in offenders.items() if v} == {}

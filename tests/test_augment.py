@@ -10,15 +10,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from featcache.augment import (AUG_KEYS, AugmentConfig, FeatureStats, _overlap, augment, batch_generator, cutmix,
-                               feature_stats, frofa, token_drop)
+from featcache.augment import (
+    AUG_KEYS,
+    AugmentConfig,
+    FeatureStats,
+    _overlap,
+    augment,
+    batch_generator,
+    cutmix,
+    feature_stats,
+    frofa,
+    token_drop,
+)
 from featcache.errors import ConfigError
 from featcache.manifest import TapInfo
 
 
 def _vit_infos(grid: int = 4, width: int = 8, blocks: int = 2) -> dict[str, TapInfo]:
-    return {n: TapInfo(n, b, b, grid * grid + 1, 1, width, (grid, grid), "none")
-            for b, n in enumerate(["embed"] + [f"block{k}" for k in range(1, blocks + 1)])}
+    return {
+        n: TapInfo(n, b, b, grid * grid + 1, 1, width, (grid, grid), "none")
+        for b, n in enumerate(["embed"] + [f"block{k}" for k in range(1, blocks + 1)])
+    }
 
 
 def _cnn_infos() -> dict[str, TapInfo]:
@@ -41,30 +53,40 @@ ALL = ["tokendrop", "mixup", "cutmix", "frofa", "tokendrop+frofa", "mixup+cutmix
 def test_config_defaults_normalisation_and_round_trip() -> None:
     cfg = AugmentConfig()
     assert cfg.aug == "none" and cfg.names == ()
-    assert (cfg.tokendrop_rate, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.frofa_brightness, cfg.frofa_contrast) == \
-        (0.2, 0.8, 1.0, 0.1, 0.0)
+    assert (cfg.tokendrop_rate, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.frofa_brightness, cfg.frofa_contrast) == (
+        0.2,
+        0.8,
+        1.0,
+        0.1,
+        0.0,
+    )
     a = AugmentConfig(aug="tokendrop+frofa", tokendrop_rate="0.1")  # text, as --set gives it
     assert a.aug == "frofa+tokendrop" and a.names == ("frofa", "tokendrop") and a.tokendrop_rate == 0.1
-    assert a == AugmentConfig(aug=" FroFA + tokendrop ", tokendrop_rate=0.1) and len({a, AugmentConfig(
-        aug="frofa+tokendrop", tokendrop_rate=0.1)}) == 1  # hashable: members group by it
+    assert (
+        a == AugmentConfig(aug=" FroFA + tokendrop ", tokendrop_rate=0.1)
+        and len({a, AugmentConfig(aug="frofa+tokendrop", tokendrop_rate=0.1)}) == 1
+    )  # hashable: members group by it
     assert AugmentConfig.from_dict(json.loads(json.dumps(a.to_dict()))) == a
     assert list(a.to_dict()) == list(AUG_KEYS)
 
 
-@pytest.mark.parametrize("values, pattern", [
-    ({"aug": "tokendorp"}, r"aug: unknown augmentation 'tokendorp'; did you mean tokendrop\? Choose from"),
-    ({"aug": "mixup+mixup"}, r"aug: 'mixup\+mixup' names an augmentation twice"),
-    ({"aug": "none+frofa"}, r"aug: 'none' cannot be combined"),
-    ({"aug": 3}, r"aug must be text"),
-    ({"tokendrop_rate": 1.0}, r"tokendrop_rate must be in \[0, 1\)"),
-    ({"tokendrop_rate": "abc"}, r"tokendrop_rate must be a number, got 'abc'"),
-    ({"mixup_alpha": 0}, r"mixup_alpha must be a positive number, got 0"),
-    ({"cutmix_alpha": -1}, r"cutmix_alpha must be a positive number, got -1"),
-    ({"frofa_brightness": 1.5}, r"frofa_brightness must be in \[0, 1\]"),
-    ({"frofa_contrast": 1.0}, r"frofa_contrast must be in \[0, 1\)"),
-    ({"frofa_contrast": float("nan")}, r"frofa_contrast must be a finite number"),
-    ({"frofa_brightness": True}, r"frofa_brightness must be a number"),
-])
+@pytest.mark.parametrize(
+    "values, pattern",
+    [
+        ({"aug": "tokendorp"}, r"aug: unknown augmentation 'tokendorp'; did you mean tokendrop\? Choose from"),
+        ({"aug": "mixup+mixup"}, r"aug: 'mixup\+mixup' names an augmentation twice"),
+        ({"aug": "none+frofa"}, r"aug: 'none' cannot be combined"),
+        ({"aug": 3}, r"aug must be text"),
+        ({"tokendrop_rate": 1.0}, r"tokendrop_rate must be in \[0, 1\)"),
+        ({"tokendrop_rate": "abc"}, r"tokendrop_rate must be a number, got 'abc'"),
+        ({"mixup_alpha": 0}, r"mixup_alpha must be a positive number, got 0"),
+        ({"cutmix_alpha": -1}, r"cutmix_alpha must be a positive number, got -1"),
+        ({"frofa_brightness": 1.5}, r"frofa_brightness must be in \[0, 1\]"),
+        ({"frofa_contrast": 1.0}, r"frofa_contrast must be in \[0, 1\)"),
+        ({"frofa_contrast": float("nan")}, r"frofa_contrast must be a finite number"),
+        ({"frofa_brightness": True}, r"frofa_brightness must be a number"),
+    ],
+)
 def test_config_errors_name_the_key(values: dict, pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
         AugmentConfig(**values)
@@ -128,8 +150,14 @@ def test_bad_batches_are_clear_errors() -> None:
 def test_half_precision_taps_stay_half() -> None:
     infos = _vit_infos()
     taps = {k: v.half() for k, v in _batch(infos).items()}
-    out = augment(taps, torch.arange(6), infos, AugmentConfig(aug="frofa+tokendrop+mixup"), batch_generator(0, 0, 0),
-                  feature_stats([taps]))
+    out = augment(
+        taps,
+        torch.arange(6),
+        infos,
+        AugmentConfig(aug="frofa+tokendrop+mixup"),
+        batch_generator(0, 0, 0),
+        feature_stats([taps]),
+    )
     assert all(v.dtype == torch.float16 and torch.isfinite(v).all() for v in out.taps.values())
 
 
@@ -181,8 +209,10 @@ def test_mixup_mixes_every_token_with_one_lam_and_permutation() -> None:
     assert 0 < lam < 1 and sorted(perm.tolist()) == list(range(8)) and perm.tolist() != list(range(8))
     for k, x in taps.items():
         torch.testing.assert_close(out.taps[k], lam * x + (1 - lam) * x[perm])
-    lams = [augment(taps, y, infos, AugmentConfig(aug="mixup", mixup_alpha=0.8), batch_generator(0, 0, s)).lam
-            for s in range(400)]
+    lams = [
+        augment(taps, y, infos, AugmentConfig(aug="mixup", mixup_alpha=0.8), batch_generator(0, 0, s)).lam
+        for s in range(400)
+    ]
     assert abs(sum(lams) / len(lams) - 0.5) < 0.05  # Beta(a, a) has mean 1/2 (sd of the mean ~0.018)
 
 
@@ -205,7 +235,7 @@ def test_cutmix_swaps_one_rectangle_and_every_tap_mixes_the_same_area(seed: int)
     assert torch.equal(y[~swapped], x[~swapped]) and torch.equal(swapped, swapped[:1].expand(5, -1))
     grid = swapped[0].view(4, 4)
     rows, cols = grid.any(1).nonzero().flatten(), grid.any(0).nonzero().flatten()
-    assert grid.sum() == len(rows) * len(cols) and grid[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    assert grid.sum() == len(rows) * len(cols) and grid[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
     assert grid.float().mean().item() == pytest.approx(1 - lam)  # lam is the exact area kept
     # area 0.4 of a 4x4 grid: a round(4 sqrt(0.4)) = 3-cell square, 2 cells a side where the border clips it
     assert (len(rows), len(cols)) in {(3, 3), (2, 3), (3, 2), (2, 2)} and 1 - lam == len(rows) * len(cols) / 16
@@ -237,15 +267,19 @@ def test_mixed_targets_and_the_loss_the_trainer_uses() -> None:
     out = augment(taps, y, infos, AugmentConfig(aug="mixup"), batch_generator(5, 0, 0))
     t = out.targets(3)
     assert torch.allclose(t.sum(1), torch.ones(6))
-    torch.testing.assert_close(t, out.lam * F.one_hot(y, 3).float() + (1 - out.lam) * F.one_hot(out.labels_b, 3).float())
+    torch.testing.assert_close(
+        t, out.lam * F.one_hot(y, 3).float() + (1 - out.lam) * F.one_hot(out.labels_b, 3).float()
+    )
     logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
     for eps in (0.0, 0.1):
         soft = -(out.targets(3, eps) * F.log_softmax(logits, -1)).sum(-1).mean()
-        mixed = out.mix_loss(lambda labels: F.cross_entropy(logits, labels, label_smoothing=eps))
+        mixed = out.mix_loss(lambda labels, eps=eps: F.cross_entropy(logits, labels, label_smoothing=eps))
         torch.testing.assert_close(mixed, soft)
     plain = augment(taps, y, infos, AugmentConfig(aug="tokendrop"), batch_generator(5, 0, 0))
     assert not plain.mixed and torch.equal(plain.targets(3), F.one_hot(y, 3).float())
-    torch.testing.assert_close(plain.mix_loss(lambda labels: F.cross_entropy(logits, labels)), F.cross_entropy(logits, y))
+    torch.testing.assert_close(
+        plain.mix_loss(lambda labels: F.cross_entropy(logits, labels)), F.cross_entropy(logits, y)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,9 +315,12 @@ def test_frofa_of_a_sample_depends_neither_on_its_batch_nor_on_the_batch_size() 
     taps, y = _batch(infos, n=8), torch.arange(8) % 3
     stats = feature_stats([taps])  # the training features
     cfg = AugmentConfig(aug="frofa", frofa_contrast=0.2)
-    batches = [{k: v[:1] for k, v in taps.items()}, {k: v[:4] for k, v in taps.items()},
-               {k: torch.cat([v[:1], 5 * v[5:8]]) for k, v in taps.items()}]
-    outs = [augment(b, y[:len(b["embed"])], infos, cfg, batch_generator(0, 0, 0), stats).taps for b in batches]
+    batches = [
+        {k: v[:1] for k, v in taps.items()},
+        {k: v[:4] for k, v in taps.items()},
+        {k: torch.cat([v[:1], 5 * v[5:8]]) for k, v in taps.items()},
+    ]
+    outs = [augment(b, y[: len(b["embed"])], infos, cfg, batch_generator(0, 0, 0), stats).taps for b in batches]
     for k in taps:
         assert not torch.equal(outs[0][k][0], taps[k][0])
         assert torch.equal(outs[0][k][0], outs[1][k][0]) and torch.equal(outs[0][k][0], outs[2][k][0]), k
@@ -303,19 +340,26 @@ def test_feature_stats_are_the_channel_range_over_every_token_and_sample() -> No
     with pytest.raises(ConfigError, match="frofa needs the per-channel minimum and maximum of the training features"):
         augment(parts[0], torch.arange(3), infos, AugmentConfig(aug="frofa"), batch_generator(0, 0, 0))
     with pytest.raises(ConfigError, match="the feature statistics hold no tap 'block1'"):
-        augment(parts[0], torch.arange(3), infos, AugmentConfig(aug="frofa"), batch_generator(0, 0, 0),
-                FeatureStats({"embed": stats.low["embed"]}, {"embed": stats.high["embed"]}))
+        augment(
+            parts[0],
+            torch.arange(3),
+            infos,
+            AugmentConfig(aug="frofa"),
+            batch_generator(0, 0, 0),
+            FeatureStats({"embed": stats.low["embed"]}, {"embed": stats.high["embed"]}),
+        )
 
 
 # -- in the trainer ----------------------------------------------------------------------------------------------
+
 
 def test_training_with_feature_augmentation_grids_banks_and_resumes_bitwise(tmp_path: Path, monkeypatch) -> None:
     """``--grid aug=none,tokendrop+mixup``: one bank per augmentation, the augmented members learn differently,
     and a run interrupted after epoch 2 and resumed equals an uninterrupted one (augmentation seeded per step)."""
     from featcache.backbone import Backbone
     from featcache.errors import Interrupted
-    from featcache.training import train
     from featcache.manifest import BackboneSpec
+    from featcache.training import train
 
     from .conftest import TINY_VIT, make_separable_images, write_tap_store
     from .helpers.processes import interrupted_run
@@ -337,7 +381,8 @@ def test_training_with_feature_augmentation_grids_banks_and_resumes_bitwise(tmp_
 
 
 def test_frofa_statistics_are_computed_once_over_the_training_samples_and_recorded(
-        images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """One pass over every view of the samples that train (the held-out ones excluded) before the first step; the
     numbers are written to RUNDIR and named in the summary and the checkpoints, and --resume loads them."""
     import numpy as np

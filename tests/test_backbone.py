@@ -7,10 +7,9 @@ import torch
 from safetensors.torch import save_file
 
 from featcache.backbone import Backbone, convert_efficientnet_lite0, pypi_weights_file
-from featcache.options import parse_layers
-
-from featcache.manifest import BackboneSpec
 from featcache.errors import ModelError, UsageError, WeightsError
+from featcache.manifest import BackboneSpec
+from featcache.options import parse_layers
 
 from .conftest import TINY_CNN, TINY_VIT
 
@@ -106,8 +105,11 @@ def test_cnn_grid_pools_large_maps() -> None:
 
 
 def test_eval_mode_ignores_dropout_and_drop_path() -> None:
-    b = Backbone(BackboneSpec(model="test_vit", model_kwargs={"img_size": 32, "drop_rate": 0.5, "drop_path_rate": 0.5},
-                              weights="random"))
+    b = Backbone(
+        BackboneSpec(
+            model="test_vit", model_kwargs={"img_size": 32, "drop_rate": 0.5, "drop_path_rate": 0.5}, weights="random"
+        )
+    )
     assert not b.model.training and not any(p.requires_grad for p in b.model.parameters())
     x = _images(b)
     with torch.inference_mode():
@@ -155,7 +157,9 @@ def test_pickled_code_is_refused(tmp_path) -> None:
         Backbone(BackboneSpec(model="test_vit", model_kwargs={"img_size": 32}, weights=str(path)))
 
 
-@pytest.mark.parametrize("weights,msg", [("/nonexistent/w.safetensors", "not found"), ("pypi:resnet", "unknown weights source")])
+@pytest.mark.parametrize(
+    "weights,msg", [("/nonexistent/w.safetensors", "not found"), ("pypi:resnet", "unknown weights source")]
+)
 def test_bad_weights_argument(weights: str, msg: str) -> None:
     with pytest.raises(WeightsError, match=msg):
         Backbone(BackboneSpec(model="test_vit", model_kwargs={"img_size": 32}, weights=weights))

@@ -22,18 +22,26 @@ from featcache.backbone import Backbone
 from featcache.cli import app
 from featcache.errors import ModelError, TapOverflowError
 from featcache.extraction import ExtractOptions, extract
+from featcache.manifest import BackboneSpec, TapInfo
 from featcache.methods import create
 from featcache.methods.base import MethodInput, common_grid, to_grid
 from featcache.store.feature_store import FeatureStore
 from featcache.taps import FEATURE_HOOKS, LayoutError, Taps
 from featcache.training import train
-from featcache.manifest import BackboneSpec, TapInfo
 
 from .conftest import write_image_folder
 from .helpers.processes import assert_one_error_line
 
-TAKES_IMG_SIZE = {"test_byobnet", "test_coatnet", "test_maxvit", "test_vit", "test_vit2", "test_vit3", "test_vit4",
-                  "test_vit_relpos"}
+TAKES_IMG_SIZE = {
+    "test_byobnet",
+    "test_coatnet",
+    "test_maxvit",
+    "test_vit",
+    "test_vit2",
+    "test_vit3",
+    "test_vit4",
+    "test_vit_relpos",
+}
 
 
 def case_for(name: str) -> Case:
@@ -68,8 +76,11 @@ def test_every_timm_test_model_extracts_trains_and_predicts(name: str, tmp_path:
 
 def test_benchmark_rows_pass_refuse_or_fail() -> None:
     """bench_backbones' table: a featcache error is a named refusal, anything else a failure."""
-    rows = [run_case(Case("ViT", "test_vit", {"img_size": 32})), run_case(Case("typo", "test_vitt")),
-            run_case(Case("broken", "test_vit", {"img_size": 32, "depth": "two"}))]
+    rows = [
+        run_case(Case("ViT", "test_vit", {"img_size": 32})),
+        run_case(Case("typo", "test_vitt")),
+        run_case(Case("broken", "test_vit", {"img_size": 32, "depth": "two"})),
+    ]
     assert rows[0]["result"] == "pass" and rows[0]["kind"] == "vit" and rows[0]["bytes_per_image"] == 7 * 5 * 64 * 2
     assert rows[1]["result"].startswith("refused: unknown timm model 'test_vitt'")
     assert rows[2]["result"].startswith("refused: timm cannot build model 'test_vit'")
@@ -84,8 +95,13 @@ def test_benchmark_rows_pass_refuse_or_fail() -> None:
 
 
 def test_vit_without_prefix_tokens_siglip() -> None:
-    b = Backbone(BackboneSpec(model="vit_base_patch16_siglip_224", weights="random",
-                              model_kwargs=dict(embed_dim=32, depth=2, num_heads=2, img_size=32)))
+    b = Backbone(
+        BackboneSpec(
+            model="vit_base_patch16_siglip_224",
+            weights="random",
+            model_kwargs=dict(embed_dim=32, depth=2, num_heads=2, img_size=32),
+        )
+    )
     assert b.kind == "vit" and [i.name for i in b.taps.all_infos] == ["embed", "block1", "block2"]
     assert all(i.prefix_tokens == 0 and i.tokens == 4 and i.channels == 32 for i in b.taps.all_infos)
     x = _images(b)
@@ -103,8 +119,13 @@ def test_relative_position_vit_without_class_token() -> None:
 
 def test_class_attention_tail_is_a_head_tap_with_the_class_token() -> None:
     """CaiT: blocks hold patch tokens only; the class token appears in the class-attention tail."""
-    b = Backbone(BackboneSpec(model="cait_xxs24_224", weights="random",
-                              model_kwargs=dict(depth=2, depth_token_only=1, img_size=32, embed_dim=32, num_heads=2)))
+    b = Backbone(
+        BackboneSpec(
+            model="cait_xxs24_224",
+            weights="random",
+            model_kwargs=dict(depth=2, depth_token_only=1, img_size=32, embed_dim=32, num_heads=2),
+        )
+    )
     infos = {i.name: i for i in b.taps.all_infos}
     assert list(infos) == ["embed", "block1", "block2", "head"]
     assert (infos["block2"].tokens, infos["block2"].prefix_tokens) == (4, 0)
@@ -141,15 +162,25 @@ def test_prefix_tokens_are_padded_and_grids_pooled_to_the_common_layout() -> Non
 
 
 def _tiny_swin() -> Backbone:
-    return Backbone(BackboneSpec(model="swin_tiny_patch4_window7_224", weights="random", model_kwargs=dict(
-        embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), img_size=64, window_size=2)))
+    return Backbone(
+        BackboneSpec(
+            model="swin_tiny_patch4_window7_224",
+            weights="random",
+            model_kwargs=dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), img_size=64, window_size=2),
+        )
+    )
 
 
 def test_swin_nhwc_final_features_keep_their_width() -> None:
     b = _tiny_swin()
     assert b.model.output_fmt == "NHWC"
     assert [(i.name, i.channels) for i in b.taps.all_infos] == [
-        ("stem", 16), ("stage1", 32), ("stage2", 64), ("stage3", 128), ("head", 128)]
+        ("stem", 16),
+        ("stage1", 32),
+        ("stage2", 64),
+        ("stage3", 128),
+        ("head", 128),
+    ]
     x = _images(b)
     with torch.inference_mode():
         taps = b.taps(x)
@@ -183,8 +214,11 @@ def test_channels_are_checked_against_feature_info() -> None:
 # The feature_info hooks fallback and the one-line refusal
 
 
-@pytest.mark.parametrize("build", [lambda: Backbone(BackboneSpec(model="test_resnet", weights="random", image_size=64)),
-                                   _tiny_swin], ids=["resnet", "swin-nhwc"])
+@pytest.mark.parametrize(
+    "build",
+    [lambda: Backbone(BackboneSpec(model="test_resnet", weights="random", image_size=64)), _tiny_swin],
+    ids=["resnet", "swin-nhwc"],
+)
 def test_hooks_fallback_reads_the_same_taps(build) -> None:
     b = build()
     model = b.model
@@ -208,8 +242,21 @@ def test_a_model_featcache_cannot_read_is_one_error_line(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(featcache.backbone, "create_model", opaque)
     images = write_image_folder(tmp_path / "images", n=4)
-    r = CliRunner().invoke(app, ["extract", "--model", "resnet18", "--weights", "random", "--data", str(images),
-                                 "--out", str(tmp_path / "s.zarr"), "--quiet"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            "--model",
+            "resnet18",
+            "--weights",
+            "random",
+            "--data",
+            str(images),
+            "--out",
+            str(tmp_path / "s.zarr"),
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 1, r.output
     assert_one_error_line(r.stderr, "model 'resnet18'", "no usable forward_intermediates()", "featcache supports")
     assert "Traceback" not in r.output and "unexpected" not in r.output
@@ -217,8 +264,9 @@ def test_a_model_featcache_cannot_read_is_one_error_line(tmp_path: Path, monkeyp
 
 def test_model_constructor_errors_are_model_errors() -> None:
     with pytest.raises(ModelError, match=r"timm cannot build model 'vit_tiny_patch16_224'.*num_heads.*arguments"):
-        Backbone(BackboneSpec(model="vit_tiny_patch16_224", weights="random", model_kwargs={"embed_dim": 10,
-                                                                                             "num_heads": 3}))
+        Backbone(
+            BackboneSpec(model="vit_tiny_patch16_224", weights="random", model_kwargs={"embed_dim": 10, "num_heads": 3})
+        )
 
 
 def test_input_size_the_model_does_not_take_says_what_to_do() -> None:
@@ -244,21 +292,39 @@ def test_float16_overflow_is_refused_at_extraction_and_bfloat16_works(tmp_path: 
     images = write_image_folder(tmp_path / "images", n=12)
     spec = BackboneSpec(model="test_vit", weights=str(_loud_vit(tmp_path, 1e5)), model_kwargs={"img_size": 32})
     opts = ExtractOptions(progress=False, batch_size=4, shard_images=4, chunk_images=4, loader_workers=0)
-    with pytest.raises(TapOverflowError, match=r"tap 'embed' overflows float16 at image 0 and 3 more in its batch"
-                                               r".*--dtype bfloat16.*--dtype float32"):
+    with pytest.raises(
+        TapOverflowError,
+        match=r"tap 'embed' overflows float16 at image 0 and 3 more in its batch"
+        r".*--dtype bfloat16.*--dtype float32",
+    ):
         extract(spec, str(images), tmp_path / "f16.zarr", opts, dtype="float16")
     assert not FeatureStore.open(str(tmp_path / "f16.zarr")).split("train").completed_shards().any()
     extract(spec, str(images), tmp_path / "bf16.zarr", opts, dtype="bfloat16")
-    summary = train(str(tmp_path / "bf16.zarr"), "linear", tmp_path / "run", {"epochs": 1, "batch_size": 4},
-                    progress=False)
+    summary = train(
+        str(tmp_path / "bf16.zarr"), "linear", tmp_path / "run", {"epochs": 1, "batch_size": 4}, progress=False
+    )
     assert np.isfinite(summary["members"][0]["metrics"]["train_loss"])
 
 
 def test_float16_overflow_through_the_cli_is_one_error_line(tmp_path: Path) -> None:
     images = write_image_folder(tmp_path / "images", n=4)
-    r = CliRunner().invoke(app, ["extract", "--model", "test_vit", "--model-kwargs", "img_size=32", "--weights",
-                                 str(_loud_vit(tmp_path, 1e5)), "--data", str(images), "--out",
-                                 str(tmp_path / "s.zarr"), "--quiet"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            "--model",
+            "test_vit",
+            "--model-kwargs",
+            "img_size=32",
+            "--weights",
+            str(_loud_vit(tmp_path, 1e5)),
+            "--data",
+            str(images),
+            "--out",
+            str(tmp_path / "s.zarr"),
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 1
     assert_one_error_line(r.stderr, "tap 'embed' overflows float16", "--dtype bfloat16")
 

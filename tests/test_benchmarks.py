@@ -74,7 +74,8 @@ def test_peer_names() -> None:
 
 
 def test_run_cut_short_keeps_finished_stages_and_sweep_loop_shares_one_reader(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from benchmarks import sweeps
 
     readers: list[set[int]] = []
@@ -142,7 +143,10 @@ def test_accuracy_stage_cut_short_is_continued_by_a_second_run(tmp_path: Path, m
     assert second["complete"] is True and acc2["complete"] is True and len(second["accuracy"]) == 1
     assert acc2["sessions"] == 2 and acc2["started"] == acc["started"]
     assert {k: acc2["rows"][k] for k in acc["rows"]} == acc["rows"]
-    assert acc2["rows"]["lora"]["budget_s"] == pytest.approx(acc["budget_s"]) and 0 <= acc2["rows"]["lora"]["test_acc"] <= 1
+    assert (
+        acc2["rows"]["lora"]["budget_s"] == pytest.approx(acc["budget_s"])
+        and 0 <= acc2["rows"]["lora"]["test_acc"] <= 1
+    )
     assert not Path(acc["store"]["path"]).exists()  # removed once the size is complete
     readme = report.write_reports(out).read_text()
     assert "measured in 2 runs" in readme and "| lora |" in readme and "**Incomplete**" not in readme

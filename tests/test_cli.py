@@ -37,8 +37,12 @@ def test_usage_error_is_one_line_exit_2() -> None:
 
 
 def test_console_script_runs() -> None:
-    out = subprocess.run([sys.executable, "-c", "from featcache.cli import main; main()", "--version"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "from featcache.cli import main; main()", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "featcache" in out.stdout
 
 
@@ -54,8 +58,12 @@ def test_cli_reference_doc_is_current() -> None:
     assert not diff, "docs/cli.md is stale: python -m featcache.cli.reference > docs/cli.md\n" + diff[:3000]
 
 
-SHARED = {"quiet": quiet_option, "as_json": json_option, "storage_options": storage_option,
-          "device": config_option(TrainOptions, "device")}
+SHARED = {
+    "quiet": quiet_option,
+    "as_json": json_option,
+    "storage_options": storage_option,
+    "device": config_option(TrainOptions, "device"),
+}
 
 
 def _option_of(decorator: Any) -> click.Option:
@@ -114,5 +122,9 @@ def test_option_sets_take_text_values_and_keep_choices() -> None:
 
     assert ExtractOptions(compressor="none").compressor == "none" and ExtractOptions().layers is None
     opts = ExtractOptions(layers="0,2", storage_options=("a=1",))
-    assert (opts.layers, opts.storage_options, ExtractOptions(storage_options=()).storage_options) == ([0, 2], {"a": 1}, None)
+    assert (opts.layers, opts.storage_options, ExtractOptions(storage_options=()).storage_options) == (
+        [0, 2],
+        {"a": 1},
+        None,
+    )
     assert TrainConfig(epochs="8", lr="1e-2").to_dict() == {**TrainConfig().to_dict(), "epochs": 8, "lr": 0.01}

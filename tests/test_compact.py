@@ -16,16 +16,16 @@ from click.testing import CliRunner
 from featcache.cli import app
 from featcache.errors import TapOverflowError
 from featcache.infer import load_predictor
+from featcache.manifest import TapInfo
 from featcache.methods.last import choose_taps
 from featcache.store import TapDataset, split_to_dask, split_to_xarray
 from featcache.store.codecs import decode_array, dequantize, quantize, storage_view
+from featcache.store.describe import describe_store
 from featcache.store.feature_store import FeatureStore
 from featcache.store.reader import open_reader
-from featcache.store.describe import describe_store
 from featcache.store.verify import verify_store
 from featcache.taps import every_gth, pool_token_grid, pooled_info
 from featcache.training import train
-from featcache.manifest import TapInfo
 
 from .conftest import TINY_VIT
 from .helpers.stores import PROBE_FORWARDS, read_split, run_extract
@@ -40,13 +40,16 @@ def test_quantize_rows_is_deterministic_bounded_and_keeps_zero_rows(dtype: str) 
     codes, scale = quantize(x, dtype)
     again = quantize(x.clone(), dtype)
     assert torch.equal(codes, again[0]) and torch.equal(scale, again[1])
-    assert scale.shape == (3, 7) and scale.dtype == torch.bfloat16 and codes.dtype == (
-        torch.int8 if dtype == "int8" else torch.uint8)
+    assert (
+        scale.shape == (3, 7)
+        and scale.dtype == torch.bfloat16
+        and codes.dtype == (torch.int8 if dtype == "int8" else torch.uint8)
+    )
     y = dequantize(codes, scale, dtype)
     assert torch.equal(y[1, 2], torch.zeros(64))
     amax = x.abs().amax(-1, keepdim=True)
     err = (y - x).abs() / torch.where(amax > 0, amax, 1)
-    bound = 0.5 / 127 + 1e-3 if dtype == "int8" else 2 ** -4 + 1e-3  # half a step (int8), half an fp8 ulp
+    bound = 0.5 / 127 + 1e-3 if dtype == "int8" else 2**-4 + 1e-3  # half a step (int8), half an fp8 ulp
     assert float(err.max()) <= bound
     as_numpy = decode_array(codes.numpy(), dtype, storage_view(scale))  # what plain zarr users get
     assert np.array_equal(as_numpy, y.numpy())
@@ -66,7 +69,8 @@ def test_pooling_averages_windows_keeps_prefix_and_handles_odd_grids() -> None:
 
 def test_every_gth_keeps_what_last_with_that_gap_reads() -> None:
     infos = [TapInfo("embed", 0, 0, 5, 1, 8, (2, 2), "none")] + [
-        TapInfo(f"block{k}", k, k, 5, 1, 8, (2, 2), "none") for k in range(1, 13)]
+        TapInfo(f"block{k}", k, k, 5, 1, 8, (2, 2), "none") for k in range(1, 13)
+    ]
     for gap in (1, 2, 3, 5, 12):
         kept = [infos[p] for p in every_gth(infos, f"every:{gap}")]
         base, rungs = choose_taps(infos, gap)
@@ -91,7 +95,11 @@ def test_eight_bit_store_holds_codes_scales_and_its_measured_error(stores: dict,
     ref = FeatureStore.open(stores["float32"]).split("train")
     split = FeatureStore.open(stores[dtype]).split("train")
     attrs = split.tap("block6").attrs.asdict()
-    assert attrs["featcache_dtype"] == dtype and attrs["featcache_scale"] == "block6_scale" and "x =" in attrs["featcache_decode"]
+    assert (
+        attrs["featcache_dtype"] == dtype
+        and attrs["featcache_scale"] == "block6_scale"
+        and "x =" in attrs["featcache_decode"]
+    )
     assert verify_store(str(stores[dtype])).ok
     d = describe_store(str(stores[dtype]), split="train", stats=True)["splits"]["train"]
     for tap in split.store.manifest.tap_names:
@@ -107,8 +115,9 @@ def test_eight_bit_store_holds_codes_scales_and_its_measured_error(stores: dict,
 
 
 @pytest.mark.parametrize("dtype", EIGHT_BIT)
-def test_eight_bit_resume_after_an_error_is_bitwise_equal(stores: dict, images: Path, tmp_path: Path, dtype: str,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eight_bit_resume_after_an_error_is_bitwise_equal(
+    stores: dict, images: Path, tmp_path: Path, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from featcache.taps import Taps
 
     real, calls = Taps.forward, [0]
@@ -138,7 +147,7 @@ def test_rows_of_tiny_and_huge_values_round_trip_with_bounded_relative_error(dty
     codes, scale = quantize(x, dtype)
     y = dequantize(codes, scale, dtype)
     err = ((y - x).abs() / x.abs().amax(-1, keepdim=True)).amax(-1)  # per row, relative to its max
-    bound = 0.5 / 127 * (1 + 2 ** -8) + 1e-6 if dtype == "int8" else 2 ** -4 + 1e-6  # half a step (of bfloat16's s)
+    bound = 0.5 / 127 * (1 + 2**-8) + 1e-6 if dtype == "int8" else 2**-4 + 1e-6  # half a step (of bfloat16's s)
     assert float(err.max()) <= bound, err
     assert decode_array(codes.numpy(), dtype, storage_view(scale)).tolist() == y.tolist()  # as stored: uint16 bits
 
@@ -150,8 +159,9 @@ def _scaled_taps(monkeypatch: pytest.MonkeyPatch, factor: float) -> None:
     monkeypatch.setattr(Taps, "forward", lambda self, x: {k: v * factor for k, v in real(self, x).items()})
 
 
-def test_a_store_of_tiny_taps_keeps_them(stores: dict, images: Path, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_store_of_tiny_taps_keeps_them(
+    stores: dict, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _scaled_taps(monkeypatch, 1e-6)  # row maxima ~1e-6..1e-5: float16 scales were zero or subnormal
     run_extract(images, tmp_path / "s.zarr", dtype="int8")
     ref = FeatureStore.open(stores["float32"]).split("train")
@@ -162,11 +172,14 @@ def test_a_store_of_tiny_taps_keeps_them(stores: dict, images: Path, tmp_path: P
     assert split.array("block6_scale").attrs["featcache_scale_dtype"] == "bfloat16"
     g = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")  # plain numpy, as docs/store.md decodes it
     scale = (g["train/block6_scale"][:].astype(np.uint32) << 16).view(np.float32)
-    assert np.array_equal(g["train/block6"][:].astype(np.float32) * scale[..., None], split.read_values("block6").numpy())
+    assert np.array_equal(
+        g["train/block6"][:].astype(np.float32) * scale[..., None], split.read_values("block6").numpy()
+    )
 
 
-def test_a_float16_scale_store_reads_resumes_and_refuses_overflow(stores: dict, images: Path, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_float16_scale_store_reads_resumes_and_refuses_overflow(
+    stores: dict, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from featcache.store import feature_store
     from featcache.taps import Taps
 
@@ -242,15 +255,40 @@ def test_pooling_equals_pooling_the_full_taps(images: Path, tmp_path: Path) -> N
     want = pool_token_grid(full.read_values("block3"), info, 3)  # 4x4 grid at K=3: 2x2 windows of 3, 3, 1 tokens
     assert pooled.store.manifest.tap("block3").grid == (2, 2)
     assert torch.allclose(pooled.read_values("block3"), want, atol=1e-6)
-    assert torch.allclose(want[:, 1], F.avg_pool2d(full.read_values("block3")[:, 1:].transpose(1, 2).reshape(
-        24, -1, 4, 4), 3, 3, ceil_mode=True).flatten(2)[:, :, 0], atol=1e-6)
+    assert torch.allclose(
+        want[:, 1],
+        F.avg_pool2d(
+            full.read_values("block3")[:, 1:].transpose(1, 2).reshape(24, -1, 4, 4), 3, 3, ceil_mode=True
+        ).flatten(2)[:, :, 0],
+        atol=1e-6,
+    )
 
 
 def test_cli_compact_options_and_inspect_json(images: Path, tmp_path: Path) -> None:
     out = tmp_path / "s.zarr"
-    r = CliRunner().invoke(app, ["extract", "--model", "test_vit", "--model-kwargs", "img_size=64", "--weights", "random",
-                                 "--data", str(images), "--out", str(out), "--dtype", "float8_e4m3", "--pool-tokens", "2",
-                                 "--layers", "every:3", "--quiet"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            "--model",
+            "test_vit",
+            "--model-kwargs",
+            "img_size=64",
+            "--weights",
+            "random",
+            "--data",
+            str(images),
+            "--out",
+            str(out),
+            "--dtype",
+            "float8_e4m3",
+            "--pool-tokens",
+            "2",
+            "--layers",
+            "every:3",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     d = json.loads(CliRunner().invoke(app, ["inspect", str(out), "--json", "--stats"]).stdout)
     s = d["splits"]["train"]

@@ -59,7 +59,9 @@ def test_sizes_say_what_each_variant_stores(smoke: tuple[Path, dict]) -> None:
     # every:2 keeps exactly the taps LAST (gap 2) reads; the stream reader read those from every store
     assert list(every2["taps"]) == speed["stream"]["fp16-all"]["taps"] == speed["stream"]["every2"]["taps"]
     assert list(size["compact"]["taps"]) == list(every2["taps"])
-    assert all(size["compact"]["raw_ratio_vs_base"] > size[k]["raw_ratio_vs_base"] > 1 for k in ("int8", "pool2", "every2"))
+    assert all(
+        size["compact"]["raw_ratio_vs_base"] > size[k]["raw_ratio_vs_base"] > 1 for k in ("int8", "pool2", "every2")
+    )
 
 
 def test_markdown_has_tables_targets_and_command(smoke: tuple[Path, dict]) -> None:
@@ -81,11 +83,25 @@ def test_resume_keeps_what_an_earlier_run_of_the_same_sizes_finished(smoke: tupl
     (tmp_path / "compact.json").write_text((out / "compact.json").read_text())
     again = bench_compact.main(["--smoke", "--models", "tiny_vit", "--out", str(tmp_path / "compact"), "--resume"])
     for stage in ("speed", "memory"):
-        assert again[stage]["tiny_vit"] == json.loads(json.dumps(result[stage]["tiny_vit"])), stage  # nothing re-measured
+        assert again[stage]["tiny_vit"] == json.loads(json.dumps(result[stage]["tiny_vit"])), (
+            stage
+        )  # nothing re-measured
     assert again["accuracy"] == json.loads(json.dumps(result["accuracy"])) and again["complete"]
     # a command that does other stages keeps these entries as they are (a long run split into several commands) ...
-    other = bench_compact.main(["--smoke", "--models", "tiny_vit", "--out", str(tmp_path / "compact"), "--resume",
-                                "--stages", "", "--epochs", "2"])
+    other = bench_compact.main(
+        [
+            "--smoke",
+            "--models",
+            "tiny_vit",
+            "--out",
+            str(tmp_path / "compact"),
+            "--resume",
+            "--stages",
+            "",
+            "--epochs",
+            "2",
+        ]
+    )
     assert other["accuracy"] == again["accuracy"] and other["speed"]["tiny_vit"] == again["speed"]["tiny_vit"]
     # ... but a stage it does is measured again unless the earlier entry has the same sizes
     _, two_epochs = bench_compact.parse_args(["--smoke", "--epochs", "2"])

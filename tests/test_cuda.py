@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.manifest import BackboneSpec
 from featcache.extraction import extract
+from featcache.manifest import BackboneSpec
 from featcache.store.feature_store import FeatureStore
 from featcache.training import train
 
@@ -55,8 +55,14 @@ def test_a_gpu_made_cache_is_predicted_on_the_cpu(stores, tmp_path) -> None:
     from featcache.infer import predict
 
     (paths, test_dir) = stores
-    train(paths["cuda"], "linear", tmp_path / "p", {"epochs": 4, "batch_size": 16, "lr": 3e-3}, device="cpu",
-          progress=False)
+    train(
+        paths["cuda"],
+        "linear",
+        tmp_path / "p",
+        {"epochs": 4, "batch_size": 16, "lr": 3e-3},
+        device="cpu",
+        progress=False,
+    )
     best = json.loads((tmp_path / "p" / "best.json").read_text())
     result = predict(tmp_path / "p", str(test_dir), device="cpu", progress=False, num_workers=0)
     assert result["accuracy"] == pytest.approx(best["test_acc"], abs=1e-9)
@@ -78,8 +84,16 @@ def test_the_older_bf16_record_still_runs_bf16_autocast_on_cuda() -> None:
 @pytest.mark.parametrize("reader", ["gpu", "ram"])
 def test_train_on_cuda_learns(stores, tmp_path, reader: str) -> None:
     (paths, _) = stores
-    summary = train(paths["cuda"], "last", tmp_path / reader, {"epochs": 8, "batch_size": 16},
-                    {"lr": [1e-3, 3e-3]}, reader=reader, device="cuda", progress=False)
+    summary = train(
+        paths["cuda"],
+        "last",
+        tmp_path / reader,
+        {"epochs": 8, "batch_size": 16},
+        {"lr": [1e-3, 3e-3]},
+        reader=reader,
+        device="cuda",
+        progress=False,
+    )
     assert summary["reader"]["mode"] == reader and summary["device"] == "cuda"
     assert summary["cuda_max_memory_allocated_mb"] > 0
     assert max(m["best"]["score"] for m in summary["members"]) >= 0.9
@@ -91,8 +105,15 @@ def test_predict_on_cuda_equals_cached_accuracy(stores, tmp_path) -> None:
     from featcache.infer import predict
 
     (paths, test_dir) = stores
-    train(paths["cuda"], "last", tmp_path / "p", {"epochs": 6, "batch_size": 16, "lr": 3e-3}, reader="gpu",
-          device="cuda", progress=False)
+    train(
+        paths["cuda"],
+        "last",
+        tmp_path / "p",
+        {"epochs": 6, "batch_size": 16, "lr": 3e-3},
+        reader="gpu",
+        device="cuda",
+        progress=False,
+    )
     best = json.loads((tmp_path / "p" / "best.json").read_text())
     result = predict(tmp_path / "p", str(test_dir), device="cuda", progress=False, num_workers=0)
     assert result["accuracy"] == pytest.approx(best["test_acc"], abs=1 / 48 + 1e-9)
@@ -107,8 +128,16 @@ def test_float32_store_is_predicted_in_float32_on_cuda(stores, tmp_path) -> None
     (_, test_dir) = stores
     path = str(tmp_path / "f32.zarr")
     for split in ("train", "test"):
-        extract(BackboneSpec(**TINY_VIT), str(test_dir), path, split=split, device="cuda", dtype="float32",
-                progress=False, loader_workers=0)
+        extract(
+            BackboneSpec(**TINY_VIT),
+            str(test_dir),
+            path,
+            split=split,
+            device="cuda",
+            dtype="float32",
+            progress=False,
+            loader_workers=0,
+        )
     train(path, "linear", tmp_path / "run", {"epochs": 2, "batch_size": 16}, device="cuda", progress=False)
     predictor = load_predictor(tmp_path / "run", device="cuda")
     assert predictor.autocast.cuda_dtype is None and predictor.autocast.tf32 is False

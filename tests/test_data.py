@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from featcache.data import Subset, open_source, stratified_subset
+from featcache.errors import DataError
 from featcache.sources.idx import read_idx
 from featcache.sources.image_folder import ImageFolderSource
-from featcache.errors import DataError
 
 from .conftest import write_idx
 
@@ -100,14 +100,17 @@ def test_stratified_subset_is_fixed_and_balanced() -> None:
     assert len(sub) == 100 and sub[0].label == sub.labels()[0] and sub.ids()[0] == src.ids()[sub.indices[0]]
 
 
-@pytest.mark.parametrize("spec,msg", [
-    ("/nonexistent/dir", "does not exist"),
-    ("sklearn:iris", "unknown scikit-learn data set"),
-    ("sklearn:digits:valid", "unknown part"),
-    ("idx:/nonexistent", "apt-get install dataset-fashion-mnist"),
-    ("torchvision:NoSuchSet", "torchvision has no dataset"),
-    ("torchvision:MNIST:/nonexistent", "never downloads"),
-])
+@pytest.mark.parametrize(
+    "spec,msg",
+    [
+        ("/nonexistent/dir", "does not exist"),
+        ("sklearn:iris", "unknown scikit-learn data set"),
+        ("sklearn:digits:valid", "unknown part"),
+        ("idx:/nonexistent", "apt-get install dataset-fashion-mnist"),
+        ("torchvision:NoSuchSet", "torchvision has no dataset"),
+        ("torchvision:MNIST:/nonexistent", "never downloads"),
+    ],
+)
 def test_bad_specs(spec: str, msg: str) -> None:
     with pytest.raises(DataError, match=msg):
         open_source(spec)

@@ -26,9 +26,9 @@ from PIL import Image
 
 from featcache.cli import app
 from featcache.data import open_source, shared_spec, spec_with_columns, split_spec_options
-from featcache.sources.image_folder import ImageFolderSource
-from featcache.errors import DataError, UsageError
 from featcache.distributed.extraction import ShardJob, ids_sha256, worker_source
+from featcache.errors import DataError, UsageError
+from featcache.sources.image_folder import ImageFolderSource
 from featcache.store.feature_store import FeatureStore
 from featcache.training import train
 
@@ -72,12 +72,15 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_list(folder: Path, file: Path, image_key: str = "path", label_key: str = "label",
-               label: str = "name") -> None:
+def write_list(
+    folder: Path, file: Path, image_key: str = "path", label_key: str = "label", label: str = "name"
+) -> None:
     """A CSV or JSONL file (by suffix) listing the ImageFolder's images relative to ``file``'s folder."""
     src = ImageFolderSource(folder)
-    rows = [{image_key: os.path.relpath(folder / i, file.parent),
-             label_key: src.classes[y] if label == "name" else int(y)} for i, y in zip(src.ids(), src.labels())]
+    rows = [
+        {image_key: os.path.relpath(folder / i, file.parent), label_key: src.classes[y] if label == "name" else int(y)}
+        for i, y in zip(src.ids(), src.labels())
+    ]
     if file.suffix == ".csv":
         file.write_text(f"{image_key},{label_key}\n" + "".join(f"{r[image_key]},{r[label_key]}\n" for r in rows))
     else:
@@ -88,8 +91,13 @@ def hf_dataset(folder: Path, image: str = "image", label: str = "label") -> data
     """The ImageFolder's images (file bytes) and labels as a Dataset with an Image and a ClassLabel column."""
     src = ImageFolderSource(folder)
     features = datasets.Features({image: datasets.Image(), label: datasets.ClassLabel(names=src.classes)})
-    return datasets.Dataset.from_dict({image: [{"bytes": (folder / i).read_bytes(), "path": None} for i in src.ids()],
-                                       label: [int(y) for y in src.labels()]}, features=features)
+    return datasets.Dataset.from_dict(
+        {
+            image: [{"bytes": (folder / i).read_bytes(), "path": None} for i in src.ids()],
+            label: [int(y) for y in src.labels()],
+        },
+        features=features,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +112,19 @@ def forms(images: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, t
         saved.save_to_disk(str(root / "hf-saved"))
         (root / "hf-parquet").mkdir()
         hf_dataset(images, image="img", label="y").cast_column("y", datasets.Value("int64")).to_parquet(
-            str(root / "hf-parquet" / "train-00000-of-00001.parquet"))
+            str(root / "hf-parquet" / "train-00000-of-00001.parquet")
+        )
     finally:
         datasets.enable_progress_bars()
     write_list(images, root / "list.csv")
     write_list(images, root / "list.jsonl", image_key="file", label_key="y")
     rows = [f"train:{i}" for i in range(len(folder_ids))]
     return {
-        "wds": (f"wds:{write_shards(images, root / 'shards', per_shard=10)}", [i.rsplit(".", 1)[0] for i in folder_ids],
-                ["0", "1", "2"]),
+        "wds": (
+            f"wds:{write_shards(images, root / 'shards', per_shard=10)}",
+            [i.rsplit(".", 1)[0] for i in folder_ids],
+            ["0", "1", "2"],
+        ),
         "csv": (f"csv:{root / 'list.csv'}", paths, CLASSES),
         "jsonl": (f"jsonl:{root / 'list.jsonl'}?label=y", paths, CLASSES),
         "hf-saved": (f"hf:{root / 'hf-saved'}:train", rows, CLASSES),
@@ -141,8 +153,9 @@ def without_ids(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_each_form_extracts_the_same_arrays_as_the_image_folder(form: str, forms: dict, reference: tuple,
-                                                                tmp_path: Path) -> None:
+def test_each_form_extracts_the_same_arrays_as_the_image_folder(
+    form: str, forms: dict, reference: tuple, tmp_path: Path
+) -> None:
     spec, ids, classes = forms[form]
     out = tmp_path / "s.zarr"
     run_extract(spec, out, dtype="float32")
@@ -153,8 +166,9 @@ def test_each_form_extracts_the_same_arrays_as_the_image_folder(form: str, forms
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_labels_and_ids_come_without_decoding_an_image(form: str, forms: dict, images: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_labels_and_ids_come_without_decoding_an_image(
+    form: str, forms: dict, images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spec, ids, classes = forms[form]
 
     def refuse(*args: Any, **kwargs: Any) -> None:
@@ -229,15 +243,18 @@ def _png() -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("case, says", [
-    ("missing", ["1 of 2 shard(s)", "do not exist", "part-000001.tar", "brace range"]),
-    ("no-image", ["sample x in", "has no image", ".txt", "add the image or remove"]),
-    ("float-label", ["x.json: label 1.5 is a float", "integer labels or class names"]),
-    ("gzip", ["is compressed", "plain .tar shards", "gunzip"]),
-    ("not-tar", ["is not a tar file"]),
-    ("truncated", ["is damaged (ReadError", "rewrite or remove it"]),
-    ("empty", ["no samples in --data wds:"]),
-])
+@pytest.mark.parametrize(
+    "case, says",
+    [
+        ("missing", ["1 of 2 shard(s)", "do not exist", "part-000001.tar", "brace range"]),
+        ("no-image", ["sample x in", "has no image", ".txt", "add the image or remove"]),
+        ("float-label", ["x.json: label 1.5 is a float", "integer labels or class names"]),
+        ("gzip", ["is compressed", "plain .tar shards", "gunzip"]),
+        ("not-tar", ["is not a tar file"]),
+        ("truncated", ["is damaged (ReadError", "rewrite or remove it"]),
+        ("empty", ["no samples in --data wds:"]),
+    ],
+)
 def test_wds_errors_name_the_shard_and_the_fix(case: str, says: list[str], tmp_path: Path) -> None:
     shard = tmp_path / "part-000000.tar"
     pattern = str(shard)
@@ -332,8 +349,11 @@ def test_a_missing_image_names_its_line(kind: str, images: Path, tmp_path: Path)
     lines = file.read_text().splitlines()
     lines[5] = lines[5].replace("img_", "gone_")
     file.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=rf"list\.{kind} line 6: image .*gone_\d+\.png does not exist .*relative to the "
-                                        "folder of"):
+    with pytest.raises(
+        DataError,
+        match=rf"list\.{kind} line 6: image .*gone_\d+\.png does not exist .*relative to the "
+        "folder of",
+    ):
         open_source(f"{kind}:{file}")
 
 
@@ -352,8 +372,12 @@ def test_list_labels_columns_and_errors(images: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"has no image column \(columns: name, target\); .*--image-column"):
         open_source(f"csv:{file}")
     mixed = tmp_path / "m.jsonl"
-    mixed.write_text(json.dumps({"path": str(images / names[0]), "label": "cat"}) + "\n\n" +
-                     json.dumps({"path": str(images / names[1]), "label": 3}) + "\n")
+    mixed.write_text(
+        json.dumps({"path": str(images / names[0]), "label": "cat"})
+        + "\n\n"
+        + json.dumps({"path": str(images / names[1]), "label": 3})
+        + "\n"
+    )
     with pytest.raises(DataError, match=r"m\.jsonl line 3: label 3 is a number where other rows hold class names"):
         open_source(f"jsonl:{mixed}")
     mixed.write_text('{"path": "a.png"}\n[1, 2]\n')
@@ -374,11 +398,15 @@ def test_list_labels_columns_and_errors(images: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("module, extra, spec", [("webdataset", "wds", "wds:x.tar"), ("datasets", "hf", "hf:x")])
-def test_a_missing_optional_package_names_its_extra(module: str, extra: str, spec: str,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_missing_optional_package_names_its_extra(
+    module: str, extra: str, spec: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, module, None)  # import fails as when the package is not installed
-    with pytest.raises(DataError, match=rf"needs the '{module}' package, which is not installed: pip install "
-                                        rf"'featcache\[{extra}\]'"):
+    with pytest.raises(
+        DataError,
+        match=rf"needs the '{module}' package, which is not installed: pip install "
+        rf"'featcache\[{extra}\]'",
+    ):
         open_source(spec)
 
 
@@ -400,9 +428,9 @@ def test_column_options_are_written_into_the_spec() -> None:
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_a_worker_with_another_cwd_reopens_the_spec_to_the_same_ids(form: str, forms: dict, images: Path,
-                                                                   tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_worker_with_another_cwd_reopens_the_spec_to_the_same_ids(
+    form: str, forms: dict, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """As extract_on_cluster plans it: the client's relative spec is made absolute (shared_spec), and
     worker_source re-opens it from the string alone and checks length and the ids' sha256."""
     spec, ids, _ = forms[form]
@@ -415,9 +443,22 @@ def test_a_worker_with_another_cwd_reopens_the_spec_to_the_same_ids(form: str, f
     monkeypatch.chdir(tmp_path)  # the worker's own working directory
     with pytest.raises(DataError):
         open_source(relative)  # the relative spec does not resolve from here
-    job = ShardJob(spec={}, layers=None, device="cpu", store="", split="train", data=shared, limit=None,
-                   num_samples=len(ids), ids_sha256=ids_sha256(ids), weights_sha256="", batch_size=4,
-                   loader_workers=0, durable=False, storage_options=None)
+    job = ShardJob(
+        spec={},
+        layers=None,
+        device="cpu",
+        store="",
+        split="train",
+        data=shared,
+        limit=None,
+        num_samples=len(ids),
+        ids_sha256=ids_sha256(ids),
+        weights_sha256="",
+        batch_size=4,
+        loader_workers=0,
+        durable=False,
+        storage_options=None,
+    )
     assert worker_source(job).ids() == ids
 
 
@@ -430,8 +471,9 @@ def test_plain_specs_keep_their_meaning_when_shared(images: Path, monkeypatch: p
 
 
 @pytest.mark.slow
-def test_cluster_extraction_of_each_new_form_equals_the_image_folder(forms: dict, reference: tuple,
-                                                                     tmp_path: Path) -> None:
+def test_cluster_extraction_of_each_new_form_equals_the_image_folder(
+    forms: dict, reference: tuple, tmp_path: Path
+) -> None:
     """Dask workers (spawned processes) re-open every form from its spec and write the ImageFolder's arrays."""
     from featcache.distributed.cluster import cluster_client
     from featcache.distributed.extraction import extract_on_cluster
@@ -441,8 +483,9 @@ def test_cluster_extraction_of_each_new_form_equals_the_image_folder(forms: dict
         for form in ("wds", "csv", "jsonl", "hf-saved", "hf-parquet"):
             spec, ids, _ = forms[form]
             out = tmp_path / f"{form}.zarr"
-            report = extract_on_cluster(BackboneSpec(**TINY_VIT), spec, out, client=client,
-                                        **{**FAST, "dtype": "float32"})
+            report = extract_on_cluster(
+                BackboneSpec(**TINY_VIT), spec, out, client=client, **{**FAST, "dtype": "float32"}
+            )
             assert report.complete and report.shards_written == 6, form
             got = read_split(out)
             assert got["ids"].tolist() == ids, form
@@ -454,14 +497,30 @@ def test_cluster_extraction_of_each_new_form_equals_the_image_folder(forms: dict
 
 
 def _extract_args(out: Path, *data_args: str) -> list[str]:
-    return ["extract", "--model", "test_vit", "--model-kwargs", "img_size=32", "--weights", "random", "--out", str(out),
-            "--quiet", "--batch-size", "4", "--dtype", "float32", *data_args]
+    return [
+        "extract",
+        "--model",
+        "test_vit",
+        "--model-kwargs",
+        "img_size=32",
+        "--weights",
+        "random",
+        "--out",
+        str(out),
+        "--quiet",
+        "--batch-size",
+        "4",
+        "--dtype",
+        "float32",
+        *data_args,
+    ]
 
 
 def test_cli_column_options_reach_the_source(forms: dict, reference: tuple, tmp_path: Path) -> None:
     parquet = split_spec_options(forms["hf-parquet"][0])[0]  # without ?label=y: the options say it
-    r = CliRunner().invoke(app, _extract_args(tmp_path / "s.zarr", "--data", parquet, "--image-column", "img",
-                                              "--label-column", "y"))
+    r = CliRunner().invoke(
+        app, _extract_args(tmp_path / "s.zarr", "--data", parquet, "--image-column", "img", "--label-column", "y")
+    )
     assert r.exit_code == 0, r.output
     got, ref = read_split(tmp_path / "s.zarr"), reference[1]
     np.testing.assert_array_equal(got["labels"], ref["labels"])
@@ -469,12 +528,15 @@ def test_cli_column_options_reach_the_source(forms: dict, reference: tuple, tmp_
         np.testing.assert_allclose(got[tap], ref[tap], atol=1e-5)
 
 
-@pytest.mark.parametrize("data_args, code, says", [
-    (["--data", "csv:{T}/missing.csv"], 1, ["csv file", "missing.csv does not exist"]),
-    (["--data", "{T}", "--image-column", "img"], 2, ["--image-column and --label-column choose columns of hf:"]),
-    (["--data", "wds:{T}/none-{0..3}.tar"], 1, ["4 of 4 shard(s)", "do not exist"]),
-    (["--data", "hf:{T}/nothing"], 1, ["Hugging Face dataset", "nothing does not exist"]),
-])
+@pytest.mark.parametrize(
+    "data_args, code, says",
+    [
+        (["--data", "csv:{T}/missing.csv"], 1, ["csv file", "missing.csv does not exist"]),
+        (["--data", "{T}", "--image-column", "img"], 2, ["--image-column and --label-column choose columns of hf:"]),
+        (["--data", "wds:{T}/none-{0..3}.tar"], 1, ["4 of 4 shard(s)", "do not exist"]),
+        (["--data", "hf:{T}/nothing"], 1, ["Hugging Face dataset", "nothing does not exist"]),
+    ],
+)
 def test_cli_bad_data_is_one_error_line(data_args: list[str], code: int, says: list[str], tmp_path: Path) -> None:
     data_args = [a.replace("{T}", str(tmp_path)) for a in data_args]
     r = CliRunner().invoke(app, _extract_args(tmp_path / "s.zarr", *data_args))
@@ -484,20 +546,24 @@ def test_cli_bad_data_is_one_error_line(data_args: list[str], code: int, says: l
     assert not (tmp_path / "s.zarr").exists()
 
 
-def test_predict_reads_the_new_forms_like_the_image_folder(forms: dict, reference: tuple, images: Path,
-                                                           tmp_path: Path) -> None:
+def test_predict_reads_the_new_forms_like_the_image_folder(
+    forms: dict, reference: tuple, images: Path, tmp_path: Path
+) -> None:
     train(str(reference[0]), "linear", tmp_path / "run", {"epochs": 2, "batch_size": 8}, progress=False)
     named_shards = write_shards(images, tmp_path / "shards", label="json")  # class names, as the run's classes
     results = {}
-    for name, args in {"folder": ["--data", str(images)],
-                       "jsonl": ["--data", split_spec_options(forms["jsonl"][0])[0], "--label-column", "y"],
-                       "wds": ["--data", f"wds:{named_shards}"]}.items():
+    for name, args in {
+        "folder": ["--data", str(images)],
+        "jsonl": ["--data", split_spec_options(forms["jsonl"][0])[0], "--label-column", "y"],
+        "wds": ["--data", f"wds:{named_shards}"],
+    }.items():
         r = CliRunner().invoke(app, ["predict", str(tmp_path / "run"), "--device", "cpu", "--json", "--quiet", *args])
         assert r.exit_code == 0, r.output
         results[name] = json.loads(r.stdout)
     folder = results["folder"]
     assert folder["num_images"] == 24 and "accuracy" in folder
     for name in ("jsonl", "wds"):
-        assert [(p["label"], p["pred"]) for p in results[name]["predictions"]] == \
-            [(p["label"], p["pred"]) for p in folder["predictions"]]
+        assert [(p["label"], p["pred"]) for p in results[name]["predictions"]] == [
+            (p["label"], p["pred"]) for p in folder["predictions"]
+        ]
         assert results[name]["accuracy"] == folder["accuracy"]

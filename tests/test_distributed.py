@@ -30,28 +30,26 @@ from distributed import Client
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from featcache.backbone import Backbone
-
-from featcache.manifest import BackboneSpec
 from featcache.checkpoint import load_checkpoint
 from featcache.cli import app
-from featcache.errors import ClusterError, ConfigError, DataError, StoreLockedError, UsageError
 from featcache.distributed import cluster as dist_cluster
 from featcache.distributed import extraction as dist_extraction
 from featcache.distributed.cluster import cluster_client
 from featcache.distributed.extraction import extract_on_cluster, plan_tasks
 from featcache.distributed.training import plan_parts, train_on_cluster
+from featcache.errors import ClusterError, ConfigError, DataError, StoreLockedError, UsageError
 from featcache.extraction import ExtractOptions, open_split_source
 from featcache.loader import cpu_count
+from featcache.manifest import BackboneSpec
+from featcache.store.describe import describe_store
 from featcache.store.feature_store import FeatureStore
 from featcache.store.lock import pid_alive
-from featcache.store.describe import describe_store
 from featcache.store.verify import verify_store
 from featcache.sweep import expand
 from featcache.tensorboard_log import tensorboard_installed
 from featcache.training import train
 
-from .conftest import make_separable_images, write_tap_store
-from .conftest import TINY_VIT
+from .conftest import TINY_VIT, make_separable_images, write_tap_store
 from .helpers.stores import FAST, assert_same_arrays, read_split, run_extract
 from .helpers.tensorboard_events import read_scalars
 
@@ -86,10 +84,15 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     try:
         _wait_until_up(endpoint, proc)
         with pytest.MonkeyPatch.context() as mp:
@@ -136,8 +139,23 @@ def cluster_extract(client: Client, images: Path, out: Path, **kw: Any) -> Any:
 
 
 def _extract_args(images: Path, out: str, *extra: str) -> list[str]:
-    return ["extract", "--model", "test_vit", "--model-kwargs", "img_size=32", "--weights", "random", "--data",
-            str(images), "--out", out, "--quiet", "--batch-size", "4", *extra]
+    return [
+        "extract",
+        "--model",
+        "test_vit",
+        "--model-kwargs",
+        "img_size=32",
+        "--weights",
+        "random",
+        "--data",
+        str(images),
+        "--out",
+        out,
+        "--quiet",
+        "--batch-size",
+        "4",
+        *extra,
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,14 +176,15 @@ def test_cluster_extraction_equals_one_process(client: Client, images: Path, ref
     assert again.shards_written == 0 and again.complete and again.rounds == 0
 
 
-def test_cluster_resume_computes_only_missing_shards(client: Client, images: Path, reference: dict,
-                                                     tmp_path: Path) -> None:
+def test_cluster_resume_computes_only_missing_shards(
+    client: Client, images: Path, reference: dict, tmp_path: Path
+) -> None:
     out = tmp_path / "s.zarr"
     cluster_extract(client, images, out)
     split = FeatureStore.open(out, "r+").split("train")
     for k in (1, 4):
         split.set_complete(k, False)
-        split.tap("block3")[k * 4:(k + 1) * 4] = 0  # as if never written
+        split.tap("block3")[k * 4 : (k + 1) * 4] = 0  # as if never written
     report = cluster_extract(client, images, out, resume=True, shards_per_task=3)  # one task: shards 1 and 4
     assert report.status == "resumed" and sorted(report.shard_workers) == [1, 4]
     assert_same_arrays(read_split(out), reference)
@@ -178,7 +197,9 @@ def test_task_skips_shards_whose_record_is_set(images: Path, reference: dict, tm
     split = FeatureStore.open(out, "r+").split("train")
     split.set_complete(1, False)
     opts = ExtractOptions(**{**FAST, "dtype": "float32"})
-    job = dist_extraction._shard_job(SPEC, Backbone(SPEC), open_split_source(str(images)), split, str(out), str(images), opts)
+    job = dist_extraction._shard_job(
+        SPEC, Backbone(SPEC), open_split_source(str(images)), split, str(out), str(images), opts
+    )
     result = dist_extraction.extract_shards_task(job, [0, 1, 2])  # in this process: the task function itself
     assert result["skipped"] == [0, 2] and result["shards"] == [1] and result["images"] == 4
     assert_same_arrays(read_split(out), reference)
@@ -187,23 +208,41 @@ def test_task_skips_shards_whose_record_is_set(images: Path, reference: dict, tm
 def _worker_settings() -> dict[str, Any]:
     import zarr
 
-    return {"torch": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS"),
-            "zarr_pool": zarr.config.get("threading.max_workers"), "zarr_concurrency": zarr.config.get("async.concurrency"),
-            "malloc_trim": os.environ.get("MALLOC_TRIM_THRESHOLD_"), "wait": os.environ.get("OMP_WAIT_POLICY")}
+    return {
+        "torch": torch.get_num_threads(),
+        "omp": os.environ.get("OMP_NUM_THREADS"),
+        "zarr_pool": zarr.config.get("threading.max_workers"),
+        "zarr_concurrency": zarr.config.get("async.concurrency"),
+        "malloc_trim": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+        "wait": os.environ.get("OMP_WAIT_POLICY"),
+    }
 
 
 def test_workers_get_their_share_of_the_machine(client: Client) -> None:
     share = max(1, cpu_count() // 2)
-    expected = {"torch": share, "omp": str(share), "zarr_pool": share, "zarr_concurrency": 4, "malloc_trim": None,
-                "wait": "PASSIVE"}
+    expected = {
+        "torch": share,
+        "omp": str(share),
+        "zarr_pool": share,
+        "zarr_concurrency": 4,
+        "malloc_trim": None,
+        "wait": "PASSIVE",
+    }
     assert list(client.run(_worker_settings).values()) == [expected, expected]
     assert all(w["nthreads"] == 1 for w in client.scheduler_info(n_workers=-1)["workers"].values())
 
 
 def test_plan_tasks_groups_consecutive_shards() -> None:
     assert plan_tasks(list(range(6)), workers=2) == [[0], [1], [2], [3], [4], [5]]
-    assert plan_tasks(list(range(20)), workers=2) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11],
-                                                       [12, 13, 14], [15, 16, 17], [18, 19]]
+    assert plan_tasks(list(range(20)), workers=2) == [
+        [0, 1, 2],
+        [3, 4, 5],
+        [6, 7, 8],
+        [9, 10, 11],
+        [12, 13, 14],
+        [15, 16, 17],
+        [18, 19],
+    ]
     assert plan_tasks([1, 4, 5], workers=1, shards_per_task=2) == [[1, 4], [5]]
 
 
@@ -253,8 +292,9 @@ def plugin(client: Client) -> Iterator[Any]:
         client.unregister_worker_plugin(name)
 
 
-def test_failed_shard_is_submitted_again(client: Client, plugin: Any, images: Path, reference: dict,
-                                         tmp_path: Path) -> None:
+def test_failed_shard_is_submitted_again(
+    client: Client, plugin: Any, images: Path, reference: dict, tmp_path: Path
+) -> None:
     marker, out = tmp_path / "failed", tmp_path / "s.zarr"
     plugin(ShardFault(str(marker), shard=2))
     report = cluster_extract(client, images, out)
@@ -263,8 +303,9 @@ def test_failed_shard_is_submitted_again(client: Client, plugin: Any, images: Pa
     assert_same_arrays(read_split(out), reference)
 
 
-def test_ctrl_c_cancels_drains_and_resume_completes(client: Client, images: Path, reference: dict, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_cancels_drains_and_resume_completes(
+    client: Client, images: Path, reference: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from featcache.errors import Interrupted
     from featcache.progress import bar
 
@@ -327,8 +368,9 @@ def test_s3_round_trip_extract_verify_train(client: Client, images: Path, refere
     assert_same_run(tmp_path / "local", tmp_path / "dist")
 
 
-def test_cli_workers_2_to_s3_with_environment_credentials(client: Client, images: Path, reference: dict,
-                                                         tmp_path: Path) -> None:
+def test_cli_workers_2_to_s3_with_environment_credentials(
+    client: Client, images: Path, reference: dict, tmp_path: Path
+) -> None:
     """``extract --workers 2`` starts (and stops) its own cluster; endpoint and keys come from AWS_*."""
     url = f"s3://{BUCKET}/cli.zarr"
     r = CliRunner().invoke(app, _extract_args(images, url, "--workers", "2", "--dtype", "float32"))
@@ -341,8 +383,25 @@ def test_cli_workers_2_to_s3_with_environment_credentials(client: Client, images
     data = json.loads(r.stdout)
     assert data["verify"]["ok"] and data["splits"]["train"]["num_samples"] == 24
     out = tmp_path / "run"
-    r = CliRunner().invoke(app, ["train", url, "--method", "linear", "--out", str(out), "--epochs", "1",
-                                 "--grid", "lr=1e-3,1e-2", "--scheduler", client.scheduler.address, "--json", "--quiet"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "train",
+            url,
+            "--method",
+            "linear",
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--grid",
+            "lr=1e-3,1e-2",
+            "--scheduler",
+            client.scheduler.address,
+            "--json",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert [m["name"] for m in data["members"]] == ["lr=0.001", "lr=0.01"] and data["cluster"]["workers"] == 2
@@ -354,9 +413,21 @@ def test_cli_storage_options_replace_the_environment(s3: dict, images: Path, mon
     for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(key)
     url = f"s3://{BUCKET}/options.zarr"
-    r = CliRunner().invoke(app, _extract_args(images, url, "--limit", "6", "--storage-option",
-                                              f"endpoint_url={s3['AWS_ENDPOINT_URL']}", "--storage-option",
-                                              "key=testing", "--storage-option", "secret=testing"))
+    r = CliRunner().invoke(
+        app,
+        _extract_args(
+            images,
+            url,
+            "--limit",
+            "6",
+            "--storage-option",
+            f"endpoint_url={s3['AWS_ENDPOINT_URL']}",
+            "--storage-option",
+            "key=testing",
+            "--storage-option",
+            "secret=testing",
+        ),
+    )
     assert r.exit_code == 0, r.output
     opts = {"endpoint_url": s3["AWS_ENDPOINT_URL"], "key": "testing", "secret": "testing"}
     assert FeatureStore.open(url, "r", opts).split("train").complete
@@ -388,8 +459,11 @@ def tap_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_files(run: Path) -> list[str]:
     """Files of a run, except resumable state and event files (named by time, host and pid; compared by content)."""
-    return sorted(str(p.relative_to(run)) for p in run.rglob("*")
-                  if p.is_file() and p.relative_to(run).parts[0] not in ("state", "tensorboard"))
+    return sorted(
+        str(p.relative_to(run))
+        for p in run.rglob("*")
+        if p.is_file() and p.relative_to(run).parts[0] not in ("state", "tensorboard")
+    )
 
 
 def assert_same_run(local: Path, dist: Path) -> None:
@@ -406,7 +480,9 @@ def assert_same_run(local: Path, dist: Path) -> None:
     assert sum_d["num_members"] == sum_l["num_members"] and sum_d["best"]["name"] == sum_l["best"]["name"]
     for m in sum_l["members"]:
         name = m["name"]
-        assert (local / "members" / name / "config.json").read_text() == (dist / "members" / name / "config.json").read_text()
+        assert (local / "members" / name / "config.json").read_text() == (
+            dist / "members" / name / "config.json"
+        ).read_text()
         if m["status"] != "ok":  # a diverged member keeps no weights
             continue
         a, b = (load_checkpoint(r / "members" / name).network.state_dict() for r in (local, dist))
@@ -419,8 +495,10 @@ def test_sweep_over_two_workers_equals_local_sweep(client: Client, tap_store: Pa
     summary = train_on_cluster(str(tap_store), "last", tmp_path / "dist", settings, grid, client=client, progress=False)
     parts = summary["cluster"]["parts"]
     assert len(parts) == 2 and len({p["worker"] for p in parts}) == 2
-    assert sorted(map(sorted, (p["members"] for p in parts))) == [["lr=0.001-rank=4", "lr=0.003-rank=4"],
-                                                                 ["lr=0.001-rank=8", "lr=0.003-rank=8"]]  # banks whole
+    assert sorted(map(sorted, (p["members"] for p in parts))) == [
+        ["lr=0.001-rank=4", "lr=0.003-rank=4"],
+        ["lr=0.001-rank=8", "lr=0.003-rank=8"],
+    ]  # banks whole
     assert_same_run(tmp_path / "local", tmp_path / "dist")
     if tensorboard_installed():  # the parts' event files are gathered into RUNDIR/tensorboard as well
         members = sorted(p.name for p in (tmp_path / "local" / "tensorboard").iterdir())
@@ -430,12 +508,18 @@ def test_sweep_over_two_workers_equals_local_sweep(client: Client, tap_store: Pa
             assert read_scalars(tmp_path / "dist" / "tensorboard" / name) == local and set(local["val_acc"]) == {1, 2}
 
 
-def test_part_whose_members_all_diverge_does_not_fail_the_sweep(client: Client, tap_store: Path, tmp_path: Path) -> None:
+def test_part_whose_members_all_diverge_does_not_fail_the_sweep(
+    client: Client, tap_store: Path, tmp_path: Path
+) -> None:
     settings, grid = {"epochs": 1, "batch_size": 16}, {"lr": [3e-3, 1e30]}
     train(str(tap_store), "linear", tmp_path / "local", settings, grid, progress=False)
-    summary = train_on_cluster(str(tap_store), "linear", tmp_path / "dist", settings, grid, client=client, progress=False)
+    summary = train_on_cluster(
+        str(tap_store), "linear", tmp_path / "dist", settings, grid, client=client, progress=False
+    )
     assert [p["members"] for p in summary["cluster"]["parts"]] in (
-        [["lr=0.003"], ["lr=1e+30"]], [["lr=1e+30"], ["lr=0.003"]])  # one bank split over the 2 workers
+        [["lr=0.003"], ["lr=1e+30"]],
+        [["lr=1e+30"], ["lr=0.003"]],
+    )  # one bank split over the 2 workers
     by = {m["name"]: m for m in summary["members"]}
     assert by["lr=1e+30"]["status"] == "diverged" and summary["best"]["name"] == "lr=0.003"
     assert_same_run(tmp_path / "local", tmp_path / "dist")
@@ -447,8 +531,9 @@ def test_sweep_without_validation_data_is_refused_as_locally(client: Client, tap
     with pytest.raises(ConfigError, match="a sweep of 2 members needs validation data"):
         train(str(tap_store), "linear", tmp_path / "local", settings, grid, progress=False, val_fraction=0)
     with pytest.raises(ConfigError, match="a sweep of 2 members needs validation data"):
-        train_on_cluster(str(tap_store), "linear", tmp_path / "dist", settings, grid, client=client, progress=False,
-                         val_fraction=0)
+        train_on_cluster(
+            str(tap_store), "linear", tmp_path / "dist", settings, grid, client=client, progress=False, val_fraction=0
+        )
     assert not (tmp_path / "dist").exists()  # refused before RUNDIR was created
 
 
@@ -492,7 +577,9 @@ def test_unreachable_scheduler_is_a_clear_error(images: Path, tmp_path: Path) ->
 
 
 def test_cluster_option_errors(images: Path, tmp_path: Path) -> None:
-    r = CliRunner().invoke(app, _extract_args(images, str(tmp_path / "s"), "--workers", "2", "--scheduler", "tcp://x:1"))
+    r = CliRunner().invoke(
+        app, _extract_args(images, str(tmp_path / "s"), "--workers", "2", "--scheduler", "tcp://x:1")
+    )
     assert r.exit_code == 2 and "exactly one of --workers N" in r.stderr
     r = CliRunner().invoke(app, _extract_args(images, str(tmp_path / "s"), "--workers", "0"))
     assert r.exit_code == 2 and "--workers" in r.stderr
@@ -504,8 +591,9 @@ def test_cluster_option_errors(images: Path, tmp_path: Path) -> None:
 # Last: a killed worker (its nanny restarts it seconds later, after the module's other tests)
 
 
-def test_killed_worker_shard_is_recomputed(client: Client, plugin: Any, images: Path, reference: dict,
-                                           tmp_path: Path) -> None:
+def test_killed_worker_shard_is_recomputed(
+    client: Client, plugin: Any, images: Path, reference: dict, tmp_path: Path
+) -> None:
     marker, out = tmp_path / "killed", tmp_path / "s.zarr"
     plugin(ShardFault(str(marker), shard=3, kill=True))
     report = cluster_extract(client, images, out)

@@ -16,15 +16,12 @@ import torch
 from click.testing import CliRunner
 
 from featcache.backbone import Backbone, Taps
-
-from featcache.manifest import BackboneSpec
 from featcache.cli import app
-from featcache.loader import TransformPool
 from featcache.errors import DataError, Interrupted
 from featcache.extraction import open_split_source
-from featcache.loader import AugmentedViews, ShardBatchSampler, default_loader_workers, transform_threads
+from featcache.loader import AugmentedViews, ShardBatchSampler, TransformPool, default_loader_workers, transform_threads
+from featcache.manifest import BackboneSpec, SplitMeta
 from featcache.store.feature_store import FeatureStore
-from featcache.manifest import SplitMeta
 from featcache.store.verify import verify_store
 
 from .conftest import TINY_VIT
@@ -56,8 +53,9 @@ class _FailAfter:
         monkeypatch.setattr(Taps, "forward", forward)
 
 
-def test_resume_after_injected_error_equals_clean_run(images: Path, tmp_path: Path, clean_run: dict,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_after_injected_error_equals_clean_run(
+    images: Path, tmp_path: Path, clean_run: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "s.zarr"
     _FailAfter(monkeypatch, PROBE_FORWARDS + 5, RuntimeError("disk on fire"))  # one batch per shard: fails in shard 4
     with pytest.raises(RuntimeError, match="disk on fire"):
@@ -71,12 +69,15 @@ def test_resume_after_injected_error_equals_clean_run(images: Path, tmp_path: Pa
     assert_same_arrays(read_split(out), clean_run)
 
 
-def test_ctrl_c_keeps_completed_shards_and_says_how_to_resume(images: Path, tmp_path: Path, clean_run: dict,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_keeps_completed_shards_and_says_how_to_resume(
+    images: Path, tmp_path: Path, clean_run: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     clean, out = tmp_path / "clean.zarr", tmp_path / "s.zarr"
     run_extract(images, clean, dtype="float32", batch_size=2)
     _FailAfter(monkeypatch, PROBE_FORWARDS + 6, KeyboardInterrupt())  # batches of 2 images: the 2nd batch of shard 2
-    with pytest.raises(Interrupted, match=r"2 of 6 shards .* complete, the shard in progress was discarded.*--resume") as info:
+    with pytest.raises(
+        Interrupted, match=r"2 of 6 shards .* complete, the shard in progress was discarded.*--resume"
+    ) as info:
         run_extract(images, out, dtype="float32", batch_size=2)
     monkeypatch.undo()
     assert info.value.exit_code == 130
@@ -96,8 +97,9 @@ def test_resume_of_complete_split_writes_nothing(images: Path, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("sig,workers", [(signal.SIGKILL, "0"), (signal.SIGINT, "1"), (signal.SIGINT, "pool")])
-def test_resume_after_kill_or_ctrl_c_equals_clean_run(images: Path, tmp_path: Path, clean_run: dict, sig: int,
-                                                       workers: str) -> None:
+def test_resume_after_kill_or_ctrl_c_equals_clean_run(
+    images: Path, tmp_path: Path, clean_run: dict, sig: int, workers: str
+) -> None:
     """A real process killed with SIGKILL (lock left stale), or sent Ctrl-C (a clean stop), mid-run; Ctrl-C
     with a DataLoader worker process (it reaches the worker too) and with the in-process transform threads."""
     out, log = tmp_path / "s.zarr", tmp_path / "child.log"
@@ -106,8 +108,11 @@ def test_resume_after_kill_or_ctrl_c_equals_clean_run(images: Path, tmp_path: Pa
         settings["transform_threads"] = 2
     proc = start_child(child_extract, str(images), str(out), None, str(log), 0.25, settings, True)
     try:
-        wait_for(lambda: (out / "train").exists() and len(list((out / "train" / "_complete" / "c").glob("*"))) >= 2,
-                 timeout=60, proc=proc)
+        wait_for(
+            lambda: (out / "train").exists() and len(list((out / "train" / "_complete" / "c").glob("*"))) >= 2,
+            timeout=60,
+            proc=proc,
+        )
         os.killpg(proc.pid, sig)  # the whole process group, as a terminal's Ctrl-C does
     finally:
         proc.join(60)
@@ -117,8 +122,11 @@ def test_resume_after_kill_or_ctrl_c_equals_clean_run(images: Path, tmp_path: Pa
         assert (out / "_locks" / "train.lock").exists()  # a crashed owner's lock is left behind ...
     else:
         assert proc.exitcode == 130 and "Traceback" not in stderr
-        assert re.search(r"Error: interrupted: \d of 6 shards .* discarded; run the same featcache extract command "
-                         r"with --resume", stderr), stderr
+        assert re.search(
+            r"Error: interrupted: \d of 6 shards .* discarded; run the same featcache extract command "
+            r"with --resume",
+            stderr,
+        ), stderr
         assert not (out / "_locks").exists()
     done = FeatureStore.open(out).split("train").completed_shards()
     assert 2 <= done.sum() < 6
@@ -156,9 +164,9 @@ def test_transform_pool_keeps_order_runs_torch_single_threaded_and_raises_item_e
         torch.set_num_threads(before)
 
 
-def test_cpu_extraction_transforms_on_threads_and_equals_a_worker_process(images: Path, tmp_path: Path,
-                                                                          clean_run: dict,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_extraction_transforms_on_threads_and_equals_a_worker_process(
+    images: Path, tmp_path: Path, clean_run: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The CPU default (no DataLoader worker, a TransformPool) stores the same arrays as a worker process."""
     assert default_loader_workers("cpu") == 0 and default_loader_workers("cuda") >= 1
     assert default_loader_workers("cpu", views=3) >= 1  # augmented views: a worker process, not threads
@@ -170,8 +178,13 @@ def test_cpu_extraction_transforms_on_threads_and_equals_a_worker_process(images
     monkeypatch.setattr(fx, "transform_threads", lambda workers, views: 3)  # the tests' torch runs 1 thread
     fetched: list[str] = []
     items = PooledItems.__getitems__
-    monkeypatch.setattr(PooledItems, "__getitems__", lambda self, idx: fetched.append(self.pool.map(
-        lambda i: threading.current_thread().name, idx)[0]) or items(self, idx))
+    monkeypatch.setattr(
+        PooledItems,
+        "__getitems__",
+        lambda self, idx: (
+            fetched.append(self.pool.map(lambda i: threading.current_thread().name, idx)[0]) or items(self, idx)
+        ),
+    )
     out = tmp_path / "pool.zarr"
     run_extract(images, out, dtype="float32", loader_workers=None)
     assert len(fetched) == 6 and all(name.startswith("featcache-transform") for name in fetched)
@@ -239,8 +252,21 @@ def test_manifest_records_what_reproduces_the_store(images: Path, tmp_path: Path
 
 
 def _cli_args(images: Path, out: Path, *extra: str) -> list[str]:
-    return ["extract", "--model", "test_vit", "--model-kwargs", "img_size=32", "--weights", "random",
-            "--data", str(images), "--out", str(out), "--quiet", *extra]
+    return [
+        "extract",
+        "--model",
+        "test_vit",
+        "--model-kwargs",
+        "img_size=32",
+        "--weights",
+        "random",
+        "--data",
+        str(images),
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_cli_extract_and_refusals(images: Path, tmp_path: Path) -> None:
@@ -261,8 +287,13 @@ def test_cli_subprocess_prints_summary_line(images: Path, tmp_path: Path) -> Non
     out = tmp_path / "s.zarr"
     args = _cli_args(images, out, "--limit", "6", "--batch-size", "4")
     args.remove("--quiet")
-    proc = subprocess.run([sys.executable, "-c", "from featcache.cli import main; main()", *args],
-                          capture_output=True, text=True, env={**os.environ, "FEATCACHE_PROGRESS": "0"}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from featcache.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FEATCACHE_PROGRESS": "0"},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
     last = proc.stderr.strip().splitlines()[-1]

@@ -10,8 +10,22 @@ from benchmarks import bench_extract
 
 def test_extract_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "extract.json"
-    payload = bench_extract.main(["extract", "--tiny", "--models", "test_vit", "--images", "8", "--batch-size", "4",
-                                  "--rounds", "1", "--out", str(out)])
+    payload = bench_extract.main(
+        [
+            "extract",
+            "--tiny",
+            "--models",
+            "test_vit",
+            "--images",
+            "8",
+            "--batch-size",
+            "4",
+            "--rounds",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     saved = json.loads(out.read_text())
     result = saved["results"]["test_vit"]
     assert saved == json.loads(json.dumps(payload))

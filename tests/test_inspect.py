@@ -77,8 +77,10 @@ def test_labels_out_of_range_and_bad_records(store: Path) -> None:
     zarr.open_array(str(store / "train" / "labels"), mode="r+")[5] = 7
     zarr.open_array(str(store / "train" / "_complete"), mode="r+")[2] = 3
     errors = verify_store(str(store)).errors
-    assert any(e.startswith("train/labels shard 1 (images 4-7)") and "outside 0 <= label < 3, e.g. 7 at image 5" in e
-               for e in errors)
+    assert any(
+        e.startswith("train/labels shard 1 (images 4-7)") and "outside 0 <= label < 3, e.g. 7 at image 5" in e
+        for e in errors
+    )
     assert any(e.startswith("train/_complete chunk 2") and "invalid completion record 3" in e for e in errors)
 
 
@@ -104,14 +106,29 @@ def test_describe_schema(pristine: Path) -> None:
     assert {"featcache_format", "backbone", "splits", "verify"} <= set(d)
     assert d["featcache_format"] == 2 and d["backbone"]["model"] == "test_vit"
     s = d["splits"]["train"]
-    assert s["num_samples"] == 24 and s["complete"] is True and list(s["taps"]) == [
-        "embed", "block1", "block2", "block3", "block4", "block5", "block6"]
+    assert (
+        s["num_samples"] == 24
+        and s["complete"] is True
+        and list(s["taps"]) == ["embed", "block1", "block2", "block3", "block4", "block5", "block6"]
+    )
     assert s["label_counts"] == {"class_0": 8, "class_1": 8, "class_2": 8}
     tap = s["taps"]["block2"]
     assert tap["shape"] == [24, 5, 64] and tap["chunks"] == [2, 5, 64] and tap["shards"] == [4, 5, 64]
     assert tap["dtype"] == "float16" and tap["codecs"][-1] == "crc32c" and tap["stored_bytes"] > 0
-    assert tap["nbytes"] == 24 * 5 * 64 * 2 and tap["compression_ratio"] == pytest.approx(tap["nbytes"] / tap["stored_bytes"])
-    assert set(tap["stats"]) == {"count", "mean", "std", "min", "max", "nan", "inf", "token_norm_mean", "token_norm_std"}
+    assert tap["nbytes"] == 24 * 5 * 64 * 2 and tap["compression_ratio"] == pytest.approx(
+        tap["nbytes"] / tap["stored_bytes"]
+    )
+    assert set(tap["stats"]) == {
+        "count",
+        "mean",
+        "std",
+        "min",
+        "max",
+        "nan",
+        "inf",
+        "token_norm_mean",
+        "token_norm_std",
+    }
     assert d["verify"] == {**d["verify"], "ok": True, "errors": []}
     json.dumps(d)  # JSON-ready
     assert describe_store(str(pristine))["verify"] is None
@@ -178,9 +195,13 @@ def test_cli_verify_failure_exit_code_and_clean_stderr(store: Path) -> None:
     _flip(store / "train" / "block5" / "c" / "2" / "0" / "0", 3)
     path = store / "train" / "block1" / "c" / "5" / "0" / "0"
     path.write_bytes(path.read_bytes()[:-7])
-    proc = subprocess.run([sys.executable, "-c", "from featcache.cli import main; main()", "inspect", str(store),
-                           "--verify"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "FEATCACHE_PROGRESS": "0"})
+    proc = subprocess.run(
+        [sys.executable, "-c", "from featcache.cli import main; main()", "inspect", str(store), "--verify"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "FEATCACHE_PROGRESS": "0"},
+    )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr and "Task" not in proc.stderr
     assert "verify    FAILED" in proc.stdout

@@ -11,11 +11,27 @@ from benchmarks import bench_io
 
 @pytest.mark.slow
 def test_io_benchmark_smoke(tmp_path: Path) -> None:
-    r = bench_io.main(["--smoke", "--stores", "vit_s-compact,effnet-compact", "--stages", "ingest,delivery,remote,stall",
-                       "--workdir", str(tmp_path), "--stall-images", "64"])
-    assert set(r["ingest"]) == set(r["delivery"]) == set(r["remote"]) == set(r["stall"]) == {"vit_s-compact",
-                                                                                             "effnet-compact"}
-    for key, row in r["ingest"].items():
+    r = bench_io.main(
+        [
+            "--smoke",
+            "--stores",
+            "vit_s-compact,effnet-compact",
+            "--stages",
+            "ingest,delivery,remote,stall",
+            "--workdir",
+            str(tmp_path),
+            "--stall-images",
+            "64",
+        ]
+    )
+    assert (
+        set(r["ingest"])
+        == set(r["delivery"])
+        == set(r["remote"])
+        == set(r["stall"])
+        == {"vit_s-compact", "effnet-compact"}
+    )
+    for row in r["ingest"].values():
         assert row["encoded"]["gb_s"] > 0 and row["cpu_encode"]["gb_s"] > 0 and row["stored_bytes"] > 0
     assert r["ingest"]["effnet-compact"]["compressors"]["head"] == "lz4"  # the sparse tap is compressed by auto
     assert r["ingest"]["vit_s-compact"]["compressors"]["block2"] == "none"

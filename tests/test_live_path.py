@@ -19,9 +19,9 @@ from featcache.device import AutocastPolicy
 from featcache.errors import CheckpointError, StoreError, UsageError
 from featcache.infer import load_predictor
 from featcache.infer import predict as featcache_predict
+from featcache.manifest import DTYPES, BackboneSpec
 from featcache.store.feature_store import FeatureStore
 from featcache.training import train
-from featcache.manifest import DTYPES, BackboneSpec
 
 from .conftest import TINY_VIT
 from .helpers.stores import run_extract
@@ -35,8 +35,9 @@ def _wide_image() -> Image.Image:
 def test_resize_only_squashes_the_whole_image_and_crop_pct_crops() -> None:
     img = _wide_image()
     squash = Backbone(BackboneSpec(**TINY_VIT, resize_only=True)).transform(img)
-    want = TF.normalize(TF.to_tensor(TF.resize(img, [32, 32], interpolation=TF.InterpolationMode.BICUBIC)),
-                        [0.5] * 3, [0.5] * 3)
+    want = TF.normalize(
+        TF.to_tensor(TF.resize(img, [32, 32], interpolation=TF.InterpolationMode.BICUBIC)), [0.5] * 3, [0.5] * 3
+    )
     assert squash.shape == (3, 32, 32) and torch.allclose(squash, want, atol=1e-6)  # every column kept, no crop
     default = Backbone(BackboneSpec(**TINY_VIT)).transform(img)
     assert not torch.allclose(default, want, atol=1e-3)  # the model's own transform crops the centre
@@ -74,9 +75,25 @@ def test_the_transform_is_recorded_checked_and_rebuilt_by_predict(images: Path, 
 
 
 def test_cli_crop_options_are_exclusive(images: Path, tmp_path: Path) -> None:
-    r = CliRunner().invoke(app, ["extract", "--model", "test_vit", "--model-kwargs", "img_size=32", "--weights",
-                                 "random", "--data", str(images), "--out", str(tmp_path / "s.zarr"), "--crop-pct",
-                                 "0.9", "--resize-only"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            "--model",
+            "test_vit",
+            "--model-kwargs",
+            "img_size=32",
+            "--weights",
+            "random",
+            "--data",
+            str(images),
+            "--out",
+            str(tmp_path / "s.zarr"),
+            "--crop-pct",
+            "0.9",
+            "--resize-only",
+        ],
+    )
     assert r.exit_code == 2 and r.stderr.startswith("Error: --crop-pct and --resize-only exclude each other")
     assert not (tmp_path / "s.zarr").exists()
 
@@ -123,8 +140,9 @@ def test_the_extraction_policy_stays_within_the_cache_dtype_rounding(images: Pat
         assert _relative(round_trip(made[tap].float(), dtype), round_trip(ref, dtype)) <= 0.5 * rounding, tap
 
 
-def test_predict_applies_the_recorded_policy_on_the_cpu_too(images: Path, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_predict_applies_the_recorded_policy_on_the_cpu_too(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A store made under an autocast pass (here bfloat16 autocast forced onto the CPU, as a GPU's pass would be)
     records it, and predict recomputes its taps under the same pass: cached == live; a float32 pass would not."""
     monkeypatch.setattr(AutocastPolicy, "for_cache", classmethod(lambda cls, dtype: cls(None, "bfloat16", False)))

@@ -13,18 +13,21 @@ from timm.models.vision_transformer import Block
 from torch.func import functional_call, stack_module_state, vmap
 
 from featcache.errors import ConfigError
+from featcache.manifest import TapInfo
 from featcache.methods import MethodInput, create
 from featcache.methods.lst import SideBlock
-from featcache.manifest import TapInfo
 
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:There is a performance drop because we have not yet implemented the batching rule:UserWarning")
+    "ignore:There is a performance drop because we have not yet implemented the batching rule:UserWarning"
+)
 
 
 def _taps(width: int, tokens: int = 5, prefix: int = 1, blocks: int = 1) -> list[TapInfo]:
     side = int(math.isqrt(tokens - prefix))
-    return [TapInfo("embed" if b == 0 else f"block{b}", b, b, tokens, prefix, width, (side, side), "none")
-            for b in range(blocks + 1)]
+    return [
+        TapInfo("embed" if b == 0 else f"block{b}", b, b, tokens, prefix, width, (side, side), "none")
+        for b in range(blocks + 1)
+    ]
 
 
 def _batch(infos: list[TapInfo], n: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -52,13 +55,21 @@ def _hand_state() -> dict[str, torch.Tensor]:
     proj[0, 0] = proj[2, 1] = 1.0
     fc1, fc2 = torch.zeros(8, 4), torch.zeros(4, 8)
     fc1[:2, 0] = fc2[0, :2] = 1.0  # hidden units 0, 1 score highest (2 of 8 kept at side width 2, ratio 2)
-    return {"patch_embed.proj.weight": torch.tensor([3.0, 1.0, 2.0, 0.5]).view(4, 1, 1, 1).expand(4, 3, 1, 1).clone(),
-            "blocks.0.norm1.weight": torch.ones(4), "blocks.0.norm1.bias": torch.zeros(4),
-            "blocks.0.attn.qkv.weight": torch.cat([wq, wq, wv]), "blocks.0.attn.qkv.bias": torch.zeros(12),
-            "blocks.0.attn.proj.weight": proj, "blocks.0.attn.proj.bias": torch.zeros(4),
-            "blocks.0.norm2.weight": torch.ones(4), "blocks.0.norm2.bias": torch.zeros(4),
-            "blocks.0.mlp.fc1.weight": fc1, "blocks.0.mlp.fc1.bias": torch.zeros(8),
-            "blocks.0.mlp.fc2.weight": fc2, "blocks.0.mlp.fc2.bias": torch.zeros(4)}
+    return {
+        "patch_embed.proj.weight": torch.tensor([3.0, 1.0, 2.0, 0.5]).view(4, 1, 1, 1).expand(4, 3, 1, 1).clone(),
+        "blocks.0.norm1.weight": torch.ones(4),
+        "blocks.0.norm1.bias": torch.zeros(4),
+        "blocks.0.attn.qkv.weight": torch.cat([wq, wq, wv]),
+        "blocks.0.attn.qkv.bias": torch.zeros(12),
+        "blocks.0.attn.proj.weight": proj,
+        "blocks.0.attn.proj.bias": torch.zeros(4),
+        "blocks.0.norm2.weight": torch.ones(4),
+        "blocks.0.norm2.bias": torch.zeros(4),
+        "blocks.0.mlp.fc1.weight": fc1,
+        "blocks.0.mlp.fc1.bias": torch.zeros(8),
+        "blocks.0.mlp.fc2.weight": fc2,
+        "blocks.0.mlp.fc2.bias": torch.zeros(4),
+    }
 
 
 def test_pruned_attention_keeps_the_backbone_logit_scale_hand_computed() -> None:
@@ -82,7 +93,7 @@ def test_pruned_attention_keeps_the_backbone_logit_scale_hand_computed() -> None
 def test_random_init_uses_the_side_head_dim_scale() -> None:
     info = MethodInput(_taps(64), 3, None, "vit")
     net = create("lst", {"init": "random"}, info)  # s = 8, heads = 1
-    assert net.heads == 1 and net.config.attn_scale == pytest.approx(8 ** -0.5)
+    assert net.heads == 1 and net.config.attn_scale == pytest.approx(8**-0.5)
 
 
 def test_pruned_block_equals_the_timm_block_on_the_kept_dims() -> None:
@@ -140,12 +151,18 @@ def test_pruning_needs_the_backbone_head_count() -> None:
     state, loads = _vit_state(), []  # 2 heads of 32
     info = MethodInput(_taps(64), 3, None, "vit", lambda: loads.append(1) or state, backbone_heads=2)
     assert create("lst", {"init": "prune"}, info).heads == 2 and len(loads) == 1  # heads=None: the backbone's
-    with pytest.raises(ConfigError, match=r"heads: init=prune prunes each of the backbone's 2 attention heads.*"
-                                          r"got heads=4; set heads=2 or null"):
+    with pytest.raises(
+        ConfigError,
+        match=r"heads: init=prune prunes each of the backbone's 2 attention heads.*"
+        r"got heads=4; set heads=2 or null",
+    ):
         create("lst", {"init": "prune", "heads": 4}, info)
     assert len(loads) == 1  # the conflict is found before the backbone's weights are loaded
-    with pytest.raises(ConfigError, match=r"heads: init=prune keeps the backbone's 2 heads, which do not divide the "
-                                          r"side width 1 \(= 64 / reduction 64\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"heads: init=prune keeps the backbone's 2 heads, which do not divide the "
+        r"side width 1 \(= 64 / reduction 64\)",
+    ):
         create("lst", {"init": "prune", "reduction": 64}, info)
 
 
@@ -167,12 +184,26 @@ def test_init_auto_prunes_vits_and_falls_back_to_random_saying_why(caplog: pytes
     cases = [  # (MethodInput, config, resolved init, why it fell back)
         (MethodInput(taps, 3, None, "vit", lambda: state, backbone_heads=2), {}, "prune", None),
         (MethodInput(taps, 3, None, "vit"), {}, "random", "needs the backbone's weights"),
-        (MethodInput(taps, 3, None, "vit", lambda: state, backbone_heads=2), {"heads": 4}, "random",
-         "so heads must be 2, got heads=4"),
-        (MethodInput(taps, 3, None, "vit", lambda: state, backbone_heads=2), {"mlp_ratio": 4}, "random",
-         "differs from the backbone's MLP ratio 3"),
-        (MethodInput(taps, 3, None, "vit", lambda: {**state, "blocks.0.attn.q_norm.weight": torch.ones(32)},
-                     backbone_heads=2), {}, "random", "has parameters pruning cannot copy (attn.q_norm.weight)"),
+        (
+            MethodInput(taps, 3, None, "vit", lambda: state, backbone_heads=2),
+            {"heads": 4},
+            "random",
+            "so heads must be 2, got heads=4",
+        ),
+        (
+            MethodInput(taps, 3, None, "vit", lambda: state, backbone_heads=2),
+            {"mlp_ratio": 4},
+            "random",
+            "differs from the backbone's MLP ratio 3",
+        ),
+        (
+            MethodInput(
+                taps, 3, None, "vit", lambda: {**state, "blocks.0.attn.q_norm.weight": torch.ones(32)}, backbone_heads=2
+            ),
+            {},
+            "random",
+            "has parameters pruning cannot copy (attn.q_norm.weight)",
+        ),
         (MethodInput(taps, 3, None, "cnn"), {}, "random", None),
     ]
     for info, config, init, why in cases:
@@ -197,7 +228,7 @@ def test_resolved_config_rebuilds_from_a_checkpoint_without_the_backbone() -> No
     net = create("lst", None, MethodInput(taps, 3, None, "vit", lambda: state, backbone_heads=2)).eval()
     cfg = net.config.to_dict()
     assert (cfg["init"], cfg["heads"], cfg["mlp_ratio"], cfg["dropout"]) == ("prune", 2, 3.0, 0.1)
-    assert cfg["attn_scale"] == 32 ** -0.5  # the backbone's head dim, not the side's (8 / 2 = 4)
+    assert cfg["attn_scale"] == 32**-0.5  # the backbone's head dim, not the side's (8 / 2 = 4)
     back = MethodInput.from_dict(net.input_description)
     again = create("lst", cfg, back).eval()
     assert again.attn_scale == net.attn_scale and again.config.to_dict() == cfg
@@ -343,8 +374,16 @@ def _timm_vit(width: int = 16, heads: int = 2, blocks: int = 2) -> tuple[torch.n
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
-    vit = VisionTransformer(img_size=8, patch_size=4, embed_dim=width, depth=blocks, num_heads=heads, mlp_ratio=2.0,
-                            init_values=0.5, num_classes=0).eval()
+    vit = VisionTransformer(
+        img_size=8,
+        patch_size=4,
+        embed_dim=width,
+        depth=blocks,
+        num_heads=heads,
+        mlp_ratio=2.0,
+        init_values=0.5,
+        num_classes=0,
+    ).eval()
     return vit, {k: v.detach().clone() for k, v in vit.state_dict().items()}
 
 
@@ -353,7 +392,7 @@ def test_vit_block_equals_timms_block() -> None:
 
     vit, state = _timm_vit()
     x = torch.randn(3, 5, 16)
-    p = {k[len("blocks.1."):]: v for k, v in state.items() if k.startswith("blocks.1.")}
+    p = {k[len("blocks.1.") :]: v for k, v in state.items() if k.startswith("blocks.1.")}
     with torch.no_grad():
         torch.testing.assert_close(vit_block(p, x, heads=2), vit.blocks[1](x), atol=1e-5, rtol=1e-5)
 
@@ -365,8 +404,11 @@ def test_fisher_information_is_the_sum_of_per_sample_squared_gradients() -> None
     vit, state = _timm_vit()
     x, y = torch.randn(6, 5, 16), torch.tensor([0, 1, 2, 0, 1, 2])
     residual, fisher = fisher_information(state, x, y, first_block=0, heads=2, num_classes=3)
-    assert sorted(fisher) == sorted(f"blocks.{k}.{n}" for k in (0, 1) for n in
-                                    ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"))
+    assert sorted(fisher) == sorted(
+        f"blocks.{k}.{n}"
+        for k in (0, 1)
+        for n in ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")
+    )
 
     def pooled(z: torch.Tensor) -> torch.Tensor:
         return vit.norm(vit.blocks(z))[:, 1:].mean(1)
@@ -377,9 +419,9 @@ def test_fisher_information_is_the_sum_of_per_sample_squared_gradients() -> None
     want = {k: torch.zeros_like(v) for k, v in fisher.items()}
     want_residual = torch.zeros(16)
     for n in range(6):
-        xn = x[n:n + 1].clone().requires_grad_(True)
+        xn = x[n : n + 1].clone().requires_grad_(True)
         vit.zero_grad()
-        loss = F.cross_entropy(F.linear(pooled(xn), w, b), y[n:n + 1])
+        loss = F.cross_entropy(F.linear(pooled(xn), w, b), y[n : n + 1])
         loss.backward()
         want_residual += xn.grad.square().sum((0, 1))
         for k in want:
@@ -399,11 +441,23 @@ def test_pruning_ranks_by_the_importance_given_instead_of_the_magnitude() -> Non
 
     d, hidden = 8, 16
     state = {"patch_embed.proj.weight": torch.ones(d, 3, 1, 1)}
-    for k, shape in (("attn.qkv.weight", (3 * d, d)), ("attn.proj.weight", (d, d)), ("mlp.fc1.weight", (hidden, d)),
-                     ("mlp.fc2.weight", (d, hidden))):
+    for k, shape in (
+        ("attn.qkv.weight", (3 * d, d)),
+        ("attn.proj.weight", (d, d)),
+        ("mlp.fc1.weight", (hidden, d)),
+        ("mlp.fc2.weight", (d, hidden)),
+    ):
         state[f"blocks.0.{k}"] = torch.arange(1, 1 + math.prod(shape), dtype=torch.float).reshape(shape).sin().sign()
-    for k, n in (("attn.qkv.bias", 3 * d), ("attn.proj.bias", d), ("mlp.fc1.bias", hidden), ("mlp.fc2.bias", d),
-                 ("norm1.weight", d), ("norm1.bias", d), ("norm2.weight", d), ("norm2.bias", d)):
+    for k, n in (
+        ("attn.qkv.bias", 3 * d),
+        ("attn.proj.bias", d),
+        ("mlp.fc1.bias", hidden),
+        ("mlp.fc2.bias", d),
+        ("norm1.weight", d),
+        ("norm1.bias", d),
+        ("norm2.weight", d),
+        ("norm2.bias", d),
+    ):
         state[f"blocks.0.{k}"] = torch.arange(n, dtype=torch.float)
     residual = torch.zeros(d)
     residual[[1, 6, 7, 2]] = torch.tensor([4.0, 3.0, 2.0, 1.0])
@@ -458,5 +512,8 @@ def test_lst_prune_by_fisher_keeps_the_dims_with_the_largest_squared_gradients()
         create("lst", {"prune_by": "fischer"}, info)
     no_embed = [t for t in taps if t.name != "embed"]
     with pytest.raises(ConfigError, match=r"runs the backbone's blocks from the tap that feeds block 0"):
-        create("lst", {**cfg, "taps": "block1,block2"}, MethodInput(no_embed, 3, None, "vit", lambda: state,
-                                                                     backbone_heads=2, training_sample=sample))
+        create(
+            "lst",
+            {**cfg, "taps": "block1,block2"},
+            MethodInput(no_embed, 3, None, "vit", lambda: state, backbone_heads=2, training_sample=sample),
+        )

@@ -13,11 +13,18 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from featcache.backbone import Backbone
-
-from featcache.manifest import BackboneSpec, TapInfo
 from featcache.errors import ConfigError
-from featcache.methods import (TRAINING_KEYS, MethodConfig, MethodInput, SideNetwork, config_class, create,
-                               list_methods, register)
+from featcache.manifest import BackboneSpec, TapInfo
+from featcache.methods import (
+    TRAINING_KEYS,
+    MethodConfig,
+    MethodInput,
+    SideNetwork,
+    config_class,
+    create,
+    list_methods,
+    register,
+)
 from featcache.methods.last import choose_taps
 
 from .conftest import TINY_CNN, TINY_VIT
@@ -25,7 +32,8 @@ from .conftest import TINY_CNN, TINY_VIT
 METHODS = list_methods()
 # vmap over SDPA on CPU loops over members and says so; featcache.methods filters it, pytest resets filters
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:There is a performance drop because we have not yet implemented the batching rule:UserWarning")
+    "ignore:There is a performance drop because we have not yet implemented the batching rule:UserWarning"
+)
 
 
 @dataclass
@@ -41,8 +49,9 @@ def _fixture(spec: dict) -> Fixture:
     images = torch.randn(4, *b.data_config["input_size"], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         taps = b.taps(images)
-    info = MethodInput(b.taps.infos, 5, b.final_norm_state(), b.kind, lambda: b.model.state_dict(),
-                       backbone_heads=b.num_heads)
+    info = MethodInput(
+        b.taps.infos, 5, b.final_norm_state(), b.kind, lambda: b.model.state_dict(), backbone_heads=b.num_heads
+    )
     return Fixture(b, taps, info)
 
 
@@ -170,12 +179,22 @@ def test_config_json_round_trip(method: str) -> None:
     cls = config_class(method)
     default = cls()
     assert cls.from_dict(json.loads(json.dumps(default.to_dict()))) == default
-    changed = {"linear": {"taps": ["block3", "block6"], "pool": "cls", "norm": "none"},
-               "last": {"rank": 8, "heads": 2, "gap": 3, "depth": 2, "pool": "cls", "width": 32,
-                        "taps": ["embed", "block6"]},
-               "lst": {"reduction": 4, "heads": 2, "mlp_ratio": 2.0, "pool": "cls", "taps": ["embed", "block2"],
-                       "init": "prune", "dropout": 0.25, "attn_scale": 0.125},
-               }[method]
+    changed = {
+        "linear": {"taps": ["block3", "block6"], "pool": "cls", "norm": "none"},
+        "last": {"rank": 8, "heads": 2, "gap": 3, "depth": 2, "pool": "cls", "width": 32, "taps": ["embed", "block6"]},
+        "lst": {
+            "reduction": 4,
+            "heads": 2,
+            "mlp_ratio": 2.0,
+            "pool": "cls",
+            "taps": ["embed", "block2"],
+            "init": "prune",
+            "dropout": 0.25,
+            "attn_scale": 0.125,
+            "prune_by": "fisher",
+            "fisher_samples": 64,
+        },
+    }[method]
     cfg = cls.from_dict(changed)
     assert cfg.to_dict() == changed
     assert cls.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
@@ -198,26 +217,29 @@ def test_config_unknown_key_lists_valid_keys(method: str) -> None:
     assert "bogus_key" in msg and all(k in msg for k in cls.keys())
 
 
-@pytest.mark.parametrize("method, values, pattern", [
-    ("last", {"rank": 0}, r"rank must be a positive integer, got 0"),
-    ("last", {"rank": 6, "heads": 4}, r"rank: rank 6 must be a multiple of heads 4"),
-    ("last", {"gap": 0}, r"gap must be a positive integer, got 0"),
-    ("last", {"depth": -1}, r"depth must be a positive integer, got -1"),
-    ("last", {"pool": "agv"}, r"pool must be one of avg, cls, got 'agv'; did you mean avg\?"),
-    ("last", {"rank": "abc"}, r"rank must be an integer, got 'abc'"),
-    ("last", {"rank": 2.5}, r"rank must be an integer"),
-    ("last", {"heads": True}, r"heads must be an integer"),
-    ("last", {"taps": []}, r"taps: must be 'auto' or a non-empty list"),
-    ("lst", {"reduction": 0}, r"reduction must be a positive integer, got 0"),
-    ("lst", {"init": "fisher"}, r"init must be one of auto, random, prune, got 'fisher'"),
-    ("lst", {"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
-    ("lst", {"dropout": -0.1}, r"dropout must be in \[0, 1\), got -0.1"),
-    ("lst", {"attn_scale": 0}, r"attn_scale must be a positive number or null, got 0"),
-    ("lst", {"heads": 0}, r"heads must be a positive integer or null, got 0"),
-    ("lst", {"taps": ["block1", "block1"]}, r"taps: lists a tap twice"),
-    ("linear", {"norm": "batchnorm"}, r"norm must be one of layernorm, none, got 'batchnorm'"),
-    ("linear", {"pool": "max"}, r"pool must be one of avg, cls, got 'max'"),
-])
+@pytest.mark.parametrize(
+    "method, values, pattern",
+    [
+        ("last", {"rank": 0}, r"rank must be a positive integer, got 0"),
+        ("last", {"rank": 6, "heads": 4}, r"rank: rank 6 must be a multiple of heads 4"),
+        ("last", {"gap": 0}, r"gap must be a positive integer, got 0"),
+        ("last", {"depth": -1}, r"depth must be a positive integer, got -1"),
+        ("last", {"pool": "agv"}, r"pool must be one of avg, cls, got 'agv'; did you mean avg\?"),
+        ("last", {"rank": "abc"}, r"rank must be an integer, got 'abc'"),
+        ("last", {"rank": 2.5}, r"rank must be an integer"),
+        ("last", {"heads": True}, r"heads must be an integer"),
+        ("last", {"taps": []}, r"taps: must be 'auto' or a non-empty list"),
+        ("lst", {"reduction": 0}, r"reduction must be a positive integer, got 0"),
+        ("lst", {"init": "fisher"}, r"init must be one of auto, random, prune, got 'fisher'"),
+        ("lst", {"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+        ("lst", {"dropout": -0.1}, r"dropout must be in \[0, 1\), got -0.1"),
+        ("lst", {"attn_scale": 0}, r"attn_scale must be a positive number or null, got 0"),
+        ("lst", {"heads": 0}, r"heads must be a positive integer or null, got 0"),
+        ("lst", {"taps": ["block1", "block1"]}, r"taps: lists a tap twice"),
+        ("linear", {"norm": "batchnorm"}, r"norm must be one of layernorm, none, got 'batchnorm'"),
+        ("linear", {"pool": "max"}, r"pool must be one of avg, cls, got 'max'"),
+    ],
+)
 def test_config_rejects_bad_values_naming_the_key(method: str, values: dict, pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
         config_class(method).from_dict(values)
@@ -487,9 +509,13 @@ def test_last_norm_then_linear_recomputes_the_norm_with_exact_gradients() -> Non
     from featcache.methods.last import LowRankAttention, _NormThenLinear
 
     g = torch.Generator().manual_seed(0)
-    args = [torch.randn(2, 5, 6, generator=g, dtype=torch.float64), 1 + torch.randn(6, generator=g, dtype=torch.float64),
-            torch.randn(6, generator=g, dtype=torch.float64), torch.randn(9, 6, generator=g, dtype=torch.float64),
-            torch.randn(9, generator=g, dtype=torch.float64)]
+    args = [
+        torch.randn(2, 5, 6, generator=g, dtype=torch.float64),
+        1 + torch.randn(6, generator=g, dtype=torch.float64),
+        torch.randn(6, generator=g, dtype=torch.float64),
+        torch.randn(9, 6, generator=g, dtype=torch.float64),
+        torch.randn(9, generator=g, dtype=torch.float64),
+    ]
     assert torch.autograd.gradcheck(_NormThenLinear.apply, [a.requires_grad_() for a in args] + [1e-6])
     x = args[0].detach()  # an input that needs no gradient (the first side layer reads stored taps)
     assert torch.autograd.gradcheck(_NormThenLinear.apply, [x] + args[1:] + [1e-6])

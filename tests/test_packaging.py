@@ -56,13 +56,32 @@ def _dry_run(env: Path, report: Path, *extra: str) -> dict[str, str]:
     """name -> version of what ``pip install ROOT`` would install into ``env``; no index, no config files."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     clean["PIP_CONFIG_FILE"] = os.devnull  # this machine's pip.conf adds indexes and a torch cap
-    done = subprocess.run([str(env / "bin" / "python"), "-m", "pip", "install", "--dry-run", "--quiet",
-                           "--report", str(report), "--no-index", "--no-build-isolation",
-                           "--disable-pip-version-check", *extra, str(ROOT)],
-                          env=clean, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            str(env / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--quiet",
+            "--report",
+            str(report),
+            "--no-index",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            *extra,
+            str(ROOT),
+        ],
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return {item["metadata"]["name"].lower(): item["metadata"]["version"]
-            for item in json.loads(report.read_text())["install"]}
+    return {
+        item["metadata"]["name"].lower(): item["metadata"]["version"]
+        for item in json.loads(report.read_text())["install"]
+    }
 
 
 @pytest.mark.slow

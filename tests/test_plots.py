@@ -7,9 +7,8 @@ import torch
 from click.testing import CliRunner
 
 from featcache.backbone import Backbone
-
-from featcache.manifest import BackboneSpec
 from featcache.cli import app
+from featcache.manifest import BackboneSpec
 from featcache.store.describe import describe_store
 
 from .conftest import TINY_VIT, make_separable_images, write_tap_store

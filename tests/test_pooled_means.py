@@ -12,17 +12,19 @@ from PIL import Image
 from featcache import methods
 from featcache.augment import token_drop
 from featcache.infer import load_predictor
+from featcache.manifest import Manifest, TapInfo
 from featcache.methods.base import MethodInput, TokenWeights, pool_tokens, to_grid
 from featcache.store.feature_store import FeatureStore
 from featcache.taps import pool_token_grid, pooled_info
 from featcache.training import train
-from featcache.manifest import Manifest, TapInfo
 
 from .conftest import TINY_CNN, TINY_VIT
 from .helpers.stores import run_extract
 
-ODD_GRIDS = {"vit": {**TINY_VIT, "model_kwargs": {"img_size": 112}},  # 7 x 7 patches
-             "cnn": TINY_CNN}  # stem and stage1 read at 7 x 7, then 4 x 4, 2 x 2, 1 x 1
+ODD_GRIDS = {
+    "vit": {**TINY_VIT, "model_kwargs": {"img_size": 112}},  # 7 x 7 patches
+    "cnn": TINY_CNN,
+}  # stem and stage1 read at 7 x 7, then 4 x 4, 2 x 2, 1 x 1
 PROBE = {"taps": "all", "pool": "avg", "norm": "none"}  # the probe's input: per-tap means, concatenated
 
 
@@ -30,7 +32,7 @@ def test_weights_of_a_pooled_grid_are_the_window_sizes() -> None:
     info = pooled_info(TapInfo("t", 0, 0, 1 + 49, 1, 4, (7, 7), "none"), 2)
     assert info.grid == (4, 4) and info.windows == ((2, 2, 2, 1), (2, 2, 2, 1))
     w = torch.tensor(info.patch_weights()).view(4, 4)
-    assert torch.allclose(w * 49, torch.tensor([[4., 4, 4, 2], [4, 4, 4, 2], [4, 4, 4, 2], [2, 2, 2, 1]]))
+    assert torch.allclose(w * 49, torch.tensor([[4.0, 4, 4, 2], [4, 4, 4, 2], [4, 4, 4, 2], [2, 2, 2, 1]]))
     x = torch.randn(3, 50, 4, generator=torch.Generator().manual_seed(0))
     pooled = pool_token_grid(x, TapInfo("t", 0, 0, 50, 1, 4, (7, 7), "none"), 2)
     mean = pool_tokens(pooled, 1, "avg", TokenWeights.of_tap(info))
@@ -52,8 +54,9 @@ def _features(store: Path, split: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["vit", "cnn"])
-def test_linear_probe_input_from_a_pooled_store_equals_the_unpooled_one(images: Path, tmp_path: Path,
-                                                                        kind: str) -> None:
+def test_linear_probe_input_from_a_pooled_store_equals_the_unpooled_one(
+    images: Path, tmp_path: Path, kind: str
+) -> None:
     spec = ODD_GRIDS[kind]
     full, pooled = tmp_path / "full.zarr", tmp_path / "pooled.zarr"
     for split in ("train", "test"):
@@ -74,14 +77,15 @@ def test_linear_probe_input_from_a_pooled_store_equals_the_unpooled_one(images: 
 
 def test_side_networks_weigh_pooled_tokens_in_their_token_mean() -> None:
     infos = [pooled_info(TapInfo(f"block{k}", k, k, 1 + 49, 1, 8, (7, 7), "none"), 2) for k in range(4)]
-    side = torch.tensor([2., 2, 2, 1])  # 7 positions per axis in windows of 2, 2, 2, 1
+    side = torch.tensor([2.0, 2, 2, 1])  # 7 positions per axis in windows of 2, 2, 2, 1
     weights = torch.outer(side, side).flatten() / 49
-    taps = {t.name: torch.randn(2, t.tokens, t.channels, generator=torch.Generator().manual_seed(t.position))
-            for t in infos}
+    taps = {
+        t.name: torch.randn(2, t.tokens, t.channels, generator=torch.Generator().manual_seed(t.position)) for t in infos
+    }
     for name, config in (("last", {"gap": 1}), ("lst", {"init": "random", "reduction": 2})):
         net = methods.create(name, config, MethodInput(infos, num_classes=3)).eval()  # LST: no dropout
         captured = []
-        handle = net.norm.register_forward_hook(lambda _m, _a, out: captured.append(out))
+        handle = net.norm.register_forward_hook(lambda _m, _a, out, captured=captured: captured.append(out))
         with torch.no_grad():
             got = net.features(taps)
         handle.remove()
@@ -92,8 +96,12 @@ def test_side_networks_weigh_pooled_tokens_in_their_token_mean() -> None:
 def test_an_older_pooled_store_gets_windows_derived_where_the_manifest_determines_them() -> None:
     def attrs(kind: str, grid: tuple[int, int], k: int) -> dict:
         tap = TapInfo("stage1", 1, 1, grid[0] * grid[1], 0, 8, grid, "avg").to_dict()  # no windows recorded
-        return {"featcache_format": 1, "taps": [tap], "dtype": "float16",
-                "backbone": {"kind": kind, "spec": {"model": "m", "cnn_grid": 7, "pool_tokens": k}}}
+        return {
+            "featcache_format": 1,
+            "taps": [tap],
+            "dtype": "float16",
+            "backbone": {"kind": kind, "spec": {"model": "m", "cnn_grid": 7, "pool_tokens": k}},
+        }
 
     assert Manifest.from_attrs(attrs("cnn", (4, 4), 2)).taps[0].windows == ((2, 2, 2, 1), (2, 2, 2, 1))
     assert Manifest.from_attrs(attrs("cnn", (3, 3), 3)).taps[0].windows == ((3, 3, 1), (3, 3, 1))
@@ -102,14 +110,15 @@ def test_an_older_pooled_store_gets_windows_derived_where_the_manifest_determine
     assert Manifest.from_attrs(attrs("cnn", (4, 4), 1)).taps[0].windows is None  # not pooled
     new = pooled_info(TapInfo("stage1", 1, 1, 49, 0, 8, (7, 7), "avg"), 2)
     assert Manifest.from_attrs(attrs("cnn", (4, 4), 2)).identity()["taps"] == [
-        {k: v for k, v in new.to_dict().items() if k != "windows"}]  # a new extraction may resume it
+        {k: v for k, v in new.to_dict().items() if k != "windows"}
+    ]  # a new extraction may resume it
 
 
 def test_tokendrop_fills_a_pooled_tap_with_the_weighted_kept_mean() -> None:
     info = pooled_info(TapInfo("stage1", 1, 1, 49, 0, 4, (7, 7), "avg"), 2)  # 4 x 4, windows of 4, 2, 1
     x = torch.randn(8, 16, 4, generator=torch.Generator().manual_seed(0))
     y = token_drop({"stage1": x}, [info], 0.25, torch.Generator().manual_seed(1))["stage1"]
-    side = torch.tensor([2., 2, 2, 1])
+    side = torch.tensor([2.0, 2, 2, 1])
     w = torch.outer(side, side).flatten()  # positions per pooled token
     for i in range(8):
         kept = (y[i] == x[i]).all(-1)

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.manifest import TapInfo
 from featcache.errors import CorruptionError, StoreError, UsageError
-from featcache.store.feature_store import FeatureStore
+from featcache.manifest import Manifest, SplitMeta, TapInfo
 from featcache.store.codecs import encode
-from featcache.manifest import Manifest, SplitMeta
+from featcache.store.feature_store import FeatureStore
 from featcache.store.reader import TapDataset, choose_mode, open_reader
 
 N = 50
@@ -28,7 +27,9 @@ def tap_values(name: str, n: int, views: int = 1) -> torch.Tensor:
     return t if views > 1 else t[:, 0]
 
 
-def make_store(path, dtype: str = "float32", views: int = 1, complete: list[int] | None = None, n: int = N) -> FeatureStore:
+def make_store(
+    path, dtype: str = "float32", views: int = 1, complete: list[int] | None = None, n: int = N
+) -> FeatureStore:
     m = Manifest(backbone={"spec": {"model": "fake"}}, taps=TAPS, dtype=dtype)
     store = FeatureStore.create(str(path), m)
     meta = SplitMeta(num_samples=n, chunk_images=2, shard_images=8, views=views, classes=["a", "b", "c"])
@@ -38,8 +39,12 @@ def make_store(path, dtype: str = "float32", views: int = 1, complete: list[int]
         if complete is not None and k not in complete:
             continue
         s, e = meta.shard_bounds(k)
-        split.write_shard(k, {name: encode(v[s:e], dtype) for name, v in values.items()}, np.arange(s, e) % 3,
-                          [f"img{i}" for i in range(s, e)])
+        split.write_shard(
+            k,
+            {name: encode(v[s:e], dtype) for name, v in values.items()},
+            np.arange(s, e) % 3,
+            [f"img{i}" for i in range(s, e)],
+        )
         split.set_complete(k)
     return FeatureStore.open(str(path))
 
@@ -55,7 +60,9 @@ STREAM = dict(buffer_mb=0.0005, prefetch=2, block_images=4)  # tiny window: seve
 
 def reader(store: FeatureStore, mode: str, **kw):
     extra = STREAM if mode == "stream" else {}
-    return open_reader(store.split("train"), ["embed", "block1"], mode=mode, batch_size=kw.pop("batch_size", 7), **extra, **kw)
+    return open_reader(
+        store.split("train"), ["embed", "block1"], mode=mode, batch_size=kw.pop("batch_size", 7), **extra, **kw
+    )
 
 
 def collect(r, epoch: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
@@ -197,7 +204,9 @@ def test_finite_check_reads_the_bits(dtype) -> None:
     from featcache.store.reader import _all_finite
 
     x = torch.randn(5, 7, 9).to(dtype) * 1000
-    edge = torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max, torch.finfo(dtype).tiny, 0.0, -0.0], dtype=dtype)
+    edge = torch.tensor(
+        [torch.finfo(dtype).max, -torch.finfo(dtype).max, torch.finfo(dtype).tiny, 0.0, -0.0], dtype=dtype
+    )
     assert _all_finite(x) and _all_finite(edge) and _all_finite(torch.zeros(0, 3, dtype=dtype))
     for value in (float("nan"), float("inf"), float("-inf")):
         y = x.clone()
@@ -239,4 +248,3 @@ def test_cuda_modes(store, mode: str) -> None:
     assert taps["block1"].device.type == "cuda" and labels.device.type == "cuda"
     assert torch.equal(taps["block1"].cpu(), tap_values("block1", N)[index.cpu()])
     assert open_reader(store.split("train"), ["embed"], mode="auto", device="cuda").mode == "gpu"
-

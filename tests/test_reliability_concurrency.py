@@ -20,8 +20,7 @@ from featcache.store.lock import LockOwner
 from featcache.store.reader import open_reader
 
 from .helpers.processes import EXTRACT_KW, TINY_ARGS, assert_one_error_line, child_extract, start_child, wait_for
-from .helpers.stores import assert_same_store, leftovers, split_state
-from .helpers.stores import run_extract
+from .helpers.stores import assert_same_store, leftovers, run_extract, split_state
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +38,9 @@ def completed(out: Path) -> int:
 
 
 @pytest.mark.slow
-def test_second_extraction_is_refused_and_a_killed_owner_does_not_block(images: Path, tmp_path: Path, clean: dict,
-                                                                          monkeypatch: pytest.MonkeyPatch,
-                                                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_second_extraction_is_refused_and_a_killed_owner_does_not_block(
+    images: Path, tmp_path: Path, clean: dict, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     out = tmp_path / "s.zarr"
     first = start_child(child_extract, str(images), str(out), None, None, 0.15)  # a slow extraction
     try:
@@ -49,13 +48,27 @@ def test_second_extraction_is_refused_and_a_killed_owner_does_not_block(images: 
         lock = out / "_locks" / "train.lock"
         owner = LockOwner.parse(lock.read_bytes())
         assert owner is not None and owner.pid == first.pid and owner.host == socket.gethostname()
-        args = ["extract", *TINY_ARGS, "--data", str(images), "--out", str(out), "--batch-size", "2", "--dtype",
-                "float32", "--quiet"]
+        args = [
+            "extract",
+            *TINY_ARGS,
+            "--data",
+            str(images),
+            "--out",
+            str(out),
+            "--batch-size",
+            "2",
+            "--dtype",
+            "float32",
+            "--quiet",
+        ]
         for extra in ([], ["--resume"], ["--overwrite"]):  # whatever the second one asks for
             r = CliRunner().invoke(app, [*args, *extra])
             assert r.exit_code == 1, r.output
-            assert_one_error_line(r.stderr, f"split 'train' of {out} is being written by process {first.pid} on host "
-                                  f"{socket.gethostname()}", "then rerun with --resume")
+            assert_one_error_line(
+                r.stderr,
+                f"split 'train' of {out} is being written by process {first.pid} on host {socket.gethostname()}",
+                "then rerun with --resume",
+            )
             assert LockOwner.parse(lock.read_bytes()) == owner  # the refusal did not touch the lock
         first.kill()  # kill -9 while it holds the lock
         first.join(30)
@@ -88,8 +101,16 @@ def test_readers_during_a_write_see_only_completed_shards(images: Path, tmp_path
                 mode = "stream" if len(seen) % 2 else "ram"
                 reader = open_reader(split, taps, mode, batch_size=3, shuffle=False, block_images=2)
             except StoreError as err:  # no store, no split, or no completed shard yet: said clearly
-                assert any(s in str(err) for s in ("does not exist", "not a featcache store", "no split",
-                                                   "no completed shard", "no featcache metadata")), err
+                assert any(
+                    s in str(err)
+                    for s in (
+                        "does not exist",
+                        "not a featcache store",
+                        "no split",
+                        "no completed shard",
+                        "no featcache metadata",
+                    )
+                ), err
                 assert not finished, err
                 time.sleep(0.05)
                 continue
@@ -115,8 +136,9 @@ def test_readers_during_a_write_see_only_completed_shards(images: Path, tmp_path
     assert_same_store(split_state(out), clean)
 
 
-def test_a_reader_keeps_one_snapshot_of_the_completion_records(images: Path, tmp_path: Path, clean: dict,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_reader_keeps_one_snapshot_of_the_completion_records(
+    images: Path, tmp_path: Path, clean: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The race above, made deterministic: shard 5 completes while a reader is being opened. The reader yields the
     shards complete when it took its snapshot, in every mode; it neither overflows (ram) nor leaks the new shard
     into its epoch (stream)."""

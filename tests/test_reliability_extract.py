@@ -28,10 +28,16 @@ from featcache.errors import CorruptionError
 from featcache.store.feature_store import FeatureStore
 from featcache.store.verify import verify_store
 
-from .helpers.processes import (EXTRACT_KILL_POINTS, EXTRACT_KW, TINY_ARGS, assert_one_error_line, child_cli,
-                                child_extract, run_child)
-from .helpers.stores import assert_same_store, flip_byte, hash_tree, leftovers, shard_file, split_state
-from .helpers.stores import run_extract
+from .helpers.processes import (
+    EXTRACT_KILL_POINTS,
+    EXTRACT_KW,
+    TINY_ARGS,
+    assert_one_error_line,
+    child_cli,
+    child_extract,
+    run_child,
+)
+from .helpers.stores import assert_same_store, flip_byte, hash_tree, leftovers, run_extract, shard_file, split_state
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +61,20 @@ def small_shards(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def cli_extract(images: Path, out: Path, *extra: str) -> list[str]:
     """The CLI arguments of the clean run (with ``small_shards``)."""
-    return ["extract", *TINY_ARGS, "--data", str(images), "--out", str(out), "--batch-size", "2", "--dtype",
-            "float32", "--quiet", *extra]
+    return [
+        "extract",
+        *TINY_ARGS,
+        "--data",
+        str(images),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--dtype",
+        "float32",
+        "--quiet",
+        *extra,
+    ]
 
 
 def assert_recovered(out: Path, clean: dict[str, Any]) -> None:
@@ -72,8 +90,9 @@ def assert_recovered(out: Path, clean: dict[str, Any]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", EXTRACT_KILL_POINTS)
-def test_sigkill_at_any_point_then_resume_equals_clean_run(images: Path, tmp_path: Path, clean: dict,
-                                                           point: str) -> None:
+def test_sigkill_at_any_point_then_resume_equals_clean_run(
+    images: Path, tmp_path: Path, clean: dict, point: str
+) -> None:
     """A real process SIGKILLs itself at a precise moment of the extraction; --resume finishes the job."""
     out = tmp_path / "s.zarr"
     assert run_child(child_extract, str(images), str(out), point) == -signal.SIGKILL
@@ -82,7 +101,9 @@ def test_sigkill_at_any_point_then_resume_equals_clean_run(images: Path, tmp_pat
     if point == "store-created":
         assert (out / "zarr.json").exists() and not (out / "_backbone").exists() and not split_dir.exists()
     elif point == "split-half-created":
-        assert (split_dir / "block2" / "zarr.json").exists() and "featcache_split" not in (split_dir / "zarr.json").read_text()
+        assert (split_dir / "block2" / "zarr.json").exists() and "featcache_split" not in (
+            split_dir / "zarr.json"
+        ).read_text()
     else:
         done = FeatureStore.open(out).split("train").completed_shards()
         if point == "mid-shard-compute":
@@ -106,11 +127,20 @@ def test_sigkill_at_any_point_then_resume_equals_clean_run(images: Path, tmp_pat
 # Disk full, permission denied
 
 
-@pytest.mark.parametrize("code,says", [(errno.ENOSPC, "the disk is full"), (errno.EACCES, "permission denied"),
-                                       (errno.EROFS, "permission denied")])
-def test_write_failure_keeps_completed_shards_and_resumes(images: Path, tmp_path: Path, clean: dict, clean_store: Path,
-                                                          monkeypatch: pytest.MonkeyPatch, small_shards: None,
-                                                          code: int, says: str) -> None:
+@pytest.mark.parametrize(
+    "code,says",
+    [(errno.ENOSPC, "the disk is full"), (errno.EACCES, "permission denied"), (errno.EROFS, "permission denied")],
+)
+def test_write_failure_keeps_completed_shards_and_resumes(
+    images: Path,
+    tmp_path: Path,
+    clean: dict,
+    clean_store: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    small_shards: None,
+    code: int,
+    says: str,
+) -> None:
     """A store whose disk fills up (or turns read-only) at shard 2: one clear error, shards 0-1 intact, resumable."""
     import zarr.storage._local as local
 
@@ -134,8 +164,13 @@ def test_write_failure_keeps_completed_shards_and_resumes(images: Path, tmp_path
     out = tmp_path / "s.zarr"
     r = CliRunner().invoke(app, cli_extract(images, out))
     assert r.exit_code == 1, r.output
-    assert_one_error_line(r.stderr, "(shard 2 of split 'train')", says, "2 of 6 shards of split 'train' are complete "
-                          "and kept", "then run the same featcache extract command with --resume")
+    assert_one_error_line(
+        r.stderr,
+        "(shard 2 of split 'train')",
+        says,
+        "2 of 6 shards of split 'train' are complete and kept",
+        "then run the same featcache extract command with --resume",
+    )
     monkeypatch.setattr(local, "_put", real_put)  # space freed, permissions fixed
     monkeypatch.setattr(shard_io, "_write_all", real_write_all)
     split = FeatureStore.open(out).split("train")
@@ -143,7 +178,7 @@ def test_write_failure_keeps_completed_shards_and_resumes(images: Path, tmp_path
     assert verify_store(str(out)).ok and leftovers(out) == []  # no lock, no temporary files
     for k in (0, 1):  # the completed shards hold exactly the clean run's data
         for name in ("embed", "block6", "labels"):
-            assert np.array_equal(split.read(name, 4 * k, 4 * k + 4), clean["arrays"][name][4 * k:4 * k + 4])
+            assert np.array_equal(split.read(name, 4 * k, 4 * k + 4), clean["arrays"][name][4 * k : 4 * k + 4])
     r = CliRunner().invoke(app, cli_extract(images, out, "--resume"))
     assert r.exit_code == 0, r.output
     assert_recovered(out, clean)
@@ -155,8 +190,9 @@ def test_real_file_size_limit_mid_run(images: Path, tmp_path: Path, clean: dict,
     out, log = tmp_path / "s.zarr", tmp_path / "stderr.txt"
     code = run_child(child_cli, cli_extract(images, out), str(log), ["small-shards", "file-size-limit-after-2-shards"])
     assert code == 1, log.read_text()
-    assert_one_error_line(log.read_text(), "(shard 2 of split 'train')", "a file size limit was hit",
-                          "2 of 6 shards", "--resume")
+    assert_one_error_line(
+        log.read_text(), "(shard 2 of split 'train')", "a file size limit was hit", "2 of 6 shards", "--resume"
+    )
     assert FeatureStore.open(out).split("train").completed_shards().tolist() == [True] * 2 + [False] * 4
     assert leftovers(out) == []
     r = CliRunner().invoke(app, cli_extract(images, out, "--resume"))
@@ -164,8 +200,9 @@ def test_real_file_size_limit_mid_run(images: Path, tmp_path: Path, clean: dict,
     assert_recovered(out, clean)
 
 
-def test_unwritable_store_directory_is_one_clear_error(images: Path, tmp_path: Path, clean_store: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unwritable_store_directory_is_one_clear_error(
+    images: Path, tmp_path: Path, clean_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from featcache.store.lock import SplitLock
 
     def denied(self: Any, path: Path) -> None:
@@ -194,8 +231,9 @@ def _damage_everything_but_shards_0_and_2(store: Path) -> None:
     flip_byte(store / "_backbone" / "norm_weight" / "c" / "0", 7)  # the backbone's final norm
 
 
-def test_repair_recomputes_exactly_the_damaged_shards(images: Path, tmp_path: Path, clean: dict, clean_store: Path,
-                                                      small_shards: None) -> None:
+def test_repair_recomputes_exactly_the_damaged_shards(
+    images: Path, tmp_path: Path, clean: dict, clean_store: Path, small_shards: None
+) -> None:
     store = Path(shutil.copytree(clean_store, tmp_path / "s.zarr"))
     _damage_everything_but_shards_0_and_2(store)
     report = verify_store(str(store))
@@ -216,8 +254,9 @@ def test_repair_via_library_reports_the_shards(images: Path, tmp_path: Path, cle
     assert_recovered(store, clean)
 
 
-def test_repair_refuses_damage_it_cannot_fix_and_changes_nothing(images: Path, tmp_path: Path, clean_store: Path,
-                                                                 small_shards: None) -> None:
+def test_repair_refuses_damage_it_cannot_fix_and_changes_nothing(
+    images: Path, tmp_path: Path, clean_store: Path, small_shards: None
+) -> None:
     store = Path(shutil.copytree(clean_store, tmp_path / "s.zarr"))
     flip_byte(shard_file(store, "block1", 1), 30)  # repairable ...
     shutil.rmtree(store / "train" / "block6")  # ... but a whole array is gone: its metadata too
@@ -228,8 +267,9 @@ def test_repair_refuses_damage_it_cannot_fix_and_changes_nothing(images: Path, t
     assert hash_tree(store) == before
 
 
-def test_resume_without_repair_names_the_damage_and_the_fix(images: Path, tmp_path: Path, clean_store: Path,
-                                                            small_shards: None) -> None:
+def test_resume_without_repair_names_the_damage_and_the_fix(
+    images: Path, tmp_path: Path, clean_store: Path, small_shards: None
+) -> None:
     store = Path(shutil.copytree(clean_store, tmp_path / "s.zarr"))
     zarr.open_array(str(store / "train" / "_complete"), mode="r+")[5] = 0  # an unfinished extraction ...
     flip_byte(shard_file(store, "ids", 1), 3)  # ... whose finished shard 1 has damaged ids
@@ -260,12 +300,19 @@ def test_corruption_end_to_end_in_real_processes(images: Path, tmp_path: Path, c
             flip_byte(shard_file(damaged, "block6", k), offset)
     for_train = Path(shutil.copytree(damaged, tmp_path / "for_train.zarr"))
     run = tmp_path / "run"
-    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for args, env in _both(for_train, run, damaged, images)]
+    procs = [
+        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for args, env in _both(for_train, run, damaged, images)
+    ]
     (train_out, train_err), (repair_out, repair_err) = (p.communicate(timeout=300) for p in procs)
     assert procs[0].returncode == 1, train_err
-    assert_one_error_line(train_err, "tap 'block6' of split 'train'", "(shard 1)", "featcache inspect --verify",
-                          "featcache extract --resume --repair")
+    assert_one_error_line(
+        train_err,
+        "tap 'block6' of split 'train'",
+        "(shard 1)",
+        "featcache inspect --verify",
+        "featcache extract --resume --repair",
+    )
     assert not run.exists()  # a refused run leaves no run directory behind
     assert procs[1].returncode == 0, repair_err
     for noise in ("Traceback", "Exception ignored", "Task was destroyed", "never retrieved", "Error"):
@@ -277,10 +324,31 @@ def test_corruption_end_to_end_in_real_processes(images: Path, tmp_path: Path, c
 def _both(for_train: Path, run: Path, damaged: Path, images: Path) -> list[tuple[list[str], dict[str, str]]]:
     from .helpers.processes import cli_env, featcache_cmd
 
-    train = [*featcache_cmd(), "train", str(for_train), "--method", "linear", "--out", str(run), "--epochs", "1",
-             "--quiet"]
-    repair = [*featcache_cmd(), "extract", *TINY_ARGS, "--data", str(images), "--out", str(damaged), "--resume",
-              "--repair", "--dtype", "float32"]  # chunking and batch size: the recorded ones
+    train = [
+        *featcache_cmd(),
+        "train",
+        str(for_train),
+        "--method",
+        "linear",
+        "--out",
+        str(run),
+        "--epochs",
+        "1",
+        "--quiet",
+    ]
+    repair = [
+        *featcache_cmd(),
+        "extract",
+        *TINY_ARGS,
+        "--data",
+        str(images),
+        "--out",
+        str(damaged),
+        "--resume",
+        "--repair",
+        "--dtype",
+        "float32",
+    ]  # chunking and batch size: the recorded ones
     return [(train, cli_env()), (repair, cli_env())]
 
 
@@ -319,8 +387,10 @@ def test_zarr_reads_left_running_after_a_failure_are_settled_before_zarr_closes_
     """The cause of 'Task was destroyed ...' / 'Exception ignored ... Traceback' after a clean exit: a failed
     multi-chunk read leaves sibling reads running, and zarr's atexit hook destroys them. Plain zarr: still
     pending when its loop closes; with featcache's hook: finished first."""
-    runs = {who: subprocess.run([sys.executable, "-c", _LEFT_RUNNING, who], capture_output=True, text=True, timeout=120)
-            for who in ("zarr", "featcache")}
+    runs = {
+        who: subprocess.run([sys.executable, "-c", _LEFT_RUNNING, who], capture_output=True, text=True, timeout=120)
+        for who in ("zarr", "featcache")
+    }
     assert all(r.returncode == 0 for r in runs.values()), runs
     assert runs["zarr"].stdout.split() == ["caught", "sibling", "read", "at", "exit:", "pending"]
     assert runs["featcache"].stdout.split() == ["caught", "sibling", "read", "at", "exit:", "done"]
@@ -371,11 +441,16 @@ def _probes(store: Path) -> dict[str, tuple[Path, str, Callable[[], Any]]]:
         if not done[2]:
             raise CorruptionError("array '_complete' of split 'train': record 2 reads as not complete")
 
-    return {"tap shard (chunks + index)": (shard_file(store, "block4", 2), "block4",
-                                           lambda: open_reader(split(), ["block4"], "ram")),
-            "labels chunk": (shard_file(store, "labels", 2), "labels", lambda: open_reader(split(), ["embed"], "ram")),
-            "ids chunk": (shard_file(store, "ids", 2), "ids", ids),
-            "completion record": (store / "train" / "_complete" / "c" / "2", "_complete", records)}
+    return {
+        "tap shard (chunks + index)": (
+            shard_file(store, "block4", 2),
+            "block4",
+            lambda: open_reader(split(), ["block4"], "ram"),
+        ),
+        "labels chunk": (shard_file(store, "labels", 2), "labels", lambda: open_reader(split(), ["embed"], "ram")),
+        "ids chunk": (shard_file(store, "ids", 2), "ids", ids),
+        "completion record": (store / "train" / "_complete" / "c" / "2", "_complete", records),
+    }
 
 
 def test_every_flipped_or_truncated_byte_is_caught(clean_store: Path, tmp_path: Path) -> None:

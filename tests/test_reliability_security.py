@@ -19,13 +19,12 @@ from click.testing import CliRunner
 from zarr.codecs import Crc32cCodec
 
 from featcache.cli import app
+from featcache.manifest import FORMAT_VERSION
 from featcache.sweep import expand
 from featcache.training import train
-from featcache.manifest import FORMAT_VERSION
 
 from .helpers.processes import EXTRACT_KW, ROOT, TINY_ARGS, assert_one_error_line
-from .helpers.stores import hash_tree, run_files, shard_file
-from .helpers.stores import run_extract
+from .helpers.stores import hash_tree, run_extract, run_files, shard_file
 
 
 @pytest.fixture(scope="module")
@@ -67,21 +66,30 @@ def invoke(*args: str) -> Any:
 # Format versions
 
 
-@pytest.mark.parametrize("version,says", [
-    (FORMAT_VERSION + 1, f"uses featcache format {FORMAT_VERSION + 1}, newer than this featcache"),
-    (0, "uses featcache format 0, which this featcache"),
-    ("1", "has no valid featcache format version ('1')"),
-])
+@pytest.mark.parametrize(
+    "version,says",
+    [
+        (FORMAT_VERSION + 1, f"uses featcache format {FORMAT_VERSION + 1}, newer than this featcache"),
+        (0, "uses featcache format 0, which this featcache"),
+        ("1", "has no valid featcache format version ('1')"),
+    ],
+)
 def test_store_format_versions_through_the_cli(world: dict, tmp_path: Path, version: Any, says: str) -> None:
     """inspect, train and extract --resume refuse a store of an unknown format, name it, and change nothing."""
     store = copy(world["store"], tmp_path / "s.zarr")
     set_root_attr(store, "featcache_format", version)
     before = hash_tree(store)
-    fix = {FORMAT_VERSION + 1: "upgrade featcache to read it", 0: "re-extract it",
-           "1": "not written by featcache or is damaged"}[version]
-    for args in (["inspect", str(store)], ["inspect", str(store), "--verify", "--json"],
-                 ["train", str(store), "--method", "linear", "--out", str(tmp_path / "run")],
-                 ["extract", *TINY_ARGS, "--data", str(world["images"]), "--out", str(store), "--resume"]):
+    fix = {
+        FORMAT_VERSION + 1: "upgrade featcache to read it",
+        0: "re-extract it",
+        "1": "not written by featcache or is damaged",
+    }[version]
+    for args in (
+        ["inspect", str(store)],
+        ["inspect", str(store), "--verify", "--json"],
+        ["train", str(store), "--method", "linear", "--out", str(tmp_path / "run")],
+        ["extract", *TINY_ARGS, "--data", str(world["images"]), "--out", str(store), "--resume"],
+    ):
         r = invoke(*args)
         assert r.exit_code == 1, (args, r.output)
         assert_one_error_line(r.stderr, f"store {store}", says, fix)
@@ -89,13 +97,17 @@ def test_store_format_versions_through_the_cli(world: dict, tmp_path: Path, vers
     assert hash_tree(store) == before and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("where,version,says", [
-    ("checkpoint", 2, "uses checkpoint format 2, newer than this featcache"),
-    ("checkpoint", 0, "uses checkpoint format 0, which this featcache"),
-    ("manifest", FORMAT_VERSION + 1, f"uses featcache format {FORMAT_VERSION + 1}, newer than this featcache"),
-])
-def test_checkpoint_format_versions_through_the_cli(world: dict, tmp_path: Path, where: str, version: int,
-                                                    says: str) -> None:
+@pytest.mark.parametrize(
+    "where,version,says",
+    [
+        ("checkpoint", 2, "uses checkpoint format 2, newer than this featcache"),
+        ("checkpoint", 0, "uses checkpoint format 0, which this featcache"),
+        ("manifest", FORMAT_VERSION + 1, f"uses featcache format {FORMAT_VERSION + 1}, newer than this featcache"),
+    ],
+)
+def test_checkpoint_format_versions_through_the_cli(
+    world: dict, tmp_path: Path, where: str, version: int, says: str
+) -> None:
     run = copy(world["run"], tmp_path / "run")
     if where == "checkpoint":
         edit_config(member_of(run), lambda c: c.update(featcache_checkpoint=version))
@@ -104,14 +116,20 @@ def test_checkpoint_format_versions_through_the_cli(world: dict, tmp_path: Path,
     before = hash_tree(run)
     r = invoke("predict", str(run), "--data", str(world["images"]), "--device", "cpu", "--quiet")
     assert r.exit_code == 1, r.output
-    fix = {2: "upgrade featcache", FORMAT_VERSION + 1: "upgrade featcache", 0: "retrain it with this featcache"}[version]
+    fix = {2: "upgrade featcache", FORMAT_VERSION + 1: "upgrade featcache", 0: "retrain it with this featcache"}[
+        version
+    ]
     assert_one_error_line(r.stderr, says, fix, "checkpoint")
     assert hash_tree(run) == before
 
 
-@pytest.mark.parametrize("field,says", [("featcache_checkpoint", "was written with checkpoint format 2"),
-                                         ("manifest", f"uses featcache format {FORMAT_VERSION + 1}, newer than this "
-                                                      "featcache")])
+@pytest.mark.parametrize(
+    "field,says",
+    [
+        ("featcache_checkpoint", "was written with checkpoint format 2"),
+        ("manifest", f"uses featcache format {FORMAT_VERSION + 1}, newer than this featcache"),
+    ],
+)
 def test_resuming_a_run_of_a_newer_format_is_refused(world: dict, tmp_path: Path, field: str, says: str) -> None:
     run = copy(world["run"], tmp_path / "run")
     if field == "manifest":
@@ -119,8 +137,19 @@ def test_resuming_a_run_of_a_newer_format_is_refused(world: dict, tmp_path: Path
     else:
         edit_config(member_of(run), lambda c: c.update(featcache_checkpoint=2))
     before = hash_tree(run)
-    r = invoke("train", str(world["store"]), "--method", "linear", "--out", str(run), "--epochs", "1",
-               "--batch-size", "8", "--resume")
+    r = invoke(
+        "train",
+        str(world["store"]),
+        "--method",
+        "linear",
+        "--out",
+        str(run),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--resume",
+    )
     assert r.exit_code == 1
     assert_one_error_line(r.stderr, "--resume", says)
     assert hash_tree(run) == before
@@ -143,12 +172,33 @@ class _Evil:
 def test_pickled_code_in_weights_never_runs(world: dict, tmp_path: Path) -> None:
     marker, weights = tmp_path / "pwned", tmp_path / "evil.pth"
     torch.save({"blocks.0.weight": _Evil(marker)}, weights)
-    r = invoke("extract", "--model", "test_vit", "--model-kwargs", "img_size=32", "--weights", str(weights),
-               "--data", str(world["images"]), "--out", str(tmp_path / "s.zarr"), "--quiet")
+    r = invoke(
+        "extract",
+        "--model",
+        "test_vit",
+        "--model-kwargs",
+        "img_size=32",
+        "--weights",
+        str(weights),
+        "--data",
+        str(world["images"]),
+        "--out",
+        str(tmp_path / "s.zarr"),
+        "--quiet",
+    )
     assert r.exit_code == 1
     assert_one_error_line(r.stderr, str(weights), "plain state dict", "weights_only=True")
-    r = invoke("predict", str(world["run"]), "--data", str(world["images"]), "--weights", str(weights), "--quiet",
-               "--device", "cpu")
+    r = invoke(
+        "predict",
+        str(world["run"]),
+        "--data",
+        str(world["images"]),
+        "--weights",
+        str(weights),
+        "--quiet",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 1
     assert_one_error_line(r.stderr, str(weights))
     assert not marker.exists() and not (tmp_path / "s.zarr").exists()
@@ -162,8 +212,12 @@ def test_pickle_in_place_of_a_checkpoint_never_runs(world: dict, tmp_path: Path)
     assert r.exit_code == 1
     assert_one_error_line(r.stderr, "best.safetensors", "the checkpoint is damaged")
     assert not marker.exists()
-    r = invoke("predict", str(member / "best.safetensors").replace("best.safetensors", "evil.pth"), "--data",
-               str(world["images"]))
+    r = invoke(
+        "predict",
+        str(member / "best.safetensors").replace("best.safetensors", "evil.pth"),
+        "--data",
+        str(world["images"]),
+    )
     assert r.exit_code == 1  # a .pth is never taken for a checkpoint
 
 
@@ -183,8 +237,9 @@ class _ExecCodec(Crc32cCodec):
         return self._decode_sync(chunk_bytes, chunk_spec)
 
 
-def test_a_store_codec_that_would_run_code_is_never_decoded(world: dict, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_store_codec_that_would_run_code_is_never_decoded(
+    world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Even with such a codec installed, featcache refuses an array that declares it, before decoding a chunk."""
     zarr.registry.register_codec("featcache-test.exec", _ExecCodec)
     marker = tmp_path / "pwned"
@@ -197,8 +252,9 @@ def test_a_store_codec_that_would_run_code_is_never_decoded(world: dict, tmp_pat
     meta_path.write_text(json.dumps(meta))
     r = invoke("train", str(store), "--method", "linear", "--out", str(tmp_path / "run"), "--epochs", "1")
     assert r.exit_code == 1
-    assert_one_error_line(r.stderr, "array 'block6' of split 'train'", "declares codec(s) featcache-test.exec",
-                          "re-extract it")
+    assert_one_error_line(
+        r.stderr, "array 'block6' of split 'train'", "declares codec(s) featcache-test.exec", "re-extract it"
+    )
     r = invoke("inspect", str(store), "--verify", "--stats", "--json")
     assert r.exit_code == 1
     assert not marker.exists()
@@ -244,8 +300,19 @@ def test_paths_inside_run_files_are_never_write_targets(world: dict, tmp_path: P
     state = json.loads((run / "state" / "state.json").read_text())
     (run / "state" / "state.json").write_text(json.dumps({**state, "dir": "../../../pwned"}))
     before = hash_tree(run)
-    r = invoke("train", str(world["store"]), "--method", "linear", "--out", str(run), "--epochs", "1", "--batch-size",
-               "8", "--resume")
+    r = invoke(
+        "train",
+        str(world["store"]),
+        "--method",
+        "linear",
+        "--out",
+        str(run),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--resume",
+    )
     assert r.exit_code == 1
     assert_one_error_line(r.stderr, "state.json is damaged", "start a new --out")
     assert hash_tree(run) == before
@@ -256,8 +323,9 @@ def test_grid_values_never_name_directories_outside_the_run(world: dict, tmp_pat
     members = expand("linear", {}, {"taps": ["../../pwned", "block6"]})
     assert all("/" not in m.name and m.name != ".." for m in members)
     run = tmp_path / "a" / "run"
-    r = invoke("train", str(world["store"]), "--method", "linear", "--out", str(run), "--grid",
-               "taps=../../../pwned,block6")
+    r = invoke(
+        "train", str(world["store"]), "--method", "linear", "--out", str(run), "--grid", "taps=../../../pwned,block6"
+    )
     assert r.exit_code == 1
     assert_one_error_line(r.stderr, "no tap '../../../pwned'")
     assert not run.exists()
@@ -271,8 +339,9 @@ def test_paths_inside_a_store_are_never_write_targets(world: dict, tmp_path: Pat
     meta["attributes"]["featcache_split"]["data"] = "../../pwned"
     (store / "train" / "zarr.json").write_text(json.dumps(meta))
     before = hash_tree(store)
-    r = invoke("extract", *TINY_ARGS, "--data", str(world["images"]), "--out", str(store), "--resume", "--dtype",
-               "float32")
+    r = invoke(
+        "extract", *TINY_ARGS, "--data", str(world["images"]), "--out", str(store), "--resume", "--dtype", "float32"
+    )
     assert r.exit_code == 1
     assert_one_error_line(r.stderr, "cannot resume split 'train'", "data = '../../pwned'", "--overwrite")
     assert hash_tree(store) == before
@@ -290,8 +359,9 @@ def test_source_never_unpickles_or_evaluates() -> None:
         for node in ast.walk(tree):
             where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
             if isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module
-                                                        else [])
+                names = [a.name for a in node.names] + (
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+                )
                 for n in names:
                     if n.split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle", "shelve", "marshal", "joblib"):
                         problems.append(f"{where}: imports {n}")

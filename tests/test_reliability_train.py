@@ -19,14 +19,22 @@ import zarr
 from click.testing import CliRunner
 
 from featcache.backbone import Backbone
-
-from featcache.manifest import BackboneSpec
 from featcache.cli import app
+from featcache.manifest import BackboneSpec
 from featcache.training import train
 
 from .conftest import TINY_VIT, make_separable_images, write_tap_store
-from .helpers.processes import (TRAIN_KILL_POINTS, TRAIN_KW, assert_one_error_line, child_cli, child_train, popen_cli,
-                                run_child, start_child, wait_for)
+from .helpers.processes import (
+    TRAIN_KILL_POINTS,
+    TRAIN_KW,
+    assert_one_error_line,
+    child_cli,
+    child_train,
+    popen_cli,
+    run_child,
+    start_child,
+    wait_for,
+)
 from .helpers.stores import flip_byte, hash_tree, leftovers, run_files, shard_file
 
 LONG_EPOCHS = 40  # long enough that an outside kill lands mid-run (well under 0.1 s per epoch here)
@@ -51,8 +59,21 @@ def short_run(store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 
 def train_args(store: Path, out: Path, epochs: int = LONG_EPOCHS) -> list[str]:
-    return ["train", str(store), "--method", "last", "--out", str(out), "--epochs", str(epochs), "--batch-size", "16",
-            "--grid", "lr=1e-3,3e-3", "--quiet"]
+    return [
+        "train",
+        str(store),
+        "--method",
+        "last",
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "16",
+        "--grid",
+        "lr=1e-3,3e-3",
+        "--quiet",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +103,16 @@ def resume_cli(store: Path, run: Path, epochs: int = LONG_EPOCHS) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", TRAIN_KILL_POINTS)
-def test_sigkill_at_any_point_of_an_epoch_then_resume_equals_uninterrupted(store: Path, tmp_path: Path,
-                                                                           short_run: dict, point: str) -> None:
+def test_sigkill_at_any_point_of_an_epoch_then_resume_equals_uninterrupted(
+    store: Path, tmp_path: Path, short_run: dict, point: str
+) -> None:
     """A real training process SIGKILLs itself at a precise moment; --resume gives the uninterrupted result."""
     run = tmp_path / "run"
     assert run_child(child_train, str(store), str(run), point) == -signal.SIGKILL
-    assert saved_epoch(run) == {"mid-epoch": 2, "after-member-files": 1, "mid-state": 1, "mid-file-write": 1,
-                                "before-metrics": 2}[point]
+    assert (
+        saved_epoch(run)
+        == {"mid-epoch": 2, "after-member-files": 1, "mid-state": 1, "mid-file-write": 1, "before-metrics": 2}[point]
+    )
     if point == "mid-file-write":
         assert any(".tmp" in p.name for p in run.rglob("*"))
     resumed = train(str(store), "last", run, TRAIN_KW["settings"], TRAIN_KW["grid"], resume=True, progress=False)
@@ -98,8 +122,9 @@ def test_sigkill_at_any_point_of_an_epoch_then_resume_equals_uninterrupted(store
 
 
 @pytest.mark.slow
-def test_sigkill_of_a_real_featcache_train_then_resume_equals_uninterrupted(store: Path, tmp_path: Path,
-                                                                           long_run: dict) -> None:
+def test_sigkill_of_a_real_featcache_train_then_resume_equals_uninterrupted(
+    store: Path, tmp_path: Path, long_run: dict
+) -> None:
     """`featcache train` (the console script) killed from outside with SIGKILL after at least one epoch's state."""
     run = tmp_path / "run"
     proc = popen_cli(*train_args(store, run))
@@ -130,15 +155,19 @@ def test_ctrl_c_in_a_real_train_process_says_how_to_resume(store: Path, tmp_path
     finally:
         proc.join(120)
     assert proc.exitcode == 130, log.read_text()
-    line = assert_one_error_line(log.read_text(), f"interrupted: training in {run} stopped",
-                                 "run the same featcache train command with --resume to continue")
+    line = assert_one_error_line(
+        log.read_text(),
+        f"interrupted: training in {run} stopped",
+        "run the same featcache train command with --resume to continue",
+    )
     assert f"state after epoch {saved_epoch(run)} of {LONG_EPOCHS}" in line
     resume_cli(store, run)
     assert run_files(run) == long_run
 
 
-def test_ctrl_c_before_the_first_epoch_ends(store: Path, tmp_path: Path, short_run: dict,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_before_the_first_epoch_ends(
+    store: Path, tmp_path: Path, short_run: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import featcache.member_bank as bank
 
     real = bank.MemberBank.train_step
@@ -194,13 +223,15 @@ def test_resume_against_another_store_is_refused(store: Path, tmp_path: Path) ->
     before = hash_tree(run)
     r = CliRunner().invoke(app, [*train_args(other, run, 2), "--resume"])
     assert r.exit_code == 1
-    assert_one_error_line(r.stderr, "was trained on a store made with another weights", "resume with the store it "
-                          "started on")
+    assert_one_error_line(
+        r.stderr, "was trained on a store made with another weights", "resume with the store it started on"
+    )
     assert hash_tree(run) == before
 
 
-def test_incomplete_split_trains_on_its_completed_shards(store: Path, tmp_path: Path,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_incomplete_split_trains_on_its_completed_shards(
+    store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     partial = Path(shutil.copytree(store, tmp_path / "partial.zarr"))
     zarr.open_array(str(partial / "train" / "_complete"), mode="r+")[1] = 0  # an extraction still running
     summary = train(str(partial), "linear", tmp_path / "run", {"epochs": 1}, progress=False)

@@ -46,8 +46,9 @@ def test_stream_keeps_requests_in_flight(store: Path) -> None:
     url = latency_fs.url(str(store))
     remote = FeatureStore.open(url, storage_options={"delay": 0.02}).split("train")
     fs = remote.group.store.fs
-    reader = open_reader(remote, remote.store.manifest.tap_names, "stream", batch_size=4, seed=0, block_images=4,
-                         buffer_mb=0.01)
+    reader = open_reader(
+        remote, remote.store.manifest.tap_names, "stream", batch_size=4, seed=0, block_images=4, buffer_mb=0.01
+    )
     assert reader.io_threads >= 16 and reader.window_blocks == 1
     fs.max_in_flight = 0
     assert sum(len(b) for b in reader.epoch(0)) == 24

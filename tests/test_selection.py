@@ -24,8 +24,14 @@ from .helpers.stores import run_extract
 SETTINGS = {"epochs": 4, "batch_size": 16}
 
 
-def _store(path: Path, vit: Backbone, splits: dict[str, int], test_seed: int = 1, shuffle_test: bool = False,
-           classes: dict[str, list[str]] | None = None) -> Path:
+def _store(
+    path: Path,
+    vit: Backbone,
+    splits: dict[str, int],
+    test_seed: int = 1,
+    shuffle_test: bool = False,
+    classes: dict[str, list[str]] | None = None,
+) -> Path:
     for i, (name, n) in enumerate(splits.items()):
         imgs, labels = make_separable_images(n, classes=3, seed=i if name != "test" else test_seed)
         if shuffle_test and name == "test":
@@ -50,8 +56,17 @@ def test_stratified_holdout_is_per_class_seeded_and_keeps_singletons_in_training
 
 def test_held_out_validation_is_disjoint_from_training_and_recorded(train_test, tmp_path) -> None:
     store = FeatureStore.open(train_test)
-    ev = plan_evaluation(store, "train", val_split=None, val_fraction=0.25, select_on=None, eval_split=None, seed=0,
-                         rundir=tmp_path / "run", resume=False)
+    ev = plan_evaluation(
+        store,
+        "train",
+        val_split=None,
+        val_fraction=0.25,
+        select_on=None,
+        eval_split=None,
+        seed=0,
+        rundir=tmp_path / "run",
+        resume=False,
+    )
     assert ev.selected_on == "train[held-out]" and ev.eval_splits == ["test"]
     assert len(np.intersect1d(ev.val_subset, ev.train_subset)) == 0
     assert np.array_equal(np.union1d(ev.val_subset, ev.train_subset), np.arange(96)) and len(ev.val_subset) == 24
@@ -68,16 +83,27 @@ def test_test_split_never_selects(tmp_path, vit) -> None:
     runs = []
     for seed in (1, 2):
         path = _store(tmp_path / f"s{seed}.zarr", vit, {"train": 96, "test": 48}, shuffle_test=True, test_seed=seed)
-        runs.append(train(str(path), "last", tmp_path / f"run{seed}", {"epochs": 5, "batch_size": 16},
-                          {"lr": [1e-4, 3e-3]}, progress=False))
+        runs.append(
+            train(
+                str(path),
+                "last",
+                tmp_path / f"run{seed}",
+                {"epochs": 5, "batch_size": 16},
+                {"lr": [1e-4, 3e-3]},
+                progress=False,
+            )
+        )
     picks = [(r["best"]["name"], r["best"]["epoch"], r["best"]["val_acc"]) for r in runs]
     assert picks[0] == picks[1]
     for summary in runs:
         best = summary["best"]
         member = next(m for m in summary["members"] if m["name"] == best["name"])
         assert best["val_acc"] == max(m["best"]["val_acc"] for m in summary["members"])
-        history = [json.loads(line) for line in (Path(member["checkpoint"]).parents[1] / "metrics.jsonl")
-                   .read_text().splitlines() if json.loads(line)["member"] == best["name"]]
+        history = [
+            json.loads(line)
+            for line in (Path(member["checkpoint"]).parents[1] / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["member"] == best["name"]
+        ]
         vals = [row["val_acc"] for row in history]
         chosen = history[vals.index(max(vals))]
         assert best["epoch"] == chosen["epoch"] and best["test_acc"] == chosen["test_acc"]
@@ -88,7 +114,9 @@ def test_a_stored_val_split_selects_and_json_reports_the_same_epoch(tmp_path, vi
     path = _store(tmp_path / "s.zarr", vit, {"train": 96, "val": 24, "test": 48})
     summary = train(str(path), "linear", tmp_path / "run", SETTINGS, progress=False)
     best = summary["best"]
-    assert best["selected_on"] == "val" and "heldout_size" not in best and not (tmp_path / "run" / "heldout.json").exists()
+    assert (
+        best["selected_on"] == "val" and "heldout_size" not in best and not (tmp_path / "run" / "heldout.json").exists()
+    )
     assert {"name", "epoch", "selected_on", "val_acc", "test_acc", "checkpoint"} <= set(best)
     member = summary["members"][0]
     assert member["metrics"].keys() >= {"train_acc", "val_acc", "test_acc"}
@@ -125,10 +153,17 @@ def test_resume_keeps_the_held_out_images(train_test, tmp_path, monkeypatch) -> 
 
 
 def test_an_eval_split_with_other_class_names_is_refused(tmp_path, vit) -> None:
-    path = _store(tmp_path / "s.zarr", vit, {"train": 48, "test": 24},
-                  classes={"train": ["cat", "dog", "emu"], "test": ["cat", "emu", "dog"]})
-    with pytest.raises(StoreError, match=r"split 'test' has classes \['cat', 'emu', 'dog'\] but the training split "
-                                         r"'train' has \['cat', 'dog', 'emu'\]"):
+    path = _store(
+        tmp_path / "s.zarr",
+        vit,
+        {"train": 48, "test": 24},
+        classes={"train": ["cat", "dog", "emu"], "test": ["cat", "emu", "dog"]},
+    )
+    with pytest.raises(
+        StoreError,
+        match=r"split 'test' has classes \['cat', 'emu', 'dog'\] but the training split "
+        r"'train' has \['cat', 'dog', 'emu'\]",
+    ):
         train(str(path), "linear", tmp_path / "run", SETTINGS, progress=False)
     assert not (tmp_path / "run").exists()
 

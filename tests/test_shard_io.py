@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from featcache.errors import CorruptionError
+from featcache.manifest import Manifest, SplitMeta, TapInfo
 from featcache.store.feature_store import FeatureStore, SplitHandle
 from featcache.store.shard_io import ShardIO
-from featcache.manifest import Manifest, SplitMeta, TapInfo
 
 N, CHUNK, SHARD = 45, 4, 16  # 3 shards, the last one partial; chunks of 4, the array's last chunk padded
 RUNS = [(0, 16), (16, 32), (32, 45), (4, 12), (36, 45), (40, 45), (20, 24)]
@@ -77,9 +77,11 @@ def test_every_damaged_byte_is_a_named_corruption_error(tmp_path: Path, compress
     original = path.read_bytes()
     index = 4 * 16 + 4  # (offset, nbytes) per chunk and the index's crc32c, at the end of the object
     for at in sorted({*range(0, len(original), 5), *range(len(original) - index - 8, len(original))}):
-        for damaged in (original[:at] + bytes([original[at] ^ 0xFF]) + original[at + 1:], original[:at]):
+        for damaged in (original[:at] + bytes([original[at] ^ 0xFF]) + original[at + 1 :], original[:at]):
             path.write_bytes(damaged)
-            with pytest.raises(CorruptionError, match=r"tap 'a' of split 'train' .*\(shard 2\) cannot be read.*--repair"):
+            with pytest.raises(
+                CorruptionError, match=r"tap 'a' of split 'train' .*\(shard 2\) cannot be read.*--repair"
+            ):
                 ShardIO(split).read_into("a", 32, 45, np.empty((13, 5, 7), np.float16))
     path.unlink()
     with pytest.raises(CorruptionError, match=r"shard 2\) cannot be read \(its object .* is missing\)"):

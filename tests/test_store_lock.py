@@ -30,13 +30,21 @@ def _write_owner(path: Path, pid: int, host: str) -> None:
 
 def test_live_owner_in_another_process_is_refused(tmp_path: Path) -> None:
     store = tmp_path / "s.zarr"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time
         from featcache.store.lock import SplitLock
         with SplitLock({str(store)!r}, "train"):
             print("held", flush=True)
             time.sleep(60)
-        """)], stdout=subprocess.PIPE, text=True)
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(StoreLockedError, match=rf"process {holder.pid} on host {socket.gethostname()}.*--resume"):
@@ -106,7 +114,6 @@ def test_url_lock_live_and_stale(tmp_path: Path) -> None:
     with SplitLock(url, "train"):
         owner = LockOwner.parse(fs.cat_file(f"/{root}/_locks/train.lock"))
         assert owner is not None and owner.pid == __import__("os").getpid()
-
 
 
 def test_run_lock_refuses_a_second_holder_in_this_thread_and_in_others(tmp_path) -> None:

@@ -11,8 +11,8 @@ import torch
 import zarr
 
 from featcache.errors import StoreError, StoreLockedError
-from featcache.store.feature_store import COMPLETE, FeatureStore
 from featcache.store.codecs import decode, encode
+from featcache.store.feature_store import COMPLETE, FeatureStore
 from featcache.store.lock import SplitLock
 from featcache.store.verify import verify_store
 
@@ -51,8 +51,9 @@ def test_16bit_round_trips(images: Path, tmp_path: Path, dtype: str) -> None:
 
 
 def test_cnn_taps_round_trip_and_chunking(images: Path, tmp_path: Path) -> None:
-    report = run_extract(images, tmp_path / "s.zarr", spec=TINY_CNN, dtype="float32", chunk_images=None,
-                         shard_images=None)
+    report = run_extract(
+        images, tmp_path / "s.zarr", spec=TINY_CNN, dtype="float32", chunk_images=None, shard_images=None
+    )
     split = FeatureStore.open(tmp_path / "s.zarr").split("train")
     meta = split.meta
     assert meta.shard_images % meta.chunk_images == 0 and meta.shard_images >= 24  # one shard: a small split
@@ -88,12 +89,15 @@ def test_existing_split_is_refused_and_untouched(images: Path, tmp_path: Path) -
     assert hash_tree(out) == before
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(spec=TINY_CNN), "model"),
-    (dict(spec={**TINY_VIT, "seed": 1}), "weights"),
-    (dict(layers=[0, 6]), "taps"),
-    (dict(dtype="float32"), "dtype"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(spec=TINY_CNN), "model"),
+        (dict(spec={**TINY_VIT, "seed": 1}), "weights"),
+        (dict(layers=[0, 6]), "taps"),
+        (dict(dtype="float32"), "dtype"),
+    ],
+)
 def test_incompatible_store_is_refused_and_untouched(images: Path, tmp_path: Path, change: dict, match: str) -> None:
     out = tmp_path / "s.zarr"
     run_extract(images, out)
@@ -219,8 +223,9 @@ def test_several_writer_threads_give_the_same_store(images: Path, tmp_path: Path
     assert_same_arrays(read_split(tmp_path / "one.zarr"), read_split(tmp_path / "three.zarr"))
 
 
-def test_writer_failure_is_reported_and_keeps_earlier_shards(images: Path, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_writer_failure_is_reported_and_keeps_earlier_shards(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import featcache.store.writer as writer_module
 
     real = writer_module.write_complete_shard
@@ -251,12 +256,14 @@ def test_auto_compressor_compresses_only_what_lz4_shrinks() -> None:
     rng = np.random.default_rng(0)
     dense = rng.standard_normal((8, 49, 64)).astype(np.float16)
     relu = np.maximum(dense, 0) * (rng.random((8, 49, 64)) < 0.2)  # mostly zeros, as after a ReLU
-    assert auto_compressors({"dense": dense, "relu": relu.astype(np.float16), "codes": (dense * 40).astype(np.int8)}) \
-        == {"dense": "none", "relu": "lz4", "codes": "none"}
+    assert auto_compressors(
+        {"dense": dense, "relu": relu.astype(np.float16), "codes": (dense * 40).astype(np.int8)}
+    ) == {"dense": "none", "relu": "lz4", "codes": "none"}
 
 
-def test_auto_compressor_choice_is_recorded_applied_and_kept_on_resume(images: Path, tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_compressor_choice_is_recorded_applied_and_kept_on_resume(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import featcache.extraction as extraction
 
     monkeypatch.setattr(extraction, "probe_compressors", lambda *a, **kw: {"embed": "lz4", "block3": "none"})

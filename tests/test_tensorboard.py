@@ -94,8 +94,21 @@ def test_without_the_package(store, tmp_path, monkeypatch) -> None:
     with pytest.raises(MissingDependencyError, match="pip install tensorboard"):
         train(str(store), "linear", tmp_path / "asked", {"epochs": 1}, progress=False, tensorboard=True)
     assert not (tmp_path / "asked").exists()  # refused before anything was written
-    r = CliRunner().invoke(app, ["train", str(store), "--method", "linear", "--out", str(tmp_path / "cli"),
-                                 "--epochs", "1", "--tensorboard", "--quiet"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(store),
+            "--method",
+            "linear",
+            "--out",
+            str(tmp_path / "cli"),
+            "--epochs",
+            "1",
+            "--tensorboard",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 2 and r.stderr.startswith("Error: ") and "pip install tensorboard" in r.stderr, r.output
     train(str(store), "linear", tmp_path / "auto", {"epochs": 1}, progress=False)  # automatic: off, no error
     assert (tmp_path / "auto" / "metrics.jsonl").is_file() and not (tmp_path / "auto" / "tensorboard").exists()

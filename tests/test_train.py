@@ -9,11 +9,10 @@ import torch
 from click.testing import CliRunner
 
 from featcache.backbone import Backbone
-
-from featcache.manifest import BackboneSpec
 from featcache.checkpoint import load_checkpoint
 from featcache.cli import app
 from featcache.errors import CheckpointError, ConfigError, Interrupted
+from featcache.manifest import BackboneSpec
 from featcache.store.feature_store import FeatureStore
 from featcache.sweep import TrainConfig, expand, load_sweep_file
 from featcache.training import train
@@ -33,6 +32,7 @@ def vit_store(tmp_path_factory, vit):
 
 
 # -- sweeps -----------------------------------------------------------------------------------
+
 
 def test_expand_grid_routes_keys_and_names_members() -> None:
     members = expand("last", {"epochs": 3, "rank": 4}, {"lr": [1e-3, 1e-2], "heads": [1, 2]})
@@ -54,29 +54,35 @@ def test_expand_method_grid() -> None:
         expand("last", {"bogus": 1}, {"method": ["last", "linear"]})
 
 
-@pytest.mark.parametrize("settings,grid,msg", [
-    ({"rnak": 4}, {}, r"unknown setting 'rnak'.*did you mean rank"),
-    ({}, {"epochs": [1, 2]}, "cannot vary inside one sweep"),
-    ({"lr": 1e-3}, {"lr": [1e-3, 1e-2]}, "both by --set and by --grid"),
-    ({}, {"lr": [1e-3, 1e-3]}, "repeats a value"),
-    ({"epochs": 0}, {}, "epochs must be a positive integer"),
-    ({"batch_size": -1}, {}, "batch_size must be a positive integer"),
-    ({"lr": float("nan")}, {}, "lr must be a positive number"),
-    ({}, {"method": ["last", "lora"]}, "lora"),
-])
+@pytest.mark.parametrize(
+    "settings,grid,msg",
+    [
+        ({"rnak": 4}, {}, r"unknown setting 'rnak'.*did you mean rank"),
+        ({}, {"epochs": [1, 2]}, "cannot vary inside one sweep"),
+        ({"lr": 1e-3}, {"lr": [1e-3, 1e-2]}, "both by --set and by --grid"),
+        ({}, {"lr": [1e-3, 1e-3]}, "repeats a value"),
+        ({"epochs": 0}, {}, "epochs must be a positive integer"),
+        ({"batch_size": -1}, {}, "batch_size must be a positive integer"),
+        ({"lr": float("nan")}, {}, "lr must be a positive number"),
+        ({}, {"method": ["last", "lora"]}, "lora"),
+    ],
+)
 def test_bad_sweeps(settings, grid, msg) -> None:
     with pytest.raises(ConfigError, match=msg):
         expand("last", settings, grid)
 
 
 def test_method_prefixed_settings_apply_to_one_method() -> None:
-    members = expand("last", {"lr": 1e-3, "linear.lr": 1e-2, "last.rank": 8},
-                     {"method": ["last", "linear"], "last.heads": [1, 2]})
+    members = expand(
+        "last", {"lr": 1e-3, "linear.lr": 1e-2, "last.rank": 8}, {"method": ["last", "linear"], "last.heads": [1, 2]}
+    )
     by = {m.name: m for m in members}
     assert sorted(by) == ["method=last-last.heads=1", "method=last-last.heads=2", "method=linear"]
     assert by["method=linear"].train.lr == 1e-2 and "rank" not in by["method=linear"].method_config
-    assert {(m.train.lr, m.method_config["rank"], m.method_config["heads"]) for m in members if m.method == "last"} == \
-        {(1e-3, 8, 1), (1e-3, 8, 2)}
+    assert {(m.train.lr, m.method_config["rank"], m.method_config["heads"]) for m in members if m.method == "last"} == {
+        (1e-3, 8, 1),
+        (1e-3, 8, 2),
+    }
     with pytest.raises(ConfigError, match="'lst' is not a method of this sweep"):
         expand("last", {"lst.lr": 1e-2}, {"method": ["last", "linear"]})
     with pytest.raises(ConfigError, match="unknown setting 'rnak'"):
@@ -92,6 +98,7 @@ def test_sweep_file(tmp_path) -> None:
 
 
 # -- training ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", ["linear", "last", "lst"])
 def test_training_learns_and_writes_the_run(vit_store, tmp_path, method: str) -> None:
@@ -114,8 +121,14 @@ def test_training_learns_and_writes_the_run(vit_store, tmp_path, method: str) ->
 
 def test_sweep_members_differ_and_best_is_chosen_on_validation(vit_store, tmp_path) -> None:
     path, _, _, _ = vit_store
-    summary = train(str(path), "last", tmp_path / "sweep", {"epochs": 4, "batch_size": 16},
-                    {"lr": [1e-6, 3e-3], "rank": [4, 8]}, progress=False)
+    summary = train(
+        str(path),
+        "last",
+        tmp_path / "sweep",
+        {"epochs": 4, "batch_size": 16},
+        {"lr": [1e-6, 3e-3], "rank": [4, 8]},
+        progress=False,
+    )
     accs = {m["name"]: m["best"]["score"] for m in summary["members"]}
     assert len(accs) == 4 and summary["num_banks"] == 2
     assert max(accs, key=accs.get) == summary["best"]["name"]
@@ -143,14 +156,21 @@ def test_bank_member_loop_equals_vmap(vit, method) -> None:
 
     mi = MethodInput(taps=vit.taps.infos, num_classes=3)
     config = {"dropout": 0.0} if method == "lst" else {}  # the loop and vmap draw dropout masks differently
-    members = [SweepMember(f"m{k}", method, config, TrainConfig(lr=lr, label_smoothing=ls, seed=k))
-               for k, (lr, ls) in enumerate([(1e-3, 0.0), (3e-3, 0.1), (1e30, 0.0)])]
+    members = [
+        SweepMember(f"m{k}", method, config, TrainConfig(lr=lr, label_smoothing=ls, seed=k))
+        for k, (lr, ls) in enumerate([(1e-3, 0.0), (3e-3, 0.1), (1e30, 0.0)])
+    ]
     banks = [MemberBank(members, mi, torch.device("cpu")) for _ in range(2)]
     assert banks[0].member_loop
     banks[1].member_loop = False
     g = torch.Generator().manual_seed(0)
-    batches = [({t.name: torch.randn(8, t.tokens, t.channels, generator=g) for t in vit.taps.infos},
-                torch.randint(0, 3, (8,), generator=g)) for _ in range(3)]
+    batches = [
+        (
+            {t.name: torch.randn(8, t.tokens, t.channels, generator=g) for t in vit.taps.infos},
+            torch.randint(0, 3, (8,), generator=g),
+        )
+        for _ in range(3)
+    ]
     results = []
     for bank in banks:
         out = [bank.train_step(taps, labels, 0.5, 2) for taps, labels in batches]
@@ -167,8 +187,9 @@ def test_bank_member_loop_equals_vmap(vit, method) -> None:
 
 def test_diverging_member_is_stopped_and_others_go_on(vit_store, tmp_path) -> None:
     path, _, _, _ = vit_store
-    summary = train(str(path), "linear", tmp_path / "div", {"epochs": 3, "batch_size": 16},
-                    {"lr": [3e-3, 1e30]}, progress=False)
+    summary = train(
+        str(path), "linear", tmp_path / "div", {"epochs": 3, "batch_size": 16}, {"lr": [3e-3, 1e30]}, progress=False
+    )
     by = {m["name"]: m for m in summary["members"]}
     assert by["lr=1e+30"]["status"] == "diverged" and by["lr=1e+30"]["diverged_at"].startswith("epoch 1")
     assert by["lr=0.003"]["status"] == "ok" and by["lr=0.003"]["metrics"]["test_acc"] > 0.8
@@ -263,16 +284,37 @@ def test_cnn_end_to_end(tmp_path) -> None:
     write_tap_store(tmp_path / "c.zarr", cnn, imgs, labels, "train")
     imgs, labels = make_separable_images(48, classes=3, seed=1)
     write_tap_store(tmp_path / "c.zarr", cnn, imgs, labels, "test")
-    summary = train(str(tmp_path / "c.zarr"), "last", tmp_path / "cr", {"epochs": 6, "batch_size": 16, "lr": 3e-3},
-                    {"method": ["last", "linear"]}, progress=False)
+    summary = train(
+        str(tmp_path / "c.zarr"),
+        "last",
+        tmp_path / "cr",
+        {"epochs": 6, "batch_size": 16, "lr": 3e-3},
+        {"method": ["last", "linear"]},
+        progress=False,
+    )
     assert summary["num_banks"] == 2
     assert max(m["best"]["score"] for m in summary["members"]) >= 0.9
 
 
 def test_cli_train_json_and_errors(vit_store, tmp_path) -> None:
     path, _, _, _ = vit_store
-    r = CliRunner().invoke(app, ["train", str(path), "--method", "linear", "--out", str(tmp_path / "c"), "--epochs", "2",
-                                 "--grid", "lr=1e-3,1e-2", "--json", "--quiet"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(path),
+            "--method",
+            "linear",
+            "--out",
+            str(tmp_path / "c"),
+            "--epochs",
+            "2",
+            "--grid",
+            "lr=1e-3,1e-2",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert {"members", "best", "samples_per_second", "wall_seconds", "peak_rss_mb"} <= set(data)
@@ -286,15 +328,36 @@ def test_cli_train_json_and_errors(vit_store, tmp_path) -> None:
     ]:
         r = CliRunner().invoke(app, ["train", str(path), "--out", str(tmp_path / "bad"), *args])
         assert r.exit_code == code, (args, r.output)
-        assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: ") and __import__("re").search(msg, r.stderr), r.stderr
+        assert (
+            r.stderr.count("\n") == 1 and r.stderr.startswith("Error: ") and __import__("re").search(msg, r.stderr)
+        ), r.stderr
 
 
 def test_cli_train_stream_reader_options_reach_the_reader(vit_store, tmp_path) -> None:
     path, _, _, _ = vit_store
     stored = FeatureStore.open(str(path)).split("train")
     meta = stored.meta
-    r = CliRunner().invoke(app, ["train", str(path), "--method", "linear", "--out", str(tmp_path / "s"), "--epochs", "1",
-                                 "--reader", "stream", "--stream-buffer-mb", "1", "--prefetch", "3", "--json", "--quiet"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(path),
+            "--method",
+            "linear",
+            "--out",
+            str(tmp_path / "s"),
+            "--epochs",
+            "1",
+            "--reader",
+            "stream",
+            "--stream-buffer-mb",
+            "1",
+            "--prefetch",
+            "3",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     reader = json.loads(r.stdout)["reader"]
     assert reader["mode"] == "stream" and reader["prefetch"] == 3 and reader["buffer_mb"] == 1
@@ -307,8 +370,14 @@ def test_cli_train_stream_reader_options_reach_the_reader(vit_store, tmp_path) -
 def test_lst_pruned_init_checkpoint_rebuilds(vit_store, tmp_path, vit) -> None:
     path, test_taps, _, _ = vit_store
     state = vit.model.state_dict()
-    train(str(path), "lst", tmp_path / "prune", {"epochs": 1, "init": "prune"}, progress=False,
-          backbone_state=lambda: state)
+    train(
+        str(path),
+        "lst",
+        tmp_path / "prune",
+        {"epochs": 1, "init": "prune"},
+        progress=False,
+        backbone_state=lambda: state,
+    )
     ckpt = load_checkpoint(tmp_path / "prune")
     assert ckpt.config["method_config"]["init"] == "prune" and ckpt.config["method_config"]["mlp_ratio"] is not None
     assert ckpt.config["method_config"]["attn_scale"] == pytest.approx((64 / ckpt.network.heads) ** -0.5)
@@ -327,9 +396,16 @@ def test_a_second_training_into_the_same_rundir_is_refused(vit_store, tmp_path) 
     path, _, _, _ = vit_store
     out = tmp_path / "runs" / "r"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom featcache.rundir import RunLock\n"
-         "RunLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(120)", str(out)],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom featcache.rundir import RunLock\n"
+            "RunLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(120)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(StoreLockedError, match=rf"run directory .*r is being trained into by process {holder.pid}"):
@@ -366,8 +442,14 @@ def test_lst_fisher_init_reads_training_rows_only(vit_store, tmp_path, vit, monk
 
     monkeypatch.setattr(lst, "fisher_information", spy)
     out = tmp_path / "fisher"
-    train(str(path), "lst", out, {"epochs": 1, "init": "prune", "prune_by": "fisher", "fisher_samples": 500},
-          progress=False, backbone_state=lambda: state)
+    train(
+        str(path),
+        "lst",
+        out,
+        {"epochs": 1, "init": "prune", "prune_by": "fisher", "fisher_samples": 500},
+        progress=False,
+        backbone_state=lambda: state,
+    )
     split = FeatureStore.open(str(path)).split("train")
     held_ids = set(json.loads((out / "heldout.json").read_text())["ids"])
     held = [i for i, name in enumerate(split.ids()) if name in held_ids]

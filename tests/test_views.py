@@ -8,19 +8,17 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 import featcache.extraction
 from featcache.cli import app
+from featcache.data import open_source
 from featcache.errors import CheckpointError, UsageError
+from featcache.evaluation_plan import view_scoring
 from featcache.infer import load_predictor, predict
 from featcache.loader import view_dataset
-from featcache.data import open_source
-from featcache.evaluation_plan import view_scoring
 from featcache.store.feature_store import FeatureStore
 from featcache.store.reader import open_reader
 from featcache.training import train
@@ -51,8 +49,14 @@ def cached_logits(run: Path, store: Path, tta: bool) -> torch.Tensor:
     every view with tta)."""
     predictor = load_predictor(run, device="cpu")
     split = FeatureStore.open(store).split("test")
-    reader = open_reader(split, list(predictor.network.required_taps), "ram", batch_size=64, shuffle=False,
-                         **view_scoring(split, tta).reader_options())
+    reader = open_reader(
+        split,
+        list(predictor.network.required_taps),
+        "ram",
+        batch_size=64,
+        shuffle=False,
+        **view_scoring(split, tta).reader_options(),
+    )
     (batch,) = list(reader.epoch(0))
     with torch.no_grad():
         logits = predictor.network(batch.taps)
@@ -70,8 +74,9 @@ def live_logits(run: Path, data: Path, tta: bool) -> torch.Tensor:
     return predictor.forward_views(torch.stack([ds[i][0] for i in range(len(ds))]))
 
 
-def test_view_zero_is_the_eval_transform_and_the_others_training_draws(images: Path, store: Path,
-                                                                       tmp_path: Path) -> None:
+def test_view_zero_is_the_eval_transform_and_the_others_training_draws(
+    images: Path, store: Path, tmp_path: Path
+) -> None:
     split = FeatureStore.open(store).split("train")
     assert split.meta.eval_view == 0 and split.meta.view_transform == "eval+train" and split.meta.views == VIEWS
     run_extract(images, tmp_path / "one.zarr")  # the eval transform alone
@@ -83,8 +88,9 @@ def test_view_zero_is_the_eval_transform_and_the_others_training_draws(images: P
         assert not torch.allclose(views[:, 1].float(), views[:, 2].float(), atol=0.05), tap
 
 
-def test_reported_test_accuracy_is_what_predict_gives_on_a_multi_view_split(store: Path, test_images: Path,
-                                                                            tmp_path: Path) -> None:
+def test_reported_test_accuracy_is_what_predict_gives_on_a_multi_view_split(
+    store: Path, test_images: Path, tmp_path: Path
+) -> None:
     """Without --tta the test split is scored on view 0, the eval transform that predict applies: equal logits and
     equal accuracy (before, the mean over training-transform views was reported)."""
     summary = train(str(store), "linear", tmp_path / "run", SETTINGS, progress=False)
@@ -92,27 +98,64 @@ def test_reported_test_accuracy_is_what_predict_gives_on_a_multi_view_split(stor
     assert summary["evaluation"]["splits"]["val"]["tta"] is False
     result = predict(tmp_path / "run", str(test_images), device="cpu", progress=False, num_workers=0)
     assert result["accuracy"] == pytest.approx(summary["best"]["test_acc"], abs=1e-6)
-    assert torch.allclose(cached_logits(tmp_path / "run", store, tta=False),
-                          live_logits(tmp_path / "run", test_images, tta=False), atol=1e-3)
+    assert torch.allclose(
+        cached_logits(tmp_path / "run", store, tta=False),
+        live_logits(tmp_path / "run", test_images, tta=False),
+        atol=1e-3,
+    )
 
 
-def test_tta_scores_every_view_and_predict_tta_recomputes_them(store: Path, test_images: Path,
-                                                               tmp_path: Path) -> None:
+def test_tta_scores_every_view_and_predict_tta_recomputes_them(store: Path, test_images: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    r = CliRunner().invoke(app, ["train", str(store), "--method", "linear", "--out", str(run), "--epochs", "3",
-                                 "--batch-size", "8", "--lr", "3e-3", "--tta", "--json", "--quiet"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(store),
+            "--method",
+            "linear",
+            "--out",
+            str(run),
+            "--epochs",
+            "3",
+            "--batch-size",
+            "8",
+            "--lr",
+            "3e-3",
+            "--tta",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
-    assert summary["evaluation"] == {"tta": True, "splits": {
-        "val": {"split": "train", "views": 3, "eval_view": 0, "seed": 0, "tta": True,
-                "scored_on": "mean logits of 3 views (view 0 eval transform, the others training draws)"},
-        "test": {"split": "test", "views": 3, "eval_view": 0, "seed": 0, "tta": True,
-                 "scored_on": "mean logits of 3 views (view 0 eval transform, the others training draws)"}}}
+    assert summary["evaluation"] == {
+        "tta": True,
+        "splits": {
+            "val": {
+                "split": "train",
+                "views": 3,
+                "eval_view": 0,
+                "seed": 0,
+                "tta": True,
+                "scored_on": "mean logits of 3 views (view 0 eval transform, the others training draws)",
+            },
+            "test": {
+                "split": "test",
+                "views": 3,
+                "eval_view": 0,
+                "seed": 0,
+                "tta": True,
+                "scored_on": "mean logits of 3 views (view 0 eval transform, the others training draws)",
+            },
+        },
+    }
     assert summary["tta"] == {"split": "test", "views": 3, "seed": 0, "eval_view": 0}
     member = json.loads((run / "members" / summary["best"]["name"] / "config.json").read_text())
     assert member["tta"] == summary["tta"]  # predict --tta reads it from the checkpoint
-    r = CliRunner().invoke(app, ["predict", str(run), "--data", str(test_images), "--device", "cpu", "--tta",
-                                 "--json", "--quiet"])
+    r = CliRunner().invoke(
+        app, ["predict", str(run), "--data", str(test_images), "--device", "cpu", "--tta", "--json", "--quiet"]
+    )
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert result["tta"] == {"views": 3, "seed": 0, "eval_view": 0}
@@ -124,14 +167,17 @@ def test_tta_scores_every_view_and_predict_tta_recomputes_them(store: Path, test
         train(str(store), "linear", run, SETTINGS, resume=True, progress=False)
 
 
-def test_an_old_multi_view_split_is_scored_on_its_views_with_a_warning(images: Path, test_images: Path,
-                                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_an_old_multi_view_split_is_scored_on_its_views_with_a_warning(
+    images: Path, test_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """A split written before the eval view was kept (no eval_view: all K views are training draws) still reads:
     it is scored on the mean of its views, which predict --tta reproduces, and training says so."""
     planned = featcache.extraction.plan_split
-    monkeypatch.setattr(featcache.extraction, "plan_split", lambda *a, **k: replace(
-        planned(*a, **k), view_transform="train", eval_view=None))  # the old layout, as old featcache wrote it
+    monkeypatch.setattr(
+        featcache.extraction,
+        "plan_split",
+        lambda *a, **k: replace(planned(*a, **k), view_transform="train", eval_view=None),
+    )  # the old layout, as old featcache wrote it
     out = tmp_path / "old.zarr"
     run_extract(images, out, views=VIEWS)
     run_extract(test_images, out, split="test", views=VIEWS)

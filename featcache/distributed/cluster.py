@@ -36,8 +36,11 @@ SETTINGS_PLUGIN = "featcache-settings"
 # (a task may start DataLoader processes), and no MALLOC_TRIM_THRESHOLD_, which makes torch's large
 # temporaries fault in fresh pages (docs/scale.md)
 MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_"
-CLUSTER_CONFIG = {"distributed.worker.multiprocessing-method": "spawn", "distributed.worker.daemon": False,
-                  f"distributed.nanny.pre-spawn-environ.{MALLOC_TRIM}": None}
+CLUSTER_CONFIG = {
+    "distributed.worker.multiprocessing-method": "spawn",
+    "distributed.worker.daemon": False,
+    f"distributed.nanny.pre-spawn-environ.{MALLOC_TRIM}": None,
+}
 DRAIN_SECONDS = 60.0  # after Ctrl-C or an error: how long to wait for running shard tasks to finish
 
 # ---------------------------------------------------------------------------------------------
@@ -47,9 +50,11 @@ DRAIN_SECONDS = 60.0  # after Ctrl-C or an error: how long to wait for running s
 def check_shared_url(url: str, what: str = "store") -> str:
     """The URL as workers must see it: memory:// refused, local paths made absolute."""
     if url.startswith("memory://"):
-        raise UsageError(f"the {what} {url} is a memory:// store, which lives inside one process: dask workers "
-                         "cannot write or read it. Use a local path or an object store URL (s3://...) with "
-                         "--workers/--scheduler, or drop --workers to run in this process")
+        raise UsageError(
+            f"the {what} {url} is a memory:// store, which lives inside one process: dask workers "
+            "cannot write or read it. Use a local path or an object store URL (s3://...) with "
+            "--workers/--scheduler, or drop --workers to run in this process"
+        )
     return url if "://" in url else os.path.abspath(url)
 
 
@@ -77,8 +82,12 @@ class WorkerSettings(WorkerPlugin):
 
     idempotent = False
 
-    def __init__(self, torch_threads: int | None = None, workers_per_host: dict[str, int] | None = None,
-                 zarr_concurrency: int = ZARR_CONCURRENCY) -> None:
+    def __init__(
+        self,
+        torch_threads: int | None = None,
+        workers_per_host: dict[str, int] | None = None,
+        zarr_concurrency: int = ZARR_CONCURRENCY,
+    ) -> None:
         self.torch_threads, self.workers_per_host = torch_threads, dict(workers_per_host or {})
         self.zarr_concurrency = zarr_concurrency
 
@@ -96,8 +105,14 @@ class WorkerSettings(WorkerPlugin):
 def worker_env(torch_threads: int, gpu: str | None = None) -> dict[str, str]:
     """Environment of a local worker process: thread pools sized before torch and zarr are imported."""
     n = str(max(1, torch_threads))
-    env = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "OMP_WAIT_POLICY": "PASSIVE",
-           "ZARR_THREADING__MAX_WORKERS": n, "ZARR_ASYNC__CONCURRENCY": str(ZARR_CONCURRENCY)}
+    env = {
+        "OMP_NUM_THREADS": n,
+        "MKL_NUM_THREADS": n,
+        "OPENBLAS_NUM_THREADS": n,
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "ZARR_THREADING__MAX_WORKERS": n,
+        "ZARR_ASYNC__CONCURRENCY": str(ZARR_CONCURRENCY),
+    }
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     return env
@@ -115,7 +130,7 @@ def local_gpus(device: str) -> list[str]:
         return []
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else []
-    return ids[:torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
+    return ids[: torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
 
 
 def local_cluster(workers: int, device: str = "auto", torch_threads: int | None = None) -> SpecCluster:
@@ -126,14 +141,21 @@ def local_cluster(workers: int, device: str = "auto", torch_threads: int | None 
         raise UsageError(f"--workers must be >= 1, got {workers}")
     gpus = local_gpus(device)
     if gpus and workers > len(gpus):
-        raise UsageError(f"--workers {workers}: this machine has {len(gpus)} GPU(s) and featcache runs one worker per "
-                         f"GPU; use --workers {len(gpus)}, or --device cpu for CPU workers")
+        raise UsageError(
+            f"--workers {workers}: this machine has {len(gpus)} GPU(s) and featcache runs one worker per "
+            f"GPU; use --workers {len(gpus)}, or --device cpu for CPU workers"
+        )
     threads = torch_threads or max(1, cpu_count() // workers)
     memory = int(psutil.virtual_memory().total // workers)
     specs = {}
     for i in range(workers):
-        options: dict[str, Any] = {"nthreads": 1, "host": "127.0.0.1", "memory_limit": memory,
-                                   "env": worker_env(threads, gpus[i] if gpus else None), "silence_logs": logging.ERROR}
+        options: dict[str, Any] = {
+            "nthreads": 1,
+            "host": "127.0.0.1",
+            "memory_limit": memory,
+            "env": worker_env(threads, gpus[i] if gpus else None),
+            "silence_logs": logging.ERROR,
+        }
         if gpus:
             options["resources"] = {"GPU": 1}
         specs[f"featcache-{i}"] = {"cls": Nanny, "options": options}
@@ -142,32 +164,46 @@ def local_cluster(workers: int, device: str = "auto", torch_threads: int | None 
     try:
         return SpecCluster(workers=specs, scheduler=scheduler, silence_logs=logging.ERROR, name="featcache")
     except Exception as err:  # noqa: BLE001 - e.g. ports, spawn failures: one clear line
-        raise ClusterError(f"could not start a local dask cluster of {workers} workers ({type(err).__name__}: "
-                           f"{err})") from None
+        raise ClusterError(
+            f"could not start a local dask cluster of {workers} workers ({type(err).__name__}: {err})"
+        ) from None
 
 
 def connect(address: str, timeout: float | None = None) -> Client:
     """A client of the scheduler at ``address`` that has at least one worker, or ``ClusterError``."""
-    seconds = timeout if timeout is not None else dask.utils.parse_timedelta(
-        dask.config.get("distributed.comm.timeouts.connect"), default="s")
+    seconds = (
+        timeout
+        if timeout is not None
+        else dask.utils.parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="s")
+    )
     try:
         client = Client(address, timeout=seconds, set_as_default=False)
     except (OSError, TimeoutError, ValueError, TypeError) as err:
-        raise ClusterError(f"cannot reach the dask scheduler at {address} ({type(err).__name__}: {err}); check the "
-                           "address (e.g. tcp://HOST:8786), that `dask scheduler` runs there and that this machine can "
-                           "reach it, or use --workers N for a local cluster") from None
+        raise ClusterError(
+            f"cannot reach the dask scheduler at {address} ({type(err).__name__}: {err}); check the "
+            "address (e.g. tcp://HOST:8786), that `dask scheduler` runs there and that this machine can "
+            "reach it, or use --workers N for a local cluster"
+        ) from None
     try:
         client.wait_for_workers(1, timeout=seconds)
     except (TimeoutError, OSError):
         client.close()
-        raise ClusterError(f"the dask scheduler at {address} has no workers; start them with `dask worker {address} "
-                           "--nthreads 1` (one per GPU: --resources GPU=1)") from None
+        raise ClusterError(
+            f"the dask scheduler at {address} has no workers; start them with `dask worker {address} "
+            "--nthreads 1` (one per GPU: --resources GPU=1)"
+        ) from None
     return client
 
 
 def _worker_info() -> dict[str, Any]:
-    return {"featcache": __version__, "host": socket.gethostname(), "pid": os.getpid(), "cpus": cpu_count(),
-            "malloc_trim": os.environ.get(MALLOC_TRIM), "featcache_malloc": os.environ.get(MALLOC_ENV, "keep")}
+    return {
+        "featcache": __version__,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "cpus": cpu_count(),
+        "malloc_trim": os.environ.get(MALLOC_TRIM),
+        "featcache_malloc": os.environ.get(MALLOC_ENV, "keep"),
+    }
 
 
 def prepare_workers(client: Client, torch_threads: int | None = None) -> dict[str, dict[str, Any]]:
@@ -175,15 +211,23 @@ def prepare_workers(client: Client, torch_threads: int | None = None) -> dict[st
     try:
         info = client.run(_worker_info)
     except Exception as err:  # noqa: BLE001 - featcache missing on a worker fails to unpickle there
-        raise ClusterError(f"the dask workers cannot run featcache ({type(err).__name__}: {err}); install featcache "
-                           f"{__version__} and its dependencies on every worker") from None
+        raise ClusterError(
+            f"the dask workers cannot run featcache ({type(err).__name__}: {err}); install featcache "
+            f"{__version__} and its dependencies on every worker"
+        ) from None
     other = {addr: i["featcache"] for addr, i in info.items() if i["featcache"] != __version__}
     if other:
-        raise ClusterError(f"workers run other featcache versions than this client ({__version__}): {other}; install "
-                           "the same version everywhere")
+        raise ClusterError(
+            f"workers run other featcache versions than this client ({__version__}): {other}; install "
+            "the same version everywhere"
+        )
     if any(i["malloc_trim"] is not None and i.get("featcache_malloc") == "system" for i in info.values()):
-        log.warning("featcache: the dask workers run with %s set (dask's default) and %s=system, which makes torch "
-                    "about 30%% slower; start them without either (docs/scale.md)", MALLOC_TRIM, MALLOC_ENV)
+        log.warning(
+            "featcache: the dask workers run with %s set (dask's default) and %s=system, which makes torch "
+            "about 30%% slower; start them without either (docs/scale.md)",
+            MALLOC_TRIM,
+            MALLOC_ENV,
+        )
     hosts: dict[str, int] = {}
     for w in client.scheduler_info(n_workers=-1)["workers"].values():
         hosts[w["host"]] = hosts.get(w["host"], 0) + 1
@@ -210,9 +254,15 @@ def quiet_dask_logs(level: int = logging.ERROR) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def cluster_client(workers: int | None = None, scheduler: str | None = None, *, device: str = "auto",
-                   torch_threads: int | None = None, timeout: float | None = None,
-                   progress: bool = False) -> Iterator[Client]:
+def cluster_client(
+    workers: int | None = None,
+    scheduler: str | None = None,
+    *,
+    device: str = "auto",
+    torch_threads: int | None = None,
+    timeout: float | None = None,
+    progress: bool = False,
+) -> Iterator[Client]:
     """A client of a new local cluster (``workers``) or of the scheduler at ``scheduler``; closed afterwards.
 
     ``progress``: say on stderr how many workers there are and where dask's dashboard is.
@@ -245,8 +295,11 @@ def _has_dashboard(client: Client) -> bool:
 
 
 def _gpu_workers(client: Client) -> list[str]:
-    return [addr for addr, w in client.scheduler_info(n_workers=-1)["workers"].items()
-            if w.get("resources", {}).get("GPU", 0) >= 1]
+    return [
+        addr
+        for addr, w in client.scheduler_info(n_workers=-1)["workers"].items()
+        if w.get("resources", {}).get("GPU", 0) >= 1
+    ]
 
 
 def task_resources(client: Client, device: str) -> tuple[dict[str, int] | None, int]:
@@ -282,8 +335,9 @@ def drain(client: Client, futures: list[Future], timeout: float = DRAIN_SECONDS)
 
 
 @contextlib.contextmanager
-def client_for(client: Client | None, workers: int | None, scheduler: str | None, device: str,
-               progress: bool) -> Iterator[Client]:
+def client_for(
+    client: Client | None, workers: int | None, scheduler: str | None, device: str, progress: bool
+) -> Iterator[Client]:
     """``client`` itself (left open), or else a client of ``cluster_client(workers, scheduler)``, closed after."""
     if client is not None:
         yield client

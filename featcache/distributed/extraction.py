@@ -28,13 +28,30 @@ from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone
 from featcache.data import DataSource, shared_spec
 from featcache.device import resolve_device
-from featcache.errors import (ClusterError, ConfigError, DataError, FeatcacheError, Interrupted, ModelError, StoreError,
-                              UsageError, WeightsError)
-from featcache.extraction import (ExtractOptions, ExtractReport, ShardRunStats, extract_shards, open_split_source,
-                                  resolve_options, run_extraction, runtime_settings)
+from featcache.errors import (
+    ClusterError,
+    ConfigError,
+    DataError,
+    FeatcacheError,
+    Interrupted,
+    ModelError,
+    StoreError,
+    UsageError,
+    WeightsError,
+)
+from featcache.extraction import (
+    ExtractOptions,
+    ExtractReport,
+    ShardRunStats,
+    extract_shards,
+    open_split_source,
+    resolve_options,
+    run_extraction,
+    runtime_settings,
+)
+from featcache.manifest import BackboneSpec
 from featcache.progress import bar, say
 from featcache.store.feature_store import FeatureStore, SplitHandle
-from featcache.manifest import BackboneSpec
 
 from .cluster import check_shared_url, client_for, drain, shared_path, task_resources, worker_name
 
@@ -42,7 +59,6 @@ from .cluster import check_shared_url, client_for, drain, shared_path, task_reso
 # (a storage write error, a lost worker) is retried in the next round.
 FATAL_ERRORS = (DataError, WeightsError, ModelError, UsageError, ConfigError)
 TASKS_PER_WORKER = 4  # extraction tasks per worker (each a group of consecutive shards), see plan_tasks
-
 
 
 @dataclass(frozen=True)
@@ -97,9 +113,11 @@ def worker_backbone(job: ShardJob) -> tuple[Backbone, bool]:
         _models.clear()  # one model per worker: a new extraction replaces the previous one
         backbone = Backbone(BackboneSpec.from_dict(job.spec), resolve_device(job.device), job.layers)
         if backbone.weights.get("state_sha256") != job.weights_sha256:
-            raise WeightsError(f"worker {socket.gethostname()} loaded other weights for {job.spec['model']} than the "
-                               f"client planned with; --weights {job.spec['weights']} must be the same file on every "
-                               "worker")
+            raise WeightsError(
+                f"worker {socket.gethostname()} loaded other weights for {job.spec['model']} than the "
+                f"client planned with; --weights {job.spec['weights']} must be the same file on every "
+                "worker"
+            )
         _models[key] = backbone
         return backbone, True
 
@@ -111,8 +129,10 @@ def worker_source(job: ShardJob) -> DataSource:
         if key not in _sources:
             source = open_split_source(job.data, job.limit)
             if len(source) != job.num_samples or ids_sha256(source.ids()) != job.ids_sha256:
-                raise DataError(f"--data {job.data} on worker {socket.gethostname()} holds other images than on the "
-                                "client; every worker must see the same data (a shared filesystem)")
+                raise DataError(
+                    f"--data {job.data} on worker {socket.gethostname()} holds other images than on the "
+                    "client; every worker must see the same data (a shared filesystem)"
+                )
             _sources.clear()
             _sources[key] = source
         return _sources[key]
@@ -122,9 +142,11 @@ def _worker_split(job: ShardJob) -> SplitHandle:
     try:
         return FeatureStore.open(job.store, "r+", job.storage_options).split(job.split)
     except StoreError as err:
-        raise StoreError(f"worker {socket.gethostname()} cannot open split {job.split!r} of {job.store} ({err}); "
-                         "every worker must reach the store at the same path (a shared filesystem) or URL "
-                         "(s3://...)") from None
+        raise StoreError(
+            f"worker {socket.gethostname()} cannot open split {job.split!r} of {job.store} ({err}); "
+            "every worker must reach the store at the same path (a shared filesystem) or URL "
+            "(s3://...)"
+        ) from None
 
 
 def _loader_workers(job: ShardJob, device: torch.device) -> int:
@@ -152,12 +174,28 @@ def extract_shards_task(job: ShardJob, shards: list[int]) -> dict[str, Any]:
         split = _worker_split(job)
         done = split.completed_shards()
         todo = [k for k in shards if not done[k]]
-        stats = extract_shards(split, backbone, source, todo, batch_size=job.batch_size,
-                               loader_workers=_loader_workers(job, backbone.device), progress=False,
-                               durable=job.durable, writer_threads=job.writer_threads)
-    return {"shards": stats.shards, "skipped": [k for k in shards if done[k]], "worker": worker_name(),
-            "pid": os.getpid(), "model_built": built, "images": stats.images, "nbytes": stats.nbytes,
-            "forward_seconds": stats.forward_seconds, "write_seconds": stats.write_seconds}
+        stats = extract_shards(
+            split,
+            backbone,
+            source,
+            todo,
+            batch_size=job.batch_size,
+            loader_workers=_loader_workers(job, backbone.device),
+            progress=False,
+            durable=job.durable,
+            writer_threads=job.writer_threads,
+        )
+    return {
+        "shards": stats.shards,
+        "skipped": [k for k in shards if done[k]],
+        "worker": worker_name(),
+        "pid": os.getpid(),
+        "model_built": built,
+        "images": stats.images,
+        "nbytes": stats.nbytes,
+        "forward_seconds": stats.forward_seconds,
+        "write_seconds": stats.write_seconds,
+    }
 
 
 def plan_tasks(shards: list[int], workers: int, shards_per_task: int | None = None) -> list[list[int]]:
@@ -167,15 +205,16 @@ def plan_tasks(shards: list[int], workers: int, shards_per_task: int | None = No
     per worker keep the load balanced and bound what a lost worker's task recomputes.
     """
     size = shards_per_task or max(1, -(-len(shards) // (max(1, workers) * TASKS_PER_WORKER)))
-    return [shards[i:i + size] for i in range(0, len(shards), size)]
+    return [shards[i : i + size] for i in range(0, len(shards), size)]
 
 
 class DaskShardRunner:
     """``featcache.extraction.ShardRunner`` whose shards are dask tasks: the client plans on its CPU (for the
     manifest), workers keep the model loaded between tasks, and missing shards are submitted again."""
 
-    def __init__(self, client: Client, spec: BackboneSpec, data: str, rounds: int = 3,
-                 shards_per_task: int | None = None) -> None:
+    def __init__(
+        self, client: Client, spec: BackboneSpec, data: str, rounds: int = 3, shards_per_task: int | None = None
+    ) -> None:
         self.client, self.spec, self.data = client, spec, data
         self.rounds, self.shards_per_task = rounds, shards_per_task
         self.done: dict[str, Any] = {}
@@ -183,29 +222,45 @@ class DaskShardRunner:
     def backbone_device(self, opts: ExtractOptions) -> torch.device:
         return torch.device("cpu")  # for the plan and the manifest; workers run the model
 
-    def run(self, split: SplitHandle, backbone: Backbone, source: DataSource, shards: list[int],
-            opts: ExtractOptions) -> ShardRunStats:
+    def run(
+        self, split: SplitHandle, backbone: Backbone, source: DataSource, shards: list[int], opts: ExtractOptions
+    ) -> ShardRunStats:
         job = _shard_job(self.spec, backbone, source, split, split.store.url, self.data, opts)
         self.done = _run_shards(self.client, job, split, opts.progress, self.rounds, self.shards_per_task)
         results = self.done["results"]
-        return ShardRunStats(shards=sorted(k for r in results for k in r["shards"]),
-                             images=sum(r["images"] for r in results), nbytes=sum(r["nbytes"] for r in results),
-                             seconds=self.done["loop_seconds"],
-                             forward_seconds=sum(r["forward_seconds"] for r in results),
-                             write_seconds=sum(r["write_seconds"] for r in results))
+        return ShardRunStats(
+            shards=sorted(k for r in results for k in r["shards"]),
+            images=sum(r["images"] for r in results),
+            nbytes=sum(r["nbytes"] for r in results),
+            seconds=self.done["loop_seconds"],
+            forward_seconds=sum(r["forward_seconds"] for r in results),
+            write_seconds=sum(r["write_seconds"] for r in results),
+        )
 
     def report(self, report: ExtractReport, stats: ShardRunStats) -> ClusterExtractReport:
         results = self.done.get("results", [])
-        return ClusterExtractReport(**vars(report), workers=self.done.get("workers", 0),
-                                    model_loads=sum(r["model_built"] for r in results),
-                                    rounds=self.done.get("rounds", 0),
-                                    shard_workers={k: r["worker"] for r in results for k in r["shards"]})
+        return ClusterExtractReport(
+            **vars(report),
+            workers=self.done.get("workers", 0),
+            model_loads=sum(r["model_built"] for r in results),
+            rounds=self.done.get("rounds", 0),
+            shard_workers={k: r["worker"] for r in results for k in r["shards"]},
+        )
 
 
-def extract_on_cluster(spec: BackboneSpec, data: str, out: str | os.PathLike[str],
-                       options: ExtractOptions | None = None, *, client: Client | None = None,
-                       workers: int | None = None, scheduler: str | None = None, rounds: int = 3,
-                       shards_per_task: int | None = None, **overrides: Any) -> ClusterExtractReport:
+def extract_on_cluster(
+    spec: BackboneSpec,
+    data: str,
+    out: str | os.PathLike[str],
+    options: ExtractOptions | None = None,
+    *,
+    client: Client | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    rounds: int = 3,
+    shards_per_task: int | None = None,
+    **overrides: Any,
+) -> ClusterExtractReport:
     """``featcache.extraction.extract`` with the shards computed by dask workers (see the module docstring).
 
     Pass a ``client``, or ``workers`` (a local cluster started and stopped here) or ``scheduler``.
@@ -221,19 +276,38 @@ def extract_on_cluster(spec: BackboneSpec, data: str, out: str | os.PathLike[str
         return cast(ClusterExtractReport, run_extraction(spec, data, url, opts, runner))
 
 
-def _shard_job(spec: BackboneSpec, backbone: Backbone, source: DataSource, split: SplitHandle, url: str, data: str,
-               opts: ExtractOptions) -> ShardJob:
+def _shard_job(
+    spec: BackboneSpec,
+    backbone: Backbone,
+    source: DataSource,
+    split: SplitHandle,
+    url: str,
+    data: str,
+    opts: ExtractOptions,
+) -> ShardJob:
     worker_spec = replace(spec, weights=shared_path(spec.weights))
-    return ShardJob(spec=worker_spec.to_dict(), layers=opts.layers, device=opts.device, store=url, split=opts.split,
-                    data=shared_spec(data), limit=opts.limit, num_samples=len(source),
-                    ids_sha256=ids_sha256(source.ids()),
-                    weights_sha256=str(backbone.weights.get("state_sha256")), batch_size=split.meta.batch_size,
-                    loader_workers=opts.loader_workers, durable=opts.durable, storage_options=opts.storage_options,
-                    writer_threads=opts.writer_threads)
+    return ShardJob(
+        spec=worker_spec.to_dict(),
+        layers=opts.layers,
+        device=opts.device,
+        store=url,
+        split=opts.split,
+        data=shared_spec(data),
+        limit=opts.limit,
+        num_samples=len(source),
+        ids_sha256=ids_sha256(source.ids()),
+        weights_sha256=str(backbone.weights.get("state_sha256")),
+        batch_size=split.meta.batch_size,
+        loader_workers=opts.loader_workers,
+        durable=opts.durable,
+        storage_options=opts.storage_options,
+        writer_threads=opts.writer_threads,
+    )
 
 
-def _run_shards(client: Client, job: ShardJob, split: SplitHandle, progress: bool, rounds: int,
-                shards_per_task: int | None = None) -> dict[str, Any]:
+def _run_shards(
+    client: Client, job: ShardJob, split: SplitHandle, progress: bool, rounds: int, shards_per_task: int | None = None
+) -> dict[str, Any]:
     """Submit the missing shards until the completion records say all are done (at most ``rounds`` rounds)."""
     meta = split.meta
     todo = [k for k, done in enumerate(split.completed_shards()) if not done]
@@ -258,9 +332,11 @@ def _run_shards(client: Client, job: ShardJob, split: SplitHandle, progress: boo
         have = meta.num_shards - len(missing)
         first = failures[min(failures)] if failures else None
         kind = type(first) if isinstance(first, FeatcacheError) else ClusterError
-        raise kind(f"{len(missing)} shard(s) of split {job.split!r} (e.g. shard {missing[0]}) could not be computed in "
-                   f"{done['rounds']} round(s): {_first_failure(failures)}; the {have} completed shard(s) are kept: "
-                   "rerun with --resume")
+        raise kind(
+            f"{len(missing)} shard(s) of split {job.split!r} (e.g. shard {missing[0]}) could not be computed in "
+            f"{done['rounds']} round(s): {_first_failure(failures)}; the {have} completed shard(s) are kept: "
+            "rerun with --resume"
+        )
     return done
 
 
@@ -271,16 +347,31 @@ def _first_failure(failures: dict[int, BaseException]) -> str:
     return f"shard {k}: {type(err).__name__}: {str(err)[:200]}"
 
 
-def _run_round(client: Client, job: ShardJob, tasks: list[list[int]], resources: dict[str, int] | None, pbar: Any,
-               results: list[dict[str, Any]]) -> dict[int, BaseException]:
+def _run_round(
+    client: Client,
+    job: ShardJob,
+    tasks: list[list[int]],
+    resources: dict[str, int] | None,
+    pbar: Any,
+    results: list[dict[str, Any]],
+) -> dict[int, BaseException]:
     """One task per group of shards; progress as the scheduler reports completions. Returns the errors of
     failed tasks by their first shard.
 
     A ``FATAL_ERRORS`` error (bad data, weights, options) stops everything: rerunning would fail the same way.
     """
     token = uuid.uuid4().hex[:8]
-    futures = {client.submit(extract_shards_task, job, group, resources=resources, pure=False,
-                             key=f"featcache-extract-{job.split}-shard{group[0]}-{token}"): group[0] for group in tasks}
+    futures = {
+        client.submit(
+            extract_shards_task,
+            job,
+            group,
+            resources=resources,
+            pure=False,
+            key=f"featcache-extract-{job.split}-shard{group[0]}-{token}",
+        ): group[0]
+        for group in tasks
+    }
     failures: dict[int, BaseException] = {}
     try:
         for future in as_completed(list(futures), loop=client.loop):
@@ -297,7 +388,9 @@ def _run_round(client: Client, job: ShardJob, tasks: list[list[int]], resources:
             failures[k] = err
     except KeyboardInterrupt:
         drain(client, list(futures))
-        raise Interrupted(f"interrupted: shards already written by the workers are complete, shards in progress were "
-                          f"finished or discarded; run the same featcache extract command with --resume to continue "
-                          f"split {job.split!r} of {job.store}") from None
+        raise Interrupted(
+            f"interrupted: shards already written by the workers are complete, shards in progress were "
+            f"finished or discarded; run the same featcache extract command with --resume to continue "
+            f"split {job.split!r} of {job.store}"
+        ) from None
     return failures

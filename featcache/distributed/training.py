@@ -69,19 +69,38 @@ def train_part_task(job: TrainPartJob) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="featcache-part-") as tmp:
         out = Path(tmp) / "run"
         trained = train_members(plan_run(job.store, members, out, options, job.backbone_state))
-        files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-                 if p.is_file() and p.relative_to(out).parts[0] not in PART_FILES_SKIPPED}
-    return {"files": files, "trained": trained, "worker": worker_name(), "host": socket.gethostname(),
-            "pid": os.getpid(), "members": [m.name for m in members], "seconds": time.perf_counter() - t0}
+        files = {
+            str(p.relative_to(out)): p.read_bytes()
+            for p in sorted(out.rglob("*"))
+            if p.is_file() and p.relative_to(out).parts[0] not in PART_FILES_SKIPPED
+        }
+    return {
+        "files": files,
+        "trained": trained,
+        "worker": worker_name(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "members": [m.name for m in members],
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 @holds_run_lock
-def train_on_cluster(store: str, method: str | list[SweepMember], out: str | os.PathLike[str],
-                     settings: dict[str, Any] | None = None, grid: dict[str, list[Any]] | None = None,
-                     options: TrainOptions | None = None, *, client: Client | None = None,
-                     workers: int | None = None, scheduler: str | None = None,
-                     backbone_state: Callable[[], dict[str, Any]] | None = None, split_banks: bool = True,
-                     **overrides: Any) -> dict[str, Any]:
+def train_on_cluster(
+    store: str,
+    method: str | list[SweepMember],
+    out: str | os.PathLike[str],
+    settings: dict[str, Any] | None = None,
+    grid: dict[str, list[Any]] | None = None,
+    options: TrainOptions | None = None,
+    *,
+    client: Client | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    backbone_state: Callable[[], dict[str, Any]] | None = None,
+    split_banks: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
     """``featcache.training.train`` with the sweep's members spread over dask workers; one RUNDIR as locally.
 
     Pass a ``client``, or ``workers`` (a local cluster started and stopped here) or ``scheduler``.
@@ -90,8 +109,10 @@ def train_on_cluster(store: str, method: str | list[SweepMember], out: str | os.
     """
     opts = resolve_train_options(options, overrides)
     if opts.resume:
-        raise UsageError("--resume continues a run in this process only: drop --workers/--scheduler to resume a "
-                         "local run, or start a cluster run again with --overwrite")
+        raise UsageError(
+            "--resume continues a run in this process only: drop --workers/--scheduler to resume a "
+            "local run, or start a cluster run again with --overwrite"
+        )
     url = check_shared_url(str(store))
     members = method if isinstance(method, list) else expand(method, settings, grid)
     device = str(opts.device)
@@ -100,27 +121,36 @@ def train_on_cluster(store: str, method: str | list[SweepMember], out: str | os.
         run.rundir.start()
         resources, nworkers = task_resources(dask_client, device)
         parts = plan_parts(members, nworkers, split_banks)
-        jobs = [TrainPartJob(url, [m.to_dict() for m in part], replace(opts, device=device), backbone_state)
-                for part in parts]
-        say(f"training {len(members)} member(s) in {len(parts)} part(s) on {nworkers} dask worker(s)",
-            quiet=not opts.progress)
+        jobs = [
+            TrainPartJob(url, [m.to_dict() for m in part], replace(opts, device=device), backbone_state)
+            for part in parts
+        ]
+        say(
+            f"training {len(members)} member(s) in {len(parts)} part(s) on {nworkers} dask worker(s)",
+            quiet=not opts.progress,
+        )
         results = _run_parts(dask_client, jobs, resources, opts.progress)
     for result in results:
         for rel, data in result["files"].items():  # relative paths inside the part's RUNDIR
             path = run.rundir.path / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-    cluster = {"workers": nworkers, "parts": [{k: r[k] for k in ("worker", "host", "members", "seconds")}
-                                              for r in results]}
+    cluster = {
+        "workers": nworkers,
+        "parts": [{k: r[k] for k in ("worker", "host", "members", "seconds")} for r in results],
+    }
     return finish_run(run, [r["trained"] for r in results], extra={"cluster": cluster})
 
 
-def _run_parts(client: Client, jobs: list[TrainPartJob], resources: dict[str, int] | None,
-               progress: bool) -> list[dict[str, Any]]:
+def _run_parts(
+    client: Client, jobs: list[TrainPartJob], resources: dict[str, int] | None, progress: bool
+) -> list[dict[str, Any]]:
     """Run the parts; results in part order. Any failure stops the sweep (dask already reran lost workers' parts)."""
     token = uuid.uuid4().hex[:8]
-    futures = [client.submit(train_part_task, job, key=f"featcache-train-part{i}-{token}", resources=resources,
-                             pure=False) for i, job in enumerate(jobs)]
+    futures = [
+        client.submit(train_part_task, job, key=f"featcache-train-part{i}-{token}", resources=resources, pure=False)
+        for i, job in enumerate(jobs)
+    ]
     index = {f.key: i for i, f in enumerate(futures)}
     results: list[dict[str, Any] | None] = [None] * len(jobs)
     try:
@@ -131,8 +161,10 @@ def _run_parts(client: Client, jobs: list[TrainPartJob], resources: dict[str, in
                     client.cancel(futures)
                     if isinstance(err, FeatcacheError):
                         raise err
-                    raise ClusterError(f"training part {index[future.key]} failed on the cluster "
-                                       f"({type(err).__name__}: {str(err)[:200]}); train again") from None
+                    raise ClusterError(
+                        f"training part {index[future.key]} failed on the cluster "
+                        f"({type(err).__name__}: {str(err)[:200]}); train again"
+                    ) from None
                 results[index[future.key]] = future.result()
                 pbar.update(len(jobs[index[future.key]].members))
     except KeyboardInterrupt:

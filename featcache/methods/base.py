@@ -25,8 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ..config import Config, config, did_you_mean
 from ..errors import ConfigError
-from ..options import TRAIN_KEYS
 from ..manifest import TapInfo
+from ..options import TRAIN_KEYS
 
 TRAINING_KEYS = frozenset(TRAIN_KEYS)  # the trainer's (--set routes keys by name): no method config may use them
 BACKBONE_KINDS = ("vit", "cnn")
@@ -76,8 +76,9 @@ class MethodInput:
             raise ConfigError(f"num_classes must be a positive integer, got {self.num_classes!r}")
         if self.backbone_kind not in BACKBONE_KINDS:
             raise ConfigError(f"backbone_kind must be one of {', '.join(BACKBONE_KINDS)}, got {self.backbone_kind!r}")
-        if self.backbone_heads is not None and (isinstance(self.backbone_heads, bool) or
-                                                not isinstance(self.backbone_heads, int) or self.backbone_heads < 1):
+        if self.backbone_heads is not None and (
+            isinstance(self.backbone_heads, bool) or not isinstance(self.backbone_heads, int) or self.backbone_heads < 1
+        ):
             raise ConfigError(f"backbone_heads must be a positive integer or None, got {self.backbone_heads!r}")
         if self.final_norm is not None and not {"weight", "bias"} <= set(self.final_norm):
             raise ConfigError(f"final_norm must hold 'weight' and 'bias', got keys {sorted(self.final_norm)}")
@@ -91,23 +92,35 @@ class MethodInput:
         for t in self.taps:
             if t.name == name:
                 return t
-        raise ConfigError(f"{key}: the store has no tap {name!r}{did_you_mean(name, self.tap_names)} "
-                          f"(it holds {', '.join(self.tap_names)}); choose among those")
+        raise ConfigError(
+            f"{key}: the store has no tap {name!r}{did_you_mean(name, self.tap_names)} "
+            f"(it holds {', '.join(self.tap_names)}); choose among those"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able description (no tensors, no callables) for checkpoints."""
-        return {"taps": [t.to_dict() for t in self.taps], "num_classes": self.num_classes,
-                "backbone_kind": self.backbone_kind, "has_final_norm": self.final_norm is not None}
+        return {
+            "taps": [t.to_dict() for t in self.taps],
+            "num_classes": self.num_classes,
+            "backbone_kind": self.backbone_kind,
+            "has_final_norm": self.final_norm is not None,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MethodInput":
         """Rebuild from ``to_dict()`` output; marked ``from_checkpoint`` (weights come from the checkpoint)."""
         try:
-            return cls(taps=[TapInfo.from_dict(t) for t in d["taps"]], num_classes=d["num_classes"],
-                       backbone_kind=d.get("backbone_kind", "vit"), from_checkpoint=True)
+            return cls(
+                taps=[TapInfo.from_dict(t) for t in d["taps"]],
+                num_classes=d["num_classes"],
+                backbone_kind=d.get("backbone_kind", "vit"),
+                from_checkpoint=True,
+            )
         except (KeyError, TypeError) as err:
-            raise ConfigError(f"method input description is incomplete or malformed ({err}); "
-                              "expected keys taps, num_classes, backbone_kind") from None
+            raise ConfigError(
+                f"method input description is incomplete or malformed ({err}); "
+                "expected keys taps, num_classes, backbone_kind"
+            ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,8 +145,10 @@ class MethodConfig(Config):
         return [f.name for f in dataclasses.fields(cls)]
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in
-                ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))}
+        return {
+            k: (list(v) if isinstance(v, (list, tuple)) else v)
+            for k, v in ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+        }
 
 
 def check(ok: bool, key: str, message: str) -> None:
@@ -201,13 +216,17 @@ class SideNetwork(nn.Module):
     def read_tap(self, taps: dict[str, Tensor], name: str) -> Tensor:
         """Tap ``name`` from a batch, shape-checked and cast to the parameters' dtype (unless autocasting)."""
         if name not in taps:
-            raise ConfigError(f"the batch lacks tap {name!r}, which this {self.name} network reads "
-                              f"(required_taps = {self.required_taps}); load those taps")
+            raise ConfigError(
+                f"the batch lacks tap {name!r}, which this {self.name} network reads "
+                f"(required_taps = {self.required_taps}); load those taps"
+            )
         x = taps[name]  # (N, T, C)
         info = self.tap_infos[name]
         if x.dim() != 3 or tuple(x.shape[1:]) != (info.tokens, info.channels):
-            raise ConfigError(f"tap {name!r} has shape {tuple(x.shape)}, expected (N, {info.tokens}, {info.channels}) "
-                              "as the store's manifest says; rebuild the network from this store's taps")
+            raise ConfigError(
+                f"tap {name!r} has shape {tuple(x.shape)}, expected (N, {info.tokens}, {info.channels}) "
+                "as the store's manifest says; rebuild the network from this store's taps"
+            )
         dtype = self.head.weight.dtype
         if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(dtype)
@@ -221,8 +240,10 @@ class SideNetwork(nn.Module):
     def example_taps(self, batch: int = 1) -> dict[str, Tensor]:
         """Zero tap tensors (batch, T, C) for the required taps, on the parameters' device."""
         device = self.head.weight.device
-        return {n: torch.zeros(batch, self.tap_infos[n].tokens, self.tap_infos[n].channels, device=device)
-                for n in self.required_taps}
+        return {
+            n: torch.zeros(batch, self.tap_infos[n].tokens, self.tap_infos[n].channels, device=device)
+            for n in self.required_taps
+        }
 
     def flops_per_sample(self) -> int:
         """Forward FLOPs for one sample, measured with ``torch.utils.flop_counter.FlopCounterMode``.
@@ -242,10 +263,16 @@ class SideNetwork(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary: method, config, input, taps read, parameter count, FLOPs."""
-        return {"method": self.name, "config": self.config.to_dict(), "input": self.input_description,
-                "required_taps": list(self.required_taps), "param_count": self.param_count(),
-                "flops_per_sample": self.flops_per_sample(), "flops_counted": "matmuls (FlopCounterMode)",
-                **self.describe_extra()}
+        return {
+            "method": self.name,
+            "config": self.config.to_dict(),
+            "input": self.input_description,
+            "required_taps": list(self.required_taps),
+            "param_count": self.param_count(),
+            "flops_per_sample": self.flops_per_sample(),
+            "flops_counted": "matmuls (FlopCounterMode)",
+            **self.describe_extra(),
+        }
 
 
 class TokenWeights:
@@ -373,8 +400,9 @@ def list_methods() -> list[str]:
 
 def _entry(name: str) -> _Entry:
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown method {name!r}{did_you_mean(name, list(_REGISTRY))}; "
-                          f"available: {', '.join(list_methods())}")
+        raise ConfigError(
+            f"unknown method {name!r}{did_you_mean(name, list(_REGISTRY))}; available: {', '.join(list_methods())}"
+        )
     return _REGISTRY[name]
 
 
@@ -395,6 +423,21 @@ def create(name: str, config: MethodConfig | dict[str, Any] | None, tap_info: Me
     return entry.network_class(config, tap_info)
 
 
-__all__ = ["TRAINING_KEYS", "MethodInput", "MethodConfig", "SideNetwork", "register", "create", "list_methods",
-           "config_class", "check", "normalize_taps", "pool_tokens", "TokenWeights", "common_grid",
-           "to_grid", "init_layernorm", "make_head"]
+__all__ = [
+    "TRAINING_KEYS",
+    "MethodInput",
+    "MethodConfig",
+    "SideNetwork",
+    "register",
+    "create",
+    "list_methods",
+    "config_class",
+    "check",
+    "normalize_taps",
+    "pool_tokens",
+    "TokenWeights",
+    "common_grid",
+    "to_grid",
+    "init_layernorm",
+    "make_head",
+]

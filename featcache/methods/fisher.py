@@ -48,8 +48,9 @@ def vit_block(p: dict[str, Tensor], x: Tensor, heads: int) -> Tensor:
     return x + p.get("ls2.gamma", one) * m
 
 
-def _pooled(state: dict[str, Tensor], blocks: list[dict[str, Tensor]], x: Tensor, heads: int, pool: str,
-            prefix_tokens: int) -> Tensor:
+def _pooled(
+    state: dict[str, Tensor], blocks: list[dict[str, Tensor]], x: Tensor, heads: int, pool: str, prefix_tokens: int
+) -> Tensor:
     """(N, d): the blocks run on x, the final norm (when the state has one), CLS or the patch-token mean."""
     for p in blocks:
         x = vit_block(p, x, heads)
@@ -75,12 +76,20 @@ def fit_probe(features: Tensor, labels: Tensor, num_classes: int, steps: int = 1
     return w.detach(), b.detach()
 
 
-def fisher_information(state: dict[str, Tensor], x: Tensor, labels: Tensor, first_block: int, heads: int,
-                       num_classes: int, pool: str = "avg", prefix_tokens: int = 1) -> tuple[Tensor, dict[str, Tensor]]:
+def fisher_information(
+    state: dict[str, Tensor],
+    x: Tensor,
+    labels: Tensor,
+    first_block: int,
+    heads: int,
+    num_classes: int,
+    pool: str = "avg",
+    prefix_tokens: int = 1,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """(F_residual (d,), {state key: F[W]}) for the blocks ``first_block`` .. last, from their input ``x`` (N, T, d)
     and ``labels`` (N,): see the module doc. One backward pass per sample, as the official code does."""
     keys = [f"blocks.{k}." for k in range(first_block, num_blocks(state))]
-    blocks = [{k[len(p):]: v.detach().float() for k, v in state.items() if k.startswith(p)} for p in keys]
+    blocks = [{k[len(p) :]: v.detach().float() for k, v in state.items() if k.startswith(p)} for p in keys]
     for p in blocks:
         for name in WEIGHTS:
             p[name].requires_grad_(True)
@@ -90,11 +99,13 @@ def fisher_information(state: dict[str, Tensor], x: Tensor, labels: Tensor, firs
     fisher = {p + name: torch.zeros_like(blocks[i][name]) for i, p in enumerate(keys) for name in WEIGHTS}
     residual = torch.zeros(x.shape[-1])
     for n in range(x.shape[0]):  # batch 1: squared per-sample gradients, not the square of a batch mean
-        xn = x[n:n + 1].clone().requires_grad_(True)
-        loss = F.cross_entropy(F.linear(_pooled(state, blocks, xn, heads, pool, prefix_tokens), w, b), labels[n:n + 1])
+        xn = x[n : n + 1].clone().requires_grad_(True)
+        loss = F.cross_entropy(
+            F.linear(_pooled(state, blocks, xn, heads, pool, prefix_tokens), w, b), labels[n : n + 1]
+        )
         params = [blocks[i][name] for i in range(len(keys)) for name in WEIGHTS]
         grads = torch.autograd.grad(loss, [xn, *params])
         residual += grads[0].square().sum((0, 1))
-        for (key, acc), g in zip(fisher.items(), grads[1:]):
+        for acc, g in zip(fisher.values(), grads[1:]):
             acc += g.square()
     return residual, fisher

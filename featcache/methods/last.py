@@ -40,10 +40,22 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..manifest import TapInfo
 from ..config import config
-from .base import (MethodConfig, MethodInput, SideNetwork, TokenWeights, check, common_grid,
-                   init_layernorm, make_head, normalize_taps, pool_tokens, register, to_grid)
+from ..manifest import TapInfo
+from .base import (
+    MethodConfig,
+    MethodInput,
+    SideNetwork,
+    TokenWeights,
+    check,
+    common_grid,
+    init_layernorm,
+    make_head,
+    normalize_taps,
+    pool_tokens,
+    register,
+    to_grid,
+)
 from .linear import POOLS, resolve_pool
 
 
@@ -62,9 +74,12 @@ class LASTConfig(MethodConfig):
     taps: str | list[str] = "auto"
 
     def validate(self) -> None:
-        check(self.rank % self.heads == 0, "rank",
-              f"rank {self.rank} must be a multiple of heads {self.heads} (each head gets rank/heads dims); "
-              f"change rank or heads")
+        check(
+            self.rank % self.heads == 0,
+            "rank",
+            f"rank {self.rank} must be a multiple of heads {self.heads} (each head gets rank/heads dims); "
+            f"change rank or heads",
+        )
         self.taps = normalize_taps(self.taps, "taps", ("auto",))
 
 
@@ -125,9 +140,14 @@ class LowRankAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, t, _ = x.shape  # (N, T, d)
-        if (torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
-                and not torch._C._are_functorch_transforms_active()):
-            qkv = _NormThenLinear.apply(x, self.norm.weight, self.norm.bias, self.qkv.weight, self.qkv.bias, self.norm.eps)
+        if (
+            torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x.device.type)
+            and not torch._C._are_functorch_transforms_active()
+        ):
+            qkv = _NormThenLinear.apply(
+                x, self.norm.weight, self.norm.bias, self.qkv.weight, self.qkv.bias, self.norm.eps
+            )
         else:  # inference, autocast, or under vmap (the CUDA sweep): the plain modules
             qkv = self.qkv(self.norm(x))
         qkv = qkv.reshape(n, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (3, N, h, T, r/h)
@@ -159,7 +179,8 @@ class LAST(SideNetwork):
         self.proj = nn.ModuleDict({t.name: nn.Linear(t.channels, self.width) for t in used if t.channels != self.width})
         self.side = nn.ModuleList(
             nn.Sequential(*[LowRankAttention(self.width, config.rank, config.heads) for _ in range(config.depth)])
-            for _ in rungs)
+            for _ in rungs
+        )
         self.norm = nn.LayerNorm(self.width, eps=1e-6)
         self.norm_from_backbone = init_layernorm(self.norm, tap_info.final_norm)
         self.head = make_head(self.width, tap_info.num_classes)
@@ -184,9 +205,14 @@ class LAST(SideNetwork):
         return pool_tokens(h, self.prefix_tokens, self.config.pool, self.token_weights)  # (N, d)
 
     def describe_extra(self) -> dict[str, Any]:
-        return {"z0_tap": self.base_tap, "side_block_taps": self.rung_taps, "width": self.width,
-                "token_grid": list(self.grid), "projected_taps": list(self.proj.keys()),
-                "norm_from_backbone": self.norm_from_backbone}
+        return {
+            "z0_tap": self.base_tap,
+            "side_block_taps": self.rung_taps,
+            "width": self.width,
+            "token_grid": list(self.grid),
+            "projected_taps": list(self.proj.keys()),
+            "norm_from_backbone": self.norm_from_backbone,
+        }
 
 
 register("last", LASTConfig, LAST)

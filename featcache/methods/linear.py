@@ -21,8 +21,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import config
-from .base import (MethodConfig, MethodInput, SideNetwork, TokenWeights, check, init_layernorm,
-                   make_head, normalize_taps, pool_tokens, register)
+from .base import (
+    MethodConfig,
+    MethodInput,
+    SideNetwork,
+    TokenWeights,
+    check,
+    init_layernorm,
+    make_head,
+    normalize_taps,
+    pool_tokens,
+    register,
+)
 
 POOLS = ("avg", "cls")
 NORMS = ("layernorm", "none")
@@ -44,9 +54,12 @@ class LinearConfig(MethodConfig):
 
 def resolve_pool(pool: str, prefix_tokens: int, key: str = "pool") -> None:
     """pool="cls" needs a prefix (CLS) token; CNN taps and ViTs without one must use pool=avg."""
-    check(pool != "cls" or prefix_tokens > 0, key,
-          "'cls' needs a CLS token, but these taps have no prefix tokens (a CNN, or a ViT without class "
-          "token); use pool=avg")
+    check(
+        pool != "cls" or prefix_tokens > 0,
+        key,
+        "'cls' needs a CLS token, but these taps have no prefix tokens (a CNN, or a ViT without class "
+        "token); use pool=avg",
+    )
 
 
 class LinearProbe(SideNetwork):
@@ -81,8 +94,7 @@ class LinearProbe(SideNetwork):
             norm = self.norms[name] if name in self.norms else None
             if norm is not None:  # normalise per token; the affine part commutes with pooling, so it comes after
                 x = F.layer_norm(x, norm.normalized_shape, None, None, norm.eps)
-            x = pool_tokens(x, self.tap_infos[name].prefix_tokens, self.config.pool,
-                            self.token_weights[name])  # (N, C)
+            x = pool_tokens(x, self.tap_infos[name].prefix_tokens, self.config.pool, self.token_weights[name])  # (N, C)
             pooled.append(x if norm is None else x * norm.weight + norm.bias)
         return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)  # (N, sum C)
 

@@ -61,11 +61,23 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..manifest import TapInfo
-from ..errors import ConfigError, FeatcacheError
 from ..config import config
-from .base import (MethodConfig, MethodInput, SideNetwork, TokenWeights, check, common_grid,
-                   init_layernorm, make_head, normalize_taps, pool_tokens, register, to_grid)
+from ..errors import ConfigError, FeatcacheError
+from ..manifest import TapInfo
+from .base import (
+    MethodConfig,
+    MethodInput,
+    SideNetwork,
+    TokenWeights,
+    check,
+    common_grid,
+    init_layernorm,
+    make_head,
+    normalize_taps,
+    pool_tokens,
+    register,
+    to_grid,
+)
 from .fisher import fisher_information
 from .linear import POOLS, resolve_pool
 
@@ -75,9 +87,24 @@ GATE_TEMPERATURE = 0.1
 INITS = ("auto", "random", "prune")
 PRUNE_BY = ("magnitude", "fisher")
 # the parameters of one timm ViT block that pruning knows how to copy (anything else: not a plain block)
-BLOCK_KEYS = frozenset({"norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
-                        "attn.proj.bias", "ls1.gamma", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
-                        "mlp.fc2.weight", "mlp.fc2.bias", "ls2.gamma"})
+BLOCK_KEYS = frozenset(
+    {
+        "norm1.weight",
+        "norm1.bias",
+        "attn.qkv.weight",
+        "attn.qkv.bias",
+        "attn.proj.weight",
+        "attn.proj.bias",
+        "ls1.gamma",
+        "norm2.weight",
+        "norm2.bias",
+        "mlp.fc1.weight",
+        "mlp.fc1.bias",
+        "mlp.fc2.weight",
+        "mlp.fc2.bias",
+        "ls2.gamma",
+    }
+)
 OPTIONAL_BLOCK_KEYS = frozenset({"attn.qkv.bias", "ls1.gamma", "ls2.gamma"})
 
 
@@ -174,8 +201,11 @@ class LST(SideNetwork):
 
     def __init__(self, config: LSTConfig, tap_info: MethodInput) -> None:
         super().__init__(config, tap_info)
-        infos = list(tap_info.taps) if config.taps == "all" else sorted(
-            (tap_info.tap(n) for n in config.taps), key=lambda t: t.position)
+        infos = (
+            list(tap_info.taps)
+            if config.taps == "all"
+            else sorted((tap_info.tap(n) for n in config.taps), key=lambda t: t.position)
+        )
         base = infos[0] if infos[0].block == 0 and len(infos) > 1 else None
         rungs = [t for t in infos if t is not base]
         self.prefix_tokens, self.grid = common_grid(infos, "taps")
@@ -186,19 +216,28 @@ class LST(SideNetwork):
         self.required_taps = [t.name for t in infos]
         self.backbone_width = rungs[-1].channels
         self.side_width = self.backbone_width // config.reduction
-        check(self.side_width >= 1, "reduction", f"{config.reduction} leaves no side width (backbone width "
-              f"{self.backbone_width}); use reduction <= {self.backbone_width}")
+        check(
+            self.side_width >= 1,
+            "reduction",
+            f"{config.reduction} leaves no side width (backbone width "
+            f"{self.backbone_width}); use reduction <= {self.backbone_width}",
+        )
         state = self._resolve_init(tap_info, rungs)  # records init, heads and mlp_ratio in self.config
         self.heads = self.config.heads
-        check(self.side_width % self.heads == 0, "heads", f"{self.heads} does not divide the side width "
-              f"{self.side_width} (= {self.backbone_width} / reduction {config.reduction}); pick a divisor or null")
+        check(
+            self.side_width % self.heads == 0,
+            "heads",
+            f"{self.heads} does not divide the side width "
+            f"{self.side_width} (= {self.backbone_width} / reduction {config.reduction}); pick a divisor or null",
+        )
         self.hidden = max(1, int(round(self.config.mlp_ratio * self.side_width)))
         self.attn_scale = self._resolve_scale(tap_info)  # records attn_scale in self.config
         self.dropout = config.dropout
         self.down = nn.ModuleDict({t.name: nn.Linear(t.channels, self.side_width) for t in infos})
         self.gate_logits = nn.Parameter(torch.zeros(len(rungs)))  # alpha_i, one per side block
-        self.blocks = nn.ModuleList(SideBlock(self.side_width, self.heads, self.hidden, self.dropout, self.attn_scale)
-                                    for _ in rungs)
+        self.blocks = nn.ModuleList(
+            SideBlock(self.side_width, self.heads, self.hidden, self.dropout, self.attn_scale) for _ in rungs
+        )
         self.norm = nn.LayerNorm(self.side_width, eps=1e-6)
         self.head = make_head(self.side_width, tap_info.num_classes)
         self.pruned_from: list[int] = []
@@ -231,37 +270,64 @@ class LST(SideNetwork):
     def _prunable(self, tap_info: MethodInput, rungs: list[TapInfo]) -> tuple[dict[str, Tensor], int, float]:
         """(backbone state, heads, mlp_ratio) for init=prune; a ConfigError naming the reason when it cannot."""
         cfg, d = self.config, self.backbone_width
-        check(tap_info.backbone_kind == "vit", "init",
-              "'prune' copies ViT blocks; this backbone is a CNN, use init=random")
-        check(tap_info.backbone_state is not None, "init", "'prune' needs the backbone's weights "
-              "(MethodInput.backbone_state), which were not provided; use init=random")
+        check(
+            tap_info.backbone_kind == "vit",
+            "init",
+            "'prune' copies ViT blocks; this backbone is a CNN, use init=random",
+        )
+        check(
+            tap_info.backbone_state is not None,
+            "init",
+            "'prune' needs the backbone's weights "
+            "(MethodInput.backbone_state), which were not provided; use init=random",
+        )
         for t in rungs:
-            check(t.block >= 1, "init", f"'prune' initialises side blocks from backbone blocks, but tap {t.name!r} "
-                  "is not a block output; drop it from taps or use init=random")
+            check(
+                t.block >= 1,
+                "init",
+                f"'prune' initialises side blocks from backbone blocks, but tap {t.name!r} "
+                "is not a block output; drop it from taps or use init=random",
+            )
         own = tap_info.backbone_heads  # heads first: a conflict needs no backbone weights loaded
         heads = cfg.heads
         if heads is not None and own is not None and heads != own:
-            raise ConfigError(f"heads: init=prune prunes each of the backbone's {own} attention heads (it never mixes "
-                              f"heads), so heads must be {own}, got heads={heads}; set heads={own} or null, or "
-                              "init=random for another head count")
+            raise ConfigError(
+                f"heads: init=prune prunes each of the backbone's {own} attention heads (it never mixes "
+                f"heads), so heads must be {own}, got heads={heads}; set heads={own} or null, or "
+                "init=random for another head count"
+            )
         heads = heads or own or max(1, d // 64)
-        check(d % heads == 0, "heads", f"{heads} does not divide the backbone width {d}; set heads to the backbone's "
-              "head count")
-        check(self.side_width % heads == 0, "heads", f"init=prune keeps the backbone's {heads} heads, which do not "
-              f"divide the side width {self.side_width} (= {d} / reduction {cfg.reduction}); choose a reduction that "
-              f"leaves a multiple of {heads}, or init=random")
+        check(
+            d % heads == 0,
+            "heads",
+            f"{heads} does not divide the backbone width {d}; set heads to the backbone's head count",
+        )
+        check(
+            self.side_width % heads == 0,
+            "heads",
+            f"init=prune keeps the backbone's {heads} heads, which do not "
+            f"divide the side width {self.side_width} (= {d} / reduction {cfg.reduction}); choose a reduction that "
+            f"leaves a multiple of {heads}, or init=random",
+        )
         state = tap_info.backbone_state()
         _get(state, "patch_embed.proj.weight")
         for t in rungs:
             check_block_layout(state, t.block - 1, d)
         if cfg.heads is None and own is None:
-            log.warning("lst: init=prune: the backbone's head count is not recorded (MethodInput.backbone_heads); "
-                        "assuming %d heads (width %d / 64); set heads to the backbone's head count if it differs",
-                        heads, d)
+            log.warning(
+                "lst: init=prune: the backbone's head count is not recorded (MethodInput.backbone_heads); "
+                "assuming %d heads (width %d / 64); set heads to the backbone's head count if it differs",
+                heads,
+                d,
+            )
         fc1 = state[f"blocks.{rungs[0].block - 1}.mlp.fc1.weight"]  # (H, d)
         ratio = fc1.shape[0] / fc1.shape[1]
-        check(cfg.mlp_ratio is None or abs(cfg.mlp_ratio - ratio) < 1e-6, "mlp_ratio", f"{cfg.mlp_ratio} differs from "
-              f"the backbone's MLP ratio {ratio:g}, which init=prune copies; set mlp_ratio={ratio:g} or null")
+        check(
+            cfg.mlp_ratio is None or abs(cfg.mlp_ratio - ratio) < 1e-6,
+            "mlp_ratio",
+            f"{cfg.mlp_ratio} differs from "
+            f"the backbone's MLP ratio {ratio:g}, which init=prune copies; set mlp_ratio={ratio:g} or null",
+        )
         return state, heads, ratio
 
     def _resolve_scale(self, tap_info: MethodInput) -> float | None:
@@ -271,31 +337,49 @@ class LST(SideNetwork):
         if tap_info.from_checkpoint:
             return None  # a checkpoint config written before the scale was recorded: trained with SDPA's default
         head_dim = (self.backbone_width if self.config.init == "prune" else self.side_width) / self.heads
-        scale = head_dim ** -0.5
+        scale = head_dim**-0.5
         self.config = dataclasses.replace(self.config, attn_scale=scale)
         return scale
 
-    def _fisher(self, state: dict[str, Tensor], rungs: list[TapInfo],
-                tap_info: MethodInput) -> tuple[Tensor, dict[str, Tensor]]:
+    def _fisher(
+        self, state: dict[str, Tensor], rungs: list[TapInfo], tap_info: MethodInput
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Fisher information of the pruned blocks (``featcache.methods.fisher``), from ``fisher_samples`` training
         samples of the tap that feeds the first pruned block; computed once per MethodInput (sweep members share it)."""
         first = min(t.block for t in rungs) - 1
         source = next((t for t in tap_info.taps if t.block == first), None)
-        check(source is not None, "prune_by", f"'fisher' runs the backbone's blocks from the tap that feeds block "
-              f"{first} (the first pruned one), which the store lacks; extract it, or use prune_by=magnitude")
-        check(tap_info.training_sample is not None, "prune_by", "'fisher' needs training samples "
-              "(MethodInput.training_sample), which were not provided; use prune_by=magnitude")
+        check(
+            source is not None,
+            "prune_by",
+            f"'fisher' runs the backbone's blocks from the tap that feeds block "
+            f"{first} (the first pruned one), which the store lacks; extract it, or use prune_by=magnitude",
+        )
+        check(
+            tap_info.training_sample is not None,
+            "prune_by",
+            "'fisher' needs training samples "
+            "(MethodInput.training_sample), which were not provided; use prune_by=magnitude",
+        )
         key = ("fisher", source.name, self.config.fisher_samples, self.config.pool, self.heads)
         if key not in tap_info.memo:
             taps, labels = tap_info.training_sample([source.name], self.config.fisher_samples)
             log.info("lst: Fisher information of blocks %d.. from %d samples of %s", first, len(labels), source.name)
-            tap_info.memo[key] = fisher_information(state, taps[source.name], labels, first, self.heads,
-                                                    tap_info.num_classes, self.config.pool, source.prefix_tokens)
+            tap_info.memo[key] = fisher_information(
+                state,
+                taps[source.name],
+                labels,
+                first,
+                self.heads,
+                tap_info.num_classes,
+                self.config.pool,
+                source.prefix_tokens,
+            )
         return tap_info.memo[key]
 
     @torch.no_grad()
-    def _prune_init(self, state: dict[str, Tensor], infos: list[TapInfo], rungs: list[TapInfo],
-                    tap_info: MethodInput) -> None:
+    def _prune_init(
+        self, state: dict[str, Tensor], infos: list[TapInfo], rungs: list[TapInfo], tap_info: MethodInput
+    ) -> None:
         residual, importance = None, None
         if self.config.prune_by == "fisher":
             with torch.enable_grad():
@@ -334,10 +418,18 @@ class LST(SideNetwork):
 
     def describe_extra(self) -> dict[str, Any]:
         scale = self.attn_scale if self.attn_scale is not None else (self.side_width / self.heads) ** -0.5
-        return {"z0_tap": self.base_tap, "side_block_taps": self.rung_taps, "side_width": self.side_width,
-                "heads": self.heads, "mlp_hidden": self.hidden, "token_grid": list(self.grid),
-                "init": self.config.init, "pruned_from_blocks": self.pruned_from, "attn_scale": scale,
-                "dropout": self.dropout}
+        return {
+            "z0_tap": self.base_tap,
+            "side_block_taps": self.rung_taps,
+            "side_width": self.side_width,
+            "heads": self.heads,
+            "mlp_hidden": self.hidden,
+            "token_grid": list(self.grid),
+            "init": self.config.init,
+            "pruned_from_blocks": self.pruned_from,
+            "attn_scale": scale,
+            "dropout": self.dropout,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,26 +438,32 @@ class LST(SideNetwork):
 
 def _get(state: dict[str, Tensor], key: str) -> Tensor:
     if key not in state:
-        raise ConfigError(f"init: 'prune' expects timm ViT weights, but the backbone state has no {key!r}; "
-                          "use init=random for this backbone")
+        raise ConfigError(
+            f"init: 'prune' expects timm ViT weights, but the backbone state has no {key!r}; "
+            "use init=random for this backbone"
+        )
     return state[key].detach().float().cpu()
 
 
 def check_block_layout(state: dict[str, Tensor], block: int, width: int) -> None:
     """ConfigError unless backbone block ``block`` is a plain timm ViT block of width ``width`` (see BLOCK_KEYS)."""
     p = f"blocks.{block}."
-    have = {k[len(p):] for k in state if k.startswith(p)}
+    have = {k[len(p) :] for k in state if k.startswith(p)}
     missing = sorted(BLOCK_KEYS - OPTIONAL_BLOCK_KEYS - have)
     extra = sorted(have - BLOCK_KEYS)
     if missing or extra:
         what = [f"lacks {', '.join(missing)}"] if missing else []
         what += [f"has parameters pruning cannot copy ({', '.join(extra)})"] if extra else []
-        raise ConfigError(f"init: 'prune' copies timm's plain ViT blocks, but backbone block {block} "
-                          f"{' and '.join(what)}; use init=random for this backbone")
+        raise ConfigError(
+            f"init: 'prune' copies timm's plain ViT blocks, but backbone block {block} "
+            f"{' and '.join(what)}; use init=random for this backbone"
+        )
     qkv = state[p + "attn.qkv.weight"]
     if tuple(qkv.shape) != (3 * width, width):
-        raise ConfigError(f"init: 'prune' expects backbone block {block}'s attn.qkv.weight of shape "
-                          f"({3 * width}, {width}), got {tuple(qkv.shape)}; use init=random for this backbone")
+        raise ConfigError(
+            f"init: 'prune' expects backbone block {block}'s attn.qkv.weight of shape "
+            f"({3 * width}, {width}), got {tuple(qkv.shape)}; use init=random for this backbone"
+        )
 
 
 def _top(scores: Tensor, k: int) -> Tensor:
@@ -382,8 +480,14 @@ def prune_residual_dims(state: dict[str, Tensor], keep: int, scores: Tensor | No
     return _top(scores.float(), keep)
 
 
-def pruned_block_state(state: dict[str, Tensor], block: int, keep: Tensor, heads: int, hidden: int,
-                       importance: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+def pruned_block_state(
+    state: dict[str, Tensor],
+    block: int,
+    keep: Tensor,
+    heads: int,
+    hidden: int,
+    importance: dict[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
     """State dict of a ``SideBlock`` cut from backbone block ``block`` (0-based) on residual dims ``keep``.
 
     Heads are pruned one by one (s/h query/key and s/h value dims kept inside each of the ``heads`` heads),
@@ -397,12 +501,22 @@ def pruned_block_state(state: dict[str, Tensor], block: int, keep: Tensor, heads
     qkv_b = state.get(p + "attn.qkv.bias")
     qkv_b = torch.zeros(3 * d) if qkv_b is None else qkv_b.detach().float().cpu()
     o = _get(state, p + "attn.proj.weight")  # (d, d)
-    check(d % heads == 0, "heads",
-          f"{heads} does not divide the backbone width {d}; set heads to the backbone's head count")
+    check(
+        d % heads == 0,
+        "heads",
+        f"{heads} does not divide the backbone width {d}; set heads to the backbone's head count",
+    )
     wq, wk, wv = qkv.split(d)
     fc1, fc2 = _get(state, p + "mlp.fc1.weight"), _get(state, p + "mlp.fc2.weight")  # (H, d), (d, H)
-    imp = {k: (importance or {}).get(p + k, w.abs()) for k, w in
-           (("attn.qkv.weight", qkv), ("attn.proj.weight", o), ("mlp.fc1.weight", fc1), ("mlp.fc2.weight", fc2))}
+    imp = {
+        k: (importance or {}).get(p + k, w.abs())
+        for k, w in (
+            ("attn.qkv.weight", qkv),
+            ("attn.proj.weight", o),
+            ("mlp.fc1.weight", fc1),
+            ("mlp.fc2.weight", fc2),
+        )
+    }
     iq, ik, iv = imp["attn.qkv.weight"].float().split(d)
     io, i1, i2 = imp["attn.proj.weight"].float(), imp["mlp.fc1.weight"].float(), imp["mlp.fc2.weight"].float()
     hd, hs = d // heads, (keep.numel() // heads)
@@ -418,7 +532,7 @@ def pruned_block_state(state: dict[str, Tensor], block: int, keep: Tensor, heads
     ls2 = _get(state, p + "ls2.gamma") if p + "ls2.gamma" in state else ones
     out = {
         "attn.qkv.weight": torch.cat([wq[qk][:, keep], wk[qk][:, keep], wv[v][:, keep]]),
-        "attn.qkv.bias": torch.cat([qkv_b[:d][qk], qkv_b[d:2 * d][qk], qkv_b[2 * d:][v]]),
+        "attn.qkv.bias": torch.cat([qkv_b[:d][qk], qkv_b[d : 2 * d][qk], qkv_b[2 * d :][v]]),
         "attn.proj.weight": o[keep][:, v] * ls1[keep, None],
         "attn.proj.bias": _get(state, p + "attn.proj.bias")[keep] * ls1[keep],
         "mlp.fc1.weight": fc1[mlp][:, keep],

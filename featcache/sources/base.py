@@ -55,7 +55,13 @@ class ArraySource:
     def __init__(self, spec: str, images: np.ndarray, labels: np.ndarray, ids: list[str], classes: list[str]) -> None:
         if len(images) == 0:
             raise DataError(f"data source {spec} holds no images")
-        self.spec, self._images, self._labels, self._ids, self.classes = spec, images, labels.astype(np.int64), ids, classes
+        self.spec, self._images, self._labels, self._ids, self.classes = (
+            spec,
+            images,
+            labels.astype(np.int64),
+            ids,
+            classes,
+        )
 
     def __len__(self) -> int:
         return len(self._images)
@@ -76,8 +82,9 @@ def require(module: str, extra: str, form: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise DataError(f"--data {form} needs the {module!r} package, which is not installed: "
-                        f"pip install 'featcache[{extra}]'") from None
+        raise DataError(
+            f"--data {form} needs the {module!r} package, which is not installed: pip install 'featcache[{extra}]'"
+        ) from None
 
 
 COLUMN_SPECS = ("hf:", "csv:", "jsonl:")  # the spec forms that take ?image=COLUMN&label=COLUMN
@@ -96,8 +103,10 @@ def split_spec_options(spec: str) -> tuple[str, dict[str, str]]:
     options = dict(parse_qsl(query, keep_blank_values=True))
     unknown = sorted(set(options) - set(SPEC_OPTIONS))
     if unknown:
-        raise DataError(f"unknown option {unknown[0]!r} in --data {spec}; the options after '?' are "
-                        "image=COLUMN and label=COLUMN (e.g. hf:DIR:train?image=img&label=y)")
+        raise DataError(
+            f"unknown option {unknown[0]!r} in --data {spec}; the options after '?' are "
+            "image=COLUMN and label=COLUMN (e.g. hf:DIR:train?image=img&label=y)"
+        )
     if any(not v for v in options.values()):
         raise DataError(f"empty column name in --data {spec}; write image=COLUMN and label=COLUMN")
     return base, options
@@ -109,8 +118,9 @@ def spec_with_columns(spec: str, image_column: str | None = None, label_column: 
     if image_column is None and label_column is None:
         return spec
     if not spec.startswith(COLUMN_SPECS):
-        raise UsageError(f"--image-column and --label-column choose columns of hf:, csv: and jsonl: data, not of "
-                         f"--data {spec}")
+        raise UsageError(
+            f"--image-column and --label-column choose columns of hf:, csv: and jsonl: data, not of --data {spec}"
+        )
     base, options = split_spec_options(spec)
     for key, value in (("image", image_column), ("label", label_column)):
         if value is None:

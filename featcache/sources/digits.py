@@ -28,7 +28,9 @@ def digits_source(part: str | None) -> ArraySource:
         train, test = _stratified_split(labels, 0.2)
         idx = train if part == "train" else test
     elif part is not None:
-        raise DataError(f"unknown part {part!r} in sklearn:digits:{part}; use sklearn:digits, sklearn:digits:train "
-                        "or sklearn:digits:test")
+        raise DataError(
+            f"unknown part {part!r} in sklearn:digits:{part}; use sklearn:digits, sklearn:digits:train "
+            "or sklearn:digits:test"
+        )
     spec = "sklearn:digits" + (f":{part}" if part else "")
     return ArraySource(spec, images[idx], labels[idx], [f"digits:{i}" for i in idx], [str(c) for c in range(10)])

@@ -22,9 +22,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .base import Sample, require, spec_with_columns
 from featcache.errors import DataError
 
+from .base import Sample, require, spec_with_columns
 from .labels import encode_labels
 from .path_list import LABEL_COLUMNS
 
@@ -34,12 +34,14 @@ _TEXT_OR_BYTES = ("string", "large_string", "binary", "large_binary")
 class HFSource:
     """One split of a Hugging Face dataset on disk; rows decoded one at a time."""
 
-    def __init__(self, path: str, split: str | None = None, image_column: str | None = None,
-                 label_column: str | None = None) -> None:
+    def __init__(
+        self, path: str, split: str | None = None, image_column: str | None = None, label_column: str | None = None
+    ) -> None:
         datasets = require("datasets", "hf", "hf:PATH")
         ds, self.split = _load_split(datasets, path, split)
-        self.spec = spec_with_columns(f"hf:{path}" + (f":{self.split}" if self.split else ""), image_column,
-                                      label_column)
+        self.spec = spec_with_columns(
+            f"hf:{path}" + (f":{self.split}" if self.split else ""), image_column, label_column
+        )
         where = f"hf:{path}" + (f" (split {self.split})" if self.split else "")
         if len(ds) == 0:
             raise DataError(f"{where} holds no rows")
@@ -59,7 +61,8 @@ class HFSource:
                 self.classes = list(feature.names)
             else:
                 self._labels, self.classes = encode_labels(
-                    values, lambda i: f"{where}, row {i}, column {self.label_column!r}")
+                    values, lambda i: f"{where}, row {i}, column {self.label_column!r}"
+                )
         self._where = where
 
     def __len__(self) -> int:
@@ -75,8 +78,9 @@ class HFSource:
         except DataError:
             raise
         except Exception as err:
-            raise DataError(f"cannot read the image {name} ({type(err).__name__}: {err}); remove or replace "
-                            "the row") from None
+            raise DataError(
+                f"cannot read the image {name} ({type(err).__name__}: {err}); remove or replace the row"
+            ) from None
         return Sample(image, int(self._labels[index]), self._id(index))
 
     def _id(self, index: int) -> str:
@@ -108,8 +112,10 @@ def _load_split(datasets: Any, path: str, split: str | None) -> tuple[Any, str |
     """(the Dataset of ``split``, its name) for PATH; the split is chosen when not given."""
     p = Path(path)
     if not p.exists():
-        raise DataError(f"Hugging Face dataset {path} does not exist; pass hf:DIR with DIR written by "
-                        "save_to_disk, a folder of parquet files or images, or a .parquet file")
+        raise DataError(
+            f"Hugging Face dataset {path} does not exist; pass hf:DIR with DIR written by "
+            "save_to_disk, a folder of parquet files or images, or a .parquet file"
+        )
     try:
         with _quiet(datasets):
             if p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file()):
@@ -121,14 +127,18 @@ def _load_split(datasets: Any, path: str, split: str | None) -> tuple[Any, str |
             elif p.is_dir():
                 loaded = datasets.load_dataset("imagefolder", data_dir=str(p))
             else:
-                raise DataError(f"hf:{path} is a file but not a .parquet file; pass a directory written by "
-                                "save_to_disk, a folder of parquet files or images, or a .parquet file")
+                raise DataError(
+                    f"hf:{path} is a file but not a .parquet file; pass a directory written by "
+                    "save_to_disk, a folder of parquet files or images, or a .parquet file"
+                )
     except DataError:
         raise
     except Exception as err:  # datasets raises many types (FileNotFoundError, DatasetGenerationError, ...)
-        raise DataError(f"cannot open Hugging Face dataset {path} ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}); check that it holds a saved dataset, "
-                        "parquet files or images") from None
+        raise DataError(
+            f"cannot open Hugging Face dataset {path} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); check that it holds a saved dataset, "
+            "parquet files or images"
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         names = list(loaded)
         if split is None:
@@ -140,8 +150,11 @@ def _load_split(datasets: Any, path: str, split: str | None) -> tuple[Any, str |
         return loaded[split], split
     own = str(loaded.split) if loaded.split is not None else None
     if split is not None and split != own:
-        raise DataError(f"hf:{path} holds one dataset" + (f" (split {own})" if own else "") +
-                        f", not a split named {split!r}; pass hf:{path}")
+        raise DataError(
+            f"hf:{path} holds one dataset"
+            + (f" (split {own})" if own else "")
+            + f", not a split named {split!r}; pass hf:{path}"
+        )
     return loaded, own
 
 
@@ -151,16 +164,21 @@ def _image_column(datasets: Any, features: Any, chosen: str | None, where: str) 
             raise DataError(f"{where} has no column {chosen!r} for the images; its columns: {', '.join(features)}")
         feature = features[chosen]
         if not isinstance(feature, datasets.Image) and not (
-                isinstance(feature, datasets.Value) and feature.dtype in _TEXT_OR_BYTES):
-            raise DataError(f"column {chosen!r} of {where} holds {feature}, not images, file paths or bytes; choose "
-                            "another with --image-column")
+            isinstance(feature, datasets.Value) and feature.dtype in _TEXT_OR_BYTES
+        ):
+            raise DataError(
+                f"column {chosen!r} of {where} holds {feature}, not images, file paths or bytes; choose "
+                "another with --image-column"
+            )
         return chosen
     images = [name for name, f in features.items() if isinstance(f, datasets.Image)]
     if len(images) == 1:
         return images[0]
     if not images:
-        raise DataError(f"{where} has no image column (a datasets.Image feature) among {', '.join(features)}; "
-                        "name the column of images, file paths or bytes with --image-column")
+        raise DataError(
+            f"{where} has no image column (a datasets.Image feature) among {', '.join(features)}; "
+            "name the column of images, file paths or bytes with --image-column"
+        )
     raise DataError(f"{where} has several image columns ({', '.join(images)}); choose one with --image-column")
 
 
@@ -170,8 +188,10 @@ def _label_column(datasets: Any, features: Any, chosen: str | None, where: str) 
         if len(class_labels) > 1:
             named = [c for c in LABEL_COLUMNS if c in class_labels]
             if not named:
-                raise DataError(f"{where} has several class-label columns ({', '.join(class_labels)}); choose one "
-                                "with --label-column")
+                raise DataError(
+                    f"{where} has several class-label columns ({', '.join(class_labels)}); choose one "
+                    "with --label-column"
+                )
             class_labels = named[:1]
         chosen = class_labels[0] if class_labels else next((c for c in LABEL_COLUMNS if c in features), None)
         if chosen is None:
@@ -183,6 +203,8 @@ def _label_column(datasets: Any, features: Any, chosen: str | None, where: str) 
     is_text = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
     if not (isinstance(feature, datasets.ClassLabel) or is_int or is_text):
         kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
-        raise DataError(f"label column {chosen!r} of {where} holds {kind} values, not integer or class labels; "
-                        "choose another with --label-column (integers, class names or a ClassLabel)")
+        raise DataError(
+            f"label column {chosen!r} of {where} holds {kind} values, not integer or class labels; "
+            "choose another with --label-column (integers, class names or a ClassLabel)"
+        )
     return chosen

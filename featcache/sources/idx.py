@@ -13,8 +13,18 @@ from featcache.errors import DataError
 
 from .base import ArraySource
 
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                         "Bag", "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -31,7 +41,7 @@ def read_idx(path: Path) -> np.ndarray:
     if data[2] not in dtypes:
         raise DataError(f"{path}: unknown idx element type 0x{data[2]:02x}")
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     arr = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
         raise DataError(f"{path} is truncated: header says {shape}, found {arr.size} values")
@@ -39,19 +49,26 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def _find_idx(root: Path, prefix: str, kind: str) -> Path:
-    for name in (f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte", f"{prefix}-{kind}.idx{3 if kind == 'images' else 1}-ubyte"):
+    for name in (
+        f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte",
+        f"{prefix}-{kind}.idx{3 if kind == 'images' else 1}-ubyte",
+    ):
         for cand in (root / f"{name}.gz", root / name):
             if cand.exists():
                 return cand
-    raise DataError(f"no {prefix}-{kind}-idx*-ubyte[.gz] file in {root}; for Fashion-MNIST on Debian run "
-                    "'apt-get install dataset-fashion-mnist' and use idx:/usr/share/datasets/fashion-mnist")
+    raise DataError(
+        f"no {prefix}-{kind}-idx*-ubyte[.gz] file in {root}; for Fashion-MNIST on Debian run "
+        "'apt-get install dataset-fashion-mnist' and use idx:/usr/share/datasets/fashion-mnist"
+    )
 
 
 def idx_source(root: str, part: str | None) -> ArraySource:
     path = Path(root)
     if not path.is_dir():
-        raise DataError(f"idx directory {root} does not exist; for Fashion-MNIST on Debian run "
-                        "'apt-get install dataset-fashion-mnist' and use idx:/usr/share/datasets/fashion-mnist")
+        raise DataError(
+            f"idx directory {root} does not exist; for Fashion-MNIST on Debian run "
+            "'apt-get install dataset-fashion-mnist' and use idx:/usr/share/datasets/fashion-mnist"
+        )
     if part not in (None, "train", "test"):
         raise DataError(f"unknown part {part!r} in idx:{root}:{part}; use idx:DIR (train) or idx:DIR:test")
     prefix = "t10k" if part == "test" else "train"
@@ -60,6 +77,10 @@ def idx_source(root: str, part: str | None) -> ArraySource:
     if images.ndim != 3 or len(images) != len(labels):
         raise DataError(f"idx files in {root} disagree: {images.shape} images, {labels.shape} labels")
     n_classes = int(labels.max()) + 1 if len(labels) else 0
-    classes = FASHION_MNIST_CLASSES if "fashion" in str(path).lower() and n_classes == 10 else [str(c) for c in range(n_classes)]
+    classes = (
+        FASHION_MNIST_CLASSES
+        if "fashion" in str(path).lower() and n_classes == 10
+        else [str(c) for c in range(n_classes)]
+    )
     spec = f"idx:{root}" + (":test" if part == "test" else "")
     return ArraySource(spec, images, labels, [f"{prefix}:{i}" for i in range(len(labels))], classes)

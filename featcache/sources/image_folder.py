@@ -18,11 +18,14 @@ class ImageFolderSource:
         self.spec = str(root)
         self.root = Path(root)
         if not self.root.exists():
-            raise DataError(f"data directory {root} does not exist; pass an ImageFolder directory "
-                            "(DIR/<class>/<image>) or a SPEC like sklearn:digits")
+            raise DataError(
+                f"data directory {root} does not exist; pass an ImageFolder directory "
+                "(DIR/<class>/<image>) or a SPEC like sklearn:digits"
+            )
         if not self.root.is_dir():
-            raise DataError(f"--data {root} is a file, not a directory; pass an ImageFolder directory "
-                            "(DIR/<class>/<image>)")
+            raise DataError(
+                f"--data {root} is a file, not a directory; pass an ImageFolder directory (DIR/<class>/<image>)"
+            )
         class_dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         self._paths: list[Path] = []
         labels: list[int] = []
@@ -37,8 +40,10 @@ class ImageFolderSource:
             self._paths = sorted(f for f in self.root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
             labels = [-1] * len(self._paths)
         if not self._paths:
-            raise DataError(f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS[:5])}, ... in "
-                            "DIR/<class>/ subfolders or DIR itself); add images or fix the path")
+            raise DataError(
+                f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS[:5])}, ... in "
+                "DIR/<class>/ subfolders or DIR itself); add images or fix the path"
+            )
         self._labels = np.asarray(labels, dtype=np.int64)
 
     def __len__(self) -> int:

@@ -27,10 +27,13 @@ def encode_labels(values: Sequence[object], where: Callable[[int], str]) -> tupl
         return np.full(len(values), -1, dtype=np.int64), []
     for i, v in known:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer, str)):
-            raise DataError(f"{where(i)}: label {v!r} is a {type(v).__name__}, not an integer or a class name; "
-                            "write integer labels or class names")
-    if all(isinstance(v, str) and _INTEGER.fullmatch(v.strip()) for _, v in known) or \
-            all(not isinstance(v, str) for _, v in known):
+            raise DataError(
+                f"{where(i)}: label {v!r} is a {type(v).__name__}, not an integer or a class name; "
+                "write integer labels or class names"
+            )
+    if all(isinstance(v, str) and _INTEGER.fullmatch(v.strip()) for _, v in known) or all(
+        not isinstance(v, str) for _, v in known
+    ):
         labels = np.full(len(values), -1, dtype=np.int64)
         for i, v in known:
             labels[i] = int(v.strip()) if isinstance(v, str) else int(v)
@@ -41,8 +44,10 @@ def encode_labels(values: Sequence[object], where: Callable[[int], str]) -> tupl
     numbers = [i for i, v in known if not isinstance(v, str)]
     if numbers:
         i = numbers[0]
-        raise DataError(f"{where(i)}: label {values[i]!r} is a number where other rows hold class names; "
-                        "write either integer labels or class names")
+        raise DataError(
+            f"{where(i)}: label {values[i]!r} is a number where other rows hold class names; "
+            "write either integer labels or class names"
+        )
     classes = sorted({str(v) for _, v in known})
     position = {name: k for k, name in enumerate(classes)}
     labels = np.full(len(values), -1, dtype=np.int64)

@@ -17,9 +17,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .base import Sample, read_rgb, spec_with_columns
 from featcache.errors import DataError
 
+from .base import Sample, read_rgb, spec_with_columns
 from .labels import encode_labels
 
 IMAGE_COLUMNS = ("path", "image", "file", "filename")
@@ -35,8 +35,11 @@ class PathListSource:
         self.spec = spec_with_columns(f"{kind}:{file}", image_column, label_column)
         self.file = Path(file)
         if not self.file.is_file():
-            raise DataError(f"{kind} file {file} does not exist" if not self.file.exists() else
-                            f"{file} is not a file; pass {kind}:FILE, a file listing image paths and labels")
+            raise DataError(
+                f"{kind} file {file} does not exist"
+                if not self.file.exists()
+                else f"{file} is not a file; pass {kind}:FILE, a file listing image paths and labels"
+            )
         rows = list(_csv_rows(self.file) if kind == "csv" else _jsonl_rows(self.file))
         if not rows:
             raise DataError(f"{file} lists no images; add rows with an image path and a label")
@@ -44,8 +47,10 @@ class PathListSource:
         image_column = image_column or next((c for c in IMAGE_COLUMNS if c in columns), None)
         if image_column is None or image_column not in columns:
             named = f" {image_column!r}" if image_column else ""
-            raise DataError(f"{file} has no image column{named} (columns: {', '.join(sorted(columns))}); name the "
-                            f"column of image paths with --image-column (default: one of {', '.join(IMAGE_COLUMNS)})")
+            raise DataError(
+                f"{file} has no image column{named} (columns: {', '.join(sorted(columns))}); name the "
+                f"column of image paths with --image-column (default: one of {', '.join(IMAGE_COLUMNS)})"
+            )
         if label_column is not None and label_column not in columns:
             raise DataError(f"{file} has no label column {label_column!r} (columns: {', '.join(sorted(columns))})")
         label_column = label_column or next((c for c in LABEL_COLUMNS if c in columns), None)
@@ -60,8 +65,10 @@ class PathListSource:
                 raise DataError(f"{file} line {line}: no image path in column {image_column!r}; fix or remove the row")
             path = root / value  # an absolute value replaces root
             if not path.is_file():
-                raise DataError(f"{file} line {line}: image {value} does not exist (looked for {path}; paths are "
-                                f"relative to the folder of {self.file.name}); fix the path or remove the row")
+                raise DataError(
+                    f"{file} line {line}: image {value} does not exist (looked for {path}; paths are "
+                    f"relative to the folder of {self.file.name}); fix the path or remove the row"
+                )
             self._ids.append(value)
             self._paths.append(path)
             lines.append(line)
@@ -73,8 +80,11 @@ class PathListSource:
 
     def __getitem__(self, index: int) -> Sample:
         path = self._paths[index]
-        return Sample(read_rgb(path, str(path), f"replace the file or remove its row from {self.file}"),
-                      int(self._labels[index]), self._ids[index])
+        return Sample(
+            read_rgb(path, str(path), f"replace the file or remove its row from {self.file}"),
+            int(self._labels[index]),
+            self._ids[index],
+        )
 
     def labels(self) -> np.ndarray:
         return self._labels
@@ -107,11 +117,15 @@ def _jsonl_rows(file: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 try:
                     row = json.loads(text)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{file} line {line} is not JSON ({err}); write one object per line, e.g. "
-                                    '{"path": "cat/1.jpg", "label": "cat"}') from None
+                    raise DataError(
+                        f"{file} line {line} is not JSON ({err}); write one object per line, e.g. "
+                        '{"path": "cat/1.jpg", "label": "cat"}'
+                    ) from None
                 if not isinstance(row, dict):
-                    raise DataError(f"{file} line {line} is not a JSON object; write one object per line, e.g. "
-                                    '{"path": "cat/1.jpg", "label": "cat"}')
+                    raise DataError(
+                        f"{file} line {line} is not a JSON object; write one object per line, e.g. "
+                        '{"path": "cat/1.jpg", "label": "cat"}'
+                    )
                 yield line, row
     except UnicodeDecodeError as err:
         raise DataError(f"{file} is not UTF-8 text ({err})") from None

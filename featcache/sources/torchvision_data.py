@@ -25,7 +25,9 @@ class TorchvisionSource:
             raise DataError(f"torchvision has no dataset {name!r}; see torchvision.datasets (e.g. MNIST, CIFAR10)")
         params = inspect.signature(cls.__init__).parameters
         kwargs: dict[str, Any] = {}
-        root = root or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "featcache", "data")
+        root = root or os.path.join(
+            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "featcache", "data"
+        )
         if "root" in params:
             kwargs["root"] = root
         if "download" in params:
@@ -37,8 +39,10 @@ class TorchvisionSource:
         try:
             self._ds = cls(**kwargs)
         except Exception as err:
-            raise DataError(f"torchvision dataset {name} is not available under {root} ({str(err)[:160]}); featcache "
-                            f"never downloads: place the files there first") from None
+            raise DataError(
+                f"torchvision dataset {name} is not available under {root} ({str(err)[:160]}); featcache "
+                f"never downloads: place the files there first"
+            ) from None
         if len(self._ds) == 0:
             raise DataError(f"torchvision dataset {name} under {root} is empty")
         self.spec = f"torchvision:{name}" + (f":{root}" if "root" in params else "") + (f":{part}" if part else "")

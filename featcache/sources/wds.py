@@ -25,9 +25,9 @@ import tarfile
 
 import numpy as np
 
-from .base import IMAGE_EXTENSIONS, Sample, read_rgb, require
 from featcache.errors import DataError
 
+from .base import IMAGE_EXTENSIONS, Sample, read_rgb, require
 from .labels import encode_labels
 
 IMAGE_SUFFIXES = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # preferred first: jpg, jpeg, png, ...
@@ -47,13 +47,17 @@ class TarShardSource:
         self.shards = list(expand_urls(pattern))
         remote = [s for s in self.shards if "://" in s or s.startswith("pipe:")]
         if remote:
-            raise DataError(f"--data {self.spec}: {remote[0]} is not a local file; featcache reads shards by "
-                            "position, so copy them to a local or mounted directory first")
+            raise DataError(
+                f"--data {self.spec}: {remote[0]} is not a local file; featcache reads shards by "
+                "position, so copy them to a local or mounted directory first"
+            )
         missing = [s for s in self.shards if not os.path.isfile(s)]
         if missing:
-            raise DataError(f"{len(missing)} of {len(self.shards)} shard(s) of --data {self.spec} do not exist "
-                            f"(first: {missing[0]}); check the path and the brace range, e.g. "
-                            "wds:shards/train-{000000..000009}.tar")
+            raise DataError(
+                f"{len(missing)} of {len(self.shards)} shard(s) of --data {self.spec} do not exist "
+                f"(first: {missing[0]}); check the path and the brace range, e.g. "
+                "wds:shards/train-{000000..000009}.tar"
+            )
         shard_of: list[int] = []
         offsets: list[int] = []
         sizes: list[int] = []
@@ -71,8 +75,9 @@ class TarShardSource:
                 raw_labels.append(label)
                 label_where.append(where)
         if not self._keys:
-            raise DataError(f"no samples in --data {self.spec}; a WebDataset shard holds files like 000001.jpg "
-                            "and 000001.cls")
+            raise DataError(
+                f"no samples in --data {self.spec}; a WebDataset shard holds files like 000001.jpg and 000001.cls"
+            )
         self._shard_of = np.asarray(shard_of, dtype=np.int32)
         self._offsets = np.asarray(offsets, dtype=np.int64)
         self._sizes = np.asarray(sizes, dtype=np.int64)
@@ -88,8 +93,10 @@ class TarShardSource:
             with open(shard, "rb") as f:
                 magic = f.read(3)
             if magic[:2] == b"\x1f\x8b" or magic == b"BZh" or magic[:3] == b"\xfd7z":
-                raise DataError(f"shard {shard} is compressed; featcache reads samples by position, which needs "
-                                "plain .tar shards: decompress them (e.g. gunzip)") from None
+                raise DataError(
+                    f"shard {shard} is compressed; featcache reads samples by position, which needs "
+                    "plain .tar shards: decompress them (e.g. gunzip)"
+                ) from None
             raise DataError(f"shard {shard} is not a tar file ({err}); pass WebDataset .tar shards") from None
         samples: list[tuple[str, str, int, int, object, str]] = []
         group: dict[str, tarfile.TarInfo] = {}
@@ -115,13 +122,16 @@ class TarShardSource:
         return samples
 
     @staticmethod
-    def _sample(tar: tarfile.TarFile, shard: str, key: str,
-                group: dict[str, tarfile.TarInfo]) -> tuple[str, str, int, int, object, str]:
+    def _sample(
+        tar: tarfile.TarFile, shard: str, key: str, group: dict[str, tarfile.TarInfo]
+    ) -> tuple[str, str, int, int, object, str]:
         suffix = next((s for s in IMAGE_SUFFIXES if s in group), None)
         if suffix is None:
-            raise DataError(f"sample {key} in {shard} has no image (found {', '.join('.' + s for s in group)}; "
-                            f"looked for {', '.join('.' + s for s in IMAGE_SUFFIXES[:5])}, ...); "
-                            "add the image or remove the sample's files")
+            raise DataError(
+                f"sample {key} in {shard} has no image (found {', '.join('.' + s for s in group)}; "
+                f"looked for {', '.join('.' + s for s in IMAGE_SUFFIXES[:5])}, ...); "
+                "add the image or remove the sample's files"
+            )
         label: object = None
         where = f"{shard}: {key}"
         for kind in ("cls", "json"):
@@ -159,8 +169,9 @@ def _json_label(text: str, where: str) -> object:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{where} is not JSON ({err}); write the label as an integer, a class name or "
-                        '{"label": ...}') from None
+        raise DataError(
+            f'{where} is not JSON ({err}); write the label as an integer, a class name or {{"label": ...}}'
+        ) from None
     if isinstance(value, dict):
         return value.get("label")
     return value

@@ -12,5 +12,18 @@ from .feature_store import FeatureStore, SplitHandle, open_store
 from .lazy_views import split_to_dask, split_to_xarray
 from .reader import Batch, CacheReader, TapDataset, open_reader
 
-__all__ = ["Batch", "CacheReader", "FeatureStore", "SplitHandle", "TapDataset", "decode", "decode_array", "encode",
-           "open_reader", "open_store", "split_to_dask", "split_to_xarray", "storage_dtype"]
+__all__ = [
+    "Batch",
+    "CacheReader",
+    "FeatureStore",
+    "SplitHandle",
+    "TapDataset",
+    "decode",
+    "decode_array",
+    "encode",
+    "open_reader",
+    "open_store",
+    "split_to_dask",
+    "split_to_xarray",
+    "storage_dtype",
+]

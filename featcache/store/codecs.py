@@ -32,11 +32,17 @@ from featcache.manifest import COMPRESSORS
 # Codecs featcache reads. Each only reshapes, compresses or checksums bytes; anything else (an
 # object codec that unpickles, say, registered by some installed package) is refused before a
 # chunk is decoded, so opening a store never runs code from it.
-ALLOWED_CODECS = frozenset({"bytes", "blosc", "zstd", "gzip", "crc32c", "sharding_indexed", "transpose", "vlen-utf8",
-                            "vlen-bytes"})
+ALLOWED_CODECS = frozenset(
+    {"bytes", "blosc", "zstd", "gzip", "crc32c", "sharding_indexed", "transpose", "vlen-utf8", "vlen-bytes"}
+)
 # cache dtype -> the torch dtype its stored representation is held in (8-bit: the codes)
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8,
-                "float8_e4m3": torch.uint8}
+TORCH_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "int8": torch.int8,
+    "float8_e4m3": torch.uint8,
+}
 EIGHT_BIT = {"int8": (torch.int8, 127.0), "float8_e4m3": (torch.float8_e4m3fn, 448.0)}  # code type, largest code
 SCALE_SUFFIX, QERR_SUFFIX = "_scale", "_qerr"
 # the type of the per-row scales of 8-bit caches: bfloat16 (float32's exponent range; stored as uint16 bits,
@@ -45,17 +51,22 @@ SCALE_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 SCALE_DTYPE = "bfloat16"
 SCALE_DTYPE_ATTR = "featcache_scale_dtype"
 # recorded on each 8-bit tap array for plain zarr / dask / xarray users (docs/store.md)
-_SCALE_HINT = ("scale: the <tap>_scale array as float32, (s.astype(uint32) << 16).view(float32) for its bfloat16 bits "
-               "(uint16; float16 in older stores: s.astype(float32))")
-DECODE_HINTS = {"int8": f"x = codes.astype(float32) * scale[..., None]  ({_SCALE_HINT})",
-                "float8_e4m3": "x = codes.view(float8_e4m3fn).astype(float32) * scale[..., None]  (ml_dtypes, or "
-                               f"torch.from_numpy(codes).view(torch.float8_e4m3fn).float(); {_SCALE_HINT})"}
+_SCALE_HINT = (
+    "scale: the <tap>_scale array as float32, (s.astype(uint32) << 16).view(float32) for its bfloat16 bits "
+    "(uint16; float16 in older stores: s.astype(float32))"
+)
+DECODE_HINTS = {
+    "int8": f"x = codes.astype(float32) * scale[..., None]  ({_SCALE_HINT})",
+    "float8_e4m3": "x = codes.view(float8_e4m3fn).astype(float32) * scale[..., None]  (ml_dtypes, or "
+    f"torch.from_numpy(codes).view(torch.float8_e4m3fn).float(); {_SCALE_HINT})",
+}
 
 
 def storage_dtype(dtype: str) -> str:
     """The zarr dtype of a cache dtype: bfloat16 as uint16 bits, float8_e4m3 codes as uint8."""
-    return {"float16": "float16", "bfloat16": "uint16", "float32": "float32", "int8": "int8",
-            "float8_e4m3": "uint8"}[dtype]
+    return {"float16": "float16", "bfloat16": "uint16", "float32": "float32", "int8": "int8", "float8_e4m3": "uint8"}[
+        dtype
+    ]
 
 
 def is_eight_bit(dtype: str) -> bool:
@@ -184,8 +195,14 @@ def compressor_codecs(name: str) -> list[Any]:
 def compressor_record(name: str, per_array: dict[str, str] | None = None) -> dict[str, Any]:
     """``{"name", "configuration"}`` of the compressor, as zarr writes codecs; "auto" records each array's choice."""
     if name == "auto":
-        return {"name": "auto", "configuration": {"min_ratio": AUTO_MIN_RATIO, "arrays": dict(per_array or {}),
-                                                  "codec": compressor_record("lz4")["configuration"]}}
+        return {
+            "name": "auto",
+            "configuration": {
+                "min_ratio": AUTO_MIN_RATIO,
+                "arrays": dict(per_array or {}),
+                "codec": compressor_record("lz4")["configuration"],
+            },
+        }
     codecs = compressor_codecs(name)[:-1]
     if not codecs:
         return {"name": "none", "configuration": {}}
@@ -232,5 +249,7 @@ def check_codecs(arr: zarr.Array, where: str) -> None:
         raise StoreError(f"{where} is not a Zarr v3 array; this store was not written by featcache")
     bad = sorted(set(codec_names(arr)) - ALLOWED_CODECS)
     if bad:
-        raise StoreError(f"{where} declares codec(s) {', '.join(bad)}, which featcache never writes and does not "
-                         "decode; this store was not written by featcache or has been altered: re-extract it")
+        raise StoreError(
+            f"{where} declares codec(s) {', '.join(bad)}, which featcache never writes and does not "
+            "decode; this store was not written by featcache or has been altered: re-extract it"
+        )

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from dask.utils import format_bytes
 import torch
+from dask.utils import format_bytes
 
 from featcache.errors import CorruptionError, StoreError
 
@@ -55,10 +55,15 @@ class RunningStats:
 
     def to_dict(self) -> dict[str, Any]:
         finite = self.count > 0
-        return {"count": self.count, "mean": self.mean if finite else None,
-                "std": math.sqrt(self.m2 / self.count) if finite else None,
-                "min": self.min if finite else None, "max": self.max if finite else None,
-                "nan": self.nan, "inf": self.inf}
+        return {
+            "count": self.count,
+            "mean": self.mean if finite else None,
+            "std": math.sqrt(self.m2 / self.count) if finite else None,
+            "min": self.min if finite else None,
+            "max": self.max if finite else None,
+            "nan": self.nan,
+            "inf": self.inf,
+        }
 
 
 def tap_stats(split: SplitHandle, name: str) -> dict[str, Any]:
@@ -103,13 +108,24 @@ def describe_tap(split: SplitHandle, name: str, completed_images: int, stats: bo
     per_image = sum(a.nbytes // max(1, a.shape[0]) for a in arrays)
     nbytes, stored = per_image * completed_images, sum(int(a.nbytes_stored()) for a in arrays)
     d: dict[str, Any] = {
-        "shape": list(arr.shape), "dtype": split.store.manifest.dtype, "storage_dtype": str(arr.dtype),
-        "chunks": list(arr.chunks), "shards": list(arr.shards or arr.chunks), "codecs": chunk_codec_labels(arr),
+        "shape": list(arr.shape),
+        "dtype": split.store.manifest.dtype,
+        "storage_dtype": str(arr.dtype),
+        "chunks": list(arr.chunks),
+        "shards": list(arr.shards or arr.chunks),
+        "codecs": chunk_codec_labels(arr),
         "dimension_names": list(arr.metadata.dimension_names or ()),
-        "nbytes": nbytes, "stored_bytes": stored, "compression_ratio": nbytes / stored if stored else None,
+        "nbytes": nbytes,
+        "stored_bytes": stored,
+        "compression_ratio": nbytes / stored if stored else None,
         "float32_bytes": info.tokens * info.channels * 4 * split.meta.views * completed_images,
-        "position": info.position, "block": info.block, "tokens": info.tokens, "prefix_tokens": info.prefix_tokens,
-        "channels": info.channels, "grid": list(info.grid), "pooling": info.pooling,
+        "position": info.position,
+        "block": info.block,
+        "tokens": info.tokens,
+        "prefix_tokens": info.prefix_tokens,
+        "channels": info.channels,
+        "grid": list(info.grid),
+        "pooling": info.pooling,
     }
     if stats:
         d["stats"] = tap_stats(split, name)
@@ -144,8 +160,11 @@ def _describe_tap_or_error(split: SplitHandle, name: str, completed_images: int,
 def describe_split(split: SplitHandle, stats: bool = False) -> dict[str, Any]:
     meta = split.meta
     done = _completed_shards(split)  # describing a damaged store must not fail: --verify names the damage
-    completed = (np.concatenate([np.arange(*meta.shard_bounds(int(k))) for k in np.flatnonzero(done)])
-                 if done.any() else np.zeros(0, dtype=np.int64))
+    completed = (
+        np.concatenate([np.arange(*meta.shard_bounds(int(k))) for k in np.flatnonzero(done)])
+        if done.any()
+        else np.zeros(0, dtype=np.int64)
+    )
     try:
         labels = split.labels()[completed]
     except CorruptionError:
@@ -158,22 +177,42 @@ def describe_split(split: SplitHandle, stats: bool = False) -> dict[str, Any]:
     float32 = sum(t.get("float32_bytes", 0) for t in taps.values())
     per = max(1, len(completed))
     return {
-        "num_samples": meta.num_samples, "complete": bool(done.all()), "completed_samples": int(len(completed)),
-        "num_shards": meta.num_shards, "completed_shards": int(done.sum()), "views": meta.views,
-        "view_transform": meta.view_transform, "chunk_images": meta.chunk_images, "shard_images": meta.shard_images,
-        "data": meta.data, "limit": meta.limit, "seed": meta.seed, "batch_size": meta.batch_size,
-        "compressor": meta.compressor, "classes": meta.classes,
+        "num_samples": meta.num_samples,
+        "complete": bool(done.all()),
+        "completed_samples": int(len(completed)),
+        "num_shards": meta.num_shards,
+        "completed_shards": int(done.sum()),
+        "views": meta.views,
+        "view_transform": meta.view_transform,
+        "chunk_images": meta.chunk_images,
+        "shard_images": meta.shard_images,
+        "data": meta.data,
+        "limit": meta.limit,
+        "seed": meta.seed,
+        "batch_size": meta.batch_size,
+        "compressor": meta.compressor,
+        "classes": meta.classes,
         "label_counts": {names[i] if i < len(names) else str(i): int(c) for i, c in enumerate(counts)},
         "unlabelled": int((labels < 0).sum()),
-        "nbytes": nbytes, "stored_bytes": stored, "compression_ratio": nbytes / stored if stored else None,
-        "bytes_per_sample": nbytes / per, "stored_bytes_per_sample": stored / per, "float32_bytes_per_sample": float32 / per,
+        "nbytes": nbytes,
+        "stored_bytes": stored,
+        "compression_ratio": nbytes / stored if stored else None,
+        "bytes_per_sample": nbytes / per,
+        "stored_bytes_per_sample": stored / per,
+        "float32_bytes_per_sample": float32 / per,
         "float32_ratio": float32 / stored if stored else None,
-        "extraction": split.group.attrs.asdict().get(EXTRACTION_ATTR), "taps": taps,
+        "extraction": split.group.attrs.asdict().get(EXTRACTION_ATTR),
+        "taps": taps,
     }
 
 
-def describe_store(url: str, split: str | None = None, stats: bool = False, verify: bool = False,
-                   storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def describe_store(
+    url: str,
+    split: str | None = None,
+    stats: bool = False,
+    verify: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The ``inspect --json`` object: manifest essentials, splits with taps, optional stats and verify."""
     store = FeatureStore.open(url, "r", storage_options)
     m = store.manifest
@@ -182,13 +221,25 @@ def describe_store(url: str, split: str | None = None, stats: bool = False, veri
     spec = bb.get("spec", {})
     report: VerifyReport | None = verify_store(url, split, storage_options) if verify else None
     return {
-        "featcache_format": m.featcache_format, "featcache_version": m.featcache_version, "store": str(url),
+        "featcache_format": m.featcache_format,
+        "featcache_version": m.featcache_version,
+        "store": str(url),
         "created": m.created,
-        "backbone": {"model": spec.get("model"), "model_kwargs": spec.get("model_kwargs"), "kind": bb.get("kind"),
-                     "weights": bb.get("weights"), "input_size": bb.get("data_config", {}).get("input_size"),
-                     "timm_version": bb.get("timm_version"), "num_taps_available": len(bb.get("taps", []))},
-        "dtype": m.dtype, "storage_dtype": storage_dtype(m.dtype), "compressor": m.compressor,
-        "taps": m.tap_names, "final_norm": m.final_norm, "environment": m.environment,
+        "backbone": {
+            "model": spec.get("model"),
+            "model_kwargs": spec.get("model_kwargs"),
+            "kind": bb.get("kind"),
+            "weights": bb.get("weights"),
+            "input_size": bb.get("data_config", {}).get("input_size"),
+            "timm_version": bb.get("timm_version"),
+            "num_taps_available": len(bb.get("taps", [])),
+        },
+        "dtype": m.dtype,
+        "storage_dtype": storage_dtype(m.dtype),
+        "compressor": m.compressor,
+        "taps": m.tap_names,
+        "final_norm": m.final_norm,
+        "environment": m.environment,
         "splits": {name: describe_split(store.split(name), stats) for name in names},
         "verify": report.to_dict() if report is not None else None,
     }
@@ -216,20 +267,25 @@ def format_summary(d: dict[str, Any]) -> str:
     bb = d["backbone"]
     w = bb.get("weights") or {}
     sha = (w.get("file_sha256") or w.get("state_sha256") or "")[:12]
-    lines = [f"store     {d['store']}  (featcache format {d['featcache_format']}, written by featcache "
-             f"{d['featcache_version']}, {d['created']})",
-             f"backbone  {bb['model']} ({bb['kind']}), weights {w.get('source')} (sha256 {sha}...), input "
-             f"{'x'.join(map(str, bb['input_size'] or []))}, timm {bb['timm_version']}",
-             f"cache     {d['dtype']}" + (" (stored as uint16)" if d["dtype"] == "bfloat16" else "")
-             + f", {len(d['taps'])} of {bb['num_taps_available']} taps"
-             + (", final norm stored" if d["final_norm"] else "")]
+    lines = [
+        f"store     {d['store']}  (featcache format {d['featcache_format']}, written by featcache "
+        f"{d['featcache_version']}, {d['created']})",
+        f"backbone  {bb['model']} ({bb['kind']}), weights {w.get('source')} (sha256 {sha}...), input "
+        f"{'x'.join(map(str, bb['input_size'] or []))}, timm {bb['timm_version']}",
+        f"cache     {d['dtype']}"
+        + (" (stored as uint16)" if d["dtype"] == "bfloat16" else "")
+        + f", {len(d['taps'])} of {bb['num_taps_available']} taps"
+        + (", final norm stored" if d["final_norm"] else ""),
+    ]
     for name, s in d["splits"].items():
         lines += [""] + _format_split(name, s)
     v = d.get("verify")
     if v is not None:
         lines.append("")
-        lines.append(f"verify    {'OK' if v['ok'] else 'FAILED'}: {v['chunks_read']} chunks read, "
-                     f"{len(v['errors'])} errors, {len(v['warnings'])} warnings")
+        lines.append(
+            f"verify    {'OK' if v['ok'] else 'FAILED'}: {v['chunks_read']} chunks read, "
+            f"{len(v['errors'])} errors, {len(v['warnings'])} warnings"
+        )
         lines += [f"  ERROR    {e}" for e in v["errors"]] + [f"  warning  {e}" for e in v["warnings"]]
     return "\n".join(lines)
 
@@ -237,12 +293,15 @@ def format_summary(d: dict[str, Any]) -> str:
 def _format_split(name: str, s: dict[str, Any]) -> list[str]:
     state = "complete" if s["complete"] else f"INCOMPLETE ({s['completed_samples']} images done)"
     views = f", {s['views']} {s['view_transform']} views" if s["views"] > 1 else ""
-    lines = [f"split {name}: {s['num_samples']} images, {state}, {s['completed_shards']}/{s['num_shards']} shards"
-             f"{views}; data {s['data']}" + (f" (--limit {s['limit']})" if s["limit"] else ""),
-             f"  stored {_size(s['stored_bytes'])} for {_size(s['nbytes'])} of taps"
-             + (f" (ratio {s['compression_ratio']:.2f})" if s["compression_ratio"] else "")
-             + f"; per sample {_size(s['stored_bytes_per_sample'])} stored for {_size(s['float32_bytes_per_sample'])} "
-             + "as float32" + (f" ({s['float32_ratio']:.1f}x smaller)" if s["float32_ratio"] else "")]
+    lines = [
+        f"split {name}: {s['num_samples']} images, {state}, {s['completed_shards']}/{s['num_shards']} shards"
+        f"{views}; data {s['data']}" + (f" (--limit {s['limit']})" if s["limit"] else ""),
+        f"  stored {_size(s['stored_bytes'])} for {_size(s['nbytes'])} of taps"
+        + (f" (ratio {s['compression_ratio']:.2f})" if s["compression_ratio"] else "")
+        + f"; per sample {_size(s['stored_bytes_per_sample'])} stored for {_size(s['float32_bytes_per_sample'])} "
+        + "as float32"
+        + (f" ({s['float32_ratio']:.1f}x smaller)" if s["float32_ratio"] else ""),
+    ]
     rows = [["tap", "shape", "dtype", "chunks", "shards", "codec", "stored", "ratio"]]
     has_stats = any("stats" in t for t in s["taps"].values())
     quantized = any("quantization_rel_rms" in t.get("stats", {}) for t in s["taps"].values())
@@ -250,11 +309,21 @@ def _format_split(name: str, s: dict[str, Any]) -> list[str]:
         rows[0] += ["mean", "std", "min", "max", "nan", "inf"] + (["8-bit rel. RMS error"] if quantized else [])
     for tap, t in s["taps"].items():
         if "error" in t:
-            rows.append([tap, "ERROR", t["error"][:60] + ("..." if len(t["error"]) > 60 else "")] + [""] * (len(rows[0]) - 3))
+            rows.append(
+                [tap, "ERROR", t["error"][:60] + ("..." if len(t["error"]) > 60 else "")] + [""] * (len(rows[0]) - 3)
+            )
             continue
         codec = "+".join(c for c in t["codecs"] if c != "bytes")
-        row = [tap, _shape(t["shape"]), t["dtype"], _shape(t["chunks"]), _shape(t["shards"]), codec,
-               _size(t["stored_bytes"]), f"{t['compression_ratio']:.2f}" if t["compression_ratio"] else "-"]
+        row = [
+            tap,
+            _shape(t["shape"]),
+            t["dtype"],
+            _shape(t["chunks"]),
+            _shape(t["shards"]),
+            codec,
+            _size(t["stored_bytes"]),
+            f"{t['compression_ratio']:.2f}" if t["compression_ratio"] else "-",
+        ]
         if has_stats:
             st = t["stats"]
             row += [_num(st["mean"]), _num(st["std"]), _num(st["min"]), _num(st["max"]), str(st["nan"]), str(st["inf"])]
@@ -266,13 +335,17 @@ def _format_split(name: str, s: dict[str, Any]) -> list[str]:
         peak = max(s["label_counts"].values()) or 1
         lines.append("  labels:")
         items = list(s["label_counts"].items())
-        label_rows = [[f"    {k}", str(c), f"{100 * c / total:.1f}%", "#" * max(0, round(30 * c / peak))]
-                      for k, c in items[:MAX_LABEL_ROWS]]
+        label_rows = [
+            [f"    {k}", str(c), f"{100 * c / total:.1f}%", "#" * max(0, round(30 * c / peak))]
+            for k, c in items[:MAX_LABEL_ROWS]
+        ]
         lines += _table(label_rows, indent="")
         if len(items) > MAX_LABEL_ROWS:
             counts = [c for _, c in items]
-            lines.append(f"    ... {len(items) - MAX_LABEL_ROWS} more classes (all: min {min(counts)}, max {max(counts)} "
-                         "images per class; --json lists them)")
+            lines.append(
+                f"    ... {len(items) - MAX_LABEL_ROWS} more classes (all: min {min(counts)}, max {max(counts)} "
+                "images per class; --json lists them)"
+            )
     if s["unlabelled"]:
         lines.append(f"  unlabelled images: {s['unlabelled']}")
     return lines

@@ -29,8 +29,8 @@ import asyncio
 import os
 import warnings
 from collections.abc import Iterable
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,13 +43,25 @@ from featcache.errors import CorruptionError, StoreError
 from featcache.manifest import DEFAULT_COMPRESSOR, Manifest, SplitMeta
 
 from . import zarr_shutdown  # noqa: F401  (settles zarr's background tasks at exit)
-from .codecs import (DECODE_HINTS, QERR_SUFFIX, SCALE_DTYPE, SCALE_DTYPE_ATTR, SCALE_SUFFIX, check_codecs,
-                     compressor_codecs, decode, decode_scale, dequantize, is_eight_bit, scale_dtype_name, storage_dtype,
-                     stored_bytes_per_row)
+from .codecs import (
+    DECODE_HINTS,
+    QERR_SUFFIX,
+    SCALE_DTYPE,
+    SCALE_DTYPE_ATTR,
+    SCALE_SUFFIX,
+    check_codecs,
+    compressor_codecs,
+    decode,
+    decode_scale,
+    dequantize,
+    is_eight_bit,
+    scale_dtype_name,
+    storage_dtype,
+    stored_bytes_per_row,
+)
 from .lock import LOCKS_DIR
 
 if TYPE_CHECKING:
-
     from .shard_io import ShardIO
 
 SPLIT_ATTR = "featcache_split"
@@ -98,8 +110,9 @@ class ArraySpec:
     per_shard: bool = False  # one row per shard (written with the shard) instead of one per image
 
 
-def split_array_specs(manifest: Manifest, meta: SplitMeta, compressor: str,
-                      scale_dtype: str | None = None) -> dict[str, ArraySpec]:
+def split_array_specs(
+    manifest: Manifest, meta: SplitMeta, compressor: str, scale_dtype: str | None = None
+) -> dict[str, ArraySpec]:
     """Every array of a split, taps first: a tap (N, [V,] T, C) of the storage dtype; with an 8-bit cache also
     its ``<tap>_scale`` (N, [V,] T) of ``scale_dtype`` (default bfloat16 as uint16 bits; float16 in older splits)
     and ``<tap>_qerr`` (shards, 2) float64; labels, ids, completion."""
@@ -117,22 +130,44 @@ def split_array_specs(manifest: Manifest, meta: SplitMeta, compressor: str,
         attrs = {DTYPE_ATTR: dtype, "tap": tap.to_dict()}
         if is_eight_bit(dtype):
             attrs.update(featcache_scale=tap.name + SCALE_SUFFIX, featcache_decode=DECODE_HINTS[dtype])
-        specs[tap.name] = ArraySpec((meta.num_samples, *tail), (meta.chunk_images, *tail), (meta.shard_images, *tail),
-                                    storage_dtype(dtype), dims, codecs_of(tap.name), attributes=attrs)
+        specs[tap.name] = ArraySpec(
+            (meta.num_samples, *tail),
+            (meta.chunk_images, *tail),
+            (meta.shard_images, *tail),
+            storage_dtype(dtype),
+            dims,
+            codecs_of(tap.name),
+            attributes=attrs,
+        )
         if is_eight_bit(dtype):
             specs[tap.name + SCALE_SUFFIX] = ArraySpec(
-                (meta.num_samples, *tail[:-1]), (meta.chunk_images, *tail[:-1]), (meta.shard_images, *tail[:-1]),
-                storage_dtype(scale_dtype), dims[:-1], codecs_of(tap.name + SCALE_SUFFIX),
-                attributes={"featcache_scale_of": tap.name,
-                            **({SCALE_DTYPE_ATTR: scale_dtype} if scale_dtype != "float16" else {})})
+                (meta.num_samples, *tail[:-1]),
+                (meta.chunk_images, *tail[:-1]),
+                (meta.shard_images, *tail[:-1]),
+                storage_dtype(scale_dtype),
+                dims[:-1],
+                codecs_of(tap.name + SCALE_SUFFIX),
+                attributes={
+                    "featcache_scale_of": tap.name,
+                    **({SCALE_DTYPE_ATTR: scale_dtype} if scale_dtype != "float16" else {}),
+                },
+            )
             specs[tap.name + QERR_SUFFIX] = ArraySpec(
-                (meta.num_shards, 2), (1, 2), None, "float64", ("shard", "sum"), [Crc32cCodec()],
+                (meta.num_shards, 2),
+                (1, 2),
+                None,
+                "float64",
+                ("shard", "sum"),
+                [Crc32cCodec()],
                 attributes={"featcache_qerr_of": tap.name, "columns": ["sum of squared errors", "sum of squares"]},
-                per_shard=True)
-    specs["labels"] = ArraySpec((meta.num_samples,), (meta.shard_images,), None, "int64", ("image",),
-                                compressor_codecs("zstd"), fill_value=-1)
-    specs["ids"] = ArraySpec((meta.num_samples,), (meta.shard_images,), None, "str", ("image",),
-                             compressor_codecs("zstd"), fill_value=None)
+                per_shard=True,
+            )
+    specs["labels"] = ArraySpec(
+        (meta.num_samples,), (meta.shard_images,), None, "int64", ("image",), compressor_codecs("zstd"), fill_value=-1
+    )
+    specs["ids"] = ArraySpec(
+        (meta.num_samples,), (meta.shard_images,), None, "str", ("image",), compressor_codecs("zstd"), fill_value=None
+    )
     specs[COMPLETE] = ArraySpec((meta.num_shards,), (1,), None, "uint8", ("shard",), [Crc32cCodec()])
     return specs
 
@@ -151,6 +186,7 @@ def _pow2_ceil(n: int) -> int:
 
 async def _object_sizes(store: Any, keys: list[str]) -> list[int]:
     """Sizes of stored objects, -1 for a missing one; the requests run concurrently."""
+
     async def size(key: str) -> int:
         try:
             return int(await store.getsize(key))
@@ -180,8 +216,9 @@ def open_group(url: str, mode: str, storage_options: dict[str, Any] | None = Non
     try:
         return zarr.open_group(store=path, **kwargs)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        raise StoreError(f"{path} is not a featcache store (no Zarr v3 group there); create one with "
-                         f"featcache extract --out {path}") from None
+        raise StoreError(
+            f"{path} is not a featcache store (no Zarr v3 group there); create one with featcache extract --out {path}"
+        ) from None
     except (zarr.errors.ContainsArrayError, ValueError, TypeError, OSError) as err:
         raise StoreError(f"cannot open store {path} ({type(err).__name__}: {err})") from None
 
@@ -193,14 +230,17 @@ class SplitHandle:
         self.store, self.name, self.group = store, name, group
         attrs = group.attrs.asdict()
         if SPLIT_ATTR not in attrs:
-            raise StoreError(f"split {name!r} of {store.url} has no featcache metadata; its creation was interrupted "
-                             "or it was not written by featcache: rerun featcache extract with --resume (or "
-                             "--overwrite)")
+            raise StoreError(
+                f"split {name!r} of {store.url} has no featcache metadata; its creation was interrupted "
+                "or it was not written by featcache: rerun featcache extract with --resume (or "
+                "--overwrite)"
+            )
         try:
             self.meta = SplitMeta.from_attrs(attrs[SPLIT_ATTR])
         except (TypeError, ValueError, AttributeError) as err:
-            raise StoreError(f"split {name!r} of {store.url} has damaged metadata ({err}); re-extract it with "
-                             "--overwrite") from None
+            raise StoreError(
+                f"split {name!r} of {store.url} has damaged metadata ({err}); re-extract it with --overwrite"
+            ) from None
         self._arrays: dict[str, zarr.Array] = {}
         self.repaired_shards: list[int] = []  # set by extract --resume --repair (featcache.store.repair)
         self._present: set[tuple[str, int]] = set()  # (array, shard) objects found present and non-empty
@@ -213,11 +253,15 @@ class SplitHandle:
             try:
                 arr = self.group[name]
             except KeyError:
-                raise StoreError(f"{where} is missing; the store is damaged: run featcache inspect --verify, then "
-                                 "featcache extract --resume --repair (or re-extract)") from None
+                raise StoreError(
+                    f"{where} is missing; the store is damaged: run featcache inspect --verify, then "
+                    "featcache extract --resume --repair (or re-extract)"
+                ) from None
             except Exception as err:  # unreadable metadata or an unknown codec  # noqa: BLE001
-                raise StoreError(f"{where} has unreadable metadata ({type(err).__name__}: {str(err)[:160]}); the "
-                                 "store was not written by featcache or is damaged: re-extract it") from None
+                raise StoreError(
+                    f"{where} has unreadable metadata ({type(err).__name__}: {str(err)[:160]}); the "
+                    "store was not written by featcache or is damaged: re-extract it"
+                ) from None
             if not isinstance(arr, zarr.Array):
                 raise StoreError(f"{where} is a group, not an array; the store is damaged: re-extract it")
             check_codecs(arr, where)
@@ -241,7 +285,8 @@ class SplitHandle:
             raise CorruptionError(
                 f"{what} {name!r} of split {self.name!r} in {self.store.url}: {rows} cannot be read "
                 f"({type(err).__name__}: {str(err)[:120]}); run featcache inspect --verify, then featcache extract "
-                "--resume --repair to recompute the damaged shards") from None
+                "--resume --repair to recompute the damaged shards"
+            ) from None
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of completed shards, whose stored objects must exist (see ``require_objects``)."""
@@ -271,7 +316,8 @@ class SplitHandle:
                 raise CorruptionError(
                     f"array {name!r} of split {self.name!r} in {self.store.url}: shard {k} (images {start}..{stop - 1}) "
                     f"is marked complete but its object {key} {what}; run featcache inspect --verify, then featcache "
-                    "extract --resume --repair to recompute the damaged shards")
+                    "extract --resume --repair to recompute the damaged shards"
+                )
             self._present.add((name, k))
 
     def tap(self, name: str) -> zarr.Array:
@@ -307,8 +353,11 @@ class SplitHandle:
     def read_values(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) of a tap as float32 values (8-bit codes times their scales)."""
         dtype = self.store.manifest.dtype
-        rows = (lambda a: self.read_rows(a, start, stop)) if start is not None and stop is not None else \
-            (lambda a: self.read(a, start, stop))
+        rows = (
+            (lambda a: self.read_rows(a, start, stop))
+            if start is not None and stop is not None
+            else (lambda a: self.read(a, start, stop))
+        )
         codes = decode(rows(name), dtype)
         if not is_eight_bit(dtype):
             return codes.float()
@@ -327,8 +376,10 @@ class SplitHandle:
 
     def __repr__(self) -> str:
         views = f", {self.meta.views} views" if self.meta.views > 1 else ""
-        return (f"<SplitHandle {self.name!r} of {self.store.url}: {self.num_samples} images{views}, "
-                f"{len(self.meta.classes)} classes, taps {', '.join(self.tap_names)}>")
+        return (
+            f"<SplitHandle {self.name!r} of {self.store.url}: {self.num_samples} images{views}, "
+            f"{len(self.meta.classes)} classes, taps {', '.join(self.tap_names)}>"
+        )
 
     # -- writing (one writer per shard; see featcache.store.writer)
     def write_shard(self, shard: int, taps: dict[str, np.ndarray], labels: np.ndarray, ids: list[str]) -> None:
@@ -337,7 +388,9 @@ class SplitHandle:
         start, stop = self.meta.shard_bounds(shard)
         n = stop - start
         if len(labels) != n or len(ids) != n:
-            raise StoreError(f"shard {shard} of split {self.name!r} needs {n} labels and ids, got {len(labels)}, {len(ids)}")
+            raise StoreError(
+                f"shard {shard} of split {self.name!r} needs {n} labels and ids, got {len(labels)}, {len(ids)}"
+            )
         for name in self.tap_array_names():
             a = taps[name]
             rows = (shard, shard + 1) if name.endswith(QERR_SUFFIX) else (start, stop)
@@ -346,7 +399,7 @@ class SplitHandle:
             if self.shard_io.supports(name):  # the shard object written directly, as zarr would write it
                 self.shard_io.write(name, shard, a)
             else:
-                self._writable(name)[rows[0]:rows[1]] = a
+                self._writable(name)[rows[0] : rows[1]] = a
         self._writable("labels")[start:stop] = np.asarray(labels, dtype=np.int64)
         self._writable("ids")[start:stop] = np.asarray(ids, dtype=str)
 
@@ -397,12 +450,15 @@ class SplitHandle:
 class FeatureStore:
     """An open featcache store: manifest, splits and the ViT's final norm."""
 
-    def __init__(self, url: str, group: zarr.Group, manifest: Manifest,
-                 storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, url: str, group: zarr.Group, manifest: Manifest, storage_options: dict[str, Any] | None = None
+    ) -> None:
         self.url, self.group, self.manifest, self.storage_options = url, group, manifest, storage_options
 
     @classmethod
-    def open(cls, url: str | os.PathLike[str], mode: str = "r", storage_options: dict[str, Any] | None = None) -> "FeatureStore":
+    def open(
+        cls, url: str | os.PathLike[str], mode: str = "r", storage_options: dict[str, Any] | None = None
+    ) -> "FeatureStore":
         """Open an existing store (``mode`` "r" or "r+"); checks the format version."""
         url = str(url)
         group = open_group(url, mode, storage_options)
@@ -420,8 +476,13 @@ class FeatureStore:
             return False
 
     @classmethod
-    def create(cls, url: str | os.PathLike[str], manifest: Manifest, final_norm: dict[str, torch.Tensor] | None = None,
-               storage_options: dict[str, Any] | None = None) -> "FeatureStore":
+    def create(
+        cls,
+        url: str | os.PathLike[str],
+        manifest: Manifest,
+        final_norm: dict[str, torch.Tensor] | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> "FeatureStore":
         """Create a new store root (refuses to write into a non-empty directory that is not a featcache store)."""
         url = str(url)
         if not _is_url(url) and Path(url).is_dir():
@@ -433,8 +494,13 @@ class FeatureStore:
             raise StoreError(f"store path {url} is a file, not a Zarr store directory; choose another --out path")
         manifest.final_norm = final_norm is not None
         try:  # never mode "w": that would delete the lock files of the extraction creating the store
-            group = zarr.create_group(url, zarr_format=3, overwrite=False, attributes=manifest.to_attrs(),
-                                      storage_options=storage_options if _is_url(url) else None)
+            group = zarr.create_group(
+                url,
+                zarr_format=3,
+                overwrite=False,
+                attributes=manifest.to_attrs(),
+                storage_options=storage_options if _is_url(url) else None,
+            )
         except zarr.errors.ContainsGroupError:
             raise StoreError(f"{url} already holds a Zarr store; open it instead of creating it") from None
         except (zarr.errors.ContainsArrayError, ValueError, TypeError, OSError) as err:
@@ -450,8 +516,15 @@ class FeatureStore:
         sub = self.group.require_group(BACKBONE_GROUP)
         for key in ("weight", "bias"):
             v = final_norm[key].detach().cpu().float().numpy()
-            arr = sub.create_array(f"norm_{key}", shape=v.shape, dtype="float32", chunks=v.shape,
-                                   compressors=[Crc32cCodec()], dimension_names=("channel",), overwrite=True)
+            arr = sub.create_array(
+                f"norm_{key}",
+                shape=v.shape,
+                dtype="float32",
+                chunks=v.shape,
+                compressors=[Crc32cCodec()],
+                dimension_names=("channel",),
+                overwrite=True,
+            )
             arr[:] = v
 
     def final_norm_readable(self) -> bool:
@@ -464,8 +537,10 @@ class FeatureStore:
 
     def __repr__(self) -> str:
         model = self.manifest.backbone.get("spec", {}).get("model", "?")
-        return (f"<FeatureStore {self.url}: {model}, {len(self.manifest.taps)} taps ({self.manifest.dtype}), "
-                f"splits {', '.join(self.splits()) or 'none'}>")
+        return (
+            f"<FeatureStore {self.url}: {model}, {len(self.manifest.taps)} taps ({self.manifest.dtype}), "
+            f"splits {', '.join(self.splits()) or 'none'}>"
+        )
 
     def splits(self) -> list[str]:
         with warnings.catch_warnings():  # the _locks directory of a running extraction is not a Zarr node
@@ -477,8 +552,10 @@ class FeatureStore:
     def split(self, name: str) -> SplitHandle:
         if name not in self.splits():
             have = ", ".join(self.splits()) or "none"
-            raise StoreError(f"store {self.url} has no split {name!r} (splits: {have}); extract it with "
-                             f"featcache extract ... --out {self.url} --split {name}")
+            raise StoreError(
+                f"store {self.url} has no split {name!r} (splits: {have}); extract it with "
+                f"featcache extract ... --out {self.url} --split {name}"
+            )
         return SplitHandle(self, name, self.group[name])
 
     def final_norm(self) -> dict[str, torch.Tensor] | None:
@@ -495,28 +572,42 @@ class FeatureStore:
                 raise
             except Exception as err:  # missing (a crash while creating the store) or damaged  # noqa: BLE001
                 zarr_shutdown.settle_pending_io()
-                raise CorruptionError(f"the backbone's final norm ({BACKBONE_GROUP}/norm_{k}) in {self.url} cannot be "
-                                      f"read ({type(err).__name__}: {str(err)[:120]}); run featcache extract --resume "
-                                      "--repair on this store") from None
+                raise CorruptionError(
+                    f"the backbone's final norm ({BACKBONE_GROUP}/norm_{k}) in {self.url} cannot be "
+                    f"read ({type(err).__name__}: {str(err)[:120]}); run featcache extract --resume "
+                    "--repair on this store"
+                ) from None
         return out
 
-    def create_split(self, name: str, meta: SplitMeta, compressor: str = DEFAULT_COMPRESSOR,
-                     overwrite: bool = False) -> SplitHandle:
+    def create_split(
+        self, name: str, meta: SplitMeta, compressor: str = DEFAULT_COMPRESSOR, overwrite: bool = False
+    ) -> SplitHandle:
         """Create a split's arrays (all zero, no shard complete). One process does this, then shards are filled."""
         if name.startswith("_") or not name or "/" in name:
             raise StoreError(f"split name {name!r} is not allowed: use letters, digits, '-' or '.' (not a leading '_')")
         if name in self.splits() and not overwrite:
-            raise StoreError(f"split {name!r} already exists in {self.url}; pass --resume to continue it or "
-                             "--overwrite to replace it")
-        clash = [t.name for t in self.manifest.taps if t.name in RESERVED or t.name.endswith((SCALE_SUFFIX, QERR_SUFFIX))]
+            raise StoreError(
+                f"split {name!r} already exists in {self.url}; pass --resume to continue it or "
+                "--overwrite to replace it"
+            )
+        clash = [
+            t.name for t in self.manifest.taps if t.name in RESERVED or t.name.endswith((SCALE_SUFFIX, QERR_SUFFIX))
+        ]
         if clash:
             raise StoreError(f"tap name {clash[0]!r} clashes with a reserved array name")
         group = self.group.create_group(name, overwrite=True)
         for array, spec in split_array_specs(self.manifest, meta, compressor).items():
-            group.create_array(array, shape=spec.shape, dtype=str if spec.dtype == "str" else spec.dtype,
-                               chunks=spec.chunks, shards=spec.shards, compressors=spec.compressors,
-                               dimension_names=spec.dims, attributes=spec.attributes,
-                               **({} if spec.fill_value is None else {"fill_value": spec.fill_value}))
+            group.create_array(
+                array,
+                shape=spec.shape,
+                dtype=str if spec.dtype == "str" else spec.dtype,
+                chunks=spec.chunks,
+                shards=spec.shards,
+                compressors=spec.compressors,
+                dimension_names=spec.dims,
+                attributes=spec.attributes,
+                **({} if spec.fill_value is None else {"fill_value": spec.fill_value}),
+            )
         meta.compressor = compressor
         group.attrs[SPLIT_ATTR] = meta.to_attrs()
         return SplitHandle(self, name, group)

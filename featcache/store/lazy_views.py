@@ -66,8 +66,9 @@ def split_to_dask(split: SplitHandle, taps: list[str] | None = None) -> dict[str
         x = completed(name)
         meta = np.empty((0,) * x.ndim, dtype=np.float32)
         if is_eight_bit(dtype):  # the scales' blocks line up with the codes' (same images per block)
-            out[name] = da.map_blocks(decode_block, x, dtype, completed(name + SCALE_SUFFIX)[..., None],
-                                      dtype=np.float32, meta=meta)
+            out[name] = da.map_blocks(
+                decode_block, x, dtype, completed(name + SCALE_SUFFIX)[..., None], dtype=np.float32, meta=meta
+            )
         else:
             out[name] = x.map_blocks(decode_block, cache_dtype=dtype, dtype=np.float32, meta=meta)
     return out
@@ -80,20 +81,31 @@ def split_to_xarray(split: SplitHandle, taps: list[str] | None = None) -> "xarra
     try:
         import xarray as xr
     except ImportError:
-        raise MissingDependencyError("SplitHandle.to_xarray needs the xarray package, which is not installed: "
-                                     "pip install xarray (or use to_dask(), which needs only dask)") from None
+        raise MissingDependencyError(
+            "SplitHandle.to_xarray needs the xarray package, which is not installed: "
+            "pip install xarray (or use to_dask(), which needs only dask)"
+        ) from None
     arrays = split_to_dask(split, taps)
     index = split.completed_indices()
     manifest = split.store.manifest
     data_vars: dict[str, Any] = {}
     for name, x in arrays.items():
         arr = split.tap(name)
-        dims = tuple(arr.metadata.dimension_names or
-                     tap_dimension_names(manifest.taps, manifest.tap(name), split.meta.views))
-        data_vars[name] = xr.Variable(dims, x, attrs={"tap": manifest.tap(name).to_dict(),
-                                                      "cache_dtype": manifest.dtype})
-    coords = {"image": index, "labels": ("image", split.labels()[index]),
-              "ids": ("image", np.asarray(split.ids(), dtype=str)[index])}
-    attrs = {**manifest.to_attrs(), "store": split.store.url, "split": split.name,
-             "featcache_split": split.meta.to_attrs()}
+        dims = tuple(
+            arr.metadata.dimension_names or tap_dimension_names(manifest.taps, manifest.tap(name), split.meta.views)
+        )
+        data_vars[name] = xr.Variable(
+            dims, x, attrs={"tap": manifest.tap(name).to_dict(), "cache_dtype": manifest.dtype}
+        )
+    coords = {
+        "image": index,
+        "labels": ("image", split.labels()[index]),
+        "ids": ("image", np.asarray(split.ids(), dtype=str)[index]),
+    }
+    attrs = {
+        **manifest.to_attrs(),
+        "store": split.store.url,
+        "split": split.name,
+        "featcache_split": split.meta.to_attrs(),
+    }
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)

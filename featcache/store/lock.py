@@ -135,9 +135,11 @@ class SplitLock:
 
     def _refuse(self, owner: LockOwner | None, extra: str = "") -> StoreLockedError:
         who = owner.describe() if owner else "another process"
-        return StoreLockedError(f"split {self.name!r} of {self.url} is being written by {who}{extra}; wait for it "
-                                f"to finish (or stop it), then rerun with --resume. If you are sure nothing is "
-                                f"writing it, delete {self.where}")
+        return StoreLockedError(
+            f"split {self.name!r} of {self.url} is being written by {who}{extra}; wait for it "
+            f"to finish (or stop it), then rerun with --resume. If you are sure nothing is "
+            f"writing it, delete {self.where}"
+        )
 
     # -- local paths: flock + owner record
     def _acquire_file(self) -> None:
@@ -149,8 +151,10 @@ class SplitLock:
         try:
             self._lock_file(path)
         except OSError as err:  # permission denied, read-only file system, disk full
-            raise StoreError(f"cannot create the lock file {path} ({err.strerror or err}): the {self.holder} directory "
-                             f"must be writable (and its disk not full) to {self.work} into it") from None
+            raise StoreError(
+                f"cannot create the lock file {path} ({err.strerror or err}): the {self.holder} directory "
+                f"must be writable (and its disk not full) to {self.work} into it"
+            ) from None
 
     def _lock_file(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,8 +178,9 @@ class SplitLock:
             if owner is not None:  # not flocked, yet it names an owner: a crash, or a pid we cannot check
                 if not owner.is_stale():
                     os.close(fd)
-                    raise self._refuse(owner, " (its lock file is not held, but that process is alive or on another "
-                                              "host)")
+                    raise self._refuse(
+                        owner, " (its lock file is not held, but that process is alive or on another host)"
+                    )
                 log.warning("taking over the stale lock of split %r: %s is gone", self.name, owner.describe())
             try:
                 os.ftruncate(fd, 0)
@@ -236,8 +241,11 @@ class SplitLock:
                 continue
             if owner is not None and not owner.is_stale():
                 raise self._refuse(owner)
-            log.warning("taking over the stale lock of split %r: %s", self.name,
-                        owner.describe() + " is gone" if owner else "unreadable lock object")
+            log.warning(
+                "taking over the stale lock of split %r: %s",
+                self.name,
+                owner.describe() + " is gone" if owner else "unreadable lock object",
+            )
             fs.rm_file(path)
         raise StoreLockedError(f"could not lock {self.where}: other processes keep replacing it; try again")
 

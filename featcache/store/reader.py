@@ -38,8 +38,17 @@ import torch
 from featcache.errors import CorruptionError, StoreError, UsageError
 from featcache.manifest import READER_MODES, STREAM_BUFFER_MB
 
-from .codecs import (SCALE_SUFFIX, TORCH_DTYPES, decode, dequantize, is_eight_bit, scale_torch_dtype,
-                     storage_numpy_dtype, storage_view, stored_bytes_per_row)
+from .codecs import (
+    SCALE_SUFFIX,
+    TORCH_DTYPES,
+    decode,
+    dequantize,
+    is_eight_bit,
+    scale_torch_dtype,
+    storage_numpy_dtype,
+    storage_view,
+    stored_bytes_per_row,
+)
 from .feature_store import FeatureStore, SplitHandle
 
 log = logging.getLogger("featcache.reader")
@@ -102,9 +111,11 @@ class ReaderOptions:
 
 # A float is NaN or Inf exactly when its exponent bits are all ones, i.e. when its bits without the
 # sign are >= the exponent mask: (integer view, bits without the sign, exponent mask).
-_EXPONENT_MASKS = {torch.float16: (torch.int16, np.uint16, 0x7FFF, 0x7C00),
-                   torch.bfloat16: (torch.int16, np.uint16, 0x7FFF, 0x7F80),
-                   torch.float32: (torch.int32, np.uint32, 0x7FFFFFFF, 0x7F800000)}
+_EXPONENT_MASKS = {
+    torch.float16: (torch.int16, np.uint16, 0x7FFF, 0x7C00),
+    torch.bfloat16: (torch.int16, np.uint16, 0x7FFF, 0x7F80),
+    torch.float32: (torch.int32, np.uint32, 0x7FFFFFFF, 0x7F800000),
+}
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -116,8 +127,8 @@ def _all_finite(t: torch.Tensor) -> bool:
     step = 1 << 18  # slices that stay in cache: one pass over the bits, no block-sized temporary
     scratch = np.empty(min(step, len(bits)), dtype=unsigned)
     for i in range(0, len(bits), step):
-        part = scratch[:min(step, len(bits) - i)]
-        np.bitwise_and(bits[i:i + step], magnitude, out=part)
+        part = scratch[: min(step, len(bits) - i)]
+        np.bitwise_and(bits[i : i + step], magnitude, out=part)
         if part.max(initial=0) >= exponent:
             return False
     return True
@@ -127,10 +138,12 @@ def _check_finite(t: torch.Tensor, split: SplitHandle, tap: str, start: int) -> 
     if t.dtype.is_floating_point and not _all_finite(t):
         bad = torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)).flatten()
         first = start + int(bad[0])
-        raise CorruptionError(f"tap {tap!r} of split {split.name!r} in {split.store.url} holds NaN/Inf values (first "
-                              f"at image {first}, "
-                              f"{len(bad)} image(s) in this block); the backbone diverged on these inputs or the "
-                              "cache is damaged: re-extract them, or check the inputs")
+        raise CorruptionError(
+            f"tap {tap!r} of split {split.name!r} in {split.store.url} holds NaN/Inf values (first "
+            f"at image {first}, "
+            f"{len(bad)} image(s) in this block); the backbone diverged on these inputs or the "
+            "cache is damaged: re-extract them, or check the inputs"
+        )
 
 
 def _epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
@@ -166,17 +179,23 @@ class CacheReader:
         self.shards = sorted({int(i) // split.meta.shard_images for i in usable})
         split.require_objects("labels", self.shards)  # a lost labels chunk would read as -1
         if len(self.indices) == 0:
-            raise StoreError(f"split {split.name!r} of {split.store.url} has no completed shard yet; finish the "
-                             "extraction (featcache extract --resume) first")
+            raise StoreError(
+                f"split {split.name!r} of {split.store.url} has no completed shard yet; finish the "
+                "extraction (featcache extract --resume) first"
+            )
         self.labels_all = torch.from_numpy(split.labels())
         self.views = split.meta.views
         if options.view is not None and not 0 <= options.view < self.views:
-            raise UsageError(f"view {options.view} does not exist: split {split.name!r} of {split.store.url} holds "
-                             f"{self.views} view(s) per image")
+            raise UsageError(
+                f"view {options.view} does not exist: split {split.name!r} of {split.store.url} holds "
+                f"{self.views} view(s) per image"
+            )
         self.out_views = self.views if options.all_views else 1  # views per sample in a batch
         self.cache_dtype = split.store.manifest.dtype
         # the stored arrays read per tap: the tap itself, and with an 8-bit cache its per-row scales
-        self.arrays = [a for t in self.taps for a in ((t, t + SCALE_SUFFIX) if is_eight_bit(self.cache_dtype) else (t,))]
+        self.arrays = [
+            a for t in self.taps for a in ((t, t + SCALE_SUFFIX) if is_eight_bit(self.cache_dtype) else (t,))
+        ]
         self.shard_io = split.shard_io
 
     @property
@@ -223,14 +242,16 @@ class CacheReader:
         """What this reader was set to, for run summaries (modes with settings add theirs)."""
         return {}
 
-    def _stored_batches(self, epoch: int, buffers: "BatchBuffers") -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+    def _stored_batches(
+        self, epoch: int, buffers: "BatchBuffers"
+    ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
         """(stored rows of ``self.arrays`` in buffers from ``buffers``, sample indices) per batch."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def _rows_in(self, start: int, stop: int) -> np.ndarray:
         """The usable sample indices in [start, stop)."""
         idx = self.indices.numpy()
-        return idx[np.searchsorted(idx, start):np.searchsorted(idx, stop)]
+        return idx[np.searchsorted(idx, start) : np.searchsorted(idx, stop)]
 
     def _row_shape(self, name: str) -> tuple[int, ...]:
         """The shape of one batch row of a stored array: ([V,] T[, C]) with all views, else (T[, C])."""
@@ -257,7 +278,9 @@ class CacheReader:
                 if is_eight_bit(self.cache_dtype):
                     scales[name] = stored[name + SCALE_SUFFIX].to(dev, non_blocking=True)
             elif is_eight_bit(self.cache_dtype):
-                out[name] = dequantize(codes, stored[name + SCALE_SUFFIX].to(dev, non_blocking=True), self.cache_dtype, dt)
+                out[name] = dequantize(
+                    codes, stored[name + SCALE_SUFFIX].to(dev, non_blocking=True), self.cache_dtype, dt
+                )
             else:
                 out[name] = codes if codes.dtype == dt else codes.to(dt)
         if self.out_views > 1:  # (B, V, T, C) -> (B * V, T, C)
@@ -496,8 +519,15 @@ def read_block(reader: CacheReader, name: str, start: int, stop: int, out: np.nd
 class ResidentReader(CacheReader):
     """``ram`` and ``gpu``: the taps loaded once; batches by index gather."""
 
-    def __init__(self, split: SplitHandle, taps: list[str], options: ReaderOptions, where: str, progress: bool = False,
-                 threads: int = 2) -> None:
+    def __init__(
+        self,
+        split: SplitHandle,
+        taps: list[str],
+        options: ReaderOptions,
+        where: str,
+        progress: bool = False,
+        threads: int = 2,
+    ) -> None:
         super().__init__(split, taps, options)
         self.mode = where
         self.host_device = options.device if where == "gpu" else torch.device("cpu")
@@ -518,9 +548,9 @@ class ResidentReader(CacheReader):
             start, stop = self.split.meta.shard_bounds(k)
             rows = self._rows_in(start, stop)
             if len(rows) == stop - start:  # the whole shard, straight into place
-                jobs.append(pool.submit(read_block, self, name, start, stop, dest[pos:pos + len(rows)]))
+                jobs.append(pool.submit(read_block, self, name, start, stop, dest[pos : pos + len(rows)]))
             else:  # a subset: only its rows
-                jobs.append(pool.submit(self._load_rows, name, start, stop, rows, dest[pos:pos + len(rows)]))
+                jobs.append(pool.submit(self._load_rows, name, start, stop, rows, dest[pos : pos + len(rows)]))
             pos += len(rows)
         for job in jobs:
             job.result()
@@ -539,7 +569,7 @@ class ResidentReader(CacheReader):
         b = self.options.batch_size
         stop = (len(order) // b) * b if self.options.drop_last else len(order)
         for s in range(0, stop, b):
-            yield np.sort(order[s:s + b])  # ascending rows: the gather streams through memory
+            yield np.sort(order[s : s + b])  # ascending rows: the gather streams through memory
 
     def _stored_batches(self, epoch: int, buffers: BatchBuffers) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
         view_of = self._views_of(epoch)
@@ -584,8 +614,16 @@ class StreamReader(CacheReader):
 
     mode = "stream"
 
-    def __init__(self, split: SplitHandle, taps: list[str], options: ReaderOptions, buffer_mb: float = STREAM_BUFFER_MB,
-                 prefetch: int | None = None, threads: int = 2, block_images: int | None = None) -> None:
+    def __init__(
+        self,
+        split: SplitHandle,
+        taps: list[str],
+        options: ReaderOptions,
+        buffer_mb: float = STREAM_BUFFER_MB,
+        prefetch: int | None = None,
+        threads: int = 2,
+        block_images: int | None = None,
+    ) -> None:
         super().__init__(split, taps, options)
         meta = split.meta
         per_image = self.nbytes() / max(1, self.num_samples)
@@ -597,7 +635,9 @@ class StreamReader(CacheReader):
             block_images = min(meta.shard_images, chunks * meta.chunk_images)
         self.block_images = block_images
         if self.block_images % meta.chunk_images:
-            raise UsageError(f"block_images ({self.block_images}) must be a multiple of chunk_images ({meta.chunk_images})")
+            raise UsageError(
+                f"block_images ({self.block_images}) must be a multiple of chunk_images ({meta.chunk_images})"
+            )
         self.block_bytes = per_image * self.block_images
         self.window_blocks = max(1, int(buffer_bytes // max(1.0, self.block_bytes)))
         first = max(FIRST_WINDOW_BYTES / max(1.0, self.block_bytes), options.batch_size / self.block_images)
@@ -618,17 +658,26 @@ class StreamReader(CacheReader):
 
     def settings(self) -> dict[str, Any]:
         """What this reader was set to, for run summaries."""
-        return {"buffer_mb": self.buffer_mb, "prefetch": self.prefetch if self.prefetch is not None else "auto",
-                "threads": self.threads, "io_threads": self.io_threads, "block_images": self.block_images,
-                "window_blocks": self.window_blocks, "first_window_blocks": self.first_window_blocks}
+        return {
+            "buffer_mb": self.buffer_mb,
+            "prefetch": self.prefetch if self.prefetch is not None else "auto",
+            "threads": self.threads,
+            "io_threads": self.io_threads,
+            "block_images": self.block_images,
+            "window_blocks": self.window_blocks,
+            "first_window_blocks": self.first_window_blocks,
+        }
 
     def _make_blocks(self) -> list[tuple[int, int]]:
         """[start, stop) runs of whole chunks inside completed shards that hold usable samples."""
         out = []
         for k in self.shards:
             start, stop = self.split.meta.shard_bounds(k)
-            out += [(s, min(s + self.block_images, stop)) for s in range(start, stop, self.block_images)
-                    if len(self._rows_in(s, min(s + self.block_images, stop)))]
+            out += [
+                (s, min(s + self.block_images, stop))
+                for s in range(start, stop, self.block_images)
+                if len(self._rows_in(s, min(s + self.block_images, stop)))
+            ]
         return out
 
     def block_order(self, epoch: int) -> list[tuple[int, int]]:
@@ -657,30 +706,44 @@ class StreamReader(CacheReader):
         view_of = self._views_of(epoch)
         b = self.options.batch_size
         carry: _Block | None = None  # samples left over from the last window
-        with ReadAhead(self, self.block_order(epoch)) as ahead, \
-                ThreadPoolExecutor(self.threads, thread_name_prefix="featcache-gather") as gatherers:
+        with (
+            ReadAhead(self, self.block_order(epoch)) as ahead,
+            ThreadPoolExecutor(self.threads, thread_name_prefix="featcache-gather") as gatherers,
+        ):
             self.last_read_ahead, self._gatherers = ahead, gatherers
             for window in ahead.windows(self.window_sizes(len(ahead.blocks))):
                 parts = ([carry] if carry is not None else []) + window
                 index = np.concatenate([p.index for p in parts])
                 offsets = np.cumsum([0] + [len(p.index) for p in parts])  # window position of each part's row 0
                 self.peak_buffered_images = max(self.peak_buffered_images, len(index))
-                perm = (torch.randperm(len(index), generator=gen) if self.options.shuffle
-                        else torch.arange(len(index))).numpy()
+                perm = (
+                    torch.randperm(len(index), generator=gen) if self.options.shuffle else torch.arange(len(index))
+                ).numpy()
                 emit = (len(index) // b) * b
                 for s in range(0, emit, b):
-                    sel = np.sort(perm[s:s + b])
+                    sel = np.sort(perm[s : s + b])
                     yield self._gather(parts, offsets, sel, index[sel], view_of, buffers), index[sel]
                 rest = np.sort(perm[emit:])
                 carry = _Block(index[rest], self._gather(parts, offsets, rest, index[rest], None, fresh_buffers, True))
                 ahead.release(window)
             if carry is not None and len(carry.index) and not self.options.drop_last:
                 sel = np.arange(len(carry.index))
-                yield self._gather([carry], np.zeros(1, dtype=np.int64), sel, carry.index, view_of, buffers), carry.index
+                yield (
+                    self._gather([carry], np.zeros(1, dtype=np.int64), sel, carry.index, view_of, buffers),
+                    carry.index,
+                )
         self._gatherers = None
 
-    def _gather(self, parts: list[_Block], offsets: np.ndarray, sel: np.ndarray, index: np.ndarray,
-                view_of: np.ndarray | None, buffers: BatchBuffers, all_views: bool = False) -> dict[str, np.ndarray]:
+    def _gather(
+        self,
+        parts: list[_Block],
+        offsets: np.ndarray,
+        sel: np.ndarray,
+        index: np.ndarray,
+        view_of: np.ndarray | None,
+        buffers: BatchBuffers,
+        all_views: bool = False,
+    ) -> dict[str, np.ndarray]:
         """Rows ``sel`` (sorted window positions) of a window held as consecutive parts, one copy per row; with
         ``view_of`` the epoch's view of each sample. ``all_views``: keep every view (the carried rows)."""
         part_of = np.searchsorted(offsets, sel, side="right") - 1  # non-decreasing, as sel is sorted
@@ -696,8 +759,12 @@ class StreamReader(CacheReader):
             for p in range(len(parts)):
                 lo, hi = cuts[p], cuts[p + 1]
                 if hi > lo:
-                    take_rows(parts[p].arrays[name], sel[lo:hi] - offsets[p], None if views is None else views[lo:hi],
-                              out[name][lo:hi])
+                    take_rows(
+                        parts[p].arrays[name],
+                        sel[lo:hi] - offsets[p],
+                        None if views is None else views[lo:hi],
+                        out[name][lo:hi],
+                    )
 
         if self._gatherers is not None and len(self.arrays) > 1:  # arrays in parallel: np.take releases the GIL
             list(self._gatherers.map(fill, self.arrays))
@@ -840,8 +907,10 @@ class TapDataset(torch.utils.data.Dataset):
         for name in self.taps:
             split.tap(name)  # an unknown tap or a damaged array: a StoreError now, not in a worker
         if not 0 <= view < split.meta.views:
-            raise UsageError(f"view {view} does not exist: split {split.name!r} of {split.store.url} holds "
-                             f"{split.meta.views} view(s) per image; pass view=0..{split.meta.views - 1}")
+            raise UsageError(
+                f"view {view} does not exist: split {split.name!r} of {split.store.url} holds "
+                f"{split.meta.views} view(s) per image; pass view=0..{split.meta.views - 1}"
+            )
         self.url, self.storage_options, self.split_name = split.store.url, split.store.storage_options, split.name
         self.view, self.views, self.cache_dtype = view, split.meta.views, split.store.manifest.dtype
         self.chunk_images, self.num_samples = split.meta.chunk_images, split.num_samples
@@ -903,15 +972,29 @@ def choose_mode(mode: str, nbytes: int, device: torch.device) -> ReaderChoice:
             return ReaderChoice("gpu", f"{gb(nbytes)} of taps fit in {gb(free)} of free GPU memory", nbytes)
     if nbytes <= MEMORY_MARGIN * ram:
         return ReaderChoice("ram", f"{gb(nbytes)} of stored taps fit in {gb(ram)} of available RAM", nbytes)
-    return ReaderChoice("stream", f"{gb(nbytes)} of stored taps exceed {int(MEMORY_MARGIN * 100)}% of available RAM "
-                        f"({gb(ram)})", nbytes)
+    return ReaderChoice(
+        "stream", f"{gb(nbytes)} of stored taps exceed {int(MEMORY_MARGIN * 100)}% of available RAM ({gb(ram)})", nbytes
+    )
 
 
-def open_reader(split: SplitHandle, taps: list[str], mode: str = "auto", batch_size: int = 32, shuffle: bool = True,
-                seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                drop_last: bool = False, check_finite: bool = True, progress: bool = False,
-                subset: np.ndarray | None = None, all_views: bool = False, view: int | None = None, decode: bool = True,
-                **stream_options: Any) -> CacheReader:
+def open_reader(
+    split: SplitHandle,
+    taps: list[str],
+    mode: str = "auto",
+    batch_size: int = 32,
+    shuffle: bool = True,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    drop_last: bool = False,
+    check_finite: bool = True,
+    progress: bool = False,
+    subset: np.ndarray | None = None,
+    all_views: bool = False,
+    view: int | None = None,
+    decode: bool = True,
+    **stream_options: Any,
+) -> CacheReader:
     """Open a reader over ``split`` for ``taps`` (only these are read); logs the chosen mode and why.
 
     ``subset``: only these sample indices (e.g. a validation set held out of the split); ``all_views``:
@@ -920,8 +1003,9 @@ def open_reader(split: SplitHandle, taps: list[str], mode: str = "auto", batch_s
     ``decode=False``: batches hold the taps as stored (float16, bfloat16 or float32 as cached; 8-bit codes with
     their row scales in ``Batch.scales``, decode with ``featcache.store.codecs.dequantize``), for loops that decode
     on their own."""
-    options = ReaderOptions(batch_size, shuffle, seed, drop_last, torch.device(device), dtype, check_finite, subset,
-                            all_views, view, decode)
+    options = ReaderOptions(
+        batch_size, shuffle, seed, drop_last, torch.device(device), dtype, check_finite, subset, all_views, view, decode
+    )
     probe = StreamReader.__new__(StreamReader)
     CacheReader.__init__(probe, split, taps, options)
     choice = choose_mode(mode, probe.nbytes(), options.device)

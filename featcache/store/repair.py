@@ -39,8 +39,10 @@ class RepairPlan:
         """Clear the damaged shards' completion records; rewrite the final norm (caller holds the split's lock)."""
         if self.final_norm:
             if final_norm is None:
-                raise StoreError(f"the backbone's final norm in {split.store.url} is damaged and this backbone has "
-                                 "none to rewrite it with; re-extract the store")
+                raise StoreError(
+                    f"the backbone's final norm in {split.store.url} is damaged and this backbone has "
+                    "none to rewrite it with; re-extract the store"
+                )
             split.store.write_final_norm(final_norm)
         for k in self.damaged_shards:
             split.set_complete(k, False)  # first: a crash from here on leaves the shard to any later resume
@@ -48,9 +50,14 @@ class RepairPlan:
         split.repaired_shards = list(self.damaged_shards)
         if self.damaged_shards or self.final_norm:
             shards = ", ".join(map(str, self.damaged_shards)) or "none"
-            log.warning("repair: split %r of %s: %d problem(s) found; recomputing shard(s) %s%s", self.split,
-                        split.store.url, len(self.problems), shards,
-                        " and rewriting the backbone's final norm" if self.final_norm else "")
+            log.warning(
+                "repair: split %r of %s: %d problem(s) found; recomputing shard(s) %s%s",
+                self.split,
+                split.store.url,
+                len(self.problems),
+                shards,
+                " and rewriting the backbone's final norm" if self.final_norm else "",
+            )
         else:
             log.info("repair: split %r of %s: no damage found", self.split, split.store.url)
 
@@ -91,8 +98,10 @@ def plan_repair(split: SplitHandle, check_final_norm: bool = True) -> RepairPlan
             fatal.append(str(p))
     if fatal:
         more = f" (and {len(fatal) - 1} more)" if len(fatal) > 1 else ""
-        raise StoreError(f"cannot repair split {split.name!r} of {split.store.url}: {fatal[0]}{more}; recomputing "
-                         "shards does not fix this: re-extract the split with --overwrite")
+        raise StoreError(
+            f"cannot repair split {split.name!r} of {split.store.url}: {fatal[0]}{more}; recomputing "
+            "shards does not fix this: re-extract the split with --overwrite"
+        )
     plan.damaged_shards = sorted(damaged)
     intact = done.copy()
     intact[plan.damaged_shards] = False

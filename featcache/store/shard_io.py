@@ -92,8 +92,12 @@ def shard_layout(arr: zarr.Array) -> ShardLayout | None:
     sharding = codecs[0]
     shard_shape = tuple(arr.metadata.chunk_grid.chunk_shape)
     inner, index = list(sharding.codecs), list(sharding.index_codecs)
-    if (sharding.index_location.value != "end" or shard_shape[1:] != tuple(arr.shape[1:])
-            or tuple(sharding.chunk_shape[1:]) != tuple(arr.shape[1:]) or shard_shape[0] % sharding.chunk_shape[0]):
+    if (
+        sharding.index_location.value != "end"
+        or shard_shape[1:] != tuple(arr.shape[1:])
+        or tuple(sharding.chunk_shape[1:]) != tuple(arr.shape[1:])
+        or shard_shape[0] % sharding.chunk_shape[0]
+    ):
         return None
     little = lambda c: isinstance(c, BytesCodec) and (c.endian is None or c.endian.value == "little")  # noqa: E731
     if not (len(index) == 2 and little(index[0]) and isinstance(index[1], Crc32cCodec)):
@@ -105,10 +109,17 @@ def shard_layout(arr: zarr.Array) -> ShardLayout | None:
     dtype = np.dtype(arr.dtype)
     if dtype.kind not in "fiub":
         return None
-    return ShardLayout(arr.path, int(arr.shape[0]), int(shard_shape[0]), int(sharding.chunk_shape[0]),
-                       tuple(int(s) for s in arr.shape[1:]), dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype,
-                       _numcodec(inner[1]) if len(inner) == 3 else None, arr.metadata.encode_chunk_key,
-                       arr.metadata.fill_value)
+    return ShardLayout(
+        arr.path,
+        int(arr.shape[0]),
+        int(shard_shape[0]),
+        int(sharding.chunk_shape[0]),
+        tuple(int(s) for s in arr.shape[1:]),
+        dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype,
+        _numcodec(inner[1]) if len(inner) == 3 else None,
+        arr.metadata.encode_chunk_key,
+        arr.metadata.fill_value,
+    )
 
 
 def _check_crc(body: np.ndarray, crc: np.ndarray, what: str) -> None:
@@ -137,13 +148,13 @@ def _decode_chunk(layout: ShardLayout, data: np.ndarray, dest: np.ndarray, what:
     if layout.compressor is None:
         if len(body) != full:
             raise ChunkDamaged(f"{what} holds {len(body)} bytes, expected {full}")
-        dest[:] = body[:len(dest)]
+        dest[:] = body[: len(dest)]
         return
     try:
         if len(dest) == full:
             layout.compressor.decode(body, out=dest)
             return
-        dest[:] = np.frombuffer(layout.compressor.decode(body), dtype=np.uint8)[:len(dest)]
+        dest[:] = np.frombuffer(layout.compressor.decode(body), dtype=np.uint8)[: len(dest)]
     except (RuntimeError, ValueError) as err:
         raise ChunkDamaged(f"{what} does not decompress ({err})") from None
 
@@ -171,15 +182,16 @@ def encode_shard(layout: ShardLayout, rows: np.ndarray) -> list[np.ndarray]:
     rows = np.ascontiguousarray(rows, dtype=layout.dtype)
     if len(rows) < layout.shard_rows:  # padded to the whole shard, as zarr writes an edge shard
         full = np.full((layout.shard_rows, *layout.row_shape), layout.fill_value, dtype=layout.dtype)
-        full[:len(rows)] = rows
+        full[: len(rows)] = rows
         rows = full
     chunks = rows.reshape(layout.chunks_per_shard, -1)
     pieces, index, offset = [], np.empty((layout.chunks_per_shard, 2), dtype="<u8"), 0
     for c in range(layout.chunks_per_shard):
         body = chunks[c]
         if layout.compressor is not None:
-            body = np.frombuffer(layout.compressor.encode(rows[c * layout.chunk_rows:(c + 1) * layout.chunk_rows]),
-                                 dtype=np.uint8)
+            body = np.frombuffer(
+                layout.compressor.encode(rows[c * layout.chunk_rows : (c + 1) * layout.chunk_rows]), dtype=np.uint8
+            )
         else:
             body = body.view(np.uint8)
         pieces += [body, _crc_bytes(body)]
@@ -225,8 +237,9 @@ class ShardIO:
         assert layout is not None, f"{name} is written with zarr"
         first = shard * layout.shard_rows
         if len(rows) != min(layout.shard_rows, layout.rows - first):
-            raise ValueError(f"shard {shard} of {name} holds {min(layout.shard_rows, layout.rows - first)} rows, "
-                             f"got {len(rows)}")
+            raise ValueError(
+                f"shard {shard} of {name} holds {min(layout.shard_rows, layout.rows - first)} rows, got {len(rows)}"
+            )
         if self.store.read_only:
             raise ValueError("store was opened in read-only mode and does not support writing")
         pieces, key = encode_shard(layout, rows), layout.key(shard)
@@ -275,10 +288,12 @@ class ShardIO:
         return CorruptionError(
             f"{what} {name!r} of split {self.split.name!r} in {self.split.store.url}: images {start}..{stop - 1} "
             f"(shard {shard}) cannot be read ({why}); run featcache inspect --verify, then featcache extract --resume "
-            "--repair to recompute the damaged shards")
+            "--repair to recompute the damaged shards"
+        )
 
-    def _chunk_runs(self, layout: ShardLayout, shard: int, start: int, stop: int,
-                    index: np.ndarray) -> list[tuple[int, int, int]]:
+    def _chunk_runs(
+        self, layout: ShardLayout, shard: int, start: int, stop: int, index: np.ndarray
+    ) -> list[tuple[int, int, int]]:
         """(chunk in shard, first wanted row, wanted rows) of the chunks that hold [start, stop)."""
         first = shard * layout.shard_rows
         out = []
@@ -315,10 +330,19 @@ class ShardIO:
 
     @staticmethod
     def _contiguous(index: np.ndarray, chunks: list[tuple[int, int, int]]) -> bool:
-        return all(int(index[a, 0] + index[a, 1]) == int(index[b, 0]) for (a, _, _), (b, _, _) in zip(chunks, chunks[1:]))
+        return all(
+            int(index[a, 0] + index[a, 1]) == int(index[b, 0]) for (a, _, _), (b, _, _) in zip(chunks, chunks[1:])
+        )
 
-    def _preadv_plain(self, fd: int, layout: ShardLayout, index: np.ndarray, chunks: list[tuple[int, int, int]],
-                      start: int, dest: np.ndarray) -> None:
+    def _preadv_plain(
+        self,
+        fd: int,
+        layout: ShardLayout,
+        index: np.ndarray,
+        chunks: list[tuple[int, int, int]],
+        start: int,
+        dest: np.ndarray,
+    ) -> None:
         """Uncompressed, consecutive chunks: bodies straight into ``dest``, padding and checksums aside."""
         full = layout.chunk_rows * layout.row_bytes
         if any(int(index[c, 1]) != full + CRC_BYTES for c, _, _ in chunks):
@@ -327,7 +351,7 @@ class ShardIO:
         buffers: list[Any] = []
         pad = None
         for k, (_c, row, n) in enumerate(chunks):
-            part = dest[(row - start) * layout.row_bytes:(row - start + n) * layout.row_bytes]
+            part = dest[(row - start) * layout.row_bytes : (row - start + n) * layout.row_bytes]
             buffers.append(part)
             if n < layout.chunk_rows:  # the array's last chunk, stored whole: its padding rows are read aside
                 pad = np.empty(full - len(part), dtype=np.uint8)
@@ -336,7 +360,7 @@ class ShardIO:
         offset, total = int(index[chunks[0][0], 0]), len(chunks) * (full + CRC_BYTES)
         got = 0
         for i in range(0, len(buffers), 1024):  # IOV_MAX
-            group = buffers[i:i + 1024]
+            group = buffers[i : i + 1024]
             want = sum(len(b) for b in group)
             n = os.preadv(fd, group, offset + got)
             if n != want:
@@ -344,7 +368,7 @@ class ShardIO:
             got += n
         assert got == total
         for k, (c, row, n) in enumerate(chunks):
-            part = dest[(row - start) * layout.row_bytes:(row - start + n) * layout.row_bytes]
+            part = dest[(row - start) * layout.row_bytes : (row - start + n) * layout.row_bytes]
             if n < layout.chunk_rows:  # checksum over the whole stored chunk: the wanted rows and the padding
                 body = np.concatenate([part, pad]) if pad is not None else part
             else:
@@ -376,8 +400,10 @@ class ShardIO:
         if whole and (layout.path, shard) not in self._index_cache:  # one request: the object, its index at the end
             data = self._get(layout.key(shard))
             if len(data) < layout.index_bytes:
-                raise ChunkDamaged(f"the object is truncated ({len(data)} bytes)" if len(data) else "the object is empty")
-            index = _parse_index(data[-layout.index_bytes:], layout, len(data))
+                raise ChunkDamaged(
+                    f"the object is truncated ({len(data)} bytes)" if len(data) else "the object is empty"
+                )
+            index = _parse_index(data[-layout.index_bytes :], layout, len(data))
             chunks = self._chunk_runs(layout, shard, start, stop, index)
             self._decode_run(layout, index, chunks, 0, data, start, dest, shard)
             return
@@ -390,12 +416,21 @@ class ShardIO:
             raise ChunkDamaged("the object is truncated")
         self._decode_run(layout, index, chunks, lo, data, start, dest, shard)
 
-    def _decode_run(self, layout: ShardLayout, index: np.ndarray, chunks: list[tuple[int, int, int]], lo: int,
-                    data: np.ndarray, start: int, dest: np.ndarray, shard: int) -> None:
+    def _decode_run(
+        self,
+        layout: ShardLayout,
+        index: np.ndarray,
+        chunks: list[tuple[int, int, int]],
+        lo: int,
+        data: np.ndarray,
+        start: int,
+        dest: np.ndarray,
+        shard: int,
+    ) -> None:
         for c, row, n in chunks:
             off, nbytes = int(index[c, 0]) - lo, int(index[c, 1])
-            part = dest[(row - start) * layout.row_bytes:(row - start + n) * layout.row_bytes]
-            _decode_chunk(layout, data[off:off + nbytes], part, f"chunk {c} of the shard")
+            part = dest[(row - start) * layout.row_bytes : (row - start + n) * layout.row_bytes]
+            _decode_chunk(layout, data[off : off + nbytes], part, f"chunk {c} of the shard")
 
 
 __all__ = ["ChunkDamaged", "ShardIO", "ShardLayout", "encode_shard", "shard_layout"]

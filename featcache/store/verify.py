@@ -20,8 +20,8 @@ from zarr.core.sync import sync
 from featcache.errors import StoreError
 
 from . import zarr_shutdown
-from .feature_store import BACKBONE_GROUP, COMPLETE, FeatureStore, SplitHandle, split_array_specs
 from .codecs import SCALE_DTYPE, check_codecs
+from .feature_store import BACKBONE_GROUP, COMPLETE, FeatureStore, SplitHandle, split_array_specs
 
 
 @dataclass
@@ -61,14 +61,26 @@ class VerifyReport:
     def warnings(self) -> list[str]:
         return [str(p) for p in self.problems if p.severity == "warning"]
 
-    def add(self, severity: str, message: str, split: str | None = None, array: str | None = None,
-            where: str = "", shard: int | None = None) -> None:
+    def add(
+        self,
+        severity: str,
+        message: str,
+        split: str | None = None,
+        array: str | None = None,
+        where: str = "",
+        shard: int | None = None,
+    ) -> None:
         self.problems.append(Problem(severity, message, split, array, where, shard))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "errors": self.errors, "warnings": self.warnings,
-                "problems": [asdict(p) for p in self.problems], "chunks_read": self.chunks_read,
-                "bytes_read": self.bytes_read}
+        return {
+            "ok": self.ok,
+            "errors": self.errors,
+            "warnings": self.warnings,
+            "problems": [asdict(p) for p in self.problems],
+            "chunks_read": self.chunks_read,
+            "bytes_read": self.bytes_read,
+        }
 
 
 def verify_store(url: str, split: str | None = None, storage_options: dict[str, Any] | None = None) -> VerifyReport:
@@ -98,8 +110,12 @@ def _verify_backbone(store: FeatureStore, report: VerifyReport) -> None:
             np.asarray(store.group[f"{BACKBONE_GROUP}/{key}"][:])
             report.chunks_read += 1
         except KeyError:
-            report.add("error", "missing array (the manifest says the ViT's final norm is stored)", None,
-                       f"{BACKBONE_GROUP}/{key}")
+            report.add(
+                "error",
+                "missing array (the manifest says the ViT's final norm is stored)",
+                None,
+                f"{BACKBONE_GROUP}/{key}",
+            )
         except Exception as err:  # noqa: BLE001 - any decode failure is a finding
             report.add("error", _describe(err), None, f"{BACKBONE_GROUP}/{key}", "chunk 0")
 
@@ -111,8 +127,9 @@ class SplitVerifier:
         self.split, self.report, self.meta = split, report, split.meta
         self.store = split.group.store
 
-    def problem(self, severity: str, message: str, array: str | None = None, where: str = "",
-                shard: int | None = None) -> None:
+    def problem(
+        self, severity: str, message: str, array: str | None = None, where: str = "", shard: int | None = None
+    ) -> None:
         self.report.add(severity, message, self.split.name, array, where, shard)
 
     def run(self) -> None:
@@ -132,7 +149,9 @@ class SplitVerifier:
             scale_dtype = self.split.scale_dtype or SCALE_DTYPE
         except StoreError:  # a missing scale array: reported below against today's layout
             scale_dtype = SCALE_DTYPE
-        self.specs = split_array_specs(self.split.store.manifest, self.meta, self.meta.compressor or "none", scale_dtype)
+        self.specs = split_array_specs(
+            self.split.store.manifest, self.meta, self.meta.compressor or "none", scale_dtype
+        )
         for name in self.split.array_names():
             try:
                 arr = self.split.group[name]
@@ -175,13 +194,18 @@ class SplitVerifier:
                 self.problem("error", _describe(err), COMPLETE, f"chunk {k} (record of shard {k})", shard=k)
                 continue
             if value not in (0, 1):
-                self.problem("error", f"invalid completion record {value} (expected 0 or 1)", COMPLETE, f"chunk {k}",
-                             shard=k)
+                self.problem(
+                    "error", f"invalid completion record {value} (expected 0 or 1)", COMPLETE, f"chunk {k}", shard=k
+                )
             done[k] = value == 1
         missing = self.meta.num_shards - int(done.sum())
         if missing:
-            self.problem("warning", f"{missing} of {self.meta.num_shards} shards are not complete (an interrupted "
-                         "extraction): readers skip them; rerun featcache extract with --resume to finish", COMPLETE)
+            self.problem(
+                "warning",
+                f"{missing} of {self.meta.num_shards} shards are not complete (an interrupted "
+                "extraction): readers skip them; rerun featcache extract with --resume to finish",
+                COMPLETE,
+            )
         return done
 
     # -- data
@@ -219,19 +243,25 @@ class SplitVerifier:
         bad = []
         for c0 in range(start, stop, step):
             try:
-                arr[c0:min(c0 + step, stop)]
+                arr[c0 : min(c0 + step, stop)]
             except Exception as chunk_err:  # noqa: BLE001
                 zarr_shutdown.settle_pending_io()
                 bad.append((c0 // step, c0, min(c0 + step, stop), chunk_err))
         total = -(-(stop - start) // step)
         if len(bad) == total and total > 1:
             how = "their crc32c checksum" if "checksum" in str(err).lower() else f"to decode ({_describe(err)})"
-            self.problem("error", f"all {total} chunks fail {how}: the shard object or its index is damaged or "
-                         "truncated", name, f"shard {shard} (images {start}-{stop - 1})", shard)
+            self.problem(
+                "error",
+                f"all {total} chunks fail {how}: the shard object or its index is damaged or truncated",
+                name,
+                f"shard {shard} (images {start}-{stop - 1})",
+                shard,
+            )
             return
         for index, c0, c1, chunk_err in bad or [(start // step, start, stop, err)]:
-            self.problem("error", _describe(chunk_err), name,
-                         f"chunk {index} (images {c0}-{c1 - 1}) in shard {shard}", shard)
+            self.problem(
+                "error", _describe(chunk_err), name, f"chunk {index} (images {c0}-{c1 - 1}) in shard {shard}", shard
+            )
 
     def check_labels(self, labels: np.ndarray, start: int, where: str) -> None:
         n = self.meta.num_classes
@@ -239,8 +269,13 @@ class SplitVerifier:
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
             allowed = f"0 <= label < {n}" if n else "-1 (unlabelled data)"
-            self.problem("error", f"{int(bad.sum())} labels outside {allowed}, e.g. {int(labels[first])} at image "
-                         f"{start + first}", "labels", where, start // self.meta.shard_images)
+            self.problem(
+                "error",
+                f"{int(bad.sum())} labels outside {allowed}, e.g. {int(labels[first])} at image {start + first}",
+                "labels",
+                where,
+                start // self.meta.shard_images,
+            )
 
     def object_size(self, key: str) -> int | None:
         try:
@@ -254,8 +289,11 @@ class SplitVerifier:
             return
         partial = sorted(Path(root, self.split.group.path).rglob("*.partial"))
         if partial:
-            self.problem("warning", f"{len(partial)} temporary files of an interrupted write (e.g. "
-                         f"{partial[0].relative_to(root)}); --resume removes them")
+            self.problem(
+                "warning",
+                f"{len(partial)} temporary files of an interrupted write (e.g. "
+                f"{partial[0].relative_to(root)}); --resume removes them",
+            )
 
 
 def _describe(err: Exception) -> str:
@@ -264,4 +302,3 @@ def _describe(err: Exception) -> str:
         return "crc32c checksum mismatch (the stored bytes are damaged)"
     text = text if len(text) <= 160 else text[:157] + "..."
     return f"cannot decode ({type(err).__name__}: {text})"
-

@@ -25,8 +25,9 @@ class WorkQueue:
         self._error_item: Any = None
         self._drop = threading.Event()
         self._failed = threading.Event()
-        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
-                         for i in range(max(1, threads))]
+        self._threads = [
+            threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(max(1, threads))
+        ]
         for t in self._threads:
             t.start()
 

@@ -32,30 +32,49 @@ import zarr
 
 from featcache import __version__
 from featcache.errors import StoreError
+from featcache.manifest import FORMAT_VERSION, Manifest, SplitMeta
 
 from .codecs import QERR_SUFFIX
 from .feature_store import COMPLETE, SPLIT_ATTR, FeatureStore, SplitHandle
 from .lock import SplitLock
 from .work_queue import WorkQueue
-from featcache.manifest import FORMAT_VERSION, Manifest, SplitMeta
 
 log = logging.getLogger(__name__)
 
 EXTRACTION_ATTR = "featcache_extraction"
 # SplitMeta fields that define a split's content: a resumed extraction must plan exactly these
 # (the options a user sets come first, so that the message names the option to fix)
-RESUME_FIELDS = ("data", "limit", "views", "seed", "view_transform", "compressor", "batch_size", "chunk_images",
-                 "shard_images", "num_samples")
+RESUME_FIELDS = (
+    "data",
+    "limit",
+    "views",
+    "seed",
+    "view_transform",
+    "compressor",
+    "batch_size",
+    "chunk_images",
+    "shard_images",
+    "num_samples",
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # Step 1: plan / create (one process)
 
 
-def open_split_for_writing(url: str, manifest: Manifest, name: str, meta: SplitMeta, *, ids: list[str],
-                           resume: bool = False, overwrite: bool = False, repair: bool = False,
-                           final_norm: dict[str, torch.Tensor] | None = None,
-                           storage_options: dict[str, Any] | None = None) -> tuple[SplitHandle, str]:
+def open_split_for_writing(
+    url: str,
+    manifest: Manifest,
+    name: str,
+    meta: SplitMeta,
+    *,
+    ids: list[str],
+    resume: bool = False,
+    overwrite: bool = False,
+    repair: bool = False,
+    final_norm: dict[str, torch.Tensor] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> tuple[SplitHandle, str]:
     """Create or reopen split ``name`` for writing; returns (handle, "created" | "resumed" | "replaced").
 
     The caller holds the split's ``SplitLock``. ``ids`` are the planned image ids: a resumed split
@@ -67,15 +86,19 @@ def open_split_for_writing(url: str, manifest: Manifest, name: str, meta: SplitM
     and the backbone's final norm is rewritten when a crash or damage left it unreadable.
     """
     if resume and overwrite:
-        raise StoreError("--resume and --overwrite exclude each other: resume continues the split, overwrite "
-                         "replaces it")
+        raise StoreError(
+            "--resume and --overwrite exclude each other: resume continues the split, overwrite replaces it"
+        )
     if repair and not resume:
         raise StoreError("--repair needs --resume: it continues the split, recomputing the shards found damaged")
     with SplitLock(url, "_store", storage_options):  # serialises root creation between splits
         store = _open_or_create_store(url, manifest, final_norm, storage_options)
         if name in store.splits() and SPLIT_ATTR not in store.group[name].attrs.asdict():
-            log.warning("split %r of %s was never finished being created (an interrupted extraction); creating it "
-                        "again", name, url)
+            log.warning(
+                "split %r of %s was never finished being created (an interrupted extraction); creating it again",
+                name,
+                url,
+            )
             split, status = store.create_split(name, meta, meta.compressor, overwrite=True), "created"
         elif name in store.splits():
             existing = store.split(name)
@@ -95,27 +118,35 @@ def open_split_for_writing(url: str, manifest: Manifest, name: str, meta: SplitM
             elif not overwrite:
                 done = int(existing.completed_shards().sum())
                 state = "complete" if existing.complete else f"{done} of {existing.meta.num_shards} shards done"
-                raise StoreError(f"split {name!r} already exists in {url} ({state}); pass --resume to continue it "
-                                 "or --overwrite to replace it")
+                raise StoreError(
+                    f"split {name!r} already exists in {url} ({state}); pass --resume to continue it "
+                    "or --overwrite to replace it"
+                )
             else:
                 split, status = store.create_split(name, meta, meta.compressor, overwrite=True), "replaced"
         else:
             split, status = store.create_split(name, meta, meta.compressor), "created"
         if final_norm is not None and store.manifest.final_norm and not store.final_norm_readable():
-            log.warning("the backbone's final norm in %s was missing or damaged (an interrupted store creation?); "
-                        "writing it again", url)
+            log.warning(
+                "the backbone's final norm in %s was missing or damaged (an interrupted store creation?); "
+                "writing it again",
+                url,
+            )
             store.write_final_norm(final_norm)
         return split, status
 
 
-def _open_or_create_store(url: str, manifest: Manifest, final_norm: dict[str, torch.Tensor] | None,
-                          storage_options: dict[str, Any] | None) -> FeatureStore:
+def _open_or_create_store(
+    url: str, manifest: Manifest, final_norm: dict[str, torch.Tensor] | None, storage_options: dict[str, Any] | None
+) -> FeatureStore:
     if not _store_exists(url, storage_options):
         return FeatureStore.create(url, manifest, final_norm, storage_options)
     store = FeatureStore.open(url, "r+", storage_options)
     store.manifest.check_compatible(manifest, f"store {url}")
     if store.manifest.featcache_format < FORMAT_VERSION:  # the new split may use this format's features: an
-        store.group.attrs["featcache_format"] = FORMAT_VERSION  # older featcache then refuses the store, not misreads it
+        store.group.attrs["featcache_format"] = (
+            FORMAT_VERSION  # older featcache then refuses the store, not misreads it
+        )
         store.manifest.featcache_format = FORMAT_VERSION
         log.info("store %s is now featcache format %d (its earlier splits read as before)", url, FORMAT_VERSION)
     return store
@@ -139,17 +170,21 @@ def check_resumable(split: SplitHandle, planned: SplitMeta, ids: list[str], done
     want = planned.to_attrs()
     for key in RESUME_FIELDS:
         if have.get(key) != want.get(key):
-            raise StoreError(f"cannot resume split {split.name!r} of {split.store.url}: it was started with "
-                             f"{key} = {have.get(key)!r}, this run has {key} = {want.get(key)!r}; rerun with the "
-                             "same options, or pass --overwrite to start the split again")
+            raise StoreError(
+                f"cannot resume split {split.name!r} of {split.store.url}: it was started with "
+                f"{key} = {have.get(key)!r}, this run has {key} = {want.get(key)!r}; rerun with the "
+                "same options, or pass --overwrite to start the split again"
+            )
     done = split.completed_shards() if done is None else done
     if done.any():
         for k in np.flatnonzero(done):
             start, stop = split.meta.shard_bounds(int(k))
             split.require_objects("ids", [int(k)])  # a lost ids chunk would read as empty ids
             if split.ids(start, stop) != list(ids[start:stop]):  # only completed shards: others may be damaged
-                raise StoreError(f"cannot resume split {split.name!r}: its shard {k} holds other images than the data "
-                                 f"source gives now (data changed?); pass --overwrite to start the split again")
+                raise StoreError(
+                    f"cannot resume split {split.name!r}: its shard {k} holds other images than the data "
+                    f"source gives now (data changed?); pass --overwrite to start the split again"
+                )
 
 
 def remove_partial_files(split: SplitHandle) -> int:
@@ -272,8 +307,14 @@ class ShardWriter(WorkQueue):
     drops it (shards being written are finished, so no completion record lies).
     """
 
-    def __init__(self, split: SplitHandle, max_pending: int = 2, durable: bool = True,
-                 on_written: Callable[[ShardData, float], None] | None = None, threads: int = 1) -> None:
+    def __init__(
+        self,
+        split: SplitHandle,
+        max_pending: int = 2,
+        durable: bool = True,
+        on_written: Callable[[ShardData, float], None] | None = None,
+        threads: int = 1,
+    ) -> None:
         self.split, self.durable, self.on_written = split, durable, on_written
         self.written: list[int] = []
         self.write_seconds = 0.0  # summed over threads
@@ -353,8 +394,12 @@ def finalize_split(split: SplitHandle, seconds: float | None = None) -> SplitTot
     """Record the extraction in the split attributes once every shard is complete; return the sizes."""
     totals = split_totals(split)
     if totals.complete:
-        record = {"finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                  "featcache_version": __version__, "nbytes": totals.nbytes, "stored_bytes": totals.stored_bytes}
+        record = {
+            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "featcache_version": __version__,
+            "nbytes": totals.nbytes,
+            "stored_bytes": totals.stored_bytes,
+        }
         if seconds is not None:
             record["seconds"] = round(seconds, 3)
         split.group.attrs[EXTRACTION_ATTR] = record
@@ -365,6 +410,17 @@ def totals_dict(totals: SplitTotals) -> dict[str, Any]:
     return {**asdict(totals), "complete": totals.complete, "compression_ratio": totals.compression_ratio}
 
 
-__all__ = ["ShardData", "ShardWriteError", "ShardWriter", "SplitTotals", "check_resumable", "describe_os_error",
-           "finalize_split", "open_split_for_writing", "remove_partial_files", "split_totals", "sync_keys",
-           "write_complete_shard"]
+__all__ = [
+    "ShardData",
+    "ShardWriteError",
+    "ShardWriter",
+    "SplitTotals",
+    "check_resumable",
+    "describe_os_error",
+    "finalize_split",
+    "open_split_for_writing",
+    "remove_partial_files",
+    "split_totals",
+    "sync_keys",
+    "write_complete_shard",
+]

@@ -24,13 +24,21 @@ from typing import Any, Callable
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-PRELOAD = ["torch", "timm", "zarr", "featcache.extraction", "featcache.training", "featcache.cli",
-           "tests.helpers.processes"]
+PRELOAD = [
+    "torch",
+    "timm",
+    "zarr",
+    "featcache.extraction",
+    "featcache.training",
+    "featcache.cli",
+    "tests.helpers.processes",
+]
 NOISE = ("Traceback", "Exception ignored", "Task was destroyed", "was never retrieved")
 TINY_ARGS = ["--model", "test_vit", "--model-kwargs", "img_size=32", "--weights", "random"]
 # the extraction every reliability test uses: 24 images, 6 shards of 4, batches of 2 (so a batch can end mid-shard)
-EXTRACT_KW: dict[str, Any] = dict(loader_workers=0, progress=False, chunk_images=2, shard_images=4, batch_size=2,
-                                  device="cpu", dtype="float32")
+EXTRACT_KW: dict[str, Any] = dict(
+    loader_workers=0, progress=False, chunk_images=2, shard_images=4, batch_size=2, device="cpu", dtype="float32"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,8 +85,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 120, proc: Any = No
 
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment of a ``featcache`` subprocess: no progress bars, one torch thread (bitwise-comparable runs)."""
-    return {**os.environ, "FEATCACHE_PROGRESS": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra}
+    return {
+        **os.environ,
+        "FEATCACHE_PROGRESS": "0",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **extra,
+    }
 
 
 def featcache_cmd() -> list[str]:
@@ -89,13 +103,21 @@ def featcache_cmd() -> list[str]:
 
 def run_cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     """``featcache ARGS`` in a real subprocess (exec'd: its own interpreter start and exit)."""
-    return subprocess.run([*featcache_cmd(), *args], capture_output=True, text=True, timeout=timeout,
-                          env=cli_env(**env), cwd=str(ROOT))
+    return subprocess.run(
+        [*featcache_cmd(), *args], capture_output=True, text=True, timeout=timeout, env=cli_env(**env), cwd=str(ROOT)
+    )
 
 
 def popen_cli(*args: str, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([*featcache_cmd(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cli_env(**env), cwd=str(ROOT), start_new_session=True)
+    return subprocess.Popen(
+        [*featcache_cmd(), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(**env),
+        cwd=str(ROOT),
+        start_new_session=True,
+    )
 
 
 def assert_one_error_line(stderr: str, *needles: str) -> str:
@@ -147,6 +169,7 @@ def install_extract_kill_point(point: str) -> None:
     import featcache.extraction as ex
     from featcache.backbone import Taps
     from featcache.store.feature_store import FeatureStore, SplitHandle
+
     from .stores import PROBE_FORWARDS
 
     if point == "store-created":  # root group written, the backbone's final norm not yet
@@ -209,12 +232,26 @@ def install_extract_kill_point(point: str) -> None:
         raise ValueError(point)
 
 
-EXTRACT_KILL_POINTS = ["store-created", "split-half-created", "mid-shard-compute", "shard-half-written",
-                       "mid-file-write", "before-record", "before-finalize"]
+EXTRACT_KILL_POINTS = [
+    "store-created",
+    "split-half-created",
+    "mid-shard-compute",
+    "shard-half-written",
+    "mid-file-write",
+    "before-record",
+    "before-finalize",
+]
 
 
-def child_extract(images: str, out: str, point: str | None, log: str | None = None, slow: float = 0.0,
-                  overrides: dict[str, Any] | None = None, own_group: bool = False) -> None:
+def child_extract(
+    images: str,
+    out: str,
+    point: str | None,
+    log: str | None = None,
+    slow: float = 0.0,
+    overrides: dict[str, Any] | None = None,
+    own_group: bool = False,
+) -> None:
     """Extract ``images`` into ``out`` as the tests' clean run does (``EXTRACT_KW`` with ``overrides``); die
     at ``point`` (None: finish). ``own_group``: lead a process group, so that a signal to the group reaches
     DataLoader workers too, as a terminal's Ctrl-C does. ``overrides["transform_threads"]``: the CPU

@@ -11,10 +11,9 @@ import numpy as np
 import torch
 
 from featcache.backbone import Backbone
-
-from featcache.manifest import BackboneSpec
-from featcache.loader import TransformedDataset
 from featcache.extraction import ExtractReport, extract, open_split_source
+from featcache.loader import TransformedDataset
+from featcache.manifest import BackboneSpec
 from featcache.store.feature_store import FeatureStore
 
 from ..conftest import TINY_VIT
@@ -43,8 +42,9 @@ def assert_same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> No
         assert np.array_equal(a[name], b[name]), f"array {name} differs"
 
 
-def reference_taps(spec: dict[str, Any], data: Path | str, batch_size: int, shard_images: int,
-                   limit: int | None = None) -> dict[str, torch.Tensor]:
+def reference_taps(
+    spec: dict[str, Any], data: Path | str, batch_size: int, shard_images: int, limit: int | None = None
+) -> dict[str, torch.Tensor]:
     """``Backbone.taps`` of the transformed images, in the batches extraction uses (within shards)."""
     backbone = Backbone(BackboneSpec(**spec))
     ds = TransformedDataset(open_split_source(str(data), limit), backbone.transform)
@@ -53,7 +53,7 @@ def reference_taps(spec: dict[str, Any], data: Path | str, batch_size: int, shar
     with torch.inference_mode():
         for s0 in range(0, len(x), shard_images):
             for b0 in range(s0, min(s0 + shard_images, len(x)), batch_size):
-                taps = backbone.taps(x[b0:min(b0 + batch_size, s0 + shard_images, len(x))])
+                taps = backbone.taps(x[b0 : min(b0 + batch_size, s0 + shard_images, len(x))])
                 for name, t in taps.items():
                     outs.setdefault(name, []).append(t)
     return {name: torch.cat(ts) for name, ts in outs.items()}
@@ -95,8 +95,12 @@ def split_state(store: Path, split: str = "train") -> dict[str, Any]:
     arrays["ids"] = np.asarray([str(v) for v in arrays["ids"]])
     norm = fs.final_norm() or {}
     arrays.update({f"norm_{k}": v.numpy() for k, v in norm.items()})
-    return {"arrays": arrays, "meta": handle.meta.to_attrs(), "identity": fs.manifest.identity(),
-            "finished": "featcache_extraction" in handle.group.attrs.asdict()}
+    return {
+        "arrays": arrays,
+        "meta": handle.meta.to_attrs(),
+        "identity": fs.manifest.identity(),
+        "finished": "featcache_extraction" in handle.group.attrs.asdict(),
+    }
 
 
 def assert_same_store(a: dict[str, Any], b: dict[str, Any]) -> None:
@@ -109,8 +113,11 @@ def assert_same_store(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 def leftovers(root: Path) -> list[str]:
     """Temporary files of interrupted writes and lock files."""
-    return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*")
-                  if p.name.endswith(".partial") or ".tmp" in p.name or p.name == "_locks")
+    return sorted(
+        str(p.relative_to(root))
+        for p in Path(root).rglob("*")
+        if p.name.endswith(".partial") or ".tmp" in p.name or p.name == "_locks"
+    )
 
 
 def run_files(run: Path) -> dict[str, bytes]:
