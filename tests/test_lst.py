@@ -508,7 +508,7 @@ def test_lst_prune_by_fisher_keeps_the_dims_with_the_largest_squared_gradients()
     assert again.config.to_dict() == saved
     with pytest.raises(ConfigError, match=r"prune_by: 'fisher' needs training samples"):
         create("lst", cfg, MethodInput(taps, 3, None, "vit", lambda: state, backbone_heads=2))
-    with pytest.raises(ConfigError, match=r"prune_by must be one of magnitude, fisher, got 'fischer'"):
+    with pytest.raises(ConfigError, match=r"prune_by must be one of auto, magnitude, fisher, got 'fischer'"):
         create("lst", {"prune_by": "fischer"}, info)
     no_embed = [t for t in taps if t.name != "embed"]
     with pytest.raises(ConfigError, match=r"runs the backbone's blocks from the tap that feeds block 0"):
@@ -517,3 +517,27 @@ def test_lst_prune_by_fisher_keeps_the_dims_with_the_largest_squared_gradients()
             {**cfg, "taps": "block1,block2"},
             MethodInput(no_embed, 3, None, "vit", lambda: state, backbone_heads=2, training_sample=sample),
         )
+
+
+def test_lst_prune_by_auto_ranks_by_fisher_when_it_can_and_records_what_it_used() -> None:
+    vit, state = _timm_vit(width=16, heads=2, blocks=2)
+    taps = _taps(16, tokens=5, blocks=2)
+    data = _batch(taps, 12, seed=3)
+    labels = torch.arange(12) % 3
+
+    def sample(names: list[str], n: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return {k: data[k][:n] for k in names}, labels[:n]
+
+    with_samples = MethodInput(taps, 3, None, "vit", lambda: state, backbone_heads=2, training_sample=sample)
+    fisher = create("lst", {"reduction": 2, "prune_by": "fisher", "fisher_samples": 10}, with_samples)
+    auto = create("lst", {"reduction": 2, "fisher_samples": 10}, with_samples)  # the default: prune_by="auto"
+    assert auto.config.prune_by == "fisher" and auto.kept_dims == fisher.kept_dims
+    no_samples = MethodInput(taps, 3, None, "vit", lambda: state, backbone_heads=2)
+    magnitude = create("lst", {"reduction": 2, "prune_by": "magnitude"}, no_samples)
+    auto = create("lst", {"reduction": 2}, no_samples)
+    assert auto.config.prune_by == "magnitude" and auto.kept_dims == magnitude.kept_dims
+    no_embed = MethodInput(
+        [t for t in taps if t.name != "embed"], 3, None, "vit", lambda: state, backbone_heads=2, training_sample=sample
+    )
+    auto = create("lst", {"reduction": 2, "taps": "block1,block2"}, no_embed)  # nothing feeds block 0: magnitude
+    assert auto.config.prune_by == "magnitude"

@@ -85,7 +85,7 @@ log = logging.getLogger("featcache.methods")
 
 GATE_TEMPERATURE = 0.1
 INITS = ("auto", "random", "prune")
-PRUNE_BY = ("magnitude", "fisher")
+PRUNE_BY = ("auto", "magnitude", "fisher")
 # the parameters of one timm ViT block that pruning knows how to copy (anything else: not a plain block)
 BLOCK_KEYS = frozenset(
     {
@@ -114,7 +114,8 @@ class LSTConfig(MethodConfig):
     doc); mlp_ratio (None = 4, or the backbone's own ratio with init="prune"); pool "avg"|"cls"; taps "all" or
     the tap names the ladder uses (layer dropping); init "auto"|"prune"|"random"; dropout p in the side
     blocks and after the final norm; attn_scale (None = 1/sqrt(backbone head dim) when pruned, else
-    1/sqrt(side head dim)); prune_by "magnitude"|"fisher" (what ranks the pruned dims) and fisher_samples
+    1/sqrt(side head dim)); prune_by "auto"|"magnitude"|"fisher" (what ranks the pruned dims; auto: Fisher when
+    training samples and the tap feeding the first pruned block are there, else magnitude) and fisher_samples
     (training samples the Fisher information is summed over)."""
 
     reduction: int = Field(8, ge=1)  # side width = backbone width / reduction
@@ -125,7 +126,7 @@ class LSTConfig(MethodConfig):
     init: Literal[INITS] = "auto"
     dropout: float = Field(0.1, ge=0, lt=1)  # 0 = off
     attn_scale: float | None = Field(None, gt=0, allow_inf_nan=False)
-    prune_by: Literal[PRUNE_BY] = "magnitude"  # what ranks the pruned dims
+    prune_by: Literal[PRUNE_BY] = "auto"  # what ranks the pruned dims (resolved and recorded at init)
     fisher_samples: int = Field(256, ge=1)  # training samples the Fisher information is summed over
 
     def validate(self) -> None:
@@ -376,11 +377,26 @@ class LST(SideNetwork):
             )
         return tap_info.memo[key]
 
+    def _resolve_prune_by(self, rungs: list[TapInfo], tap_info: MethodInput) -> str:
+        """``auto``: Fisher (the official code's ranking) when training samples and the tap feeding the first pruned
+        block are there, else magnitude, saying why."""
+        if self.config.prune_by != "auto":
+            return self.config.prune_by
+        first = min(t.block for t in rungs) - 1
+        if tap_info.training_sample is None:
+            log.info("lst: prune_by=auto ranks by magnitude: no training samples were given (MethodInput)")
+            return "magnitude"
+        if not any(t.block == first for t in tap_info.taps):
+            log.warning("lst: prune_by=auto ranks by magnitude: the store lacks the tap feeding block %d", first)
+            return "magnitude"
+        return "fisher"
+
     @torch.no_grad()
     def _prune_init(
         self, state: dict[str, Tensor], infos: list[TapInfo], rungs: list[TapInfo], tap_info: MethodInput
     ) -> None:
         residual, importance = None, None
+        self.config = dataclasses.replace(self.config, prune_by=self._resolve_prune_by(rungs, tap_info))
         if self.config.prune_by == "fisher":
             with torch.enable_grad():
                 residual, importance = self._fisher(state, rungs, tap_info)
