@@ -50,6 +50,7 @@ from featcache.tensorboard_log import tensorboard_installed
 from featcache.training import train
 
 from .conftest import TINY_VIT, make_separable_images, write_tap_store
+from .helpers.processes import TINY_ARGS
 from .helpers.stores import FAST, assert_same_arrays, read_split, run_extract
 from .helpers.tensorboard_events import read_scalars
 
@@ -141,12 +142,7 @@ def cluster_extract(client: Client, images: Path, out: Path, **kw: Any) -> Any:
 def _extract_args(images: Path, out: str, *extra: str) -> list[str]:
     return [
         "extract",
-        "--model",
-        "test_vit",
-        "--model-kwargs",
-        "img_size=32",
-        "--weights",
-        "random",
+        *TINY_ARGS,
         "--data",
         str(images),
         "--out",

@@ -25,7 +25,7 @@ from featcache.store.feature_store import FeatureStore
 from featcache.store.verify import verify_store
 
 from .conftest import TINY_VIT
-from .helpers.processes import child_extract, start_child, wait_for
+from .helpers.processes import TINY_ARGS, child_extract, start_child, wait_for
 from .helpers.stores import FAST, PROBE_FORWARDS, assert_same_arrays, read_split, run_extract
 
 
@@ -254,12 +254,7 @@ def test_manifest_records_what_reproduces_the_store(images: Path, tmp_path: Path
 def _cli_args(images: Path, out: Path, *extra: str) -> list[str]:
     return [
         "extract",
-        "--model",
-        "test_vit",
-        "--model-kwargs",
-        "img_size=32",
-        "--weights",
-        "random",
+        *TINY_ARGS,
         "--data",
         str(images),
         "--out",

@@ -24,6 +24,7 @@ from featcache.store.feature_store import FeatureStore
 from featcache.training import train
 
 from .conftest import TINY_VIT
+from .helpers.processes import TINY_ARGS
 from .helpers.stores import run_extract
 
 
@@ -79,12 +80,7 @@ def test_cli_crop_options_are_exclusive(images: Path, tmp_path: Path) -> None:
         app,
         [
             "extract",
-            "--model",
-            "test_vit",
-            "--model-kwargs",
-            "img_size=32",
-            "--weights",
-            "random",
+            *TINY_ARGS,
             "--data",
             str(images),
             "--out",
