@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import google_crc32c
@@ -67,15 +68,15 @@ class ShardLayout:
     key_of: Any  # shard coordinates -> chunk key
     fill_value: Any = 0
 
-    @property
+    @cached_property  # read per chunk on the hot path: np.prod costs microseconds a call
     def row_bytes(self) -> int:
         return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
 
-    @property
+    @cached_property
     def chunks_per_shard(self) -> int:
         return self.shard_rows // self.chunk_rows
 
-    @property
+    @cached_property
     def index_bytes(self) -> int:
         return 16 * self.chunks_per_shard + CRC_BYTES
 
