@@ -199,6 +199,22 @@ def test_nan_features_are_refused(tmp_path, mode, value) -> None:
         collect(reader(store, mode))
 
 
+@pytest.mark.parametrize("mode", ["ram", "stream"])
+def test_finite_check_runs_once_per_block(tmp_path, monkeypatch, mode) -> None:
+    import featcache.store.reader as reader_module
+
+    make_store(tmp_path / "f.zarr")
+    checked = []
+    monkeypatch.setattr(reader_module, "_check_finite", lambda t, split, tap, start: checked.append((tap, start)))
+    r = reader(FeatureStore.open(str(tmp_path / "f.zarr")), mode)
+    first = [b.taps["embed"].clone() for b in r.epoch(0)]
+    once = list(checked)
+    assert len(once) == len(set(once)) > 0 and {t for t, _ in once} == set(r.arrays)
+    second = [b.taps["embed"].clone() for b in r.epoch(0)]
+    assert checked == once  # the second epoch checks nothing again
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_finite_check_reads_the_bits(dtype) -> None:
     from featcache.store.reader import _all_finite

@@ -198,6 +198,9 @@ class CacheReader:
             a for t in self.taps for a in ((t, t + SCALE_SUFFIX) if is_eight_bit(self.cache_dtype) else (t,))
         ]
         self.shard_io = split.shard_io
+        # (array, first row) of the blocks this reader has checked for NaN/Inf: later epochs skip that pass over
+        # memory (the reader reads a snapshot of the split, and every read checks the bytes' crc32c)
+        self.checked_finite: set[tuple[str, int]] = set()
 
     @property
     def num_samples(self) -> int:
@@ -520,8 +523,9 @@ def read_block(reader: CacheReader, name: str, start: int, stop: int, out: np.nd
         if out is not None:
             out[...] = rows
             rows = out
-    if reader.options.check_finite:
+    if reader.options.check_finite and (name, start) not in reader.checked_finite:
         _check_finite(decode(rows, _stored_dtype(name, reader.cache_dtype, rows.dtype)), reader.split, name, start)
+        reader.checked_finite.add((name, start))
     return rows
 
 
