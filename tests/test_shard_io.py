@@ -88,6 +88,26 @@ def test_every_damaged_byte_is_a_named_corruption_error(tmp_path: Path, compress
         ShardIO(split).read_into("a", 32, 45, np.empty((13, 5, 7), np.float16))
 
 
+def test_reads_in_groups_check_every_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Uncompressed chunks are read a group at a time (one chunk per group here): same rows as zarr, and a
+    damaged chunk in a later group is still refused."""
+    import featcache.store.shard_io as shard_io
+
+    monkeypatch.setattr(shard_io, "READ_GROUP_BYTES", 1)
+    split = make_split(str(tmp_path / "s.zarr"), "none", "float16")
+    want = split.array("a")[:]
+    for start, stop in RUNS:
+        out = np.full((stop - start, *want.shape[1:]), 99, dtype=want.dtype)
+        ShardIO(split).read_into("a", start, stop, out)
+        assert np.array_equal(out, want[start:stop]), (start, stop)
+    path = _shard_file(split, "a", 2)
+    data = bytearray(path.read_bytes())
+    data[3 * (4 * 5 * 7 * 2 + 4) + 1] ^= 0xFF  # inside the 4th (last, padded) chunk of the shard
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptionError, match=r"chunk 3 of the shard"):
+        ShardIO(split).read_into("a", 32, 45, np.empty((13, 5, 7), np.float16))
+
+
 @pytest.mark.parametrize("compressor", ["none", "lz4", "zstd"])
 @pytest.mark.parametrize("dtype,views", [("float16", 1), ("int8", 1), ("float16", 3)])
 def test_written_objects_are_zarrs_byte_for_byte(tmp_path: Path, compressor: str, dtype: str, views: int) -> None:

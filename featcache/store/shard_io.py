@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 ABSENT = 2**64 - 1  # the sharding index's mark of a chunk that was never written
 CRC_BYTES = 4
+IOV_MAX = 1024  # buffers per preadv call (Linux)
+READ_GROUP_BYTES = 1 << 20  # uncompressed chunks read per preadv: checksummed while still in the CPU's cache
 
 
 class ChunkDamaged(Exception):
@@ -344,37 +346,32 @@ class ShardIO:
         start: int,
         dest: np.ndarray,
     ) -> None:
-        """Uncompressed, consecutive chunks: bodies straight into ``dest``, padding and checksums aside."""
+        """Uncompressed, consecutive chunks: bodies straight into ``dest``, padding and checksums aside; read in
+        groups of about ``READ_GROUP_BYTES``, each group's checksums computed right after its read, while its
+        bytes are still in the CPU's cache (one pass over memory instead of two)."""
         full = layout.chunk_rows * layout.row_bytes
         if any(int(index[c, 1]) != full + CRC_BYTES for c, _, _ in chunks):
             raise ChunkDamaged("a chunk of the shard has the wrong size")
         crcs = np.empty((len(chunks), CRC_BYTES), dtype=np.uint8)
-        buffers: list[Any] = []
-        pad = None
-        for k, (_c, row, n) in enumerate(chunks):
-            part = dest[(row - start) * layout.row_bytes : (row - start + n) * layout.row_bytes]
-            buffers.append(part)
-            if n < layout.chunk_rows:  # the array's last chunk, stored whole: its padding rows are read aside
-                pad = np.empty(full - len(part), dtype=np.uint8)
-                buffers.append(pad)
-            buffers.append(crcs[k])
-        offset, total = int(index[chunks[0][0], 0]), len(chunks) * (full + CRC_BYTES)
-        got = 0
-        for i in range(0, len(buffers), 1024):  # IOV_MAX
-            group = buffers[i : i + 1024]
-            want = sum(len(b) for b in group)
-            n = os.preadv(fd, group, offset + got)
-            if n != want:
+        per_group = max(1, min(IOV_MAX // 3, READ_GROUP_BYTES // (full + CRC_BYTES)))
+        offset, numbered = int(index[chunks[0][0], 0]), list(enumerate(chunks))
+        for g in range(0, len(chunks), per_group):
+            group = numbered[g : g + per_group]
+            buffers: list[Any] = []
+            bodies: list[tuple[np.ndarray, np.ndarray | None]] = []
+            for k, (_c, row, n) in group:
+                part = dest[(row - start) * layout.row_bytes : (row - start + n) * layout.row_bytes]
+                # the array's last chunk is stored whole: its padding rows are read aside
+                pad = np.empty(full - len(part), dtype=np.uint8) if n < layout.chunk_rows else None
+                buffers += [part, crcs[k]] if pad is None else [part, pad, crcs[k]]
+                bodies.append((part, pad))
+            want = len(group) * (full + CRC_BYTES)
+            if os.preadv(fd, buffers, offset) != want:
                 raise ChunkDamaged("the object is truncated")
-            got += n
-        assert got == total
-        for k, (c, row, n) in enumerate(chunks):
-            part = dest[(row - start) * layout.row_bytes : (row - start + n) * layout.row_bytes]
-            if n < layout.chunk_rows:  # checksum over the whole stored chunk: the wanted rows and the padding
-                body = np.concatenate([part, pad]) if pad is not None else part
-            else:
-                body = part
-            _check_crc(body, crcs[k], f"chunk {c} of the shard")
+            offset += want
+            for (k, (c, _row, _n)), (part, pad) in zip(group, bodies):
+                body = np.concatenate([part, pad]) if pad is not None else part  # the checksum covers the padding
+                _check_crc(body, crcs[k], f"chunk {c} of the shard")
 
     # -- any other zarr store: ranged gets
     def _get(self, key: str, lo: int | None = None, hi: int | None = None) -> np.ndarray:
