@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -483,14 +482,6 @@ def take_rows(src: np.ndarray, rows: np.ndarray, views: np.ndarray | None, out: 
     np.take(src, rows, axis=0, out=out, mode="clip")  # numpy buffers ``out`` in the default mode: 3-10x slower
 
 
-def _take_range(
-    held: dict[str, np.ndarray], rows: np.ndarray, views: np.ndarray | None, out: dict[str, np.ndarray], part: slice
-) -> None:
-    """``take_rows`` of every array for the batch rows ``part`` (one thread's share of a batch)."""
-    for name, data in held.items():
-        take_rows(data, rows[part], None if views is None else views[part], out[name][part])
-
-
 def gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows ``index`` of ``t`` (a new tensor); on CPU through ``np.take``, faster than ``index_select``."""
     if t.device.type != "cpu":
@@ -545,8 +536,7 @@ class ResidentReader(CacheReader):
         self.mode = where
         self.host_device = options.device if where == "gpu" else torch.device("cpu")
         pin = where == "ram" and options.device.type == "cuda"
-        self.threads = max(1, threads)  # loading, then each batch's gathers in row ranges
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="featcache-load") as pool:
+        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="featcache-load") as pool:
             self.data = {a: self._load(a, pin, pool) for a in self.arrays}  # as stored
         # position of each usable sample inside the loaded tensors
         self._slot = torch.full((split.num_samples,), -1, dtype=torch.long)
@@ -588,17 +578,15 @@ class ResidentReader(CacheReader):
     def _stored_batches(self, epoch: int, buffers: BatchBuffers) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
         view_of = self._views_of(epoch)
         held = {name: storage_view(t) for name, t in self.data.items()}
-        shapes = {name: self._row_shape(name) for name in held}
         slot_of = self._slot.numpy()
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="featcache-gather") as pool:
-            for index in self._epoch_rows(epoch):
-                slots = slot_of[index]
-                views = view_of[index] if view_of is not None else None
-                out = {name: buffers(name, (len(index), *shapes[name]), data.dtype) for name, data in held.items()}
-                cuts = np.linspace(0, len(index), self.threads + 1).astype(np.int64)
-                ranges = [slice(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])]
-                list(pool.map(partial(_take_range, held, slots, views, out), ranges))  # np.take drops the GIL
-                yield out, index
+        for index in self._epoch_rows(epoch):
+            slots = slot_of[index]
+            views = view_of[index] if view_of is not None else None
+            out = {}
+            for name, data in held.items():
+                out[name] = buffers(name, (len(index), *self._row_shape(name)), data.dtype)
+                take_rows(data, slots, views, out[name])
+            yield out, index
 
     def _device_batches(self, epoch: int) -> Iterator[Batch]:
         view_of = self._views_of(epoch)
