@@ -88,7 +88,7 @@ def _history(out: Path) -> dict[str, list[dict[str, Any]]]:
 
 def _chosen(summary: dict[str, Any], test: str) -> dict[str, Any]:
     best = summary["best"]
-    return {"name": best["name"], "epoch": best["epoch"], "val_acc": best["val_acc"], "test_acc": best[test]}
+    return {"name": best["name"], "epoch": best["epoch"], "val_acc": best["val_acc"], "test_acc": best[test + "_acc"]}
 
 
 def one_run(store: Path, settings: dict[str, Any], halving: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -163,7 +163,7 @@ def run_seed(store: Path, seed: int, epochs: int, eta: int, batch_size: int) -> 
         for rule in RULES:
             r = replay(full_hist, eta, rungs, rule, test + "_acc")
             r["test_gap_points"] = 100 * (r["test_acc"] - row["full"]["test_acc"])
-            replays[f"{rule} | {place} {rungs}"] = r
+            replays[f"{rule}, {place} {rungs}"] = r
     row["replays"] = replays
     # a member of the halving run is the full grid's member up to where it stopped: its rows must be the same
     row["halving_rows_equal_full_rows"] = all(
@@ -173,7 +173,7 @@ def run_seed(store: Path, seed: int, epochs: int, eta: int, batch_size: int) -> 
             for n, hr in half_hist.items()
         )
     )
-    implemented = replays[f"val_acc | default {list(plan.rungs)}"]
+    implemented = replays[f"val_acc, default {list(plan.rungs)}"]
     row["replay_matches_run"] = implemented["name"] == row["halving"]["name"]
     return row
 
