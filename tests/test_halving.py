@@ -273,3 +273,20 @@ def test_resume_refuses_a_damaged_bank_record(store, tmp_path, monkeypatch) -> N
     pointer.write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match="does not fit this sweep"):
         train(store, "linear", out, SETTINGS, {"lr": [1e-3, 1e-2]}, resume=True, **kw)
+
+
+def test_vmapped_survivors_equal_the_full_sweeps_members(store, tmp_path) -> None:
+    """The linear probe runs its bank under vmap (not member by member): a survivor's rows and weights still equal
+    the full sweep's member's (to float32 rounding: a smaller stack may change how the batched kernels sum)."""
+    grid, kw = {"lr": [1e-3, 3e-3, 1e-2, 3e-2]}, {"progress": False, "tensorboard": False}
+    train(store, "linear", tmp_path / "full", SETTINGS, grid, **kw)
+    halved = train(store, "linear", tmp_path / "halved", SETTINGS, grid, halving=2, **kw)
+    a, b = _rows(tmp_path / "full"), _rows(tmp_path / "halved")
+    assert sorted(len(rows) for rows in b.values()) == [2, 2, 4, 4]  # rung at epoch 2: 4 -> 2
+    for name, rows in b.items():
+        for ra, rb in zip(a[name], rows):
+            assert all(rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6) for k in ra if k != "status"), name
+    for m in (m for m in halved["members"] if m["stopped_at"] is None):
+        wa = load_checkpoint(tmp_path / "full" / "members" / m["name"]).network.state_dict()
+        wb = load_checkpoint(tmp_path / "halved" / "members" / m["name"]).network.state_dict()
+        assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6) for k in wa)
