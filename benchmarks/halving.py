@@ -188,7 +188,17 @@ def save(path: Path, key: str, row: dict[str, Any], meta: dict[str, Any]) -> Non
 def table(path: Path) -> str:
     """Markdown: one line per (size, seed), then the replayed rules' mean test gaps."""
     data = json.loads(path.read_text())
+    meta = data.get("meta", {})
+    commands = sorted({r["command"] for r in data["rows"].values()})
     lines = [
+        f"# Successive halving vs the full grid ({path.name})",
+        "",
+        f"{meta.get('model')}; {meta.get('data')}; grid {meta.get('grid')}, LAST {meta.get('last_settings')}, batch "
+        f"{meta.get('batch_size')}; {meta.get('protocol')}; {meta.get('threads')} torch thread(s), {meta.get('machine')}.",
+        "Commands: " + "; ".join(f"`{c}`" for c in commands),
+        *([f"Store: {meta['store']}."] if meta.get("store") else []),
+        *([f"Notes: {meta['notes']}"] if meta.get("notes") else []),
+        "",
         "| train images | seed | epochs | full grid: chosen (val / test) | halving: chosen (val / test) | test gap "
         "(points) | full wall | halving wall | measured fraction | predicted (member-epochs) |",
         "|---|---|---|---|---|---|---|---|---|---|",

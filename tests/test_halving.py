@@ -290,3 +290,14 @@ def test_vmapped_survivors_equal_the_full_sweeps_members(store, tmp_path) -> Non
         wa = load_checkpoint(tmp_path / "full" / "members" / m["name"]).network.state_dict()
         wb = load_checkpoint(tmp_path / "halved" / "members" / m["name"]).network.state_dict()
         assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6) for k in wa)
+
+
+def test_the_benchmarks_replay_chooses_what_the_run_chose(full_and_halved) -> None:
+    """benchmarks/halving.py replays ranking rules on a full grid's curves; the implemented rule must reproduce the
+    halving run's choice (a survivor is the full grid's member)."""
+    from benchmarks.halving import replay
+
+    root, _, halved = full_and_halved
+    chosen = replay(_rows(root / "full"), 3, [1, 3], "val_acc", "test_acc")
+    assert (chosen["name"], chosen["epoch"]) == (halved["best"]["name"], halved["best"]["epoch"])
+    assert chosen["test_acc"] == halved["best"]["test_acc"]
