@@ -343,6 +343,8 @@ def plan_run(
         if opts.halving is not None
         else None
     )
+    if rundir.state is not None:
+        _check_resumed_halving(rundir, halving)  # before RUNDIR changes
     return PlannedRun(store, members, rundir, evaluation, mi, opts, started, rss_base, halving)
 
 
@@ -374,7 +376,6 @@ def train_members(run: PlannedRun) -> TrainedMembers:
         save_feature_stats(rundir.path, *stats_of_features)
     stats: dict[str, Any] = {"train_seconds": 0.0, "train_samples": 0, "bank_seconds": [0.0] * len(banks)}
     if rundir.state is not None:
-        _check_resumed_halving(rundir, run.halving)
         saved, stats = rundir.load_state(banks)  # banks saved after a rung hold only the members in play
         for rec, rec_saved in zip(records, saved):
             rec.history, rec.best = rec_saved["history"], rec_saved["best"]
