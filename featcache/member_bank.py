@@ -62,6 +62,8 @@ class MemberBank:
         col = lambda key: torch.tensor([float(getattr(m.train, key)) for m in members], device=device)  # noqa: E731
         self.lr, self.wd, self.clip = col("lr"), col("weight_decay"), col("clip_grad")
         self.smoothing, self.warmup = col("label_smoothing"), col("warmup_epochs")
+        self.augment = members[0].train.augment()  # the feature augmentation every member of the bank shares
+        self._param_count = sum(v[0].numel() for v in self.params.values())
         self.alive = torch.ones(len(members), dtype=torch.bool, device=device)
         self.diverged_at: list[str | None] = [None] * len(members)
         self._forward = vmap(self._member_forward, in_dims=(0, 0, None), randomness="different")
@@ -98,7 +100,26 @@ class MemberBank:
 
     def param_count(self) -> int:
         """Trainable parameters of one member."""
-        return sum(v[0].numel() for v in self.params.values())
+        return self._param_count
+
+    def stacked_param_count(self) -> int:
+        """Trainable parameters the bank holds: one member's times the members in it."""
+        return sum(v.numel() for v in self.params.values())
+
+    def keep(self, slots: list[int]) -> None:
+        """Keep only members ``slots`` (in that order): their stacked parameters, buffers, AdamW moments and
+        settings; the others leave the bank (successive halving), so a step costs what the kept members cost.
+        The step counter stays: every member's schedule and bias correction go on as in the full bank."""
+        idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            self.params = {k: v.detach()[idx].clone().requires_grad_(True) for k, v in self.params.items()}
+            self.buffers = {k: v[idx].clone() for k, v in self.buffers.items()}
+            self.exp_avg = {k: v[idx].clone() for k, v in self.exp_avg.items()}
+            self.exp_avg_sq = {k: v[idx].clone() for k, v in self.exp_avg_sq.items()}
+        self.lr, self.wd, self.clip = self.lr[idx], self.wd[idx], self.clip[idx]
+        self.smoothing, self.warmup, self.alive = self.smoothing[idx], self.warmup[idx], self.alive[idx]
+        self.diverged_at = [self.diverged_at[k] for k in slots]
+        self.members = [self.members[k] for k in slots]
 
     def losses(self, logits: torch.Tensor, labels: torch.Tensor, smoothing: torch.Tensor | None = None) -> torch.Tensor:
         """(K,) mean cross-entropy per member, each with its own label smoothing."""
@@ -234,6 +255,11 @@ class MemberBank:
         return tensors, {"step": self.step, "diverged_at": self.diverged_at, "members": [m.name for m in self.members]}
 
     def load_state(self, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        """Restore ``state()``; a bank saved after a halving rung holds fewer members: the others leave first."""
+        names = [m.name for m in self.members]
+        saved = list(info.get("members", names))
+        if saved != names:
+            self.keep([names.index(n) for n in saved])  # a name not in the bank: ValueError (the caller reports it)
         with torch.no_grad():
             for prefix, group in (
                 ("param", self.params),

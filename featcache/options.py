@@ -154,6 +154,20 @@ class TrainOptions(Config):
         "K views (view 0 eval transform, the others training draws) instead of view 0 alone; predict "
         "--tta computes the same.",
     )
+    halving: int | None = option(
+        None,
+        "Successive halving: at each rung rank the live members on validation (val_acc, then val_loss) and keep the "
+        "best ceil(n/ETA); the others stop, their checkpoints kept (docs/training.md).",
+        metavar="ETA",
+        ge=2,
+    )
+    halving_min_epochs: int | None = option(
+        None,
+        "With --halving: epochs before the first rung; the next rungs at ETA times the previous one [default: "
+        "epochs / ETA^s, s = ceil(log_ETA(members)) - 1, so that about ETA members reach the last epoch].",
+        metavar="N",
+        ge=1,
+    )
     device: Any = option("auto", DEVICE_HELP)  # or a torch.device
     resume: bool = option(False, "Continue an interrupted run in RUNDIR from its last finished epoch.")
     overwrite: bool = option(False, "Replace an existing run directory.")
@@ -165,6 +179,8 @@ class TrainOptions(Config):
             raise UsageError(
                 "--resume and --overwrite exclude each other: resume continues RUNDIR, overwrite replaces it"
             )
+        if self.halving_min_epochs is not None and self.halving is None:
+            raise UsageError("--halving-min-epochs needs --halving ETA: it places the first rung of successive halving")
 
     def stream_options(self) -> dict[str, Any]:
         return {k: v for k, v in (("buffer_mb", self.stream_buffer_mb), ("prefetch", self.prefetch)) if v is not None}

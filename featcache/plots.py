@@ -11,9 +11,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_curves(history: dict[str, list[dict[str, Any]]], path: str | Path, select: str) -> Path:
-    """Loss (left) and accuracy (right) per epoch for every member; evaluated splits dashed."""
+def plot_curves(
+    history: dict[str, list[dict[str, Any]]], path: str | Path, select: str, rungs: list[int] | None = None
+) -> Path:
+    """Loss (left) and accuracy (right) per epoch for every member; evaluated splits dashed. ``rungs``: the epochs
+    of a halving sweep's rungs, drawn as dotted vertical lines; a member stopped at one ends there with an x."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax in (ax_loss, ax_acc) if rungs else ():
+        for i, epoch in enumerate(rungs or []):
+            ax.axvline(epoch, color="grey", linestyle=":", linewidth=1)
+            ax.annotate(f"rung {i + 1}", (epoch, 1), xycoords=("data", "axes fraction"), fontsize=7, va="top")
     for i, (name, rows) in enumerate(history.items()):
         color = plt.cm.tab10(i % 10)
         epochs = [r["epoch"] for r in rows]
@@ -24,6 +31,8 @@ def plot_curves(history: dict[str, list[dict[str, Any]]], path: str | Path, sele
             ax_acc.plot(*zip(*ev), color=color, linestyle="--", marker="o", markersize=3, label=name)
             lv = [(r["epoch"], r[f"{select}_loss"]) for r in rows if f"{select}_loss" in r]
             ax_loss.plot(*zip(*lv), color=color, linestyle="--")
+            if rows and rows[-1].get("status") == "stopped":
+                ax_acc.plot(*ev[-1], color=color, marker="x", markersize=6)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss (solid: train, dashed: " + select + ")")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title=f"accuracy (faint: train, dashed: {select})")
     ax_loss.set_yscale("log")

@@ -149,9 +149,15 @@ class RunDir:
         return self.path / "members" / safe_member_name(name)
 
     def save_state(
-        self, epoch: int, banks: list[MemberBank], records: list[dict[str, Any]], stats: dict[str, Any]
+        self,
+        epoch: int,
+        banks: list[MemberBank],
+        records: list[dict[str, Any]],
+        stats: dict[str, Any],
+        extra: dict[str, Any] | None = None,
     ) -> None:
-        """End-of-epoch state: a fresh directory, then an atomic pointer update, then old states removed."""
+        """End-of-epoch state: a fresh directory, then an atomic pointer update, then old states removed.
+        ``extra`` is kept in the pointer (a halving sweep's plan: ``--resume`` checks it)."""
         target = self.path / "state" / f"epoch-{epoch:04d}"
         target.mkdir(parents=True, exist_ok=True)
         infos = []
@@ -161,7 +167,7 @@ class RunDir:
             infos.append(info)
         write_json(
             self.path / "state" / "state.json",
-            {"epoch": epoch, "dir": target.name, "banks": infos, "stats": stats, "records": records},
+            {"epoch": epoch, "dir": target.name, "banks": infos, "stats": stats, "records": records, **(extra or {})},
         )
         self._remove_states(keep=target.name)
 
@@ -176,7 +182,7 @@ class RunDir:
             if len(records) != len(self.members):
                 raise IndexError(f"{len(records)} saved members for {len(self.members)}")
             return records, self.state["stats"]
-        except (KeyError, IndexError, TypeError) as err:
+        except (KeyError, IndexError, TypeError, ValueError) as err:
             raise CheckpointError(
                 f"--resume: the saved state in {target} does not fit this sweep "
                 f"({type(err).__name__}: {err}); start a new --out, or --overwrite this run"

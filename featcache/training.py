@@ -52,6 +52,7 @@ from .evaluation_plan import (
     view_scoring,
 )
 from .feature_stats import run_feature_stats, save_feature_stats
+from .halving import HalvingPlan, rank
 from .member_bank import MemberBank
 from .rundir import RunDir, holds_run_lock
 from .sweep import SweepMember, TrainConfig, expand, group_banks
@@ -69,6 +70,13 @@ class MemberRecord:
     slot: int
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
+    stopped_at: int | None = None  # the halving rung (epoch) at which it stopped and left its bank
+    diverged_at: str | None = None  # kept from the bank when it leaves it
+
+    @property
+    def in_play(self) -> bool:
+        """Still in its bank (not stopped by a halving rung)."""
+        return self.stopped_at is None
 
 
 def rss_mb() -> float:
@@ -139,8 +147,12 @@ def _method_input(
 def _evaluate(banks: list[MemberBank], reader: CacheReader) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per bank: (summed loss (K,), correct (K,)) over the whole split."""
     sums = [(torch.zeros(len(b), device=b.device), torch.zeros(len(b), device=b.device)) for b in banks]
+    if not any(len(b) for b in banks):
+        return sums
     for batch in reader.epoch(0):
         for (loss, correct), bank in zip(sums, banks):
+            if len(bank) == 0:  # every member of it stopped at a halving rung
+                continue
             l, c, _ = bank.evaluate(batch.taps, batch.labels, batch.views)
             loss += l
             correct += c
@@ -190,12 +202,14 @@ def _train_epoch(
     per-member train loss and accuracy."""
     device = banks[0].device
     sums = [(torch.zeros(len(b), device=device), torch.zeros(len(b), device=device)) for b in banks]
-    augs = [b.members[0].train.augment() for b in banks]
-    infos, seed = {t.name: t for t in reader.split.store.manifest.taps}, banks[0].members[0].train.seed
+    augs = [b.augment for b in banks]
+    infos, seed = {t.name: t for t in reader.split.store.manifest.taps}, records[0].member.train.seed
     t0, seen = time.perf_counter(), 0
     for step, batch in enumerate(reader.epoch(epoch)):
         at, done = epoch + step / len(reader), {}
         for i, ((loss_sum, correct_sum), bank) in enumerate(zip(sums, banks)):
+            if len(bank) == 0:  # every member of it stopped at a halving rung
+                continue
             tb = time.perf_counter()
             ab = _augmented(batch, augs[i], infos, seed, epoch, step, done, feature_stats)
             loss, correct = bank.train_step(
@@ -224,6 +238,7 @@ def _train_epoch(
             "train_acc": float(sums[r.bank][1][r.slot] / seen),
         }
         for r in records
+        if r.in_play
     }
 
 
@@ -236,7 +251,7 @@ def _eval_epoch(
     """Add ``<split>_acc`` and ``<split>_loss`` of every member to ``rows``."""
     for name, rd in readers.items():
         res = _evaluate(banks, rd)
-        for r in records:
+        for r in (r for r in records if r.in_play):
             rows[r.member.name][f"{name}_acc"] = float(res[r.bank][1][r.slot] / rd.num_samples)
             rows[r.member.name][f"{name}_loss"] = float(res[r.bank][0][r.slot] / rd.num_samples)
 
@@ -286,6 +301,7 @@ class PlannedRun:
     options: TrainOptions
     started: float  # time.perf_counter() at the start of the checks: wall_seconds count from here
     rss_baseline_mb: float
+    halving: HalvingPlan | None = None  # --halving: the rungs (featcache.halving)
 
 
 def plan_run(
@@ -322,7 +338,14 @@ def plan_run(
     )
     mi = _method_input(store, store.split(opts.split), backbone_state, evaluation.train_subset)
     rundir.check_store(store, opts.split)
-    return PlannedRun(store, members, rundir, evaluation, mi, opts, started, rss_base)
+    halving = (
+        HalvingPlan.make(opts.halving, opts.halving_min_epochs, members[0].train.epochs, len(members))
+        if opts.halving is not None
+        else None
+    )
+    if rundir.state is not None:
+        _check_resumed_halving(rundir, halving)  # before RUNDIR changes
+    return PlannedRun(store, members, rundir, evaluation, mi, opts, started, rss_base, halving)
 
 
 def train_members(run: PlannedRun) -> TrainedMembers:
@@ -353,9 +376,11 @@ def train_members(run: PlannedRun) -> TrainedMembers:
         save_feature_stats(rundir.path, *stats_of_features)
     stats: dict[str, Any] = {"train_seconds": 0.0, "train_samples": 0, "bank_seconds": [0.0] * len(banks)}
     if rundir.state is not None:
-        saved, stats = rundir.load_state(banks)
+        saved, stats = rundir.load_state(banks)  # banks saved after a rung hold only the members in play
         for rec, rec_saved in zip(records, saved):
             rec.history, rec.best = rec_saved["history"], rec_saved["best"]
+            rec.stopped_at, rec.diverged_at = rec_saved.get("stopped_at"), rec_saved.get("diverged_at")
+        _reslot(banks, records)
         say(f"resuming {rundir.path} after epoch {rundir.first_epoch}", quiet=not opts.progress)
     say(
         f"training {len(members)} member(s) in {len(banks)} bank(s) on {train_reader.num_samples} samples "
@@ -374,6 +399,7 @@ def train_members(run: PlannedRun) -> TrainedMembers:
         _member_configs(store, opts.split, banks, records, mi, record),
         tensorboard,
         stats_of_features[0] if stats_of_features is not None else None,
+        run.halving,
     )
     try:
         loop.run(stats, opts.progress)
@@ -392,6 +418,26 @@ def train_members(run: PlannedRun) -> TrainedMembers:
         if tensorboard is not None:
             tensorboard.close()
     return _trained(run, records, banks, stats, train_reader, device, record)
+
+
+def _reslot(banks: list[MemberBank], records: list[MemberRecord]) -> None:
+    """Point every member in play at its slot in its (possibly shrunk) bank; stopped members at none."""
+    for r in records:
+        names = [m.name for m in banks[r.bank].members]
+        r.slot = names.index(r.member.name) if r.in_play else -1
+
+
+def _check_resumed_halving(rundir: RunDir, halving: HalvingPlan | None) -> None:
+    """A halving sweep resumes with the rungs it started with, and a plain sweep without rungs."""
+    assert rundir.state is not None
+    was = rundir.state.get("halving")
+    now = halving.describe() if halving is not None else None
+    if (was or {}).get("rungs") != (now or {}).get("rungs") or (was or {}).get("eta") != (now or {}).get("eta"):
+        said = lambda h: f"--halving {h['eta']} (rungs at epochs {h['rungs']})" if h else "no --halving"  # noqa: E731
+        raise UsageError(
+            f"--resume: {rundir.path} was trained with {said(was)}, this command asks for {said(now)}; resume it with "
+            "the --halving and --halving-min-epochs it started with, or start a new --out"
+        )
 
 
 def _open_readers(
@@ -528,6 +574,7 @@ class EpochLoop:
     configs: list[dict[str, Any]]  # per member, for its checkpoint
     tensorboard: TensorBoardLog | None = None  # the same rows as event files, plus the lr at the epoch's end
     feature_stats: FeatureStats | None = None  # FroFA's channel ranges over the training features (frofa banks)
+    halving: HalvingPlan | None = None  # --halving: rank at its rungs, stop the losers
 
     def run(self, stats: dict[str, Any], progress: bool) -> None:
         cfg = self.records[0].member.train
@@ -538,18 +585,25 @@ class EpochLoop:
                 rows = _train_epoch(
                     epoch, self.banks, self.records, self.train_reader, cfg.epochs, stats, pbar, self.feature_stats
                 )
-                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                rung = self.halving is not None and epoch + 1 in self.halving.rungs
+                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or rung:
                     _eval_epoch(self.banks, self.records, self.eval_readers, rows)
                 _record_epoch(self.rundir, epoch, self.banks, self.records, rows, self.configs, self.evaluation.selects)
                 # TensorBoard before the commit point: an epoch interrupted after this is logged again on resume and
                 # its first copy dropped (TensorBoardLog's purge_step)
                 if self.tensorboard is not None:
-                    for r in self.records:
+                    for r in (r for r in self.records if r.in_play):
                         lr = self.banks[r.bank].lr_at(epoch + 1, cfg.epochs)[r.slot]
                         self.tensorboard.log_epoch(r.member.name, epoch + 1, {**r.history[-1], "lr": float(lr)})
-                self.rundir.save_state(
-                    epoch, self.banks, [{"history": r.history, "best": r.best} for r in self.records], stats
-                )  # the epoch's commit point
+                if rung:
+                    assert self.halving is not None
+                    _halve(self.rundir, epoch + 1, self.halving, self.banks, self.records, self.configs, progress)
+                saved = [
+                    {"history": r.history, "best": r.best, "stopped_at": r.stopped_at, "diverged_at": r.diverged_at}
+                    for r in self.records
+                ]
+                extra = {"halving": self.halving.describe()} if self.halving is not None else None
+                self.rundir.save_state(epoch, self.banks, saved, stats, extra)  # the epoch's commit point
                 _write_metrics(self.rundir, self.records)
                 pbar.set_postfix_str(_postfix(self.records), refresh=True)
 
@@ -558,6 +612,43 @@ def _postfix(records: list[MemberRecord]) -> str:
     scored = [(r.best or {}).get("score") for r in records]
     scored = sorted((s for s in scored if s is not None and not math.isnan(s)), reverse=True)[:3]
     return "best val " + ", ".join(f"{s:.3f}" for s in scored) if scored else ""
+
+
+def _halve(
+    rundir: RunDir,
+    epoch: int,
+    plan: HalvingPlan,
+    banks: list[MemberBank],
+    records: list[MemberRecord],
+    configs: list[dict[str, Any]],
+    progress: bool = True,
+) -> None:
+    """A rung at the end of ``epoch``: rank the members in play on validation (``halving.rank``), keep the best
+    ``ceil(n / ETA)``, stop the others (their rung row, status and config.json say so; their checkpoints stay) and
+    drop them from their banks, so that the next steps cost what the survivors cost."""
+    playing = [r for r in records if r.in_play]
+    order = rank([(r.member.name, r.history[-1], not bool(banks[r.bank].alive[r.slot])) for r in playing])
+    kept = set(order[: plan.survivors(len(playing))])
+    for rec in playing:
+        rec.history[-1]["rung"] = plan.rungs.index(epoch) + 1
+        if rec.member.name in kept:
+            continue
+        rec.stopped_at, rec.diverged_at = epoch, banks[rec.bank].diverged_at[rec.slot]
+        if rec.history[-1]["status"] == "ok":
+            rec.history[-1]["status"] = "stopped"
+        status = {"status": rec.history[-1]["status"], "diverged_at": rec.diverged_at, "stopped_at": epoch}
+        write_json(
+            rundir.member_dir(rec.member.name) / "config.json",
+            {**configs[records.index(rec)], "best": rec.best, **status},
+        )
+    for i, bank in enumerate(banks):
+        bank.keep([r.slot for r in records if r.bank == i and r.in_play])
+    _reslot(banks, records)
+    say(
+        f"halving rung {plan.rungs.index(epoch) + 1} (epoch {epoch}): kept {len(kept)} of {len(playing)} members on "
+        f"validation: {', '.join(n for n in order if n in kept)}",
+        quiet=not progress,
+    )
 
 
 def _record_epoch(
@@ -572,6 +663,8 @@ def _record_epoch(
     """Append metrics, update best epochs (by val_acc; without validation data the latest epoch) and write the
     member checkpoints."""
     for rec, config in zip(records, configs):
+        if not rec.in_play:
+            continue
         bank = banks[rec.bank]
         row = {"epoch": epoch + 1, **rows[rec.member.name]}
         alive = bool(bank.alive[rec.slot])
@@ -594,7 +687,13 @@ def _record_epoch(
             write_tensors(mdir / "best.safetensors", weights, meta)
         write_json(
             mdir / "config.json",
-            {**config, "best": rec.best, "status": row["status"], "diverged_at": bank.diverged_at[rec.slot]},
+            {
+                **config,
+                "best": rec.best,
+                "status": row["status"],
+                "diverged_at": bank.diverged_at[rec.slot],
+                "stopped_at": None,
+            },
         )
 
 
@@ -619,6 +718,7 @@ class TrainedMembers:
     peak_rss_mb: float
     rss_baseline_mb: float
     cuda_max_memory_allocated_mb: float | None = None
+    halving: dict[str, Any] | None = None  # the plan and, per rung, who was kept and who stopped
 
 
 def _trained(
@@ -642,7 +742,8 @@ def _trained(
                 "metrics": {k: v for k, v in last.items() if k not in ("epoch", "status")},
                 "best": r.best,
                 "status": last.get("status", "ok"),
-                "diverged_at": bank.diverged_at[r.slot],
+                "diverged_at": bank.diverged_at[r.slot] if r.in_play else r.diverged_at,
+                "stopped_at": r.stopped_at,
                 "params": bank.param_count(),
                 "checkpoint": str(run.rundir.member_dir(r.member.name)),
                 "train_seconds": stats["bank_seconds"][r.bank],
@@ -663,7 +764,37 @@ def _trained(
         peak_rss_mb(),
         run.rss_baseline_mb,
         cuda,
+        _halving_record(run.halving, records, stats),
     )
+
+
+def _halving_record(
+    plan: HalvingPlan | None, records: list[MemberRecord], stats: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The summary's ``halving``: the plan, and per rung the members in play, kept and stopped (from the records,
+    so a resumed run reports the rungs it passed before the interruption), and the member-epochs trained."""
+    if plan is None:
+        return None
+    rungs = []
+    for i, epoch in enumerate(plan.rungs):
+        ranked = [r for r in records if any(row.get("rung") == i + 1 for row in r.history)]
+        if ranked:
+            rungs.append(
+                {
+                    "rung": i + 1,
+                    "epoch": epoch,
+                    "in_play": len(ranked),
+                    "kept": [r.member.name for r in ranked if r.stopped_at != epoch],
+                    "stopped": [r.member.name for r in ranked if r.stopped_at == epoch],
+                }
+            )
+    member_epochs = sum(len(r.history) for r in records)
+    return {
+        **plan.describe(),
+        "rung_results": rungs,
+        "member_epochs": member_epochs,
+        "member_epochs_full_grid": plan.members * plan.epochs,
+    }
 
 
 def finish_run(run: PlannedRun, parts: list[TrainedMembers], extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -684,7 +815,7 @@ def finish_run(run: PlannedRun, parts: list[TrainedMembers], extra: dict[str, An
     peak = max(parts, key=lambda p: p.peak_rss_mb)
     summary = {
         "members": ordered,
-        "best": select_best(out, ordered, parts[0].selection),
+        "best": select_best(out, ordered, parts[0].selection, parts[0].halving),
         "samples_per_second": sum(p.train_samples for p in parts) / max(max(p.train_seconds for p in parts), 1e-9),
         "wall_seconds": time.perf_counter() - run.started,
         "peak_rss_mb": peak.peak_rss_mb,
@@ -698,12 +829,15 @@ def finish_run(run: PlannedRun, parts: list[TrainedMembers], extra: dict[str, An
     cuda = [p.cuda_max_memory_allocated_mb for p in parts if p.cuda_max_memory_allocated_mb is not None]
     if cuda:
         summary["cuda_max_memory_allocated_mb"] = max(cuda)
+    if parts[0].halving is not None:
+        summary["halving"] = parts[0].halving  # one part: a halving sweep runs in one process
     summary.update({**parts[0].records, **(extra or {})})  # the run records are the same in every part
     write_json(out / "summary.json", summary)
     try:
         from featcache.plots import plot_curves
 
-        plot_curves({m.name: history[m.name] for m in run.members}, out / "curves.png", VAL)
+        rungs = list(run.halving.rungs) if run.halving is not None else None
+        plot_curves({m.name: history[m.name] for m in run.members}, out / "curves.png", VAL, rungs)
     except Exception as err:  # a plot must never fail a finished run
         log.warning(f"could not draw curves.png: {err}")
     best = summary["best"]
@@ -717,10 +851,15 @@ def finish_run(run: PlannedRun, parts: list[TrainedMembers], extra: dict[str, An
     return summary
 
 
-def select_best(out: Path, members: list[dict[str, Any]], selection: dict[str, Any]) -> dict[str, Any]:
-    """The best live member by its best val_acc (first in member order on ties; without validation data the
-    only member's last epoch), with the accuracies of that epoch; writes best.json."""
-    alive = [m for m in members if m["status"] == "ok" and m["best"] is not None]
+def select_best(
+    out: Path, members: list[dict[str, Any]], selection: dict[str, Any], halving: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The best member that did not diverge by its best val_acc (first in member order on ties; without
+    validation data the only member's last epoch), with the accuracies of that epoch; writes best.json.
+
+    In a halving sweep the members stopped at a rung compete with their best epoch up to the rung (they were
+    ranked below the survivors there, so one of them wins only if a survivor's later epochs all score lower)."""
+    alive = [m for m in members if m["status"] in ("ok", "stopped") and m["best"] is not None]
     if not alive:
         raise ConfigError(f"every member diverged (loss became NaN/Inf); see {out}/metrics.jsonl and lower --lr")
     top = max(alive, key=lambda m: m["best"]["score"]) if selection["selects"] else alive[0]
@@ -733,5 +872,7 @@ def select_best(out: Path, members: list[dict[str, Any]], selection: dict[str, A
         **scores,
         "checkpoint": top["checkpoint"],
     }
+    if halving is not None:
+        best["halving"] = {"eta": halving["eta"], "rungs": halving["rungs"], "stopped_at": top.get("stopped_at")}
     write_json(out / "best.json", best)
     return best

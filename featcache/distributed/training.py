@@ -113,6 +113,12 @@ def train_on_cluster(
             "--resume continues a run in this process only: drop --workers/--scheduler to resume a "
             "local run, or start a cluster run again with --overwrite"
         )
+    if opts.halving is not None:
+        raise UsageError(
+            "--halving with --workers/--scheduler is not supported: the rungs rank all members of a sweep at the "
+            "same epochs, and the parts of a cluster run train apart to the end; run the halving sweep in one "
+            "process (drop --workers/--scheduler)"
+        )
     url = check_shared_url(str(store))
     members = method if isinstance(method, list) else expand(method, settings, grid)
     device = str(opts.device)
