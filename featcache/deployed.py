@@ -77,6 +77,8 @@ class OnnxClassifier:
                 "running an exported .onnx model needs onnxruntime: pip install 'featcache[onnx]'"
             ) from None
         options = ort.SessionOptions()
+        # idle worker threads sleep instead of spinning, as featcache's OMP_WAIT_POLICY=PASSIVE has torch's do
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         try:
