@@ -290,9 +290,12 @@ def describe_failure(err: BaseException, program: torch.export.ExportedProgram |
 
 
 def _module_calling(program: torch.export.ExportedProgram, op: str) -> str | None:
-    """'path (Type)' of the innermost module whose forward calls ``op`` in the traced program, if it is there."""
+    """'path (Type)' of the innermost module whose forward calls ``op`` in the traced program (or the operator that
+    decomposes to it: ``aten.special_zeta`` for ``prims.zeta``), if it is there."""
+    name = op.rsplit(".", 1)[-1]
     for node in program.graph.nodes:
-        if node.op == "call_function" and str(node.target).removesuffix(".default") == op:
+        target = str(node.target).split(".")
+        if node.op == "call_function" and (name in target or any(t.endswith(f"_{name}") for t in target)):
             stack = node.meta.get("nn_module_stack") or {}
             if stack:
                 path, kind = list(stack.values())[-1]
@@ -332,7 +335,7 @@ def _write_onnx(
             opset_version=opts.opset,
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
-            optimize=True,
+            optimize=opts.optimize,
             report=False,
             verbose=False,
         )
@@ -340,6 +343,7 @@ def _write_onnx(
     except Exception as err:
         raise ExportError(f"{label} cannot be exported to ONNX: {describe_failure(err, program)}") from None
     model = onnx.load(str(tmp))
+    _name_batch_dimension(model)
     _set_metadata(model, metadata)
     onnx.save(model, str(tmp))
     try:
@@ -351,6 +355,17 @@ def _write_onnx(
     _set_metadata(model, {**metadata, "validation": validation})
     onnx.save(model, str(tmp))
     return validation
+
+
+def _name_batch_dimension(model: Any) -> None:
+    """The exporter's symbol for the dynamic batch dimension (``s34``, say) renamed ``N`` everywhere in the graph."""
+    symbol = model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    if not symbol:
+        return
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == symbol:
+                dim.dim_param = "N"
 
 
 def _set_metadata(model: Any, metadata: dict[str, Any]) -> None:

@@ -290,3 +290,4 @@ class ExportOptions(Config):
     weights: str | None = option(None, "Backbone weights, when the cache's weights source is not at hand here.")
     overwrite: bool = option(False, "Replace an existing --out file.")
     progress: bool = True
+    optimize: bool = True  # onnxscript's graph optimizer on the ONNX graph (tests skip it to save time)
