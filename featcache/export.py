@@ -263,16 +263,17 @@ def _trained_split_source(ckpt: Checkpoint) -> DataSource:
 # Tracing and writing
 
 
-_OPERATOR = (  # how torch's exporters name the operator they could not translate
-    re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'"),
-    re.compile(r"target=torch\.ops\.([A-Za-z0-9_.]+)"),
+_OPERATOR = (  # how torch's exporters name the operator they could not translate, the fullest form first
+    re.compile(r"target=torch\.ops\.([A-Za-z0-9_]+\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+)"),
+    re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'"),
     re.compile(r"\b((?:aten|prims)[.:]{1,2}[A-Za-z0-9_]+)"),
 )
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)')
 
 
 def describe_failure(err: BaseException, program: torch.export.ExportedProgram | None = None) -> str:
-    """What an export failure names: the operator (``aten.xxx``) and, from the traced ``program``, the module that
-    calls it; else the error's first line."""
+    """What an export failure names: the operator (``aten.xxx``) and, from the traced ``program``, the module and
+    source line that call it; else the error's first line."""
     chain: list[BaseException] = []
     e: BaseException | None = err
     while e is not None and len(chain) < 8:
@@ -282,26 +283,40 @@ def describe_failure(err: BaseException, program: torch.export.ExportedProgram |
     for pattern in _OPERATOR:
         found = pattern.search(text)
         if found:
-            op = found.group(1).replace("::", ".").removesuffix(".default")
-            module = _module_calling(program, op) if program is not None else None
-            return f"operator {op}{f' in module {module}' if module else ''} has no translation to this format"
+            op = ".".join(found.groups()).replace("::", ".")
+            where = _caller(program, op) if program is not None else None
+            return f"operator {op.removesuffix('.default')}{f' in {where}' if where else ''} has no translation to this format"
     first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
     return f"{type(err).__name__}: {first[:300]}"
 
 
-def _module_calling(program: torch.export.ExportedProgram, op: str) -> str | None:
-    """'path (Type)' of the innermost module whose forward calls ``op`` in the traced program (or the operator that
-    decomposes to it: ``aten.special_zeta`` for ``prims.zeta``), if it is there."""
-    name = op.rsplit(".", 1)[-1]
-    for node in program.graph.nodes:
-        target = str(node.target).split(".")
-        if node.op == "call_function" and (name in target or any(t.endswith(f"_{name}") for t in target)):
-            stack = node.meta.get("nn_module_stack") or {}
-            if stack:
-                path, kind = list(stack.values())[-1]
-                name = getattr(kind, "__name__", str(kind).rsplit(".", 1)[-1].strip("'>"))
-                return f"{path.removeprefix('L__self__').strip('._') or 'root'} ({name})"
-    return None
+def _caller(program: torch.export.ExportedProgram, op: str) -> str | None:
+    """'module path (Type), file:line in function' of the call of ``op`` in the traced program: the node with that
+    exact overload, else one whose operator decomposes to it (``aten.special_zeta`` for ``prims.zeta``)."""
+    nodes = [n for n in program.graph.nodes if n.op == "call_function"]
+    base = op.split(".")[1] if op.count(".") >= 1 else op
+    node = next((n for n in nodes if str(n.target) == op), None) or next(
+        (n for n in nodes if any(t == base or t.endswith(f"_{base}") for t in str(n.target).split(".")[1:2])), None
+    )
+    if node is None:
+        return None
+    parts = []
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    if len(stack) > 1:  # the innermost module below the exported graph itself
+        path, kind = stack[-1]
+        kind_name = getattr(kind, "__name__", str(kind).rsplit(".", 1)[-1].strip("'>"))
+        parts.append(f"module {path.removeprefix('L__self__').strip('._')} ({kind_name})")
+    frames = _FRAME.findall(node.meta.get("stack_trace") or "")
+    if len(stack) <= 1 and frames and frames[-1][2] == "forward" and frames[-1][0].endswith("export.py"):
+        parts.append(
+            "the cache dtype's round trip (featcache.store.codecs.round_trip)"
+        )  # the only code outside modules
+    elif frames:
+        file, line, function = frames[-1]
+        parts.append(
+            f"{'featcache/' + file.split('/featcache/')[-1] if '/featcache/' in file else file}:{line} in {function}"
+        )
+    return ", ".join(parts) or None
 
 
 def trace(predictor: Predictor, example: torch.Tensor, label: str) -> torch.export.ExportedProgram:

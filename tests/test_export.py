@@ -240,7 +240,7 @@ def test_an_operator_without_onnx_translation_is_one_error_line_and_nothing_writ
     assert r.exit_code == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: test_vit + linear member 'linear' cannot be exported")
-    assert "zeta" in lines[0] and "(LinearProbe)" in lines[0]
+    assert "zeta" in lines[0] and "(LinearProbe)" in lines[0], lines[0]
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
