@@ -57,20 +57,19 @@ def backbone_spec(model: str, pool_tokens: int = 1) -> Any:
     return BackboneSpec(**{**spec.to_dict(), "pool_tokens": pool_tokens})
 
 
-def make_store(model: str, name: str, extra: dict[str, Any], n_train: int, n_test: int) -> Path:
-    """The store (train and test splits), extracted once and reused by later runs of the benchmark."""
+def make_store(model: str, name: str, extra: dict[str, Any], n_train: int) -> Path:
+    """The training split (the side networks select their epoch on a held-out 10% of it; the test images are only
+    read by the parity check, through the live backbone), extracted once and reused by later runs."""
     from featcache.extraction import extract
     from featcache.store.feature_store import FeatureStore
 
-    store = WORK / model / f"{name}-{n_train}-{n_test}.zarr"
+    store = WORK / model / f"{name}-{n_train}.zarr"
     spec = backbone_spec(model, extra.get("pool_tokens", 1))
-    done = set(FeatureStore.open(str(store)).splits()) if store.is_dir() else set()
-    for split, data, n in (("train", f"idx:{FASHION}", n_train), ("test", f"idx:{FASHION}:test", n_test)):
-        if split not in done:
-            t0 = time.perf_counter()
-            kw = {k: v for k, v in extra.items() if k != "pool_tokens"}
-            extract(spec, data, store, split=split, limit=n, progress=False, overwrite=True, **kw)
-            say(f"{model}/{name}: extracted {split} ({n} images) in {time.perf_counter() - t0:.0f} s")
+    if not (store.is_dir() and "train" in FeatureStore.open(str(store)).splits()):
+        t0 = time.perf_counter()
+        kw = {k: v for k, v in extra.items() if k != "pool_tokens"}
+        extract(spec, f"idx:{FASHION}", store, split="train", limit=n_train, progress=False, overwrite=True, **kw)
+        say(f"{model}/{name}: extracted train ({n_train} images) in {time.perf_counter() - t0:.0f} s")
     return store
 
 
@@ -220,6 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--stores", default=None, help="Only these stores, e.g. int8 or float16,pooled.")
+    ap.add_argument("--methods", default=None, help="Only these methods, e.g. last.")
+    ap.add_argument("--append", action="store_true", help="Add rows to the existing --out instead of starting anew.")
     ap.add_argument("--out", type=Path, default=JSON)
     ap.add_argument("--report", action="store_true", help="Only write the .md table from the .json.")
     args = ap.parse_args(argv)
@@ -235,10 +237,19 @@ def main(argv: list[str] | None = None) -> None:
         **{k: getattr(args, k) for k in ("train", "test", "epochs", "batch", "threads", "rounds")},
         "rows": [],
     }
+    if args.append and args.out.is_file():
+        import json
+
+        before = json.loads(args.out.read_text())
+        payload["rows"] = before["rows"]
+        payload["command"] = before["command"] + "; " + payload["command"]
+    wanted = lambda name, given: given is None or name in given.split(",")  # noqa: E731
     for model in args.models.split(","):
         for store_name, extra in STORES[model]:
-            store = make_store(model, store_name, extra, args.train, args.test)
-            for method in METHODS[model][store_name]:
+            if not wanted(store_name, args.stores):
+                continue
+            store = make_store(model, store_name, extra, args.train)
+            for method in [m for m in METHODS[model][store_name] if wanted(m, args.methods)]:
                 run = train_run(store, method, args.epochs)
                 payload["rows"].append(bench_row(model, store_name, run, args))
                 write_json(args.out, payload)  # after every row: a stopped run keeps what it measured
