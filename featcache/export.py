@@ -100,6 +100,7 @@ def export_run(
     metadata = export_metadata(Path(run), ckpt, predictor)
     label = f"{predictor.backbone.spec.model} + {ckpt.config['method']} member {ckpt.config['name']!r}"
     tmp = out.parent / f".{out.stem}.tmp{os.getpid()}{out.suffix}"  # torch.export.save wants .pt2
+    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]  # removed again on failure
     out.parent.mkdir(parents=True, exist_ok=True)
     write = _write_onnx if opts.format == "onnx" else _write_pt2
     try:
@@ -109,6 +110,9 @@ def export_run(
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+        for folder in made if not out.exists() else []:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     say(
         f"exported {label} to {out} ({opts.format}, {out.stat().st_size / 1e6:.1f} MB); max |logit diff| "
         f"{validation['max_abs_diff']:.2e} on {validation['images']} images (tolerance {opts.tolerance:g})",

@@ -241,7 +241,7 @@ def test_an_operator_without_onnx_translation_is_one_error_line_and_nothing_writ
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: test_vit + linear member 'linear' cannot be exported")
     assert "zeta" in lines[0] and "(LinearProbe)" in lines[0], lines[0]
-    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+    assert not out.parent.exists()  # neither the model, nor a temporary file, nor the folder made for it
 
 
 def test_a_model_beyond_the_tolerance_is_refused_and_nothing_written(
@@ -259,7 +259,7 @@ def test_a_model_beyond_the_tolerance_is_refused_and_nothing_written(
     out = vit_pt2["run"].parent / "off" / "model.pt2"
     with pytest.raises(ExportError, match=r"differ from featcache's by up to 0\.01.* \(tolerance 0\.001\)"):
         export_run(vit_pt2["run"], out, format="pt2", progress=False)
-    assert list(out.parent.iterdir()) == []
+    assert not out.parent.exists()
     report = export_run(vit_pt2["run"], out, format="pt2", tolerance=0.02, progress=False)  # allowed: written
     assert 0.009 < report.validation["max_abs_diff"] < 0.011 and out.is_file()
 
