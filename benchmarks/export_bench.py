@@ -208,6 +208,17 @@ def report(path: Path = JSON) -> str:
     return "\n".join(lines) + "\n"
 
 
+DOC = RESULTS.parent.parent / "docs" / "deploy.md"
+MARKERS = ("<!-- export table: start (benchmarks/export_bench.py) -->", "<!-- export table: end -->")
+
+
+def write_doc_table(table: str, doc: Path = DOC) -> None:
+    """The table between the markers of docs/deploy.md's 'Parity and speed on real weights'."""
+    text = doc.read_text()
+    head, rest = text.split(MARKERS[0], 1)
+    doc.write_text(f"{head}{MARKERS[0]}\n{table}{MARKERS[1]}{rest.split(MARKERS[1], 1)[1]}")
+
+
 def main(argv: list[str] | None = None) -> None:
     import sys
 
@@ -227,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.report:
         args.out.with_suffix(".md").write_text(report(args.out))
+        write_doc_table(report(args.out))
         return
     device = setup_torch("cpu", args.threads)
     payload: dict[str, Any] = {

@@ -277,3 +277,32 @@ def test_refusals_before_any_export(vit_onnx: dict[str, Any], tmp_path: Path) ->
     r = CliRunner().invoke(app, ["predict", str(path), "--data", str(tmp_path), "--tta"])
     assert r.exit_code == 2 and "predict the run directory, not its export" in r.stderr
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_bench_report_renders_rows_into_the_doc_table(tmp_path: Path) -> None:
+    from benchmarks.export_bench import MARKERS, report, write_doc_table
+
+    row = {
+        "backbone": "B",
+        "store": "int8",
+        "method": "last",
+        "parity": {
+            "images": 1000,
+            "max_abs_logit_diff": 2.5e-5,
+            "top1_agreement": 0.999,
+            "accuracy_featcache": 0.81,
+            "accuracy_onnxruntime": 0.812,
+        },
+        "speed": {"images_per_s": {"featcache": 10.0, "onnxruntime": 25.0}, "onnxruntime_over_featcache": 2.5},
+        "onnx_bytes": 14_000_000,
+        "backbone_weights_bytes": 18_500_000,
+    }
+    payload = {"device": "cpu", "date": "d", "command": "c", "train": 5, "test": 1000, "epochs": 3}
+    path = tmp_path / "export-cpu.json"
+    path.write_text(json.dumps({**payload, "batch": 32, "threads": 2, "rounds": 5, "rows": [row]}))
+    table = report(path)
+    assert "| B | int8 | last | 2.5e-05 | 99.90% (1000) | 81.0% / 81.2% | 10.0 | 25.0 | 2.50x | 14.0 | 18.5 |" in table
+    doc = tmp_path / "deploy.md"
+    doc.write_text(f"# d\n\n{MARKERS[0]}\nold\n{MARKERS[1]}\n\nafter\n")
+    write_doc_table(table, doc)
+    assert doc.read_text() == f"# d\n\n{MARKERS[0]}\n{table}{MARKERS[1]}\n\nafter\n"
