@@ -263,7 +263,13 @@ def main(argv: list[str] | None = None) -> None:
             store = make_store(model, store_name, extra, args.train)
             for method in [m for m in METHODS[model][store_name] if wanted(m, args.methods)]:
                 run = train_run(store, method, args.epochs)
-                payload["rows"].append(bench_row(model, store_name, run, args))
+                row = bench_row(model, store_name, run, args)
+                same = [
+                    r
+                    for r in payload["rows"]
+                    if (r["backbone"], r["store"], r["method"]) == (row["backbone"], store_name, method)
+                ]
+                payload["rows"] = [r for r in payload["rows"] if r not in same] + [row]  # a rerun replaces its row
                 write_json(args.out, payload)  # after every row: a stopped run keeps what it measured
                 args.out.with_suffix(".md").write_text(report(args.out))
     say(f"wrote {args.out} and {args.out.with_suffix('.md')}")
