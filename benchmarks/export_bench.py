@@ -199,7 +199,7 @@ def report(path: Path = JSON) -> str:
         p, s = r["parity"], r["speed"]
         w = r["backbone_weights_bytes"]
         lines.append(
-            f"| {r['backbone']} | {r['store']} | {r['method']} | {p['max_abs_logit_diff']:.1e} | "
+            f"| {r['backbone']} | {r['store']} | {r['method']} | {p['max_abs_logit_diff']:.2e} | "
             f"{p['top1_agreement']:.2%} ({p['images']}) | {p['accuracy_featcache']:.1%} / {p['accuracy_onnxruntime']:.1%} | "
             f"{s['images_per_s']['featcache']:.1f} | {s['images_per_s']['onnxruntime']:.1f} | "
             f"{s['onnxruntime_over_featcache']:.2f}x | {r['onnx_bytes'] / 1e6:.1f} | "
@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         before = json.loads(args.out.read_text())
         payload["rows"] = before["rows"]
         payload["command"] = before["command"] + "; " + payload["command"]
+        payload["date"] = before["date"] + "; " + payload["date"]
     wanted = lambda name, given: given is None or name in given.split(",")  # noqa: E731
     for model in args.models.split(","):
         for store_name, extra in STORES[model]:

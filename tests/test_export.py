@@ -301,7 +301,7 @@ def test_export_bench_report_renders_rows_into_the_doc_table(tmp_path: Path) -> 
     path = tmp_path / "export-cpu.json"
     path.write_text(json.dumps({**payload, "batch": 32, "threads": 2, "rounds": 5, "rows": [row]}))
     table = report(path)
-    assert "| B | int8 | last | 2.5e-05 | 99.90% (1000) | 81.0% / 81.2% | 10.0 | 25.0 | 2.50x | 14.0 | 18.5 |" in table
+    assert "| B | int8 | last | 2.50e-05 | 99.90% (1000) | 81.0% / 81.2% | 10.0 | 25.0 | 2.50x | 14.0 | 18.5 |" in table
     doc = tmp_path / "deploy.md"
     doc.write_text(f"# d\n\n{MARKERS[0]}\nold\n{MARKERS[1]}\n\nafter\n")
     write_doc_table(table, doc)
