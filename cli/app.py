@@ -16,7 +16,7 @@ import click
 from featcache import __version__
 from featcache.errors import FeatcacheError
 
-from . import demo, extract, inspect, predict, train
+from . import demo, export, extract, inspect, predict, train
 
 
 def debug_enabled() -> bool:
@@ -76,14 +76,15 @@ def app() -> None:
     featcache extract  one backbone pass: images -> tapped activations in a Zarr store
     featcache inspect  describe and verify a store
     featcache train    train LAST / LST / linear side networks (and sweeps) from a store
-    featcache predict  backbone + trained side network on new images
+    featcache predict  backbone + trained side network on new images (or an exported .onnx model)
+    featcache export   backbone + side network as one ONNX (or torch.export) model
     featcache demo     the whole flow on real weights and data, end to end
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("timm").setLevel(logging.WARNING)  # "Loading pretrained weights from file ..." is noise here
 
 
-for _module in (extract, inspect, train, predict, demo):
+for _module in (extract, inspect, train, predict, export, demo):
     app.add_command(_module.command)
 
 

@@ -30,13 +30,21 @@ def command(
 ) -> None:
     """Run the frozen backbone and a trained side network on the images of --data.
 
-    RUNDIR_OR_CHECKPOINT is a run directory (its best member), RUNDIR/members/NAME, or a .safetensors file.
+    RUNDIR_OR_CHECKPOINT is a run directory (its best member), RUNDIR/members/NAME, a .safetensors file, or a
+    model.onnx written by featcache export (run with onnxruntime alone: no torch, no timm).
     """
     from featcache.data import spec_with_columns
-    from featcache.infer import predict
 
     data = spec_with_columns(data, image_column, label_column)
-    result = predict(checkpoint, data, take(PredictOptions, values, progress=not quiet))
+    options = take(PredictOptions, values, progress=not quiet)
+    if checkpoint.endswith(".onnx"):
+        from featcache.deployed import predict_onnx
+
+        result = predict_onnx(checkpoint, data, options)
+    else:
+        from featcache.infer import predict
+
+        result = predict(checkpoint, data, options)
     if as_json:
         print_json(result)
     elif not quiet:

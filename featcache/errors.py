@@ -71,3 +71,7 @@ class Interrupted(FeatcacheError):
 
 class ClusterError(FeatcacheError):
     """A dask cluster that cannot be reached or started, has no workers, or lost a task too often."""
+
+
+class ExportError(FeatcacheError):
+    """A run whose backbone or side network cannot be exported, or whose exported model differs from featcache's."""

@@ -9,12 +9,10 @@ through the cache dtype, so the live logits equal the cached-path logits to that
 from __future__ import annotations
 
 import contextlib
-import csv
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -22,8 +20,9 @@ from featcache.allocator import keep_freed_memory
 from featcache.backbone import Backbone
 from featcache.checkpoint import Checkpoint, load_checkpoint
 from featcache.data import DataSource, Subset, open_source, stratified_subset
+from featcache.deployed import check_classes, prediction_result, write_predictions_csv
 from featcache.device import AutocastPolicy, resolve_device
-from featcache.errors import CheckpointError, DataError
+from featcache.errors import CheckpointError
 from featcache.loader import default_loader_workers, image_loader, transform_pool, view_dataset
 from featcache.manifest import BackboneSpec, Manifest, TapInfo
 from featcache.methods.base import SideNetwork
@@ -56,9 +55,14 @@ class Predictor(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), self.autocast.context(images.device):
             taps = self.taps(images)
-        taps = {k: round_trip(v, self.cache_dtype) for k, v in taps.items()}  # exactly what the cache holds
         with torch.inference_mode():
-            return self.network(taps).float()
+            return self.logits_from_taps(taps)
+
+    def logits_from_taps(self, taps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Live taps -> logits: rounded through the cache dtype (exactly what the cache holds), then the side network;
+        featcache.export traces this with ``self.taps`` into one graph."""
+        rounded = {k: round_trip(v, self.cache_dtype) for k, v in taps.items()}
+        return self.network(rounded).float()
 
     def forward_views(self, views: torch.Tensor) -> torch.Tensor:
         """(N, V, 3, H, W) views of each image -> (N, classes): the mean of the views' logits, as training scores
@@ -113,14 +117,6 @@ def _layout(live: TapInfo, recorded: TapInfo) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k != "windows"} if recorded.windows is None else d
 
 
-def _check_classes(source: DataSource, classes: list[str]) -> None:
-    if source.classes and classes and list(source.classes) != list(classes):
-        raise DataError(
-            f"the data's classes {source.classes[:5]}... differ from the checkpoint's {classes[:5]}...; "
-            "predict needs the same class folders as training (or an unlabelled flat folder)"
-        )
-
-
 @dataclass(frozen=True)
 class TTAViews:
     """The views ``predict --tta`` averages per image (``featcache.loader.view_dataset``)."""
@@ -166,7 +162,7 @@ def predict(
     predictor = load_predictor(ckpt, opts.device, opts.weights)
     views = tta_views(ckpt, predictor) if opts.tta else None
     source = open_source(data) if isinstance(data, str) else data
-    _check_classes(source, predictor.classes)
+    check_classes(source, predictor.classes)
     if opts.limit is not None:
         source = Subset(source, stratified_subset(source.labels(), opts.limit))
     dev = predictor.backbone.device
@@ -194,29 +190,13 @@ def predict(
             labels.append(y)
             pbar.update(len(y))
     pred, prob, label = torch.cat(preds).numpy(), torch.cat(probs).numpy(), torch.cat(labels).numpy()
-    names = predictor.classes
-    rows = [
-        {
-            "id": ids[i],
-            "label": int(label[i]),
-            "pred": int(pred[i]),
-            "pred_class": names[pred[i]] if pred[i] < len(names) else str(pred[i]),
-            "prob": float(prob[i]),
-        }
-        for i in range(len(pred))
-    ]
-    result: dict[str, Any] = {"num_images": len(rows)}
+    result = prediction_result(ids, pred, prob, label, predictor.classes)
     if views is not None:
-        result["tta"] = {"views": views.views, "seed": views.seed, "eval_view": views.eval_view}
-    known = label >= 0
-    if known.any():
-        result["accuracy"] = float(np.mean(pred[known] == label[known]))
-    result["predictions"] = rows
+        tta = {"views": views.views, "seed": views.seed, "eval_view": views.eval_view}
+        result = {"num_images": result.pop("num_images"), "tta": tta, **result}  # the order predict always had
     if opts.csv_path is not None:
-        with open(opts.csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["id", "label", "pred", "pred_class", "prob"])
-            writer.writeheader()
-            writer.writerows(rows)
+        write_predictions_csv(opts.csv_path, result["predictions"])
+    rows = result["predictions"]
     acc = f", accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
     say(f"predicted {len(rows)} images{acc}", quiet=not opts.progress)
     return result

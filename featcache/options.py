@@ -3,7 +3,8 @@ line is generated from them (cli/options.py) and ``featcache --help`` loads no t
 
 ``ExtractOptions`` (``extract``; the backbone's own, ``BackboneSpec``, live in manifest.py, part of the store
 format), ``TrainOptions`` (``train``), ``TrainConfig`` (one sweep member: the training keys of ``--set`` / ``--grid``;
-its feature augmentation is an ``AugmentConfig``, featcache.augment) and ``PredictOptions`` (``predict``).
+its feature augmentation is an ``AugmentConfig``, featcache.augment), ``PredictOptions`` (``predict``) and
+``ExportOptions`` (``export``).
 """
 
 from __future__ import annotations
@@ -274,3 +275,35 @@ class PredictOptions(Config):
     csv_path: str | Path | None = option(None, "Also write predictions as CSV.", flag="--csv", metavar="FILE")
     progress: bool = True
     num_workers: int | None = None  # DataLoader processes; None = default_loader_workers()
+
+
+EXPORT_FORMATS = ("onnx", "pt2")
+
+
+@config(UsageError, cli=True)
+class ExportOptions(Config):
+    """What ``export`` does besides the run and the output file (featcache.export, docs/deploy.md)."""
+
+    format: Literal[EXPORT_FORMATS] = option(
+        "onnx", "onnx: one ONNX graph (runs in onnxruntime); pt2: a torch.export program (torch.export.load)."
+    )
+    member: str | None = option(None, "The sweep member to export [default: the run's best, best.json].")
+    opset: int = option(20, "ONNX opset of the graph.", ge=18)
+    tolerance: float = option(
+        1e-3,
+        "Largest |logit difference| allowed between the exported model and featcache's PyTorch path on the "
+        "validation images; above it nothing is written.",
+        gt=0,
+        allow_inf_nan=False,
+    )
+    data: str | None = option(
+        None,
+        "Validation images (any --data SPEC) [default: the images of the split the run trained on, as the store "
+        "records them].",
+        metavar="SPEC",
+    )
+    images: int = option(8, "Validation images compared (one batch).", ge=1)
+    weights: str | None = option(None, "Backbone weights, when the cache's weights source is not at hand here.")
+    overwrite: bool = option(False, "Replace an existing --out file.")
+    progress: bool = True
+    optimize: bool = True  # onnxscript's graph optimizer on the ONNX graph (tests skip it to save time)
