@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -106,7 +106,7 @@ def export_run(
     try:
         with _quiet_exporters():
             program = trace(predictor, images[:1].expand(2, -1, -1, -1), label)  # batch 1 would be specialised
-            validation = write(program, predictor, images, tmp, metadata, opts, label)
+            validation = write(ExportJob(program, predictor, images, tmp, metadata, opts, label))
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -334,15 +334,26 @@ def trace(predictor: Predictor, example: torch.Tensor, label: str) -> torch.expo
         raise ExportError(f"{label} cannot be exported: {describe_failure(err)}") from None
 
 
-def _write_onnx(
-    program: torch.export.ExportedProgram,
-    predictor: Predictor,
-    images: torch.Tensor,
-    tmp: Path,
-    metadata: dict[str, Any],
-    opts: ExportOptions,
-    label: str,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ExportJob:
+    """What a format's writer needs: the traced program, the PyTorch path to validate against, where to write."""
+
+    program: torch.export.ExportedProgram
+    predictor: Predictor
+    images: torch.Tensor
+    tmp: Path
+    metadata: dict[str, Any]
+    opts: ExportOptions
+    label: str
+
+
+def _unpacked(job: ExportJob) -> tuple[Any, ...]:
+    """The job's fields in order (not dataclasses.astuple, which deep-copies the program and tensors)."""
+    return tuple(getattr(job, f.name) for f in fields(job))
+
+
+def _write_onnx(job: ExportJob) -> dict[str, Any]:
+    program, predictor, images, tmp, metadata, opts, label = _unpacked(job)
     import onnx
 
     from featcache.deployed import OnnxClassifier
@@ -393,15 +404,8 @@ def _set_metadata(model: Any, metadata: dict[str, Any]) -> None:
     entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
 
 
-def _write_pt2(
-    program: torch.export.ExportedProgram,
-    predictor: Predictor,
-    images: torch.Tensor,
-    tmp: Path,
-    metadata: dict[str, Any],
-    opts: ExportOptions,
-    label: str,
-) -> dict[str, Any]:
+def _write_pt2(job: ExportJob) -> dict[str, Any]:
+    program, predictor, images, tmp, metadata, opts, label = _unpacked(job)
     torch.export.save(program, str(tmp), extra_files={PT2_EXTRA_FILE: json.dumps(metadata)})
     loaded = torch.export.load(str(tmp)).module()
 
